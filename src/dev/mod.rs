@@ -1,0 +1,1 @@
+//! Dev IdP and echo upstream (placeholder).

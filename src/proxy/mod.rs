@@ -1,0 +1,1 @@
+//! Listeners, router, header hygiene and forwarder (placeholder).

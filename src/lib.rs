@@ -17,4 +17,5 @@ pub mod config;
 pub mod dev;
 pub mod proxy;
 pub mod secret;
+pub mod tls;
 pub mod token;

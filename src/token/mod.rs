@@ -1,12 +1,28 @@
 //! The token engine: per-credential current-token snapshot, single-flight
-//! refresh, schedule, background refresher and state machine.
+//! refresh, schedule, background refresher and state machine; the grant
+//! client and the store it uses.
 //!
 //! The proxy sees it only through [`RouteToken`]: a cheap clonable handle
 //! whose fast path is a lock-free read of a prebuilt `HeaderValue`.
 
-use http::HeaderValue;
+pub mod engine;
+pub mod grant;
+pub mod hints;
+pub mod schedule;
+pub mod store;
+
+use crate::config::{Config, CredentialConfig, GrantType, RouteConfig, StoreKind, TokenFormat};
+use arc_swap::ArcSwapOption;
+use engine::{Clock, Slot, SlotKind, SlotStatus};
+use http::{HeaderValue, Uri};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use store::FileStore;
+use tokio_util::sync::CancellationToken;
+
+/// How long one token-endpoint exchange may take before it counts as lost.
+pub const GRANT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a request could not get a token (the proxy answers `503
 /// credential_unavailable` with these fields).
@@ -28,6 +44,175 @@ pub struct Injected {
     pub tag: u64,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("credential {credential}: {message}")]
+    Credential { credential: String, message: String },
+    #[error("token store")]
+    Store(#[from] store::StoreError),
+    #[error("credential {credential}: TLS")]
+    Tls {
+        credential: String,
+        #[source]
+        source: crate::tls::TlsError,
+    },
+}
+
+/// All credentials' engines. Built once per config.
+pub struct Engine {
+    slots: HashMap<SlotKey, Arc<Slot>>,
+    /// In credential-name order, for status output.
+    order: Vec<Arc<Slot>>,
+    clock: Arc<Clock>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct SlotKey {
+    credential: String,
+    scopes: Option<Vec<String>>,
+    resource: Option<String>,
+}
+
+impl Engine {
+    /// Opens the store, consumes new seeds, loads stored tokens and starts
+    /// one background refresher per token. Binds nothing.
+    pub async fn start(
+        config: &Config,
+        shutdown: CancellationToken,
+    ) -> Result<Engine, EngineError> {
+        Self::start_with_clock(config, shutdown, Arc::new(Clock::default())).await
+    }
+
+    pub async fn start_with_clock(
+        config: &Config,
+        shutdown: CancellationToken,
+        clock: Arc<Clock>,
+    ) -> Result<Engine, EngineError> {
+        let needs_store = config
+            .credentials
+            .values()
+            .any(|c| c.grant == GrantType::RefreshToken);
+        let store = if needs_store {
+            if config.store.kind != StoreKind::File {
+                return Err(EngineError::Credential {
+                    credential: "*".into(),
+                    message: "store.kind = \"postgres\" is not available in this build yet; use the file store".into(),
+                });
+            }
+            Some(FileStore::open(&config.store.path)?)
+        } else {
+            None
+        };
+        let mut keys: Vec<SlotKey> = Vec::new();
+        for (name, cred) in &config.credentials {
+            if cred.grant == GrantType::RefreshToken {
+                keys.push(SlotKey {
+                    credential: name.clone(),
+                    scopes: None,
+                    resource: None,
+                });
+            }
+        }
+        for route in &config.routes {
+            let key = slot_key(config, route);
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+        let mut slots = HashMap::new();
+        let mut order = Vec::new();
+        for key in keys {
+            let Some(cred) = config.credentials.get(&key.credential) else {
+                continue;
+            };
+            let slot = build_slot(cred, &key, store.as_ref(), clock.clone(), shutdown.clone())?;
+            slot.init_from_store().await?;
+            tokio::spawn(slot.clone().run());
+            order.push(slot.clone());
+            slots.insert(key, slot);
+        }
+        Ok(Engine {
+            slots,
+            order,
+            clock,
+        })
+    }
+
+    /// The handle a route injects from.
+    pub fn route_token(&self, config: &Config, route: &RouteConfig) -> Option<RouteToken> {
+        let slot = self.slots.get(&slot_key(config, route))?.clone();
+        Some(RouteToken::new(slot, &route.format))
+    }
+
+    /// Secret-free status of every token.
+    pub fn status(&self) -> Vec<SlotStatus> {
+        self.order.iter().map(|s| s.status()).collect()
+    }
+
+    pub fn clock(&self) -> &Arc<Clock> {
+        &self.clock
+    }
+}
+
+fn slot_key(config: &Config, route: &RouteConfig) -> SlotKey {
+    let cc = config
+        .credentials
+        .get(&route.credential)
+        .is_some_and(|c| c.grant == GrantType::ClientCredentials);
+    SlotKey {
+        credential: route.credential.clone(),
+        scopes: if cc { route.scopes.clone() } else { None },
+        resource: if cc { route.resource.clone() } else { None },
+    }
+}
+
+fn build_slot(
+    cred: &Arc<CredentialConfig>,
+    key: &SlotKey,
+    store: Option<&FileStore>,
+    clock: Arc<Clock>,
+    shutdown: CancellationToken,
+) -> Result<Arc<Slot>, EngineError> {
+    let token_url: Uri = cred
+        .token_url
+        .clone()
+        .ok_or_else(|| EngineError::Credential {
+            credential: cred.name.clone(),
+            message: "token_url is required (issuer discovery is not available in this build yet)"
+                .into(),
+        })?;
+    let client_cert = match (&cred.client_cert, &cred.client_key) {
+        (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+        _ => None,
+    };
+    let tls = crate::tls::client_config(cred.ca_file.as_deref(), client_cert, &[b"http/1.1"])
+        .map_err(|source| EngineError::Tls {
+            credential: cred.name.clone(),
+            source,
+        })?;
+    let client = grant::GrantClient::new(tls, GRANT_TIMEOUT);
+    let kind = match cred.grant {
+        GrantType::RefreshToken => SlotKind::Refresh {
+            store: store.cloned().ok_or_else(|| EngineError::Credential {
+                credential: cred.name.clone(),
+                message: "no store".into(),
+            })?,
+        },
+        GrantType::ClientCredentials => SlotKind::ClientCredentials {
+            scopes: key.scopes.clone().unwrap_or_else(|| cred.scopes.clone()),
+            resource: key.resource.clone().or_else(|| cred.resource.clone()),
+        },
+    };
+    Ok(Slot::new(
+        cred.clone(),
+        token_url,
+        kind,
+        client,
+        clock,
+        shutdown,
+    ))
+}
+
 /// A route's view of its credential's token.
 #[derive(Clone)]
 pub struct RouteToken {
@@ -35,10 +220,29 @@ pub struct RouteToken {
 }
 
 enum RouteTokenInner {
-    Fixed { credential: String, injected: Injected },
+    Fixed {
+        credential: String,
+        injected: Injected,
+    },
+    Live {
+        slot: Arc<Slot>,
+        format: TokenFormat,
+        /// The header value for the current token, built once per token.
+        cached: ArcSwapOption<Injected>,
+    },
 }
 
 impl RouteToken {
+    fn new(slot: Arc<Slot>, format: &TokenFormat) -> RouteToken {
+        RouteToken {
+            inner: Arc::new(RouteTokenInner::Live {
+                slot,
+                format: format.clone(),
+                cached: ArcSwapOption::empty(),
+            }),
+        }
+    }
+
     /// A token that never changes: for tests and benchmarks of the proxy.
     pub fn fixed(credential: &str, mut value: HeaderValue) -> RouteToken {
         value.set_sensitive(true);
@@ -53,6 +257,7 @@ impl RouteToken {
     pub fn credential(&self) -> &str {
         match &*self.inner {
             RouteTokenInner::Fixed { credential, .. } => credential,
+            RouteTokenInner::Live { slot, .. } => &slot.name,
         }
     }
 
@@ -62,6 +267,78 @@ impl RouteToken {
     pub async fn get(&self) -> Result<Injected, CredentialUnavailable> {
         match &*self.inner {
             RouteTokenInner::Fixed { injected, .. } => Ok(injected.clone()),
+            RouteTokenInner::Live {
+                slot,
+                format,
+                cached,
+            } => {
+                let token = match slot.usable_token() {
+                    Some(t) => t,
+                    None => slot.wait_usable().await?,
+                };
+                if let Some(c) = &*cached.load() {
+                    if c.tag == token.tag {
+                        return Ok(Injected::clone(c));
+                    }
+                }
+                let mut raw = String::with_capacity(
+                    format.prefix.len() + token.access.expose().len() + format.suffix.len(),
+                );
+                raw.push_str(&format.prefix);
+                raw.push_str(token.access.expose());
+                raw.push_str(&format.suffix);
+                let mut value = HeaderValue::from_str(&raw).map_err(|_| CredentialUnavailable {
+                    credential: slot.name.clone(),
+                    reason: "token_not_a_header".into(),
+                    hint: "The IdP issued an access token with bytes that cannot go in a header."
+                        .into(),
+                    retry_after: None,
+                })?;
+                value.set_sensitive(true);
+                let injected = Injected {
+                    value,
+                    tag: token.tag,
+                };
+                cached.store(Some(Arc::new(injected.clone())));
+                Ok(injected)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use crate::config::{AuthMethod, CredentialConfig, GrantType};
+    use crate::secret::Secret;
+    use std::time::Duration;
+
+    pub fn credential(name: &str, token_url: &str, method: AuthMethod) -> CredentialConfig {
+        CredentialConfig {
+            name: name.into(),
+            grant: GrantType::RefreshToken,
+            token_url: Some(token_url.parse().unwrap()),
+            authorize_url: None,
+            redirect_uri: None,
+            client_id: "client".into(),
+            client_secret: Some(Secret::new("sec&ret")),
+            client_secret_file: None,
+            auth_method: method,
+            scopes: vec![],
+            refresh_token: None,
+            refresh_token_file: None,
+            issuer: None,
+            audience: None,
+            resource: None,
+            extra_params: vec![],
+            introspection_url: None,
+            reuse_grace: Duration::ZERO,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            refresh_before: None,
+            refresh_wait: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(60),
+            default_lifetime: Duration::from_secs(3600),
         }
     }
 }

@@ -1,0 +1,1221 @@
+//! The per-credential engine: the published snapshot (read lock-free by the
+//! hot path), the single flight, the refresh procedure with its write-ahead
+//! intent and lost-rotation rules, and the background refresher.
+//!
+//! One [`Slot`] per token: a `refresh_token` credential has one; a
+//! `client_credentials` credential has one per (scopes, resource) asked for
+//! by its routes. Talks to the IdP only through `grant`, to disk only
+//! through `store`.
+
+use super::grant::{self, Delivery, FailureClass, Grant, GrantClient, GrantError, TokenSet};
+use super::schedule;
+use super::store::{self, FileStore, Intent, Record, StoreError};
+use super::CredentialUnavailable;
+use crate::config::{CredentialConfig, GrantType};
+use crate::secret::Secret;
+use arc_swap::ArcSwap;
+use http::Uri;
+use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Wall clock with a test offset (a suspend moves the wall clock, not the
+/// monotonic one).
+#[derive(Debug, Default)]
+pub struct Clock {
+    offset_ms: AtomicI64,
+}
+
+impl Clock {
+    pub fn wall(&self) -> SystemTime {
+        let off = self.offset_ms.load(Ordering::Relaxed);
+        let now = SystemTime::now();
+        if off >= 0 {
+            now + Duration::from_millis(off as u64)
+        } else {
+            now - Duration::from_millis(off.unsigned_abs())
+        }
+    }
+
+    /// Moves the wall clock forward (tests: a suspend/resume).
+    pub fn advance_wall(&self, by: Duration) {
+        self.offset_ms
+            .fetch_add(by.as_millis() as i64, Ordering::Relaxed);
+    }
+}
+
+/// The state names of DESIGN.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Fresh,
+    Refreshing,
+    Expired,
+    Dead,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Fresh => "fresh",
+            State::Refreshing => "refreshing",
+            State::Expired => "expired",
+            State::Dead => "dead",
+        }
+    }
+}
+
+/// An access token as published to the hot path.
+#[derive(Debug)]
+pub struct Token {
+    pub access: Secret,
+    /// A hash of the access token: identifies it without revealing it.
+    pub tag: u64,
+    pub expires_wall: SystemTime,
+    expires_mono: Instant,
+    usable_until_wall: SystemTime,
+    usable_until_mono: Instant,
+    pub lifetime: Duration,
+    pub family: String,
+    pub generation: u64,
+}
+
+impl Token {
+    fn new(
+        access: Secret,
+        sent_wall: SystemTime,
+        sent_mono: Instant,
+        lifetime: Duration,
+        family: String,
+        generation: u64,
+    ) -> Token {
+        let margin = schedule::safety_margin(lifetime);
+        let tag = token_tag(&access);
+        Token {
+            access,
+            tag,
+            expires_wall: sent_wall + lifetime,
+            expires_mono: sent_mono + lifetime,
+            usable_until_wall: sent_wall + lifetime - margin,
+            usable_until_mono: sent_mono + lifetime - margin,
+            lifetime,
+            family,
+            generation,
+        }
+    }
+
+    /// Usable only while both deadlines are ahead.
+    pub fn usable(&self, wall: SystemTime, mono: Instant) -> bool {
+        mono < self.usable_until_mono && wall < self.usable_until_wall
+    }
+
+    /// Time left, by the more pessimistic clock.
+    pub fn remaining(&self, wall: SystemTime, mono: Instant) -> Duration {
+        let by_wall = self.expires_wall.duration_since(wall).unwrap_or_default();
+        let by_mono = self.expires_mono.saturating_duration_since(mono);
+        by_wall.min(by_mono)
+    }
+}
+
+pub fn token_tag(access: &Secret) -> u64 {
+    let d = Sha256::digest(access.expose().as_bytes());
+    u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
+/// What readers see; replaced whole on every change.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub token: Option<Arc<Token>>,
+    /// Set while the credential is Dead.
+    pub dead: Option<Arc<Failure>>,
+}
+
+/// A failed refresh, as waiters and logs see it. Holds no secret.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub outcome: &'static str,
+    pub reason: String,
+    pub hint: String,
+    pub retry_after: Option<Duration>,
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    pub error_description: Option<String>,
+    pub at: SystemTime,
+}
+
+impl Failure {
+    pub fn unavailable(&self, credential: &str) -> CredentialUnavailable {
+        CredentialUnavailable {
+            credential: credential.to_owned(),
+            reason: self.reason.clone(),
+            hint: self.hint.clone(),
+            retry_after: self.retry_after,
+        }
+    }
+}
+
+type Outcome = Option<Result<(), Arc<Failure>>>;
+
+#[derive(Default)]
+struct Control {
+    /// The one refresh in flight; everyone who needs a token waits on it.
+    inflight: Option<watch::Receiver<Outcome>>,
+    /// Backoff: no new attempt before this.
+    next_attempt: Option<Instant>,
+    consecutive_failures: u32,
+    last_failure: Option<Arc<Failure>>,
+    last_success: Option<SystemTime>,
+    /// The record the in-memory token came from (refresh_token slots).
+    record: Option<Record>,
+    /// A successful rotation not yet durable: no refresh until it is.
+    unsaved: Option<Record>,
+    state_since: Option<SystemTime>,
+    last_state: Option<State>,
+}
+
+pub enum SlotKind {
+    Refresh {
+        store: FileStore,
+    },
+    ClientCredentials {
+        scopes: Vec<String>,
+        resource: Option<String>,
+    },
+}
+
+/// One token's engine.
+pub struct Slot {
+    pub name: String,
+    pub cfg: Arc<CredentialConfig>,
+    token_url: Uri,
+    kind: SlotKind,
+    client: GrantClient,
+    snapshot: ArcSwap<Snapshot>,
+    control: Mutex<Control>,
+    /// Wakes the background refresher when the snapshot changes.
+    changed: Notify,
+    clock: Arc<Clock>,
+    shutdown: CancellationToken,
+}
+
+impl Slot {
+    pub fn new(
+        cfg: Arc<CredentialConfig>,
+        token_url: Uri,
+        kind: SlotKind,
+        client: GrantClient,
+        clock: Arc<Clock>,
+        shutdown: CancellationToken,
+    ) -> Arc<Slot> {
+        Arc::new(Slot {
+            name: cfg.name.clone(),
+            cfg,
+            token_url,
+            kind,
+            client,
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            control: Mutex::new(Control::default()),
+            changed: Notify::new(),
+            clock,
+            shutdown,
+        })
+    }
+
+    pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.snapshot.load()
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    fn publish(&self, snap: Snapshot) {
+        self.snapshot.store(Arc::new(snap));
+        self.changed.notify_one();
+        self.note_state();
+    }
+
+    /// The state as DESIGN.md names it.
+    pub fn state(&self) -> State {
+        let snap = self.snapshot.load();
+        if snap.dead.is_some() {
+            return State::Dead;
+        }
+        if self.control.lock().inflight.is_some() {
+            return State::Refreshing;
+        }
+        match &snap.token {
+            Some(t) if t.usable(self.clock.wall(), Instant::now()) => State::Fresh,
+            _ => State::Expired,
+        }
+    }
+
+    fn note_state(&self) {
+        let state = self.state();
+        let mut c = self.control.lock();
+        if c.last_state != Some(state) {
+            c.last_state = Some(state);
+            c.state_since = Some(self.clock.wall());
+        }
+    }
+
+    /// A usable token right now, if there is one.
+    pub fn usable_token(&self) -> Option<Arc<Token>> {
+        let snap = self.snapshot.load();
+        let t = snap.token.as_ref()?;
+        t.usable(self.clock.wall(), Instant::now())
+            .then(|| t.clone())
+    }
+
+    /// Waits (up to `refresh_wait`) for a usable token.
+    pub async fn wait_usable(self: &Arc<Self>) -> Result<Arc<Token>, CredentialUnavailable> {
+        if let Some(t) = self.usable_token() {
+            return Ok(t);
+        }
+        let mut rx = match self.begin_refresh() {
+            Ok(rx) => rx,
+            Err(f) => return Err(f.unavailable(&self.name)),
+        };
+        let waited =
+            tokio::time::timeout(self.cfg.refresh_wait, rx.wait_for(Option::is_some)).await;
+        if let Some(t) = self.usable_token() {
+            return Ok(t);
+        }
+        match waited {
+            Ok(Ok(outcome)) => match outcome.as_ref() {
+                Some(Err(f)) => Err(f.unavailable(&self.name)),
+                _ => Err(self.generic_unavailable("no_token", None)),
+            },
+            Ok(Err(_)) => Err(self.generic_unavailable("shutting_down", None)),
+            Err(_) => {
+                Err(self.generic_unavailable("refresh_timeout", Some(Duration::from_secs(1))))
+            }
+        }
+    }
+
+    fn generic_unavailable(
+        &self,
+        reason: &str,
+        retry_after: Option<Duration>,
+    ) -> CredentialUnavailable {
+        let hint = match reason {
+            "refresh_timeout" => format!(
+                "The token endpoint did not answer within refresh_wait ({}); check that the IdP is reachable, the refresh continues in the background.",
+                humantime::format_duration(self.cfg.refresh_wait)
+            ),
+            "shutting_down" => "tokenproxy is shutting down; retry against another instance.".to_owned(),
+            _ => "No usable token yet; see the token_refresh log events for this credential.".to_owned(),
+        };
+        CredentialUnavailable {
+            credential: self.name.clone(),
+            reason: reason.to_owned(),
+            hint,
+            retry_after,
+        }
+    }
+
+    /// Joins the refresh in flight, or starts one. Refuses (with the reason)
+    /// while dead, backing off, unsaved, or shutting down.
+    pub fn begin_refresh(self: &Arc<Self>) -> Result<watch::Receiver<Outcome>, Arc<Failure>> {
+        let mut c = self.control.lock();
+        if let Some(rx) = &c.inflight {
+            return Ok(rx.clone());
+        }
+        if self.shutdown.is_cancelled() {
+            return Err(Arc::new(self.failure_simple(
+                "shutting_down",
+                "tokenproxy is shutting down; no refresh starts now.",
+            )));
+        }
+        let now = Instant::now();
+        if let Some(dead) = &self.snapshot.load().dead {
+            let retry_allowed =
+                dead.outcome == "config_error" && c.next_attempt.is_none_or(|t| now >= t);
+            if !retry_allowed {
+                return Err(dead.clone());
+            }
+        } else if let Some(t) = c.next_attempt {
+            if now < t {
+                let mut f = c.last_failure.as_deref().cloned().unwrap_or_else(|| {
+                    self.failure_simple("backoff", "Retrying the token endpoint with backoff.")
+                });
+                f.retry_after = Some((t - now).max(Duration::from_secs(1)));
+                return Err(Arc::new(f));
+            }
+        }
+        if c.unsaved.is_some() {
+            return Err(Arc::new(self.failure_simple(
+                "store_write_failed",
+                "The last rotated refresh token is not yet saved to the store; no further refresh until it is (check disk space and permissions of store.path).",
+            )));
+        }
+        let (tx, rx) = watch::channel(None);
+        c.inflight = Some(rx.clone());
+        drop(c);
+        let slot = self.clone();
+        tokio::spawn(async move {
+            // Its own task: a client hanging up cannot cancel a rotation.
+            let guard = InflightGuard(slot.clone());
+            let result = slot.refresh_once().await.map_err(Arc::new);
+            slot.finish(&result);
+            drop(guard);
+            let _ = tx.send(Some(result));
+        });
+        self.note_state();
+        Ok(rx)
+    }
+
+    fn failure_simple(&self, reason: &str, hint: &str) -> Failure {
+        Failure {
+            outcome: "transient",
+            reason: reason.to_owned(),
+            hint: hint.to_owned(),
+            retry_after: None,
+            status: None,
+            error: None,
+            error_description: None,
+            at: self.clock.wall(),
+        }
+    }
+
+    fn finish(&self, result: &Result<(), Arc<Failure>>) {
+        let mut c = self.control.lock();
+        match result {
+            Ok(()) => {
+                c.consecutive_failures = 0;
+                c.next_attempt = None;
+                c.last_success = Some(self.clock.wall());
+            }
+            Err(f) => {
+                c.consecutive_failures = c.consecutive_failures.saturating_add(1);
+                c.last_failure = Some(f.clone());
+                let wait = match f.outcome {
+                    "config_error" => schedule::CONFIG_ERROR_RETRY,
+                    "invalid_grant" | "lost_rotation" => schedule::CONFIG_ERROR_RETRY,
+                    _ => schedule::backoff(
+                        c.consecutive_failures - 1,
+                        self.cfg.max_backoff,
+                        f.retry_after,
+                        &mut rand::thread_rng(),
+                    ),
+                };
+                c.next_attempt = Some(Instant::now() + wait);
+            }
+        }
+    }
+
+    /// One attempt, start to end, with its one log event.
+    async fn refresh_once(self: &Arc<Self>) -> Result<(), Failure> {
+        let started = Instant::now();
+        let attempt = self.control.lock().consecutive_failures + 1;
+        let mut ev = RefreshEvent::new(self, attempt);
+        let result = match &self.kind {
+            SlotKind::Refresh { store } => self.refresh_with_store(store, &mut ev).await,
+            SlotKind::ClientCredentials { scopes, resource } => {
+                self.client_credentials(scopes, resource.as_deref(), &mut ev)
+                    .await
+            }
+        };
+        ev.duration_ms = started.elapsed().as_millis() as u64;
+        ev.emit(&self.name, result.as_ref().err());
+        if let Err(f) = &result {
+            if matches!(
+                f.outcome,
+                "invalid_grant" | "lost_rotation" | "config_error"
+            ) {
+                let token = self.snapshot.load().token.clone();
+                self.publish(Snapshot {
+                    token,
+                    dead: Some(Arc::new(f.clone())),
+                });
+            }
+        }
+        result
+    }
+
+    async fn client_credentials(
+        &self,
+        scopes: &[String],
+        resource: Option<&str>,
+        ev: &mut RefreshEvent,
+    ) -> Result<(), Failure> {
+        let req = grant::build_token_request(
+            &self.cfg,
+            &self.token_url,
+            &Grant::ClientCredentials { scopes, resource },
+        );
+        let sent_wall = self.clock.wall();
+        let sent_mono = Instant::now();
+        let set = self
+            .client
+            .send(&req)
+            .await
+            .and_then(|raw| {
+                ev.status = Some(raw.status.as_u16());
+                self.check_skew(&raw.headers, sent_wall);
+                grant::parse_token_response(&raw, sent_wall)
+            })
+            .map_err(|e| self.classify(&e, ev))?;
+        let lifetime = self.lifetime(&set);
+        ev.ok(lifetime, false);
+        self.publish(Snapshot {
+            token: Some(Arc::new(Token::new(
+                set.access_token,
+                sent_wall,
+                sent_mono,
+                lifetime,
+                String::new(),
+                0,
+            ))),
+            dead: None,
+        });
+        Ok(())
+    }
+
+    fn lifetime(&self, set: &TokenSet) -> Duration {
+        set.expires_in.unwrap_or(self.cfg.default_lifetime)
+    }
+
+    fn check_skew(&self, headers: &http::HeaderMap, sent_wall: SystemTime) {
+        if let Some(date) = grant::response_date(headers) {
+            let skew = match date.duration_since(sent_wall) {
+                Ok(d) => d,
+                Err(e) => e.duration(),
+            };
+            if skew > Duration::from_secs(60) {
+                tracing::warn!(
+                    event = "clock_skew",
+                    credential = %self.name,
+                    skew_s = skew.as_secs(),
+                    hint = "The IdP's Date differs from the local clock by over a minute; fix NTP on this host, or tokens may be rejected as expired or not yet valid.",
+                    "Clock skew with the IdP"
+                );
+            }
+        }
+    }
+
+    /// Maps a grant error to a failure with its hint.
+    fn classify(&self, e: &GrantError, ev: &mut RefreshEvent) -> Failure {
+        ev.status = e.status;
+        ev.error = e.code.clone().or_else(|| Some(e.message.clone()));
+        ev.error_description = e.description.clone();
+        let outcome = e.class.outcome();
+        Failure {
+            outcome,
+            reason: e.code.clone().unwrap_or_else(|| outcome.to_owned()),
+            hint: super::hints::for_grant_error(&self.cfg, e),
+            retry_after: e.retry_after,
+            status: e.status,
+            error: ev.error.clone(),
+            error_description: e.description.clone(),
+            at: self.clock.wall(),
+        }
+    }
+
+    /// The refresh_token procedure under the credential's lock: re-read,
+    /// (intent, grant, write), publish.
+    async fn refresh_with_store(
+        &self,
+        store: &FileStore,
+        ev: &mut RefreshEvent,
+    ) -> Result<(), Failure> {
+        let _lock = store
+            .lock_credential(&self.name)
+            .await
+            .map_err(|e| self.store_failure(&e))?;
+        let on_disk = self.read_record(store)?;
+        let mine = self.control.lock().record.clone();
+        let mut rec = match (on_disk, mine) {
+            (Some(disk), Some(mine)) if disk.identity() != mine.identity() => {
+                // Someone else (another process, a login) moved on: adopt.
+                ev.set_identity(&disk);
+                if self.adopt(&disk) {
+                    ev.outcome = "lost_race";
+                    return Ok(());
+                }
+                disk
+            }
+            (Some(disk), None) => {
+                if self.adopt(&disk) {
+                    ev.set_identity(&disk);
+                    ev.outcome = "lost_race";
+                    return Ok(());
+                }
+                disk
+            }
+            (Some(disk), Some(_)) => disk,
+            (None, Some(mine)) => mine,
+            (None, None) => {
+                return Err(self.dead_failure(
+                    "invalid_grant",
+                    "no_refresh_token",
+                    "There is no refresh token for this credential: run `tokenproxy login` or set refresh_token in the config.".into(),
+                ))
+            }
+        };
+        ev.set_identity(&rec);
+        if let Some(dead) = &rec.dead {
+            if dead.family == rec.family && dead.generation == rec.generation {
+                return Err(self.dead_failure(
+                    if dead.reason == "lost_rotation" {
+                        "lost_rotation"
+                    } else {
+                        "invalid_grant"
+                    },
+                    &dead.reason,
+                    super::hints::dead_on_disk(&dead.reason),
+                ));
+            }
+        }
+        let Some(refresh_token) = rec.refresh_token.clone() else {
+            return Err(self.dead_failure(
+                "invalid_grant",
+                "no_refresh_token",
+                "The stored token set has no refresh token: run `tokenproxy login` for this credential.".into(),
+            ));
+        };
+        ev.refresh_token_fp = Some(refresh_token.fingerprint());
+
+        // An intent for this very generation: an earlier attempt may have
+        // spent the token without us learning the answer.
+        let mut intent_at_ms = store::unix_ms(self.clock.wall());
+        if let Some(intent) = rec.intent.clone() {
+            if intent.family == rec.family && intent.generation == rec.generation {
+                self.check_lost_rotation(store, &mut rec, &refresh_token, &intent, ev)
+                    .await?;
+                // The grace window runs from the first presentation.
+                intent_at_ms = intent.at_ms;
+            }
+        }
+
+        rec.intent = Some(Intent {
+            family: rec.family.clone(),
+            generation: rec.generation,
+            at_ms: intent_at_ms,
+        });
+        self.write_record(store, &rec)
+            .map_err(|e| self.store_failure(&e))?;
+
+        let req = grant::build_token_request(
+            &self.cfg,
+            &self.token_url,
+            &Grant::RefreshToken(&refresh_token),
+        );
+        let sent_wall = self.clock.wall();
+        let sent_mono = Instant::now();
+        let answer = self.client.send(&req).await.and_then(|raw| {
+            ev.status = Some(raw.status.as_u16());
+            self.check_skew(&raw.headers, sent_wall);
+            grant::parse_token_response(&raw, sent_wall)
+        });
+        match answer {
+            Ok(set) => {
+                let lifetime = self.lifetime(&set);
+                let rotated = set.refresh_token.is_some();
+                let mut next = rec.clone();
+                next.generation += 1;
+                // RFC 6749 §6: no refresh_token in the answer keeps the old one.
+                if let Some(rt) = set.refresh_token.clone() {
+                    next.refresh_token = Some(rt);
+                }
+                next.access_token = Some(set.access_token.clone());
+                next.access_issued_at_ms = Some(store::unix_ms(sent_wall));
+                next.access_expires_at_ms = Some(store::unix_ms(sent_wall + lifetime));
+                next.refresh_expires_at_ms = set
+                    .refresh_token_expires_in
+                    .map(|d| store::unix_ms(sent_wall + d))
+                    .or(if rotated {
+                        None
+                    } else {
+                        rec.refresh_expires_at_ms
+                    });
+                next.intent = None;
+                next.dead = None;
+                ev.set_identity(&next);
+                ev.refresh_token_fp = next.refresh_token.as_ref().map(Secret::fingerprint);
+                ev.ok(lifetime, rotated);
+                self.warn_refresh_expiry(&next);
+                // Durable before published (write-ahead): a crash after this
+                // line loses nothing.
+                if let Err(e) = self.write_record(store, &next) {
+                    tracing::error!(
+                        event = "store_write_failed",
+                        credential = %self.name,
+                        error = %grant::error_chain(&e),
+                        hint = "The rotated refresh token could not be saved; the new access token is served from memory and no further refresh starts until the write succeeds.",
+                        "Store write failed"
+                    );
+                    self.control.lock().unsaved = Some(next.clone());
+                }
+                let token = Token::new(
+                    set.access_token,
+                    sent_wall,
+                    sent_mono,
+                    lifetime,
+                    next.family.clone(),
+                    next.generation,
+                );
+                self.control.lock().record = Some(next);
+                self.publish(Snapshot {
+                    token: Some(Arc::new(token)),
+                    dead: None,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                let failure = self.classify(&e, ev);
+                match (e.delivery, e.class) {
+                    (Delivery::MaybeSent, _) => {
+                        // Keep the intent: the next attempt must first learn
+                        // whether the token was spent.
+                        let intent = rec.intent.clone().expect("intent written above");
+                        self.check_lost_rotation(store, &mut rec, &refresh_token, &intent, ev)
+                            .await?;
+                        Err(failure)
+                    }
+                    (_, FailureClass::InvalidGrant) => {
+                        // Race-aware: did someone else rotate meanwhile?
+                        if let Ok(Some(disk)) = store.read(&self.name) {
+                            if disk.identity() != rec.identity() {
+                                ev.set_identity(&disk);
+                                self.adopt(&disk);
+                                self.control.lock().record = Some(disk);
+                                ev.outcome = "lost_race";
+                                return Ok(());
+                            }
+                        }
+                        rec.intent = None;
+                        rec.dead = Some(store::DeadMark {
+                            family: rec.family.clone(),
+                            generation: rec.generation,
+                            reason: failure.reason.clone(),
+                        });
+                        let _ = self.write_record(store, &rec);
+                        self.control.lock().record = Some(rec);
+                        Err(failure)
+                    }
+                    _ => {
+                        rec.intent = None;
+                        let _ = self.write_record(store, &rec);
+                        self.control.lock().record = Some(rec);
+                        Err(failure)
+                    }
+                }
+            }
+        }
+    }
+
+    /// DESIGN.md "Lost rotation": present the token again only if the IdP
+    /// says it is still active, or within the declared grace window.
+    async fn check_lost_rotation(
+        &self,
+        store: &FileStore,
+        rec: &mut Record,
+        refresh_token: &Secret,
+        intent: &Intent,
+        ev: &mut RefreshEvent,
+    ) -> Result<(), Failure> {
+        if let Some(url) = &self.cfg.introspection_url {
+            let req = grant::build_introspection_request(&self.cfg, url, refresh_token);
+            match self
+                .client
+                .send(&req)
+                .await
+                .and_then(|r| grant::parse_introspection(&r))
+            {
+                Ok(true) => {
+                    rec.intent = None;
+                    return Ok(());
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    // Unknown: never guess. Keep the intent and try later.
+                    let mut f = self.classify(&e, ev);
+                    f.reason = "lost_rotation_unverified".into();
+                    f.hint = "A refresh may have been spent without its answer arriving, and the introspection endpoint could not confirm the token is still active; retrying the check with backoff.".into();
+                    return Err(f);
+                }
+            }
+        } else if !self.cfg.reuse_grace.is_zero() {
+            let at = store::from_unix_ms(intent.at_ms);
+            let age = self.clock.wall().duration_since(at).unwrap_or_default();
+            if age < self.cfg.reuse_grace {
+                return Ok(());
+            }
+        }
+        rec.intent = None;
+        rec.dead = Some(store::DeadMark {
+            family: rec.family.clone(),
+            generation: rec.generation,
+            reason: "lost_rotation".into(),
+        });
+        let _ = self.write_record(store, rec);
+        self.control.lock().record = Some(rec.clone());
+        ev.status = None;
+        Err(self.dead_failure(
+            "lost_rotation",
+            "lost_rotation",
+            super::hints::lost_rotation(&self.cfg),
+        ))
+    }
+
+    fn dead_failure(&self, outcome: &'static str, reason: &str, hint: String) -> Failure {
+        Failure {
+            outcome,
+            reason: reason.to_owned(),
+            hint,
+            retry_after: None,
+            status: None,
+            error: Some(reason.to_owned()),
+            error_description: None,
+            at: self.clock.wall(),
+        }
+    }
+
+    fn store_failure(&self, e: &StoreError) -> Failure {
+        Failure {
+            outcome: "transient",
+            reason: "store_unavailable".into(),
+            hint: format!("The token store could not be used ({}); check store.path, its permissions and free space.", grant::error_chain(e)),
+            retry_after: None,
+            status: None,
+            error: Some("store_unavailable".into()),
+            error_description: None,
+            at: self.clock.wall(),
+        }
+    }
+
+    fn read_record(&self, store: &FileStore) -> Result<Option<Record>, Failure> {
+        let rec = store.read(&self.name).map_err(|e| self.store_failure(&e))?;
+        let url = self.token_url.to_string();
+        Ok(rec.filter(|r| r.matches(&url, &self.cfg.client_id)))
+    }
+
+    fn write_record(&self, store: &FileStore, rec: &Record) -> Result<(), StoreError> {
+        let r = store.write(&self.name, rec);
+        if r.is_ok() {
+            self.control.lock().unsaved = None;
+        }
+        r
+    }
+
+    /// Publishes the record's access token when it is still usable. Returns
+    /// whether it was (the caller then needs no grant).
+    fn adopt(&self, rec: &Record) -> bool {
+        let dead = rec
+            .dead
+            .as_ref()
+            .filter(|d| d.family == rec.family && d.generation == rec.generation);
+        self.control.lock().record = Some(rec.clone());
+        let token = self.token_from_record(rec);
+        let usable = token
+            .as_ref()
+            .is_some_and(|t| t.usable(self.clock.wall(), Instant::now()));
+        self.publish(Snapshot {
+            token: token.map(Arc::new),
+            dead: dead.map(|d| {
+                Arc::new(self.dead_failure(
+                    if d.reason == "lost_rotation" {
+                        "lost_rotation"
+                    } else {
+                        "invalid_grant"
+                    },
+                    &d.reason,
+                    super::hints::dead_on_disk(&d.reason),
+                ))
+            }),
+        });
+        usable && dead.is_none()
+    }
+
+    fn token_from_record(&self, rec: &Record) -> Option<Token> {
+        let access = rec.access_token.clone()?;
+        let issued = store::from_unix_ms(rec.access_issued_at_ms?);
+        let expires = store::from_unix_ms(rec.access_expires_at_ms?);
+        let lifetime = expires.duration_since(issued).ok()?;
+        let wall = self.clock.wall();
+        // Map the wall-clock issue time onto the monotonic clock.
+        let age = wall.duration_since(issued).unwrap_or_default();
+        let mono_now = Instant::now();
+        let sent_mono = mono_now.checked_sub(age).unwrap_or(mono_now);
+        if age >= lifetime {
+            return None;
+        }
+        Some(Token::new(
+            access,
+            issued,
+            sent_mono,
+            lifetime,
+            rec.family.clone(),
+            rec.generation,
+        ))
+    }
+
+    fn warn_refresh_expiry(&self, rec: &Record) {
+        if let Some(at) = rec.refresh_expires_at_ms {
+            let left = store::from_unix_ms(at)
+                .duration_since(self.clock.wall())
+                .unwrap_or_default();
+            if left < Duration::from_secs(7 * 86_400) {
+                tracing::warn!(
+                    event = "refresh_token_expiring",
+                    credential = %self.name,
+                    expires_in_s = left.as_secs(),
+                    hint = "The refresh token itself expires soon and rotation does not extend it; run `tokenproxy login` before then.",
+                    "Refresh token expiring"
+                );
+            }
+        }
+    }
+
+    /// Start-up for refresh_token slots: consume a new seed, load the stored
+    /// token set. Under the credential's lock.
+    pub async fn init_from_store(&self) -> Result<(), StoreError> {
+        let SlotKind::Refresh { store } = &self.kind else {
+            return Ok(());
+        };
+        let _lock = store.lock_credential(&self.name).await?;
+        let url = self.token_url.to_string();
+        let existing = store.read(&self.name)?;
+        let mut rec = existing.filter(|r| r.matches(&url, &self.cfg.client_id));
+        if let Some(seed) = &self.cfg.refresh_token {
+            let fp = seed.fingerprint();
+            let seen = rec.as_ref().is_some_and(|r| {
+                r.seeds_seen.contains(&fp) || r.refresh_token.as_ref() == Some(seed)
+            });
+            if !seen {
+                let mut seeds_seen = rec
+                    .as_ref()
+                    .map(|r| r.seeds_seen.clone())
+                    .unwrap_or_default();
+                seeds_seen.push(fp.clone());
+                let new = Record {
+                    token_url: url.clone(),
+                    client_id: self.cfg.client_id.clone(),
+                    family: store::new_family(),
+                    generation: 0,
+                    refresh_token: Some(seed.clone()),
+                    access_token: None,
+                    access_expires_at_ms: None,
+                    access_issued_at_ms: None,
+                    refresh_expires_at_ms: None,
+                    seeds_seen,
+                    intent: None,
+                    dead: None,
+                    updated_at_ms: 0,
+                };
+                store.write(&self.name, &new)?;
+                tracing::info!(
+                    event = "seed_adopted",
+                    credential = %self.name,
+                    family = %new.family,
+                    refresh_token_fp = %fp,
+                    "New refresh token seed adopted as a new family"
+                );
+                rec = Some(new);
+            } else if let Some(r) = rec.as_mut() {
+                if !r.seeds_seen.contains(&fp) {
+                    r.seeds_seen.push(fp);
+                    store.write(&self.name, r)?;
+                }
+            }
+        }
+        match rec {
+            Some(r) => {
+                self.adopt(&r);
+            }
+            None => {
+                self.control.lock().record = None;
+                let f = self.dead_failure(
+                    "invalid_grant",
+                    "no_refresh_token",
+                    "There is no refresh token for this credential: run `tokenproxy login` or set refresh_token in the config.".into(),
+                );
+                tracing::error!(event = "token_refresh", credential = %self.name, grant_type = "refresh_token", outcome = "invalid_grant", error = "no_refresh_token", hint = %f.hint, "No refresh token");
+                self.publish(Snapshot {
+                    token: None,
+                    dead: Some(Arc::new(f)),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Picks up a record written by someone else (login, another process,
+    /// an operator): revives a dead credential.
+    fn poll_store(&self) {
+        let SlotKind::Refresh { store } = &self.kind else {
+            return;
+        };
+        let Ok(Some(disk)) = self.read_record(store) else {
+            return;
+        };
+        let mine = self.control.lock().record.clone();
+        if mine.as_ref().map(Record::identity) != Some(disk.identity()) {
+            if self.control.lock().inflight.is_some() {
+                return;
+            }
+            tracing::info!(event = "store_changed", credential = %self.name, family = %disk.family, generation = disk.generation, "Adopted a newer token set from the store");
+            let was_dead = self.snapshot.load().dead.is_some();
+            self.adopt(&disk);
+            if was_dead && disk.dead.is_none() {
+                let mut c = self.control.lock();
+                c.next_attempt = None;
+                c.consecutive_failures = 0;
+            }
+        }
+    }
+
+    /// Retries a failed store write; true once durable.
+    fn retry_unsaved(&self) -> bool {
+        let SlotKind::Refresh { store } = &self.kind else {
+            return true;
+        };
+        let Some(rec) = self.control.lock().unsaved.clone() else {
+            return true;
+        };
+        match self.write_record(store, &rec) {
+            Ok(()) => {
+                tracing::info!(event = "store_write_recovered", credential = %self.name, "Rotated token set saved");
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The background refresher: refresh `refresh_before` ahead of expiry,
+    /// back off on failure, notice store changes, stop at shutdown.
+    pub async fn run(self: Arc<Self>) {
+        let mut rng = rand::rngs::StdRng::from_entropy();
+        // Jittered start, so many credentials or replicas don't burst the IdP.
+        let start_jitter = Duration::from_millis(rand::Rng::gen_range(&mut rng, 0..200));
+        tokio::select! {
+            _ = tokio::time::sleep(start_jitter) => {}
+            _ = self.shutdown.cancelled() => return,
+        }
+        let poll_every = Duration::from_secs(2);
+        loop {
+            if !self.retry_unsaved() {
+                if self.sleep_or_shutdown(Duration::from_secs(1)).await {
+                    return;
+                }
+                continue;
+            }
+            let now = Instant::now();
+            let snap = self.snapshot.load_full();
+            let due = if snap.dead.is_some() {
+                let c = self.control.lock();
+                match (snap.dead.as_ref().map(|d| d.outcome), c.next_attempt) {
+                    (Some("config_error"), Some(t)) => t,
+                    _ => now + poll_every,
+                }
+            } else {
+                let backoff_until = self.control.lock().next_attempt;
+                let by_expiry = match &snap.token {
+                    Some(t) => {
+                        let before = schedule::refresh_before(t.lifetime, self.cfg.refresh_before);
+                        let left = t.remaining(self.clock.wall(), now);
+                        now + left.saturating_sub(before + schedule::jitter(before, &mut rng))
+                    }
+                    None => now,
+                };
+                backoff_until.map_or(by_expiry, |b| b.max(by_expiry))
+            };
+            let wake = due.min(now + poll_every);
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = self.changed.notified() => continue,
+                _ = self.shutdown.cancelled() => return,
+            }
+            if Instant::now() < due {
+                self.poll_store();
+                continue;
+            }
+            let snap = self.snapshot.load();
+            if snap.dead.is_some() && snap.dead.as_ref().map(|d| d.outcome) != Some("config_error")
+            {
+                self.poll_store();
+                continue;
+            }
+            match self.begin_refresh() {
+                Ok(mut rx) => {
+                    tokio::select! {
+                        _ = rx.wait_for(Option::is_some) => {}
+                        _ = self.shutdown.cancelled() => return,
+                    }
+                }
+                Err(_) => {
+                    self.poll_store();
+                }
+            }
+        }
+    }
+
+    /// True when shutting down.
+    async fn sleep_or_shutdown(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => false,
+            _ = self.shutdown.cancelled() => true,
+        }
+    }
+
+    /// For status output: a secret-free view.
+    pub fn status(&self) -> SlotStatus {
+        let snap = self.snapshot.load();
+        let state = self.state();
+        let c = self.control.lock();
+        let wall = self.clock.wall();
+        let rec = c.record.as_ref();
+        SlotStatus {
+            credential: self.name.clone(),
+            grant_type: self.cfg.grant.as_str(),
+            state: state.as_str(),
+            state_since: c.state_since,
+            expires_in: snap
+                .token
+                .as_ref()
+                .map(|t| t.remaining(wall, Instant::now())),
+            family: rec.map(|r| r.family.clone()),
+            generation: rec.map(|r| r.generation),
+            last_refresh: c.last_success,
+            last_error: c
+                .last_failure
+                .as_deref()
+                .cloned()
+                .or_else(|| snap.dead.as_deref().cloned()),
+            refresh_token_fp: rec
+                .and_then(|r| r.refresh_token.as_ref())
+                .map(Secret::fingerprint),
+        }
+    }
+}
+
+struct InflightGuard(Arc<Slot>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.control.lock().inflight = None;
+        self.0.note_state();
+    }
+}
+
+/// A secret-free summary of one slot.
+#[derive(Debug, Clone)]
+pub struct SlotStatus {
+    pub credential: String,
+    pub grant_type: &'static str,
+    pub state: &'static str,
+    pub state_since: Option<SystemTime>,
+    pub expires_in: Option<Duration>,
+    pub family: Option<String>,
+    pub generation: Option<u64>,
+    pub last_refresh: Option<SystemTime>,
+    pub last_error: Option<Failure>,
+    pub refresh_token_fp: Option<String>,
+}
+
+/// The fields of the one `token_refresh` event per attempt.
+struct RefreshEvent {
+    grant_type: &'static str,
+    outcome: &'static str,
+    status: Option<u16>,
+    error: Option<String>,
+    error_description: Option<String>,
+    attempt: u32,
+    duration_ms: u64,
+    expires_in: Option<u64>,
+    rotated: Option<bool>,
+    family: Option<String>,
+    generation: Option<u64>,
+    refresh_token_fp: Option<String>,
+}
+
+impl RefreshEvent {
+    fn new(slot: &Slot, attempt: u32) -> Self {
+        RefreshEvent {
+            grant_type: match slot.cfg.grant {
+                GrantType::RefreshToken => "refresh_token",
+                GrantType::ClientCredentials => "client_credentials",
+            },
+            outcome: "ok",
+            status: None,
+            error: None,
+            error_description: None,
+            attempt,
+            duration_ms: 0,
+            expires_in: None,
+            rotated: None,
+            family: None,
+            generation: None,
+            refresh_token_fp: None,
+        }
+    }
+
+    fn set_identity(&mut self, rec: &Record) {
+        self.family = Some(rec.family.clone());
+        self.generation = Some(rec.generation);
+    }
+
+    fn ok(&mut self, lifetime: Duration, rotated: bool) {
+        self.outcome = "ok";
+        self.expires_in = Some(lifetime.as_secs());
+        self.rotated = Some(rotated);
+    }
+
+    fn emit(&self, credential: &str, failure: Option<&Failure>) {
+        macro_rules! event {
+            ($lvl:expr, $msg:literal, $outcome:expr, $hint:expr) => {
+                tracing::event!(
+                    $lvl,
+                    event = "token_refresh",
+                    credential,
+                    grant_type = self.grant_type,
+                    outcome = $outcome,
+                    status = self.status,
+                    error = self.error.as_deref(),
+                    error_description = self.error_description.as_deref(),
+                    attempt = self.attempt,
+                    duration_ms = self.duration_ms,
+                    expires_in = self.expires_in,
+                    rotated = self.rotated,
+                    family = self.family.as_deref(),
+                    generation = self.generation,
+                    refresh_token_fp = self.refresh_token_fp.as_deref(),
+                    hint = $hint,
+                    $msg
+                )
+            };
+        }
+        match failure {
+            None if self.outcome == "lost_race" => {
+                event!(
+                    tracing::Level::INFO,
+                    "Adopted a token refreshed elsewhere",
+                    "lost_race",
+                    None::<&str>
+                )
+            }
+            None => event!(tracing::Level::INFO, "Token refreshed", "ok", None::<&str>),
+            Some(f) if f.outcome == "transient" => {
+                event!(
+                    tracing::Level::WARN,
+                    "Grant failed",
+                    f.outcome,
+                    Some(f.hint.as_str())
+                )
+            }
+            Some(f) => event!(
+                tracing::Level::ERROR,
+                "Grant failed; credential is dead",
+                f.outcome,
+                Some(f.hint.as_str())
+            ),
+        }
+    }
+}
+
+use rand::SeedableRng as _;

@@ -1,0 +1,934 @@
+//! The token-endpoint conversation: a sans-IO request builder and response
+//! parser (RFC 6749 §4.4, §6, §5.1, §5.2; RFC 7662 introspection), and the
+//! client that sends them.
+//!
+//! Caches nothing and decides nothing about timing or state: the engine does.
+//! Classifies every failure so the engine can, and says whether the request
+//! may have reached the IdP (the lost-rotation rules depend on it).
+
+use crate::config::{AuthMethod, CredentialConfig};
+use crate::secret::Secret;
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, DATE, LOCATION, RETRY_AFTER};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use std::time::{Duration, SystemTime};
+
+/// Token responses larger than this are refused (a token set is a few KiB).
+pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
+const USER_AGENT: &str = concat!("tokenproxy/", env!("CARGO_PKG_VERSION"));
+
+/// What the grant presents.
+#[derive(Debug, Clone)]
+pub enum Grant<'a> {
+    RefreshToken(&'a Secret),
+    ClientCredentials {
+        scopes: &'a [String],
+        resource: Option<&'a str>,
+    },
+    AuthorizationCode {
+        code: &'a Secret,
+        redirect_uri: &'a str,
+        verifier: &'a Secret,
+    },
+}
+
+impl Grant<'_> {
+    pub fn grant_type(&self) -> &'static str {
+        match self {
+            Grant::RefreshToken(_) => "refresh_token",
+            Grant::ClientCredentials { .. } => "client_credentials",
+            Grant::AuthorizationCode { .. } => "authorization_code",
+        }
+    }
+}
+
+/// A request ready to send: pure data.
+#[derive(Debug)]
+pub struct PreparedRequest {
+    pub uri: Uri,
+    pub headers: HeaderMap,
+    /// Form-encoded body; holds secrets, so never log it.
+    pub body: Secret,
+}
+
+/// Builds the token request for `grant` (RFC 6749 §4.4.2, §6, §4.1.3).
+pub fn build_token_request(
+    cred: &CredentialConfig,
+    token_url: &Uri,
+    grant: &Grant<'_>,
+) -> PreparedRequest {
+    let mut form = form_urlencoded::Serializer::new(String::new());
+    form.append_pair("grant_type", grant.grant_type());
+    match grant {
+        Grant::RefreshToken(rt) => {
+            form.append_pair("refresh_token", rt.expose());
+            // RFC 6749 §6: scope is optional on refresh and must not widen.
+        }
+        Grant::ClientCredentials { scopes, resource } => {
+            if !scopes.is_empty() {
+                form.append_pair("scope", &scopes.join(" "));
+            }
+            if let Some(r) = resource.or(cred.resource.as_deref()) {
+                form.append_pair("resource", r);
+            }
+        }
+        Grant::AuthorizationCode {
+            code,
+            redirect_uri,
+            verifier,
+        } => {
+            form.append_pair("code", code.expose());
+            form.append_pair("redirect_uri", redirect_uri);
+            form.append_pair("code_verifier", verifier.expose());
+        }
+    }
+    if let Some(a) = &cred.audience {
+        form.append_pair("audience", a);
+    }
+    if !matches!(grant, Grant::ClientCredentials { .. }) {
+        if let Some(r) = &cred.resource {
+            form.append_pair("resource", r);
+        }
+    }
+    for (k, v) in &cred.extra_params {
+        form.append_pair(k, v);
+    }
+    let mut headers = HeaderMap::new();
+    apply_client_auth(cred, &mut form, &mut headers);
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-www-form-urlencoded"),
+    );
+    headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+    headers.insert(
+        http::header::USER_AGENT,
+        HeaderValue::from_static(USER_AGENT),
+    );
+    PreparedRequest {
+        uri: token_url.clone(),
+        headers,
+        body: Secret::new(form.finish()),
+    }
+}
+
+/// Builds an RFC 7662 introspection request for a refresh token.
+pub fn build_introspection_request(
+    cred: &CredentialConfig,
+    url: &Uri,
+    token: &Secret,
+) -> PreparedRequest {
+    let mut form = form_urlencoded::Serializer::new(String::new());
+    form.append_pair("token", token.expose());
+    form.append_pair("token_type_hint", "refresh_token");
+    let mut headers = HeaderMap::new();
+    apply_client_auth(cred, &mut form, &mut headers);
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-www-form-urlencoded"),
+    );
+    headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+    PreparedRequest {
+        uri: url.clone(),
+        headers,
+        body: Secret::new(form.finish()),
+    }
+}
+
+fn apply_client_auth(
+    cred: &CredentialConfig,
+    form: &mut form_urlencoded::Serializer<'_, String>,
+    headers: &mut HeaderMap,
+) {
+    let secret = cred
+        .client_secret
+        .as_ref()
+        .map(Secret::expose)
+        .unwrap_or("");
+    match cred.auth_method {
+        AuthMethod::ClientSecretBasic => {
+            headers.insert(AUTHORIZATION, basic_auth(&cred.client_id, secret));
+        }
+        AuthMethod::ClientSecretPost => {
+            form.append_pair("client_id", &cred.client_id);
+            form.append_pair("client_secret", secret);
+        }
+        AuthMethod::None => {
+            form.append_pair("client_id", &cred.client_id);
+        }
+    }
+}
+
+/// RFC 6749 §2.3.1: id and secret are form-urlencoded before base64.
+pub fn basic_auth(client_id: &str, secret: &str) -> HeaderValue {
+    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let raw = format!("{}:{}", enc(client_id), enc(secret));
+    let b64 = base64::engine::general_purpose::STANDARD.encode(raw);
+    let mut v = HeaderValue::from_str(&format!("Basic {b64}"))
+        .unwrap_or_else(|_| HeaderValue::from_static("Basic"));
+    v.set_sensitive(true);
+    v
+}
+
+/// A successful token response (RFC 6749 §5.1).
+#[derive(Debug, Clone)]
+pub struct TokenSet {
+    pub access_token: Secret,
+    /// When `expires_in` was missing: from a JWT's `exp - iat`, else None.
+    pub expires_in: Option<Duration>,
+    /// Whether `expires_in` came from the response itself.
+    pub expires_in_sent: bool,
+    pub refresh_token: Option<Secret>,
+    pub refresh_token_expires_in: Option<Duration>,
+    pub scope: Option<String>,
+    /// From the id_token's `sub`, when one came back.
+    pub subject: Option<String>,
+}
+
+/// The RFC 6749 §5.2 error codes, plus vendors' spellings of invalid_grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OAuthCode {
+    InvalidRequest,
+    InvalidClient,
+    InvalidGrant,
+    UnauthorizedClient,
+    UnsupportedGrantType,
+    InvalidScope,
+    TemporarilyUnavailable,
+    Other(String),
+}
+
+impl OAuthCode {
+    pub fn parse(code: &str) -> OAuthCode {
+        match code {
+            "invalid_request" => OAuthCode::InvalidRequest,
+            "invalid_client" => OAuthCode::InvalidClient,
+            // GitHub answers 200 with bad_refresh_token / bad_verification_code.
+            "invalid_grant" | "bad_refresh_token" | "bad_verification_code" | "expired_token" => {
+                OAuthCode::InvalidGrant
+            }
+            "unauthorized_client" => OAuthCode::UnauthorizedClient,
+            "unsupported_grant_type" => OAuthCode::UnsupportedGrantType,
+            "invalid_scope" => OAuthCode::InvalidScope,
+            "temporarily_unavailable" | "server_error" | "slow_down" => {
+                OAuthCode::TemporarilyUnavailable
+            }
+            other => OAuthCode::Other(other.to_owned()),
+        }
+    }
+}
+
+/// How the engine must treat a failure (DESIGN.md "Failure classes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    /// The grant itself is dead: no retry until a new refresh token arrives.
+    InvalidGrant,
+    /// Wrong client, scope, grant type or endpoint: retried slowly.
+    Config,
+    /// Retry with backoff.
+    Transient,
+}
+
+impl FailureClass {
+    pub fn outcome(self) -> &'static str {
+        match self {
+            FailureClass::InvalidGrant => "invalid_grant",
+            FailureClass::Config => "config_error",
+            FailureClass::Transient => "transient",
+        }
+    }
+}
+
+/// Whether the request may have reached the IdP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Failed before a byte was written (DNS, connect, TLS): safe to retry.
+    NotSent,
+    /// Written, but no answer arrived: the IdP may have rotated.
+    MaybeSent,
+    /// The IdP answered (the answer is the failure).
+    Answered,
+}
+
+/// A failed grant, classified. Display is one lowercase line without secrets.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct GrantError {
+    pub class: FailureClass,
+    pub delivery: Delivery,
+    /// HTTP status when the IdP answered.
+    pub status: Option<u16>,
+    /// The OAuth `error` code when there was one (sanitized, capped).
+    pub code: Option<String>,
+    pub description: Option<String>,
+    pub retry_after: Option<Duration>,
+    /// Where a 3xx pointed (host only).
+    pub redirect_host: Option<String>,
+    pub message: String,
+}
+
+impl GrantError {
+    fn transient(delivery: Delivery, status: Option<u16>, message: impl Into<String>) -> Self {
+        GrantError {
+            class: FailureClass::Transient,
+            delivery,
+            status,
+            code: None,
+            description: None,
+            retry_after: None,
+            redirect_host: None,
+            message: message.into(),
+        }
+    }
+}
+
+/// The raw answer of the token endpoint.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Parses a token endpoint answer. Any body with an `error` member is an error
+/// whatever the status; JSON and form-encoded bodies are both understood.
+pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<TokenSet, GrantError> {
+    let status = resp.status;
+    if status.is_redirection() {
+        let host = resp
+            .headers
+            .get(LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .and_then(|l| l.parse::<Uri>().ok())
+            .and_then(|u| u.host().map(str::to_owned));
+        return Err(GrantError {
+            class: FailureClass::Config,
+            delivery: Delivery::Answered,
+            status: Some(status.as_u16()),
+            code: None,
+            description: None,
+            retry_after: None,
+            message: format!(
+                "token endpoint redirected ({}){}",
+                status.as_u16(),
+                host.as_ref()
+                    .map(|h| format!(" to {h}"))
+                    .unwrap_or_default()
+            ),
+            redirect_host: host,
+        });
+    }
+    let fields = parse_body(&resp.headers, &resp.body);
+    let retry_after = parse_retry_after(&resp.headers, now);
+    if let Some(fields) = &fields {
+        if let Some(code) = fields.get_str("error") {
+            let code = sanitize(code, 64);
+            let description = fields
+                .get_str("error_description")
+                .map(|d| sanitize(d, 200));
+            let parsed = OAuthCode::parse(&code);
+            let class = match parsed {
+                OAuthCode::InvalidGrant => FailureClass::InvalidGrant,
+                OAuthCode::InvalidClient
+                | OAuthCode::UnauthorizedClient
+                | OAuthCode::UnsupportedGrantType
+                | OAuthCode::InvalidScope
+                | OAuthCode::InvalidRequest => FailureClass::Config,
+                OAuthCode::TemporarilyUnavailable => FailureClass::Transient,
+                OAuthCode::Other(_) if status.is_server_error() || status.as_u16() == 429 => {
+                    FailureClass::Transient
+                }
+                OAuthCode::Other(_) => FailureClass::Config,
+            };
+            return Err(GrantError {
+                class,
+                delivery: Delivery::Answered,
+                status: Some(status.as_u16()),
+                message: format!("token endpoint answered {} {code}", status.as_u16()),
+                code: Some(code),
+                description,
+                retry_after,
+                redirect_host: None,
+            });
+        }
+    }
+    if status.as_u16() == 429 || status.is_server_error() {
+        let mut e = GrantError::transient(
+            Delivery::Answered,
+            Some(status.as_u16()),
+            format!("token endpoint answered {}", status.as_u16()),
+        );
+        e.retry_after = retry_after;
+        return Err(e);
+    }
+    if !status.is_success() {
+        // A 4xx without an OAuth error body: most often a wrong URL or client.
+        return Err(GrantError {
+            class: FailureClass::Config,
+            delivery: Delivery::Answered,
+            status: Some(status.as_u16()),
+            code: None,
+            description: None,
+            retry_after,
+            redirect_host: None,
+            message: format!(
+                "token endpoint answered {} without an OAuth error",
+                status.as_u16()
+            ),
+        });
+    }
+    let Some(fields) = fields else {
+        return Err(GrantError::transient(
+            Delivery::Answered,
+            Some(status.as_u16()),
+            "token endpoint answered a body that is neither JSON nor form-encoded",
+        ));
+    };
+    let Some(access) = fields.get_str("access_token").filter(|t| !t.is_empty()) else {
+        return Err(GrantError::transient(
+            Delivery::Answered,
+            Some(status.as_u16()),
+            "token response has no access_token",
+        ));
+    };
+    if HeaderValue::from_str(access).is_err() {
+        return Err(GrantError::transient(
+            Delivery::Answered,
+            Some(status.as_u16()),
+            "access_token contains bytes that cannot go in a header",
+        ));
+    }
+    if let Some(tt) = fields.get_str("token_type") {
+        if !tt.eq_ignore_ascii_case("bearer") {
+            return Err(GrantError {
+                class: FailureClass::Config,
+                delivery: Delivery::Answered,
+                status: Some(status.as_u16()),
+                code: None,
+                description: None,
+                retry_after: None,
+                redirect_host: None,
+                message: format!(
+                    "token_type {:?} is not Bearer (DPoP or MAC tokens are not supported)",
+                    sanitize(tt, 32)
+                ),
+            });
+        }
+    }
+    let expires_sent = fields.get_secs("expires_in");
+    let jwt = jwt_claims(access);
+    let expires_in = expires_sent.or_else(|| {
+        let (exp, iat) = (
+            jwt.as_ref()?.get("exp")?.as_i64()?,
+            jwt.as_ref()?.get("iat")?.as_i64()?,
+        );
+        (exp > iat).then(|| Duration::from_secs((exp - iat) as u64))
+    });
+    let subject = fields
+        .get_str("id_token")
+        .and_then(jwt_claims)
+        .and_then(|c| {
+            c.get("sub")
+                .and_then(|s| s.as_str())
+                .map(|s| sanitize(s, 128))
+        });
+    Ok(TokenSet {
+        access_token: Secret::new(access),
+        expires_in,
+        expires_in_sent: expires_sent.is_some(),
+        refresh_token: fields
+            .get_str("refresh_token")
+            .filter(|t| !t.is_empty())
+            .map(Secret::new),
+        refresh_token_expires_in: fields.get_secs("refresh_token_expires_in"),
+        scope: fields.get_str("scope").map(|s| sanitize(s, 512)),
+        subject,
+    })
+}
+
+/// The RFC 7662 answer: is the token still active?
+pub fn parse_introspection(resp: &RawResponse) -> Result<bool, GrantError> {
+    if !resp.status.is_success() {
+        return Err(GrantError::transient(
+            Delivery::Answered,
+            Some(resp.status.as_u16()),
+            format!("introspection endpoint answered {}", resp.status.as_u16()),
+        ));
+    }
+    match parse_body(&resp.headers, &resp.body).and_then(|f| f.get_bool("active")) {
+        Some(active) => Ok(active),
+        None => Err(GrantError::transient(
+            Delivery::Answered,
+            Some(resp.status.as_u16()),
+            "introspection response has no boolean `active`",
+        )),
+    }
+}
+
+/// A flat view of a JSON object or a form body.
+enum Fields {
+    Json(serde_json::Map<String, serde_json::Value>),
+    Form(Vec<(String, String)>),
+}
+
+impl Fields {
+    fn get_str(&self, key: &str) -> Option<&str> {
+        match self {
+            Fields::Json(m) => m.get(key).and_then(|v| v.as_str()),
+            Fields::Form(f) => f.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str()),
+        }
+    }
+
+    /// Seconds as a number or a numeric string; absurd values are ignored.
+    fn get_secs(&self, key: &str) -> Option<Duration> {
+        let n: f64 = match self {
+            Fields::Json(m) => match m.get(key)? {
+                serde_json::Value::Number(n) => n.as_f64()?,
+                serde_json::Value::String(s) => s.trim().parse().ok()?,
+                _ => return None,
+            },
+            Fields::Form(_) => self.get_str(key)?.trim().parse().ok()?,
+        };
+        // Zero, negative or beyond ten years: not a lifetime we can plan with.
+        (1.0..=315_360_000.0)
+            .contains(&n)
+            .then(|| Duration::from_secs(n as u64))
+    }
+
+    fn get_bool(&self, key: &str) -> Option<bool> {
+        match self {
+            Fields::Json(m) => m.get(key)?.as_bool(),
+            Fields::Form(_) => match self.get_str(key)? {
+                "true" => Some(true),
+                "false" => Some(false),
+                _ => None,
+            },
+        }
+    }
+}
+
+fn parse_body(headers: &HeaderMap, body: &[u8]) -> Option<Fields> {
+    let ct = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let trimmed = body.trim_ascii();
+    if trimmed.starts_with(b"{") {
+        if let Ok(serde_json::Value::Object(m)) = serde_json::from_slice(trimmed) {
+            return Some(Fields::Json(m));
+        }
+        return None;
+    }
+    let looks_form = ct.starts_with("application/x-www-form-urlencoded")
+        || (!trimmed.is_empty()
+            && trimmed.contains(&b'=')
+            && !trimmed
+                .iter()
+                .any(|b| b.is_ascii_whitespace() || *b == b'<'));
+    if looks_form {
+        let pairs: Vec<(String, String)> = form_urlencoded::parse(trimmed)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        if !pairs.is_empty() {
+            return Some(Fields::Form(pairs));
+        }
+    }
+    None
+}
+
+/// Decodes a JWT's claims without verifying it (only to learn exp/iat/sub).
+fn jwt_claims(token: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let mut parts = token.split('.');
+    let (_h, p, _s) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(p.trim_end_matches('='))
+        .ok()?;
+    match serde_json::from_slice(&raw).ok()? {
+        serde_json::Value::Object(m) => Some(m),
+        _ => None,
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP-date (RFC 9110 §10.2.3).
+pub fn parse_retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs.min(86_400)));
+    }
+    let at = httpdate_parse(v)?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+fn httpdate_parse(v: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339_weak(&imf_to_rfc3339(v)?).ok()
+}
+
+/// "Sun, 06 Nov 1994 08:49:37 GMT" → "1994-11-06 08:49:37".
+fn imf_to_rfc3339(v: &str) -> Option<String> {
+    let mut it = v.split_whitespace();
+    let _dow = it.next()?;
+    let day: u32 = it.next()?.parse().ok()?;
+    let mon = match it.next()? {
+        "Jan" => 1,
+        "Feb" => 2,
+        "Mar" => 3,
+        "Apr" => 4,
+        "May" => 5,
+        "Jun" => 6,
+        "Jul" => 7,
+        "Aug" => 8,
+        "Sep" => 9,
+        "Oct" => 10,
+        "Nov" => 11,
+        "Dec" => 12,
+        _ => return None,
+    };
+    let year: u32 = it.next()?.parse().ok()?;
+    let time = it.next()?;
+    (it.next()? == "GMT").then_some(())?;
+    Some(format!("{year:04}-{mon:02}-{day:02} {time}"))
+}
+
+/// The IdP's `Date` header, for skew warnings.
+pub fn response_date(headers: &HeaderMap) -> Option<SystemTime> {
+    httpdate_parse(headers.get(DATE)?.to_str().ok()?)
+}
+
+/// Keeps IdP-provided text printable and short before it reaches a log.
+pub fn sanitize(s: &str, max: usize) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(max)
+        .collect();
+    if s.chars().count() > max {
+        out.push('…');
+    }
+    out
+}
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Sends grant and introspection requests. One per credential (its TLS
+/// settings may differ); no pooling, so a request is never written onto a
+/// connection the IdP already closed (that would be an ambiguous loss).
+#[derive(Clone)]
+pub struct GrantClient {
+    client: HttpsClient,
+    timeout: Duration,
+}
+
+impl GrantClient {
+    pub fn new(tls: rustls::ClientConfig, timeout: Duration) -> GrantClient {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .retry_canceled_requests(false)
+            .build(https);
+        GrantClient { client, timeout }
+    }
+
+    /// Sends `req`; reads at most [`MAX_RESPONSE_BYTES`]. Never follows redirects.
+    pub async fn send(&self, req: &PreparedRequest) -> Result<RawResponse, GrantError> {
+        let mut builder = Request::builder().method(Method::POST).uri(req.uri.clone());
+        if let Some(h) = builder.headers_mut() {
+            h.extend(req.headers.clone());
+        }
+        let request = builder
+            .body(Full::new(Bytes::from(req.body.expose().to_owned())))
+            .map_err(|e| GrantError {
+                class: FailureClass::Config,
+                delivery: Delivery::NotSent,
+                status: None,
+                code: None,
+                description: None,
+                retry_after: None,
+                redirect_host: None,
+                message: format!("cannot build token request: {e}"),
+            })?;
+        let exchange = async {
+            let resp = self.client.request(request).await.map_err(|e| {
+                let delivery = if e.is_connect() {
+                    Delivery::NotSent
+                } else {
+                    Delivery::MaybeSent
+                };
+                GrantError::transient(delivery, None, error_chain(&e))
+            })?;
+            let (parts, body) = resp.into_parts();
+            // The IdP answered: whatever happens to the body, it processed
+            // the request, so a body failure is still a possible rotation.
+            let body = Limited::new(body, MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| {
+                    let oversized = e
+                        .downcast_ref::<http_body_util::LengthLimitError>()
+                        .is_some();
+                    GrantError::transient(
+                        if oversized {
+                            Delivery::Answered
+                        } else {
+                            Delivery::MaybeSent
+                        },
+                        Some(parts.status.as_u16()),
+                        if oversized {
+                            format!("token response larger than {MAX_RESPONSE_BYTES} bytes")
+                        } else {
+                            format!("token response body failed: {e}")
+                        },
+                    )
+                })?
+                .to_bytes();
+            Ok(RawResponse {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(GrantError::transient(
+                Delivery::MaybeSent,
+                None,
+                format!(
+                    "no answer from the token endpoint within {:?}",
+                    self.timeout
+                ),
+            )),
+        }
+    }
+}
+
+/// hyper's Display hides the cause; logs need the whole chain.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cred(method: AuthMethod) -> CredentialConfig {
+        crate::token::tests_support::credential("c", "http://127.0.0.1:1/token", method)
+    }
+
+    fn raw(status: u16, ct: &str, body: &str) -> RawResponse {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
+        RawResponse {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers,
+            body: Bytes::from(body.to_owned()),
+        }
+    }
+
+    #[test]
+    fn basic_auth_form_encodes_before_base64() {
+        // RFC 6749 §2.3.1: "a b:c%" → "a+b%3Ac%25".
+        let v = basic_auth("a b:c%", "s+/=");
+        let b64 = v.to_str().unwrap().strip_prefix("Basic ").unwrap();
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
+        assert_eq!(std::str::from_utf8(&raw).unwrap(), "a+b%3Ac%25:s%2B%2F%3D");
+        assert!(v.is_sensitive());
+    }
+
+    #[test]
+    fn refresh_request_with_post_auth_carries_secret_in_body_only() {
+        let c = cred(AuthMethod::ClientSecretPost);
+        let rt = Secret::new("rt-1");
+        let req = build_token_request(
+            &c,
+            &"http://127.0.0.1:1/token".parse().unwrap(),
+            &Grant::RefreshToken(&rt),
+        );
+        let body = req.body.expose();
+        assert!(body.contains("grant_type=refresh_token"));
+        assert!(body.contains("refresh_token=rt-1"));
+        assert!(body.contains("client_secret=sec%26ret"));
+        assert!(req.headers.get(AUTHORIZATION).is_none());
+        assert_eq!(req.headers[ACCEPT], "application/json");
+        assert!(!format!("{req:?}").contains("rt-1"));
+    }
+
+    #[test]
+    fn client_credentials_sends_scope_and_resource() {
+        let c = cred(AuthMethod::ClientSecretBasic);
+        let scopes = vec!["read".to_owned(), "write".to_owned()];
+        let req = build_token_request(
+            &c,
+            &"http://127.0.0.1:1/token".parse().unwrap(),
+            &Grant::ClientCredentials {
+                scopes: &scopes,
+                resource: Some("https://api/"),
+            },
+        );
+        let body = req.body.expose();
+        assert!(body.contains("scope=read+write"), "{body}");
+        assert!(body.contains("resource=https%3A%2F%2Fapi%2F"), "{body}");
+        assert!(req.headers.get(AUTHORIZATION).is_some());
+    }
+
+    #[test]
+    fn parses_json_success() {
+        let t = parse_token_response(
+            &raw(200, "application/json", r#"{"access_token":"at","token_type":"bearer","expires_in":"3600","refresh_token":"rt2"}"#),
+            SystemTime::now(),
+        )
+        .unwrap();
+        assert_eq!(t.access_token.expose(), "at");
+        assert_eq!(t.expires_in, Some(Duration::from_secs(3600)));
+        assert_eq!(t.refresh_token.unwrap().expose(), "rt2");
+    }
+
+    #[test]
+    fn github_200_with_error_is_an_error() {
+        let e = parse_token_response(
+            &raw(200, "application/json", r#"{"error":"bad_refresh_token","error_description":"The refresh token passed is incorrect or expired."}"#),
+            SystemTime::now(),
+        )
+        .unwrap_err();
+        assert_eq!(e.class, FailureClass::InvalidGrant);
+        assert_eq!(e.code.as_deref(), Some("bad_refresh_token"));
+        assert_eq!(e.delivery, Delivery::Answered);
+    }
+
+    #[test]
+    fn form_encoded_bodies_parse() {
+        let t = parse_token_response(
+            &raw(
+                200,
+                "application/x-www-form-urlencoded",
+                "access_token=at%2B1&token_type=bearer&expires_in=28800&refresh_token=r",
+            ),
+            SystemTime::now(),
+        )
+        .unwrap();
+        assert_eq!(t.access_token.expose(), "at+1");
+        let e = parse_token_response(
+            &raw(
+                200,
+                "text/plain",
+                "error=invalid_client&error_description=bad",
+            ),
+            SystemTime::now(),
+        )
+        .unwrap_err();
+        assert_eq!(e.class, FailureClass::Config);
+    }
+
+    #[test]
+    fn classes_follow_the_design() {
+        let now = SystemTime::now();
+        let c = |s, b: &str| parse_token_response(&raw(s, "application/json", b), now).unwrap_err();
+        assert_eq!(
+            c(400, r#"{"error":"invalid_grant"}"#).class,
+            FailureClass::InvalidGrant
+        );
+        assert_eq!(
+            c(401, r#"{"error":"invalid_client"}"#).class,
+            FailureClass::Config
+        );
+        assert_eq!(
+            c(400, r#"{"error":"invalid_scope"}"#).class,
+            FailureClass::Config
+        );
+        assert_eq!(
+            c(503, r#"{"error":"temporarily_unavailable"}"#).class,
+            FailureClass::Transient
+        );
+        assert_eq!(c(500, "oops").class, FailureClass::Transient);
+        assert_eq!(c(200, "<html>").class, FailureClass::Transient);
+        assert_eq!(
+            c(200, r#"{"token_type":"bearer"}"#).class,
+            FailureClass::Transient
+        );
+        assert_eq!(
+            c(200, r#"{"access_token":"a","token_type":"DPoP"}"#).class,
+            FailureClass::Config
+        );
+        let mut r = raw(302, "text/html", "");
+        r.headers.insert(
+            LOCATION,
+            HeaderValue::from_static("https://login.example.com/x"),
+        );
+        let e = parse_token_response(&r, now).unwrap_err();
+        assert_eq!(e.class, FailureClass::Config);
+        assert_eq!(e.redirect_host.as_deref(), Some("login.example.com"));
+    }
+
+    #[test]
+    fn retry_after_seconds_and_date() {
+        let mut r = raw(429, "application/json", "{}");
+        r.headers.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        let e = parse_token_response(&r, SystemTime::now()).unwrap_err();
+        assert_eq!(e.retry_after, Some(Duration::from_secs(7)));
+        let now = humantime::parse_rfc3339("1994-11-06T08:49:00Z").unwrap();
+        r.headers.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT"),
+        );
+        assert_eq!(
+            parse_retry_after(&r.headers, now),
+            Some(Duration::from_secs(37))
+        );
+    }
+
+    #[test]
+    fn expires_in_falls_back_to_jwt_and_rejects_nonsense() {
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(r#"{"exp":1300,"iat":1000,"sub":"u"}"#);
+        let jwt = format!("e30.{claims}.sig");
+        let body = format!(r#"{{"access_token":"{jwt}","token_type":"Bearer"}}"#);
+        let t =
+            parse_token_response(&raw(200, "application/json", &body), SystemTime::now()).unwrap();
+        assert_eq!(t.expires_in, Some(Duration::from_secs(300)));
+        assert!(!t.expires_in_sent);
+        for bad in ["0", "-5", "\"abc\"", "1e12"] {
+            let body = format!(r#"{{"access_token":"x","expires_in":{bad}}}"#);
+            let t = parse_token_response(&raw(200, "application/json", &body), SystemTime::now())
+                .unwrap();
+            assert_eq!(t.expires_in, None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn introspection_answers() {
+        assert!(parse_introspection(&raw(200, "application/json", r#"{"active":true}"#)).unwrap());
+        assert!(
+            !parse_introspection(&raw(200, "application/json", r#"{"active":false}"#)).unwrap()
+        );
+        assert!(parse_introspection(&raw(200, "application/json", r#"{}"#)).is_err());
+    }
+
+    #[test]
+    fn sanitize_caps_and_strips_controls() {
+        assert_eq!(sanitize("a\r\nb", 10), "a  b");
+        assert_eq!(sanitize("abcdef", 3), "abc…");
+    }
+}

@@ -1,0 +1,87 @@
+//! One-sentence hints: the likely cause of a grant failure and the fix.
+//! Built from codes, statuses and config, never from secrets.
+
+use super::grant::{FailureClass, GrantError};
+use crate::config::{AuthMethod, CredentialConfig, GrantType};
+
+pub fn for_grant_error(cfg: &CredentialConfig, e: &GrantError) -> String {
+    let desc = e.description.as_deref().unwrap_or("").to_ascii_lowercase();
+    let code = e.code.as_deref().unwrap_or("");
+    if let Some(host) = &e.redirect_host {
+        return format!("The token endpoint redirected to {host}: token_url is probably wrong (a login page or an old path); set token_url to the final endpoint.");
+    }
+    match e.class {
+        FailureClass::InvalidGrant => {
+            if cfg.grant == GrantType::ClientCredentials {
+                return "The IdP rejected the client_credentials grant; check the client's grants and audience at the IdP.".into();
+            }
+            if desc.contains("reuse") || desc.contains("already used") || desc.contains("spent") {
+                "The refresh token was already used: another client or replica shares this refresh token, or a rotation was lost; give each credential its own login (or use fleet mode) and run `tokenproxy login`.".into()
+            } else if desc.contains("client") {
+                "The refresh token was issued to a different client_id; log in again with this credential's client (`tokenproxy login`).".into()
+            } else if desc.contains("expired") {
+                "The refresh token expired at the IdP (an idle or absolute lifetime ran out); run `tokenproxy login` to start a new family.".into()
+            } else {
+                "The refresh token was revoked, expired or already used at the IdP; run `tokenproxy login` (or set a new refresh_token seed) to start a new family.".into()
+            }
+        }
+        FailureClass::Config => match code {
+            "invalid_client" => {
+                let other = match cfg.auth_method {
+                    AuthMethod::ClientSecretBasic => "client_secret_post",
+                    AuthMethod::ClientSecretPost => "client_secret_basic",
+                    AuthMethod::None => "client_secret_basic",
+                };
+                format!(
+                    "The IdP rejected the client credentials: check client_id and client_secret, and whether the IdP expects auth_method = \"{other}\" instead of \"{}\".",
+                    cfg.auth_method.as_str()
+                )
+            }
+            "invalid_scope" => "The IdP does not allow the requested scopes for this client; fix `scopes` (or the route's scopes) to what the client is granted.".into(),
+            "unauthorized_client" | "unsupported_grant_type" => format!(
+                "This client is not allowed to use the {} grant at the IdP; enable the grant for the client or change `grant`.",
+                cfg.grant.as_str()
+            ),
+            "invalid_request" => "The IdP says the token request is malformed; check extra_params, audience and resource, and the IdP's required parameters.".into(),
+            _ if e.status == Some(404) => "The token endpoint answered 404: token_url is wrong.".into(),
+            _ => format!(
+                "The IdP refused the request ({}); check the credential's configuration against the IdP's client settings.",
+                code_or_status(e)
+            ),
+        },
+        FailureClass::Transient => {
+            if e.status == Some(429) {
+                "The IdP is rate limiting token requests; retrying after Retry-After, the current token keeps serving until it expires.".into()
+            } else if e.status.is_some() {
+                format!("The IdP is failing ({}); retrying with backoff, the current token keeps serving until it expires.", code_or_status(e))
+            } else {
+                "The IdP is unreachable or did not answer in time; check network, DNS, egress proxy and token_url; retrying with backoff, the current token keeps serving until it expires.".into()
+            }
+        }
+    }
+}
+
+fn code_or_status(e: &GrantError) -> String {
+    match (&e.code, e.status) {
+        (Some(c), Some(s)) => format!("{s} {c}"),
+        (Some(c), None) => c.clone(),
+        (None, Some(s)) => format!("HTTP {s}"),
+        (None, None) => "no answer".into(),
+    }
+}
+
+pub fn lost_rotation(cfg: &CredentialConfig) -> String {
+    let check = if cfg.introspection_url.is_some() {
+        "the IdP's introspection says it is no longer active"
+    } else {
+        "there is no introspection_url or reuse_grace to prove presenting it again is safe"
+    };
+    format!("A refresh may have been spent without its answer arriving (timeout, reset or crash) and {check}; presenting it again would trigger reuse detection, so run `tokenproxy login` to start a new family.")
+}
+
+pub fn dead_on_disk(reason: &str) -> String {
+    match reason {
+        "lost_rotation" => "This token set was marked lost (a refresh answer never arrived); run `tokenproxy login` to start a new family.".into(),
+        _ => format!("The IdP rejected this refresh token earlier ({reason}); run `tokenproxy login` or set a new refresh_token seed."),
+    }
+}

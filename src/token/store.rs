@@ -1,0 +1,370 @@
+//! The persisted token sets: one JSON file (`store.path`), written atomically
+//! (temp file in the same directory, fsync, rename, fsync the directory) with
+//! mode 0600, and one lock file per credential beside it, held (flock) across
+//! a whole spend: re-read, grant, write.
+//!
+//! Knows nothing of HTTP or of when to refresh. The file holds every
+//! credential's record, so a short store-wide lock guards each
+//! read-modify-write; it is always taken after a credential lock, never
+//! before, so the two cannot deadlock.
+
+use crate::secret::Secret;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The on-disk state of one credential.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Record {
+    pub token_url: String,
+    pub client_id: String,
+    /// Random, new for every login, import or newly adopted seed.
+    pub family: String,
+    /// +1 per successful refresh within the family.
+    pub generation: u64,
+    #[serde(with = "opt_secret")]
+    pub refresh_token: Option<Secret>,
+    #[serde(with = "opt_secret", default)]
+    pub access_token: Option<Secret>,
+    /// Wall-clock expiry of `access_token`, Unix milliseconds.
+    #[serde(default)]
+    pub access_expires_at_ms: Option<u64>,
+    /// When `access_token` was requested, Unix milliseconds.
+    #[serde(default)]
+    pub access_issued_at_ms: Option<u64>,
+    #[serde(default)]
+    pub refresh_expires_at_ms: Option<u64>,
+    /// Fingerprints of every config seed this store has consumed.
+    #[serde(default)]
+    pub seeds_seen: Vec<String>,
+    /// Write-ahead intent: this (family, generation) is being presented.
+    #[serde(default)]
+    pub intent: Option<Intent>,
+    /// Set when the credential died; cleared by a new family.
+    #[serde(default)]
+    pub dead: Option<DeadMark>,
+    #[serde(default)]
+    pub updated_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Intent {
+    pub family: String,
+    pub generation: u64,
+    pub at_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeadMark {
+    pub family: String,
+    pub generation: u64,
+    pub reason: String,
+}
+
+impl Record {
+    /// A record belongs to a credential only while its endpoint and client match.
+    pub fn matches(&self, token_url: &str, client_id: &str) -> bool {
+        self.token_url == token_url && self.client_id == client_id
+    }
+
+    pub fn identity(&self) -> (&str, u64) {
+        (&self.family, self.generation)
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StoreFile {
+    version: u32,
+    credentials: BTreeMap<String, Record>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot read token store {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("token store {path} is not valid JSON (fix or move it away; it is never overwritten while unreadable)")]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot write token store {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot lock {path}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The file store. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    path: PathBuf,
+}
+
+/// Held across a whole spend; dropping it releases the flock.
+#[derive(Debug)]
+pub struct CredentialLock {
+    _file: File,
+}
+
+impl FileStore {
+    /// Opens (and checks) the store; creates nothing until the first write.
+    pub fn open(path: &Path) -> Result<FileStore, StoreError> {
+        let store = FileStore {
+            path: path.to_owned(),
+        };
+        store.read_all()?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn lock_path(&self, name: &str) -> PathBuf {
+        let safe: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let mut p = self.path.clone().into_os_string();
+        p.push(format!(".{safe}.lock"));
+        PathBuf::from(p)
+    }
+
+    fn write_lock_path(&self) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(".lock");
+        PathBuf::from(p)
+    }
+
+    /// Takes the credential's lock (blocks another process spending it).
+    pub async fn lock_credential(&self, name: &str) -> Result<CredentialLock, StoreError> {
+        let path = self.lock_path(name);
+        tokio::task::spawn_blocking(move || lock_file(&path))
+            .await
+            .map_err(|e| StoreError::Lock {
+                path: PathBuf::new(),
+                source: io::Error::other(e),
+            })?
+            .map(|f| CredentialLock { _file: f })
+    }
+
+    /// The credential's record, if any.
+    pub fn read(&self, name: &str) -> Result<Option<Record>, StoreError> {
+        Ok(self.read_all()?.credentials.remove(name))
+    }
+
+    fn read_all(&self) -> Result<StoreFile, StoreError> {
+        match fs::read(&self.path) {
+            Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => Ok(StoreFile::default()),
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
+                path: self.path.clone(),
+                source,
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(StoreFile::default()),
+            Err(source) => Err(StoreError::Read {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// Durably replaces the credential's record (other records untouched).
+    /// Blocking I/O: call from `spawn_blocking` or accept a short stall.
+    pub fn write(&self, name: &str, record: &Record) -> Result<(), StoreError> {
+        let _guard = lock_file(&self.write_lock_path())?;
+        let mut all = self.read_all()?;
+        all.version = 1;
+        let mut record = record.clone();
+        record.updated_at_ms = unix_ms(SystemTime::now());
+        all.credentials.insert(name.to_owned(), record);
+        let bytes = serde_json::to_vec_pretty(&all).map_err(|e| StoreError::Write {
+            path: self.path.clone(),
+            source: io::Error::other(e),
+        })?;
+        write_atomic(&self.path, &bytes).map_err(|source| StoreError::Write {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// The store file's modification time, to notice writes by others cheaply.
+    pub fn modified(&self) -> Option<SystemTime> {
+        fs::metadata(&self.path).and_then(|m| m.modified()).ok()
+    }
+}
+
+fn lock_file(path: &Path) -> Result<File, StoreError> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| StoreError::Lock {
+            path: path.to_owned(),
+            source,
+        })?;
+    file.lock().map_err(|source| StoreError::Lock {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(file)
+}
+
+/// Temp file in the same directory, fsync, rename over, fsync the directory:
+/// a crash leaves either the old or the new file, never a torn one.
+fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{name}.tmp.{}.{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(&dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+pub fn from_unix_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// A new random family id.
+pub fn new_family() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+mod opt_secret {
+    use crate::secret::Secret;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Secret>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(secret) => s.serialize_some(secret.expose()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
+        Ok(Option::<String>::deserialize(d)?.map(Secret::new))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn record(family: &str, generation: u64) -> Record {
+        Record {
+            token_url: "http://127.0.0.1/token".into(),
+            client_id: "c".into(),
+            family: family.into(),
+            generation,
+            refresh_token: Some(Secret::new("rt")),
+            access_token: None,
+            access_expires_at_ms: None,
+            access_issued_at_ms: None,
+            refresh_expires_at_ms: None,
+            seeds_seen: vec![],
+            intent: None,
+            dead: None,
+            updated_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn write_is_0600_and_keeps_other_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(&dir.path().join("tokens.json")).unwrap();
+        store.write("a", &record("f1", 1)).unwrap();
+        store.write("b", &record("f2", 7)).unwrap();
+        store.write("a", &record("f1", 2)).unwrap();
+        assert_eq!(store.read("a").unwrap().unwrap().generation, 2);
+        assert_eq!(store.read("b").unwrap().unwrap().generation, 7);
+        let mode = fs::metadata(store.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn corrupt_store_is_an_error_not_a_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        fs::write(&path, b"{ not json").unwrap();
+        assert!(matches!(
+            FileStore::open(&path),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn credential_lock_excludes_a_second_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(&dir.path().join("tokens.json")).unwrap();
+        let held = store.lock_credential("a").await.unwrap();
+        let s2 = store.clone();
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let _l = s2.lock_credential("a").await.unwrap();
+            let _ = tx.send(());
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(rx.try_recv().is_err(), "second lock must wait");
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(5), rx)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}

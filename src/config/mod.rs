@@ -377,9 +377,12 @@ pub fn parse(
         let config = validate::validate(raw, &mut cx);
         // A key serde already rejected was blanked: don't also call it missing.
         errors.extend(cx.errors.into_iter().filter(|e| {
-            !serde_paths
-                .iter()
-                .any(|p| !p.is_empty() && (e.key == *p || e.key.starts_with(&format!("{p}."))))
+            !serde_paths.iter().any(|p| {
+                !p.is_empty()
+                    && (e.key == *p
+                        || e.key.starts_with(&format!("{p}."))
+                        || e.key.starts_with(&format!("{p}[")))
+            })
         }));
         config
     });
@@ -393,11 +396,43 @@ pub fn parse(
     }
 }
 
-/// serde's wording, in the file's terms.
+/// serde's wording, in the file's terms, with a suggestion for a misspelt key.
 fn serde_message(m: &str) -> String {
-    m.trim_end()
-        .replace("unknown field", "unknown key")
+    let m = m.trim_end();
+    if let Some(rest) = m.strip_prefix("unknown field `") {
+        if let Some((key, expected)) = rest.split_once("`, expected one of ") {
+            let options: Vec<&str> = expected.split(", ").map(|o| o.trim_matches('`')).collect();
+            let hint = options
+                .iter()
+                .filter(|o| edit_distance(key, o) <= 2)
+                .min_by_key(|o| edit_distance(key, o))
+                .map_or(String::new(), |o| format!(" (did you mean {o:?}?)"));
+            return format!(
+                "unknown key {key:?}{hint}; expected one of: {}",
+                options.join(", ")
+            );
+        }
+    }
+    m.replace("unknown field", "unknown key")
         .replace("missing field", "missing key")
+        .replace("expected i64", "expected an integer")
+        .replace("expected a sequence", "expected a list")
+        .replace("expected a map", "expected a table")
+}
+
+/// Levenshtein distance, for "did you mean".
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 impl Config {

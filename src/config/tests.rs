@@ -744,3 +744,25 @@ fn load_reads_the_file_and_reports_a_missing_one() {
     };
     assert!(e.to_string().contains("absent.toml: cannot read"), "{e}");
 }
+
+#[test]
+fn serde_messages_speak_toml() {
+    let t = format!(
+        "[servr]\nx = 1\n[server]\nworker_threads = \"two\"\n{CRED}scopes = \"repo\"\n{ROUTE}"
+    );
+    let e = err_at(&t, "servr", "[servr]");
+    assert!(
+        e.message
+            .starts_with("unknown key \"servr\" (did you mean \"server\"?)"),
+        "{e}"
+    );
+    let e = err_at(&t, "server.worker_threads", "worker_threads");
+    assert!(e.message.ends_with("expected an integer"), "{e}");
+    let e = err_at(&t, "credentials.github.scopes", "scopes");
+    assert!(e.message.ends_with("expected a list"), "{e}");
+    assert_eq!(
+        errs(&t).len(),
+        3,
+        "the contents of [servr] are not reported again"
+    );
+}

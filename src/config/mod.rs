@@ -327,7 +327,10 @@ pub fn parse(
         located(
             e.span().map(|s| s.start),
             String::new(),
-            format!("TOML syntax error: {}", e.message().trim_end()),
+            format!(
+                "TOML syntax error: {}",
+                e.message().trim_end().replace('\n', "; ")
+            ),
         )
     })?;
     let index = locate::Index::build(&doc);

@@ -766,3 +766,10 @@ fn serde_messages_speak_toml() {
         "the contents of [servr] are not reported again"
     );
 }
+
+#[test]
+fn syntax_error_is_one_line() {
+    let e = &errs("[server\n")[0];
+    assert_eq!((e.line, e.key.as_str()), (1, ""));
+    assert!(!e.to_string().contains('\n'), "{e}");
+}

@@ -61,6 +61,15 @@ impl Index {
             .map(|e| e.path.as_str())
     }
 
+    /// The byte ranges that, blanked, remove the entry at `path`.
+    pub fn blank_of(&self, path: &str) -> Vec<Range<usize>> {
+        self.entries
+            .iter()
+            .find(|e| e.path == path)
+            .map(|e| e.blank.clone())
+            .unwrap_or_default()
+    }
+
     /// The byte ranges that, blanked, remove the innermost line-level entry
     /// containing `offset`. Empty when there is none.
     pub fn blank_at(&self, offset: usize) -> Vec<Range<usize>> {

@@ -5,6 +5,10 @@
 //! line, column and key path, and validation collects all errors before it
 //! fails. Secrets are resolved (`${VAR}`, `*_file`) into [`Secret`]s here and
 //! never printed.
+//!
+//! Entry points: [`load`], [`parse`], [`Config::summary`]. Inside: `raw` (the
+//! serde structs), `locate` (key path → line/column), `units` (`${VAR}`,
+//! durations, sizes), `validate` (raw → [`Config`], all the checks).
 
 use crate::secret::Secret;
 use http::{HeaderName, Uri};
@@ -341,6 +345,22 @@ pub fn parse(
     let mut serde_paths: Vec<String> = Vec::new();
     let mut masked = text.to_owned();
     let mut raw = None;
+    // serde would read `[[server]]` as a struct in sequence form and blame
+    // its first field; say what is wrong instead.
+    for k in ["server", "admin", "store", "log"] {
+        if doc
+            .get(k)
+            .is_some_and(|i| i.is_array_of_tables() || i.is_array())
+        {
+            errors.push(located(
+                index.offset_of(k),
+                k.to_owned(),
+                format!("expected one [{k}] table, not a list"),
+            ));
+            serde_paths.push(k.to_owned());
+            masked = locate::mask(&masked, &index.blank_of(k));
+        }
+    }
     for _ in 0..64 {
         match toml::from_str::<raw::RawConfig>(&masked) {
             Ok(r) => {
@@ -353,7 +373,11 @@ pub fn parse(
                     .and_then(|o| index.path_at(o))
                     .unwrap_or_default()
                     .to_owned();
-                errors.push(located(offset, key.clone(), serde_message(e.message())));
+                let mut message = serde_message(e.message());
+                if key == "routes" {
+                    message.push_str(" (write a [[routes]] table for each route)");
+                }
+                errors.push(located(offset, key.clone(), message));
                 serde_paths.push(key);
                 let blank = offset.map(|o| index.blank_at(o)).unwrap_or_default();
                 let next = locate::mask(&masked, &blank);
@@ -421,6 +445,13 @@ fn serde_message(m: &str) -> String {
         .replace("expected i64", "expected an integer")
         .replace("expected a sequence", "expected a list")
         .replace("expected a map", "expected a table")
+        .replace("expected struct RawConfig", "expected a table")
+        .replace("expected struct RawServer", "expected a table")
+        .replace("expected struct RawAdmin", "expected a table")
+        .replace("expected struct RawStore", "expected a table")
+        .replace("expected struct RawLog", "expected a table")
+        .replace("expected struct RawCredential", "expected a table")
+        .replace("expected struct RawRoute", "expected a table")
 }
 
 /// Levenshtein distance, for "did you mean".

@@ -773,3 +773,17 @@ fn syntax_error_is_one_line() {
     assert_eq!((e.line, e.key.as_str()), (1, ""));
     assert!(!e.to_string().contains('\n'), "{e}");
 }
+
+#[test]
+fn wrong_table_shapes() {
+    let t = format!("[[server]]\nlisten = \"127.0.0.1:1\"\n{CRED}{ROUTE}");
+    let e = err_at(&t, "server", "[[server]]");
+    assert!(e.message.contains("not a list"), "{e}");
+    assert_eq!(errs(&t).len(), 1);
+    let t = format!("{CRED}[routes]\npath_prefix = \"/x/\"\n");
+    let e = err_at(&t, "routes", "[routes]");
+    assert!(e.message.contains("[[routes]]"), "{e}");
+    let t = format!("[credentials]\ngh = 5\n");
+    let e = err_at(&t, "credentials.gh", "gh = 5");
+    assert!(e.message.ends_with("expected a table"), "{e}");
+}

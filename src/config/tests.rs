@@ -783,7 +783,7 @@ fn wrong_table_shapes() {
     let t = format!("{CRED}[routes]\npath_prefix = \"/x/\"\n");
     let e = err_at(&t, "routes", "[routes]");
     assert!(e.message.contains("[[routes]]"), "{e}");
-    let t = format!("[credentials]\ngh = 5\n");
-    let e = err_at(&t, "credentials.gh", "gh = 5");
+    let t = "[credentials]\ngh = 5\n";
+    let e = err_at(t, "credentials.gh", "gh = 5");
     assert!(e.message.ends_with("expected a table"), "{e}");
 }

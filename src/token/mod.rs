@@ -35,10 +35,7 @@ pub struct RouteToken {
 }
 
 enum RouteTokenInner {
-    Fixed {
-        credential: String,
-        injected: Injected,
-    },
+    Fixed { credential: String, injected: Injected },
 }
 
 impl RouteToken {

@@ -5,6 +5,10 @@
 //! line, column and key path, and validation collects all errors before it
 //! fails. Secrets are resolved (`${VAR}`, `*_file`) into [`Secret`]s here and
 //! never printed.
+//!
+//! Entry points: [`load`], [`parse`], [`Config::summary`]. Inside: `raw` (the
+//! serde structs), `locate` (key path → line/column), `units` (`${VAR}`,
+//! durations, sizes), `validate` (raw → [`Config`], all the checks).
 
 use crate::secret::Secret;
 use http::{HeaderName, Uri};
@@ -241,3 +245,342 @@ pub struct ConfigError {
 /// All errors found in one load, in file order.
 #[derive(Debug, Clone)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
+
+mod locate;
+mod raw;
+#[cfg(test)]
+mod tests;
+mod units;
+mod validate;
+
+pub use units::{parse_duration, parse_size};
+pub use validate::{is_loopback_host, parse_format, parse_listen};
+
+use std::fmt;
+use std::path::Path;
+
+impl fmt::Display for ConfigError {
+    /// `file:line:col: key: message`, the shape editors and CI annotate.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.col)?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl From<ConfigError> for ConfigErrors {
+    fn from(e: ConfigError) -> Self {
+        ConfigErrors(vec![e])
+    }
+}
+
+/// Reads and validates the config file, expanding `${VAR}` from the process
+/// environment.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        line: 0,
+        col: 0,
+        key: String::new(),
+        message: format!("cannot read the config file: {e}"),
+    })?;
+    parse(&text, path, &|k| std::env::var(k).ok())
+}
+
+/// Validates config `text`. `source` names the file in messages, and relative
+/// paths (`store.path`, `*_file`, `ca_file`, ...) resolve against its
+/// directory. `env` supplies `${VAR}` values. Reads `*_file` secrets; nothing
+/// else touches the outside world.
+pub fn parse(
+    text: &str,
+    source: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigErrors> {
+    let located = |offset: Option<usize>, key: String, message: String| {
+        let (line, col) = offset.map_or((0, 0), |o| locate::line_col(text, o));
+        ConfigError {
+            file: source.to_path_buf(),
+            line,
+            col,
+            key,
+            message,
+        }
+    };
+    let doc = toml_edit::ImDocument::parse(text).map_err(|e| {
+        located(
+            e.span().map(|s| s.start),
+            String::new(),
+            format!(
+                "TOML syntax error: {}",
+                e.message().trim_end().replace('\n', "; ")
+            ),
+        )
+    })?;
+    let index = locate::Index::build(&doc);
+
+    // serde stops at the first error; to report them all, blank out the
+    // offending entry (offsets unchanged) and deserialize again.
+    let mut errors = Vec::new();
+    let mut serde_paths: Vec<String> = Vec::new();
+    let mut masked = text.to_owned();
+    let mut raw = None;
+    // serde would read `[[server]]` as a struct in sequence form and blame
+    // its first field; say what is wrong instead.
+    for k in ["server", "admin", "store", "log"] {
+        if doc
+            .get(k)
+            .is_some_and(|i| i.is_array_of_tables() || i.is_array())
+        {
+            errors.push(located(
+                index.offset_of(k),
+                k.to_owned(),
+                format!("expected one [{k}] table, not a list"),
+            ));
+            serde_paths.push(k.to_owned());
+            masked = locate::mask(&masked, &index.blank_of(k));
+        }
+    }
+    for _ in 0..64 {
+        match toml::from_str::<raw::RawConfig>(&masked) {
+            Ok(r) => {
+                raw = Some(r);
+                break;
+            }
+            Err(e) => {
+                let offset = e.span().map(|s| s.start);
+                let key = offset
+                    .and_then(|o| index.path_at(o))
+                    .unwrap_or_default()
+                    .to_owned();
+                let mut message = serde_message(e.message());
+                if key == "routes" {
+                    message.push_str(" (write a [[routes]] table for each route)");
+                }
+                errors.push(located(offset, key.clone(), message));
+                serde_paths.push(key);
+                let blank = offset.map(|o| index.blank_at(o)).unwrap_or_default();
+                let next = locate::mask(&masked, &blank);
+                if blank.is_empty()
+                    || next == masked
+                    || toml_edit::ImDocument::parse(next.as_str()).is_err()
+                {
+                    break;
+                }
+                masked = next;
+            }
+        }
+    }
+
+    let config = raw.map(|raw| {
+        let mut cx = validate::Ctx {
+            file: source,
+            text,
+            index: &index,
+            env,
+            base_dir: source.parent().map(Path::to_path_buf).unwrap_or_default(),
+            errors: Vec::new(),
+        };
+        let config = validate::validate(raw, &mut cx);
+        // A key serde already rejected was blanked: don't also call it missing.
+        errors.extend(cx.errors.into_iter().filter(|e| {
+            !serde_paths.iter().any(|p| {
+                !p.is_empty()
+                    && (e.key == *p
+                        || e.key.starts_with(&format!("{p}."))
+                        || e.key.starts_with(&format!("{p}[")))
+            })
+        }));
+        config
+    });
+
+    match config {
+        Some(c) if errors.is_empty() => Ok(c),
+        _ => {
+            errors.sort_by_key(|e| (e.line, e.col));
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+/// serde's wording, in the file's terms, with a suggestion for a misspelt key.
+fn serde_message(m: &str) -> String {
+    let m = m.trim_end();
+    if let Some(rest) = m.strip_prefix("unknown field `") {
+        if let Some((key, expected)) = rest.split_once("`, expected one of ") {
+            let options: Vec<&str> = expected.split(", ").map(|o| o.trim_matches('`')).collect();
+            let hint = options
+                .iter()
+                .filter(|o| edit_distance(key, o) <= 2)
+                .min_by_key(|o| edit_distance(key, o))
+                .map_or(String::new(), |o| format!(" (did you mean {o:?}?)"));
+            return format!(
+                "unknown key {key:?}{hint}; expected one of: {}",
+                options.join(", ")
+            );
+        }
+    }
+    m.replace("unknown field", "unknown key")
+        .replace("missing field", "missing key")
+        .replace("expected i64", "expected an integer")
+        .replace("expected a sequence", "expected a list")
+        .replace("expected a map", "expected a table")
+        .replace("expected struct RawConfig", "expected a table")
+        .replace("expected struct RawServer", "expected a table")
+        .replace("expected struct RawAdmin", "expected a table")
+        .replace("expected struct RawStore", "expected a table")
+        .replace("expected struct RawLog", "expected a table")
+        .replace("expected struct RawCredential", "expected a table")
+        .replace("expected struct RawRoute", "expected a table")
+}
+
+/// Levenshtein distance, for "did you mean".
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+impl Config {
+    /// What `tokenproxy check` prints: every listener, credential and route,
+    /// and whether each secret is set, never a secret itself.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let set = |b: bool| if b { "set" } else { "not set" };
+        let mut s = String::new();
+        let listen: Vec<String> = self.server.listen.iter().map(ToString::to_string).collect();
+        let _ = writeln!(s, "config: {}", self.source.display());
+        let _ = writeln!(
+            s,
+            "listen: {} (worker_threads {}, max_connections {}, tls {})",
+            listen.join(", "),
+            self.server.worker_threads,
+            self.server.max_connections,
+            if self.server.tls_cert.is_some() {
+                "on"
+            } else {
+                "off"
+            },
+        );
+        if !self.server.hosts.is_empty() {
+            let _ = writeln!(s, "hosts: {}", self.server.hosts.join(", "));
+        }
+        if let Some(p) = &self.server.egress_proxy {
+            let _ = writeln!(s, "egress_proxy: {}", redact_userinfo(p));
+        }
+        let _ = writeln!(
+            s,
+            "admin: {} (token {}, ready_requires_tokens {})",
+            self.admin.listen,
+            set(self.admin.token.is_some()),
+            self.admin.ready_requires_tokens,
+        );
+        match self.store.kind {
+            StoreKind::File => {
+                let _ = write!(s, "store: file {}", self.store.path.display());
+            }
+            StoreKind::Postgres => {
+                let _ = write!(s, "store: postgres (url {})", set(self.store.url.is_some()));
+            }
+        }
+        let _ = writeln!(
+            s,
+            " (encryption_key {})",
+            set(self.store.encryption_key.is_some())
+        );
+        let _ = writeln!(
+            s,
+            "log: {} {}",
+            match self.log.format {
+                LogFormat::Json => "json",
+                LogFormat::Pretty => "pretty",
+            },
+            self.log.level
+        );
+        for c in self.credentials.values() {
+            let endpoint = match (&c.token_url, &c.issuer) {
+                (Some(u), _) => u.to_string(),
+                (None, Some(i)) => format!("(discovered from {i})"),
+                (None, None) => "-".into(),
+            };
+            let _ = writeln!(
+                s,
+                "credential {}: grant {}, token_url {}, client_id {}, auth_method {}, scopes [{}], client_secret {}",
+                c.name,
+                c.grant.as_str(),
+                endpoint,
+                c.client_id,
+                c.auth_method.as_str(),
+                c.scopes.join(" "),
+                set(c.client_secret.is_some()),
+            );
+            if c.grant == GrantType::RefreshToken {
+                // The fingerprint only: the same one the logs and /credentials show.
+                let seed = c
+                    .refresh_token
+                    .as_ref()
+                    .map_or("not set (use `tokenproxy login`)".to_owned(), |t| {
+                        format!("set (fingerprint {})", t.fingerprint())
+                    });
+                let _ = writeln!(s, "  refresh_token seed: {seed}");
+            }
+        }
+        for r in &self.routes {
+            let host = r.host.as_ref().map_or(String::new(), |h| format!(" [{h}]"));
+            let _ = writeln!(
+                s,
+                "route {}{} -> {} (credential {}, header {}, strip_prefix {})",
+                r.path_prefix,
+                host,
+                redact_userinfo(&r.upstream),
+                r.credential,
+                r.header,
+                r.strip_prefix,
+            );
+        }
+        s
+    }
+}
+
+/// A URI without `user:password@`, which may carry a credential.
+fn redact_userinfo(u: &Uri) -> String {
+    match u.authority() {
+        Some(a) if a.as_str().contains('@') => {
+            let host_port = a.as_str().rsplit('@').next().unwrap_or("");
+            let path = u.path_and_query().map_or("", |p| p.as_str());
+            format!(
+                "{}://[redacted]@{host_port}{path}",
+                u.scheme_str().unwrap_or("")
+            )
+        }
+        _ => u.to_string(),
+    }
+}

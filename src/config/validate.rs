@@ -1,0 +1,1006 @@
+//! Raw TOML structs → validated [`Config`]: `${VAR}` expansion, `*_file`
+//! secrets, defaults, and every check, collecting all errors.
+//!
+//! Reads `*_file` secrets from disk; otherwise pure.
+
+use super::locate::{key_path, line_col, Index};
+use super::raw::*;
+use super::units::{expand, parse_duration, parse_size};
+use super::*;
+use http::HeaderValue;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+
+/// Header names a route may not inject into: hop-by-hop headers are stripped
+/// on the way out, and the rest are framing the proxy owns.
+const REFUSED_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
+/// Form parameters the grant client sets itself.
+const RESERVED_PARAMS: &[&str] = &[
+    "grant_type",
+    "refresh_token",
+    "client_id",
+    "client_secret",
+    "code",
+    "code_verifier",
+    "redirect_uri",
+    "scope",
+    "audience",
+    "resource",
+];
+
+pub(super) struct Ctx<'a> {
+    pub file: &'a Path,
+    pub text: &'a str,
+    pub index: &'a Index,
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+    pub base_dir: PathBuf,
+    pub errors: Vec<ConfigError>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum UrlRule {
+    /// Token, authorize, introspection endpoints and issuers: https, or http
+    /// on loopback only (they carry client secrets and refresh tokens).
+    Endpoint,
+    /// Upstreams and proxies: http or https (plaintext is checked by the caller).
+    Any,
+}
+
+impl Ctx<'_> {
+    pub fn err(&mut self, path: &str, message: impl Into<String>) {
+        let (line, col) = match self.index.offset_of(path) {
+            Some(off) => line_col(self.text, off),
+            None => (0, 0),
+        };
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            line,
+            col,
+            key: path.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    /// The value with `${VAR}`s expanded; `None` (and an error) if one is missing.
+    fn str(&mut self, path: &str, raw: Option<&String>) -> Option<String> {
+        let raw = raw?;
+        match expand(raw, self.env) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.err(path, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// A string that must be present and non-empty.
+    fn required(&mut self, path: &str, raw: Option<&String>, what: &str) -> Option<String> {
+        if raw.is_none() {
+            self.err(path, format!("missing; expected {what}"));
+            return None;
+        }
+        let s = self.str(path, raw)?;
+        if s.trim().is_empty() {
+            self.err(path, format!("is empty; expected {what}"));
+            return None;
+        }
+        Some(s)
+    }
+
+    fn strings(&mut self, path: &str, raw: Option<&Vec<String>>) -> Option<Vec<String>> {
+        let raw = raw?;
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, s) in raw.iter().enumerate() {
+            if let Some(s) = self.str(&format!("{path}[{i}]"), Some(s)) {
+                out.push(s);
+            }
+        }
+        Some(out)
+    }
+
+    fn duration(&mut self, path: &str, raw: Option<&String>, default: Duration) -> Duration {
+        self.opt_duration(path, raw).unwrap_or(default)
+    }
+
+    fn opt_duration(&mut self, path: &str, raw: Option<&String>) -> Option<Duration> {
+        let s = self.str(path, raw)?;
+        match parse_duration(&s) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.err(path, e);
+                None
+            }
+        }
+    }
+
+    /// A duration that must be more than zero.
+    fn positive_duration(
+        &mut self,
+        path: &str,
+        raw: Option<&String>,
+        default: Duration,
+    ) -> Duration {
+        let d = self.duration(path, raw, default);
+        if d.is_zero() {
+            self.err(path, "must be more than 0s");
+            return default;
+        }
+        d
+    }
+
+    /// A file path, relative to the config file's directory.
+    fn path(&mut self, path: &str, raw: Option<&String>) -> Option<PathBuf> {
+        let s = self.str(path, raw)?;
+        if s.trim().is_empty() {
+            self.err(path, "is empty; expected a file path");
+            return None;
+        }
+        Some(self.base_dir.join(s))
+    }
+
+    /// An inline secret (`${VAR}` expanded); empty is refused.
+    fn secret(&mut self, path: &str, raw: Option<&String>) -> Option<Secret> {
+        let s = self.str(path, raw)?;
+        if s.is_empty() {
+            self.err(
+                path,
+                "is empty (an unset or empty variable?); remove the key or give a value",
+            );
+            return None;
+        }
+        Some(Secret::new(s))
+    }
+
+    /// A secret read from a file: one trailing newline/whitespace trimmed.
+    fn secret_file(
+        &mut self,
+        path: &str,
+        raw: Option<&String>,
+    ) -> Option<(PathBuf, Option<Secret>)> {
+        let p = self.path(path, raw)?;
+        match std::fs::read_to_string(&p) {
+            Ok(s) => {
+                let s = s.trim_end();
+                if s.is_empty() {
+                    self.err(
+                        path,
+                        format!("{} is empty; expected the secret", p.display()),
+                    );
+                    Some((p, None))
+                } else {
+                    Some((p, Some(Secret::new(s))))
+                }
+            }
+            Err(e) => {
+                self.err(path, format!("cannot read {}: {e}", p.display()));
+                Some((p, None))
+            }
+        }
+    }
+
+    fn url(&mut self, path: &str, raw: Option<&String>, rule: UrlRule) -> Option<Uri> {
+        let s = self.str(path, raw)?;
+        let uri: Uri = match s.parse() {
+            Ok(u) => u,
+            Err(e) => {
+                self.err(
+                    path,
+                    format!("{s:?} is not a URL ({e}); expected http(s)://host/..."),
+                );
+                return None;
+            }
+        };
+        let scheme = uri.scheme_str().unwrap_or("");
+        let host = uri.host().unwrap_or("");
+        if !(scheme == "http" || scheme == "https") || host.is_empty() {
+            self.err(
+                path,
+                format!("{s:?} is not an absolute http(s) URL; expected http(s)://host/..."),
+            );
+            return None;
+        }
+        if rule == UrlRule::Endpoint && scheme == "http" && !is_loopback_host(host) {
+            self.err(
+                path,
+                format!("{s:?} must use https (http is allowed only on loopback: 127.0.0.0/8, ::1, localhost)"),
+            );
+            return None;
+        }
+        Some(uri)
+    }
+
+    fn listen_addr(&mut self, path: &str, s: &str) -> Option<ListenAddr> {
+        match parse_listen(s) {
+            Ok(a) => Some(a),
+            Err(m) => {
+                self.err(path, m);
+                None
+            }
+        }
+    }
+
+    fn host(&mut self, path: &str, raw: Option<&String>) -> Option<String> {
+        let s = self.str(path, raw)?;
+        match normalize_host(&s) {
+            Some(h) => Some(h),
+            None => {
+                self.err(
+                    path,
+                    format!("{s:?} is not a host name; expected e.g. \"api.internal\""),
+                );
+                None
+            }
+        }
+    }
+}
+
+pub fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    if h.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    h.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Lower-cased, without `:port`; `None` when it is not a plausible host.
+fn normalize_host(s: &str) -> Option<String> {
+    let s = s.trim().to_ascii_lowercase();
+    let host = if let Some(rest) = s.strip_prefix('[') {
+        let end = rest.find(']')?;
+        format!("[{}]", &rest[..end])
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h.to_owned(),
+            _ => s,
+        }
+    };
+    let ok = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._[]:".contains(&b));
+    ok.then_some(host)
+}
+
+/// `IP:port`, `[v6]:port` or `unix:/absolute/path`.
+pub fn parse_listen(s: &str) -> Result<ListenAddr, String> {
+    if let Some(p) = s.strip_prefix("unix:") {
+        if !p.starts_with('/') {
+            return Err(format!(
+                "{s:?}: a unix socket needs an absolute path, e.g. \"unix:/run/tp.sock\""
+            ));
+        }
+        return Ok(ListenAddr::Unix(PathBuf::from(p)));
+    }
+    s.parse::<SocketAddr>().map(ListenAddr::Tcp).map_err(|_| {
+        format!("{s:?} is not a listen address; expected IP:port, [v6]:port or unix:/path (host names are not resolved)")
+    })
+}
+
+fn one_of(s: &str, expected: &str) -> String {
+    format!("{s:?} is not valid; expected {expected}")
+}
+
+pub(super) fn validate(raw: RawConfig, cx: &mut Ctx<'_>) -> Config {
+    let server = server(raw.server.unwrap_or_default(), cx);
+    let admin = admin(raw.admin.unwrap_or_default(), cx);
+    for (i, l) in server.listen.iter().enumerate() {
+        if *l == admin.listen {
+            cx.err(
+                "admin.listen",
+                format!("{l} is also server.listen[{i}]; expected a different address"),
+            );
+        }
+    }
+    let store = store(raw.store.unwrap_or_default(), cx);
+    let log = log(raw.log.unwrap_or_default(), cx);
+
+    let raw_creds = raw.credentials.unwrap_or_default();
+    let mut credentials = BTreeMap::new();
+    for (name, rc) in &raw_creds {
+        if let Some(c) = credential(name, rc, cx) {
+            credentials.insert(name.clone(), Arc::new(c));
+        }
+    }
+    shared_refresh_families(&credentials, cx);
+
+    let routes = routes(raw.routes.unwrap_or_default(), &raw_creds, &credentials, cx);
+
+    Config {
+        source: cx.file.to_path_buf(),
+        server,
+        admin,
+        store,
+        log,
+        credentials,
+        routes,
+    }
+}
+
+fn server(r: RawServer, cx: &mut Ctx<'_>) -> ServerConfig {
+    let mut listen = Vec::new();
+    match &r.listen {
+        None => listen.push(ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 8080)))),
+        Some(l) => {
+            if l.items.is_empty() {
+                cx.err("server.listen", "is empty; expected at least one address");
+            }
+            for (i, s) in l.items.iter().enumerate() {
+                let path = if l.list {
+                    format!("server.listen[{i}]")
+                } else {
+                    "server.listen".into()
+                };
+                let Some(s) = cx.str(&path, Some(s)) else {
+                    continue;
+                };
+                if let Some(a) = cx.listen_addr(&path, &s) {
+                    if listen.contains(&a) {
+                        cx.err(&path, format!("{a} is listed twice"));
+                    } else {
+                        listen.push(a);
+                    }
+                }
+            }
+        }
+    }
+    let mut hosts = Vec::new();
+    for (i, h) in r.hosts.iter().flatten().enumerate() {
+        if let Some(h) = cx.host(&format!("server.hosts[{i}]"), Some(h)) {
+            hosts.push(h);
+        }
+    }
+    let tls_cert = cx.path("server.tls_cert", r.tls_cert.as_ref());
+    let tls_key = cx.path("server.tls_key", r.tls_key.as_ref());
+    both_or_neither(
+        cx,
+        "server",
+        "tls_cert",
+        r.tls_cert.is_some(),
+        "tls_key",
+        r.tls_key.is_some(),
+    );
+    let worker_threads = at_least_one(cx, "server.worker_threads", r.worker_threads, 2);
+    let max_connections = at_least_one(cx, "server.max_connections", r.max_connections, 10_000);
+    let shutdown_grace = cx.duration(
+        "server.shutdown_grace",
+        r.shutdown_grace.as_ref(),
+        Duration::from_secs(20),
+    );
+    // An empty value (`${HTTPS_PROXY:-}` unset) means no proxy.
+    let egress_proxy = match cx.str("server.egress_proxy", r.egress_proxy.as_ref()) {
+        Some(s) if s.trim().is_empty() => None,
+        Some(s) => cx.url("server.egress_proxy", Some(&s), UrlRule::Any),
+        None => None,
+    };
+    ServerConfig {
+        listen,
+        hosts,
+        tls_cert,
+        tls_key,
+        worker_threads,
+        max_connections,
+        shutdown_grace,
+        egress_proxy,
+    }
+}
+
+fn both_or_neither(cx: &mut Ctx<'_>, table: &str, a: &str, has_a: bool, b: &str, has_b: bool) {
+    if has_a && !has_b {
+        cx.err(
+            &format!("{table}.{b}"),
+            format!("{a} is set but {b} is not; set both or neither"),
+        );
+    } else if has_b && !has_a {
+        cx.err(
+            &format!("{table}.{a}"),
+            format!("{b} is set but {a} is not; set both or neither"),
+        );
+    }
+}
+
+fn at_least_one(cx: &mut Ctx<'_>, path: &str, raw: Option<i64>, default: usize) -> usize {
+    match raw {
+        None => default,
+        Some(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX),
+        Some(n) => {
+            cx.err(path, format!("{n} is too small; expected at least 1"));
+            default
+        }
+    }
+}
+
+fn admin(r: RawAdmin, cx: &mut Ctx<'_>) -> AdminConfig {
+    let default = ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 9901)));
+    let listen = match cx.str("admin.listen", r.listen.as_ref()) {
+        Some(s) => cx.listen_addr("admin.listen", &s).unwrap_or(default),
+        None => default,
+    };
+    AdminConfig {
+        listen,
+        token: cx.secret("admin.token", r.token.as_ref()),
+        ready_requires_tokens: r.ready_requires_tokens.unwrap_or(false),
+    }
+}
+
+fn store(r: RawStore, cx: &mut Ctx<'_>) -> StoreConfig {
+    let kind = match cx.str("store.kind", r.kind.as_ref()).as_deref() {
+        None | Some("file") => StoreKind::File,
+        Some("postgres") => StoreKind::Postgres,
+        Some(other) => {
+            cx.err("store.kind", one_of(other, "\"file\" or \"postgres\""));
+            StoreKind::File
+        }
+    };
+    let path = cx
+        .path("store.path", r.path.as_ref())
+        .unwrap_or_else(|| cx.base_dir.join("tokens.json"));
+    let url = cx.secret("store.url", r.url.as_ref());
+    match (kind, &url) {
+        (StoreKind::Postgres, None) if r.url.is_none() => cx.err(
+            "store.url",
+            "missing; kind = \"postgres\" needs url = \"postgres://...\"",
+        ),
+        (StoreKind::Postgres, Some(u))
+            if !(u.expose().starts_with("postgres://")
+                || u.expose().starts_with("postgresql://")) =>
+        {
+            cx.err(
+                "store.url",
+                "is not a postgres URL; expected postgres://user@host/db",
+            )
+        }
+        (StoreKind::File, Some(_)) => cx.err("store.url", "is only used with kind = \"postgres\""),
+        _ => {}
+    }
+    if r.path.is_some() && kind == StoreKind::Postgres {
+        cx.err("store.path", "is only used with kind = \"file\"");
+    }
+    StoreConfig {
+        kind,
+        path,
+        url,
+        encryption_key: cx.secret("store.encryption_key", r.encryption_key.as_ref()),
+    }
+}
+
+fn log(r: RawLog, cx: &mut Ctx<'_>) -> LogConfig {
+    let format = match cx.str("log.format", r.format.as_ref()).as_deref() {
+        None | Some("json") => LogFormat::Json,
+        Some("pretty") => LogFormat::Pretty,
+        Some(other) => {
+            cx.err("log.format", one_of(other, "\"json\" or \"pretty\""));
+            LogFormat::Json
+        }
+    };
+    let level = cx
+        .str("log.level", r.level.as_ref())
+        .unwrap_or_else(|| "info".into());
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
+        cx.err(
+            "log.level",
+            format!("{level:?} is not a log filter ({e}); expected e.g. \"info\" or \"info,tokenproxy=debug\""),
+        );
+    }
+    LogConfig { format, level }
+}
+
+fn credential(name: &str, r: &RawCredential, cx: &mut Ctx<'_>) -> Option<CredentialConfig> {
+    let base = key_path("credentials", name);
+    let p = |k: &str| format!("{base}.{k}");
+    let before = cx.errors.len();
+
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        cx.err(&base, format!("credential name {name:?} is not valid; expected letters, digits, '_' and '-' (it appears in URLs and metrics)"));
+    }
+
+    let grant = match cx.str(&p("grant"), r.grant.as_ref()).as_deref() {
+        Some("refresh_token") => Some(GrantType::RefreshToken),
+        Some("client_credentials") => Some(GrantType::ClientCredentials),
+        Some(other) => {
+            let hint = if other == "authorization_code" {
+                " (authorization_code is used by `tokenproxy login` to obtain a refresh token; use grant = \"refresh_token\")"
+            } else {
+                ""
+            };
+            cx.err(
+                &p("grant"),
+                format!(
+                    "{}{hint}",
+                    one_of(other, "\"refresh_token\" or \"client_credentials\"")
+                ),
+            );
+            None
+        }
+        None => {
+            if r.grant.is_none() {
+                cx.err(
+                    &p("grant"),
+                    "missing; expected \"refresh_token\" or \"client_credentials\"",
+                );
+            }
+            None
+        }
+    };
+
+    let auth_method = match cx.str(&p("auth_method"), r.auth_method.as_ref()).as_deref() {
+        None | Some("client_secret_basic") => AuthMethod::ClientSecretBasic,
+        Some("client_secret_post") => AuthMethod::ClientSecretPost,
+        Some("none") => AuthMethod::None,
+        Some(m @ ("private_key_jwt" | "tls_client_auth")) => {
+            cx.err(&p("auth_method"), format!("{m:?} is not supported yet; expected \"client_secret_basic\", \"client_secret_post\" or \"none\""));
+            AuthMethod::ClientSecretBasic
+        }
+        Some(other) => {
+            cx.err(
+                &p("auth_method"),
+                one_of(
+                    other,
+                    "\"client_secret_basic\", \"client_secret_post\" or \"none\"",
+                ),
+            );
+            AuthMethod::ClientSecretBasic
+        }
+    };
+
+    let token_url = cx.url(&p("token_url"), r.token_url.as_ref(), UrlRule::Endpoint);
+    let authorize_url = cx.url(
+        &p("authorize_url"),
+        r.authorize_url.as_ref(),
+        UrlRule::Endpoint,
+    );
+    let introspection_url = cx.url(
+        &p("introspection_url"),
+        r.introspection_url.as_ref(),
+        UrlRule::Endpoint,
+    );
+    let issuer = cx.url(&p("issuer"), r.issuer.as_ref(), UrlRule::Endpoint);
+    if r.token_url.is_none() && r.issuer.is_none() {
+        cx.err(
+            &p("token_url"),
+            "missing; expected token_url = \"https://...\" (or issuer, for discovery)",
+        );
+    }
+    let redirect_uri = cx
+        .url(&p("redirect_uri"), r.redirect_uri.as_ref(), UrlRule::Any)
+        .map(|u| u.to_string());
+
+    let client_id = cx
+        .required(&p("client_id"), r.client_id.as_ref(), "the OAuth client_id")
+        .unwrap_or_default();
+
+    // Client secret: inline or from a file, not both.
+    let mut client_secret = cx.secret(&p("client_secret"), r.client_secret.as_ref());
+    let mut client_secret_file = None;
+    if r.client_secret.is_some() && r.client_secret_file.is_some() {
+        cx.err(
+            &p("client_secret_file"),
+            "client_secret is also set; use one or the other",
+        );
+    } else if let Some((path, s)) =
+        cx.secret_file(&p("client_secret_file"), r.client_secret_file.as_ref())
+    {
+        client_secret_file = Some(path);
+        client_secret = s;
+    }
+    let has_secret = r.client_secret.is_some() || r.client_secret_file.is_some();
+    match auth_method {
+        AuthMethod::ClientSecretBasic | AuthMethod::ClientSecretPost if !has_secret => cx.err(
+            &p("client_secret"),
+            format!(
+                "missing; auth_method = \"{}\" needs client_secret or client_secret_file (auth_method = \"none\" for a public client)",
+                auth_method.as_str()
+            ),
+        ),
+        AuthMethod::None if has_secret => cx.err(
+            &p("client_secret"),
+            "is set but auth_method = \"none\" never sends it; remove it or choose client_secret_basic/client_secret_post",
+        ),
+        _ => {}
+    }
+
+    // Refresh-token seed: inline or from a file, not both.
+    let mut refresh_token = cx.secret(&p("refresh_token"), r.refresh_token.as_ref());
+    let mut refresh_token_file = None;
+    if r.refresh_token.is_some() && r.refresh_token_file.is_some() {
+        cx.err(
+            &p("refresh_token_file"),
+            "refresh_token is also set; use one or the other",
+        );
+    } else if let Some((path, s)) =
+        cx.secret_file(&p("refresh_token_file"), r.refresh_token_file.as_ref())
+    {
+        refresh_token_file = Some(path);
+        refresh_token = s;
+    }
+    if grant == Some(GrantType::ClientCredentials) {
+        for k in ["refresh_token", "refresh_token_file"] {
+            let set = if k == "refresh_token" {
+                r.refresh_token.is_some()
+            } else {
+                r.refresh_token_file.is_some()
+            };
+            if set {
+                cx.err(&p(k), "is only used with grant = \"refresh_token\"");
+            }
+        }
+    }
+
+    let scopes = cx
+        .strings(&p("scopes"), r.scopes.as_ref())
+        .unwrap_or_default();
+    check_scopes(cx, &p("scopes"), &scopes);
+
+    let mut extra_params = Vec::new();
+    for (k, v) in r.extra_params.iter().flatten() {
+        let kp = key_path(&p("extra_params"), k);
+        if RESERVED_PARAMS.contains(&k.as_str()) {
+            cx.err(
+                &kp,
+                format!("{k:?} is set by tokenproxy itself; use the credential's own key instead"),
+            );
+            continue;
+        }
+        if let Some(v) = cx.str(&kp, Some(v)) {
+            extra_params.push((k.clone(), v));
+        }
+    }
+
+    let client_cert = cx.path(&p("client_cert"), r.client_cert.as_ref());
+    let client_key = cx.path(&p("client_key"), r.client_key.as_ref());
+    both_or_neither(
+        cx,
+        &base,
+        "client_cert",
+        r.client_cert.is_some(),
+        "client_key",
+        r.client_key.is_some(),
+    );
+
+    let c = CredentialConfig {
+        name: name.to_owned(),
+        grant: grant.unwrap_or(GrantType::RefreshToken),
+        token_url,
+        authorize_url,
+        redirect_uri,
+        client_id,
+        client_secret,
+        client_secret_file,
+        auth_method,
+        scopes,
+        refresh_token,
+        refresh_token_file,
+        issuer,
+        audience: cx.str(&p("audience"), r.audience.as_ref()),
+        resource: cx.str(&p("resource"), r.resource.as_ref()),
+        extra_params,
+        introspection_url,
+        reuse_grace: cx.duration(&p("reuse_grace"), r.reuse_grace.as_ref(), Duration::ZERO),
+        ca_file: cx.path(&p("ca_file"), r.ca_file.as_ref()),
+        client_cert,
+        client_key,
+        refresh_before: cx.opt_duration(&p("refresh_before"), r.refresh_before.as_ref()),
+        refresh_wait: cx.duration(
+            &p("refresh_wait"),
+            r.refresh_wait.as_ref(),
+            Duration::from_secs(10),
+        ),
+        max_backoff: cx.positive_duration(
+            &p("max_backoff"),
+            r.max_backoff.as_ref(),
+            Duration::from_secs(60),
+        ),
+        default_lifetime: cx.positive_duration(
+            &p("default_lifetime"),
+            r.default_lifetime.as_ref(),
+            Duration::from_secs(3600),
+        ),
+    };
+    (cx.errors.len() == before).then_some(c)
+}
+
+/// Scopes go on the wire space-separated: one cannot contain a space.
+fn check_scopes(cx: &mut Ctx<'_>, path: &str, scopes: &[String]) {
+    for (i, s) in scopes.iter().enumerate() {
+        if s.is_empty()
+            || s.chars()
+                .any(|c| c.is_whitespace() || c == '"' || c == '\\')
+        {
+            cx.err(
+                &format!("{path}[{i}]"),
+                format!("{s:?} is not a scope; expected one scope per list item, without spaces"),
+            );
+        }
+    }
+}
+
+/// Two credentials spending the same refresh-token family would each
+/// invalidate the other's token at every rotation.
+fn shared_refresh_families(creds: &BTreeMap<String, Arc<CredentialConfig>>, cx: &mut Ctx<'_>) {
+    let mut seeds: HashMap<&str, &str> = HashMap::new();
+    let mut families: HashMap<(String, &str), &str> = HashMap::new();
+    for (name, c) in creds {
+        let base = key_path("credentials", name);
+        if let Some(seed) = &c.refresh_token {
+            let key = if c.refresh_token_file.is_some() {
+                "refresh_token_file"
+            } else {
+                "refresh_token"
+            };
+            if let Some(other) = seeds.insert(seed.expose(), name) {
+                cx.err(
+                    &format!("{base}.{key}"),
+                    format!("is the same refresh token as credential {other:?} (fingerprint {}); each credential needs its own, or they revoke each other at every rotation", seed.fingerprint()),
+                );
+            }
+        }
+        if c.grant == GrantType::RefreshToken {
+            let endpoint = match (&c.token_url, &c.issuer) {
+                (Some(u), _) => u.to_string(),
+                (None, Some(i)) => format!("issuer {i}"),
+                (None, None) => continue,
+            };
+            if let Some(other) = families.insert((endpoint.clone(), c.client_id.as_str()), name) {
+                cx.err(
+                    &format!("{base}.client_id"),
+                    format!("credential {other:?} already refreshes client_id {:?} at {endpoint}; two refresh_token credentials for the same client would spend each other's rotation (merge them, and route both paths to one credential)", c.client_id),
+                );
+            }
+        }
+    }
+}
+
+fn routes(
+    raw: Vec<RawRoute>,
+    raw_creds: &BTreeMap<String, RawCredential>,
+    creds: &BTreeMap<String, Arc<CredentialConfig>>,
+    cx: &mut Ctx<'_>,
+) -> Vec<RouteConfig> {
+    let known: Vec<&str> = raw_creds.keys().map(String::as_str).collect();
+    let mut seen: HashMap<(String, Option<String>), usize> = HashMap::new();
+    let mut out = Vec::new();
+    for (i, r) in raw.iter().enumerate() {
+        let base = format!("routes[{i}]");
+        let p = |k: &str| format!("{base}.{k}");
+
+        let path_prefix = cx
+            .required(
+                &p("path_prefix"),
+                r.path_prefix.as_ref(),
+                "a path such as \"/github/\"",
+            )
+            .and_then(|s| {
+                if !s.starts_with('/') {
+                    cx.err(
+                        &p("path_prefix"),
+                        format!("{s:?} must start with '/'; expected e.g. \"/github/\""),
+                    );
+                    return None;
+                }
+                if s.contains(['?', '#']) || s.contains(char::is_whitespace) {
+                    cx.err(
+                        &p("path_prefix"),
+                        format!("{s:?} must be a plain path, without query, fragment or spaces"),
+                    );
+                    return None;
+                }
+                Some(if s.ends_with('/') { s } else { format!("{s}/") })
+            });
+        let host = cx.host(&p("host"), r.host.as_ref());
+        if let Some(prefix) = &path_prefix {
+            if let Some(first) = seen.insert((prefix.clone(), host.clone()), i) {
+                let on = host
+                    .as_deref()
+                    .map_or(String::new(), |h| format!(" for host {h:?}"));
+                cx.err(
+                    &p("path_prefix"),
+                    format!("duplicate route: {prefix:?}{on} is already routes[{first}]"),
+                );
+            }
+        }
+
+        let allow_plaintext = r.allow_plaintext.unwrap_or(false);
+        let upstream = if r.upstream.is_none() {
+            cx.err(
+                &p("upstream"),
+                "missing; expected an http(s) URL such as \"https://api.github.com/\"",
+            );
+            None
+        } else {
+            cx.url(&p("upstream"), r.upstream.as_ref(), UrlRule::Any)
+        };
+        if let Some(u) = &upstream {
+            if u.query().is_some() {
+                cx.err(&p("upstream"), "must not have a query string");
+            }
+            if u.scheme_str() == Some("http")
+                && !allow_plaintext
+                && !is_loopback_host(u.host().unwrap_or(""))
+            {
+                cx.err(&p("upstream"), format!("{u} is plain http off loopback: the token would travel in clear; use https or set allow_plaintext = true"));
+            }
+        }
+
+        let credential = cx.required(
+            &p("credential"),
+            r.credential.as_ref(),
+            "the name of a [credentials.NAME] table",
+        );
+        let grant = credential
+            .as_deref()
+            .and_then(|name| match creds.get(name) {
+                Some(c) => Some(c.grant),
+                None => {
+                    if raw_creds.contains_key(name) {
+                        // Exists but is invalid: its own errors say why.
+                        return None;
+                    }
+                    let known = if known.is_empty() {
+                        "none defined".to_owned()
+                    } else {
+                        known.join(", ")
+                    };
+                    cx.err(
+                        &p("credential"),
+                        format!("unknown credential {name:?} (known: {known})"),
+                    );
+                    None
+                }
+            });
+
+        let header = match cx.str(&p("header"), r.header.as_ref()) {
+            None => http::header::AUTHORIZATION,
+            Some(h) => match HeaderName::from_bytes(h.as_bytes()) {
+                Ok(name) if REFUSED_HEADERS.contains(&name.as_str()) => {
+                    cx.err(&p("header"), format!("{h:?} is a hop-by-hop or framing header the proxy controls; expected e.g. \"Authorization\" or \"X-Api-Key\""));
+                    http::header::AUTHORIZATION
+                }
+                Ok(name) => name,
+                Err(_) => {
+                    cx.err(
+                        &p("header"),
+                        format!(
+                            "{h:?} is not a valid header name; expected e.g. \"Authorization\""
+                        ),
+                    );
+                    http::header::AUTHORIZATION
+                }
+            },
+        };
+        let format = match cx.str(&p("format"), r.format.as_ref()) {
+            None => TokenFormat::default(),
+            Some(f) => parse_format(&f).unwrap_or_else(|m| {
+                cx.err(&p("format"), m);
+                TokenFormat::default()
+            }),
+        };
+
+        let scopes = cx.strings(&p("scopes"), r.scopes.as_ref());
+        if let Some(s) = &scopes {
+            check_scopes(cx, &p("scopes"), s);
+        }
+        let resource = cx.str(&p("resource"), r.resource.as_ref());
+        if grant == Some(GrantType::RefreshToken) {
+            for (k, set) in [
+                ("scopes", r.scopes.is_some()),
+                ("resource", r.resource.is_some()),
+            ] {
+                if set {
+                    cx.err(&p(k), "a per-route token needs grant = \"client_credentials\"; a refresh_token credential has one token for all its routes");
+                }
+            }
+        }
+
+        let mut refresh_on = Vec::new();
+        for (j, s) in r
+            .refresh_on
+            .clone()
+            .unwrap_or_else(|| vec![401])
+            .into_iter()
+            .enumerate()
+        {
+            match u16::try_from(s) {
+                Ok(s) if (400..=599).contains(&s) => refresh_on.push(s),
+                _ => cx.err(
+                    &format!("{}[{j}]", p("refresh_on")),
+                    format!("{s} is not an error status; expected 400..=599"),
+                ),
+            }
+        }
+
+        let replay_max_body = match &r.replay_max_body {
+            None => 64 * 1024,
+            Some(RawSize::Bytes(n)) => u64::try_from(*n).unwrap_or_else(|_| {
+                cx.err(
+                    &p("replay_max_body"),
+                    format!("{n} is negative; expected a size such as \"64KiB\""),
+                );
+                0
+            }),
+            Some(RawSize::Text(t)) => match cx.str(&p("replay_max_body"), Some(t)) {
+                Some(t) => parse_size(&t).unwrap_or_else(|m| {
+                    cx.err(&p("replay_max_body"), m);
+                    0
+                }),
+                None => 0,
+            },
+        };
+
+        out.push(RouteConfig {
+            path_prefix: path_prefix.unwrap_or_default(),
+            host,
+            upstream: upstream.unwrap_or_else(|| Uri::from_static("http://invalid/")),
+            credential: credential.unwrap_or_default(),
+            strip_prefix: r.strip_prefix.unwrap_or(true),
+            header,
+            format,
+            scopes,
+            resource,
+            refresh_on,
+            replay: r.replay.unwrap_or(true),
+            replay_max_body,
+            connect_timeout: cx.positive_duration(
+                &p("connect_timeout"),
+                r.connect_timeout.as_ref(),
+                Duration::from_secs(5),
+            ),
+            response_timeout: cx.positive_duration(
+                &p("response_timeout"),
+                r.response_timeout.as_ref(),
+                Duration::from_secs(60),
+            ),
+            idle_timeout: cx.positive_duration(
+                &p("idle_timeout"),
+                r.idle_timeout.as_ref(),
+                Duration::from_secs(60),
+            ),
+            upgrades: r.upgrades.unwrap_or(false),
+            ca_file: cx.path(&p("ca_file"), r.ca_file.as_ref()),
+            allow_plaintext,
+        });
+    }
+    out
+}
+
+/// `"Bearer {token}"` → prefix/suffix; exactly one `{token}`, and the rest
+/// must be valid in a header value.
+pub fn parse_format(f: &str) -> Result<TokenFormat, String> {
+    let expected = "expected one {token}, e.g. \"Bearer {token}\" or \"token {token}\"";
+    let Some((prefix, suffix)) = f.split_once("{token}") else {
+        return Err(format!("{f:?} has no {{token}}; {expected}"));
+    };
+    if suffix.contains("{token}") {
+        return Err(format!(
+            "{f:?} contains {{token}} more than once; {expected}"
+        ));
+    }
+    if f.contains(['\r', '\n']) {
+        return Err(format!("{f:?} contains a line break; {expected}"));
+    }
+    if HeaderValue::from_str(&format!("{prefix}x{suffix}")).is_err() {
+        return Err(format!(
+            "{f:?} contains characters not allowed in a header value; {expected}"
+        ));
+    }
+    Ok(TokenFormat {
+        prefix: prefix.to_owned(),
+        suffix: suffix.to_owned(),
+    })
+}

@@ -9,9 +9,11 @@
 //! judges). Secrets are plain `String`s here (a test IdP) but are never logged.
 
 mod echo;
+mod idp;
 mod serve;
 
 pub use echo::{EchoUpstream, TokenCheck};
+pub use idp::{DevClient, DevIdp, Fault, GrantRecord, Hold, IdpOptions};
 
 #[cfg(test)]
 mod tests;

@@ -45,11 +45,9 @@ pub(crate) fn empty() -> DevBody {
 
 /// Put into each request's extensions: dropping the connection from inside a
 /// handler (fault injection) without writing any response.
-#[allow(dead_code)] // until the IdP lands
 #[derive(Clone)]
 pub(crate) struct ConnKill(Arc<Notify>);
 
-#[allow(dead_code)]
 impl ConnKill {
     /// Closes the TCP connection; the caller's future is dropped with it, so
     /// call this last and then await something that never finishes.
@@ -160,7 +158,6 @@ impl Server {
         }
     }
 
-    #[allow(dead_code)]
     /// Binds the same port again (state lives in the handler, so it is kept).
     pub(crate) async fn restart(&self) -> io::Result<()> {
         self.stop().await;

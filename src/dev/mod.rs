@@ -11,6 +11,7 @@
 mod echo;
 mod idp;
 mod serve;
+pub mod tls;
 
 pub use echo::{EchoUpstream, TokenCheck};
 pub use idp::{DevClient, DevIdp, Fault, GrantRecord, Hold, IdpOptions};

@@ -749,3 +749,47 @@ async fn access_tokens_expire() {
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(!idp.is_access_token_valid(&at));
 }
+
+#[tokio::test]
+async fn echo_tls_negotiates_h2_and_http11() {
+    let echo = EchoUpstream::start_tls(local(), fixed_check("good"), tls::test_server_config())
+        .await
+        .unwrap();
+    assert!(echo.url().starts_with("https://127.0.0.1:"));
+    for (alpn, version) in [("h2", "HTTP/2.0"), ("http/1.1", "HTTP/1.1")] {
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(tls::test_root_store())
+        .with_no_client_auth();
+        config.alpn_protocols = vec![alpn.as_bytes().to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(echo.addr()).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let stream = connector.connect(name, tcp).await.unwrap();
+        assert_eq!(stream.get_ref().1.alpn_protocol(), Some(alpn.as_bytes()));
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let req = http::Request::get(format!("{}/x", echo.url()))
+            .header("authorization", "Bearer good")
+            .header("host", "127.0.0.1")
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let resp = if alpn == "h2" {
+            let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            send.send_request(req).await.unwrap()
+        } else {
+            let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            send.send_request(req).await.unwrap()
+        };
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(j["version"], version);
+    }
+}

@@ -107,7 +107,9 @@ impl DevClient {
     }
 }
 
-/// A scripted misbehaviour, consumed one per `/token` request, FIFO.
+/// A scripted misbehaviour, consumed one per `/token` request, FIFO. The
+/// request is recorded either way. The resets close the whole TCP connection
+/// (over HTTP/2 that ends every stream on it).
 #[derive(Clone, Debug)]
 pub enum Fault {
     /// Answer this without processing the grant (500, 429 + `Retry-After`,

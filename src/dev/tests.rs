@@ -793,3 +793,63 @@ async fn echo_tls_negotiates_h2_and_http11() {
         assert_eq!(j["version"], version);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_presentations_rotate_exactly_once() {
+    let idp = demo_idp(IdpOptions::default()).await;
+    let rt = idp.issue_refresh_token("demo-client", "alice");
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (idp, rt) = (idp.clone(), rt.clone());
+            tokio::spawn(async move { refresh(&idp, &rt).await.status })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        if t.await.unwrap() == 200 {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 1);
+    assert_eq!(idp.reuse_count(), 7);
+    assert_eq!(
+        idp.active_refresh_token_count(),
+        0,
+        "reuse revoked the new token too"
+    );
+}
+
+#[tokio::test]
+async fn authorize_errors_and_code_expiry() {
+    let idp = demo_idp(IdpOptions {
+        clients: vec![DevClient::public("cli", &[REDIRECT])],
+        code_ttl: Duration::from_millis(50),
+        ..IdpOptions::default()
+    })
+    .await;
+    // No PKCE: redirected back with an error (the redirect_uri is valid).
+    let url = format!(
+        "{}?response_type=code&client_id=cli&redirect_uri={}&state=s",
+        idp.authorize_url(),
+        form_urlencoded::byte_serialize(REDIRECT.as_bytes()).collect::<String>()
+    );
+    let r = get(&url, None).await;
+    assert_eq!(r.status, 302);
+    let loc = r.headers["location"].to_str().unwrap();
+    assert!(
+        loc.starts_with(REDIRECT) && loc.contains("error=invalid_request"),
+        "{loc}"
+    );
+    assert!(loc.contains("state=s"));
+    let r = get(&format!("{}?client_id=nobody", idp.authorize_url()), None).await;
+    assert_eq!(r.status, 400);
+
+    let code = code_from(&idp).await;
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let r = exchange(&idp, &code, REDIRECT, VERIFIER).await;
+    assert_eq!(r.json()["error"], "invalid_grant");
+    assert!(r.json()["error_description"]
+        .as_str()
+        .unwrap()
+        .contains("expired"));
+}

@@ -475,7 +475,10 @@ fn authenticate(clients: &[DevClient], form: &Form, authorization: Option<&str>)
 fn check_scope(client: &DevClient, requested: Option<&str>) -> Result<Option<String>, OAuthError> {
     match (requested, &client.allowed_scopes) {
         (Some(req), Some(allowed)) => {
-            if let Some(bad) = req.split(' ').find(|s| !allowed.iter().any(|a| a == s)) {
+            if let Some(bad) = req
+                .split_whitespace()
+                .find(|s| !allowed.iter().any(|a| a == s))
+            {
                 return Err(err(
                     "invalid_scope",
                     format!("scope {bad:?} is not allowed"),
@@ -698,9 +701,13 @@ impl State {
         // RFC 6749 §6: a requested scope must not exceed the original grant.
         let scope = match param(form, "scope") {
             Some(req) => {
-                let granted: Vec<&str> = original.as_deref().unwrap_or("").split(' ').collect();
+                let granted: Vec<&str> = original
+                    .as_deref()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .collect();
                 if original.is_some() {
-                    if let Some(bad) = req.split(' ').find(|s| !granted.contains(s)) {
+                    if let Some(bad) = req.split_whitespace().find(|s| !granted.contains(s)) {
                         return Err(err(
                             "invalid_scope",
                             format!("scope {bad:?} exceeds the original grant"),

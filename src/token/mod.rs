@@ -35,7 +35,10 @@ pub struct RouteToken {
 }
 
 enum RouteTokenInner {
-    Fixed { credential: String, injected: Injected },
+    Fixed {
+        credential: String,
+        injected: Injected,
+    },
 }
 
 impl RouteToken {

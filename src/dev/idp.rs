@@ -1,0 +1,1439 @@
+//! The dev identity provider: a strict OAuth 2.0 authorization server for
+//! demos and tests. Refresh tokens rotate and belong to families; presenting a
+//! spent one is reuse, which revokes the family and is counted (the oracle
+//! every integration test asserts is zero). Faults are scripted per `/token`
+//! request, and every `/token` request is recorded before it is answered.
+//!
+//! Endpoints: `POST /token`, `GET /authorize` (auto-approves, PKCE S256
+//! required), `POST /introspect` (RFC 7662), `POST /revoke` (RFC 7009) and
+//! RFC 8414 metadata under `/.well-known/`.
+//!
+//! All state sits behind one sync mutex that is never held across an await:
+//! each grant is decided atomically, which is what makes "presented twice"
+//! well defined even when requests race.
+
+use super::echo::TokenCheck;
+use super::serve::{full, ConnKill, DevBody, Handler, Server};
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use parking_lot::{Mutex, RwLock};
+use rand::distributions::{Alphanumeric, DistString};
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// How the IdP behaves. `Default` registers one confidential client,
+/// `demo-client`/`demo-secret`, accepting any auth method.
+#[derive(Clone, Debug)]
+pub struct IdpOptions {
+    /// Access-token lifetime (`expires_in`). Default 10 s.
+    pub access_ttl: Duration,
+    /// `None`: refresh tokens never expire. `Some`: each refresh token expires
+    /// that long after issue, sent as `refresh_token_expires_in`.
+    pub refresh_ttl: Option<Duration>,
+    /// Authorization-code lifetime. Default 60 s.
+    pub code_ttl: Duration,
+    /// Issue a new refresh token on every refresh and spend the presented
+    /// one. When false the response carries no `refresh_token` (RFC 6749 §6)
+    /// and the presented one stays active.
+    pub rotate_refresh_tokens: bool,
+    /// How long a spent refresh token still works (and is not reuse). 0: a
+    /// spent token is invalid at once.
+    pub reuse_grace: Duration,
+    pub clients: Vec<DevClient>,
+}
+
+impl Default for IdpOptions {
+    fn default() -> Self {
+        IdpOptions {
+            access_ttl: Duration::from_secs(10),
+            refresh_ttl: None,
+            code_ttl: Duration::from_secs(60),
+            rotate_refresh_tokens: true,
+            reuse_grace: Duration::ZERO,
+            clients: vec![DevClient::confidential("demo-client", "demo-secret")],
+        }
+    }
+}
+
+/// A registered client.
+#[derive(Clone, Debug)]
+pub struct DevClient {
+    pub client_id: String,
+    /// `None`: a public client (auth method `none`).
+    pub client_secret: Option<String>,
+    /// `Some("client_secret_post")` etc.: only that method is accepted.
+    pub auth_method: Option<String>,
+    /// Exact matches only.
+    pub redirect_uris: Vec<String>,
+    /// `None`: any scope.
+    pub allowed_scopes: Option<Vec<String>>,
+}
+
+impl DevClient {
+    /// A confidential client accepting any auth method, scope and no
+    /// redirect URIs.
+    pub fn confidential(client_id: &str, client_secret: &str) -> DevClient {
+        DevClient {
+            client_id: client_id.to_owned(),
+            client_secret: Some(client_secret.to_owned()),
+            auth_method: None,
+            redirect_uris: Vec::new(),
+            allowed_scopes: None,
+        }
+    }
+
+    /// A public client (PKCE, auth method `none`).
+    pub fn public(client_id: &str, redirect_uris: &[&str]) -> DevClient {
+        DevClient {
+            client_id: client_id.to_owned(),
+            client_secret: None,
+            auth_method: None,
+            redirect_uris: redirect_uris.iter().map(|s| s.to_string()).collect(),
+            allowed_scopes: None,
+        }
+    }
+}
+
+/// A scripted misbehaviour, consumed one per `/token` request, FIFO.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// Answer this without processing the grant (500, 429 + `Retry-After`,
+    /// GitHub-style 200 `{"error":"bad_refresh_token"}`...).
+    Status {
+        status: u16,
+        body: String,
+        content_type: &'static str,
+        headers: Vec<(String, String)>,
+    },
+    /// Sleep, then process normally.
+    Delay(Duration),
+    /// Close the connection without answering; the grant is NOT processed.
+    ResetBeforeProcessing,
+    /// Process the grant (a refresh token IS spent), then close the
+    /// connection without answering: a lost rotation.
+    ResetAfterProcessing,
+    /// Process the grant, then wait for [`Hold::release`] before answering.
+    HoldAfterProcessing(Hold),
+    /// 302 to this location, grant not processed.
+    Redirect(String),
+    /// Process normally but answer `application/x-www-form-urlencoded`, as
+    /// old GitHub did.
+    FormEncoded,
+    /// Answer this without processing the grant (no extra headers).
+    Body {
+        status: u16,
+        body: String,
+        content_type: &'static str,
+    },
+}
+
+impl Fault {
+    fn name(&self) -> &'static str {
+        match self {
+            Fault::Status { .. } => "status",
+            Fault::Delay(_) => "delay",
+            Fault::ResetBeforeProcessing => "reset_before_processing",
+            Fault::ResetAfterProcessing => "reset_after_processing",
+            Fault::HoldAfterProcessing(_) => "hold_after_processing",
+            Fault::Redirect(_) => "redirect",
+            Fault::FormEncoded => "form_encoded",
+            Fault::Body { .. } => "body",
+        }
+    }
+}
+
+/// A gate for [`Fault::HoldAfterProcessing`]: tests await [`Hold::reached`]
+/// (a request is being held, its grant already processed), act, then call
+/// [`Hold::release`].
+#[derive(Clone)]
+pub struct Hold {
+    inner: Arc<HoldInner>,
+}
+
+struct HoldInner {
+    // watch rather than Notify: late waiters must still see the state.
+    reached: watch::Sender<bool>,
+    released: watch::Sender<bool>,
+}
+
+impl Hold {
+    pub fn new() -> Hold {
+        Hold {
+            inner: Arc::new(HoldInner {
+                reached: watch::Sender::new(false),
+                released: watch::Sender::new(false),
+            }),
+        }
+    }
+
+    /// Lets held requests (and any later ones on this gate) answer.
+    pub fn release(&self) {
+        self.inner.released.send_replace(true);
+    }
+
+    /// Resolves once a request is being held.
+    pub async fn reached(&self) {
+        let mut rx = self.inner.reached.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+
+    pub fn is_reached(&self) -> bool {
+        *self.inner.reached.borrow()
+    }
+
+    async fn hold(&self) {
+        self.inner.reached.send_replace(true);
+        let mut rx = self.inner.released.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+}
+
+impl Default for Hold {
+    fn default() -> Self {
+        Hold::new()
+    }
+}
+
+impl fmt::Debug for Hold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hold")
+            .field("reached", &*self.inner.reached.borrow())
+            .field("released", &*self.inner.released.borrow())
+            .finish()
+    }
+}
+
+/// One `/token` request as the IdP saw it.
+#[derive(Clone, Debug)]
+pub struct GrantRecord {
+    pub at: SystemTime,
+    pub grant_type: String,
+    pub client_id: Option<String>,
+    /// `client_secret_basic`, `client_secret_post`, `none` or `invalid`.
+    pub client_auth: String,
+    /// The refresh token presented, if any.
+    pub refresh_token: Option<String>,
+    pub family: Option<u64>,
+    pub scope: Option<String>,
+    pub resource: Option<String>,
+    /// `ok`, the OAuth error code, or `fault` when a fault answered instead
+    /// of the grant being processed.
+    pub outcome: String,
+    /// The fault applied to this request, if any (`reset_after_processing`
+    /// etc.); the grant was processed unless `outcome` is `fault`.
+    pub fault: Option<&'static str>,
+}
+
+/// The running IdP. Cheap to clone; all clones share state.
+#[derive(Clone)]
+pub struct DevIdp {
+    inner: Arc<IdpInner>,
+}
+
+struct IdpInner {
+    server: Server,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    url: RwLock<String>,
+    state: Mutex<State>,
+}
+
+struct AccessToken {
+    client_id: String,
+    subject: String,
+    scope: Option<String>,
+    family: Option<u64>,
+    expires_at: Instant,
+    exp_unix: u64,
+    iat_unix: u64,
+    revoked: bool,
+}
+
+struct RefreshToken {
+    client_id: String,
+    subject: String,
+    scope: Option<String>,
+    family: u64,
+    expires_at: Option<Instant>,
+    exp_unix: Option<u64>,
+    iat_unix: u64,
+    spent_at: Option<Instant>,
+    revoked: bool,
+}
+
+struct AuthCode {
+    client_id: String,
+    redirect_uri: String,
+    challenge: String,
+    subject: String,
+    scope: Option<String>,
+    nonce: Option<String>,
+    expires_at: Instant,
+    // Set once redeemed: a second redemption revokes this family.
+    family: Option<u64>,
+}
+
+struct State {
+    opts: IdpOptions,
+    access: HashMap<String, AccessToken>,
+    refresh: HashMap<String, RefreshToken>,
+    codes: HashMap<String, AuthCode>,
+    revoked_families: HashSet<u64>,
+    next_family: u64,
+    faults: VecDeque<Fault>,
+    grants: Vec<GrantRecord>,
+    reuse_count: usize,
+}
+
+/// An RFC 6749 §5.2 error.
+#[derive(Debug)]
+struct OAuthError {
+    code: &'static str,
+    description: String,
+}
+
+fn err(code: &'static str, description: impl Into<String>) -> OAuthError {
+    OAuthError {
+        code,
+        description: description.into(),
+    }
+}
+
+type Form = Vec<(String, String)>;
+
+/// RFC 6749 §3.1: a parameter sent without a value is treated as omitted.
+fn param<'a>(form: &'a Form, name: &str) -> Option<&'a str> {
+    form.iter()
+        .find(|(k, v)| k == name && !v.is_empty())
+        .map(|(_, v)| v.as_str())
+}
+
+/// RFC 6749 §3.1/§3.2: request parameters MUST NOT be included more than once.
+fn duplicate(form: &Form) -> Option<&str> {
+    let mut seen = HashSet::new();
+    form.iter()
+        .find(|(k, _)| !seen.insert(k.as_str()))
+        .map(|(k, _)| k.as_str())
+}
+
+fn parse_form(body: &[u8]) -> Form {
+    form_urlencoded::parse(body).into_owned().collect()
+}
+
+fn random(prefix: &str) -> String {
+    format!(
+        "{prefix}{}",
+        Alphanumeric.sample_string(&mut rand::thread_rng(), 32)
+    )
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Whole seconds for `expires_in`, rounded down (the client then refreshes
+/// early, never late) but never 0 for a non-zero lifetime.
+fn secs(d: Duration) -> u64 {
+    match d.as_secs() {
+        0 if !d.is_zero() => 1,
+        s => s,
+    }
+}
+
+/// RFC 6749 §2.3.1: id and secret are form-url-encoded before Basic.
+fn form_decode(s: &str) -> Option<String> {
+    let plus = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&plus)
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
+}
+
+fn parse_basic(header: &str) -> Option<(String, String)> {
+    let (scheme, b64) = header.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = String::from_utf8(STANDARD.decode(b64.trim()).ok()?).ok()?;
+    let (id, secret) = decoded.split_once(':')?;
+    Some((form_decode(id)?, form_decode(secret)?))
+}
+
+/// The client behind a request, or why authentication failed.
+struct ClientAuth {
+    client_id: Option<String>,
+    method: &'static str,
+    result: Result<DevClient, OAuthError>,
+}
+
+impl ClientAuth {
+    fn label(&self) -> String {
+        match self.result {
+            Ok(_) => self.method.to_owned(),
+            Err(_) => "invalid".to_owned(),
+        }
+    }
+}
+
+fn authenticate(clients: &[DevClient], form: &Form, authorization: Option<&str>) -> ClientAuth {
+    let fail = |client_id: Option<String>, code, msg: &str| ClientAuth {
+        client_id,
+        method: "invalid",
+        result: Err(err(code, msg)),
+    };
+    let body_id = param(form, "client_id").map(str::to_owned);
+    let body_secret = param(form, "client_secret").map(str::to_owned);
+    let basic = match authorization {
+        Some(h) => match parse_basic(h) {
+            Some(pair) => Some(pair),
+            None => return fail(body_id, "invalid_client", "malformed Basic credentials"),
+        },
+        None => None,
+    };
+    let (id, secret, method) = match (basic, body_secret) {
+        // RFC 6749 §2.3: a client MUST NOT use more than one method.
+        (Some((id, _)), Some(_)) => {
+            return fail(
+                Some(id),
+                "invalid_request",
+                "more than one client authentication method",
+            )
+        }
+        (Some((id, secret)), None) => {
+            if body_id.as_ref().is_some_and(|b| *b != id) {
+                return fail(
+                    Some(id),
+                    "invalid_request",
+                    "client_id does not match the Basic credentials",
+                );
+            }
+            (id, Some(secret), "client_secret_basic")
+        }
+        (None, Some(secret)) => match body_id {
+            Some(id) => (id, Some(secret), "client_secret_post"),
+            None => return fail(None, "invalid_client", "client_secret without client_id"),
+        },
+        (None, None) => match body_id {
+            Some(id) => (id, None, "none"),
+            None => return fail(None, "invalid_client", "no client authentication"),
+        },
+    };
+    let Some(client) = clients.iter().find(|c| c.client_id == id) else {
+        return fail(Some(id), "invalid_client", "unknown client");
+    };
+    let secret_ok = match (&client.client_secret, &secret) {
+        (Some(expected), Some(given)) => expected == given,
+        (None, None) => true,
+        _ => false,
+    };
+    if !secret_ok {
+        let msg = match (&client.client_secret, &secret) {
+            (Some(_), Some(_)) => "wrong client secret",
+            (Some(_), None) => "client authentication required",
+            _ => "a public client must not send a secret",
+        };
+        return fail(Some(id), "invalid_client", msg);
+    }
+    if let Some(required) = &client.auth_method {
+        if required != method {
+            return fail(
+                Some(id),
+                "invalid_client",
+                &format!("this client must authenticate with {required}"),
+            );
+        }
+    }
+    ClientAuth {
+        client_id: Some(id),
+        method,
+        result: Ok(client.clone()),
+    }
+}
+
+/// Checks a requested scope against the client's allowed scopes; with no
+/// request, grants everything allowed (or nothing in particular).
+fn check_scope(client: &DevClient, requested: Option<&str>) -> Result<Option<String>, OAuthError> {
+    match (requested, &client.allowed_scopes) {
+        (Some(req), Some(allowed)) => {
+            if let Some(bad) = req.split(' ').find(|s| !allowed.iter().any(|a| a == s)) {
+                return Err(err(
+                    "invalid_scope",
+                    format!("scope {bad:?} is not allowed"),
+                ));
+            }
+            Ok(Some(req.to_owned()))
+        }
+        (Some(req), None) => Ok(Some(req.to_owned())),
+        (None, Some(allowed)) if !allowed.is_empty() => Ok(Some(allowed.join(" "))),
+        (None, _) => Ok(None),
+    }
+}
+
+/// RFC 7636 §4.1: 43 to 128 unreserved characters.
+fn verifier_well_formed(v: &str) -> bool {
+    (43..=128).contains(&v.len())
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+}
+
+/// RFC 7636 §4.2: BASE64URL(SHA256(verifier)).
+pub(crate) fn s256(verifier: &str) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()))
+}
+
+impl State {
+    fn new(opts: IdpOptions) -> State {
+        State {
+            opts,
+            access: HashMap::new(),
+            refresh: HashMap::new(),
+            codes: HashMap::new(),
+            revoked_families: HashSet::new(),
+            next_family: 1,
+            faults: VecDeque::new(),
+            grants: Vec::new(),
+            reuse_count: 0,
+        }
+    }
+
+    fn new_family(&mut self) -> u64 {
+        let f = self.next_family;
+        self.next_family += 1;
+        f
+    }
+
+    fn mint_access(
+        &mut self,
+        client_id: &str,
+        subject: &str,
+        scope: Option<&str>,
+        family: Option<u64>,
+    ) -> (String, u64) {
+        let token = random("at_");
+        let ttl = self.opts.access_ttl;
+        let now_unix = unix_now();
+        self.access.insert(
+            token.clone(),
+            AccessToken {
+                client_id: client_id.to_owned(),
+                subject: subject.to_owned(),
+                scope: scope.map(str::to_owned),
+                family,
+                expires_at: Instant::now() + ttl,
+                exp_unix: now_unix + secs(ttl),
+                iat_unix: now_unix,
+                revoked: false,
+            },
+        );
+        (token, secs(ttl))
+    }
+
+    fn mint_refresh(
+        &mut self,
+        client_id: &str,
+        subject: &str,
+        scope: Option<&str>,
+        family: u64,
+    ) -> String {
+        let token = random("rt_");
+        let ttl = self.opts.refresh_ttl;
+        let now_unix = unix_now();
+        self.refresh.insert(
+            token.clone(),
+            RefreshToken {
+                client_id: client_id.to_owned(),
+                subject: subject.to_owned(),
+                scope: scope.map(str::to_owned),
+                family,
+                expires_at: ttl.map(|t| Instant::now() + t),
+                exp_unix: ttl.map(|t| now_unix + secs(t)),
+                iat_unix: now_unix,
+                spent_at: None,
+                revoked: false,
+            },
+        );
+        token
+    }
+
+    /// Revokes every refresh and access token of a family.
+    fn revoke_family(&mut self, family: u64) {
+        self.revoked_families.insert(family);
+        for rt in self.refresh.values_mut().filter(|rt| rt.family == family) {
+            rt.revoked = true;
+        }
+        for at in self.access.values_mut() {
+            if at.family == Some(family) {
+                at.revoked = true;
+            }
+        }
+    }
+
+    /// A token response; `refresh` is `None` when not rotating.
+    fn token_response(
+        &mut self,
+        client_id: &str,
+        subject: &str,
+        scope: Option<&str>,
+        family: Option<u64>,
+        with_refresh: bool,
+    ) -> Map<String, Value> {
+        let (access, expires_in) = self.mint_access(client_id, subject, scope, family);
+        let mut body = Map::new();
+        body.insert("access_token".into(), json!(access));
+        body.insert("token_type".into(), json!("Bearer"));
+        body.insert("expires_in".into(), json!(expires_in));
+        if let Some(scope) = scope {
+            body.insert("scope".into(), json!(scope));
+        }
+        if let (true, Some(family)) = (with_refresh, family) {
+            let refresh = self.mint_refresh(client_id, subject, scope, family);
+            body.insert("refresh_token".into(), json!(refresh));
+            if let Some(ttl) = self.opts.refresh_ttl {
+                body.insert("refresh_token_expires_in".into(), json!(secs(ttl)));
+            }
+        }
+        body
+    }
+
+    fn process(
+        &mut self,
+        form: &Form,
+        auth: ClientAuth,
+        record: &mut GrantRecord,
+        issuer: &str,
+    ) -> Result<Map<String, Value>, OAuthError> {
+        if let Some(name) = duplicate(form) {
+            return Err(err("invalid_request", format!("parameter {name} repeated")));
+        }
+        let client = auth.result?;
+        match param(form, "grant_type") {
+            None => Err(err("invalid_request", "grant_type is missing")),
+            Some("client_credentials") => {
+                // RFC 6749 §4.4: confidential clients only.
+                if client.client_secret.is_none() {
+                    return Err(err(
+                        "unauthorized_client",
+                        "a public client cannot use client_credentials",
+                    ));
+                }
+                let scope = check_scope(&client, param(form, "scope"))?;
+                record.scope = scope.clone();
+                Ok(self.token_response(
+                    &client.client_id,
+                    &client.client_id,
+                    scope.as_deref(),
+                    None,
+                    false,
+                ))
+            }
+            Some("refresh_token") => self.refresh_grant(form, &client, record),
+            Some("authorization_code") => self.code_grant(form, &client, record, issuer),
+            Some(other) => Err(err(
+                "unsupported_grant_type",
+                format!("grant_type {other:?} is not supported"),
+            )),
+        }
+    }
+
+    fn refresh_grant(
+        &mut self,
+        form: &Form,
+        client: &DevClient,
+        record: &mut GrantRecord,
+    ) -> Result<Map<String, Value>, OAuthError> {
+        let presented = param(form, "refresh_token")
+            .ok_or_else(|| err("invalid_request", "refresh_token is missing"))?;
+        let now = Instant::now();
+        let grace = self.opts.reuse_grace;
+        let Some(rt) = self.refresh.get(presented) else {
+            return Err(err("invalid_grant", "unknown refresh token"));
+        };
+        record.family = Some(rt.family);
+        if rt.client_id != client.client_id {
+            return Err(err(
+                "invalid_grant",
+                "refresh token issued to another client",
+            ));
+        }
+        let family = rt.family;
+        let in_grace = rt.spent_at.is_some_and(|at| now < at + grace);
+        if rt.spent_at.is_some() && !in_grace {
+            // The oracle: a rotated token came back. Revoke the family, as
+            // the OAuth 2.0 Security BCP §4.14.2 recommends.
+            self.reuse_count += 1;
+            self.revoke_family(family);
+            return Err(err(
+                "invalid_grant",
+                "refresh token reuse detected; family revoked",
+            ));
+        }
+        if rt.revoked {
+            return Err(err("invalid_grant", "refresh token revoked"));
+        }
+        if rt.expires_at.is_some_and(|exp| now >= exp) {
+            return Err(err("invalid_grant", "refresh token expired"));
+        }
+        let original = rt.scope.clone();
+        let subject = rt.subject.clone();
+        // RFC 6749 §6: a requested scope must not exceed the original grant.
+        let scope = match param(form, "scope") {
+            Some(req) => {
+                let granted: Vec<&str> = original.as_deref().unwrap_or("").split(' ').collect();
+                if original.is_some() {
+                    if let Some(bad) = req.split(' ').find(|s| !granted.contains(s)) {
+                        return Err(err(
+                            "invalid_scope",
+                            format!("scope {bad:?} exceeds the original grant"),
+                        ));
+                    }
+                }
+                Some(req.to_owned())
+            }
+            None => original,
+        };
+        record.scope = scope.clone();
+        let rotate = self.opts.rotate_refresh_tokens;
+        if rotate {
+            if let Some(rt) = self.refresh.get_mut(presented) {
+                // Keep the first spend time: grace runs from the rotation.
+                rt.spent_at.get_or_insert(now);
+            }
+        }
+        Ok(self.token_response(
+            &client.client_id,
+            &subject,
+            scope.as_deref(),
+            Some(family),
+            rotate,
+        ))
+    }
+
+    fn code_grant(
+        &mut self,
+        form: &Form,
+        client: &DevClient,
+        record: &mut GrantRecord,
+        issuer: &str,
+    ) -> Result<Map<String, Value>, OAuthError> {
+        let code_value =
+            param(form, "code").ok_or_else(|| err("invalid_request", "code is missing"))?;
+        let Some(code) = self.codes.get(code_value) else {
+            return Err(err("invalid_grant", "unknown authorization code"));
+        };
+        if code.client_id != client.client_id {
+            return Err(err("invalid_grant", "code issued to another client"));
+        }
+        if let Some(family) = code.family {
+            // RFC 6749 §4.1.2: a reused code SHOULD revoke what it issued.
+            record.family = Some(family);
+            self.revoke_family(family);
+            return Err(err(
+                "invalid_grant",
+                "authorization code already used; its tokens are revoked",
+            ));
+        }
+        if Instant::now() >= code.expires_at {
+            return Err(err("invalid_grant", "authorization code expired"));
+        }
+        // RFC 6749 §4.1.3: the same redirect_uri as in the authorization request.
+        if param(form, "redirect_uri") != Some(code.redirect_uri.as_str()) {
+            return Err(err("invalid_grant", "redirect_uri does not match"));
+        }
+        let verifier = param(form, "code_verifier")
+            .ok_or_else(|| err("invalid_grant", "code_verifier is missing"))?;
+        if !verifier_well_formed(verifier) || s256(verifier) != code.challenge {
+            return Err(err("invalid_grant", "code_verifier does not match"));
+        }
+        let subject = code.subject.clone();
+        let scope = code.scope.clone();
+        let nonce = code.nonce.clone();
+        let family = self.new_family();
+        if let Some(code) = self.codes.get_mut(code_value) {
+            code.family = Some(family);
+        }
+        record.family = Some(family);
+        record.scope = scope.clone();
+        let mut body = self.token_response(
+            &client.client_id,
+            &subject,
+            scope.as_deref(),
+            Some(family),
+            true,
+        );
+        let now = unix_now();
+        let mut claims = json!({
+            "iss": issuer,
+            "sub": subject,
+            "aud": client.client_id,
+            "iat": now,
+            "exp": now + secs(self.opts.access_ttl),
+        });
+        if let Some(nonce) = nonce {
+            claims["nonce"] = json!(nonce);
+        }
+        body.insert("id_token".into(), json!(unsigned_jwt(&claims)));
+        Ok(body)
+    }
+
+    fn refresh_active(&self, rt: &RefreshToken, now: Instant) -> bool {
+        rt.spent_at.is_none() && !rt.revoked && rt.expires_at.is_none_or(|exp| now < exp)
+    }
+}
+
+/// An `alg: none` JWT: well formed, unsigned (dev only).
+fn unsigned_jwt(claims: &Value) -> String {
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+    let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
+    format!("{header}.{payload}.")
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<DevBody> {
+    let mut resp = Response::new(full(body.to_string()));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    // RFC 6749 §5.1: token responses must not be cached.
+    h.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    h.insert(http::header::PRAGMA, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+fn error_response(e: &OAuthError) -> Response<DevBody> {
+    let status = if e.code == "invalid_client" {
+        StatusCode::UNAUTHORIZED
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    let mut resp = json_response(
+        status,
+        &json!({"error": e.code, "error_description": e.description}),
+    );
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"tokenproxy-dev\""),
+        );
+    }
+    resp
+}
+
+fn form_response(body: &Map<String, Value>) -> Response<DevBody> {
+    let mut ser = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in body {
+        match v {
+            Value::String(s) => ser.append_pair(k, s),
+            other => ser.append_pair(k, &other.to_string()),
+        };
+    }
+    let mut resp = Response::new(full(ser.finish()));
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-www-form-urlencoded"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    resp
+}
+
+fn raw_response(status: u16, body: &str, content_type: &str) -> Response<DevBody> {
+    let mut resp = Response::new(full(body.to_owned()));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+fn html(status: StatusCode, message: &str) -> Response<DevBody> {
+    let mut resp = Response::new(full(format!(
+        "<!doctype html><title>dev IdP</title><p>{message}</p>\n"
+    )));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    resp
+}
+
+impl DevIdp {
+    /// Binds `addr` (use `127.0.0.1:0` in tests) and serves in spawned tasks.
+    pub async fn start(addr: SocketAddr, opts: IdpOptions) -> io::Result<DevIdp> {
+        let shared = Arc::new(Shared {
+            url: RwLock::new(String::new()),
+            state: Mutex::new(State::new(opts)),
+        });
+        let handler_shared = shared.clone();
+        let handler: Handler = Arc::new(move |req| Box::pin(handle(handler_shared.clone(), req)));
+        let server = Server::bind(addr, handler, None).await?;
+        *shared.url.write() = format!("http://{}", server.addr());
+        Ok(DevIdp {
+            inner: Arc::new(IdpInner { server, shared }),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.server.addr()
+    }
+
+    /// `http://127.0.0.1:PORT`; also the issuer.
+    pub fn url(&self) -> String {
+        self.inner.shared.url.read().clone()
+    }
+
+    pub fn token_url(&self) -> String {
+        format!("{}/token", self.url())
+    }
+
+    pub fn authorize_url(&self) -> String {
+        format!("{}/authorize", self.url())
+    }
+
+    pub fn introspection_url(&self) -> String {
+        format!("{}/introspect", self.url())
+    }
+
+    pub fn revocation_url(&self) -> String {
+        format!("{}/revoke", self.url())
+    }
+
+    /// Closes the listener and all open connections: later connects are
+    /// refused until [`DevIdp::restart`].
+    pub async fn stop(&self) {
+        self.inner.server.stop().await
+    }
+
+    /// Binds the same port again, keeping all state. Panics if the port was
+    /// taken meanwhile (see [`DevIdp::try_restart`]).
+    pub async fn restart(&self) {
+        if let Err(e) = self.try_restart().await {
+            panic!("dev IdP could not rebind {}: {e}", self.addr());
+        }
+    }
+
+    pub async fn try_restart(&self) -> io::Result<()> {
+        self.inner.server.restart().await
+    }
+
+    fn state(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.inner.shared.state.lock()
+    }
+
+    /// Seeds an active refresh token in a new family.
+    pub fn issue_refresh_token(&self, client_id: &str, subject: &str) -> String {
+        let mut st = self.state();
+        let scope = st
+            .opts
+            .clients
+            .iter()
+            .find(|c| c.client_id == client_id)
+            .and_then(|c| c.allowed_scopes.as_ref())
+            .map(|s| s.join(" "));
+        let family = st.new_family();
+        st.mint_refresh(client_id, subject, scope.as_deref(), family)
+    }
+
+    /// Mints an access token outside any family (for echo-only tests).
+    pub fn issue_access_token(&self, client_id: &str) -> String {
+        self.state().mint_access(client_id, client_id, None, None).0
+    }
+
+    /// Every `/token` request so far, oldest first.
+    pub fn grants(&self) -> Vec<GrantRecord> {
+        self.state().grants.clone()
+    }
+
+    /// Spent refresh tokens presented outside the grace window. Tests of the
+    /// proxy assert this stays 0.
+    pub fn reuse_count(&self) -> usize {
+        self.state().reuse_count
+    }
+
+    /// Successful grants of this type (including ones whose answer a fault
+    /// then dropped or held).
+    pub fn grant_count(&self, grant_type: &str) -> usize {
+        self.state()
+            .grants
+            .iter()
+            .filter(|g| g.grant_type == grant_type && g.outcome == "ok")
+            .count()
+    }
+
+    /// A check for [`crate::dev::EchoUpstream`] backed by this IdP.
+    pub fn token_check(&self) -> TokenCheck {
+        let shared = self.inner.shared.clone();
+        Arc::new(move |t: &str| access_valid(&shared.state.lock(), t))
+    }
+
+    /// Issued here, not expired, not revoked.
+    pub fn is_access_token_valid(&self, token: &str) -> bool {
+        access_valid(&self.state(), token)
+    }
+
+    pub fn revoke_access_token(&self, token: &str) {
+        if let Some(at) = self.state().access.get_mut(token) {
+            at.revoked = true;
+        }
+    }
+
+    /// Revokes the whole family of a refresh token (refresh and access tokens).
+    pub fn revoke_family_of(&self, refresh_token: &str) {
+        let mut st = self.state();
+        if let Some(family) = st.refresh.get(refresh_token).map(|rt| rt.family) {
+            st.revoke_family(family);
+        }
+    }
+
+    /// Refresh tokens neither spent, revoked nor expired.
+    pub fn active_refresh_token_count(&self) -> usize {
+        let st = self.state();
+        let now = Instant::now();
+        st.refresh
+            .values()
+            .filter(|rt| st.refresh_active(rt, now))
+            .count()
+    }
+
+    /// Lifetime of access tokens issued from now on.
+    pub fn set_access_ttl(&self, d: Duration) {
+        self.state().opts.access_ttl = d;
+    }
+
+    /// Queues a fault for a later `/token` request (FIFO, one per request).
+    pub fn push_fault(&self, f: Fault) {
+        self.state().faults.push_back(f);
+    }
+
+    pub fn clear_faults(&self) {
+        self.state().faults.clear();
+    }
+
+    /// Faults not yet consumed.
+    pub fn pending_faults(&self) -> usize {
+        self.state().faults.len()
+    }
+}
+
+fn access_valid(st: &State, token: &str) -> bool {
+    st.access
+        .get(token)
+        .is_some_and(|at| !at.revoked && Instant::now() < at.expires_at)
+}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<DevBody> {
+    let path = req.uri().path().to_owned();
+    match path.as_str() {
+        "/token" => token_endpoint(shared, req).await,
+        "/authorize" => authorize(&shared, &req),
+        "/introspect" => introspect(shared, req).await,
+        "/revoke" => revoke(shared, req).await,
+        "/.well-known/oauth-authorization-server" | "/.well-known/openid-configuration" => {
+            metadata(&shared.url.read())
+        }
+        _ => json_response(
+            StatusCode::NOT_FOUND,
+            &json!({"error": "not_found", "error_description": "no such endpoint"}),
+        ),
+    }
+}
+
+/// What a POST endpoint received: form, Basic header, or an error to answer.
+struct Posted {
+    form: Form,
+    authorization: Option<String>,
+}
+
+async fn read_post(req: Request<Incoming>) -> Result<Posted, OAuthError> {
+    if req.method() != Method::POST {
+        return Err(err("invalid_request", "use POST"));
+    }
+    let form_type = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';').next().is_some_and(|m| {
+                m.trim()
+                    .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+            })
+        });
+    let authorization = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let body = Limited::new(req.into_body(), 1 << 20)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|_| err("invalid_request", "unreadable or oversized body"))?;
+    if !form_type {
+        return Err(err(
+            "invalid_request",
+            "content-type must be application/x-www-form-urlencoded",
+        ));
+    }
+    Ok(Posted {
+        form: parse_form(&body),
+        authorization,
+    })
+}
+
+async fn token_endpoint(shared: Arc<Shared>, req: Request<Incoming>) -> Response<DevBody> {
+    let kill = req.extensions().get::<ConnKill>().cloned();
+    let posted = read_post(req).await;
+    let issuer = shared.url.read().clone();
+    let fault = shared.state.lock().faults.pop_front();
+
+    // Faults that answer (or hang up) without processing the grant.
+    let canned = match &fault {
+        Some(Fault::Status {
+            status,
+            body,
+            content_type,
+            headers,
+        }) => {
+            let mut resp = raw_response(*status, body, content_type);
+            for (k, v) in headers {
+                if let (Ok(k), Ok(v)) = (
+                    HeaderName::from_bytes(k.as_bytes()),
+                    HeaderValue::from_str(v),
+                ) {
+                    resp.headers_mut().append(k, v);
+                }
+            }
+            Some(resp)
+        }
+        Some(Fault::Body {
+            status,
+            body,
+            content_type,
+        }) => Some(raw_response(*status, body, content_type)),
+        Some(Fault::Redirect(location)) => {
+            let mut resp = raw_response(302, "", "text/plain");
+            if let Ok(v) = HeaderValue::from_str(location) {
+                resp.headers_mut().insert(http::header::LOCATION, v);
+            }
+            Some(resp)
+        }
+        _ => None,
+    };
+    let unprocessed = canned.is_some() || matches!(fault, Some(Fault::ResetBeforeProcessing));
+    if unprocessed {
+        {
+            let mut st = shared.state.lock();
+            let mut record = match &posted {
+                Ok(p) => describe(&st, p),
+                Err(_) => blank_record(),
+            };
+            record.outcome = "fault".into();
+            record.fault = fault.as_ref().map(Fault::name);
+            st.grants.push(record);
+        }
+        return match canned {
+            Some(resp) => resp,
+            None => kill_or_500(kill).await,
+        };
+    }
+    if let Some(Fault::Delay(d)) = &fault {
+        tokio::time::sleep(*d).await;
+    }
+
+    let outcome = {
+        let mut st = shared.state.lock();
+        let (mut record, result) = match posted {
+            Ok(p) => {
+                let mut record = describe(&st, &p);
+                let auth = authenticate(&st.opts.clients, &p.form, p.authorization.as_deref());
+                let result = st.process(&p.form, auth, &mut record, &issuer);
+                (record, result)
+            }
+            Err(e) => (blank_record(), Err(e)),
+        };
+        record.outcome = match &result {
+            Ok(_) => "ok".into(),
+            Err(e) => e.code.into(),
+        };
+        record.fault = fault.as_ref().map(Fault::name);
+        st.grants.push(record);
+        result
+    };
+
+    match fault {
+        Some(Fault::ResetAfterProcessing) => kill_or_500(kill).await,
+        Some(Fault::HoldAfterProcessing(hold)) => {
+            hold.hold().await;
+            respond(outcome, false)
+        }
+        Some(Fault::FormEncoded) => respond(outcome, true),
+        _ => respond(outcome, false),
+    }
+}
+
+fn respond(outcome: Result<Map<String, Value>, OAuthError>, form: bool) -> Response<DevBody> {
+    match (outcome, form) {
+        (Ok(body), false) => json_response(StatusCode::OK, &Value::Object(body)),
+        (Ok(body), true) => form_response(&body),
+        (Err(e), _) => error_response(&e),
+    }
+}
+
+async fn kill_or_500(kill: Option<ConnKill>) -> Response<DevBody> {
+    match kill {
+        Some(kill) => kill.kill().await,
+        None => raw_response(500, "connection kill unavailable", "text/plain"),
+    }
+}
+
+fn blank_record() -> GrantRecord {
+    GrantRecord {
+        at: SystemTime::now(),
+        grant_type: String::new(),
+        client_id: None,
+        client_auth: "invalid".into(),
+        refresh_token: None,
+        family: None,
+        scope: None,
+        resource: None,
+        outcome: String::new(),
+        fault: None,
+    }
+}
+
+/// The record of a request before (or without) processing it.
+fn describe(st: &State, p: &Posted) -> GrantRecord {
+    let auth = authenticate(&st.opts.clients, &p.form, p.authorization.as_deref());
+    let refresh_token = param(&p.form, "refresh_token").map(str::to_owned);
+    GrantRecord {
+        at: SystemTime::now(),
+        grant_type: param(&p.form, "grant_type").unwrap_or("").to_owned(),
+        client_id: auth.client_id.clone(),
+        client_auth: auth.label(),
+        family: refresh_token
+            .as_deref()
+            .and_then(|t| st.refresh.get(t))
+            .map(|rt| rt.family),
+        refresh_token,
+        scope: param(&p.form, "scope").map(str::to_owned),
+        resource: param(&p.form, "resource").map(str::to_owned),
+        outcome: String::new(),
+        fault: None,
+    }
+}
+
+/// Auto-approving authorization endpoint (RFC 6749 §4.1.1, RFC 7636).
+fn authorize(shared: &Shared, req: &Request<Incoming>) -> Response<DevBody> {
+    if req.method() != Method::GET {
+        return html(StatusCode::METHOD_NOT_ALLOWED, "use GET");
+    }
+    let q: Form = parse_form(req.uri().query().unwrap_or("").as_bytes());
+    let mut st = shared.state.lock();
+    let Some(client) = param(&q, "client_id")
+        .and_then(|id| st.opts.clients.iter().find(|c| c.client_id == id))
+        .cloned()
+    else {
+        return html(StatusCode::BAD_REQUEST, "unknown client_id");
+    };
+    // §4.1.2.1: with a bad redirect_uri, tell the user, never redirect.
+    let Some(redirect_uri) = param(&q, "redirect_uri")
+        .filter(|r| client.redirect_uris.iter().any(|u| u == r))
+        .map(str::to_owned)
+    else {
+        return html(
+            StatusCode::BAD_REQUEST,
+            "redirect_uri missing or not registered for this client",
+        );
+    };
+    let issuer = shared.url.read().clone();
+    let state = param(&q, "state").map(str::to_owned);
+    let redirect = |pairs: &[(&str, &str)]| {
+        let mut ser = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in pairs {
+            ser.append_pair(k, v);
+        }
+        if let Some(s) = &state {
+            ser.append_pair("state", s);
+        }
+        // RFC 9207: identify the issuer in the response.
+        ser.append_pair("iss", &issuer);
+        let sep = if redirect_uri.contains('?') { '&' } else { '?' };
+        let location = format!("{redirect_uri}{sep}{}", ser.finish());
+        let mut resp = Response::new(full(Bytes::new()));
+        *resp.status_mut() = StatusCode::FOUND;
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            resp.headers_mut().insert(http::header::LOCATION, v);
+        }
+        resp
+    };
+    let redirect_error =
+        |code: &str, msg: &str| redirect(&[("error", code), ("error_description", msg)]);
+    if duplicate(&q).is_some() {
+        return redirect_error("invalid_request", "repeated parameter");
+    }
+    if param(&q, "response_type") != Some("code") {
+        return redirect_error("unsupported_response_type", "only response_type=code");
+    }
+    let Some(challenge) = param(&q, "code_challenge") else {
+        return redirect_error("invalid_request", "PKCE code_challenge is required");
+    };
+    if param(&q, "code_challenge_method") != Some("S256") {
+        return redirect_error("invalid_request", "code_challenge_method must be S256");
+    }
+    let scope = match check_scope(&client, param(&q, "scope")) {
+        Ok(s) => s,
+        Err(e) => return redirect_error(e.code, &e.description),
+    };
+    let code = random("code_");
+    let code_ttl = st.opts.code_ttl;
+    st.codes.insert(
+        code.clone(),
+        AuthCode {
+            client_id: client.client_id.clone(),
+            redirect_uri: redirect_uri.clone(),
+            challenge: challenge.to_owned(),
+            subject: param(&q, "login_hint").unwrap_or("dev-user").to_owned(),
+            scope,
+            nonce: param(&q, "nonce").map(str::to_owned),
+            expires_at: Instant::now() + code_ttl,
+            family: None,
+        },
+    );
+    redirect(&[("code", &code)])
+}
+
+/// RFC 7662. Client authentication required; spent refresh tokens are
+/// inactive.
+async fn introspect(shared: Arc<Shared>, req: Request<Incoming>) -> Response<DevBody> {
+    let p = match read_post(req).await {
+        Ok(p) => p,
+        Err(e) => return error_response(&e),
+    };
+    let st = shared.state.lock();
+    if let Err(e) = authenticate(&st.opts.clients, &p.form, p.authorization.as_deref()).result {
+        return error_response(&e);
+    }
+    let Some(token) = param(&p.form, "token") else {
+        return error_response(&err("invalid_request", "token is missing"));
+    };
+    let issuer = shared.url.read().clone();
+    let now = Instant::now();
+    let mut body = json!({"active": false});
+    if let Some(at) = st.access.get(token) {
+        if !at.revoked && now < at.expires_at {
+            body = json!({
+                "active": true, "token_type": "Bearer", "client_id": at.client_id,
+                "sub": at.subject, "exp": at.exp_unix, "iat": at.iat_unix, "iss": issuer,
+            });
+            if let Some(scope) = &at.scope {
+                body["scope"] = json!(scope);
+            }
+        }
+    } else if let Some(rt) = st.refresh.get(token) {
+        if st.refresh_active(rt, now) {
+            body = json!({
+                "active": true, "token_type": "refresh_token", "client_id": rt.client_id,
+                "sub": rt.subject, "iat": rt.iat_unix, "iss": issuer,
+            });
+            if let Some(exp) = rt.exp_unix {
+                body["exp"] = json!(exp);
+            }
+            if let Some(scope) = &rt.scope {
+                body["scope"] = json!(scope);
+            }
+        }
+    }
+    json_response(StatusCode::OK, &body)
+}
+
+/// RFC 7009. A refresh token revokes its whole family (§2.1 allows it).
+async fn revoke(shared: Arc<Shared>, req: Request<Incoming>) -> Response<DevBody> {
+    let p = match read_post(req).await {
+        Ok(p) => p,
+        Err(e) => return error_response(&e),
+    };
+    let mut st = shared.state.lock();
+    let client = match authenticate(&st.opts.clients, &p.form, p.authorization.as_deref()).result {
+        Ok(c) => c,
+        Err(e) => return error_response(&e),
+    };
+    let Some(token) = param(&p.form, "token") else {
+        return error_response(&err("invalid_request", "token is missing"));
+    };
+    let owner_family = |st: &State| {
+        if let Some(rt) = st.refresh.get(token) {
+            Some((rt.client_id.clone(), Some(rt.family)))
+        } else {
+            st.access.get(token).map(|at| (at.client_id.clone(), None))
+        }
+    };
+    match owner_family(&st) {
+        Some((owner, _)) if owner != client.client_id => error_response(&err(
+            "unauthorized_client",
+            "token issued to another client",
+        )),
+        Some((_, Some(family))) => {
+            st.revoke_family(family);
+            json_response(StatusCode::OK, &json!({}))
+        }
+        Some((_, None)) => {
+            if let Some(at) = st.access.get_mut(token) {
+                at.revoked = true;
+            }
+            json_response(StatusCode::OK, &json!({}))
+        }
+        // §2.2: an unknown token is not an error.
+        None => json_response(StatusCode::OK, &json!({})),
+    }
+}
+
+/// RFC 8414 metadata (also served as OpenID discovery).
+fn metadata(issuer: &str) -> Response<DevBody> {
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "issuer": issuer,
+            "authorization_endpoint": format!("{issuer}/authorize"),
+            "token_endpoint": format!("{issuer}/token"),
+            "introspection_endpoint": format!("{issuer}/introspect"),
+            "revocation_endpoint": format!("{issuer}/revoke"),
+            "response_types_supported": ["code"],
+            "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
+            "code_challenge_methods_supported": ["S256"],
+            "token_endpoint_auth_methods_supported":
+                ["client_secret_basic", "client_secret_post", "none"],
+            "introspection_endpoint_auth_methods_supported":
+                ["client_secret_basic", "client_secret_post"],
+            "revocation_endpoint_auth_methods_supported":
+                ["client_secret_basic", "client_secret_post"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["none"],
+            "authorization_response_iss_parameter_supported": true,
+        }),
+    )
+}

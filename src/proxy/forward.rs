@@ -53,7 +53,7 @@ pub enum ProxyBuildError {
 pub(crate) struct ClientKey {
     pub ca_file: Option<PathBuf>,
     pub connect_timeout: Duration,
-    /// Upgrades need HTTP/1.1 end to end: ALPN offers only `http/1.1`.
+    /// Upgrades need HTTP/1.1 end to end: no `h2` in ALPN.
     pub h1_only: bool,
 }
 
@@ -93,7 +93,7 @@ pub(crate) fn build_client(key: &ClientKey) -> Result<HttpsClient, ProxyBuildErr
             })?;
         }
     }
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+    let tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
@@ -107,7 +107,7 @@ pub(crate) fn build_client(key: &ClientKey) -> Result<HttpsClient, ProxyBuildErr
     // for loopback upstreams or `allow_plaintext`.
     let builder = hyper_rustls::HttpsConnectorBuilder::new();
     let connector = if key.h1_only {
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // No ALPN at all: the server then speaks HTTP/1.1.
         builder
             .with_tls_config(tls)
             .https_or_http()

@@ -439,3 +439,152 @@ async fn shutdown_drains_in_flight_requests() {
     assert_eq!(inflight.await.unwrap(), 200);
     let TestProxy { .. } = p;
 }
+
+#[tokio::test]
+async fn tls_listener_serves_h1_and_h2() {
+    use tokenproxy::dev::tls;
+    let up = echo().await;
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/src/dev/testdata");
+    let mut cfg = config(vec![route("/api/", &up.url())]);
+    cfg.server.tls_cert = Some(format!("{data}/test-leaf.pem").into());
+    cfg.server.tls_key = Some(format!("{data}/test-leaf.key").into());
+    let p = start_proxy_with(cfg).await;
+    let tls_config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(tls::test_root_store())
+    .with_no_client_auth();
+    for h2 in [false, true] {
+        let b = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls_config.clone())
+            .https_only();
+        let connector = if h2 {
+            b.enable_http2().build()
+        } else {
+            b.enable_http1().build()
+        };
+        let c: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(connector);
+        let resp = c
+            .request(get(&format!("https://localhost:{}/api/x", p.addr.port())))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let want = if h2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
+        assert_eq!(resp.version(), want);
+        let r = json(&resp.into_body().collect().await.unwrap().to_bytes());
+        assert_eq!(echoed(&r, "x-forwarded-proto"), ["https"]);
+        assert_eq!(r["token_ok"], true);
+    }
+}
+
+#[tokio::test]
+async fn websocket_over_tls_upstream_uses_http1() {
+    use tokenproxy::dev::{tls, EchoUpstream};
+    let up = EchoUpstream::start_tls(
+        "127.0.0.1:0".parse().unwrap(),
+        std::sync::Arc::new(|t: &str| t == GOOD_TOKEN),
+        tls::test_server_config(),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, tls::TEST_CA_PEM).unwrap();
+    let mut r = route("/ws/", &up.url());
+    r.ca_file = Some(ca);
+    r.upgrades = true;
+    let p = start_proxy(vec![r]).await;
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(WS_REQUEST.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    s.write_all(b"tls").await.unwrap();
+    let mut buf = [0u8; 3];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"tls");
+}
+
+/// An upstream that closes a kept-alive connection on its second request
+/// without answering: the proxy retries an idempotent bodiless request once.
+#[tokio::test]
+async fn idempotent_request_retried_once_on_a_dead_pooled_connection() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        let mut conns = 0;
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            conns += 1;
+            let first = conns == 1;
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(ok).await;
+                if first {
+                    // Reads the next request, then hangs up without a byte.
+                    let _ = s.read(&mut buf).await;
+                    return;
+                }
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(ok).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let p = start_proxy(vec![route("/api/", &format!("http://{addr}"))]).await;
+    let c = client();
+    for _ in 0..2 {
+        let (resp, body) = send(&c, get(&p.url("/api/x"))).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(&body[..], b"ok");
+    }
+    // A POST with a body is never replayed.
+    let req = Request::post(p.url("/api/x"))
+        .body(Full::new(Bytes::from_static(b"x")))
+        .unwrap();
+    let (resp, _) = send(&c, req).await;
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn max_connections_is_enforced() {
+    let up = echo().await;
+    let mut cfg = config(vec![route("/api/", &up.url())]);
+    cfg.server.max_connections = 1;
+    let p = start_proxy_with(cfg).await;
+    let req = "GET /api/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    let mut a = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    a.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert!(a.read(&mut buf).await.unwrap() > 0);
+    // `a` is kept alive: a second connection waits for its permit.
+    let mut b = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    b.write_all(req.as_bytes()).await.unwrap();
+    let waited = tokio::time::timeout(Duration::from_millis(300), b.read(&mut buf)).await;
+    assert!(
+        waited.is_err(),
+        "second connection served while the first was open"
+    );
+    drop(a);
+    let n = tokio::time::timeout(Duration::from_secs(5), b.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+}

@@ -439,3 +439,202 @@ fn rewrite_links(h: &mut HeaderMap, rw: &LinkRewriter, host: &HeaderValue, tls: 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{
+        AdminConfig, LogConfig, LogFormat, ServerConfig, StoreConfig, StoreKind, TokenFormat,
+    };
+    use http_body_util::Full;
+    use parking_lot::Mutex;
+
+    pub(crate) fn route(prefix: &str, upstream: &str) -> RouteConfig {
+        RouteConfig {
+            path_prefix: prefix.to_owned(),
+            host: None,
+            upstream: upstream.parse().unwrap(),
+            credential: "test".to_owned(),
+            strip_prefix: true,
+            header: http::header::AUTHORIZATION,
+            format: TokenFormat::default(),
+            scopes: None,
+            resource: None,
+            refresh_on: vec![401],
+            replay: true,
+            replay_max_body: 64 * 1024,
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            upgrades: false,
+            ca_file: None,
+            allow_plaintext: false,
+        }
+    }
+
+    pub(crate) fn config(routes: Vec<RouteConfig>) -> Config {
+        Config {
+            source: "test.toml".into(),
+            server: ServerConfig {
+                listen: vec![
+                    ListenAddr::Tcp("10.1.2.3:8080".parse().unwrap()),
+                    ListenAddr::Tcp("0.0.0.0:8081".parse().unwrap()),
+                ],
+                hosts: vec!["api.internal".into()],
+                tls_cert: None,
+                tls_key: None,
+                worker_threads: 2,
+                max_connections: 100,
+                shutdown_grace: Duration::from_secs(1),
+                egress_proxy: None,
+            },
+            admin: AdminConfig {
+                listen: ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()),
+                token: None,
+                ready_requires_tokens: false,
+            },
+            store: StoreConfig {
+                kind: StoreKind::File,
+                path: "tokens.json".into(),
+                url: None,
+                encryption_key: None,
+            },
+            log: LogConfig {
+                format: LogFormat::Json,
+                level: "debug".into(),
+            },
+            credentials: Default::default(),
+            routes,
+        }
+    }
+
+    fn proxy(routes: Vec<RouteConfig>) -> Arc<Proxy> {
+        Proxy::new(&config(routes), &|_, r| {
+            RouteToken::fixed(
+                &r.credential,
+                HeaderValue::from_static("Bearer s3cr3t-token"),
+            )
+        })
+        .unwrap()
+    }
+
+    const CONN: ConnInfo = ConnInfo {
+        remote_ip: None,
+        tls: false,
+    };
+
+    fn req(host: &str, path: &str) -> Request<Full<bytes::Bytes>> {
+        Request::get(path)
+            .header(HOST, host)
+            .header("authorization", "Bearer client-secret-value")
+            .header("cookie", "session=cookie-secret")
+            .body(Full::default())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn allowlist_includes_listen_addresses_hosts_and_route_hosts() {
+        let mut hosted = route("/h/", "http://127.0.0.1:9");
+        hosted.host = Some("gh.example".into());
+        let p = proxy(vec![route("/x/", "http://127.0.0.1:9"), hosted]);
+        // Allowed hosts get past the allowlist (and then fail on the route).
+        for host in ["api.internal", "10.1.2.3:8080", "gh.example", "localhost"] {
+            let resp = p.handle(req(host, "/nope"), CONN).await;
+            assert_eq!(resp.status(), 404, "{host}");
+        }
+        for host in ["0.0.0.0", "10.1.2.4", "evil.example"] {
+            let resp = p.handle(req(host, "/nope"), CONN).await;
+            assert_eq!(resp.status(), 421, "{host}");
+        }
+        let resp = p
+            .handle(
+                Request::get("/x/")
+                    .body(Full::<bytes::Bytes>::default())
+                    .unwrap(),
+                CONN,
+            )
+            .await;
+        assert_eq!(resp.status(), 400, "missing Host");
+    }
+
+    /// A `MakeWriter` into a shared buffer, to inspect what was logged.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Capture {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
+        type Writer = Capture;
+        fn make_writer(&'a self) -> Capture {
+            self.clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn logs_one_event_per_request_without_secrets_or_query() {
+        let up = crate::dev::EchoUpstream::start(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(|t: &str| t == "s3cr3t-token"),
+        )
+        .await
+        .unwrap();
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let p = proxy(vec![
+            route("/api/", &up.url()),
+            route("/dead/", &format!("http://{dead}")),
+        ]);
+        let capture = Capture::default();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(capture.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let resp = p
+            .handle(req("localhost", "/api/x?access_token=query-secret"), CONN)
+            .await;
+        assert_eq!(resp.status(), 200);
+        let resp = p
+            .handle(req("localhost", "/dead/x?q=query-secret"), CONN)
+            .await;
+        assert_eq!(resp.status(), 502);
+
+        let logs = String::from_utf8(capture.0.lock().clone()).unwrap();
+        for secret in [
+            "s3cr3t-token",
+            "client-secret-value",
+            "cookie-secret",
+            "query-secret",
+        ] {
+            assert!(!logs.contains(secret), "{secret} leaked into logs:\n{logs}");
+        }
+        let served: Vec<serde_json::Value> = logs
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|v: &serde_json::Value| v["fields"]["message"] == "Request served")
+            .collect();
+        assert_eq!(served.len(), 2, "{logs}");
+        assert_eq!(served[0]["fields"]["route"], "/api/");
+        assert_eq!(served[0]["fields"]["status"], 200);
+        assert_eq!(served[0]["fields"]["method"], "GET");
+        assert_eq!(served[0]["fields"]["upstream"], up.addr().to_string());
+        assert!(served[0]["fields"]["request_id"].as_str().is_some());
+        assert!(served[0]["fields"]["duration_ms"].is_u64());
+        // The upstream error is logged with its cause chain, not just "client error".
+        let warn = logs
+            .lines()
+            .find(|l| l.contains("Upstream unreachable"))
+            .expect("upstream error logged");
+        assert!(warn.to_ascii_lowercase().contains("refused"), "{warn}");
+    }
+}

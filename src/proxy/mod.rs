@@ -1,1 +1,640 @@
-//! Listeners, router, header hygiene and forwarder (placeholder).
+//! The proxy data path: listeners and connection serving, the router, header
+//! hygiene, token injection, URI rewriting, the forwarder, and the one table
+//! that maps proxy errors to responses ([`error`]).
+//!
+//! Per request: host allowlist and cross-site check → path safety → route →
+//! token (before anything is sent upstream) → header hygiene → forward with
+//! timeouts → response hygiene (hop-by-hop, `Location`/`Link`).
+//!
+//! Sees the token engine only through [`RouteToken::get`]; it must not know
+//! how tokens are obtained or refreshed. Everything a request needs (parsed
+//! upstreams, header names, clients) is built once in [`Proxy::new`]; the hot
+//! path takes no lock.
+
+mod body;
+pub mod error;
+mod forward;
+mod headers;
+mod listener;
+mod router;
+
+pub use body::{BodyIdleTimeout, BoxError, ProxyBody};
+pub use error::ProxyError;
+pub use forward::ProxyBuildError;
+pub use listener::{bind, serve, Listener};
+
+use crate::config::{Config, ListenAddr, RouteConfig};
+use crate::token::RouteToken;
+use body::{empty, IdleTimeout};
+use error::X_REQUEST_ID;
+use forward::{cause_chain, ClientKey, HttpsClient, Upstream};
+use headers::{HostPolicy, LinkRewriter};
+use http::header::{HOST, LINK, LOCATION, ORIGIN};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body::Body;
+use http_body_util::BodyExt;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
+
+/// One configured route, ready to serve.
+struct Route {
+    /// `path_prefix`, the route's name in logs.
+    label: String,
+    token: RouteToken,
+    header: HeaderName,
+    upstream: Upstream,
+    rewriter: LinkRewriter,
+    upgrades: bool,
+    response_timeout: Duration,
+    idle_timeout: Duration,
+    client: HttpsClient,
+    /// HTTP/1.1-only twin of `client` for upgrades (`upgrades = true` only).
+    upgrade_client: Option<HttpsClient>,
+}
+
+/// All routes, clients and settings of the data path. Built once per config.
+pub struct Proxy {
+    routes: Vec<Route>,
+    router: router::Router,
+    hosts: HostPolicy,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    max_connections: usize,
+    shutdown_grace: Duration,
+}
+
+/// What the pipeline knows about the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnInfo {
+    /// None on unix sockets.
+    pub remote_ip: Option<IpAddr>,
+    pub tls: bool,
+}
+
+impl Proxy {
+    /// Build the data path. `token_for_route(i, route)` gives route `i`
+    /// (its position in `config.routes`) its token handle.
+    pub fn new(
+        config: &Config,
+        token_for_route: &dyn Fn(usize, &RouteConfig) -> RouteToken,
+    ) -> Result<Arc<Proxy>, ProxyBuildError> {
+        let mut clients: HashMap<ClientKey, HttpsClient> = HashMap::new();
+        let mut client_for = |key: ClientKey| -> Result<HttpsClient, ProxyBuildError> {
+            if let Some(c) = clients.get(&key) {
+                return Ok(c.clone());
+            }
+            let c = forward::build_client(&key)?;
+            clients.insert(key, c.clone());
+            Ok(c)
+        };
+
+        let mut routes = Vec::with_capacity(config.routes.len());
+        for (i, rc) in config.routes.iter().enumerate() {
+            let upstream = Upstream::new(&rc.upstream, &rc.path_prefix, rc.strip_prefix)
+                // Validated config guarantees scheme and authority.
+                .ok_or_else(|| ProxyBuildError::Upstream {
+                    route: rc.path_prefix.clone(),
+                })?;
+            let key = ClientKey {
+                ca_file: rc.ca_file.clone(),
+                connect_timeout: rc.connect_timeout,
+                h1_only: false,
+            };
+            let upgrade_client = if rc.upgrades {
+                Some(client_for(ClientKey {
+                    h1_only: true,
+                    ..key.clone()
+                })?)
+            } else {
+                None
+            };
+            routes.push(Route {
+                label: rc.path_prefix.clone(),
+                token: token_for_route(i, rc),
+                header: rc.header.clone(),
+                rewriter: LinkRewriter::new(
+                    &rc.upstream,
+                    &upstream.base,
+                    &rc.path_prefix,
+                    rc.strip_prefix,
+                ),
+                upstream,
+                upgrades: rc.upgrades,
+                response_timeout: rc.response_timeout,
+                idle_timeout: rc.idle_timeout,
+                client: client_for(key)?,
+                upgrade_client,
+            });
+        }
+
+        let router = router::Router::new(
+            config
+                .routes
+                .iter()
+                .map(|r| (r.path_prefix.as_str(), r.host.as_deref())),
+        );
+        let mut names: Vec<String> = config.server.hosts.clone();
+        names.extend(config.routes.iter().filter_map(|r| r.host.clone()));
+        for l in &config.server.listen {
+            if let ListenAddr::Tcp(a) = l {
+                if !a.ip().is_unspecified() {
+                    names.push(HostPolicy::ip_name(a.ip()));
+                }
+            }
+        }
+        let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+            (Some(cert), Some(key)) => Some(listener::tls_acceptor(cert, key)?),
+            _ => None,
+        };
+        Ok(Arc::new(Proxy {
+            routes,
+            router,
+            hosts: HostPolicy::new(names),
+            tls,
+            max_connections: config.server.max_connections.max(1),
+            shutdown_grace: config.server.shutdown_grace,
+        }))
+    }
+
+    /// Serve one request: the proxied response, or a proxy error response.
+    /// Always carries `x-request-id`; logs one debug event.
+    pub(crate) async fn handle<B>(&self, req: Request<B>, conn: ConnInfo) -> Response<ProxyBody>
+    where
+        B: Body<Data = bytes::Bytes> + Send + Sync + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let start = Instant::now();
+        let request_id = headers::request_id(req.headers());
+        let method = req.method().clone();
+        let mut route = None;
+        let mut resp = match self.forward(req, conn, &request_id, &mut route).await {
+            Ok(r) => r,
+            Err(e) => error::into_response(&e, &request_id),
+        };
+        resp.headers_mut()
+            .insert(X_REQUEST_ID.clone(), request_id.clone());
+        let route = route.map(|i| &self.routes[i]);
+        tracing::debug!(
+            route = route.map_or("", |r| r.label.as_str()),
+            method = method.as_str(),
+            status = resp.status().as_u16(),
+            duration_ms = start.elapsed().as_millis() as u64,
+            request_id = request_id.to_str().unwrap_or(""),
+            upstream = route
+                .and_then(|r| r.upstream.host_header.to_str().ok())
+                .unwrap_or(""),
+            "Request served"
+        );
+        resp
+    }
+
+    async fn forward<B>(
+        &self,
+        mut req: Request<B>,
+        conn: ConnInfo,
+        request_id: &HeaderValue,
+        route_out: &mut Option<usize>,
+    ) -> Result<Response<ProxyBody>, ProxyError>
+    where
+        B: Body<Data = bytes::Bytes> + Send + Sync + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        if req.method() == Method::CONNECT {
+            return Err(ProxyError::MethodNotAllowed);
+        }
+        let original_host = original_host(&req).ok_or(ProxyError::BadRequest("missing Host"))?;
+        let host = original_host
+            .to_str()
+            .ok()
+            .and_then(headers::host_of)
+            .ok_or(ProxyError::BadRequest("malformed Host"))?;
+        if !self.hosts.allows(&host) {
+            return Err(ProxyError::HostNotAllowed);
+        }
+        self.check_cross_site(req.headers())?;
+
+        // Absolute-form targets are routed by their path only: the host they
+        // name is never contacted (not an open proxy).
+        let path = req.uri().path();
+        router::check_path(path).map_err(ProxyError::BadRequest)?;
+        let idx = self.router.find(&host, path).ok_or(ProxyError::NoRoute)?;
+        *route_out = Some(idx);
+        let route = &self.routes[idx];
+
+        let upgrade = req.version() <= Version::HTTP_11 && headers::wants_upgrade(req.headers());
+        if upgrade && !route.upgrades {
+            return Err(ProxyError::UpgradeNotEnabled);
+        }
+        let uri = route
+            .upstream
+            .uri(path, req.uri().query())
+            .map_err(|_| ProxyError::BadRequest("malformed request target"))?;
+
+        // Nothing goes upstream without its token.
+        let injected = route
+            .token
+            .get()
+            .await
+            .map_err(ProxyError::CredentialUnavailable)?;
+
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let h = &mut parts.headers;
+        headers::strip_hop_by_hop(h, upgrade);
+        h.insert(HOST, route.upstream.host_header.clone());
+        if let Some(ip) = conn.remote_ip {
+            append_forwarded_for(h, ip);
+        }
+        h.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+        );
+        h.insert(X_FORWARDED_HOST.clone(), original_host.clone());
+        h.insert(X_REQUEST_ID.clone(), request_id.clone());
+        // Replaces every client-sent value of the header.
+        h.insert(route.header.clone(), injected.value);
+
+        let has_body = !body.is_end_stream();
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        // One retry for idempotent requests without a body: a pooled
+        // connection the upstream just closed fails before any response byte.
+        let retry = (!has_body && !upgrade && is_idempotent(&parts.method)).then(|| {
+            (
+                parts.method.clone(),
+                parts.uri.clone(),
+                parts.headers.clone(),
+            )
+        });
+        let out_body = if has_body {
+            IdleTimeout::new(body, route.idle_timeout).boxed()
+        } else {
+            empty()
+        };
+        let client = match (&route.upgrade_client, upgrade) {
+            (Some(c), true) => c,
+            _ => &route.client,
+        };
+
+        let deadline = Instant::now() + route.response_timeout;
+        let rid = request_id.to_str().unwrap_or("");
+        let upstream_host = route.upstream.host_header.to_str().unwrap_or("");
+        let first = tokio::time::timeout_at(
+            deadline,
+            client.request(Request::from_parts(parts, out_body)),
+        )
+        .await;
+        let result = match (first, retry) {
+            (Ok(Err(e)), Some((method, uri, headers))) if !e.is_connect() => {
+                tracing::debug!(request_id = rid, upstream = upstream_host, error = %cause_chain(&e), "Retrying on a new connection");
+                let mut again = Request::new(empty());
+                *again.method_mut() = method;
+                *again.uri_mut() = uri;
+                *again.headers_mut() = headers;
+                tokio::time::timeout_at(deadline, client.request(again)).await
+            }
+            (first, _) => first,
+        };
+        let mut resp = match result {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::warn!(route = route.label.as_str(), request_id = rid, upstream = upstream_host, error = %cause_chain(&e), "Upstream unreachable");
+                return Err(ProxyError::UpstreamUnreachable);
+            }
+            Err(_) => {
+                tracing::warn!(
+                    route = route.label.as_str(),
+                    request_id = rid,
+                    upstream = upstream_host,
+                    timeout_ms = route.response_timeout.as_millis() as u64,
+                    "Upstream timed out"
+                );
+                return Err(ProxyError::UpstreamTimeout);
+            }
+        };
+
+        if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
+            (client_upgrade, resp.status())
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let (mut parts, _) = resp.into_parts();
+            headers::strip_hop_by_hop(&mut parts.headers, true);
+            parts.version = Version::HTTP_11;
+            forward::spawn_tunnel(client_upgrade, upstream_upgrade, request_id.clone());
+            return Ok(Response::from_parts(parts, empty()));
+        }
+
+        let (mut parts, body) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+        parts.version = Version::HTTP_11;
+        rewrite_links(
+            &mut parts.headers,
+            &route.rewriter,
+            &original_host,
+            conn.tls,
+        );
+        Ok(Response::from_parts(
+            parts,
+            IdleTimeout::new(body, route.idle_timeout).boxed(),
+        ))
+    }
+
+    /// DNS rebinding and CSRF: a web page must not borrow our tokens.
+    fn check_cross_site(&self, h: &HeaderMap) -> Result<(), ProxyError> {
+        if let Some(v) = h.get(&SEC_FETCH_SITE) {
+            let v = v.as_bytes();
+            if v.eq_ignore_ascii_case(b"cross-site") || v.eq_ignore_ascii_case(b"same-site") {
+                return Err(ProxyError::CrossSite);
+            }
+        }
+        if let Some(origin) = h.get(ORIGIN) {
+            match headers::origin_host(origin) {
+                Some(host) if self.hosts.allows(&host) => {}
+                _ => return Err(ProxyError::CrossSite),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The Host the client asked for: `Host` on HTTP/1 (the target's authority
+/// when absent), `:authority` on HTTP/2.
+fn original_host<B>(req: &Request<B>) -> Option<HeaderValue> {
+    let from_uri = || {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    };
+    if req.version() == Version::HTTP_2 {
+        from_uri().or_else(|| req.headers().get(HOST).cloned())
+    } else {
+        req.headers().get(HOST).cloned().or_else(from_uri)
+    }
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE | Method::PUT | Method::TRACE
+    )
+}
+
+fn append_forwarded_for(h: &mut HeaderMap, ip: IpAddr) {
+    let ip = ip.to_canonical().to_string();
+    let mut prior = String::new();
+    for v in h.get_all(&X_FORWARDED_FOR) {
+        if let Ok(s) = v.to_str() {
+            if !prior.is_empty() {
+                prior.push_str(", ");
+            }
+            prior.push_str(s);
+        }
+    }
+    let value = if prior.is_empty() {
+        ip
+    } else {
+        format!("{prior}, {ip}")
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        h.insert(X_FORWARDED_FOR.clone(), v);
+    }
+}
+
+fn rewrite_links(h: &mut HeaderMap, rw: &LinkRewriter, host: &HeaderValue, tls: bool) {
+    if !h.contains_key(LOCATION) && !h.contains_key(LINK) {
+        return;
+    }
+    let scheme = if tls { "https" } else { "http" };
+    let origin = format!("{scheme}://{}", host.to_str().unwrap_or("localhost"));
+    if let Some(new) = h
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| rw.rewrite(v, &origin))
+        .and_then(|v| HeaderValue::from_str(&v).ok())
+    {
+        h.insert(LOCATION, new);
+    }
+    if h.contains_key(LINK) {
+        let values: Vec<HeaderValue> = h
+            .get_all(LINK)
+            .iter()
+            .map(|v| {
+                v.to_str()
+                    .ok()
+                    .and_then(|s| rw.rewrite_link(s, &origin))
+                    .and_then(|s| HeaderValue::from_str(&s).ok())
+                    .unwrap_or_else(|| v.clone())
+            })
+            .collect();
+        h.remove(LINK);
+        for v in values {
+            h.append(LINK, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{
+        AdminConfig, LogConfig, LogFormat, ServerConfig, StoreConfig, StoreKind, TokenFormat,
+    };
+    use http_body_util::Full;
+    use parking_lot::Mutex;
+
+    pub(crate) fn route(prefix: &str, upstream: &str) -> RouteConfig {
+        RouteConfig {
+            path_prefix: prefix.to_owned(),
+            host: None,
+            upstream: upstream.parse().unwrap(),
+            credential: "test".to_owned(),
+            strip_prefix: true,
+            header: http::header::AUTHORIZATION,
+            format: TokenFormat::default(),
+            scopes: None,
+            resource: None,
+            refresh_on: vec![401],
+            replay: true,
+            replay_max_body: 64 * 1024,
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            upgrades: false,
+            ca_file: None,
+            allow_plaintext: false,
+        }
+    }
+
+    pub(crate) fn config(routes: Vec<RouteConfig>) -> Config {
+        Config {
+            source: "test.toml".into(),
+            server: ServerConfig {
+                listen: vec![
+                    ListenAddr::Tcp("10.1.2.3:8080".parse().unwrap()),
+                    ListenAddr::Tcp("0.0.0.0:8081".parse().unwrap()),
+                ],
+                hosts: vec!["api.internal".into()],
+                tls_cert: None,
+                tls_key: None,
+                worker_threads: 2,
+                max_connections: 100,
+                shutdown_grace: Duration::from_secs(1),
+                egress_proxy: None,
+            },
+            admin: AdminConfig {
+                listen: ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()),
+                token: None,
+                ready_requires_tokens: false,
+            },
+            store: StoreConfig {
+                kind: StoreKind::File,
+                path: "tokens.json".into(),
+                url: None,
+                encryption_key: None,
+            },
+            log: LogConfig {
+                format: LogFormat::Json,
+                level: "debug".into(),
+            },
+            credentials: Default::default(),
+            routes,
+        }
+    }
+
+    fn proxy(routes: Vec<RouteConfig>) -> Arc<Proxy> {
+        Proxy::new(&config(routes), &|_, r| {
+            RouteToken::fixed(
+                &r.credential,
+                HeaderValue::from_static("Bearer s3cr3t-token"),
+            )
+        })
+        .unwrap()
+    }
+
+    const CONN: ConnInfo = ConnInfo {
+        remote_ip: None,
+        tls: false,
+    };
+
+    fn req(host: &str, path: &str) -> Request<Full<bytes::Bytes>> {
+        Request::get(path)
+            .header(HOST, host)
+            .header("authorization", "Bearer client-secret-value")
+            .header("cookie", "session=cookie-secret")
+            .body(Full::default())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn allowlist_includes_listen_addresses_hosts_and_route_hosts() {
+        let mut hosted = route("/h/", "http://127.0.0.1:9");
+        hosted.host = Some("gh.example".into());
+        let p = proxy(vec![route("/x/", "http://127.0.0.1:9"), hosted]);
+        // Allowed hosts get past the allowlist (and then fail on the route).
+        for host in ["api.internal", "10.1.2.3:8080", "gh.example", "localhost"] {
+            let resp = p.handle(req(host, "/nope"), CONN).await;
+            assert_eq!(resp.status(), 404, "{host}");
+        }
+        for host in ["0.0.0.0", "10.1.2.4", "evil.example"] {
+            let resp = p.handle(req(host, "/nope"), CONN).await;
+            assert_eq!(resp.status(), 421, "{host}");
+        }
+        let resp = p
+            .handle(
+                Request::get("/x/")
+                    .body(Full::<bytes::Bytes>::default())
+                    .unwrap(),
+                CONN,
+            )
+            .await;
+        assert_eq!(resp.status(), 400, "missing Host");
+    }
+
+    /// A `MakeWriter` into a shared buffer, to inspect what was logged.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Capture {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
+        type Writer = Capture;
+        fn make_writer(&'a self) -> Capture {
+            self.clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn logs_one_event_per_request_without_secrets_or_query() {
+        let up = crate::dev::EchoUpstream::start(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(|t: &str| t == "s3cr3t-token"),
+        )
+        .await
+        .unwrap();
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let p = proxy(vec![
+            route("/api/", &up.url()),
+            route("/dead/", &format!("http://{dead}")),
+        ]);
+        let capture = Capture::default();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(capture.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let resp = p
+            .handle(req("localhost", "/api/x?access_token=query-secret"), CONN)
+            .await;
+        assert_eq!(resp.status(), 200);
+        let resp = p
+            .handle(req("localhost", "/dead/x?q=query-secret"), CONN)
+            .await;
+        assert_eq!(resp.status(), 502);
+
+        let logs = String::from_utf8(capture.0.lock().clone()).unwrap();
+        for secret in [
+            "s3cr3t-token",
+            "client-secret-value",
+            "cookie-secret",
+            "query-secret",
+        ] {
+            assert!(!logs.contains(secret), "{secret} leaked into logs:\n{logs}");
+        }
+        let served: Vec<serde_json::Value> = logs
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|v: &serde_json::Value| v["fields"]["message"] == "Request served")
+            .collect();
+        assert_eq!(served.len(), 2, "{logs}");
+        assert_eq!(served[0]["fields"]["route"], "/api/");
+        assert_eq!(served[0]["fields"]["status"], 200);
+        assert_eq!(served[0]["fields"]["method"], "GET");
+        assert_eq!(served[0]["fields"]["upstream"], up.addr().to_string());
+        assert!(served[0]["fields"]["request_id"].as_str().is_some());
+        assert!(served[0]["fields"]["duration_ms"].is_u64());
+        // The upstream error is logged with its cause chain, not just "client error".
+        let warn = logs
+            .lines()
+            .find(|l| l.contains("Upstream unreachable"))
+            .expect("upstream error logged");
+        assert!(warn.to_ascii_lowercase().contains("refused"), "{warn}");
+    }
+}

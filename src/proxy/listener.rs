@@ -1,0 +1,244 @@
+//! Listeners and connection serving: TCP (v4/v6) and unix sockets, optional
+//! TLS, HTTP/1.1 and HTTP/2 (prior knowledge, or ALPN under TLS) on every
+//! listener, a connection limit, a header read timeout, graceful shutdown.
+//!
+//! Hands each request to [`Proxy::handle`]; decides nothing about requests.
+
+use super::{forward, ConnInfo, Proxy, ProxyBuildError};
+use crate::config::ListenAddr;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::PrivateKeyDer;
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// Slowloris guard: the whole request head must arrive within this.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bigger heads get hyper's `431`.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// A bound listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// `127.0.0.1:8080`, `[::1]:8080` or `unix:/run/tp.sock`.
+    pub fn local_addr_string(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|e| format!("tcp:<{e}>"), |a| a.to_string()),
+            Listener::Unix(l) => match l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(PathBuf::from))
+            {
+                Some(p) => format!("unix:{}", p.display()),
+                None => "unix:<unnamed>".to_owned(),
+            },
+        }
+    }
+}
+
+/// Bind `addr`. A unix socket file left behind by a dead process is removed
+/// first; one that still accepts connections is `AddrInUse`.
+pub async fn bind(addr: &ListenAddr) -> std::io::Result<Listener> {
+    match addr {
+        ListenAddr::Tcp(a) => TcpListener::bind(a).await.map(Listener::Tcp),
+        ListenAddr::Unix(path) => {
+            remove_stale_socket(path).await?;
+            UnixListener::bind(path).map(Listener::Unix)
+        }
+    }
+}
+
+async fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = tokio::fs::symlink_metadata(path).await else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        // Never delete something that is not ours to delete.
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        ));
+    }
+    if tokio::net::UnixStream::connect(path).await.is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("{} is in use by a running process", path.display()),
+        ));
+    }
+    tokio::fs::remove_file(path).await
+}
+
+pub(crate) fn tls_acceptor(
+    cert: &Path,
+    key: &Path,
+) -> Result<tokio_rustls::TlsAcceptor, ProxyBuildError> {
+    let certs = forward::read_certs(cert)?;
+    let pem = std::fs::read(key).map_err(|source| ProxyBuildError::Read {
+        path: key.to_owned(),
+        source,
+    })?;
+    let key_der = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| ProxyBuildError::Pem {
+        path: key.to_owned(),
+        what: "private key",
+    })?;
+    let mut config = rustls::ServerConfig::builder_with_provider(forward::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|source| ProxyBuildError::Cert {
+            path: cert.to_owned(),
+            source,
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Accept and serve connections until `shutdown`, then stop accepting and
+/// let in-flight requests finish, for at most `server.shutdown_grace`.
+pub async fn serve(listener: Listener, proxy: Arc<Proxy>, shutdown: CancellationToken) {
+    let local = listener.local_addr_string();
+    // Bounds open connections; a permit lives as long as its connection.
+    let permits = Arc::new(Semaphore::new(proxy.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    let builder = Arc::new(builder);
+
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = accept(&listener) => a,
+        };
+        let (io, remote_ip) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(listener = local.as_str(), error = %e, "Accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let proxy = proxy.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match (&proxy.tls, io) {
+                (None, Accepted::Tcp(s)) => {
+                    serve_conn(s, remote_ip, false, proxy, &builder, watcher).await
+                }
+                (None, Accepted::Unix(s)) => {
+                    serve_conn(s, None, false, proxy, &builder, watcher).await
+                }
+                (Some(acceptor), io) => {
+                    let acceptor = acceptor.clone();
+                    let hs = match io {
+                        Accepted::Tcp(s) => {
+                            tokio::time::timeout(
+                                TLS_HANDSHAKE_TIMEOUT,
+                                acceptor.accept(Box::new(s) as Box<dyn Io>),
+                            )
+                            .await
+                        }
+                        Accepted::Unix(s) => {
+                            tokio::time::timeout(
+                                TLS_HANDSHAKE_TIMEOUT,
+                                acceptor.accept(Box::new(s) as Box<dyn Io>),
+                            )
+                            .await
+                        }
+                    };
+                    match hs {
+                        Ok(Ok(s)) => serve_conn(s, remote_ip, true, proxy, &builder, watcher).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::debug!(listener = local.as_str(), "Listener drained"),
+        _ = tokio::time::sleep(proxy.shutdown_grace) => {
+            tracing::warn!(listener = local.as_str(), grace_ms = proxy.shutdown_grace.as_millis() as u64, "Shutdown grace elapsed with requests in flight");
+        }
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(l: &Listener) -> std::io::Result<(Accepted, Option<IpAddr>)> {
+    match l {
+        Listener::Tcp(l) => {
+            let (s, addr) = l.accept().await?;
+            let _ = s.set_nodelay(true);
+            Ok((Accepted::Tcp(s), Some(addr.ip())))
+        }
+        Listener::Unix(l) => {
+            let (s, _) = l.accept().await?;
+            Ok((Accepted::Unix(s), None))
+        }
+    }
+}
+
+async fn serve_conn<I>(
+    io: I,
+    remote_ip: Option<IpAddr>,
+    tls: bool,
+    proxy: Arc<Proxy>,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let info = ConnInfo { remote_ip, tls };
+    let service = service_fn(move |req| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    if let Err(e) = watcher.watch(conn.into_owned()).await {
+        tracing::debug!(error = %forward::cause_chain(&*e), "Connection ended with an error");
+    }
+}

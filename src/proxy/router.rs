@@ -1,0 +1,215 @@
+//! The router: request-path safety checks, then the route with the longest
+//! `path_prefix` (on segment boundaries) whose optional `host` matches.
+//!
+//! Unsafe paths are rejected, never normalised: `/github/../admin` must not
+//! reach another route, nor another path on the upstream. Knows nothing of
+//! tokens or upstreams; it hands back an index into the route table.
+
+use percent_encoding::percent_decode_str;
+
+/// Why a path was refused (the text goes into the 400 body; it is static).
+pub(crate) fn check_path(path: &str) -> Result<(), &'static str> {
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err("the request target must be an absolute path");
+    };
+    if path.bytes().any(|b| b < 0x20 || b == 0x7f || b == b'\\') {
+        return Err("control characters and backslashes are not allowed in the path");
+    }
+    if rest.is_empty() {
+        return Ok(());
+    }
+    let segments: Vec<&str> = rest.split('/').collect();
+    let last = segments.len() - 1;
+    for (i, seg) in segments.iter().enumerate() {
+        // A trailing slash leaves one empty final segment: fine. `//` is not.
+        if seg.is_empty() && i != last {
+            return Err("empty path segments (//) are not allowed");
+        }
+        check_segment(seg)?;
+    }
+    Ok(())
+}
+
+fn check_segment(seg: &str) -> Result<(), &'static str> {
+    let bytes = seg.as_bytes();
+    // Every `%` must start a valid escape; encoded separators are refused.
+    let mut i = 0;
+    while let Some(off) = bytes[i..].iter().position(|&b| b == b'%') {
+        let at = i + off;
+        let hex = bytes
+            .get(at + 1..at + 3)
+            .ok_or("malformed percent-encoding in the path")?;
+        if !hex.iter().all(u8::is_ascii_hexdigit) {
+            return Err("malformed percent-encoding in the path");
+        }
+        i = at + 3;
+    }
+    let decoded: Vec<u8> = percent_decode_str(seg).collect();
+    if decoded.iter().any(|&b| b == b'/' || b == b'\\') {
+        return Err("encoded slashes (%2F, %5C) are not allowed in the path");
+    }
+    if decoded.iter().any(|&b| b < 0x20 || b == 0x7f) {
+        return Err("encoded control characters are not allowed in the path");
+    }
+    // `..;jsessionid` is `..` to some servers (path parameters).
+    let name = decoded.split(|&b| b == b';').next().unwrap_or(&[]);
+    if name == b"." || name == b".." {
+        return Err("dot-segments (. and ..) are not allowed in the path");
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// With trailing `/`.
+    prefix: String,
+    host: Option<String>,
+    index: usize,
+}
+
+/// Routes ordered for first-match: longest prefix first, and for equal
+/// prefixes the host-specific route before the catch-all.
+#[derive(Debug)]
+pub(crate) struct Router {
+    entries: Vec<Entry>,
+}
+
+impl Router {
+    /// `routes`: `(path_prefix, host)` in config order; indexes refer to it.
+    pub(crate) fn new<'a>(routes: impl IntoIterator<Item = (&'a str, Option<&'a str>)>) -> Self {
+        let mut entries: Vec<Entry> = routes
+            .into_iter()
+            .enumerate()
+            .map(|(index, (prefix, host))| Entry {
+                prefix: prefix.to_owned(),
+                host: host.map(str::to_ascii_lowercase),
+                index,
+            })
+            .collect();
+        // Stable: ties keep config order.
+        entries.sort_by(|a, b| {
+            b.prefix
+                .len()
+                .cmp(&a.prefix.len())
+                .then(b.host.is_some().cmp(&a.host.is_some()))
+        });
+        Router { entries }
+    }
+
+    /// `host` is lower-cased without port; `path` passed [`check_path`].
+    pub(crate) fn find(&self, host: &str, path: &str) -> Option<usize> {
+        self.entries
+            .iter()
+            .find(|e| {
+                e.host.as_deref().is_none_or(|h| h == host) && prefix_matches(&e.prefix, path)
+            })
+            .map(|e| e.index)
+    }
+}
+
+/// `/github/` matches `/github`, `/github/` and `/github/x`, never `/githubx`.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    path.starts_with(prefix) || path == &prefix[..prefix.len() - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safe_paths_pass() {
+        for p in [
+            "/",
+            "/github/",
+            "/github/user",
+            "/a/b/c/",
+            "/a/%20b",
+            "/a/b.json",
+            "/a/...",
+            "/a/.well-known/x",
+            "/a/%7Euser",
+            "/a/b;v=1",
+            "/a/%2e%2e%2e",
+        ] {
+            assert_eq!(check_path(p), Ok(()), "{p}");
+        }
+    }
+
+    #[test]
+    fn traversal_and_ambiguity_rejected() {
+        for p in [
+            "/a/../b",
+            "/a/..",
+            "/..",
+            "/a/./b",
+            "/a/.",
+            "/a/%2e%2e/b",
+            "/a/%2E%2E/b",
+            "/a/%2E./b",
+            "/a/.%2e/b",
+            "/a/%2e/b",
+            "/a/..;x=1/b",
+            "/a/%2fb",
+            "/a/%2F../b",
+            "/a/%5cb",
+            "/a/%5C..",
+            "/a\\..\\b",
+            "/a//b",
+            "//evil.com/x",
+            "/a/%00b",
+            "/a/%0ab",
+            "/a/%7f",
+            "/a/%zz",
+            "/a/%2",
+            "/a/b%",
+            "*",
+            "",
+            "a/b",
+        ] {
+            assert!(check_path(p).is_err(), "{p} should be rejected");
+        }
+        assert!(check_path("/a/\u{1}b").is_err());
+    }
+
+    fn router() -> Router {
+        Router::new([
+            ("/", None),
+            ("/github/", None),
+            ("/github/orgs/", None),
+            ("/github/", Some("gh.localhost")),
+            ("/git/", None),
+        ])
+    }
+
+    #[test]
+    fn longest_prefix_on_segment_boundaries() {
+        let r = router();
+        assert_eq!(r.find("localhost", "/github/user"), Some(1));
+        assert_eq!(r.find("localhost", "/github"), Some(1));
+        assert_eq!(r.find("localhost", "/github/"), Some(1));
+        assert_eq!(r.find("localhost", "/github/orgs/x"), Some(2));
+        assert_eq!(r.find("localhost", "/github/orgs"), Some(2));
+        assert_eq!(r.find("localhost", "/github/orgsx"), Some(1));
+        assert_eq!(r.find("localhost", "/githubx"), Some(0));
+        assert_eq!(r.find("localhost", "/git/x"), Some(4));
+        assert_eq!(r.find("localhost", "/gitx"), Some(0));
+        assert_eq!(r.find("localhost", "/"), Some(0));
+    }
+
+    #[test]
+    fn host_specific_route_wins_for_its_host_only() {
+        let r = router();
+        assert_eq!(r.find("gh.localhost", "/github/user"), Some(3));
+        assert_eq!(r.find("other.localhost", "/github/user"), Some(1));
+        // The longer host-less prefix still beats a shorter host route.
+        assert_eq!(r.find("gh.localhost", "/github/orgs/x"), Some(2));
+    }
+
+    #[test]
+    fn no_route() {
+        let r = Router::new([("/github/", None), ("/x/", Some("x.localhost"))]);
+        assert_eq!(r.find("localhost", "/other"), None);
+        assert_eq!(r.find("localhost", "/x/y"), None);
+        assert_eq!(r.find("x.localhost", "/x/y"), Some(1));
+    }
+}

@@ -1,0 +1,4 @@
+//! Integration tests over real sockets, one binary (a module per area).
+
+mod proxy;
+mod support;

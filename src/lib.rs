@@ -13,9 +13,14 @@
 //! - [`dev`]: a local IdP with strict rotation and an echo upstream, used by
 //!   `tokenproxy demo` and by every test.
 
+pub mod admin;
+pub mod app;
+pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod dev;
 pub mod proxy;
 pub mod secret;
+pub mod telemetry;
 pub mod tls;
 pub mod token;

@@ -1,1 +1,5 @@
-fn main() {}
+//! The `tokenproxy` binary: everything lives in the library.
+
+fn main() -> std::process::ExitCode {
+    tokenproxy::cli::main()
+}

@@ -185,10 +185,12 @@ fn build_slot(
         (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
         _ => None,
     };
-    let tls = crate::tls::client_config(cred.ca_file.as_deref(), client_cert, &[b"http/1.1"])
-        .map_err(|source| EngineError::Tls {
-            credential: cred.name.clone(),
-            source,
+    let tls =
+        crate::tls::client_config(cred.ca_file.as_deref(), client_cert, &[]).map_err(|source| {
+            EngineError::Tls {
+                credential: cred.name.clone(),
+                source,
+            }
         })?;
     let client = grant::GrantClient::new(tls, GRANT_TIMEOUT);
     let kind = match cred.grant {

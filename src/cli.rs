@@ -1,0 +1,158 @@
+//! The command line: parse (validate only), then build and run. The one
+//! place that maps errors to exit codes: 0 clean, 64 bad usage or config,
+//! 1 runtime failure.
+
+use crate::app::App;
+use crate::config::{self, Config};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tokenproxy",
+    version,
+    about = "A sidecar reverse proxy that injects OAuth access tokens and refreshes them without ever reusing a rotated refresh token.",
+    after_help = "Try `tokenproxy demo` for a self-contained playground.\nExit codes: 0 clean, 64 bad usage or config, 1 runtime failure."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy with a config file.
+    Run {
+        /// The TOML config file.
+        #[arg(short, long, env = "TOKENPROXY_CONFIG", value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Validate a config file and print a secret-free summary (like `nginx -t`).
+    Check {
+        #[arg(short, long, env = "TOKENPROXY_CONFIG", value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Start a local IdP with strict rotation and 10 s tokens, an echo
+    /// upstream and the proxy, and print the curl commands to try.
+    Demo {
+        /// Where the proxy listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Where the admin API listens.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: String,
+        /// Access-token lifetime at the demo IdP.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        token_ttl: std::time::Duration,
+    },
+}
+
+pub const EXIT_USAGE: u8 = 64;
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp
+                | clap::error::ErrorKind::DisplayVersion
+                | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(EXIT_USAGE),
+            };
+        }
+    };
+    match cli.command {
+        Command::Check { config } => match config::load(&config) {
+            Ok(c) => {
+                print!("{}", c.summary());
+                println!("{}: configuration OK", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                eprintln!(
+                    "{}: {} error(s); configuration rejected",
+                    config.display(),
+                    errors.0.len()
+                );
+                ExitCode::from(EXIT_USAGE)
+            }
+        },
+        Command::Run { config } => {
+            let cfg = match config::load(&config) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            crate::telemetry::init(cfg.log.format, &cfg.log.level);
+            run_blocking(cfg.server.worker_threads, run(cfg))
+        }
+        Command::Demo {
+            listen,
+            admin,
+            token_ttl,
+        } => run_blocking(2, crate::demo::run(listen, admin, token_ttl)),
+    }
+}
+
+fn run_blocking(
+    worker_threads: usize,
+    fut: impl std::future::Future<Output = ExitCode>,
+) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads.max(1))
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(fut),
+        Err(e) => {
+            eprintln!("tokenproxy: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs until SIGINT or SIGTERM, then drains.
+pub async fn run(cfg: Config) -> ExitCode {
+    let app = match App::start(&cfg).await {
+        Ok(app) => app,
+        Err(e) => {
+            let chain = crate::token::grant::error_chain(&e);
+            tracing::error!(error = %chain, "Start-up failed");
+            eprintln!("tokenproxy: {chain}");
+            return ExitCode::FAILURE;
+        }
+    };
+    wait_for_signal().await;
+    tracing::info!(grace = ?cfg.server.shutdown_grace, "Shutting down");
+    app.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+/// SIGINT or SIGTERM. SIGHUP is caught (its default would kill the process).
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => {
+                tracing::warn!("SIGHUP received: live reload is not available in this build yet; restart to apply config changes");
+            }
+        }
+    }
+}

@@ -298,7 +298,9 @@ pub(super) fn validate(raw: RawConfig, cx: &mut Ctx<'_>) -> Config {
     let server = server(raw.server.unwrap_or_default(), cx);
     let admin = admin(raw.admin.unwrap_or_default(), cx);
     for (i, l) in server.listen.iter().enumerate() {
-        if *l == admin.listen {
+        // Port 0 asks the OS for a fresh port each time: never a clash.
+        let ephemeral = matches!(l, ListenAddr::Tcp(a) if a.port() == 0);
+        if *l == admin.listen && !ephemeral {
             cx.err(
                 "admin.listen",
                 format!("{l} is also server.listen[{i}]; expected a different address"),

@@ -29,7 +29,7 @@ use body::{empty, IdleTimeout};
 use error::X_REQUEST_ID;
 use forward::{cause_chain, ClientKey, HttpsClient, Upstream};
 use headers::{HostPolicy, LinkRewriter};
-use http::header::{HOST, LINK, LOCATION, ORIGIN};
+use http::header::{HOST, LINK, LOCATION, ORIGIN, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -58,6 +58,11 @@ struct Route {
     client: HttpsClient,
     /// HTTP/1.1-only twin of `client` for upgrades (`upgrades = true` only).
     upgrade_client: Option<HttpsClient>,
+    /// Upstream statuses that mean "token rejected" (`refresh_on`).
+    refresh_on: Vec<StatusCode>,
+    /// Replay once after a reactive refresh; bodies up to this size are
+    /// buffered for it (None: replay off).
+    replay_max_body: Option<u64>,
 }
 
 /// All routes, clients and settings of the data path. Built once per config.
@@ -131,6 +136,12 @@ impl Proxy {
                 idle_timeout: rc.idle_timeout,
                 client: client_for(key)?,
                 upgrade_client,
+                refresh_on: rc
+                    .refresh_on
+                    .iter()
+                    .filter_map(|s| StatusCode::from_u16(*s).ok())
+                    .collect(),
+                replay_max_body: rc.replay.then_some(rc.replay_max_body),
             });
         }
 
@@ -259,46 +270,71 @@ impl Proxy {
         h.insert(X_FORWARDED_HOST.clone(), original_host.clone());
         h.insert(X_REQUEST_ID.clone(), request_id.clone());
         // Replaces every client-sent value of the header.
-        h.insert(route.header.clone(), injected.value);
+        h.insert(route.header.clone(), injected.value.clone());
 
         let has_body = !body.is_end_stream();
         parts.uri = uri;
         parts.version = Version::HTTP_11;
+        let client = match (&route.upgrade_client, upgrade) {
+            (Some(c), true) => c,
+            _ => &route.client,
+        };
+        let deadline = Instant::now() + route.response_timeout;
+        let rid = request_id.to_str().unwrap_or("");
+        let upstream_host = route.upstream.host_header.to_str().unwrap_or("");
+
+        // DESIGN.md "Reactive refresh": small bodies with a Content-Length are
+        // buffered so the request can be replayed once with a new token.
+        let replayable = !upgrade
+            && !route.refresh_on.is_empty()
+            && route
+                .replay_max_body
+                .is_some_and(|max| replayable_body(&parts.headers, has_body, max));
+        let (out_body, buffered) = if replayable && has_body {
+            let max = route.replay_max_body.unwrap_or(0) as usize;
+            match http_body_util::Limited::new(body, max).collect().await {
+                Ok(c) => {
+                    let bytes = c.to_bytes();
+                    (body::full(bytes.clone()), Some(bytes))
+                }
+                Err(_) => {
+                    return Err(ProxyError::BadRequest(
+                        "request body failed or exceeded its Content-Length",
+                    ))
+                }
+            }
+        } else if has_body {
+            (IdleTimeout::new(body, route.idle_timeout).boxed(), None)
+        } else {
+            (empty(), replayable.then(bytes::Bytes::new))
+        };
         // One retry for idempotent requests without a body: a pooled
         // connection the upstream just closed fails before any response byte.
-        let retry = (!has_body && !upgrade && is_idempotent(&parts.method)).then(|| {
+        let retry_or_replay = (!upgrade
+            && (buffered.is_some() || (!has_body && is_idempotent(&parts.method))))
+        .then(|| {
             (
                 parts.method.clone(),
                 parts.uri.clone(),
                 parts.headers.clone(),
             )
         });
-        let out_body = if has_body {
-            IdleTimeout::new(body, route.idle_timeout).boxed()
-        } else {
-            empty()
+        let rebuild = |(method, uri, headers): &(Method, http::Uri, HeaderMap), body: ProxyBody| {
+            let mut again = Request::new(body);
+            *again.method_mut() = method.clone();
+            *again.uri_mut() = uri.clone();
+            *again.headers_mut() = headers.clone();
+            again
         };
-        let client = match (&route.upgrade_client, upgrade) {
-            (Some(c), true) => c,
-            _ => &route.client,
-        };
-
-        let deadline = Instant::now() + route.response_timeout;
-        let rid = request_id.to_str().unwrap_or("");
-        let upstream_host = route.upstream.host_header.to_str().unwrap_or("");
         let first = tokio::time::timeout_at(
             deadline,
             client.request(Request::from_parts(parts, out_body)),
         )
         .await;
-        let result = match (first, retry) {
-            (Ok(Err(e)), Some((method, uri, headers))) if !e.is_connect() => {
+        let result = match (first, &retry_or_replay) {
+            (Ok(Err(e)), Some(saved)) if !e.is_connect() && !has_body => {
                 tracing::debug!(request_id = rid, upstream = upstream_host, error = %cause_chain(&e), "Retrying on a new connection");
-                let mut again = Request::new(empty());
-                *again.method_mut() = method;
-                *again.uri_mut() = uri;
-                *again.headers_mut() = headers;
-                tokio::time::timeout_at(deadline, client.request(again)).await
+                tokio::time::timeout_at(deadline, client.request(rebuild(saved, empty()))).await
             }
             (first, _) => first,
         };
@@ -319,6 +355,41 @@ impl Proxy {
                 return Err(ProxyError::UpstreamTimeout);
             }
         };
+
+        if route.refresh_on.contains(&resp.status())
+            && route
+                .token
+                .rejected(&injected, resp.headers().get(WWW_AUTHENTICATE))
+        {
+            if let (Some(saved), Some(bytes)) = (retry_or_replay, buffered) {
+                // A 401 means the upstream did not act on the request, so
+                // any method may be replayed, once.
+                let fresh = route
+                    .token
+                    .get()
+                    .await
+                    .map_err(ProxyError::CredentialUnavailable)?;
+                if fresh.tag != injected.tag {
+                    let mut again = rebuild(&saved, body::full(bytes));
+                    again
+                        .headers_mut()
+                        .insert(route.header.clone(), fresh.value);
+                    tracing::debug!(
+                        route = route.label.as_str(),
+                        request_id = rid,
+                        "Replaying with a refreshed token"
+                    );
+                    resp = match tokio::time::timeout_at(deadline, client.request(again)).await {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(e)) => {
+                            tracing::warn!(route = route.label.as_str(), request_id = rid, upstream = upstream_host, error = %cause_chain(&e), "Upstream unreachable");
+                            return Err(ProxyError::UpstreamUnreachable);
+                        }
+                        Err(_) => return Err(ProxyError::UpstreamTimeout),
+                    };
+                }
+            }
+        }
 
         if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
             (client_upgrade, resp.status())
@@ -377,6 +448,25 @@ fn original_host<B>(req: &Request<B>) -> Option<HeaderValue> {
     } else {
         req.headers().get(HOST).cloned().or_else(from_uri)
     }
+}
+
+/// Only bodies of a known, small length are buffered for a replay: never
+/// chunked bodies, gRPC or `Expect: 100-continue`.
+fn replayable_body(h: &HeaderMap, has_body: bool, max: u64) -> bool {
+    if !has_body {
+        return true;
+    }
+    let len = h
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let grpc = h
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    len.is_some_and(|l| l <= max)
+        && !h.contains_key(http::header::TRANSFER_ENCODING)
+        && !h.contains_key(http::header::EXPECT)
+        && !grpc
 }
 
 fn is_idempotent(m: &Method) -> bool {

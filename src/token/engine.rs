@@ -160,6 +160,11 @@ impl Failure {
 
 type Outcome = Option<Result<(), Arc<Failure>>>;
 
+/// A 401 without `error="invalid_token"` triggers a refresh only for a token
+/// at least this old (a fresh token rejected is more likely a wrong scope).
+const REACTIVE_MIN_AGE: Duration = Duration::from_secs(30);
+const REACTIVE_MIN_INTERVAL: Duration = Duration::from_secs(10);
+
 #[derive(Default)]
 struct Control {
     /// The one refresh in flight; everyone who needs a token waits on it.
@@ -175,6 +180,8 @@ struct Control {
     unsaved: Option<Record>,
     state_since: Option<SystemTime>,
     last_state: Option<State>,
+    /// Reactive refreshes are limited to one per credential per 10 s.
+    last_reactive: Option<Instant>,
 }
 
 pub enum SlotKind {
@@ -261,6 +268,56 @@ impl Slot {
             c.last_state = Some(state);
             c.state_since = Some(self.clock.wall());
         }
+    }
+
+    /// DESIGN.md "Reactive refresh": the upstream rejected the token tagged
+    /// `tag`. Returns true when a newer token is (or will shortly be)
+    /// available, so a replay is worth trying.
+    pub fn rejected(self: &Arc<Self>, tag: u64, says_invalid_token: bool) -> bool {
+        let snap = self.snapshot.load_full();
+        let Some(current) = snap.token.clone() else {
+            return true;
+        };
+        if current.tag != tag {
+            // Already replaced: the burst's later 401s cost nothing.
+            return true;
+        }
+        let age = current.lifetime.saturating_sub(
+            current
+                .expires_mono
+                .saturating_duration_since(Instant::now()),
+        );
+        if !says_invalid_token && age < REACTIVE_MIN_AGE {
+            return false;
+        }
+        {
+            let mut c = self.control.lock();
+            let now = Instant::now();
+            if c.last_reactive
+                .is_some_and(|t| now.duration_since(t) < REACTIVE_MIN_INTERVAL)
+            {
+                return false;
+            }
+            c.last_reactive = Some(now);
+        }
+        tracing::info!(
+            event = "token_rejected",
+            credential = %self.name,
+            family = %current.family,
+            generation = current.generation,
+            invalid_token = says_invalid_token,
+            "Upstream rejected the token; refreshing"
+        );
+        // Drop the rejected token so no request carries it again; the
+        // refresh goes through the single flight like any other.
+        self.publish(Snapshot {
+            token: None,
+            dead: snap.dead.clone(),
+        });
+        if self.begin_refresh().is_err() {
+            return false;
+        }
+        true
     }
 
     /// A usable token right now, if there is one.

@@ -263,6 +263,24 @@ impl RouteToken {
         }
     }
 
+    /// The upstream answered a `refresh_on` status to a request that carried
+    /// `injected`. Decides (DESIGN.md "Reactive refresh") whether to refresh;
+    /// true when a replay with a newer token is worth trying.
+    pub fn rejected(&self, injected: &Injected, www_authenticate: Option<&HeaderValue>) -> bool {
+        let RouteTokenInner::Live { slot, .. } = &*self.inner else {
+            return false;
+        };
+        let challenge = www_authenticate
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if challenge.contains("insufficient_scope") {
+            return false;
+        }
+        let says_invalid = challenge.contains("invalid_token");
+        slot.rejected(injected.tag, says_invalid)
+    }
+
     /// The current token's header value. Ready at once when a usable token is
     /// cached; otherwise waits for the single-flight refresh (bounded by the
     /// credential's `refresh_wait`).

@@ -1,4 +1,5 @@
 //! Integration tests over real sockets, one binary (a module per area).
 
 mod proxy;
+mod reactive;
 mod support;

@@ -1,9 +1,9 @@
 //! The admin listener: health, readiness and credential status as JSON.
 //! Reads the engine's status; changes nothing. Bound to loopback by default.
 
+use crate::app::Live;
 use crate::proxy::Listener;
 use crate::token::engine::SlotStatus;
-use crate::token::Engine;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -17,12 +17,12 @@ use std::time::SystemTime;
 use tokio_util::sync::CancellationToken;
 
 /// Serves until `shutdown`.
-pub async fn serve(listener: Listener, engine: Arc<Engine>, shutdown: CancellationToken) {
+pub async fn serve(listener: Listener, live: Arc<Live>, shutdown: CancellationToken) {
     loop {
-        let engine = engine.clone();
+        let live = live.clone();
         let svc = service_fn(move |req| {
-            let engine = engine.clone();
-            async move { Ok::<_, Infallible>(handle(&req, &engine)) }
+            let live = live.clone();
+            async move { Ok::<_, Infallible>(handle(req, &live).await) }
         });
         let builder = auto::Builder::new(TokioExecutor::new());
         match &listener {
@@ -52,7 +52,25 @@ pub async fn serve(listener: Listener, engine: Arc<Engine>, shutdown: Cancellati
     }
 }
 
-fn handle(req: &Request<Incoming>, engine: &Engine) -> Response<Full<Bytes>> {
+async fn handle(req: Request<Incoming>, live: &Live) -> Response<Full<Bytes>> {
+    if req.method() == Method::POST && req.uri().path() == "/reload" {
+        // A browser cannot add this header cross-origin without a preflight.
+        if req.headers().get("x-tokenproxy-admin").is_none() {
+            return json(
+                StatusCode::FORBIDDEN,
+                r#"{"error":"missing_header","message":"send the header x-tokenproxy-admin: 1"}"#
+                    .into(),
+            );
+        }
+        return match live.reload().await {
+            Ok(()) => json(StatusCode::OK, r#"{"reloaded":true}"#.into()),
+            Err(e) => json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                serde_json::json!({"reloaded": false, "error": "config_rejected", "message": e.to_string()}).to_string(),
+            ),
+        };
+    }
+    let engine = live.engine.load_full();
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return json(
             StatusCode::METHOD_NOT_ALLOWED,

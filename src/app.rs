@@ -1,13 +1,22 @@
 //! The composition root: builds the engine, the proxy and the admin listener
 //! from a validated `Config`, binds the listeners and returns a handle with
-//! the bound addresses and `shutdown()`. Tests start the whole proxy
-//! in-process through here on `127.0.0.1:0`.
+//! the bound addresses, `reload()` and `shutdown()`. Tests start the whole
+//! proxy in-process through here on `127.0.0.1:0`.
+//!
+//! Reload (SIGHUP, `POST /reload`, or a change of the config file or a
+//! `*_file` secret) swaps the proxy and the engine whole; unchanged
+//! credentials keep their state. An invalid new config is rejected with its
+//! errors and the old one kept. Listeners are bound once: changing them needs
+//! a restart.
 
-use crate::config::Config;
-use crate::proxy::{self, Proxy};
+use crate::config::{self, Config};
+use crate::proxy::{self, Proxy, SharedProxy};
 use crate::token::{Engine, EngineError};
+use arc_swap::ArcSwap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -25,6 +34,17 @@ pub enum AppError {
     },
     #[error("route {route} has no token source")]
     NoToken { route: String },
+    #[error("new configuration rejected:\n{0}")]
+    Config(#[from] config::ConfigErrors),
+}
+
+/// What a reload swaps.
+pub struct Live {
+    pub config: ArcSwap<Config>,
+    pub engine: ArcSwap<Engine>,
+    pub proxy: SharedProxy,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 /// A running tokenproxy.
@@ -34,9 +54,26 @@ pub struct App {
     /// The first TCP proxy listener (what tests and the demo talk to).
     pub proxy_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
-    pub engine: Arc<Engine>,
+    pub live: Arc<Live>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+}
+
+fn build_proxy(config: &Config, engine: &Engine) -> Result<Arc<Proxy>, AppError> {
+    if let Some(route) = config
+        .routes
+        .iter()
+        .find(|r| engine.route_token(config, r).is_none())
+    {
+        return Err(AppError::NoToken {
+            route: route.path_prefix.clone(),
+        });
+    }
+    Ok(Proxy::new(config, &|_, route| {
+        engine
+            .route_token(config, route)
+            .expect("checked above: every route has a token source")
+    })?)
 }
 
 impl App {
@@ -52,20 +89,13 @@ impl App {
         engine: Arc<Engine>,
         shutdown: CancellationToken,
     ) -> Result<App, AppError> {
-        if let Some(route) = config
-            .routes
-            .iter()
-            .find(|r| engine.route_token(config, r).is_none())
-        {
-            return Err(AppError::NoToken {
-                route: route.path_prefix.clone(),
-            });
-        }
-        let proxy = Proxy::new(config, &|_, route| {
-            engine
-                .route_token(config, route)
-                .expect("checked above: every route has a token source")
-        })?;
+        let proxy = build_proxy(config, &engine)?;
+        let live = Arc::new(Live {
+            config: ArcSwap::from_pointee(config.clone()),
+            engine: ArcSwap::new(engine),
+            proxy: Arc::new(ArcSwap::new(proxy)),
+            reloading: tokio::sync::Mutex::new(()),
+        });
         let mut tasks = Vec::new();
         let mut proxy_addrs = Vec::new();
         let mut proxy_addr = None;
@@ -93,17 +123,20 @@ impl App {
             proxy::Listener::Unix(_) => None,
         };
         for listener in listeners {
-            tasks.push(tokio::spawn(proxy::serve(
+            tasks.push(tokio::spawn(proxy::serve_shared(
                 listener,
-                proxy.clone(),
+                live.proxy.clone(),
                 shutdown.clone(),
             )));
         }
         tasks.push(tokio::spawn(crate::admin::serve(
             admin_listener,
-            engine.clone(),
+            live.clone(),
             shutdown.clone(),
         )));
+        if config.source.is_file() {
+            tasks.push(tokio::spawn(watch_files(live.clone(), shutdown.clone())));
+        }
         tracing::info!(
             listen = %proxy_addrs.join(","),
             admin = %config.admin.listen,
@@ -116,10 +149,20 @@ impl App {
             proxy_addrs,
             proxy_addr,
             admin_addr,
-            engine,
+            live,
             shutdown,
             tasks,
         })
+    }
+
+    /// The current engine.
+    pub fn engine(&self) -> Arc<Engine> {
+        self.live.engine.load_full()
+    }
+
+    /// Re-reads the config file and applies it (see the module doc).
+    pub async fn reload(&self) -> Result<(), AppError> {
+        self.live.reload().await
     }
 
     pub fn shutdown_token(&self) -> CancellationToken {
@@ -134,5 +177,131 @@ impl App {
             let _ = t.await;
         }
         tracing::info!("tokenproxy stopped");
+    }
+}
+
+impl Live {
+    /// Loads the config file again and swaps it in, or keeps the old one.
+    pub async fn reload(&self) -> Result<(), AppError> {
+        let _one = self.reloading.lock().await;
+        let source = self.config.load().source.clone();
+        let new = match config::load(&source) {
+            Ok(c) => c,
+            Err(errors) => {
+                tracing::error!(
+                    event = "reload_rejected",
+                    errors = %errors,
+                    "New configuration rejected; keeping the running one"
+                );
+                return Err(errors.into());
+            }
+        };
+        self.apply(new).await
+    }
+
+    async fn apply(&self, new: Config) -> Result<(), AppError> {
+        let old_config = self.config.load_full();
+        let restart_needed = restart_only_changes(&old_config, &new);
+        if !restart_needed.is_empty() {
+            tracing::warn!(
+                event = "reload_partial",
+                keys = %restart_needed.join(", "),
+                "These settings apply only after a restart"
+            );
+        }
+        let old_engine = self.engine.load_full();
+        let engine = match old_engine.reload(&new).await {
+            Ok(e) => Arc::new(e),
+            Err(e) => {
+                tracing::error!(event = "reload_rejected", error = %crate::token::grant::error_chain(&e), "New configuration rejected; keeping the running one");
+                return Err(e.into());
+            }
+        };
+        let proxy = match build_proxy(&new, &engine) {
+            Ok(p) => p,
+            Err(e) => {
+                // Stop the slots built for the rejected config.
+                engine.retire_unused(&old_engine);
+                tracing::error!(event = "reload_rejected", error = %crate::token::grant::error_chain(&e), "New configuration rejected; keeping the running one");
+                return Err(e);
+            }
+        };
+        self.proxy.store(proxy);
+        self.engine.store(engine.clone());
+        self.config.store(Arc::new(new));
+        old_engine.retire_unused(&engine);
+        tracing::info!(event = "reloaded", "Configuration reloaded");
+        Ok(())
+    }
+}
+
+/// Settings bound at start-up.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    if old.server.listen != new.server.listen {
+        keys.push("server.listen");
+    }
+    if old.server.tls_cert != new.server.tls_cert || old.server.tls_key != new.server.tls_key {
+        keys.push("server.tls_cert/tls_key");
+    }
+    if old.server.worker_threads != new.server.worker_threads {
+        keys.push("server.worker_threads");
+    }
+    if old.server.max_connections != new.server.max_connections {
+        keys.push("server.max_connections");
+    }
+    if old.admin.listen != new.admin.listen {
+        keys.push("admin.listen");
+    }
+    if old.log.format != new.log.format || old.log.level != new.log.level {
+        keys.push("log");
+    }
+    keys
+}
+
+/// The files whose change triggers a reload: the config and its secrets.
+fn watched_files(config: &Config) -> Vec<PathBuf> {
+    let mut files = vec![config.source.clone()];
+    for c in config.credentials.values() {
+        files.extend(c.client_secret_file.clone());
+        files.extend(c.refresh_token_file.clone());
+    }
+    files
+}
+
+type Stamp = Vec<Option<(SystemTime, u64)>>;
+
+fn stamp(files: &[PathBuf]) -> Stamp {
+    files
+        .iter()
+        .map(|f| {
+            std::fs::metadata(f)
+                .ok()
+                .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+        })
+        .collect()
+}
+
+/// Polls (every 2 s: cheap, and works on every filesystem and for
+/// Kubernetes' symlink-swapped ConfigMaps) and reloads on change.
+async fn watch_files(live: Arc<Live>, shutdown: CancellationToken) {
+    let mut files = watched_files(&live.config.load());
+    let mut last = stamp(&files);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let now = stamp(&files);
+        if now == last {
+            continue;
+        }
+        tracing::info!(
+            event = "config_changed",
+            "Config or secret file changed; reloading"
+        );
+        let _ = live.reload().await;
+        files = watched_files(&live.config.load());
+        last = stamp(&files);
     }
 }

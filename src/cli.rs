@@ -129,14 +129,28 @@ pub async fn run(cfg: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    wait_for_signal().await;
+    loop {
+        match wait_for_signal().await {
+            Signal::Stop => break,
+            Signal::Reload => {
+                // Errors are logged by reload; the old config keeps serving.
+                let _ = app.reload().await;
+            }
+        }
+    }
     tracing::info!(grace = ?cfg.server.shutdown_grace, "Shutting down");
     app.shutdown().await;
     ExitCode::SUCCESS
 }
 
-/// SIGINT or SIGTERM. SIGHUP is caught (its default would kill the process).
-pub async fn wait_for_signal() {
+pub enum Signal {
+    /// SIGINT or SIGTERM.
+    Stop,
+    /// SIGHUP.
+    Reload,
+}
+
+pub async fn wait_for_signal() -> Signal {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -144,15 +158,14 @@ pub async fn wait_for_signal() {
         signal(SignalKind::hangup()),
     ) else {
         let _ = tokio::signal::ctrl_c().await;
-        return;
+        return Signal::Stop;
     };
-    loop {
-        tokio::select! {
-            _ = term.recv() => return,
-            _ = int.recv() => return,
-            _ = hup.recv() => {
-                tracing::warn!("SIGHUP received: live reload is not available in this build yet; restart to apply config changes");
-            }
+    tokio::select! {
+        _ = term.recv() => Signal::Stop,
+        _ = int.recv() => Signal::Stop,
+        _ = hup.recv() => {
+            tracing::info!("SIGHUP received: reloading");
+            Signal::Reload
         }
     }
 }

@@ -57,15 +57,15 @@ grant = "refresh_token"
 token_url = "{token_url}"
 introspection_url = "{introspection_url}"
 client_id = "demo-client"
-client_secret = "${{DEMO_CLIENT_SECRET}}"
-refresh_token = "${{DEMO_REFRESH_TOKEN}}"
+client_secret_file = "client_secret"
+refresh_token_file = "seed_refresh_token"
 
 # A service's own token.
 [credentials.machine]
 grant = "client_credentials"
 token_url = "{token_url}"
 client_id = "demo-client"
-client_secret = "${{DEMO_CLIENT_SECRET}}"
+client_secret_file = "client_secret"
 auth_method = "client_secret_post"
 scopes = ["read"]
 
@@ -85,14 +85,9 @@ credential = "machine"
     );
     std::fs::write(&config_path, text)
         .map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
-    let env = |name: &str| match name {
-        "DEMO_CLIENT_SECRET" => Some("demo-secret".to_owned()),
-        "DEMO_REFRESH_TOKEN" => Some(seed.clone()),
-        other => std::env::var(other).ok(),
-    };
-    let text = std::fs::read_to_string(&config_path).map_err(|e| e.to_string())?;
-    let cfg = config::parse(&text, &config_path, &env)
-        .map_err(|e| format!("demo config rejected:\n{e}"))?;
+    write_secret(&dir.join("client_secret"), "demo-secret")?;
+    write_secret(&dir.join("seed_refresh_token"), &seed)?;
+    let cfg = config::load(&config_path).map_err(|e| format!("demo config rejected:\n{e}"))?;
     let app = App::start(&cfg)
         .await
         .map_err(|e| format!("{}\n(is another tokenproxy running? try --listen 127.0.0.1:8081 --admin 127.0.0.1:9902)", crate::token::grant::error_chain(&e)))?;
@@ -130,7 +125,9 @@ rotating the refresh token. Ctrl-C stops everything.
         store = cfg.store.path.display(),
         admin = admin_addr,
     );
-    crate::cli::wait_for_signal().await;
+    while let crate::cli::Signal::Reload = crate::cli::wait_for_signal().await {
+        let _ = app.reload().await;
+    }
     app.shutdown().await;
     let grants = idp.grants().len();
     let reuse = idp.reuse_count();
@@ -138,4 +135,18 @@ rotating the refresh token. Ctrl-C stops everything.
     idp.stop().await;
     echo.stop().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Secrets go in 0600 files, as `*_file` expects them in production.
+fn write_secret(path: &std::path::Path, value: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(value.as_bytes()))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }

@@ -139,7 +139,7 @@ impl AuthMethod {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CredentialConfig {
     pub name: String,
     pub grant: GrantType,

@@ -4,8 +4,9 @@
 //!
 //! Hands each request to [`Proxy::handle`]; decides nothing about requests.
 
-use super::{forward, ConnInfo, Proxy, ProxyBuildError};
+use super::{forward, ConnInfo, Proxy, ProxyBuildError, SharedProxy};
 use crate::config::ListenAddr;
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -16,6 +17,7 @@ use std::convert::Infallible;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
@@ -115,6 +117,14 @@ pub(crate) fn tls_acceptor(
 /// Accept and serve connections until `shutdown`, then stop accepting and
 /// let in-flight requests finish, for at most `server.shutdown_grace`.
 pub async fn serve(listener: Listener, proxy: Arc<Proxy>, shutdown: CancellationToken) {
+    serve_shared(listener, Arc::new(ArcSwap::new(proxy)), shutdown).await
+}
+
+/// As [`serve`], reading the proxy anew for every request, so a reload
+/// (routes, upstreams, credentials) applies to keep-alive connections too.
+/// Listener settings (TLS, `max_connections`, grace) stay as at start.
+pub async fn serve_shared(listener: Listener, shared: SharedProxy, shutdown: CancellationToken) {
+    let proxy = shared.load_full();
     let local = listener.local_addr_string();
     // Bounds open connections; a permit lives as long as its connection.
     let permits = Arc::new(Semaphore::new(proxy.max_connections));
@@ -153,16 +163,17 @@ pub async fn serve(listener: Listener, proxy: Arc<Proxy>, shutdown: Cancellation
             }
         };
         let proxy = proxy.clone();
+        let shared = shared.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
             match (&proxy.tls, io) {
                 (None, Accepted::Tcp(s)) => {
-                    serve_conn(s, remote_ip, false, proxy, &builder, watcher).await
+                    serve_conn(s, remote_ip, false, shared, &builder, watcher).await
                 }
                 (None, Accepted::Unix(s)) => {
-                    serve_conn(s, None, false, proxy, &builder, watcher).await
+                    serve_conn(s, None, false, shared, &builder, watcher).await
                 }
                 (Some(acceptor), io) => {
                     let acceptor = acceptor.clone();
@@ -183,7 +194,9 @@ pub async fn serve(listener: Listener, proxy: Arc<Proxy>, shutdown: Cancellation
                         }
                     };
                     match hs {
-                        Ok(Ok(s)) => serve_conn(s, remote_ip, true, proxy, &builder, watcher).await,
+                        Ok(Ok(s)) => {
+                            serve_conn(s, remote_ip, true, shared, &builder, watcher).await
+                        }
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
@@ -226,7 +239,7 @@ async fn serve_conn<I>(
     io: I,
     remote_ip: Option<IpAddr>,
     tls: bool,
-    proxy: Arc<Proxy>,
+    shared: SharedProxy,
     builder: &auto::Builder<TokioExecutor>,
     watcher: Watcher,
 ) where
@@ -234,7 +247,7 @@ async fn serve_conn<I>(
 {
     let info = ConnInfo { remote_ip, tls };
     let service = service_fn(move |req| {
-        let proxy = proxy.clone();
+        let proxy = shared.load_full();
         async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);

@@ -21,7 +21,10 @@ mod router;
 pub use body::{BodyIdleTimeout, BoxError, ProxyBody};
 pub use error::ProxyError;
 pub use forward::ProxyBuildError;
-pub use listener::{bind, serve, Listener};
+pub use listener::{bind, serve, serve_shared, Listener};
+
+/// The current proxy, swapped whole on reload.
+pub type SharedProxy = Arc<arc_swap::ArcSwap<Proxy>>;
 
 use crate::config::{Config, ListenAddr, RouteConfig};
 use crate::token::RouteToken;

@@ -232,6 +232,19 @@ impl Slot {
         })
     }
 
+    /// Stops this slot's background refresher; a refresh in flight finishes
+    /// (it holds the credential's lock, so a successor waits for it).
+    pub fn retire(&self) {
+        self.shutdown.cancel();
+    }
+
+    pub fn store_path(&self) -> Option<&std::path::Path> {
+        match &self.kind {
+            SlotKind::Refresh { store } => Some(store.path()),
+            SlotKind::ClientCredentials { .. } => None,
+        }
+    }
+
     pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
         self.snapshot.load()
     }

@@ -58,12 +58,14 @@ pub enum EngineError {
     },
 }
 
-/// All credentials' engines. Built once per config.
+/// All credentials' engines. Built per config; a reload keeps the slots
+/// whose credential did not change, so their state and timers carry over.
 pub struct Engine {
     slots: HashMap<SlotKey, Arc<Slot>>,
     /// In credential-name order, for status output.
     order: Vec<Arc<Slot>>,
     clock: Arc<Clock>,
+    shutdown: CancellationToken,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -85,6 +87,38 @@ impl Engine {
 
     pub async fn start_with_clock(
         config: &Config,
+        shutdown: CancellationToken,
+        clock: Arc<Clock>,
+    ) -> Result<Engine, EngineError> {
+        Self::build(config, None, shutdown, clock).await
+    }
+
+    /// The engine for `config`, reusing this one's unchanged slots. Slots
+    /// left out are not stopped here: call [`Engine::retire_unused`] once the
+    /// new engine is in place.
+    pub async fn reload(&self, config: &Config) -> Result<Engine, EngineError> {
+        Self::build(
+            config,
+            Some(self),
+            self.shutdown.clone(),
+            self.clock.clone(),
+        )
+        .await
+    }
+
+    /// Stops the background work of this engine's slots that `next` does not use.
+    pub fn retire_unused(&self, next: &Engine) {
+        for (key, slot) in &self.slots {
+            let kept = next.slots.get(key).is_some_and(|s| Arc::ptr_eq(s, slot));
+            if !kept {
+                slot.retire();
+            }
+        }
+    }
+
+    async fn build(
+        config: &Config,
+        previous: Option<&Engine>,
         shutdown: CancellationToken,
         clock: Arc<Clock>,
     ) -> Result<Engine, EngineError> {
@@ -121,20 +155,50 @@ impl Engine {
         }
         let mut slots = HashMap::new();
         let mut order = Vec::new();
+        let mut fresh = Vec::new();
         for key in keys {
             let Some(cred) = config.credentials.get(&key.credential) else {
                 continue;
             };
-            let slot = build_slot(cred, &key, store.as_ref(), clock.clone(), shutdown.clone())?;
-            slot.init_from_store().await?;
-            tokio::spawn(slot.clone().run());
+            let reused = previous
+                .and_then(|p| p.slots.get(&key))
+                .filter(|s| {
+                    *s.cfg == **cred && s.store_path() == store.as_ref().map(FileStore::path)
+                })
+                .cloned();
+            let slot = match reused {
+                Some(s) => s,
+                None => {
+                    let s = build_slot(
+                        cred,
+                        &key,
+                        store.as_ref(),
+                        clock.clone(),
+                        shutdown.child_token(),
+                    )?;
+                    fresh.push(s.clone());
+                    s
+                }
+            };
             order.push(slot.clone());
             slots.insert(key, slot);
+        }
+        for slot in &fresh {
+            if let Err(e) = slot.init_from_store().await {
+                for s in &fresh {
+                    s.retire();
+                }
+                return Err(e.into());
+            }
+        }
+        for slot in fresh {
+            tokio::spawn(slot.run());
         }
         Ok(Engine {
             slots,
             order,
             clock,
+            shutdown,
         })
     }
 

@@ -2,4 +2,5 @@
 
 mod proxy;
 mod reactive;
+mod reload;
 mod support;

@@ -1,4 +1,6 @@
 //! Integration tests over real sockets, one binary (a module per area).
 
+mod cli;
 mod proxy;
 mod support;
+mod tokens;

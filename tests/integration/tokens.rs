@@ -370,6 +370,11 @@ credential = "rt"
     let b = json(&body);
     assert_eq!(b["error"], "credential_unavailable");
     assert_eq!(b["credential"], "rt");
+    assert!(b["reason"].is_string(), "{b}");
+    assert!(
+        b["request_id"].is_string() || b["x-request-id"].is_string(),
+        "{b}"
+    );
     assert!(!String::from_utf8_lossy(&body).contains(&seed));
     assert_eq!(env.echo.requests(), 0, "never forwarded without a token");
     // Dead: no retry against the IdP.

@@ -24,3 +24,32 @@ pub mod secret;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+
+/// An error and all its causes, `: `-separated. hyper's Display hides the
+/// cause, so logs and messages use this.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn error_chain_walks_sources() {
+        let inner = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let outer = crate::app::AppError::Bind {
+            addr: "127.0.0.1:1".into(),
+            source: inner,
+        };
+        assert_eq!(
+            super::error_chain(&outer),
+            "cannot listen on 127.0.0.1:1: refused"
+        );
+    }
+}

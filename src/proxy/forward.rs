@@ -13,10 +13,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Duration;
 
 pub(crate) type HttpsClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
@@ -28,14 +25,6 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Why [`super::Proxy::new`] failed. Names the file involved.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyBuildError {
-    #[error("cannot read {}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{}: no usable PEM {what} found", path.display())]
-    Pem { path: PathBuf, what: &'static str },
     #[error("{}: certificate rejected", path.display())]
     Cert {
         path: PathBuf,
@@ -46,6 +35,8 @@ pub enum ProxyBuildError {
     Upstream { route: String },
     #[error("TLS setup failed")]
     Tls(#[from] rustls::Error),
+    #[error("TLS files")]
+    TlsFiles(#[from] crate::tls::TlsError),
 }
 
 /// What makes two routes need different clients.
@@ -57,46 +48,8 @@ pub(crate) struct ClientKey {
     pub h1_only: bool,
 }
 
-pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ProxyBuildError> {
-    let pem = std::fs::read(path).map_err(|source| ProxyBuildError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<_, _>>()
-        .map_err(|_| ProxyBuildError::Pem {
-            path: path.to_owned(),
-            what: "certificate",
-        })?;
-    if certs.is_empty() {
-        return Err(ProxyBuildError::Pem {
-            path: path.to_owned(),
-            what: "certificate",
-        });
-    }
-    Ok(certs)
-}
-
 pub(crate) fn build_client(key: &ClientKey) -> Result<HttpsClient, ProxyBuildError> {
-    let mut roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    if let Some(path) = &key.ca_file {
-        for cert in read_certs(path)? {
-            roots.add(cert).map_err(|source| ProxyBuildError::Cert {
-                path: path.clone(),
-                source,
-            })?;
-        }
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let tls = crate::tls::client_config(key.ca_file.as_deref(), None, &[])?;
 
     let mut http = HttpConnector::new();
     http.enforce_http(false);
@@ -184,16 +137,7 @@ impl Upstream {
 }
 
 /// An error and all its causes, `: `-separated (hyper's Display hides them).
-pub(crate) fn cause_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
-}
+pub(crate) use crate::error_chain as cause_chain;
 
 /// Once both sides switched protocols, copy bytes both ways until either
 /// closes. Runs detached from the request.
@@ -301,15 +245,5 @@ mod tests {
             assert_eq!(uri.query(), Some(q));
             assert_eq!(uri.path(), "/p");
         }
-    }
-
-    #[test]
-    fn cause_chain_walks_sources() {
-        let inner = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
-        let outer = ProxyBuildError::Read {
-            path: "x.pem".into(),
-            source: inner,
-        };
-        assert_eq!(cause_chain(&outer), "cannot read x.pem: refused");
     }
 }

@@ -11,8 +11,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::PrivateKeyDer;
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -93,16 +91,9 @@ pub(crate) fn tls_acceptor(
     cert: &Path,
     key: &Path,
 ) -> Result<tokio_rustls::TlsAcceptor, ProxyBuildError> {
-    let certs = forward::read_certs(cert)?;
-    let pem = std::fs::read(key).map_err(|source| ProxyBuildError::Read {
-        path: key.to_owned(),
-        source,
-    })?;
-    let key_der = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| ProxyBuildError::Pem {
-        path: key.to_owned(),
-        what: "private key",
-    })?;
-    let mut config = rustls::ServerConfig::builder_with_provider(forward::provider())
+    let certs = crate::tls::load_certs(cert)?;
+    let key_der = crate::tls::load_key(key)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(certs, key_der)

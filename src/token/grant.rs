@@ -716,17 +716,7 @@ impl GrantClient {
     }
 }
 
-/// hyper's Display hides the cause; logs need the whole chain.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
-}
+pub use crate::error_chain;
 
 #[cfg(test)]
 mod tests {

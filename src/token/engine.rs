@@ -1289,3 +1289,113 @@ impl RefreshEvent {
 }
 
 use rand::SeedableRng as _;
+
+/// Why a login result was not installed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("credential {0} still has a working token family (generation {1}); pass --force to replace it")]
+    FamilyStillWorks(String, u64),
+    #[error(
+        "the token response has no refresh_token, so a refresh_token credential cannot use it"
+    )]
+    NoRefreshToken,
+    #[error("token store")]
+    Store(#[from] StoreError),
+}
+
+/// DESIGN.md "Bootstrap": writes a login's token set as a new family, under
+/// the credential's lock. Replacing a family that still works needs `force`.
+/// Returns the new record; a running engine adopts it (revival) by itself.
+pub async fn install_family(
+    store: &FileStore,
+    cfg: &CredentialConfig,
+    token_url: &Uri,
+    set: &TokenSet,
+    sent_wall: SystemTime,
+    force: bool,
+) -> Result<Record, InstallError> {
+    let Some(refresh_token) = set.refresh_token.clone() else {
+        return Err(InstallError::NoRefreshToken);
+    };
+    let _lock = store.lock_credential(&cfg.name).await?;
+    let url = token_url.to_string();
+    let existing = store
+        .read(&cfg.name)?
+        .filter(|r| r.matches(&url, &cfg.client_id));
+    if let Some(r) = &existing {
+        let works = r.dead.is_none() && r.refresh_token.is_some();
+        if works && !force {
+            return Err(InstallError::FamilyStillWorks(
+                cfg.name.clone(),
+                r.generation,
+            ));
+        }
+    }
+    let lifetime = set.expires_in.unwrap_or(cfg.default_lifetime);
+    let mut seeds_seen = existing.map(|r| r.seeds_seen).unwrap_or_default();
+    // The config's seed, if any, is older than this login: never adopt it again.
+    if let Some(seed) = &cfg.refresh_token {
+        let fp = seed.fingerprint();
+        if !seeds_seen.contains(&fp) {
+            seeds_seen.push(fp);
+        }
+    }
+    let record = Record {
+        token_url: url,
+        client_id: cfg.client_id.clone(),
+        family: store::new_family(),
+        generation: 0,
+        refresh_token: Some(refresh_token),
+        access_token: Some(set.access_token.clone()),
+        access_expires_at_ms: Some(store::unix_ms(sent_wall + lifetime)),
+        access_issued_at_ms: Some(store::unix_ms(sent_wall)),
+        refresh_expires_at_ms: set
+            .refresh_token_expires_in
+            .map(|d| store::unix_ms(sent_wall + d)),
+        seeds_seen,
+        intent: None,
+        dead: None,
+        updated_at_ms: 0,
+    };
+    store.write(&cfg.name, &record)?;
+    tracing::info!(
+        event = "login_installed",
+        credential = %cfg.name,
+        family = %record.family,
+        subject = set.subject.as_deref(),
+        refresh_token_fp = %record.refresh_token.as_ref().map(Secret::fingerprint).unwrap_or_default(),
+        "New token family installed"
+    );
+    Ok(record)
+}
+
+impl Slot {
+    /// Installs a login's result and publishes it at once (admin login flow).
+    pub async fn install_login(
+        &self,
+        set: &TokenSet,
+        sent_wall: SystemTime,
+        force: bool,
+    ) -> Result<Record, InstallError> {
+        let SlotKind::Refresh { store } = &self.kind else {
+            return Err(InstallError::NoRefreshToken);
+        };
+        let rec = install_family(store, &self.cfg, &self.token_url, set, sent_wall, force).await?;
+        self.adopt(&rec);
+        {
+            let mut c = self.control.lock();
+            c.next_attempt = None;
+            c.consecutive_failures = 0;
+        }
+        Ok(rec)
+    }
+
+    pub fn token_url(&self) -> &Uri {
+        &self.token_url
+    }
+
+    /// The grant client this credential uses (TLS settings included).
+    pub fn grant_client(&self) -> &GrantClient {
+        &self.client
+    }
+}

@@ -208,6 +208,15 @@ impl Engine {
         Some(RouteToken::new(slot, &route.format))
     }
 
+    /// The refresh_token slot of credential `name` (login, manual refresh).
+    pub fn slot(&self, name: &str) -> Option<&Arc<Slot>> {
+        self.slots.get(&SlotKey {
+            credential: name.to_owned(),
+            scopes: None,
+            resource: None,
+        })
+    }
+
     /// Secret-free status of every token.
     pub fn status(&self) -> Vec<SlotStatus> {
         self.order.iter().map(|s| s.status()).collect()

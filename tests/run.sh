@@ -3,6 +3,7 @@
 # tests over real sockets (tests/integration/), against the in-crate dev IdP
 # and echo upstream. Installs what the tests need first, so it works on a
 # fresh machine. Usage: tests/run.sh [extra `cargo test` arguments]
+# TESTS_INSTALL_ONLY=1 tests/run.sh installs the prerequisites and runs nothing.
 #
 # Today the suites need nothing beyond the Rust toolchain. To add a tool,
 # call `need_apt <command> <debian-package>` or `need_npm <command> <package>`

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Runs every tokenproxy test suite: unit tests (src/**) and the integration
+# tests over real sockets (tests/integration/), against the in-crate dev IdP
+# and echo upstream. Installs what the tests need first, so it works on a
+# fresh machine. Usage: tests/run.sh [extra `cargo test` arguments]
+# TESTS_INSTALL_ONLY=1 tests/run.sh installs the prerequisites and runs nothing.
+#
+# Today the suites need nothing beyond the Rust toolchain. To add a tool,
+# call `need_apt <command> <debian-package>` or `need_npm <command> <package>`
+# in install_prerequisites below: each installs only when the command is
+# missing, and `apt-get update` runs at most once.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+# Root runs apt-get directly; anyone else through sudo (non-interactive).
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo -n "$@"; fi
+}
+
+APT_UPDATED=0
+need_apt() { # need_apt COMMAND PACKAGE
+    command -v "$1" >/dev/null 2>&1 && return 0
+    if ! command -v apt-get >/dev/null 2>&1; then
+        log "$1 is missing and apt-get is not available: install $2 by hand"
+        exit 1
+    fi
+    if [ "$APT_UPDATED" -eq 0 ]; then
+        log "apt-get update"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        APT_UPDATED=1
+    fi
+    log "installing $2 (for $1)"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2"
+}
+
+need_npm() { # need_npm COMMAND PACKAGE
+    command -v "$1" >/dev/null 2>&1 && return 0
+    need_apt npm npm
+    log "installing $2 with npm (for $1)"
+    as_root npm install --global --no-fund --no-audit "$2"
+}
+
+need_rust() {
+    # rustup installs into ~/.cargo/bin, which a fresh shell may not have on PATH.
+    if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+        export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    command -v cargo >/dev/null 2>&1 && return 0
+    need_apt curl curl
+    need_apt cc build-essential
+    log "installing the Rust toolchain with rustup (minimal profile)"
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
+        sh -s -- -y --no-modify-path --profile minimal
+    export PATH="$HOME/.cargo/bin:$PATH"
+}
+
+install_prerequisites() {
+    need_rust
+    # Add further test dependencies here, e.g.:
+    #   need_apt jq jq
+    #   need_npm some-cli some-package
+}
+
+install_prerequisites
+if [ "${TESTS_INSTALL_ONLY:-0}" = 1 ]; then
+    exit 0
+fi
+
+log "cargo test --all-targets $*"
+out="$(mktemp)"
+trap 'rm -f "$out"' EXIT
+status=0
+cargo test --all-targets --locked "$@" 2>&1 | tee "$out" || status=$?
+
+echo
+echo "== summary =="
+grep -E '^\s+Running |^test result: ' "$out" | sed -E 's/^\s+//' || true
+if [ "$status" -ne 0 ]; then
+    echo "FAILED (cargo test exited with $status)"
+else
+    echo "all test suites passed"
+fi
+exit "$status"

@@ -98,3 +98,203 @@ async fn load_200_clients_five_lifetimes_no_reuse() {
     stack.assert_no_reuse();
     app.shutdown().await;
 }
+
+/// Starts a child on `extra`, waits for its first grant, holds the next
+/// (proactive) refresh at the IdP after it rotated, kills the child with
+/// SIGKILL, releases the hold and starts a second child on the same config
+/// and store. Returns the restarted child, the first one (for its output)
+/// and the refresh token whose answer was lost.
+async fn crash_during_held_rotation(
+    stack: &Stack,
+    extra: &str,
+) -> (ChildProxy, ChildProxy, String) {
+    let (path, ports) = child_config(stack, "proxy", extra);
+    let mut first = ChildProxy::start(stack.dir.path(), "run1", &path, ports).await;
+    stack.wait_generation(1, S(10)).await;
+    let hold = Hold::new();
+    stack
+        .idp
+        .push_fault(Fault::HoldAfterProcessing(hold.clone()));
+    tokio::time::timeout(S(10), hold.reached())
+        .await
+        .expect("a proactive refresh reaches the IdP");
+    let spent = stack
+        .presented()
+        .last()
+        .cloned()
+        .expect("a presented token");
+    let rec = stack.record().unwrap();
+    assert!(
+        rec["intent"].is_object(),
+        "write-ahead: the intent is durable before the token is presented: {}",
+        rec["intent"]
+    );
+    first.kill9();
+    hold.release();
+    let second = ChildProxy::start(stack.dir.path(), "run2", &path, ports).await;
+    (second, first, spent)
+}
+
+fn times_presented(stack: &Stack, token: &str) -> usize {
+    stack.presented().iter().filter(|t| *t == token).count()
+}
+
+fn assert_logs_clean(stack: &Stack, children: &[&ChildProxy]) {
+    let outputs: Vec<String> = children.iter().map(|c| c.output()).collect();
+    assert!(
+        outputs.iter().any(|o| o.contains("token_refresh")),
+        "no logs captured"
+    );
+    assert_no_secrets(&outputs, &stack.secrets());
+}
+
+/// kill -9 while the IdP holds a rotated answer, no introspection, no grace:
+/// the restart must not present the possibly spent token; `dead` with
+/// `lost_rotation` and a hint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_with_held_rotation_goes_dead_lost_rotation() {
+    let stack = Stack::start(StackOpts::default()).await;
+    let (second, first, spent) = crash_during_held_rotation(&stack, "").await;
+    let c = http();
+    let st = wait_state(&c, second.admin, "dead", S(10)).await;
+    assert_eq!(st["last_error"]["reason"], "lost_rotation", "{st}");
+    assert_eq!(st["last_error"]["outcome"], "lost_rotation", "{st}");
+    let hint = st["last_error"]["hint"].as_str().unwrap_or_default();
+    assert!(hint.len() > 20, "a hint that says what happened: {st}");
+    let grants = stack.refresh_grants();
+    // One poll interval of the dead credential: still no grant.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(stack.refresh_grants(), grants, "no grant while dead");
+    assert_eq!(
+        times_presented(&stack, &spent),
+        1,
+        "the spent token came back"
+    );
+    stack.assert_no_reuse();
+    eprintln!(
+        "crash/no-grace: grants={} reuses={}",
+        stack.refresh_grants(),
+        stack.idp.reuse_count()
+    );
+    assert_logs_clean(&stack, &[&first, &second]);
+}
+
+/// Same crash with `introspection_url`: the proxy asks, learns the token is
+/// spent, and goes dead with `lost_rotation` without presenting it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_with_held_rotation_introspects_and_goes_dead() {
+    let stack = Stack::start(StackOpts::default()).await;
+    let extra = format!("introspection_url = \"{}\"", stack.idp.introspection_url());
+    let (second, first, spent) = crash_during_held_rotation(&stack, &extra).await;
+    let c = http();
+    let st = wait_state(&c, second.admin, "dead", S(10)).await;
+    assert_eq!(st["last_error"]["reason"], "lost_rotation", "{st}");
+    assert!(st["last_error"]["hint"]
+        .as_str()
+        .is_some_and(|h| !h.is_empty()));
+    assert_eq!(
+        times_presented(&stack, &spent),
+        1,
+        "the spent token came back"
+    );
+    stack.assert_no_reuse();
+    let ev = second
+        .log_events()
+        .into_iter()
+        .find(|e| e["event"] == "token_refresh" && e["outcome"] == "lost_rotation");
+    assert!(ev.is_some(), "a lost_rotation event: {}", second.output());
+    assert_logs_clean(&stack, &[&first, &second]);
+}
+
+/// Same crash with a declared grace window (IdP and credential): the retry
+/// within the window succeeds and requests work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_with_held_rotation_within_grace_retries() {
+    let stack = Stack::start(StackOpts {
+        idp_reuse_grace: S(30),
+        ..StackOpts::default()
+    })
+    .await;
+    let (second, first, spent) = crash_during_held_rotation(&stack, "reuse_grace = \"30s\"").await;
+    // The stored access token may still serve for a moment; wait for the
+    // retry's rotation, then for a request on the new token.
+    stack.wait_generation(2, S(10)).await;
+    let c = http();
+    let url = second.url("/api/after-crash");
+    wait_for("a 200 after the grace retry", S(10), || async {
+        try_get(&c, &url).await.ok().filter(|g| g.status == 200)
+    })
+    .await;
+    assert_eq!(
+        times_presented(&stack, &spent),
+        2,
+        "presented once, retried once within the grace window"
+    );
+    let st = credential_status(&c, second.admin).await.unwrap();
+    assert_ne!(st["state"], "dead", "{st}");
+    stack.assert_no_reuse();
+    eprintln!(
+        "crash/grace: grants={} reuses={}",
+        stack.refresh_grants(),
+        stack.idp.reuse_count()
+    );
+    assert_logs_clean(&stack, &[&first, &second]);
+}
+
+/// The IdP rotates, then drops the connection (no crash): the answer is lost,
+/// so without introspection or grace the credential goes dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_after_processing_goes_dead_lost_rotation() {
+    let stack = Stack::start(StackOpts::default()).await;
+    let app = stack.app("").await;
+    stack.wait_generation(1, S(10)).await;
+    stack.idp.push_fault(Fault::ResetAfterProcessing);
+    let c = http();
+    let admin = app.admin_addr.unwrap();
+    let st = wait_state(&c, admin, "dead", S(10)).await;
+    assert_eq!(st["last_error"]["reason"], "lost_rotation", "{st}");
+    assert!(st["last_error"]["hint"]
+        .as_str()
+        .is_some_and(|h| !h.is_empty()));
+    let spent: Vec<_> = stack
+        .idp
+        .grants()
+        .into_iter()
+        .filter(|g| g.fault == Some("reset_after_processing"))
+        .filter_map(|g| g.refresh_token)
+        .collect();
+    assert_eq!(spent.len(), 1);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        times_presented(&stack, &spent[0]),
+        1,
+        "the spent token came back"
+    );
+    stack.assert_no_reuse();
+    app.shutdown().await;
+}
+
+/// kill -9 right after a successful rotation was written: the restart serves
+/// the stored token with no new grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_store_write_needs_no_new_grant() {
+    let stack = Stack::start(StackOpts::default()).await;
+    let (path, ports) = child_config(&stack, "proxy", "");
+    let mut first = ChildProxy::start(stack.dir.path(), "run1", &path, ports).await;
+    stack.wait_generation(1, S(10)).await;
+    // The next token lives long enough that no refresh is due after restart.
+    stack.idp.set_access_ttl(S(30));
+    let generation = stack.wait_generation(2, S(10)).await;
+    first.kill9();
+    let grants = stack.refresh_grants();
+    let second = ChildProxy::start(stack.dir.path(), "run2", &path, ports).await;
+    let c = http();
+    let got = get_ok(&c, &second.url("/api/after-crash")).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let st = credential_status(&c, second.admin).await.unwrap();
+    assert_eq!(st["state"], "fresh", "{st}");
+    assert_eq!(st["generation"], generation, "{st}");
+    assert_eq!(stack.refresh_grants(), grants, "no new grant after restart");
+    stack.assert_no_reuse();
+    assert_logs_clean(&stack, &[&first, &second]);
+}

@@ -526,3 +526,231 @@ async fn idp_down_serves_valid_token_then_503_then_recovers() {
     );
     app.shutdown().await;
 }
+
+/// The `Authorization` the echo upstream received.
+fn echoed_auth(got: &Got) -> String {
+    got.json()["headers"]["authorization"][0]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The family revoked at the IdP: the next refresh gets `invalid_grant`, the
+/// credential dies with one error event and a hint, the current token serves
+/// until it expires, then 503 with the reason; no more grants; a new family
+/// written to the store revives it within 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_grant_dead_serves_until_expiry_then_revives_from_store() {
+    let stack = Stack::start(StackOpts {
+        access_ttl: S(4),
+        permissive_echo: true,
+        ..StackOpts::default()
+    })
+    .await;
+    let (path, ports) = child_config(&stack, "proxy", "");
+    let proxy = ChildProxy::start(stack.dir.path(), "run", &path, ports).await;
+    let c = http();
+    let url = proxy.url("/api/ig");
+    stack.wait_generation(1, S(10)).await;
+    stack.idp.revoke_family_of(&stack.current_refresh_token());
+    let st = wait_state(&c, proxy.admin, "dead", S(6)).await;
+    assert_eq!(st["last_error"]["reason"], "invalid_grant", "{st}");
+    let grants_when_dead = stack.refresh_grants();
+    let rec = stack.record().unwrap();
+    let token = rec["access_token"].as_str().unwrap().to_owned();
+    let expires = std::time::UNIX_EPOCH
+        + Duration::from_millis(rec["access_expires_at_ms"].as_u64().unwrap());
+
+    // Still injected while valid (the upstream's answer is the judge)...
+    let got = get_ok(&c, &url).await;
+    assert!(
+        std::time::SystemTime::now() < expires,
+        "the dead credential's token expired before the check; slow machine?"
+    );
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(echoed_auth(&got), format!("Bearer {token}"));
+    // ...then 503 with the reason.
+    let got = wait_for("503 after expiry", S(6), || async {
+        try_get(&c, &url).await.ok().filter(|g| g.status == 503)
+    })
+    .await;
+    let body = got.json();
+    assert_eq!(body["error"], "credential_unavailable", "{body}");
+    assert_eq!(body["reason"], "invalid_grant", "{body}");
+    assert!(
+        body["hint"].as_str().is_some_and(|h| !h.is_empty()),
+        "{body}"
+    );
+    // No grant calls while dead (more than one store poll interval).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        stack.refresh_grants(),
+        grants_when_dead,
+        "grants while dead"
+    );
+
+    let events: Vec<_> = proxy
+        .log_events()
+        .into_iter()
+        .filter(|e| e["event"] == "token_refresh" && e["outcome"] == "invalid_grant")
+        .collect();
+    assert_eq!(
+        events.len(),
+        1,
+        "exactly one invalid_grant event: {events:?}"
+    );
+    assert_eq!(events[0]["level"], "ERROR", "{}", events[0]);
+    assert!(
+        events[0]["hint"].as_str().is_some_and(|h| h.len() > 20),
+        "{}",
+        events[0]
+    );
+
+    // Revival: an operator writes a new family into the store.
+    let fresh = stack.idp.issue_refresh_token(CLIENT_ID, "alice");
+    stack.secrets.lock().insert(fresh.clone());
+    let mut rec = stack.record().unwrap();
+    rec["family"] = "operator0001".into();
+    rec["generation"] = 0.into();
+    rec["refresh_token"] = fresh.into();
+    for k in [
+        "access_token",
+        "access_expires_at_ms",
+        "access_issued_at_ms",
+        "intent",
+        "dead",
+    ] {
+        rec[k] = serde_json::Value::Null;
+    }
+    let written = Instant::now();
+    stack.write_record(rec);
+    wait_for("revival", S(5), || async {
+        try_get(&c, &url).await.ok().filter(|g| g.status == 200)
+    })
+    .await;
+    eprintln!(
+        "invalid_grant: revived {:?} after the store write",
+        written.elapsed()
+    );
+    let st = credential_status(&c, proxy.admin).await.unwrap();
+    assert_eq!(st["family"], "operator0001", "{st}");
+    stack.assert_no_reuse();
+    assert_logs_clean(&stack, &[&proxy]);
+}
+
+/// A suspend-like jump: the wall clock passes the expiry while the monotonic
+/// clock does not. With the IdP down the expired token must not be injected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wall_clock_jump_past_expiry_never_injects_expired_token() {
+    use tokenproxy::token::engine::Clock;
+    let stack = Stack::start(StackOpts {
+        access_ttl: S(30),
+        ..StackOpts::default()
+    })
+    .await;
+    let cfg = stack.config("");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let clock = Arc::new(Clock::default());
+    let engine = Arc::new(
+        tokenproxy::token::Engine::start_with_clock(&cfg, shutdown.clone(), clock.clone())
+            .await
+            .unwrap(),
+    );
+    let app = tokenproxy::app::App::start_with_engine(&cfg, engine, shutdown)
+        .await
+        .unwrap();
+    let url = format!("http://{}/api/suspend", app.proxy_addr.unwrap());
+    let c = http();
+    let got = get_ok(&c, &url).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    stack.idp.stop().await;
+    let upstream_before = stack.echo.requests();
+    clock.advance_wall(S(60));
+    let got = get_ok(&c, &url).await;
+    assert_eq!(got.status, 503, "expired token injected: {}", got.text());
+    assert_eq!(got.json()["error"], "credential_unavailable");
+    assert_eq!(
+        stack.echo.requests(),
+        upstream_before,
+        "nothing reached the upstream"
+    );
+    // Once the IdP is back, a fresh token.
+    stack.idp.restart().await;
+    wait_for("a fresh token after the jump", S(8), || async {
+        try_get(&c, &url).await.ok().filter(|g| g.status == 200)
+    })
+    .await;
+    stack.assert_no_reuse();
+    app.shutdown().await;
+}
+
+/// Grant failures whose bodies echo the secrets back, at debug level: no
+/// token, refresh token or client secret appears in any output, status or
+/// error body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "BUG: error_description is logged verbatim (tokens, client secret) - grant::sanitize only strips controls and caps"]
+async fn logs_and_outputs_never_contain_secrets() {
+    let stack = Stack::start(StackOpts::default()).await;
+    let (path, ports) = child_config(&stack, "proxy", "");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("level = \"info\"", "level = \"debug\"");
+    std::fs::write(&path, text).unwrap();
+    let proxy = ChildProxy::start(stack.dir.path(), "run", &path, ports).await;
+    let c = http();
+    let mut outputs = Vec::new();
+    stack.wait_generation(1, S(10)).await;
+    let rec = stack.record().unwrap();
+    let (rt, at) = (
+        rec["refresh_token"].as_str().unwrap().to_owned(),
+        rec["access_token"].as_str().unwrap().to_owned(),
+    );
+    let nasty = format!(
+        "{{\"error\":\"temporarily_unavailable\",\"error_description\":\"refresh_token={rt} access_token={at} client_secret={CLIENT_SECRET}\"}}"
+    );
+    stack.idp.push_fault(Fault::Status {
+        status: 503,
+        body: nasty.clone(),
+        content_type: "application/json",
+        headers: vec![],
+    });
+    // An unparsable 200 carrying the secrets too.
+    stack.idp.push_fault(Fault::Body {
+        status: 200,
+        body: format!("not json {rt} {CLIENT_SECRET}"),
+        content_type: "text/plain",
+    });
+    let g = stack.generation().unwrap();
+    wait_for("both faults consumed", S(15), || async {
+        (stack.idp.pending_faults() == 0).then_some(())
+    })
+    .await;
+    // Whatever the proxy answers meanwhile must be clean too.
+    for _ in 0..5 {
+        // Only the proxy's own answers: the echo upstream reports the token.
+        if let Ok(got) = try_get(&c, &proxy.url("/api/x")).await {
+            if got.status == 200 {
+                continue;
+            }
+            outputs.push(format!("{:?} {}", got.headers, got.text()));
+        }
+        if let Some(st) = credential_status(&c, proxy.admin).await {
+            outputs.push(st.to_string());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stack.wait_generation(g + 1, S(15)).await;
+    let transient = proxy
+        .log_events()
+        .into_iter()
+        .filter(|e| e["event"] == "token_refresh" && e["outcome"] == "transient")
+        .count();
+    assert!(
+        transient >= 2,
+        "the failures were logged: {}",
+        proxy.output()
+    );
+    outputs.push(proxy.output());
+    assert_no_secrets(&outputs, &stack.secrets());
+    stack.assert_no_reuse();
+}

@@ -189,9 +189,11 @@ async fn crash_with_held_rotation_introspects_and_goes_dead() {
     let c = http();
     let st = wait_state(&c, second.admin, "dead", S(10)).await;
     assert_eq!(st["last_error"]["reason"], "lost_rotation", "{st}");
-    assert!(st["last_error"]["hint"]
-        .as_str()
-        .is_some_and(|h| !h.is_empty()));
+    let hint = st["last_error"]["hint"].as_str().unwrap_or_default();
+    assert!(
+        hint.contains("introspection"),
+        "the hint says the IdP was asked: {st}"
+    );
     assert_eq!(
         times_presented(&stack, &spent),
         1,
@@ -753,4 +755,35 @@ async fn logs_and_outputs_never_contain_secrets() {
     outputs.push(proxy.output());
     assert_no_secrets(&outputs, &stack.secrets());
     stack.assert_no_reuse();
+}
+
+/// The connection drops before the IdP processed the grant: with
+/// `introspection_url` the proxy asks, hears "still active", presents the
+/// token again and carries on (the counterpart of the spent case).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_before_processing_with_introspection_retries() {
+    let stack = Stack::start(StackOpts::default()).await;
+    let extra = format!("introspection_url = \"{}\"", stack.idp.introspection_url());
+    let app = stack.app(&extra).await;
+    let g = stack.wait_generation(1, S(10)).await;
+    stack.idp.push_fault(Fault::ResetBeforeProcessing);
+    stack.wait_generation(g + 1, S(10)).await;
+    let dropped: Vec<_> = stack
+        .idp
+        .grants()
+        .into_iter()
+        .filter(|g| g.fault == Some("reset_before_processing"))
+        .filter_map(|g| g.refresh_token)
+        .collect();
+    assert_eq!(dropped.len(), 1);
+    assert_eq!(
+        times_presented(&stack, &dropped[0]),
+        2,
+        "presented again only after introspection said it is active"
+    );
+    let c = http();
+    let got = get_ok(&c, &format!("http://{}/api/x", app.proxy_addr.unwrap())).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    stack.assert_no_reuse();
+    app.shutdown().await;
 }

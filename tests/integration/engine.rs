@@ -787,3 +787,39 @@ async fn reset_before_processing_with_introspection_retries() {
     stack.assert_no_reuse();
     app.shutdown().await;
 }
+
+/// Steady state: while a (slow) proactive refresh is in flight the current
+/// token keeps serving, so no request waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_do_not_wait_for_a_proactive_refresh() {
+    let stack = Stack::start(StackOpts::default()).await;
+    let app = stack.app("").await;
+    let url = format!("http://{}/api/steady", app.proxy_addr.unwrap());
+    let c = http();
+    let g = stack.wait_generation(1, S(10)).await;
+    stack.wait_generation(g + 1, S(10)).await;
+    // The next refresh starts ~1 s before expiry and takes 700 ms.
+    stack
+        .idp
+        .push_fault(Fault::Delay(Duration::from_millis(700)));
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    while stack.generation() < Some(g + 2) || started.elapsed() < S(2) {
+        assert!(
+            started.elapsed() < S(10),
+            "the delayed refresh never landed"
+        );
+        let t0 = Instant::now();
+        let got = get_ok(&c, &url).await;
+        assert_eq!(got.status, 200, "{}", got.text());
+        slowest = slowest.max(t0.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("steady: slowest request {slowest:?} across a 700 ms refresh");
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a request waited: {slowest:?}"
+    );
+    stack.assert_no_reuse();
+    app.shutdown().await;
+}

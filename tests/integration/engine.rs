@@ -823,3 +823,43 @@ async fn requests_do_not_wait_for_a_proactive_refresh() {
     stack.assert_no_reuse();
     app.shutdown().await;
 }
+
+/// A dead credential comes back when a new seed appears in the config (a
+/// restart with the new `refresh_token`): a new family, no reuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_seed_in_config_revives_a_dead_credential() {
+    let stack = Stack::start(StackOpts::default()).await;
+    let (path, ports) = child_config(&stack, "proxy", "");
+    let mut first = ChildProxy::start(stack.dir.path(), "run1", &path, ports).await;
+    let c = http();
+    stack.wait_generation(1, S(10)).await;
+    stack.idp.revoke_family_of(&stack.current_refresh_token());
+    let dead = wait_state(&c, first.admin, "dead", S(6)).await;
+    first.kill9();
+    // The same seed again is never re-adopted...
+    let mut again = ChildProxy::start(stack.dir.path(), "run2", &path, ports).await;
+    let st = wait_state(&c, again.admin, "dead", S(6)).await;
+    assert_eq!(
+        st["family"], dead["family"],
+        "an old seed is not a new family: {st}"
+    );
+    again.kill9();
+    // ...a new one is.
+    let seed = stack.idp.issue_refresh_token(CLIENT_ID, "alice");
+    stack.secrets.lock().insert(seed.clone());
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(&stack.seed, &seed);
+    std::fs::write(&path, text).unwrap();
+    let third = ChildProxy::start(stack.dir.path(), "run3", &path, ports).await;
+    let url = third.url("/api/seed");
+    wait_for("revival by a new seed", S(5), || async {
+        try_get(&c, &url).await.ok().filter(|g| g.status == 200)
+    })
+    .await;
+    let st = credential_status(&c, third.admin).await.unwrap();
+    assert_ne!(st["family"], dead["family"], "{st}");
+    assert_ne!(st["state"], "dead", "{st}");
+    stack.assert_no_reuse();
+    assert_logs_clean(&stack, &[&first, &again, &third]);
+}

@@ -388,7 +388,7 @@ fn status_fault(status: u16, body: &str, headers: &[(&str, &str)]) -> Fault {
 #[ignore = "BUG: a 503 for a request that joined a failed (5xx/connect) refresh has no Retry-After (Slot::wait_usable)"]
 async fn idp_down_serves_valid_token_then_503_then_recovers() {
     let stack = Stack::start(StackOpts::default()).await;
-    let app = stack.app("max_backoff = \"2s\"").await;
+    let app = stack.app("max_backoff = \"1s\"").await;
     let url = format!("http://{}/api/down", app.proxy_addr.unwrap());
     let c = http();
     let g = stack.wait_generation(1, S(10)).await;
@@ -403,7 +403,7 @@ async fn idp_down_serves_valid_token_then_503_then_recovers() {
 
     let done = Arc::new(tokio::sync::Notify::new());
     // A few clients polling, so some requests also join in-flight attempts.
-    let pollers: Vec<_> = (0..8)
+    let pollers: Vec<_> = (0..12)
         .map(|_| {
             let (c, url, done) = (c.clone(), url.clone(), done.clone());
             tokio::spawn(async move {
@@ -415,7 +415,7 @@ async fn idp_down_serves_valid_token_then_503_then_recovers() {
                     let got = try_get(&c, &url).await;
                     seen.push((at, got));
                     tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(25)) => {}
+                        _ = tokio::time::sleep(Duration::from_millis(15)) => {}
                         _ = &mut stop => return seen,
                     }
                 }
@@ -506,7 +506,7 @@ async fn idp_down_serves_valid_token_then_503_then_recovers() {
     assert!(ok_before > 0 && unavailable > 0);
     assert!(!grants.is_empty(), "attempts continue while the IdP fails");
     // Backoff: no hot loop, and a 429's Retry-After is a floor.
-    assert!(grants.len() <= 12, "too many attempts: {}", grants.len());
+    assert!(grants.len() <= 20, "too many attempts: {}", grants.len());
     for (gap, _) in &gaps {
         assert!(*gap >= 90, "backoff gaps are at least 100 ms: {gaps:?}");
     }

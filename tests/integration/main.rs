@@ -1,6 +1,8 @@
 //! Integration tests over real sockets, one binary (a module per area).
 
 mod cli;
+mod engine;
+mod harness;
 mod proxy;
 mod reactive;
 mod reload;

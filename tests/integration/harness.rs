@@ -1,0 +1,448 @@
+//! Helpers for the token-engine scenarios: a dev IdP + echo upstream + temp
+//! store, configs written as TOML text, the proxy in-process or as a real
+//! `tokenproxy run` child (killed on drop, output captured to files), admin
+//! status, store reads and writes, and polling with deadlines.
+
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use parking_lot::Mutex;
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokenproxy::app::App;
+use tokenproxy::config::Config;
+use tokenproxy::dev::{DevIdp, EchoUpstream, IdpOptions};
+
+pub const CLIENT_ID: &str = "demo-client";
+pub const CLIENT_SECRET: &str = "demo-secret-8f3a1c";
+pub const CRED: &str = "user";
+
+pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+pub fn http() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(256)
+        .build_http()
+}
+
+/// A response as tests look at it.
+#[derive(Debug, Clone)]
+pub struct Got {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub async fn try_get(c: &HttpClient, url: &str) -> Result<Got, String> {
+    let req = http::Request::get(url).body(Full::default()).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(15), c.request(req))
+        .await
+        .map_err(|_| "timeout".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Got {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    })
+}
+
+pub async fn get_ok(c: &HttpClient, url: &str) -> Got {
+    try_get(c, url)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+/// Polls `f` every 50 ms until it yields `Some`, or panics after `within`.
+pub async fn wait_for<T, F, Fut>(what: &str, within: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A port free right now (bind 127.0.0.1:0 and drop).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The IdP, the upstream, a temp dir with the store, and every secret seen.
+pub struct Stack {
+    pub idp: DevIdp,
+    pub echo: EchoUpstream,
+    pub dir: tempfile::TempDir,
+    pub seed: String,
+    /// Every token and secret the test came across (for log checks).
+    pub secrets: Mutex<BTreeSet<String>>,
+}
+
+pub struct StackOpts {
+    pub access_ttl: Duration,
+    pub idp_reuse_grace: Duration,
+    /// Upstream accepts any token (to see what a dead credential injects).
+    pub permissive_echo: bool,
+}
+
+impl Default for StackOpts {
+    fn default() -> Self {
+        StackOpts {
+            access_ttl: Duration::from_secs(2),
+            idp_reuse_grace: Duration::ZERO,
+            permissive_echo: false,
+        }
+    }
+}
+
+impl Stack {
+    pub async fn start(o: StackOpts) -> Stack {
+        let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let idp = DevIdp::start(
+            local,
+            IdpOptions {
+                access_ttl: o.access_ttl,
+                reuse_grace: o.idp_reuse_grace,
+                clients: vec![tokenproxy::dev::DevClient::confidential(
+                    CLIENT_ID,
+                    CLIENT_SECRET,
+                )],
+                ..IdpOptions::default()
+            },
+        )
+        .await
+        .expect("idp starts");
+        let check: tokenproxy::dev::TokenCheck = if o.permissive_echo {
+            Arc::new(|_: &str| true)
+        } else {
+            idp.token_check()
+        };
+        let echo = EchoUpstream::start(local, check)
+            .await
+            .expect("echo starts");
+        let seed = idp.issue_refresh_token(CLIENT_ID, "alice");
+        let secrets = Mutex::new(BTreeSet::from([seed.clone(), CLIENT_SECRET.to_owned()]));
+        Stack {
+            idp,
+            echo,
+            dir: tempfile::tempdir().unwrap(),
+            seed,
+            secrets,
+        }
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.dir.path().join("tokens.json")
+    }
+
+    /// Config text: proxy and admin on the given ports (0 in-process),
+    /// JSON logs, the store in the temp dir, one credential `user` with
+    /// `extra` appended to its table, one route `/api/` to the echo.
+    pub fn toml(&self, proxy_port: u16, admin_port: u16, extra: &str) -> String {
+        format!(
+            r#"[server]
+listen = "127.0.0.1:{proxy_port}"
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
+
+[store]
+path = "{store}"
+
+[log]
+format = "json"
+level = "info"
+
+[credentials.{CRED}]
+grant = "refresh_token"
+token_url = "{token_url}"
+client_id = "{CLIENT_ID}"
+client_secret = "{CLIENT_SECRET}"
+refresh_token = "{seed}"
+refresh_wait = "2s"
+{extra}
+
+[[routes]]
+path_prefix = "/api/"
+upstream = "{echo}/"
+credential = "{CRED}"
+"#,
+            store = self.store_path().display(),
+            token_url = self.idp.token_url(),
+            seed = self.seed,
+            echo = self.echo.url(),
+        )
+    }
+
+    pub fn config(&self, extra: &str) -> Config {
+        // Validation refuses two equal listen addresses, so parse with a
+        // placeholder admin port and bind the admin on port 0 too.
+        let text = self.toml(0, free_port(), extra);
+        let mut cfg =
+            tokenproxy::config::parse(&text, &self.dir.path().join("proxy.toml"), &|_| None)
+                .unwrap_or_else(|e| panic!("config rejected: {e}"));
+        cfg.admin.listen = tokenproxy::config::ListenAddr::Tcp("127.0.0.1:0".parse().unwrap());
+        cfg
+    }
+
+    pub async fn app(&self, extra: &str) -> App {
+        App::start(&self.config(extra)).await.expect("app starts")
+    }
+
+    /// The store's record for the credential (raw JSON), noting its secrets.
+    pub fn record(&self) -> Option<serde_json::Value> {
+        let bytes = std::fs::read(self.store_path()).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        let rec = v["credentials"][CRED].clone();
+        if rec.is_null() {
+            return None;
+        }
+        let mut s = self.secrets.lock();
+        for k in ["refresh_token", "access_token"] {
+            if let Some(t) = rec[k].as_str() {
+                s.insert(t.to_owned());
+            }
+        }
+        Some(rec)
+    }
+
+    pub fn generation(&self) -> Option<u64> {
+        self.record()?["generation"].as_u64()
+    }
+
+    pub fn current_refresh_token(&self) -> String {
+        self.record().expect("a record")["refresh_token"]
+            .as_str()
+            .expect("a refresh token")
+            .to_owned()
+    }
+
+    /// Waits until the store holds at least this generation.
+    pub async fn wait_generation(&self, at_least: u64, within: Duration) -> u64 {
+        wait_for(
+            &format!("store generation >= {at_least}"),
+            within,
+            || async { self.generation().filter(|g| *g >= at_least) },
+        )
+        .await
+    }
+
+    /// Replaces the credential's record with `rec`, atomically (temp+rename),
+    /// as an operator or a login flow would.
+    pub fn write_record(&self, rec: serde_json::Value) {
+        let path = self.store_path();
+        let mut all: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        all["credentials"][CRED] = rec;
+        let tmp = self.dir.path().join(".tokens.json.operator.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&all).unwrap()).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
+
+    /// Refresh tokens presented at the IdP, oldest first.
+    pub fn presented(&self) -> Vec<String> {
+        let v: Vec<String> = self
+            .idp
+            .grants()
+            .into_iter()
+            .filter(|g| g.grant_type == "refresh_token")
+            .filter_map(|g| g.refresh_token)
+            .collect();
+        self.secrets.lock().extend(v.iter().cloned());
+        v
+    }
+
+    pub fn refresh_grants(&self) -> usize {
+        self.idp
+            .grants()
+            .iter()
+            .filter(|g| g.grant_type == "refresh_token")
+            .count()
+    }
+
+    /// The oracle: no refresh token was presented after it was spent.
+    pub fn assert_no_reuse(&self) {
+        let presented = self.presented();
+        assert_eq!(
+            self.idp.reuse_count(),
+            0,
+            "a rotated refresh token was presented again; presentations: {}",
+            presented.len()
+        );
+    }
+
+    pub fn secrets(&self) -> Vec<String> {
+        self.presented();
+        self.record();
+        self.secrets.lock().iter().cloned().collect()
+    }
+}
+
+/// `GET /credentials/<CRED>` on the admin listener.
+pub async fn credential_status(c: &HttpClient, admin: SocketAddr) -> Option<serde_json::Value> {
+    let got = try_get(c, &format!("http://{admin}/credentials"))
+        .await
+        .ok()?;
+    let all = got.json();
+    all.as_array()?
+        .iter()
+        .find(|s| s["credential"] == CRED)
+        .cloned()
+}
+
+/// Waits until the admin status shows `state`.
+pub async fn wait_state(
+    c: &HttpClient,
+    admin: SocketAddr,
+    state: &str,
+    within: Duration,
+) -> serde_json::Value {
+    wait_for(&format!("state {state}"), within, || async {
+        credential_status(c, admin)
+            .await
+            .filter(|s| s["state"] == state)
+    })
+    .await
+}
+
+/// A `tokenproxy run` child; SIGKILLed on drop. Its stdout and stderr go to
+/// files in the stack's dir, so they survive a kill and a restart.
+pub struct ChildProxy {
+    pub child: std::process::Child,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl ChildProxy {
+    /// Writes `toml` to `config_path` (if given text) and starts the binary,
+    /// waiting until the admin port answers.
+    pub async fn start(dir: &Path, label: &str, config_path: &Path, ports: (u16, u16)) -> Self {
+        let stdout = dir.join(format!("{label}.stdout"));
+        let stderr = dir.join(format!("{label}.stderr"));
+        let child = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+            .arg("run")
+            .arg("-c")
+            .arg(config_path)
+            .env_remove("TOKENPROXY_LOG")
+            .stdin(Stdio::null())
+            .stdout(File::create(&stdout).unwrap())
+            .stderr(File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawn tokenproxy");
+        let mut me = ChildProxy {
+            child,
+            proxy: SocketAddr::from(([127, 0, 0, 1], ports.0)),
+            admin: SocketAddr::from(([127, 0, 0, 1], ports.1)),
+            stdout,
+            stderr,
+        };
+        let c = http();
+        let admin = me.admin;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if try_get(&c, &format!("http://{admin}/healthz"))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            if let Ok(Some(st)) = me.child.try_wait() {
+                panic!("tokenproxy exited ({st}): {}", me.output());
+            }
+            assert!(Instant::now() < deadline, "tokenproxy did not come up");
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        me
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// stdout + stderr so far.
+    pub fn output(&self) -> String {
+        let mut s = std::fs::read_to_string(&self.stdout).unwrap_or_default();
+        s.push_str(&std::fs::read_to_string(&self.stderr).unwrap_or_default());
+        s
+    }
+
+    /// The JSON log lines on stderr.
+    pub fn log_events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.stderr)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for ChildProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a config file for a child and picks free ports.
+pub fn child_config(stack: &Stack, name: &str, extra: &str) -> (PathBuf, (u16, u16)) {
+    let ports = (free_port(), free_port());
+    let path = stack.dir.path().join(format!("{name}.toml"));
+    std::fs::write(&path, stack.toml(ports.0, ports.1, extra)).unwrap();
+    (path, ports)
+}
+
+/// Asserts that no secret substring appears in any captured output.
+pub fn assert_no_secrets(outputs: &[String], secrets: &[String]) {
+    for s in secrets {
+        if s.len() < 8 {
+            continue;
+        }
+        for (i, out) in outputs.iter().enumerate() {
+            assert!(
+                !out.contains(s.as_str()),
+                "output #{i} contains a secret (len {}, starts {:?})",
+                s.len(),
+                &s[..4]
+            );
+        }
+    }
+}

@@ -431,9 +431,17 @@ fn admin(r: RawAdmin, cx: &mut Ctx<'_>) -> AdminConfig {
         Some(s) => cx.listen_addr("admin.listen", &s).unwrap_or(default),
         None => default,
     };
+    let token = cx.secret("admin.token", r.token.as_ref());
+    let off_loopback = matches!(&listen, ListenAddr::Tcp(a) if !a.ip().is_loopback());
+    if off_loopback && token.is_none() {
+        cx.err(
+            "admin.listen",
+            format!("{listen} is reachable off this host; expected admin.token to be set (credentials and mutating endpoints need it there)"),
+        );
+    }
     AdminConfig {
         listen,
-        token: cx.secret("admin.token", r.token.as_ref()),
+        token,
         ready_requires_tokens: r.ready_requires_tokens.unwrap_or(false),
     }
 }

@@ -66,6 +66,7 @@ struct Route {
     /// Replay once after a reactive refresh; bodies up to this size are
     /// buffered for it (None: replay off).
     replay_max_body: Option<u64>,
+    metrics: crate::metrics::RouteMetrics,
 }
 
 /// All routes, clients and settings of the data path. Built once per config.
@@ -76,6 +77,8 @@ pub struct Proxy {
     tls: Option<tokio_rustls::TlsAcceptor>,
     max_connections: usize,
     shutdown_grace: Duration,
+    /// Requests that matched no route.
+    unrouted: crate::metrics::RouteMetrics,
 }
 
 /// What the pipeline knows about the connection a request came on.
@@ -145,6 +148,7 @@ impl Proxy {
                     .filter_map(|s| StatusCode::from_u16(*s).ok())
                     .collect(),
                 replay_max_body: rc.replay.then_some(rc.replay_max_body),
+                metrics: crate::metrics::metrics().route(&rc.path_prefix),
             });
         }
 
@@ -174,6 +178,7 @@ impl Proxy {
             tls,
             max_connections: config.server.max_connections.max(1),
             shutdown_grace: config.server.shutdown_grace,
+            unrouted: crate::metrics::metrics().route("none"),
         }))
     }
 
@@ -195,6 +200,11 @@ impl Proxy {
         resp.headers_mut()
             .insert(X_REQUEST_ID.clone(), request_id.clone());
         let route = route.map(|i| &self.routes[i]);
+        route.map_or(&self.unrouted, |r| &r.metrics).request(
+            resp.status().as_u16(),
+            start.elapsed(),
+            resp.headers().contains_key(&error::X_TOKENPROXY_ERROR),
+        );
         tracing::debug!(
             route = route.map_or("", |r| r.label.as_str()),
             method = method.as_str(),
@@ -359,7 +369,11 @@ impl Proxy {
             }
         };
 
-        if route.refresh_on.contains(&resp.status())
+        let rejected = route.refresh_on.contains(&resp.status());
+        if rejected {
+            route.metrics.upstream_rejected();
+        }
+        if rejected
             && route
                 .token
                 .rejected(&injected, resp.headers().get(WWW_AUTHENTICATE))

@@ -357,7 +357,20 @@ impl Slot {
         }
         match waited {
             Ok(Ok(outcome)) => match outcome.as_ref() {
-                Some(Err(f)) => Err(f.unavailable(&self.name)),
+                Some(Err(f)) => {
+                    let mut u = f.unavailable(&self.name);
+                    // The backoff decides when a retry can help; tell the client.
+                    if u.retry_after.is_none() && f.outcome == "transient" {
+                        let next = self.control.lock().next_attempt;
+                        u.retry_after = Some(
+                            next.map_or(Duration::from_secs(1), |t| {
+                                t.saturating_duration_since(Instant::now())
+                            })
+                            .max(Duration::from_secs(1)),
+                        );
+                    }
+                    Err(u)
+                }
                 _ => Err(self.generic_unavailable("no_token", None)),
             },
             Ok(Err(_)) => Err(self.generic_unavailable("shutting_down", None)),
@@ -492,6 +505,11 @@ impl Slot {
         };
         ev.duration_ms = started.elapsed().as_millis() as u64;
         ev.emit(&self.name, result.as_ref().err());
+        crate::metrics::metrics().refresh_attempt(
+            &self.name,
+            result.as_ref().err().map_or(ev.outcome, |f| f.outcome),
+            started.elapsed(),
+        );
         if let Err(f) = &result {
             if matches!(
                 f.outcome,
@@ -568,10 +586,39 @@ impl Slot {
         }
     }
 
+    /// Removes this credential's secrets and anything token-shaped.
+    fn scrub(&self, text: &str) -> String {
+        let mut known: Vec<String> = Vec::new();
+        if let Some(s) = &self.cfg.client_secret {
+            known.push(s.expose().to_owned());
+        }
+        if let Some(s) = &self.cfg.refresh_token {
+            known.push(s.expose().to_owned());
+        }
+        if let Some(r) = &self.control.lock().record {
+            known.extend(r.refresh_token.as_ref().map(|s| s.expose().to_owned()));
+            known.extend(r.access_token.as_ref().map(|s| s.expose().to_owned()));
+        }
+        if let Some(t) = &self.snapshot.load().token {
+            known.push(t.access.expose().to_owned());
+        }
+        grant::scrub(text, &known)
+    }
+
     /// Maps a grant error to a failure with its hint.
     fn classify(&self, e: &GrantError, ev: &mut RefreshEvent) -> Failure {
+        // IdP text may echo what we sent: never let a secret through.
+        // Scrub before capping, so a secret cut in half is still found.
+        let description = e
+            .description
+            .as_deref()
+            .map(|d| grant::sanitize(&self.scrub(d), 200));
+        let mut e = e.clone();
+        e.description = description;
+        e.code = e.code.as_deref().map(|c| self.scrub(c));
+        let e = &e;
         ev.status = e.status;
-        ev.error = e.code.clone().or_else(|| Some(e.message.clone()));
+        ev.error = e.code.clone().or_else(|| Some(self.scrub(&e.message)));
         ev.error_description = e.description.clone();
         let outcome = e.class.outcome();
         Failure {
@@ -719,6 +766,7 @@ impl Slot {
                         hint = "The rotated refresh token could not be saved; the new access token is served from memory and no further refresh starts until the write succeeds.",
                         "Store write failed"
                     );
+                    crate::metrics::metrics().store_write_failed();
                     self.control.lock().unsaved = Some(next.clone());
                 }
                 let token = Token::new(

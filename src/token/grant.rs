@@ -329,7 +329,7 @@ pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<Token
             let code = sanitize(code, 64);
             let description = fields
                 .get_str("error_description")
-                .map(|d| sanitize(d, 200));
+                .map(|d| sanitize(d, 4000));
             let parsed = OAuthCode::parse(&code);
             let class = match parsed {
                 OAuthCode::InvalidGrant => FailureClass::InvalidGrant,
@@ -600,6 +600,29 @@ fn imf_to_rfc3339(v: &str) -> Option<String> {
 /// The IdP's `Date` header, for skew warnings.
 pub fn response_date(headers: &HeaderMap) -> Option<SystemTime> {
     httpdate_parse(headers.get(DATE)?.to_str().ok()?)
+}
+
+/// Replaces known secrets, and any long token-shaped word, by `[redacted]`.
+pub fn scrub(text: &str, known: &[String]) -> String {
+    let mut out = text.to_owned();
+    for k in known.iter().filter(|k| k.len() >= 4) {
+        out = out.replace(k.as_str(), "[redacted]");
+    }
+    out.split(' ')
+        .map(|w| if looks_like_token(w) { "[redacted]" } else { w })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// 20+ characters of token alphabet with both letters and digits: an
+/// opaque token or a JWT, never prose.
+fn looks_like_token(w: &str) -> bool {
+    let w = w.trim_matches(|c: char| matches!(c, '"' | '\'' | ',' | '.' | ';' | ':' | '(' | ')'));
+    w.len() >= 20
+        && w.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b))
+        && w.bytes().any(|b| b.is_ascii_digit())
+        && w.bytes().any(|b| b.is_ascii_alphabetic())
 }
 
 /// Keeps IdP-provided text printable and short before it reaches a log.
@@ -914,6 +937,23 @@ mod tests {
             !parse_introspection(&raw(200, "application/json", r#"{"active":false}"#)).unwrap()
         );
         assert!(parse_introspection(&raw(200, "application/json", r#"{}"#)).is_err());
+    }
+
+    #[test]
+    fn scrub_removes_known_secrets_and_token_shaped_words() {
+        let known = vec!["s3cr3t-value".to_owned()];
+        let out = scrub(
+            "client s3cr3t-value rejected; token rt_AbC123xyz789QWEasd456 is spent, see docs",
+            &known,
+        );
+        assert_eq!(
+            out,
+            "client [redacted] rejected; token [redacted] is spent, see docs"
+        );
+        assert_eq!(
+            scrub("The refresh token is invalid", &[]),
+            "The refresh token is invalid"
+        );
     }
 
     #[test]

@@ -51,11 +51,11 @@ pub fn for_grant_error(cfg: &CredentialConfig, e: &GrantError) -> String {
         },
         FailureClass::Transient => {
             if e.status == Some(429) {
-                "The IdP is rate limiting token requests; retrying after Retry-After, the current token keeps serving until it expires.".into()
+                "The IdP is rate limiting token requests; retrying after Retry-After; a still-valid token keeps serving meanwhile.".into()
             } else if e.status.is_some() {
-                format!("The IdP is failing ({}); retrying with backoff, the current token keeps serving until it expires.", code_or_status(e))
+                format!("The IdP is failing ({}); retrying with backoff; a still-valid token keeps serving meanwhile.", code_or_status(e))
             } else {
-                "The IdP is unreachable or did not answer in time; check network, DNS, egress proxy and token_url; retrying with backoff, the current token keeps serving until it expires.".into()
+                "The IdP is unreachable or did not answer in time; check network, DNS, egress proxy and token_url; retrying with backoff; a still-valid token keeps serving meanwhile.".into()
             }
         }
     }

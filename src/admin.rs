@@ -1,40 +1,51 @@
-//! The admin listener: health, readiness and credential status as JSON.
-//! Reads the engine's status; changes nothing. Bound to loopback by default.
+//! The admin listener: health, readiness, metrics, credential status (JSON
+//! and a page for people), manual refresh and reload.
+//!
+//! Reads the engine and the metrics; changes state only through the engine's
+//! own entry points (`begin_refresh`, `Live::reload`). Bound to loopback by
+//! default; off loopback, everything but `/healthz`, `/readyz` and
+//! `/metrics` needs `admin.token`. Mutating endpoints take only POST with the
+//! token or the `x-tokenproxy-admin` header, which a browser cannot send
+//! cross-site without a preflight (no CSRF).
 
 use crate::app::Live;
+use crate::metrics::metrics;
 use crate::proxy::Listener;
 use crate::token::engine::SlotStatus;
+use crate::token::store::FileStore;
 use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
+
+pub const ADMIN_HEADER: &str = "x-tokenproxy-admin";
+
+type AdminResponse = Response<Full<Bytes>>;
 
 /// Serves until `shutdown`.
 pub async fn serve(listener: Listener, live: Arc<Live>, shutdown: CancellationToken) {
     loop {
-        let live = live.clone();
-        let svc = service_fn(move |req| {
-            let live = live.clone();
-            async move { Ok::<_, Infallible>(handle(req, &live).await) }
-        });
-        let builder = auto::Builder::new(TokioExecutor::new());
-        match &listener {
+        let (io, loopback): (Box<dyn Io>, bool) = match &listener {
             Listener::Tcp(l) => {
                 let accepted = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     a = l.accept() => a,
                 };
-                if let Ok((stream, _)) = accepted {
-                    tokio::spawn(async move {
-                        let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
-                    });
+                match accepted {
+                    Ok((s, peer)) => (Box::new(s), peer.ip().to_canonical().is_loopback()),
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
                 }
             }
             Listener::Unix(l) => {
@@ -42,49 +53,93 @@ pub async fn serve(listener: Listener, live: Arc<Live>, shutdown: CancellationTo
                     _ = shutdown.cancelled() => return,
                     a = l.accept() => a,
                 };
-                if let Ok((stream, _)) = accepted {
-                    tokio::spawn(async move {
-                        let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
-                    });
+                match accepted {
+                    // A unix socket is as local as loopback.
+                    Ok((s, _)) => (Box::new(s), true),
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
                 }
             }
-        }
+        };
+        let live = live.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let live = live.clone();
+                async move { Ok::<_, Infallible>(handle::<Incoming>(req, &live, loopback).await) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(io), svc)
+                .await;
+        });
     }
 }
 
-async fn handle(req: Request<Incoming>, live: &Live) -> Response<Full<Bytes>> {
-    if req.method() == Method::POST && req.uri().path() == "/reload" {
-        // A browser cannot add this header cross-origin without a preflight.
-        if req.headers().get("x-tokenproxy-admin").is_none() {
-            return json(
-                StatusCode::FORBIDDEN,
-                r#"{"error":"missing_header","message":"send the header x-tokenproxy-admin: 1"}"#
-                    .into(),
-            );
-        }
-        return match live.reload().await {
-            Ok(()) => json(StatusCode::OK, r#"{"reloaded":true}"#.into()),
-            Err(e) => json(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                serde_json::json!({"reloaded": false, "error": "config_rejected", "message": e.to_string()}).to_string(),
-            ),
-        };
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// One admin request. `loopback`: whether the peer is on this host (a
+/// unix socket counts). Reads no request body.
+pub async fn handle<B>(req: Request<B>, live: &Live, loopback: bool) -> AdminResponse {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    // Open to kubelet probes and Prometheus on the pod IP.
+    match (method.as_str(), path.as_str()) {
+        ("GET" | "HEAD", "/healthz") => return text(StatusCode::OK, "ok\n"),
+        ("GET" | "HEAD", "/readyz") => return readyz(live),
+        ("GET", "/metrics") => return metrics_page(live),
+        _ => {}
     }
-    let engine = live.engine.load_full();
-    if req.method() != Method::GET && req.method() != Method::HEAD {
+    let config = live.config.load_full();
+    let token_ok = has_admin_token(&req, config.admin.token.as_ref());
+    if !loopback && !token_ok {
         return json(
-            StatusCode::METHOD_NOT_ALLOWED,
-            r#"{"error":"method_not_allowed"}"#.into(),
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({"error": "unauthorized", "message": "off loopback, send Authorization: Bearer <admin.token>"}),
         );
     }
-    match req.uri().path() {
-        "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" => text(StatusCode::OK, "ready\n"),
+    if method == Method::POST {
+        if !token_ok && !req.headers().contains_key(ADMIN_HEADER) {
+            return json(
+                StatusCode::FORBIDDEN,
+                serde_json::json!({"error": "forbidden", "message": format!("send the header {ADMIN_HEADER}: 1 (or the admin token)")}),
+            );
+        }
+        if path == "/reload" {
+            return match live.reload().await {
+                Ok(()) => json(StatusCode::OK, serde_json::json!({"reloaded": true})),
+                Err(e) => json(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    serde_json::json!({"reloaded": false, "error": "config_rejected", "message": crate::error_chain(&e)}),
+                ),
+            };
+        }
+        if let Some(name) = path
+            .strip_prefix("/credentials/")
+            .and_then(|p| p.strip_suffix("/refresh"))
+        {
+            return refresh(live, name).await;
+        }
+        return json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "not_found"}),
+        );
+    }
+    if method != Method::GET && method != Method::HEAD {
+        return json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({"error": "method_not_allowed"}),
+        );
+    }
+    let engine = live.engine.load_full();
+    match path.as_str() {
+        "/" => status_page(live),
         "/credentials" => {
             let all: Vec<_> = engine.status().iter().map(status_json).collect();
-            json(StatusCode::OK, serde_json::Value::Array(all).to_string())
+            json(StatusCode::OK, serde_json::Value::Array(all))
         }
-        path => match path.strip_prefix("/credentials/") {
+        p => match p.strip_prefix("/credentials/") {
             Some(name) => {
                 let found: Vec<_> = engine
                     .status()
@@ -95,14 +150,118 @@ async fn handle(req: Request<Incoming>, live: &Live) -> Response<Full<Bytes>> {
                 match found.len() {
                     0 => json(
                         StatusCode::NOT_FOUND,
-                        r#"{"error":"no_such_credential"}"#.into(),
+                        serde_json::json!({"error": "no_such_credential"}),
                     ),
-                    1 => json(StatusCode::OK, found[0].to_string()),
-                    _ => json(StatusCode::OK, serde_json::Value::Array(found).to_string()),
+                    1 => json(StatusCode::OK, found[0].clone()),
+                    _ => json(StatusCode::OK, serde_json::Value::Array(found)),
                 }
             }
-            None => json(StatusCode::NOT_FOUND, r#"{"error":"not_found"}"#.into()),
+            None => json(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": "not_found"}),
+            ),
         },
+    }
+}
+
+/// Constant-time comparison of `Authorization: Bearer <token>`.
+fn has_admin_token<B>(req: &Request<B>, token: Option<&crate::secret::Secret>) -> bool {
+    let Some(token) = token else {
+        return false;
+    };
+    let Some(given) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let (a, b) = (given.as_bytes(), token.expose().as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Config loaded and listeners bound (we are answering); the store opens;
+/// with `ready_requires_tokens`, every credential has a usable token.
+fn readyz(live: &Live) -> AdminResponse {
+    let config = live.config.load_full();
+    let needs_store = config
+        .credentials
+        .values()
+        .any(|c| c.grant == crate::config::GrantType::RefreshToken);
+    if needs_store {
+        if let Err(e) = FileStore::open(&config.store.path) {
+            return json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"ready": false, "reason": "store_unavailable", "message": crate::error_chain(&e)}),
+            );
+        }
+    }
+    if config.admin.ready_requires_tokens {
+        let missing: Vec<String> = live
+            .engine
+            .load()
+            .status()
+            .into_iter()
+            .filter(|s| s.state != "fresh" && s.state != "refreshing")
+            .map(|s| s.credential)
+            .collect();
+        if !missing.is_empty() {
+            return json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"ready": false, "reason": "no_token", "credentials": missing}),
+            );
+        }
+    }
+    text(StatusCode::OK, "ready\n")
+}
+
+fn metrics_page(live: &Live) -> AdminResponse {
+    let m = metrics();
+    m.clear_credential_gauges();
+    for s in live.engine.load().status() {
+        m.set_credential(&s.credential, s.state, s.state_since, s.expires_in);
+    }
+    let mut r = Response::new(Full::new(Bytes::from(m.encode())));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    r
+}
+
+async fn refresh(live: &Live, name: &str) -> AdminResponse {
+    let engine = live.engine.load_full();
+    let Some(slot) = engine.slot(name).cloned() else {
+        return json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "no_such_credential"}),
+        );
+    };
+    let outcome = match slot.begin_refresh() {
+        Ok(mut rx) => {
+            match tokio::time::timeout(Duration::from_secs(35), rx.wait_for(Option::is_some)).await
+            {
+                Ok(Ok(o)) => o.clone(),
+                _ => None,
+            }
+        }
+        Err(f) => Some(Err(f)),
+    };
+    let status = status_json(&slot.status());
+    match outcome {
+        Some(Ok(())) => json(
+            StatusCode::OK,
+            serde_json::json!({"refreshed": true, "credential": status}),
+        ),
+        Some(Err(f)) => json(
+            StatusCode::CONFLICT,
+            serde_json::json!({"refreshed": false, "outcome": f.outcome, "reason": f.reason, "hint": f.hint, "credential": status}),
+        ),
+        None => json(
+            StatusCode::GATEWAY_TIMEOUT,
+            serde_json::json!({"refreshed": false, "reason": "still_running", "credential": status}),
+        ),
     }
 }
 
@@ -134,26 +293,238 @@ pub fn status_json(s: &SlotStatus) -> serde_json::Value {
     })
 }
 
-fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+fn json(status: StatusCode, body: serde_json::Value) -> AdminResponse {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
+        HeaderValue::from_static("application/json"),
     );
-    r.headers_mut().insert(
-        header::CACHE_CONTROL,
-        header::HeaderValue::from_static("no-store"),
-    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+fn text(status: StatusCode, body: &'static str) -> AdminResponse {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain"),
-    );
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     r
+}
+
+/// HTML-escapes text and attribute values.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn ago(t: Option<SystemTime>) -> String {
+    match t.and_then(|t| SystemTime::now().duration_since(t).ok()) {
+        Some(d) => format!(
+            "{} ago",
+            humantime::format_duration(Duration::from_secs(d.as_secs()))
+        ),
+        None => "never".into(),
+    }
+}
+
+/// The page for the person paged at night: every credential and route, no
+/// external assets, refreshed every 5 s, a live countdown in between.
+fn status_page(live: &Live) -> AdminResponse {
+    let config = live.config.load_full();
+    let statuses = live.engine.load().status();
+    let nonce = format!("{:032x}", rand::random::<u128>());
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let mut h = String::with_capacity(8192);
+    h.push_str("<!doctype html><html lang=en><head><meta charset=utf-8><meta http-equiv=refresh content=5>");
+    h.push_str("<meta name=viewport content=\"width=device-width\"><title>tokenproxy status</title><style>");
+    h.push_str("body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin-bottom:2em}");
+    h.push_str("th,td{border:1px solid #ccc;padding:.35em .6em;text-align:left;vertical-align:top}th{background:#f3f3f3}");
+    h.push_str(".fresh{color:#176a1f;font-weight:600}.refreshing{color:#1f4f8a;font-weight:600}.expired{color:#a35b00;font-weight:600}.dead{color:#fff;background:#b3261e;font-weight:600}");
+    h.push_str(".hint{color:#555;font-size:90%}</style></head><body><h1>tokenproxy</h1>");
+    let _ = write!(
+        h,
+        "<p>version {} · config <code>{}</code></p><h2>Credentials</h2><table id=credentials><tr><th>Credential<th>Grant<th>State<th>Expires in<th>Generation<th>Last refresh<th>Last error</tr>",
+        env!("CARGO_PKG_VERSION"),
+        escape(&config.source.display().to_string())
+    );
+    for s in &statuses {
+        let expires = match s.expires_in {
+            Some(d) => format!(
+                "<span class=countdown data-expires=\"{}\">{}s</span>",
+                now + d.as_secs(),
+                d.as_secs()
+            ),
+            None => "—".into(),
+        };
+        let error = match &s.last_error {
+            Some(f) => format!(
+                "<b>{}</b> ({}) {}<div class=hint>{}</div>",
+                escape(f.outcome),
+                escape(&f.reason),
+                escape(&ago(Some(f.at))),
+                escape(&f.hint)
+            ),
+            None => "—".into(),
+        };
+        let login = if s.state == "dead" && s.grant_type == "refresh_token" {
+            format!(" <a href=\"/login/{0}\">log in</a>", escape(&s.credential))
+        } else {
+            String::new()
+        };
+        let _ = write!(
+            h,
+            "<tr data-credential=\"{name}\" data-state=\"{state}\"><td>{name}<td>{grant}<td><span class={state}>{state}</span> since {since}{login}<td>{expires}<td>{generation}<td>{last}<td>{error}</tr>",
+            name = escape(&s.credential),
+            grant = escape(s.grant_type),
+            state = escape(s.state),
+            since = escape(&ago(s.state_since)),
+            generation = s.generation.map_or("—".into(), |g| g.to_string()),
+            last = escape(&ago(s.last_refresh)),
+        );
+    }
+    h.push_str("</table><h2>Routes</h2><table id=routes><tr><th>Route<th>Upstream<th>Credential<th>Requests<th>5xx<th>Proxy errors<th>Last upstream status</tr>");
+    for r in &config.routes {
+        let st = metrics().route_stats(&r.path_prefix);
+        let requests = st.requests.load(Ordering::Relaxed);
+        let rate = |n: u64| {
+            if requests == 0 {
+                "—".to_owned()
+            } else {
+                format!("{n} ({:.1} %)", 100.0 * n as f64 / requests as f64)
+            }
+        };
+        let last = st.last_status.load(Ordering::Relaxed);
+        let _ = write!(
+            h,
+            "<tr data-route=\"{prefix}\"><td>{prefix}{host}<td>{upstream}<td>{cred}<td>{requests}<td>{e5}<td>{ep}<td>{last}</tr>",
+            prefix = escape(&r.path_prefix),
+            host = r.host.as_deref().map(|h| format!(" (host {})", escape(h))).unwrap_or_default(),
+            upstream = escape(&r.upstream.to_string()),
+            cred = escape(&r.credential),
+            e5 = rate(st.server_errors.load(Ordering::Relaxed)),
+            ep = rate(st.proxy_errors.load(Ordering::Relaxed)),
+            last = if last == 0 { "—".to_owned() } else { last.to_string() },
+        );
+    }
+    let _ = write!(
+        h,
+        "</table><script nonce=\"{nonce}\">setInterval(function(){{var n=Date.now()/1000;document.querySelectorAll('.countdown').forEach(function(e){{var s=Math.max(0,Math.round(e.dataset.expires-n));e.textContent=s+'s';}});}},1000);</script></body></html>"
+    );
+    let mut r = Response::new(Full::new(Bytes::from(h)));
+    let headers = r.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    if let Ok(csp) = HeaderValue::from_str(&format!(
+        "default-src 'none'; style-src 'unsafe-inline'; script-src 'nonce-{nonce}'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    )) {
+        headers.insert("content-security-policy", csp);
+    }
+    r
+}
+
+/// `tokenproxy status`: the admin API's view as a table.
+pub async fn print_status(config: &crate::config::Config) -> Result<String, String> {
+    use http_body_util::BodyExt;
+    let crate::config::ListenAddr::Tcp(addr) = &config.admin.listen else {
+        return Err("status needs a TCP admin.listen".into());
+    };
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else {
+        addr.ip().to_canonical().to_string()
+    };
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    let url = format!("http://{host}:{}/credentials", addr.port());
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let mut req = Request::get(&url)
+        .body(Full::default())
+        .map_err(|e| e.to_string())?;
+    if let Some(t) = &config.admin.token {
+        if let Ok(v) = HeaderValue::from_str(&format!("Bearer {}", t.expose())) {
+            req.headers_mut().insert(header::AUTHORIZATION, v);
+        }
+    }
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
+        .await
+        .map_err(|_| format!("{url}: no answer within 5 s"))?
+        .map_err(|e| format!("{url}: {} (is tokenproxy running?)", crate::error_chain(&e)))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(format!(
+            "{url}: {status}: {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    let list: Vec<serde_json::Value> =
+        serde_json::from_slice(&body).map_err(|e| format!("{url}: not JSON: {e}"))?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16} {:<18} {:<10} {:>10} {:>6}  {:<16} LAST ERROR",
+        "CREDENTIAL", "GRANT", "STATE", "EXPIRES IN", "GEN", "FAMILY"
+    );
+    for c in &list {
+        let s = |k: &str| c[k].as_str().unwrap_or("-").to_owned();
+        let expires = c["expires_in_s"]
+            .as_u64()
+            .map_or("-".into(), |v| format!("{v}s"));
+        let generation = c["generation"]
+            .as_u64()
+            .map_or("-".into(), |v| v.to_string());
+        let error = match &c["last_error"] {
+            serde_json::Value::Object(e) => format!(
+                "{} ({}): {}",
+                e.get("outcome").and_then(|v| v.as_str()).unwrap_or(""),
+                e.get("reason").and_then(|v| v.as_str()).unwrap_or(""),
+                e.get("hint").and_then(|v| v.as_str()).unwrap_or("")
+            ),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<16} {:<18} {:<10} {:>10} {:>6}  {:<16} {}",
+            s("credential"),
+            s("grant_type"),
+            s("state"),
+            expires,
+            generation,
+            s("family"),
+            error
+        );
+    }
+    Ok(out)
 }

@@ -33,6 +33,11 @@ enum Command {
         #[arg(short, long, env = "TOKENPROXY_CONFIG", value_name = "FILE")]
         config: PathBuf,
     },
+    /// Print the running proxy's view of every credential (asks the admin API).
+    Status {
+        #[arg(short, long, env = "TOKENPROXY_CONFIG", value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Start a local IdP with strict rotation and 10 s tokens, an echo
     /// upstream and the proxy, and print the curl commands to try.
     Demo {
@@ -56,9 +61,7 @@ pub fn main() -> ExitCode {
         Err(e) => {
             let _ = e.print();
             return match e.kind() {
-                clap::error::ErrorKind::DisplayHelp
-                | clap::error::ErrorKind::DisplayVersion
-                | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
                     ExitCode::SUCCESS
                 }
                 _ => ExitCode::from(EXIT_USAGE),
@@ -92,6 +95,27 @@ pub fn main() -> ExitCode {
             };
             crate::telemetry::init(cfg.log.format, &cfg.log.level);
             run_blocking(cfg.server.worker_threads, run(cfg))
+        }
+        Command::Status { config } => {
+            let cfg = match config::load(&config) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            run_blocking(1, async move {
+                match crate::admin::print_status(&cfg).await {
+                    Ok(table) => {
+                        print!("{table}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("tokenproxy status: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
         }
         Command::Demo {
             listen,

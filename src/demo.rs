@@ -109,11 +109,13 @@ tokenproxy demo is running.
   token store: {store}
 
 Try:
-  curl -s http://{proxy}/api/hello?x=1          # a user token, refreshed with rotation
-  curl -s http://{proxy}/machine/hello          # a client_credentials token
-  curl -s {echo}/hello                           # straight to the upstream: 401
-  curl -s http://{proxy}/nowhere                 # 404 no_route from the proxy
-  curl -s http://{admin}/credentials             # state, family, generation (never a token)
+  curl -s 'http://{proxy}/api/hello?x=1'    # a user token, refreshed with rotation
+  curl -s 'http://{proxy}/machine/hello'    # a client_credentials token
+  curl -s '{echo}/hello'                     # straight to the upstream: 401
+  curl -s 'http://{proxy}/nowhere'          # 404 no_route from the proxy
+  curl -s 'http://{admin}/credentials'      # state, family, generation (never a token)
+  open http://{admin}/                      # the status page
+  curl -s 'http://{admin}/metrics'          # Prometheus metrics
 
 Watch the token_refresh events below: one refresh per lifetime, each
 rotating the refresh token. Ctrl-C stops everything.

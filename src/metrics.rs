@@ -237,14 +237,7 @@ impl Metrics {
         };
         RouteMetrics {
             route: route.to_owned(),
-            common: COMMON_STATUSES.map(|s| {
-                self.requests
-                    .get_or_create(&RouteStatus {
-                        route: route.to_owned(),
-                        status: s,
-                    })
-                    .clone()
-            }),
+            common: Default::default(),
             duration: self.request_duration.get_or_create(&label).clone(),
             upstream_401: self.upstream_401.get_or_create(&label).clone(),
             replays: self.replays.get_or_create(&label).clone(),
@@ -269,7 +262,8 @@ const COMMON_STATUSES: [u16; 12] = [200, 201, 204, 304, 400, 401, 403, 404, 429,
 #[derive(Clone)]
 pub struct RouteMetrics {
     route: String,
-    common: [Counter; 12],
+    /// Resolved on first use, so unused statuses export no series.
+    common: [std::sync::OnceLock<Counter>; 12],
     duration: Histogram,
     upstream_401: Counter,
     replays: Counter,
@@ -287,18 +281,21 @@ impl RouteMetrics {
         } else {
             self.stats.last_status.store(status, Ordering::Relaxed);
         }
+        let lookup = || {
+            metrics()
+                .requests
+                .get_or_create(&RouteStatus {
+                    route: self.route.clone(),
+                    status,
+                })
+                .clone()
+        };
         match COMMON_STATUSES.iter().position(|s| *s == status) {
             Some(i) => {
-                self.common[i].inc();
+                self.common[i].get_or_init(lookup).inc();
             }
             None => {
-                metrics()
-                    .requests
-                    .get_or_create(&RouteStatus {
-                        route: self.route.clone(),
-                        status,
-                    })
-                    .inc();
+                lookup().inc();
             }
         }
         self.duration.observe(elapsed.as_secs_f64());

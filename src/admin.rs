@@ -190,7 +190,7 @@ fn readyz(live: &Live) -> AdminResponse {
         .values()
         .any(|c| c.grant == crate::config::GrantType::RefreshToken);
     if needs_store {
-        if let Err(e) = FileStore::open(&config.store.path) {
+        if let Err(e) = FileStore::open_config(&config.store) {
             return json(
                 StatusCode::SERVICE_UNAVAILABLE,
                 serde_json::json!({"ready": false, "reason": "store_unavailable", "message": crate::error_chain(&e)}),

@@ -449,7 +449,13 @@ fn admin(r: RawAdmin, cx: &mut Ctx<'_>) -> AdminConfig {
 fn store(r: RawStore, cx: &mut Ctx<'_>) -> StoreConfig {
     let kind = match cx.str("store.kind", r.kind.as_ref()).as_deref() {
         None | Some("file") => StoreKind::File,
-        Some("postgres") => StoreKind::Postgres,
+        Some("postgres") => {
+            cx.err(
+                "store.kind",
+                "\"postgres\" (fleet mode) is not available in this build yet; expected \"file\" (one persistent writer per refresh token)",
+            );
+            StoreKind::Postgres
+        }
         Some(other) => {
             cx.err("store.kind", one_of(other, "\"file\" or \"postgres\""));
             StoreKind::File

@@ -133,7 +133,7 @@ impl Engine {
                     message: "store.kind = \"postgres\" is not available in this build yet; use the file store".into(),
                 });
             }
-            Some(FileStore::open(&config.store.path)?)
+            Some(FileStore::open_config(&config.store)?)
         } else {
             None
         };

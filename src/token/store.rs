@@ -9,7 +9,11 @@
 //! before, so the two cannot deadlock.
 
 use crate::secret::Secret;
+use base64::Engine as _;
+use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -79,7 +83,12 @@ impl Record {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct StoreFile {
     version: u32,
+    #[serde(default)]
     credentials: BTreeMap<String, Record>,
+    /// With `store.encryption_key`: `credentials` sealed with
+    /// XChaCha20-Poly1305, base64 of nonce ‖ ciphertext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sealed: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +111,8 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    #[error("token store {path} is encrypted and cannot be opened with this key (wrong or missing store.encryption_key); it is never overwritten while unreadable")]
+    Decrypt { path: PathBuf },
     #[error("cannot lock {path}")]
     Lock {
         path: PathBuf,
@@ -111,9 +122,19 @@ pub enum StoreError {
 }
 
 /// The file store. Cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FileStore {
     path: PathBuf,
+    cipher: Option<std::sync::Arc<XChaCha20Poly1305>>,
+}
+
+impl std::fmt::Debug for FileStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileStore")
+            .field("path", &self.path)
+            .field("encrypted", &self.cipher.is_some())
+            .finish()
+    }
 }
 
 /// Held across a whole spend; dropping it releases the flock.
@@ -123,10 +144,28 @@ pub struct CredentialLock {
 }
 
 impl FileStore {
-    /// Opens (and checks) the store; creates nothing until the first write.
+    /// Opens (and checks) an unencrypted store; creates nothing until the
+    /// first write.
     pub fn open(path: &Path) -> Result<FileStore, StoreError> {
+        Self::open_with_key(path, None)
+    }
+
+    /// The store as configured (`store.path`, `store.encryption_key`).
+    pub fn open_config(config: &crate::config::StoreConfig) -> Result<FileStore, StoreError> {
+        Self::open_with_key(&config.path, config.encryption_key.as_ref())
+    }
+
+    /// With a key, records are sealed at rest; a plaintext store is read
+    /// once and sealed at its next write.
+    pub fn open_with_key(path: &Path, key: Option<&Secret>) -> Result<FileStore, StoreError> {
+        // Any string works as a key: SHA-256 stretches it to 32 bytes.
+        let cipher = key.map(|k| {
+            let digest = Sha256::digest(k.expose().as_bytes());
+            std::sync::Arc::new(XChaCha20Poly1305::new(&digest))
+        });
         let store = FileStore {
             path: path.to_owned(),
+            cipher,
         };
         store.read_all()?;
         Ok(store)
@@ -178,10 +217,17 @@ impl FileStore {
     fn read_all(&self) -> Result<StoreFile, StoreError> {
         match fs::read(&self.path) {
             Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => Ok(StoreFile::default()),
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
-                path: self.path.clone(),
-                source,
-            }),
+            Ok(bytes) => {
+                let mut file: StoreFile =
+                    serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
+                        path: self.path.clone(),
+                        source,
+                    })?;
+                if let Some(sealed) = file.sealed.take() {
+                    file.credentials = self.unseal(&sealed)?;
+                }
+                Ok(file)
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(StoreFile::default()),
             Err(source) => Err(StoreError::Read {
                 path: self.path.clone(),
@@ -199,11 +245,48 @@ impl FileStore {
         let mut record = record.clone();
         record.updated_at_ms = unix_ms(SystemTime::now());
         all.credentials.insert(name.to_owned(), record);
-        let bytes = serde_json::to_vec_pretty(&all).map_err(|e| StoreError::Write {
+        let to_io = |e: serde_json::Error| StoreError::Write {
             path: self.path.clone(),
             source: io::Error::other(e),
-        })?;
+        };
+        if let Some(cipher) = &self.cipher {
+            let plain = serde_json::to_vec(&all.credentials).map_err(to_io)?;
+            let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+            let sealed =
+                cipher
+                    .encrypt(&nonce, plain.as_slice())
+                    .map_err(|_| StoreError::Write {
+                        path: self.path.clone(),
+                        source: io::Error::other("encryption failed"),
+                    })?;
+            let mut blob = nonce.to_vec();
+            blob.extend_from_slice(&sealed);
+            all.credentials.clear();
+            all.sealed = Some(base64::engine::general_purpose::STANDARD.encode(blob));
+        }
+        let bytes = serde_json::to_vec_pretty(&all).map_err(to_io)?;
         write_atomic(&self.path, &bytes).map_err(|source| StoreError::Write {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    fn unseal(&self, sealed: &str) -> Result<BTreeMap<String, Record>, StoreError> {
+        let err = || StoreError::Decrypt {
+            path: self.path.clone(),
+        };
+        let cipher = self.cipher.as_ref().ok_or_else(err)?;
+        let blob = base64::engine::general_purpose::STANDARD
+            .decode(sealed)
+            .map_err(|_| err())?;
+        if blob.len() < 24 {
+            return Err(err());
+        }
+        let (nonce, ciphertext) = blob.split_at(24);
+        let plain = cipher
+            .decrypt(XNonce::from_slice(nonce), ciphertext)
+            .map_err(|_| err())?;
+        serde_json::from_slice(&plain).map_err(|source| StoreError::Corrupt {
             path: self.path.clone(),
             source,
         })
@@ -345,6 +428,36 @@ mod tests {
         assert!(matches!(
             FileStore::open(&path),
             Err(StoreError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn encrypted_store_hides_tokens_and_needs_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        // A plaintext store is sealed at its next write.
+        FileStore::open(&path)
+            .unwrap()
+            .write("a", &record("f1", 1))
+            .unwrap();
+        let key = Secret::new("correct horse");
+        let store = FileStore::open_with_key(&path, Some(&key)).unwrap();
+        assert_eq!(store.read("a").unwrap().unwrap().generation, 1);
+        store.write("b", &record("family-two", 2)).unwrap();
+        let raw = fs::read_to_string(&path).unwrap();
+        assert!(
+            raw.contains("sealed") && !raw.contains("\"rt\"") && !raw.contains("family-two"),
+            "{raw}"
+        );
+        assert_eq!(store.read("b").unwrap().unwrap().family, "family-two");
+        assert!(matches!(
+            FileStore::open(&path),
+            Err(StoreError::Decrypt { .. })
+        ));
+        let wrong = Secret::new("wrong");
+        assert!(matches!(
+            FileStore::open_with_key(&path, Some(&wrong)),
+            Err(StoreError::Decrypt { .. })
         ));
     }
 

@@ -19,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod dev;
+pub mod egress;
 pub mod metrics;
 pub mod proxy;
 pub mod secret;

@@ -6,17 +6,17 @@
 //! drives it.
 
 use super::body::ProxyBody;
+use crate::egress::EgressConnector;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Uri};
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub(crate) type HttpsClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+pub(crate) type HttpsClient = Client<HttpsConnector<EgressConnector>, ProxyBody>;
 
 /// Pooled connections idle out before common upstream keep-alive timeouts
 /// (60 s and more), so we rarely write into a connection the peer closed.
@@ -48,13 +48,12 @@ pub(crate) struct ClientKey {
     pub h1_only: bool,
 }
 
-pub(crate) fn build_client(key: &ClientKey) -> Result<HttpsClient, ProxyBuildError> {
+pub(crate) fn build_client(
+    key: &ClientKey,
+    egress_proxy: Option<&http::Uri>,
+) -> Result<HttpsClient, ProxyBuildError> {
     let tls = crate::tls::client_config(key.ca_file.as_deref(), None, &[])?;
-
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(key.connect_timeout));
+    let http = EgressConnector::new(egress_proxy, key.connect_timeout);
 
     // Plain http is allowed here; config validation only lets it through
     // for loopback upstreams or `allow_plaintext`.

@@ -97,11 +97,12 @@ impl Proxy {
         token_for_route: &dyn Fn(usize, &RouteConfig) -> RouteToken,
     ) -> Result<Arc<Proxy>, ProxyBuildError> {
         let mut clients: HashMap<ClientKey, HttpsClient> = HashMap::new();
+        let egress = crate::egress::proxy_from(config.server.egress_proxy.as_ref());
         let mut client_for = |key: ClientKey| -> Result<HttpsClient, ProxyBuildError> {
             if let Some(c) = clients.get(&key) {
                 return Ok(c.clone());
             }
-            let c = forward::build_client(&key)?;
+            let c = forward::build_client(&key, egress.as_ref())?;
             clients.insert(key, c.clone());
             Ok(c)
         };

@@ -7,13 +7,13 @@
 //! may have reached the IdP (the lost-rotation rules depend on it).
 
 use crate::config::{AuthMethod, CredentialConfig};
+use crate::egress::EgressConnector;
 use crate::secret::Secret;
 use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, DATE, LOCATION, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use std::time::{Duration, SystemTime};
@@ -638,7 +638,7 @@ pub fn sanitize(s: &str, max: usize) -> String {
     out
 }
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+type HttpsClient = Client<hyper_rustls::HttpsConnector<EgressConnector>, Full<Bytes>>;
 
 /// Sends grant and introspection requests. One per credential (its TLS
 /// settings may differ); no pooling, so a request is never written onto a
@@ -650,11 +650,12 @@ pub struct GrantClient {
 }
 
 impl GrantClient {
-    pub fn new(tls: rustls::ClientConfig, timeout: Duration) -> GrantClient {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(Duration::from_secs(5)));
-        http.set_nodelay(true);
+    pub fn new(
+        tls: rustls::ClientConfig,
+        timeout: Duration,
+        egress_proxy: Option<&Uri>,
+    ) -> GrantClient {
+        let http = EgressConnector::new(egress_proxy, Duration::from_secs(5));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()

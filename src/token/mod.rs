@@ -156,6 +156,7 @@ impl Engine {
         let mut slots = HashMap::new();
         let mut order = Vec::new();
         let mut fresh = Vec::new();
+        let egress = crate::egress::proxy_from(config.server.egress_proxy.as_ref());
         for key in keys {
             let Some(cred) = config.credentials.get(&key.credential) else {
                 continue;
@@ -173,6 +174,7 @@ impl Engine {
                         cred,
                         &key,
                         store.as_ref(),
+                        egress.as_ref(),
                         clock.clone(),
                         shutdown.child_token(),
                     )?;
@@ -243,6 +245,7 @@ fn build_slot(
     cred: &Arc<CredentialConfig>,
     key: &SlotKey,
     store: Option<&FileStore>,
+    egress: Option<&Uri>,
     clock: Arc<Clock>,
     shutdown: CancellationToken,
 ) -> Result<Arc<Slot>, EngineError> {
@@ -265,7 +268,7 @@ fn build_slot(
                 source,
             }
         })?;
-    let client = grant::GrantClient::new(tls, GRANT_TIMEOUT);
+    let client = grant::GrantClient::new(tls, GRANT_TIMEOUT, egress);
     let kind = match cred.grant {
         GrantType::RefreshToken => SlotKind::Refresh {
             store: store.cloned().ok_or_else(|| EngineError::Credential {

@@ -53,6 +53,9 @@ pub async fn serve(listener: Listener, live: Arc<Live>, shutdown: CancellationTo
 }
 
 async fn handle(req: Request<Incoming>, live: &Live) -> Response<Full<Bytes>> {
+    if let Some(r) = crate::login::handle_admin(&req, live).await {
+        return r;
+    }
     if req.method() == Method::POST && req.uri().path() == "/reload" {
         // A browser cannot add this header cross-origin without a preflight.
         if req.headers().get("x-tokenproxy-admin").is_none() {

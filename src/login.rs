@@ -1150,7 +1150,7 @@ pub struct CliArgs {
     pub admin: Option<String>,
 }
 
-fn admin_base(config: &Config, explicit: Option<&str>) -> Option<String> {
+pub fn admin_base(config: &Config, explicit: Option<&str>) -> Option<String> {
     if let Some(a) = explicit {
         let a = a.trim_end_matches('/');
         return Some(if a.contains("://") {
@@ -1173,7 +1173,7 @@ fn admin_base(config: &Config, explicit: Option<&str>) -> Option<String> {
     }
 }
 
-async fn admin_get(base: &str, path: &str) -> Option<crate::discovery::Fetched> {
+pub async fn admin_get(base: &str, path: &str) -> Option<crate::discovery::Fetched> {
     let uri: Uri = format!("{base}{path}").parse().ok()?;
     let tls = crate::tls::client_config(None, None, &[]).ok()?;
     let fut = crate::discovery::fetch(tls, http::Method::GET, &uri);

@@ -1,6 +1,7 @@
 //! Integration tests over real sockets, one binary (a module per area).
 
 mod cli;
+mod doctor;
 mod login;
 mod proxy;
 mod reactive;

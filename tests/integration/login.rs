@@ -449,13 +449,17 @@ struct Child {
 
 impl Child {
     fn spawn(env: &TestEnv, args: &[&str]) -> Child {
+        Self::spawn_with(env, args, Stdio::null())
+    }
+
+    fn spawn_with(env: &TestEnv, args: &[&str], stdin: Stdio) -> Child {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tokenproxy"));
         cmd.arg("login")
             .arg("-c")
             .arg(env.config_path())
             .args(args)
             .env_remove("TOKENPROXY_CONFIG")
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         for (k, v) in &env.vars {
@@ -570,6 +574,33 @@ async fn cli_login_through_the_loopback_listener() {
         .unwrap();
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("does not answer"), "{err}");
+}
+
+#[tokio::test]
+async fn cli_login_with_a_pasted_redirect_url() {
+    let mut env = TestEnv::new(options(None, Duration::from_secs(60))).await;
+    env.var("LOGIN_SECRET", SECRET);
+    env.configure(&snippet(REDIRECT));
+    let mut child = Child::spawn_with(&env, &["rt", "--no-listen"], Stdio::piped());
+    let url = child.url();
+    assert_eq!(param(&url, "redirect_uri").as_deref(), Some(REDIRECT));
+    let (r, _) = get_raw(&env, &url).await;
+    let landed = location(&r);
+    assert!(landed.starts_with(REDIRECT), "{landed}");
+    {
+        use std::io::Write;
+        let mut stdin = child.child.stdin.take().unwrap();
+        writeln!(stdin, "{landed}").unwrap();
+    }
+    let (code, out, err) = tokio::task::spawn_blocking(move || child.finish())
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("Paste that whole URL"), "{out}");
+    assert!(out.contains("Logged in as dev-user"), "{out}");
+    assert!(!format!("{out}{err}").contains(&param(&landed, "code").unwrap()));
+    assert_no_secrets(&env, &format!("{out}{err}"), "");
+    assert_eq!(env.idp.grant_count("authorization_code"), 1);
 }
 
 #[tokio::test]

@@ -99,6 +99,10 @@ pub async fn handle<B>(req: Request<B>, live: &Live, loopback: bool) -> AdminRes
             serde_json::json!({"error": "unauthorized", "message": "off loopback, send Authorization: Bearer <admin.token>"}),
         );
     }
+    // The browser login flow: GET only, state bound to a cookie.
+    if let Some(r) = crate::login::handle_admin(&req, live).await {
+        return r;
+    }
     if method == Method::POST {
         if !token_ok && !req.headers().contains_key(ADMIN_HEADER) {
             return json(

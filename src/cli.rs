@@ -33,6 +33,35 @@ enum Command {
         #[arg(short, long, env = "TOKENPROXY_CONFIG", value_name = "FILE")]
         config: PathBuf,
     },
+    /// Get the first refresh token: authorization code + PKCE in a browser,
+    /// stored as a new token family (through the running proxy when it is up).
+    Login {
+        #[arg(short, long, env = "TOKENPROXY_CONFIG", value_name = "FILE")]
+        config: PathBuf,
+        /// The credential to log in.
+        name: String,
+        /// Replace a token family that still works.
+        #[arg(long)]
+        force: bool,
+        /// Try to open the URL in the desktop browser.
+        #[arg(long)]
+        open: bool,
+        /// Do not listen for the callback: paste the redirected URL instead
+        /// (for remote machines).
+        #[arg(long)]
+        no_listen: bool,
+        /// The running proxy's admin API (default: from the config).
+        #[arg(long, value_name = "URL")]
+        admin: Option<String>,
+    },
+    /// Check config, secrets, store, IdP endpoints, TLS, metadata, clock and
+    /// upstreams; never spends a refresh token.
+    Doctor {
+        #[arg(short, long, env = "TOKENPROXY_CONFIG", value_name = "FILE")]
+        config: PathBuf,
+        /// Only this credential.
+        name: Option<String>,
+    },
     /// Print the running proxy's view of every credential (asks the admin API).
     Status {
         #[arg(short, long, env = "TOKENPROXY_CONFIG", value_name = "FILE")]
@@ -96,6 +125,36 @@ pub fn main() -> ExitCode {
             crate::telemetry::init(cfg.log.format, &cfg.log.level);
             run_blocking(cfg.server.worker_threads, run(cfg))
         }
+        Command::Login {
+            config,
+            name,
+            force,
+            open,
+            no_listen,
+            admin,
+        } => {
+            let cfg = match config::load(&config) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            crate::telemetry::init(cfg.log.format, &cfg.log.level);
+            let args = crate::login::CliArgs {
+                name,
+                force,
+                open,
+                no_listen,
+                admin,
+            };
+            run_blocking(1, async move {
+                ExitCode::from(crate::login::run_cli(&cfg, args).await)
+            })
+        }
+        Command::Doctor { config, name } => run_blocking(1, async move {
+            ExitCode::from(crate::doctor::run(&config, name.as_deref()).await)
+        }),
         Command::Status { config } => {
             let cfg = match config::load(&config) {
                 Ok(c) => c,

@@ -10,6 +10,9 @@
 //!   grant client and the store.
 //! - [`proxy`]: listeners, router, header hygiene, forwarder, the one table
 //!   that maps proxy errors to responses.
+//! - [`login`]: PKCE, state, the authorization URL, callback and code
+//!   exchange (CLI and admin endpoints); [`discovery`]: RFC 8414 metadata;
+//!   [`doctor`]: the checklist that never spends a refresh token.
 //! - [`dev`]: a local IdP with strict rotation and an echo upstream, used by
 //!   `tokenproxy demo` and by every test.
 
@@ -19,7 +22,10 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod dev;
+pub mod discovery;
+pub mod doctor;
 pub mod egress;
+pub mod login;
 pub mod metrics;
 pub mod proxy;
 pub mod secret;

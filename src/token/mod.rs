@@ -170,8 +170,10 @@ impl Engine {
             let slot = match reused {
                 Some(s) => s,
                 None => {
+                    let token_url = resolve_token_url(cred).await?;
                     let s = build_slot(
                         cred,
+                        token_url,
                         &key,
                         store.as_ref(),
                         egress.as_ref(),
@@ -241,22 +243,29 @@ fn slot_key(config: &Config, route: &RouteConfig) -> SlotKey {
     }
 }
 
+/// The configured token_url, else the issuer's discovered token endpoint.
+async fn resolve_token_url(cred: &CredentialConfig) -> Result<Uri, EngineError> {
+    if let Some(u) = &cred.token_url {
+        return Ok(u.clone());
+    }
+    crate::discovery::endpoints(cred)
+        .await
+        .map(|(t, _)| t)
+        .map_err(|e| EngineError::Credential {
+            credential: cred.name.clone(),
+            message: e.to_string(),
+        })
+}
+
 fn build_slot(
     cred: &Arc<CredentialConfig>,
+    token_url: Uri,
     key: &SlotKey,
     store: Option<&FileStore>,
     egress: Option<&Uri>,
     clock: Arc<Clock>,
     shutdown: CancellationToken,
 ) -> Result<Arc<Slot>, EngineError> {
-    let token_url: Uri = cred
-        .token_url
-        .clone()
-        .ok_or_else(|| EngineError::Credential {
-            credential: cred.name.clone(),
-            message: "token_url is required (issuer discovery is not available in this build yet)"
-                .into(),
-        })?;
     let client_cert = match (&cred.client_cert, &cred.client_key) {
         (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
         _ => None,

@@ -1,8 +1,10 @@
 //! Integration tests over real sockets, one binary (a module per area).
 
 mod cli;
+mod doctor;
 mod engine;
 mod harness;
+mod login;
 mod proxy;
 mod reactive;
 mod reload;

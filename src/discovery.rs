@@ -1,0 +1,249 @@
+//! Authorization-server metadata (RFC 8414, OpenID Connect Discovery): fills
+//! a credential's endpoints from its `issuer`, and a small one-shot HTTPS
+//! fetch shared with `doctor`. Sends no secret; caches nothing.
+
+use crate::config::CredentialConfig;
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use std::time::Duration;
+
+const MAX_METADATA_BYTES: usize = 256 * 1024;
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The fields of the metadata that tokenproxy uses or checks.
+#[derive(Debug, Clone, Default)]
+pub struct Metadata {
+    /// Where it was found.
+    pub url: String,
+    pub issuer: String,
+    pub token_endpoint: Option<String>,
+    pub authorization_endpoint: Option<String>,
+    pub grant_types_supported: Option<Vec<String>>,
+    pub token_endpoint_auth_methods_supported: Option<Vec<String>>,
+    pub code_challenge_methods_supported: Option<Vec<String>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("cannot fetch {url}: {message}")]
+    Fetch { url: String, message: String },
+    #[error("no metadata at {issuer}/.well-known/openid-configuration or /.well-known/oauth-authorization-server (last answer: {status})")]
+    NotFound { issuer: String, status: String },
+    #[error("metadata at {url} is not a JSON object")]
+    NotJson { url: String },
+    #[error("metadata at {url} says issuer {found:?}, but the config says {configured:?}; they must be equal (RFC 8414 §3.3): fix `issuer`")]
+    IssuerMismatch {
+        url: String,
+        found: String,
+        configured: String,
+    },
+    #[error("metadata at {url} has no {field}")]
+    Missing { url: String, field: &'static str },
+    #[error("TLS settings: {0}")]
+    Tls(String),
+}
+
+/// An HTTP answer, headers and (capped) body.
+#[derive(Debug)]
+pub struct Fetched {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// One request, no body, no redirects followed. Errors carry the whole cause
+/// chain (TLS reasons included).
+pub async fn fetch(
+    tls: rustls::ClientConfig,
+    method: Method,
+    uri: &Uri,
+) -> Result<Fetched, String> {
+    let http = crate::egress::EgressConnector::new(
+        crate::egress::current().as_ref(),
+        Duration::from_secs(5),
+    );
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(https);
+    let req = Request::builder()
+        .method(method)
+        .uri(uri.clone())
+        .header(http::header::ACCEPT, "application/json")
+        .header(
+            http::header::USER_AGENT,
+            concat!("tokenproxy/", env!("CARGO_PKG_VERSION")),
+        )
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    let go = async {
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
+        let (parts, body) = resp.into_parts();
+        let body = Limited::new(body, MAX_METADATA_BYTES)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok(Fetched {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    };
+    tokio::time::timeout(FETCH_TIMEOUT, go)
+        .await
+        .map_err(|_| format!("no answer within {FETCH_TIMEOUT:?}"))?
+}
+
+/// The TLS settings the credential uses for its IdP.
+pub fn tls_for(cred: &CredentialConfig) -> Result<rustls::ClientConfig, DiscoveryError> {
+    let client_cert = match (&cred.client_cert, &cred.client_key) {
+        (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+        _ => None,
+    };
+    crate::tls::client_config(cred.ca_file.as_deref(), client_cert, &[])
+        .map_err(|e| DiscoveryError::Tls(crate::error_chain(&e)))
+}
+
+/// The issuer as configured, without a trailing slash (RFC 8414 §3: the
+/// well-known path is appended to it).
+fn issuer_str(issuer: &Uri) -> String {
+    issuer.to_string().trim_end_matches('/').to_owned()
+}
+
+/// Fetches `{issuer}/.well-known/openid-configuration`, falling back to
+/// `/.well-known/oauth-authorization-server`, and checks `issuer`.
+pub async fn discover(cred: &CredentialConfig, issuer: &Uri) -> Result<Metadata, DiscoveryError> {
+    let tls = tls_for(cred)?;
+    let base = issuer_str(issuer);
+    let mut last = String::new();
+    for suffix in [
+        "/.well-known/openid-configuration",
+        "/.well-known/oauth-authorization-server",
+    ] {
+        let url = format!("{base}{suffix}");
+        let uri: Uri = url.parse().map_err(|_| DiscoveryError::Fetch {
+            url: url.clone(),
+            message: "not a valid URL".into(),
+        })?;
+        let got = fetch(tls.clone(), Method::GET, &uri)
+            .await
+            .map_err(|message| DiscoveryError::Fetch {
+                url: url.clone(),
+                message,
+            })?;
+        if !got.status.is_success() {
+            last = got.status.to_string();
+            continue;
+        }
+        return parse_metadata(&url, &got.body, &base);
+    }
+    Err(DiscoveryError::NotFound {
+        issuer: base,
+        status: last,
+    })
+}
+
+/// Sans-IO: the metadata document, checked against the configured issuer.
+pub fn parse_metadata(url: &str, body: &[u8], issuer: &str) -> Result<Metadata, DiscoveryError> {
+    let Ok(serde_json::Value::Object(m)) = serde_json::from_slice(body) else {
+        return Err(DiscoveryError::NotJson { url: url.into() });
+    };
+    let s = |k: &str| m.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    let list = |k: &str| {
+        m.get(k).and_then(|v| v.as_array()).map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect()
+        })
+    };
+    let found = s("issuer").ok_or(DiscoveryError::Missing {
+        url: url.into(),
+        field: "issuer",
+    })?;
+    if found.trim_end_matches('/') != issuer.trim_end_matches('/') {
+        return Err(DiscoveryError::IssuerMismatch {
+            url: url.into(),
+            found,
+            configured: issuer.into(),
+        });
+    }
+    Ok(Metadata {
+        url: url.into(),
+        issuer: found,
+        token_endpoint: s("token_endpoint"),
+        authorization_endpoint: s("authorization_endpoint"),
+        grant_types_supported: list("grant_types_supported"),
+        token_endpoint_auth_methods_supported: list("token_endpoint_auth_methods_supported"),
+        code_challenge_methods_supported: list("code_challenge_methods_supported"),
+    })
+}
+
+/// The credential's token and authorize endpoints: as configured, else from
+/// discovery when `issuer` is set (DESIGN.md "Grants").
+pub async fn endpoints(cred: &CredentialConfig) -> Result<(Uri, Option<Uri>), DiscoveryError> {
+    if let (Some(t), Some(a)) = (&cred.token_url, &cred.authorize_url) {
+        return Ok((t.clone(), Some(a.clone())));
+    }
+    let Some(issuer) = &cred.issuer else {
+        return match &cred.token_url {
+            Some(t) => Ok((t.clone(), cred.authorize_url.clone())),
+            None => Err(DiscoveryError::Missing {
+                url: "the config".into(),
+                field: "token_url (or issuer)",
+            }),
+        };
+    };
+    let md = discover(cred, issuer).await?;
+    let parse = |field: &'static str, v: Option<String>| -> Result<Option<Uri>, DiscoveryError> {
+        match v {
+            None => Ok(None),
+            Some(v) => v.parse().map(Some).map_err(|_| DiscoveryError::Missing {
+                url: md.url.clone(),
+                field,
+            }),
+        }
+    };
+    let token = match &cred.token_url {
+        Some(t) => t.clone(),
+        None => parse("a valid token_endpoint", md.token_endpoint.clone())?.ok_or(
+            DiscoveryError::Missing {
+                url: md.url.clone(),
+                field: "token_endpoint",
+            },
+        )?,
+    };
+    let authorize = match &cred.authorize_url {
+        Some(a) => Some(a.clone()),
+        None => parse(
+            "a valid authorization_endpoint",
+            md.authorization_endpoint.clone(),
+        )?,
+    };
+    Ok((token, authorize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issuer_must_match() {
+        let body = br#"{"issuer":"https://a.example","token_endpoint":"https://a.example/t"}"#;
+        let md = parse_metadata("u", body, "https://a.example/").unwrap();
+        assert_eq!(md.token_endpoint.as_deref(), Some("https://a.example/t"));
+        let e = parse_metadata("u", body, "https://b.example").unwrap_err();
+        assert!(e.to_string().contains("must be equal"), "{e}");
+        assert!(parse_metadata("u", b"[]", "x").is_err());
+    }
+}

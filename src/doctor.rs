@@ -1,0 +1,601 @@
+//! `tokenproxy doctor`: a checklist, one line per check (✓ ok, ! warning,
+//! ✗ failure, with the fix), that never spends a refresh token. It reads
+//! the config and the store, talks to the IdP (metadata, endpoints, a
+//! client-authentication probe with a deliberately invalid refresh token, a
+//! real client_credentials grant), the upstreams and the running proxy's
+//! admin API. Writes nothing but a probe file beside the store.
+
+use crate::config::{self, AuthMethod, Config, CredentialConfig, GrantType};
+use crate::discovery::{self, Fetched};
+use crate::secret::Secret;
+use crate::token::grant::{self, Grant, GrantClient, GrantError};
+use crate::token::store::FileStore;
+use http::{Method, Uri};
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+/// What a check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    Ok,
+    Warn,
+    Fail,
+}
+
+impl Mark {
+    fn symbol(self) -> &'static str {
+        match self {
+            Mark::Ok => "✓",
+            Mark::Warn => "!",
+            Mark::Fail => "✗",
+        }
+    }
+}
+
+/// The checklist so far; printed as it goes.
+#[derive(Default)]
+pub struct Report {
+    pub lines: Vec<(Mark, String)>,
+}
+
+impl Report {
+    fn add(&mut self, mark: Mark, what: impl Into<String>, fix: &str) {
+        let mut line = what.into();
+        if !fix.is_empty() {
+            line.push_str(" — fix: ");
+            line.push_str(fix);
+        }
+        println!("{} {line}", mark.symbol());
+        self.lines.push((mark, line));
+    }
+
+    fn ok(&mut self, what: impl Into<String>) {
+        self.add(Mark::Ok, what, "");
+    }
+
+    pub fn failed(&self) -> bool {
+        self.lines.iter().any(|(m, _)| *m == Mark::Fail)
+    }
+}
+
+/// Runs the checklist; returns the exit code (0, 1 when anything is ✗, 64
+/// for an invalid config or an unknown credential).
+pub async fn run(path: &Path, name: Option<&str>) -> u8 {
+    let mut r = Report::default();
+    let config = match config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            r.add(
+                Mark::Fail,
+                format!("config {} is invalid:\n{errors}", path.display()),
+                "correct the lines above (`tokenproxy check -c FILE` shows the same)",
+            );
+            return crate::cli::EXIT_USAGE;
+        }
+    };
+    r.ok(format!("config {} is valid", path.display()));
+    r.ok("secrets resolvable (every ${VAR} and *_file was read)");
+    let creds: Vec<_> = match name {
+        Some(n) => match config.credentials.get(n) {
+            Some(c) => vec![c.clone()],
+            None => {
+                r.add(
+                    Mark::Fail,
+                    format!("no credential named {n:?}"),
+                    &format!(
+                        "use one of: {}",
+                        config
+                            .credentials
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                );
+                return crate::cli::EXIT_USAGE;
+            }
+        },
+        None => config.credentials.values().cloned().collect(),
+    };
+    if creds.iter().any(|c| c.grant == GrantType::RefreshToken) {
+        check_store(&mut r, &config.store.path);
+    }
+    for cred in &creds {
+        check_credential(&mut r, &config, cred).await;
+    }
+    check_upstreams(&mut r, &config, name).await;
+    check_running(&mut r, &config, name).await;
+    if r.failed() {
+        println!("\nSome checks failed (✗): see the fixes above.");
+        1
+    } else {
+        println!("\nAll checks passed.");
+        0
+    }
+}
+
+fn check_store(r: &mut Report, path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                r.add(
+                    Mark::Fail,
+                    format!("store {shown} has mode {mode:04o}: other users can read tokens"),
+                    &format!("chmod 600 {shown}"),
+                );
+            } else {
+                r.ok(format!("store {shown} mode {mode:04o}"));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            r.ok(format!(
+                "store {shown} does not exist yet (created 0600 on the first write)"
+            ));
+        }
+        Err(e) => r.add(
+            Mark::Fail,
+            format!("store {shown} cannot be inspected: {e}"),
+            "check the path and the permissions of its directory",
+        ),
+    }
+    match FileStore::open(path) {
+        Ok(_) => r.ok(format!("store {shown} readable")),
+        Err(e) => r.add(
+            Mark::Fail,
+            format!("store {shown} unreadable: {}", crate::error_chain(&e)),
+            "fix the permissions, or move the corrupt file away and run `tokenproxy login`",
+        ),
+    }
+    // Writes are atomic renames within the directory: probe that directory.
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let probe = dir.join(format!(".tokenproxy-doctor-{}", std::process::id()));
+    match std::fs::write(&probe, b"") {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&probe);
+            r.ok(format!("store directory {} writable", dir.display()));
+        }
+        Err(e) => r.add(
+            Mark::Fail,
+            format!("store directory {} is not writable: {e}", dir.display()),
+            "make the directory exist and be writable by tokenproxy's user, or change store.path",
+        ),
+    }
+}
+
+/// Why a connection failed, and what to do, from its error chain.
+fn reach_fix(reason: &str) -> &'static str {
+    let l = reason.to_ascii_lowercase();
+    if l.contains("expired") || l.contains("notvalidyet") || l.contains("not valid yet") {
+        "the server's certificate is expired or not yet valid: renew it (or fix this machine's clock)"
+    } else if l.contains("unknownissuer")
+        || l.contains("unknown issuer")
+        || l.contains("certificate")
+    {
+        "the server's certificate is not trusted: set ca_file to the CA that issued it"
+    } else if l.contains("dns") || l.contains("resolve") || l.contains("lookup") {
+        "the host name does not resolve: check the URL and DNS (and egress_proxy)"
+    } else if l.contains("refused") {
+        "nothing listens there: check the URL's host and port"
+    } else {
+        "check the URL, the network path and any egress proxy"
+    }
+}
+
+async fn probe(
+    r: &mut Report,
+    what: &str,
+    tls: &rustls::ClientConfig,
+    uri: &Uri,
+) -> Option<Fetched> {
+    match discovery::fetch(tls.clone(), Method::GET, uri).await {
+        Ok(f) => {
+            r.ok(format!("{what} {uri} answers ({})", f.status));
+            Some(f)
+        }
+        Err(reason) => {
+            r.add(
+                Mark::Fail,
+                format!("{what} {uri} unreachable: {reason}"),
+                reach_fix(&reason),
+            );
+            None
+        }
+    }
+}
+
+fn check_clock(r: &mut Report, cred: &str, f: &Fetched) {
+    let Some(date) = grant::response_date(&f.headers) else {
+        return;
+    };
+    let now = SystemTime::now();
+    let skew = match now.duration_since(date) {
+        Ok(d) => d,
+        Err(e) => e.duration(),
+    };
+    // Date has one-second resolution.
+    if skew > Duration::from_secs(60) {
+        r.add(
+            Mark::Warn,
+            format!(
+                "{cred}: this clock differs from the IdP's by {}s",
+                skew.as_secs()
+            ),
+            "sync the clock (NTP): expiry maths and JWT validation depend on it",
+        );
+    } else {
+        r.ok(format!(
+            "{cred}: clock within {}s of the IdP's",
+            skew.as_secs()
+        ));
+    }
+}
+
+async fn check_credential(r: &mut Report, config: &Config, cred: &CredentialConfig) {
+    let n = &cred.name;
+    let tls = match discovery::tls_for(cred) {
+        Ok(t) => t,
+        Err(e) => {
+            r.add(
+                Mark::Fail,
+                format!("{n}: {e}"),
+                "fix ca_file / client_cert / client_key",
+            );
+            return;
+        }
+    };
+    let mut token_url = cred.token_url.clone();
+    let mut authorize_url = cred.authorize_url.clone();
+    if let Some(issuer) = &cred.issuer {
+        match discovery::discover(cred, issuer).await {
+            Ok(md) => {
+                r.ok(format!("{n}: metadata at {} names issuer {}", md.url, md.issuer));
+                check_metadata(r, cred, &md);
+                if token_url.is_none() {
+                    token_url = md.token_endpoint.as_deref().and_then(|u| u.parse().ok());
+                }
+                if authorize_url.is_none() {
+                    authorize_url = md
+                        .authorization_endpoint
+                        .as_deref()
+                        .and_then(|u| u.parse().ok());
+                }
+            }
+            Err(e) => r.add(
+                Mark::Fail,
+                format!("{n}: discovery failed: {e}"),
+                "check issuer (exactly as the IdP's metadata spells it), or set token_url and authorize_url",
+            ),
+        }
+    }
+    let Some(token_url) = token_url else {
+        r.add(
+            Mark::Fail,
+            format!("{n}: no token endpoint"),
+            "set token_url, or issuer for discovery",
+        );
+        return;
+    };
+    if let Some(f) = probe(r, &format!("{n}: token endpoint"), &tls, &token_url).await {
+        check_clock(r, n, &f);
+    } else {
+        return;
+    }
+    let client = GrantClient::new(
+        tls.clone(),
+        Duration::from_secs(15),
+        crate::egress::current().as_ref(),
+    );
+    match cred.grant {
+        GrantType::ClientCredentials => {
+            let req = grant::build_token_request(
+                cred,
+                &token_url,
+                &Grant::ClientCredentials {
+                    scopes: &cred.scopes,
+                    resource: cred.resource.as_deref(),
+                },
+            );
+            match send(&client, &req).await {
+                Ok(set) => r.ok(format!(
+                    "{n}: client_credentials grant works (token for {})",
+                    set.expires_in
+                        .map(|d| format!("{}s", d.as_secs()))
+                        .unwrap_or_else(|| "an unstated time".into())
+                )),
+                Err(e) => r.add(
+                    Mark::Fail,
+                    format!("{n}: client_credentials grant failed: {}", describe(&e)),
+                    &crate::token::hints::for_grant_error(cred, &e),
+                ),
+            }
+        }
+        GrantType::RefreshToken => {
+            check_client_auth(r, cred, &client, &token_url).await;
+            match &authorize_url {
+                Some(a) => {
+                    probe(r, &format!("{n}: authorize endpoint"), &tls, a).await;
+                }
+                None => r.add(
+                    Mark::Warn,
+                    format!("{n}: no authorize_url"),
+                    "set authorize_url (or issuer) so `tokenproxy login` can get a new refresh token",
+                ),
+            }
+            if authorize_url.is_some() && cred.redirect_uri.is_none() {
+                r.add(
+                    Mark::Warn,
+                    format!("{n}: no redirect_uri"),
+                    &format!(
+                        "set redirect_uri = \"http://{}/callback\" and register it at the IdP (login then uses the admin listener or that port)",
+                        config.admin.listen
+                    ),
+                );
+            }
+            check_stored(r, config, cred, &token_url);
+        }
+    }
+}
+
+/// Presents a deliberately invalid refresh token: the answer tells whether
+/// the endpoint and client authentication are right, and spends nothing.
+async fn check_client_auth(
+    r: &mut Report,
+    cred: &CredentialConfig,
+    client: &GrantClient,
+    url: &Uri,
+) {
+    let n = &cred.name;
+    let dummy = Secret::new("tokenproxy-doctor-probe-not-a-token");
+    let req = grant::build_token_request(cred, url, &Grant::RefreshToken(&dummy));
+    match send(client, &req).await {
+        Ok(_) => r.add(
+            Mark::Warn,
+            format!("{n}: the token endpoint accepted a made-up refresh token"),
+            "check that token_url is the real IdP",
+        ),
+        Err(e) if e.code.as_deref().map(grant::OAuthCode::parse) == Some(grant::OAuthCode::InvalidGrant) => {
+            r.ok(format!(
+                "{n}: client authentication accepted ({}; probed with a made-up refresh token, nothing spent)",
+                cred.auth_method.as_str()
+            ))
+        }
+        Err(e) if e.code.as_deref() == Some("invalid_client") => {
+            let other = match cred.auth_method {
+                AuthMethod::ClientSecretBasic => "client_secret_post",
+                _ => "client_secret_basic",
+            };
+            r.add(
+                Mark::Fail,
+                format!(
+                    "{n}: the IdP rejected the client ({}), authenticated with auth_method = \"{}\"",
+                    describe(&e),
+                    cred.auth_method.as_str()
+                ),
+                &format!("check client_id and client_secret, or try auth_method = \"{other}\""),
+            );
+        }
+        Err(e) if e.status == Some(404) => r.add(
+            Mark::Fail,
+            format!("{n}: token endpoint {url} answered 404 to a token request"),
+            "token_url is wrong: copy the token endpoint from the IdP's documentation or metadata",
+        ),
+        Err(e) => r.add(
+            Mark::Warn,
+            format!("{n}: client authentication probe inconclusive: {}", describe(&e)),
+            &crate::token::hints::for_grant_error(cred, &e),
+        ),
+    }
+}
+
+fn check_stored(r: &mut Report, config: &Config, cred: &CredentialConfig, token_url: &Uri) {
+    let n = &cred.name;
+    let Ok(store) = FileStore::open(&config.store.path) else {
+        return;
+    };
+    match store.read(n).ok().flatten() {
+        Some(rec) if !rec.matches(&token_url.to_string(), &cred.client_id) => r.add(
+            Mark::Warn,
+            format!("{n}: the stored tokens belong to another token_url or client_id"),
+            "run `tokenproxy login` for this client",
+        ),
+        Some(rec) if rec.dead.is_some() => r.add(
+            Mark::Fail,
+            format!(
+                "{n}: the stored family is dead ({})",
+                rec.dead.as_ref().map(|d| d.reason.as_str()).unwrap_or("")
+            ),
+            &format!("run `tokenproxy login -c FILE {n}`"),
+        ),
+        Some(rec) => r.ok(format!(
+            "{n}: stored family {} generation {}",
+            rec.family, rec.generation
+        )),
+        None if cred.refresh_token.is_some() => r.ok(format!(
+            "{n}: no stored family yet; the configured seed will start one"
+        )),
+        None => r.add(
+            Mark::Fail,
+            format!("{n}: no refresh token (none stored, no seed)"),
+            &format!("run `tokenproxy login -c FILE {n}`"),
+        ),
+    }
+}
+
+fn check_metadata(r: &mut Report, cred: &CredentialConfig, md: &discovery::Metadata) {
+    let n = &cred.name;
+    let same = |a: &str, b: &str| a.trim_end_matches('/') == b.trim_end_matches('/');
+    if let (Some(cfg), Some(meta)) = (&cred.token_url, &md.token_endpoint) {
+        if !same(&cfg.to_string(), meta) {
+            r.add(
+                Mark::Fail,
+                format!("{n}: token_url {cfg} differs from the metadata's token_endpoint {meta}"),
+                "set token_url to the metadata's value, or remove it to use discovery",
+            );
+        } else {
+            r.ok(format!("{n}: token_url matches the metadata"));
+        }
+    }
+    if let (Some(cfg), Some(meta)) = (&cred.authorize_url, &md.authorization_endpoint) {
+        if !same(&cfg.to_string(), meta) {
+            r.add(
+                Mark::Fail,
+                format!("{n}: authorize_url {cfg} differs from the metadata's authorization_endpoint {meta}"),
+                "set authorize_url to the metadata's value, or remove it to use discovery",
+            );
+        }
+    }
+    let mut needed = vec![cred.grant.as_str()];
+    if cred.grant == GrantType::RefreshToken {
+        needed.push("authorization_code");
+    }
+    // RFC 8414 §2: absent grant_types_supported means ["authorization_code", "implicit"].
+    let grants = md
+        .grant_types_supported
+        .clone()
+        .unwrap_or_else(|| vec!["authorization_code".into(), "implicit".into()]);
+    let missing: Vec<&str> = needed
+        .into_iter()
+        .filter(|g| !grants.iter().any(|x| x == g))
+        .collect();
+    if missing.is_empty() {
+        r.ok(format!("{n}: the IdP supports the grants used"));
+    } else {
+        r.add(
+            Mark::Fail,
+            format!(
+                "{n}: the metadata's grant_types_supported ({}) lacks {}",
+                grants.join(", "),
+                missing.join(", ")
+            ),
+            "enable the grant at the IdP, or change `grant`",
+        );
+    }
+    // RFC 8414 §2: absent means client_secret_basic.
+    let methods = md
+        .token_endpoint_auth_methods_supported
+        .clone()
+        .unwrap_or_else(|| vec!["client_secret_basic".into()]);
+    if methods.iter().any(|m| m == cred.auth_method.as_str()) {
+        r.ok(format!(
+            "{n}: auth_method {} is supported",
+            cred.auth_method.as_str()
+        ));
+    } else {
+        r.add(
+            Mark::Fail,
+            format!(
+                "{n}: auth_method {} is not in token_endpoint_auth_methods_supported ({})",
+                cred.auth_method.as_str(),
+                methods.join(", ")
+            ),
+            &format!("set auth_method to one of: {}", methods.join(", ")),
+        );
+    }
+    if cred.grant == GrantType::RefreshToken {
+        match &md.code_challenge_methods_supported {
+            Some(m) if m.iter().any(|x| x == "S256") => r.ok(format!("{n}: PKCE S256 supported")),
+            Some(m) => r.add(
+                Mark::Fail,
+                format!(
+                    "{n}: code_challenge_methods_supported ({}) lacks S256",
+                    m.join(", ")
+                ),
+                "enable PKCE S256 for the client at the IdP (login requires it)",
+            ),
+            None => r.add(
+                Mark::Warn,
+                format!("{n}: the metadata does not advertise PKCE S256"),
+                "login sends S256 anyway; if it fails, enable PKCE at the IdP",
+            ),
+        }
+    }
+}
+
+async fn send(
+    client: &GrantClient,
+    req: &grant::PreparedRequest,
+) -> Result<grant::TokenSet, GrantError> {
+    let raw = client.send(req).await?;
+    grant::parse_token_response(&raw, SystemTime::now())
+}
+
+fn describe(e: &GrantError) -> String {
+    let mut s = e.message.clone();
+    if let Some(d) = &e.description {
+        s.push_str(&format!(" ({d})"));
+    }
+    s
+}
+
+async fn check_upstreams(r: &mut Report, config: &Config, name: Option<&str>) {
+    let mut seen = Vec::new();
+    for route in &config.routes {
+        if name.is_some_and(|n| n != route.credential) {
+            continue;
+        }
+        let key = (route.upstream.to_string(), route.ca_file.clone());
+        if seen.contains(&key) {
+            continue;
+        }
+        seen.push(key);
+        let tls = match crate::tls::client_config(route.ca_file.as_deref(), None, &[]) {
+            Ok(t) => t,
+            Err(e) => {
+                r.add(
+                    Mark::Fail,
+                    format!("route {}: {}", route.path_prefix, crate::error_chain(&e)),
+                    "fix the route's ca_file",
+                );
+                continue;
+            }
+        };
+        probe(
+            r,
+            &format!("route {}: upstream", route.path_prefix),
+            &tls,
+            &route.upstream,
+        )
+        .await;
+    }
+}
+
+async fn check_running(r: &mut Report, config: &Config, name: Option<&str>) {
+    let Some(base) = crate::login::admin_base(config, None) else {
+        return;
+    };
+    let Some(f) = crate::login::admin_get(&base, "/credentials").await else {
+        r.add(
+            Mark::Warn,
+            format!("no running proxy answers at {base}"),
+            "start it with `tokenproxy run -c FILE` (the checks above do not need it)",
+        );
+        return;
+    };
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&f.body).unwrap_or_default();
+    for s in list {
+        let cred = s["credential"].as_str().unwrap_or("?");
+        if name.is_some_and(|n| n != cred) {
+            continue;
+        }
+        let state = s["state"].as_str().unwrap_or("?");
+        let what = format!(
+            "running proxy: {cred} is {state} (family {}, generation {})",
+            s["family"].as_str().unwrap_or("-"),
+            s["generation"]
+        );
+        if state == "dead" {
+            let hint = s["last_error"]["hint"]
+                .as_str()
+                .unwrap_or("run `tokenproxy login`");
+            r.add(Mark::Fail, what, hint);
+        } else {
+            r.ok(what);
+        }
+    }
+}

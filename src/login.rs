@@ -1,0 +1,1400 @@
+//! Bootstrap (DESIGN.md "Bootstrap (login)"): owns PKCE, `state`, the
+//! authorization URL, the callback validation and the code exchange, for the
+//! CLI (`tokenproxy login`: loopback listener or pasted URL) and for the
+//! admin endpoints `GET /login/<name>` and `GET /callback`.
+//!
+//! Codes, verifiers, state values, cookies and tokens never reach a log, a
+//! page or an error message. Every failure names its cause and the fix
+//! (`../shared/seeds/000_*`: the `invalid_grant` causes).
+
+use crate::app::Live;
+use crate::config::{AuthMethod, Config, CredentialConfig, GrantType};
+use crate::secret::Secret;
+use crate::token::engine::{install_family, InstallError};
+use crate::token::grant::{
+    self, build_token_request, parse_token_response, sanitize, Grant, GrantClient, GrantError,
+    TokenSet,
+};
+use crate::token::store::{FileStore, Record};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::Full;
+use parking_lot::Mutex;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::LazyLock;
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
+
+/// How long a started login may wait for its callback.
+pub const STATE_TTL: Duration = Duration::from_secs(600);
+/// The cookie that binds an admin login to the browser that started it.
+pub const COOKIE: &str = "tokenproxy_login";
+/// The strict CSP of every page here: no script, no fetch, inline style only.
+pub const CSP: &str = "default-src 'none'; style-src 'unsafe-inline'";
+
+fn random_b64(n: usize) -> String {
+    let mut buf = vec![0u8; n];
+    rand::thread_rng().fill_bytes(&mut buf);
+    URL_SAFE_NO_PAD.encode(buf)
+}
+
+/// RFC 7636 §4.1/§4.2: 32 random bytes as base64url (43 chars), and the S256
+/// challenge.
+pub struct Pkce {
+    pub verifier: Secret,
+    pub challenge: String,
+}
+
+impl Pkce {
+    pub fn new() -> Pkce {
+        let verifier = random_b64(32);
+        Pkce {
+            challenge: challenge_for(&verifier),
+            verifier: Secret::new(verifier),
+        }
+    }
+}
+
+impl Default for Pkce {
+    fn default() -> Self {
+        Pkce::new()
+    }
+}
+
+/// `BASE64URL(SHA256(verifier))` (RFC 7636 §4.2).
+pub fn challenge_for(verifier: &str) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()))
+}
+
+/// A started login waiting for its callback.
+#[derive(Debug)]
+pub struct Pending {
+    pub credential: String,
+    pub verifier: Secret,
+    /// Exactly what the authorization request carried.
+    pub redirect_uri: String,
+    pub force: bool,
+    /// The browser cookie it is bound to (admin flow only).
+    pub browser: Option<Secret>,
+    started: Instant,
+}
+
+/// Why a callback's `state` was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateProblem {
+    Missing,
+    Unknown,
+    Reused,
+    Expired,
+    OtherBrowser,
+}
+
+/// Single-use states. Spent and expired ones are remembered for one more TTL
+/// so a replay is named as such rather than "unknown".
+#[derive(Default)]
+pub struct PendingStates {
+    // A sync mutex: held for map operations only, never across an await.
+    inner: Mutex<StatesInner>,
+}
+
+#[derive(Default)]
+struct StatesInner {
+    live: HashMap<String, Pending>,
+    /// state → (spent (true) or expired, when).
+    gone: HashMap<String, (bool, Instant)>,
+}
+
+impl StatesInner {
+    fn prune(&mut self, now: Instant) {
+        let expired: Vec<String> = self
+            .live
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.started) >= STATE_TTL)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in expired {
+            self.live.remove(&k);
+            self.gone.insert(k, (false, now));
+        }
+        self.gone
+            .retain(|_, (_, at)| now.duration_since(*at) < STATE_TTL);
+    }
+}
+
+impl PendingStates {
+    /// Registers a new login and returns its random `state`.
+    pub fn start(
+        &self,
+        credential: &str,
+        verifier: Secret,
+        redirect_uri: &str,
+        force: bool,
+        browser: Option<Secret>,
+    ) -> String {
+        let state = random_b64(24);
+        let mut g = self.inner.lock();
+        g.prune(Instant::now());
+        g.live.insert(
+            state.clone(),
+            Pending {
+                credential: credential.to_owned(),
+                verifier,
+                redirect_uri: redirect_uri.to_owned(),
+                force,
+                browser,
+                started: Instant::now(),
+            },
+        );
+        state
+    }
+
+    /// Consumes `state` if it is live (and, when bound, `browser` matches).
+    /// A wrong browser does not consume it.
+    pub fn take(
+        &self,
+        state: Option<&str>,
+        browser: Option<&str>,
+    ) -> Result<(Pending, Duration), StateProblem> {
+        let state = state
+            .filter(|s| !s.is_empty())
+            .ok_or(StateProblem::Missing)?;
+        let now = Instant::now();
+        let mut g = self.inner.lock();
+        if let Some(p) = g.live.get(state) {
+            if now.duration_since(p.started) >= STATE_TTL {
+                g.live.remove(state);
+                g.gone.insert(state.to_owned(), (false, now));
+                return Err(StateProblem::Expired);
+            }
+            if let Some(b) = &p.browser {
+                if browser != Some(b.expose()) {
+                    return Err(StateProblem::OtherBrowser);
+                }
+            }
+        }
+        g.prune(now);
+        if let Some(p) = g.live.remove(state) {
+            g.gone.insert(state.to_owned(), (true, now));
+            let age = now.duration_since(p.started);
+            return Ok((p, age));
+        }
+        match g.gone.get(state) {
+            Some((true, _)) => Err(StateProblem::Reused),
+            Some((false, _)) => Err(StateProblem::Expired),
+            None => Err(StateProblem::Unknown),
+        }
+    }
+
+    /// Test hook: ages one live state by `by` (state expiry).
+    pub fn age(&self, state: &str, by: Duration) {
+        if let Some(p) = self.inner.lock().live.get_mut(state) {
+            p.started = p.started.checked_sub(by).unwrap_or(p.started);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The admin flow's pending logins, process-wide.
+pub static ADMIN_STATES: LazyLock<PendingStates> = LazyLock::new(PendingStates::default);
+
+/// The authorization request (RFC 6749 §4.1.1, RFC 7636 §4.3).
+pub fn authorization_url(
+    cred: &CredentialConfig,
+    authorize_url: &Uri,
+    redirect_uri: &str,
+    state: &str,
+    challenge: &str,
+) -> String {
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    q.append_pair("response_type", "code")
+        .append_pair("client_id", &cred.client_id)
+        .append_pair("redirect_uri", redirect_uri);
+    if !cred.scopes.is_empty() {
+        q.append_pair("scope", &cred.scopes.join(" "));
+    }
+    q.append_pair("state", state)
+        .append_pair("code_challenge", challenge)
+        .append_pair("code_challenge_method", "S256");
+    if let Some(a) = &cred.audience {
+        q.append_pair("audience", a);
+    }
+    if let Some(r) = &cred.resource {
+        q.append_pair("resource", r);
+    }
+    // Google issues a refresh token only for offline access on a fresh consent.
+    if authorize_url.host() == Some("accounts.google.com") {
+        q.append_pair("access_type", "offline")
+            .append_pair("prompt", "consent");
+    }
+    let base = authorize_url.to_string();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}{}", q.finish())
+}
+
+/// What came back on the redirect (RFC 6749 §4.1.2, §4.1.2.1; RFC 9207).
+#[derive(Debug, Default)]
+pub struct Callback {
+    pub code: Option<Secret>,
+    pub state: Option<String>,
+    pub error: Option<String>,
+    pub error_description: Option<String>,
+    pub iss: Option<String>,
+}
+
+/// Parses a redirect's query (or a whole pasted URL).
+pub fn parse_callback(input: &str) -> Callback {
+    let input = input.trim();
+    let query = match input.split_once('?') {
+        Some((_, q)) => q,
+        None => input,
+    };
+    let query = query.split('#').next().unwrap_or("");
+    let mut cb = Callback::default();
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "code" => cb.code = Some(Secret::new(v.into_owned())),
+            "state" => cb.state = Some(v.into_owned()),
+            "error" => cb.error = Some(sanitize(&v, 64)),
+            "error_description" => cb.error_description = Some(sanitize(&v, 300)),
+            "iss" => cb.iss = Some(sanitize(&v, 200)),
+            _ => {}
+        }
+    }
+    cb
+}
+
+/// What was sent in the exchange, for explaining its failure.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub redirect_uri: String,
+    pub configured_redirect_uri: Option<String>,
+    pub verifier_sent: bool,
+    pub code_age: Duration,
+    pub auth_method: AuthMethod,
+    pub client_id: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    /// The config or the arguments cannot work (exit 64).
+    #[error("{0}")]
+    Setup(String),
+    /// Something outside failed: a port, the network (exit 1).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("the identity provider refused the authorization: {error}{}", desc(.description))]
+    Denied {
+        error: String,
+        description: Option<String>,
+    },
+    #[error("{}", state_message(*.0))]
+    State(StateProblem),
+    #[error("the callback has neither a code nor an error; open the login URL again")]
+    NoCode,
+    #[error("the callback names issuer {found:?} but this credential's issuer is {expected:?}: the response comes from another authorization server (RFC 9207 mix-up); log in again")]
+    WrongIssuer { found: String, expected: String },
+    #[error("{}", explain_exchange(.error, .sent, .hint))]
+    Exchange {
+        error: GrantError,
+        sent: Box<Sent>,
+        hint: String,
+    },
+    #[error("the IdP returned no refresh_token, so this refresh_token credential cannot keep itself alive. {0}")]
+    NoRefreshToken(String),
+    #[error("{0}")]
+    Install(#[from] InstallError),
+}
+
+fn desc(d: &Option<String>) -> String {
+    d.as_ref().map(|d| format!(" ({d})")).unwrap_or_default()
+}
+
+impl LoginError {
+    /// A stable short code for logs and tests.
+    pub fn code(&self) -> &'static str {
+        match self {
+            LoginError::Setup(_) => "setup",
+            LoginError::Unavailable(_) => "unavailable",
+            LoginError::Denied { .. } => "denied",
+            LoginError::State(StateProblem::Missing) => "state_missing",
+            LoginError::State(StateProblem::Unknown) => "state_unknown",
+            LoginError::State(StateProblem::Reused) => "state_reused",
+            LoginError::State(StateProblem::Expired) => "state_expired",
+            LoginError::State(StateProblem::OtherBrowser) => "state_other_browser",
+            LoginError::NoCode => "no_code",
+            LoginError::WrongIssuer { .. } => "wrong_issuer",
+            LoginError::Exchange { .. } => "exchange_failed",
+            LoginError::NoRefreshToken(_) => "no_refresh_token",
+            LoginError::Install(InstallError::FamilyStillWorks(..)) => "family_still_works",
+            LoginError::Install(_) => "install_failed",
+        }
+    }
+
+    /// What to do next, one sentence.
+    pub fn fix(&self) -> String {
+        match self {
+            LoginError::Denied { error, .. } => match error.as_str() {
+                "access_denied" => "The user (or a policy at the IdP) declined; run the login again and approve the requested access, or ask the IdP admin to grant this client.".into(),
+                "invalid_scope" => "Fix `scopes` to scopes this client may request, then log in again.".into(),
+                "unauthorized_client" | "unsupported_response_type" => "Enable the authorization code grant for this client at the IdP, then log in again.".into(),
+                "invalid_request" => "Check authorize_url, client_id, redirect_uri (registered exactly) and that the IdP supports PKCE S256.".into(),
+                "login_required" | "consent_required" | "interaction_required" => "Sign in at the IdP in this browser and approve the consent screen, then log in again.".into(),
+                "server_error" | "temporarily_unavailable" => "The IdP failed; try again in a minute.".into(),
+                _ => "See the IdP's description above, fix the client or the request, and log in again.".into(),
+            },
+            LoginError::State(_) | LoginError::NoCode | LoginError::WrongIssuer { .. } => {
+                "Start a new login (`tokenproxy login -c FILE NAME` or the admin /login/NAME link) and finish it in the same browser within 10 minutes.".into()
+            }
+            LoginError::Install(InstallError::FamilyStillWorks(..)) => {
+                "Pass --force (or open /login/NAME?force=1) to replace the working family.".into()
+            }
+            _ => String::new(),
+        }
+    }
+}
+
+fn state_message(p: StateProblem) -> &'static str {
+    match p {
+        StateProblem::Missing => "the callback has no `state`: it did not come from a login started by tokenproxy (or the IdP dropped it)",
+        StateProblem::Unknown => "the callback's `state` is unknown: this login was not started by this tokenproxy process (it may have restarted), or the link was forged",
+        StateProblem::Reused => "the callback's `state` was already used: each login finishes once (a reloaded or replayed callback page)",
+        StateProblem::Expired => "the login expired: `state` is valid for 10 minutes after the login started",
+        StateProblem::OtherBrowser => "the callback arrived in a different browser than the one that started the login (its cookie does not match)",
+    }
+}
+
+/// The likely cause of an `invalid_grant` on the code exchange, most
+/// specific first (RFC 6749 §4.1.3, RFC 7636 §4.6).
+fn code_cause(desc: &str, sent: &Sent) -> Option<&'static str> {
+    let d = desc.to_ascii_lowercase();
+    if d.contains("redirect") {
+        Some("redirect_uri mismatch: the token request must carry exactly the redirect_uri of the authorization request, and it must be registered at the IdP byte for byte (scheme, host, port, path, trailing slash)")
+    } else if d.contains("verifier") || d.contains("pkce") || d.contains("challenge") {
+        Some("PKCE mismatch: the code_verifier does not match the code_challenge; the code was obtained by another login attempt or process than the one exchanging it")
+    } else if d.contains("already")
+        || d.contains("used")
+        || d.contains("reuse")
+        || d.contains("redeemed")
+    {
+        Some("code reused: authorization codes are single-use (and a replay may revoke the tokens issued with it); start a new login")
+    } else if d.contains("expired") {
+        Some("code expired: codes live 1-10 minutes; finish the login promptly")
+    } else if d.contains("client") {
+        Some("code issued to another client: the authorization request and the token request must use the same client_id")
+    } else if sent.code_age > Duration::from_secs(60) {
+        Some("probably an expired code (the callback came late); start a new login and finish it promptly")
+    } else {
+        None
+    }
+}
+
+fn other_method(m: AuthMethod) -> &'static str {
+    match m {
+        AuthMethod::ClientSecretBasic => "client_secret_post",
+        AuthMethod::ClientSecretPost | AuthMethod::None => "client_secret_basic",
+    }
+}
+
+fn explain_exchange(e: &GrantError, sent: &Sent, hint: &str) -> String {
+    let what = match (&e.code, e.status) {
+        (Some(c), Some(s)) => format!("{s} {c}"),
+        (Some(c), None) => c.clone(),
+        (None, Some(s)) => format!("HTTP {s}"),
+        (None, None) => e.message.clone(),
+    };
+    let d = e.description.as_deref().unwrap_or("");
+    let head = format!(
+        "the code exchange failed: {what}{}",
+        if d.is_empty() {
+            String::new()
+        } else {
+            format!(" ({d})")
+        }
+    );
+    match e.code.as_deref() {
+        Some(c) if grant::OAuthCode::parse(c) == grant::OAuthCode::InvalidGrant => {
+            let configured = sent
+                .configured_redirect_uri
+                .as_deref()
+                .unwrap_or("none (loopback default)");
+            let facts = format!(
+                "Sent: redirect_uri {} (configured: {configured}); a PKCE code_verifier was {}; the code was {}s old.",
+                sent.redirect_uri,
+                if sent.verifier_sent { "sent" } else { "NOT sent" },
+                sent.code_age.as_secs()
+            );
+            let cause = match code_cause(d, sent) {
+                Some(c) => format!("Likely cause: {c}."),
+                None => "Likely causes: the code was already used (single-use), it expired (codes live 1-10 minutes), the redirect_uri differs from the authorization request's or the registered one, the PKCE verifier does not match the challenge, or the code was issued to another client.".into(),
+            };
+            format!("{head}. {facts} {cause} Start a new login.")
+        }
+        Some("invalid_client") => format!(
+            "{head}. The IdP rejected the client authentication: tokenproxy authenticated client_id {:?} with auth_method = \"{}\". Check client_id and client_secret, or try auth_method = \"{}\".",
+            sent.client_id,
+            sent.auth_method.as_str(),
+            other_method(sent.auth_method)
+        ),
+        _ => format!("{head}. {hint}"),
+    }
+}
+
+/// Why no refresh_token came back, per IdP (DESIGN.md: fail loudly).
+pub fn offline_hint(cred: &CredentialConfig, authorize_url: Option<&Uri>) -> String {
+    let host = authorize_url
+        .or(cred.token_url.as_ref())
+        .and_then(|u| u.host())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let has_offline = cred.scopes.iter().any(|s| s == "offline_access");
+    if host.ends_with("google.com") || host.ends_with("googleapis.com") {
+        "Google returns a refresh token only with access_type=offline and prompt=consent (tokenproxy sends both to accounts.google.com); if the app was authorized before, revoke it at https://myaccount.google.com/permissions and log in again.".into()
+    } else if host.ends_with("auth0.com") {
+        "Auth0 needs the offline_access scope and \"Allow Offline Access\" enabled on the API (and the Refresh Token grant on the application).".into()
+    } else if host.contains("okta") {
+        "Okta needs the offline_access scope and the Refresh Token grant type enabled for the app."
+            .into()
+    } else if host.contains("microsoftonline") || host.contains("login.live.com") {
+        "Microsoft identity platform needs the offline_access scope.".into()
+    } else if host.ends_with("github.com") {
+        "GitHub issues refresh tokens only to GitHub Apps with \"Expire user authorization tokens\" enabled; OAuth Apps' tokens do not expire and cannot be refreshed.".into()
+    } else if has_offline {
+        "The offline_access scope was requested; allow the refresh_token grant (offline access) for this client at the IdP.".into()
+    } else {
+        "Ask for offline access: most IdPs need the offline_access scope (add it to `scopes`), some an access_type=offline parameter, and the client must be allowed the refresh_token grant.".into()
+    }
+}
+
+/// Exchanges a code at once (RFC 6749 §4.1.3) with exactly the pending
+/// redirect_uri and verifier. Returns the token set and when it was asked.
+pub async fn exchange(
+    cred: &CredentialConfig,
+    token_url: &Uri,
+    authorize_url: Option<&Uri>,
+    client: &GrantClient,
+    code: &Secret,
+    pending: &Pending,
+    code_age: Duration,
+) -> Result<(TokenSet, SystemTime), LoginError> {
+    let req = build_token_request(
+        cred,
+        token_url,
+        &Grant::AuthorizationCode {
+            code,
+            redirect_uri: &pending.redirect_uri,
+            verifier: &pending.verifier,
+        },
+    );
+    let sent_wall = SystemTime::now();
+    let outcome = match client.send(&req).await {
+        Ok(raw) => parse_token_response(&raw, SystemTime::now()),
+        Err(e) => Err(e),
+    };
+    let set = outcome.map_err(|error| {
+        let hint = crate::token::hints::for_grant_error(cred, &error);
+        LoginError::Exchange {
+            error,
+            sent: Box::new(Sent {
+                redirect_uri: pending.redirect_uri.clone(),
+                configured_redirect_uri: cred.redirect_uri.clone(),
+                verifier_sent: true,
+                code_age,
+                auth_method: cred.auth_method,
+                client_id: cred.client_id.clone(),
+            }),
+            hint,
+        }
+    })?;
+    if set.refresh_token.is_none() {
+        return Err(LoginError::NoRefreshToken(offline_hint(
+            cred,
+            authorize_url,
+        )));
+    }
+    Ok((set, sent_wall))
+}
+
+/// The store's record for `cred` if it is a family that still works.
+pub fn working_family(
+    store: &FileStore,
+    cred: &CredentialConfig,
+    token_url: &Uri,
+) -> Option<Record> {
+    store
+        .read(&cred.name)
+        .ok()
+        .flatten()
+        .filter(|r| r.matches(&token_url.to_string(), &cred.client_id))
+        .filter(|r| r.dead.is_none() && r.refresh_token.is_some())
+}
+
+/// A credential that can log in: refresh_token grant, with endpoints.
+pub struct Target {
+    pub cred: std::sync::Arc<CredentialConfig>,
+    pub token_url: Uri,
+    pub authorize_url: Uri,
+}
+
+/// Looks up `name` and resolves its endpoints (discovery when needed).
+pub async fn target(config: &Config, name: &str) -> Result<Target, LoginError> {
+    let cred = config.credentials.get(name).cloned().ok_or_else(|| {
+        let known: Vec<&str> = config.credentials.keys().map(String::as_str).collect();
+        LoginError::Setup(format!(
+            "no credential named {name:?} in {} (known: {})",
+            config.source.display(),
+            known.join(", ")
+        ))
+    })?;
+    if cred.grant != GrantType::RefreshToken {
+        return Err(LoginError::Setup(format!(
+            "credential {name} uses grant = \"{}\": login is for refresh_token credentials (client_credentials needs no login)",
+            cred.grant.as_str()
+        )));
+    }
+    let (token_url, authorize_url) = crate::discovery::endpoints(&cred)
+        .await
+        .map_err(|e| LoginError::Unavailable(format!("credential {name}: {e}")))?;
+    let authorize_url = authorize_url.ok_or_else(|| {
+        LoginError::Setup(format!(
+            "credential {name} has no authorize_url (set authorize_url, or issuer for discovery)"
+        ))
+    })?;
+    Ok(Target {
+        cred,
+        token_url,
+        authorize_url,
+    })
+}
+
+/// Checks the callback: IdP error, state, issuer, code. Consumes the state.
+pub fn validate_callback(
+    states: &PendingStates,
+    cb: &Callback,
+    browser: Option<&str>,
+    expected_issuer: Option<&Uri>,
+) -> Result<(Pending, Duration, Secret), LoginError> {
+    if let Some(error) = &cb.error {
+        // Spend the state so the same answer cannot be replayed.
+        let _ = states.take(cb.state.as_deref(), browser);
+        return Err(LoginError::Denied {
+            error: error.clone(),
+            description: cb.error_description.clone(),
+        });
+    }
+    let (pending, age) = states
+        .take(cb.state.as_deref(), browser)
+        .map_err(LoginError::State)?;
+    if let (Some(found), Some(expected)) = (&cb.iss, expected_issuer) {
+        let expected = expected.to_string();
+        if found.trim_end_matches('/') != expected.trim_end_matches('/') {
+            return Err(LoginError::WrongIssuer {
+                found: found.clone(),
+                expected,
+            });
+        }
+    }
+    let code = cb.code.clone().ok_or(LoginError::NoCode)?;
+    Ok((pending, age, code))
+}
+
+// ---------------------------------------------------------------------------
+// Pages
+// ---------------------------------------------------------------------------
+
+/// HTML-escapes text for element content and quoted attributes.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A small result page; everything shown is escaped here.
+pub fn page(status: StatusCode, title: &str, lines: &[String]) -> Response<Full<Bytes>> {
+    let mut body = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>tokenproxy: {t}</title>\
+         <style>body{{font:16px/1.5 system-ui,sans-serif;margin:3em auto;max-width:42em;padding:0 1em}}\
+         h1{{font-size:1.4em}}</style></head><body><h1>{t}</h1>",
+        t = escape(title)
+    );
+    for l in lines.iter().filter(|l| !l.is_empty()) {
+        body.push_str("<p>");
+        body.push_str(&escape(l));
+        body.push_str("</p>");
+    }
+    body.push_str("</body></html>\n");
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    secure_headers(&mut r);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    r
+}
+
+fn secure_headers<B>(r: &mut Response<B>) {
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+}
+
+/// The result of a finished login, for pages and the CLI.
+pub struct Done {
+    pub credential: String,
+    pub subject: Option<String>,
+    pub family: String,
+}
+
+impl Done {
+    pub fn message(&self) -> String {
+        format!(
+            "Logged in{}: credential {} now has a new token family {} (generation 0).",
+            self.subject
+                .as_ref()
+                .map(|s| format!(" as {s}"))
+                .unwrap_or_default(),
+            self.credential,
+            self.family
+        )
+    }
+}
+
+pub fn success_page(done: &Done) -> Response<Full<Bytes>> {
+    page(
+        StatusCode::OK,
+        "Login complete",
+        &[
+            done.message(),
+            "You can close this tab; tokenproxy keeps the credential fresh from here.".into(),
+        ],
+    )
+}
+
+pub fn error_page(credential: Option<&str>, e: &LoginError) -> Response<Full<Bytes>> {
+    let status = match e {
+        LoginError::Exchange { .. } => StatusCode::BAD_GATEWAY,
+        LoginError::Install(InstallError::FamilyStillWorks(..)) => StatusCode::CONFLICT,
+        LoginError::Install(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    let title = match credential {
+        Some(c) => format!("Login failed for {c}"),
+        None => "Login failed".into(),
+    };
+    page(status, &title, &[e.to_string(), e.fix()])
+}
+
+fn log_failure(credential: Option<&str>, e: &LoginError) {
+    tracing::warn!(
+        event = "login_failed",
+        credential = credential.unwrap_or(""),
+        reason = e.code(),
+        error = %e,
+        "Login failed"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Admin endpoints
+// ---------------------------------------------------------------------------
+
+fn cookie_value<B>(req: &Request<B>) -> Option<String> {
+    req.headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.to_owned())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+}
+
+fn query_flag(uri: &Uri, name: &str) -> bool {
+    form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+        .any(|(k, v)| k == name && matches!(&*v, "1" | "true" | "yes"))
+}
+
+/// `GET /login/<name>` and `GET /callback` on the admin listener; `None`
+/// for any other path.
+pub async fn handle_admin<B>(req: &Request<B>, live: &Live) -> Option<Response<Full<Bytes>>> {
+    let path = req.uri().path();
+    let name = path.strip_prefix("/login/");
+    if name.is_none() && path != "/callback" {
+        return None;
+    }
+    if req.method() != http::Method::GET {
+        return Some(page(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Method not allowed",
+            &["Use GET.".into()],
+        ));
+    }
+    Some(match name {
+        Some(name) => admin_start(req, live, name).await,
+        None => admin_callback(req, live).await,
+    })
+}
+
+async fn admin_start<B>(req: &Request<B>, live: &Live, name: &str) -> Response<Full<Bytes>> {
+    let name = percent_encoding::percent_decode_str(name)
+        .decode_utf8_lossy()
+        .into_owned();
+    let config = live.config.load_full();
+    let fail = |e: LoginError| {
+        log_failure(Some(&name), &e);
+        error_page(Some(&name), &e)
+    };
+    let t = match target(&config, &name).await {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    let Some(redirect_uri) = t.cred.redirect_uri.clone() else {
+        return fail(LoginError::Setup(format!(
+            "credential {name} has no redirect_uri: set redirect_uri = \"http://{}/callback\" (this admin listener) and register exactly that at the IdP",
+            config.admin.listen
+        )));
+    };
+    let force = query_flag(req.uri(), "force");
+    let engine = live.engine.load_full();
+    let Some(slot) = engine.slot(&name) else {
+        return fail(LoginError::Setup(format!(
+            "credential {name} is not running in this proxy"
+        )));
+    };
+    if !force {
+        if let Some(store) = slot.store_path().and_then(|p| FileStore::open(p).ok()) {
+            if let Some(r) = working_family(&store, &t.cred, slot.token_url()) {
+                return fail(LoginError::Install(InstallError::FamilyStillWorks(
+                    name.clone(),
+                    r.generation,
+                )));
+            }
+        }
+    }
+    let browser = cookie_value(req).unwrap_or_else(|| random_b64(24));
+    let pkce = Pkce::new();
+    let state = ADMIN_STATES.start(
+        &name,
+        pkce.verifier,
+        &redirect_uri,
+        force,
+        Some(Secret::new(browser.clone())),
+    );
+    let url = authorization_url(
+        &t.cred,
+        &t.authorize_url,
+        &redirect_uri,
+        &state,
+        &pkce.challenge,
+    );
+    tracing::info!(event = "login_started", credential = %name, via = "admin", "Login started");
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::FOUND;
+    secure_headers(&mut r);
+    if let Ok(v) = HeaderValue::from_str(&url) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "{COOKIE}={browser}; HttpOnly; SameSite=Lax; Path=/; Max-Age={}",
+        STATE_TTL.as_secs()
+    )) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+async fn admin_callback<B>(req: &Request<B>, live: &Live) -> Response<Full<Bytes>> {
+    let cb = parse_callback(req.uri().query().unwrap_or(""));
+    let browser = cookie_value(req);
+    let (pending, age, code) = match validate_callback(&ADMIN_STATES, &cb, browser.as_deref(), None)
+    {
+        Ok(v) => v,
+        Err(e) => {
+            log_failure(None, &e);
+            return error_page(None, &e);
+        }
+    };
+    let name = pending.credential.clone();
+    match finish_admin(live, &cb, pending, age, &code).await {
+        Ok(done) => success_page(&done),
+        Err(e) => {
+            log_failure(Some(&name), &e);
+            error_page(Some(&name), &e)
+        }
+    }
+}
+
+async fn finish_admin(
+    live: &Live,
+    cb: &Callback,
+    pending: Pending,
+    age: Duration,
+    code: &Secret,
+) -> Result<Done, LoginError> {
+    let name = pending.credential.clone();
+    let engine = live.engine.load_full();
+    let slot = engine
+        .slot(&name)
+        .cloned()
+        .ok_or_else(|| LoginError::Setup(format!("credential {name} is no longer configured")))?;
+    let cred = slot.cfg.clone();
+    if let (Some(found), Some(expected)) = (&cb.iss, &cred.issuer) {
+        let expected = expected.to_string();
+        if found.trim_end_matches('/') != expected.trim_end_matches('/') {
+            return Err(LoginError::WrongIssuer {
+                found: found.clone(),
+                expected,
+            });
+        }
+    }
+    let (set, sent_wall) = exchange(
+        &cred,
+        slot.token_url(),
+        cred.authorize_url.as_ref(),
+        slot.grant_client(),
+        code,
+        &pending,
+        age,
+    )
+    .await?;
+    let rec = slot.install_login(&set, sent_wall, pending.force).await?;
+    Ok(Done {
+        credential: name,
+        subject: set.subject.clone(),
+        family: rec.family,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// CLI flow (no running proxy)
+// ---------------------------------------------------------------------------
+
+/// Where the CLI waits for the callback.
+pub struct Loopback {
+    pub redirect_uri: String,
+    pub listener: Option<tokio::net::TcpListener>,
+    pub path: String,
+}
+
+/// RFC 8252 §7.3: binds the loopback redirect (the configured port, or an
+/// ephemeral one when redirect_uri is unset or has port 0).
+pub async fn bind_loopback(cred: &CredentialConfig, listen: bool) -> Result<Loopback, LoginError> {
+    let configured = cred.redirect_uri.clone();
+    let Some(uri) = configured.as_deref() else {
+        if !listen {
+            return Err(LoginError::Setup(format!(
+                "credential {} has no redirect_uri: --no-listen needs one registered at the IdP",
+                cred.name
+            )));
+        }
+        let l = bind("127.0.0.1:0").await?;
+        let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
+        return Ok(Loopback {
+            redirect_uri: format!("http://127.0.0.1:{port}/callback"),
+            listener: Some(l),
+            path: "/callback".into(),
+        });
+    };
+    if !listen {
+        return Ok(Loopback {
+            redirect_uri: uri.to_owned(),
+            listener: None,
+            path: String::new(),
+        });
+    }
+    let parsed: Uri = uri
+        .parse()
+        .map_err(|_| LoginError::Setup(format!("redirect_uri {uri:?} is not a URL")))?;
+    let host = parsed.host().unwrap_or("");
+    let loopback = crate::config::is_loopback_host(host);
+    if parsed.scheme_str() != Some("http") || !loopback {
+        return Err(LoginError::Setup(format!(
+            "redirect_uri {uri} is not an http loopback address, so tokenproxy cannot receive the callback itself: use --no-listen and paste the URL the browser lands on"
+        )));
+    }
+    let bind_host = if host == "localhost" {
+        "127.0.0.1"
+    } else {
+        host
+    };
+    let port = parsed.port_u16().unwrap_or(80);
+    let l = bind(&format!("{bind_host}:{port}")).await?;
+    let redirect_uri = if port == 0 {
+        let actual = l.local_addr().map(|a| a.port()).unwrap_or(0);
+        uri.replacen(&format!("{host}:0"), &format!("{host}:{actual}"), 1)
+    } else {
+        uri.to_owned()
+    };
+    Ok(Loopback {
+        redirect_uri,
+        listener: Some(l),
+        path: parsed.path().to_owned(),
+    })
+}
+
+async fn bind(addr: &str) -> Result<tokio::net::TcpListener, LoginError> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        LoginError::Unavailable(format!(
+            "cannot listen on {addr} for the login callback: {e} (is a proxy already running there? then `login` goes through its admin API; or pass --no-listen)"
+        ))
+    })
+}
+
+/// Runs the CLI login without a proxy. `out` receives the lines to print
+/// (the URL first). Returns the result for the caller to print.
+pub async fn run_local(
+    config: &Config,
+    name: &str,
+    force: bool,
+    listen: bool,
+    announce: impl Fn(&str),
+    pasted: impl std::future::Future<Output = Option<String>>,
+) -> Result<Done, LoginError> {
+    let t = target(config, name).await?;
+    let store = FileStore::open(&config.store.path)
+        .map_err(|e| LoginError::Setup(format!("token store: {}", crate::error_chain(&e))))?;
+    if !force {
+        if let Some(r) = working_family(&store, &t.cred, &t.token_url) {
+            return Err(LoginError::Install(InstallError::FamilyStillWorks(
+                name.to_owned(),
+                r.generation,
+            )));
+        }
+    }
+    let lb = bind_loopback(&t.cred, listen).await?;
+    let states = PendingStates::default();
+    let pkce = Pkce::new();
+    let state = states.start(name, pkce.verifier, &lb.redirect_uri, force, None);
+    let url = authorization_url(
+        &t.cred,
+        &t.authorize_url,
+        &lb.redirect_uri,
+        &state,
+        &pkce.challenge,
+    );
+    tracing::info!(event = "login_started", credential = %name, via = "cli", "Login started");
+    announce(&url);
+    let client = GrantClient::new(
+        crate::discovery::tls_for(&t.cred).map_err(|e| LoginError::Setup(e.to_string()))?,
+        crate::token::GRANT_TIMEOUT,
+        crate::egress::current().as_ref(),
+    );
+    let finish = |cb: Callback| {
+        let t = &t;
+        let states = &states;
+        let store = &store;
+        let client = &client;
+        async move {
+            let (pending, age, code) =
+                validate_callback(states, &cb, None, t.cred.issuer.as_ref())?;
+            let (set, sent_wall) = exchange(
+                &t.cred,
+                &t.token_url,
+                Some(&t.authorize_url),
+                client,
+                &code,
+                &pending,
+                age,
+            )
+            .await?;
+            let rec = install_family(store, &t.cred, &t.token_url, &set, sent_wall, pending.force)
+                .await?;
+            Ok::<_, LoginError>(Done {
+                credential: name.to_owned(),
+                subject: set.subject.clone(),
+                family: rec.family,
+            })
+        }
+    };
+    let result = match lb.listener {
+        None => {
+            let Some(line) = tokio::time::timeout(STATE_TTL, pasted).await.ok().flatten() else {
+                return Err(LoginError::State(StateProblem::Expired));
+            };
+            finish(parse_callback(&line)).await
+        }
+        Some(listener) => {
+            let wait = serve_callback(listener, &lb.path, finish);
+            match tokio::time::timeout(STATE_TTL, wait).await {
+                Ok(r) => r,
+                Err(_) => Err(LoginError::State(StateProblem::Expired)),
+            }
+        }
+    };
+    if let Err(e) = &result {
+        log_failure(Some(name), e);
+    }
+    result
+}
+
+/// Serves the loopback listener until a request reaches `path`; answers the
+/// browser with the result page and returns the result.
+async fn serve_callback<F, Fut>(
+    listener: tokio::net::TcpListener,
+    path: &str,
+    finish: F,
+) -> Result<Done, LoginError>
+where
+    F: Fn(Callback) -> Fut,
+    Fut: std::future::Future<Output = Result<Done, LoginError>>,
+{
+    use hyper::server::conn::http1;
+    use hyper_util::rt::TokioIo;
+    use std::sync::Arc;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(
+        String,
+        tokio::sync::oneshot::Sender<Response<Full<Bytes>>>,
+    )>(1);
+    let path = Arc::new(path.to_owned());
+    let accept = async {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let tx = tx.clone();
+            let path = path.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let tx = tx.clone();
+                    let path = path.clone();
+                    async move {
+                        if req.uri().path() != path.as_str() {
+                            return Ok::<_, std::convert::Infallible>(page(
+                                StatusCode::NOT_FOUND,
+                                "Not found",
+                                &["This listener only waits for the login callback.".into()],
+                            ));
+                        }
+                        let (otx, orx) = tokio::sync::oneshot::channel();
+                        let q = req.uri().query().unwrap_or("").to_owned();
+                        if tx.send((q, otx)).await.is_err() {
+                            return Ok(page(
+                                StatusCode::GONE,
+                                "Login already finished",
+                                &["This login already finished; start a new one.".into()],
+                            ));
+                        }
+                        Ok(orx.await.unwrap_or_else(|_| {
+                            page(StatusCode::GONE, "Login already finished", &[])
+                        }))
+                    }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    };
+    let handle = async {
+        let (q, reply) = rx.recv().await.ok_or(LoginError::NoCode)?;
+        let result = finish(parse_callback(&q)).await;
+        let resp = match &result {
+            Ok(done) => success_page(done),
+            Err(e) => error_page(None, e),
+        };
+        let _ = reply.send(resp);
+        // Let the page reach the browser before the process exits.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        result
+    };
+    tokio::select! {
+        r = handle => r,
+        _ = accept => unreachable!("the accept loop never ends"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// `tokenproxy login`
+// ---------------------------------------------------------------------------
+
+/// The command's arguments.
+pub struct CliArgs {
+    pub name: String,
+    pub force: bool,
+    pub open: bool,
+    pub no_listen: bool,
+    pub admin: Option<String>,
+}
+
+pub fn admin_base(config: &Config, explicit: Option<&str>) -> Option<String> {
+    if let Some(a) = explicit {
+        let a = a.trim_end_matches('/');
+        return Some(if a.contains("://") {
+            a.to_owned()
+        } else {
+            format!("http://{a}")
+        });
+    }
+    match &config.admin.listen {
+        crate::config::ListenAddr::Tcp(a) if a.port() != 0 => {
+            let ip = match a.ip() {
+                std::net::IpAddr::V4(v) if v.is_unspecified() => "127.0.0.1".to_owned(),
+                std::net::IpAddr::V6(v) if v.is_unspecified() => "[::1]".to_owned(),
+                std::net::IpAddr::V6(v) => format!("[{v}]"),
+                ip => ip.to_string(),
+            };
+            Some(format!("http://{ip}:{}", a.port()))
+        }
+        _ => None,
+    }
+}
+
+pub async fn admin_get(base: &str, path: &str) -> Option<crate::discovery::Fetched> {
+    let uri: Uri = format!("{base}{path}").parse().ok()?;
+    let tls = crate::tls::client_config(None, None, &[]).ok()?;
+    let fut = crate::discovery::fetch(tls, http::Method::GET, &uri);
+    tokio::time::timeout(Duration::from_secs(3), fut)
+        .await
+        .ok()?
+        .ok()
+}
+
+async fn admin_family(base: &str, name: &str) -> Result<Option<String>, String> {
+    let got = admin_get(base, &format!("/credentials/{name}"))
+        .await
+        .ok_or_else(|| format!("the admin API at {base} stopped answering"))?;
+    if got.status == StatusCode::NOT_FOUND {
+        return Err(format!(
+            "the running proxy at {base} has no credential {name:?} (reload it after editing the config)"
+        ));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&got.body).unwrap_or_default();
+    let v = match v {
+        serde_json::Value::Array(mut a) if !a.is_empty() => a.remove(0),
+        v => v,
+    };
+    Ok(v["family"].as_str().map(str::to_owned))
+}
+
+fn open_browser(url: &str) {
+    for cmd in ["xdg-open", "open"] {
+        let spawned = std::process::Command::new(cmd)
+            .arg(url)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        if spawned.is_ok() {
+            return;
+        }
+    }
+}
+
+/// `tokenproxy login`: through the running proxy's admin API when it
+/// answers, else on a loopback listener (or a pasted URL). Returns the exit
+/// code: 0, 64 for config/usage, 1 otherwise.
+pub async fn run_cli(config: &Config, args: CliArgs) -> u8 {
+    let name = args.name.as_str();
+    let fail = |e: &LoginError| {
+        eprintln!("tokenproxy login: {e}");
+        let fix = e.fix();
+        if !fix.is_empty() {
+            eprintln!("{fix}");
+        }
+        match e {
+            LoginError::Setup(_) => 64,
+            _ => 1,
+        }
+    };
+    let base = admin_base(config, args.admin.as_deref());
+    let up = match &base {
+        Some(b) => admin_get(b, "/healthz")
+            .await
+            .is_some_and(|r| r.status.is_success()),
+        None => false,
+    };
+    if args.admin.is_some() && !up {
+        eprintln!(
+            "tokenproxy login: the admin API at {} does not answer /healthz",
+            base.as_deref().unwrap_or("?")
+        );
+        return 1;
+    }
+    if let (true, Some(base)) = (up, base) {
+        return via_admin(config, &base, &args).await;
+    }
+    let announce = |url: &str| {
+        println!("Open this URL in a browser to log in {name}:\n\n  {url}\n");
+        if args.no_listen {
+            println!("After you approve, the browser goes to the redirect_uri (the page may not load there). Paste that whole URL here and press Enter:");
+        } else {
+            println!("Waiting for the callback (10 minutes)...");
+        }
+        if args.open {
+            open_browser(url);
+        }
+    };
+    let pasted = async {
+        tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).ok()?;
+            Some(line)
+        })
+        .await
+        .ok()
+        .flatten()
+    };
+    match run_local(config, name, args.force, !args.no_listen, announce, pasted).await {
+        Ok(done) => {
+            println!("{}", done.message());
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+async fn via_admin(config: &Config, base: &str, args: &CliArgs) -> u8 {
+    let name = &args.name;
+    if let Some(c) = config.credentials.get(name) {
+        if c.redirect_uri.is_none() {
+            eprintln!("tokenproxy login: credential {name} has no redirect_uri; to log in through the running proxy set redirect_uri = \"{base}/callback\" and register it at the IdP");
+            return 64;
+        }
+    }
+    let before = match admin_family(base, name).await {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("tokenproxy login: {e}");
+            return 1;
+        }
+    };
+    let encoded: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
+    let url = format!(
+        "{base}/login/{encoded}{}",
+        if args.force { "?force=1" } else { "" }
+    );
+    println!("tokenproxy is running (admin API {base}); it will store the login itself.\nOpen this URL in a browser to log in {name}:\n\n  {url}\n\nWaiting for the login to finish (10 minutes)...");
+    if args.open {
+        open_browser(&url);
+    }
+    let deadline = Instant::now() + STATE_TTL;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        match admin_family(base, name).await {
+            Ok(Some(f)) if Some(&f) != before.as_ref() => {
+                println!(
+                    "Logged in: credential {name} now has a new token family {f} (generation 0)."
+                );
+                return 0;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("tokenproxy login: {e}");
+                return 1;
+            }
+        }
+    }
+    eprintln!("tokenproxy login: no login finished within 10 minutes; the result page in the browser says why");
+    1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pkce_s256_is_base64url_sha256() {
+        assert_eq!(
+            challenge_for("dBjftJeZ4CVP-mJ92IZ1xR8ySAN2YqqgpPsbWgAACSc"),
+            // Computed independently (Python hashlib + urlsafe_b64encode).
+            "SMREygzQAQYm6WM764svA7_7Kb15tO2jakDJ9tkwsY0"
+        );
+        let p = Pkce::new();
+        assert_eq!(p.verifier.expose().len(), 43);
+        assert_eq!(p.challenge, challenge_for(p.verifier.expose()));
+    }
+
+    #[test]
+    fn state_is_single_use_and_bound_to_browser() {
+        let s = PendingStates::default();
+        let st = s.start(
+            "c",
+            Secret::new("v"),
+            "http://r",
+            false,
+            Some(Secret::new("b1")),
+        );
+        assert_eq!(s.take(None, None).unwrap_err(), StateProblem::Missing);
+        assert_eq!(
+            s.take(Some("nope"), None).unwrap_err(),
+            StateProblem::Unknown
+        );
+        assert_eq!(
+            s.take(Some(&st), Some("b2")).unwrap_err(),
+            StateProblem::OtherBrowser
+        );
+        assert!(s.take(Some(&st), Some("b1")).is_ok());
+        assert_eq!(
+            s.take(Some(&st), Some("b1")).unwrap_err(),
+            StateProblem::Reused
+        );
+        let st2 = s.start("c", Secret::new("v"), "http://r", false, None);
+        s.age(&st2, STATE_TTL);
+        assert_eq!(s.take(Some(&st2), None).unwrap_err(), StateProblem::Expired);
+        assert_eq!(s.take(Some(&st2), None).unwrap_err(), StateProblem::Expired);
+    }
+
+    #[test]
+    fn authorization_url_carries_everything() {
+        let mut c = crate::token::tests_support::credential(
+            "c",
+            "https://idp.example/token",
+            AuthMethod::ClientSecretBasic,
+        );
+        c.scopes = vec!["openid".into(), "offline_access".into()];
+        c.audience = Some("api".into());
+        let url = authorization_url(
+            &c,
+            &"https://idp.example/authorize?x=1".parse().unwrap(),
+            "http://127.0.0.1:9901/callback",
+            "st",
+            "ch",
+        );
+        assert_eq!(url, "https://idp.example/authorize?x=1&response_type=code&client_id=client&redirect_uri=http%3A%2F%2F127.0.0.1%3A9901%2Fcallback&scope=openid+offline_access&state=st&code_challenge=ch&code_challenge_method=S256&audience=api");
+    }
+
+    #[test]
+    fn escape_and_callback_parsing() {
+        assert_eq!(escape("<b>\"x\"&'"), "&lt;b&gt;&quot;x&quot;&amp;&#39;");
+        let cb =
+            parse_callback("http://127.0.0.1/callback?code=c1&state=s1&iss=http%3A%2F%2Fi#frag");
+        assert_eq!(cb.code.unwrap().expose(), "c1");
+        assert_eq!(cb.state.as_deref(), Some("s1"));
+        assert_eq!(cb.iss.as_deref(), Some("http://i"));
+        let cb = parse_callback("error=access_denied&error_description=%3Cb%3Ex%3C%2Fb%3E");
+        assert_eq!(cb.error.as_deref(), Some("access_denied"));
+        assert_eq!(cb.error_description.as_deref(), Some("<b>x</b>"));
+    }
+}

@@ -1,0 +1,674 @@
+//! Login (authorization code + PKCE) against the dev IdP, whose authorize
+//! endpoint auto-approves: through the admin endpoints of an in-process app
+//! (cookies by hand) and through the `login` binary's loopback listener.
+//! Every failure names its cause, escaped, and no secret shows up.
+
+use crate::support::*;
+use bytes::Bytes;
+use http::Response;
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use tokenproxy::dev::{DevClient, Fault, IdpOptions};
+
+const SECRET: &str = "login-secret-Vb71qZ";
+const REDIRECT: &str = "http://127.0.0.1:9901/callback";
+const OTHER_REDIRECT: &str = "http://127.0.0.1:9901/callback/";
+
+fn options(auth_method: Option<&str>, code_ttl: Duration) -> IdpOptions {
+    let mut c = DevClient::confidential("login-client", SECRET);
+    c.redirect_uris = vec![REDIRECT.into(), OTHER_REDIRECT.into()];
+    c.auth_method = auth_method.map(str::to_owned);
+    IdpOptions {
+        access_ttl: Duration::from_secs(2),
+        code_ttl,
+        clients: vec![c],
+        ..IdpOptions::default()
+    }
+}
+
+fn snippet(redirect: &str) -> String {
+    format!(
+        r#"
+[credentials.rt]
+grant = "refresh_token"
+token_url = "@TOKEN_URL@"
+authorize_url = "@IDP@/authorize"
+redirect_uri = "{redirect}"
+client_id = "login-client"
+client_secret = "${{LOGIN_SECRET}}"
+auth_method = "client_secret_basic"
+scopes = ["openid", "offline_access"]
+
+[[routes]]
+path_prefix = "/rt/"
+upstream = "@ECHO@"
+credential = "rt"
+"#
+    )
+}
+
+async fn started(opts: IdpOptions, secret: &str) -> TestEnv {
+    let mut env = TestEnv::new(opts).await;
+    env.var("LOGIN_SECRET", secret);
+    env.start_with(&snippet(REDIRECT)).await;
+    env
+}
+
+fn header<'a>(r: &'a Response<()>, name: &str) -> &'a str {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+fn location(r: &Response<()>) -> String {
+    header(r, "location").to_owned()
+}
+
+fn param(url: &str, name: &str) -> Option<String> {
+    let q = url.split_once('?')?.1;
+    form_urlencoded::parse(q.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+fn with_param(url: &str, name: &str, value: &str) -> String {
+    let (base, q) = url.split_once('?').unwrap();
+    let mut ser = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+        ser.append_pair(&k, if k == name { value } else { &v });
+    }
+    format!("{base}?{}", ser.finish())
+}
+
+/// A started admin login: the IdP URL it redirected to and the cookie.
+struct Started {
+    idp_url: String,
+    cookie: String,
+    state: String,
+}
+
+async fn start_login(env: &TestEnv, query: &str) -> Started {
+    let (r, _) = env.admin_raw(&format!("/login/rt{query}")).await;
+    assert_eq!(r.status(), 302, "{r:?}");
+    let set_cookie = header(&r, "set-cookie").to_owned();
+    assert!(
+        set_cookie.contains("HttpOnly")
+            && set_cookie.contains("SameSite=Lax")
+            && set_cookie.contains("Path=/")
+            && set_cookie.contains("Max-Age=600"),
+        "{set_cookie}"
+    );
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+    let idp_url = location(&r);
+    assert!(idp_url.starts_with(&env.idp.url()), "{idp_url}");
+    assert_eq!(param(&idp_url, "redirect_uri").as_deref(), Some(REDIRECT));
+    assert_eq!(
+        param(&idp_url, "code_challenge_method").as_deref(),
+        Some("S256")
+    );
+    assert_eq!(
+        param(&idp_url, "scope").as_deref(),
+        Some("openid offline_access")
+    );
+    let state = param(&idp_url, "state").expect("state");
+    Started {
+        idp_url,
+        cookie,
+        state,
+    }
+}
+
+/// GETs the IdP's authorize URL (auto-approve) and returns the callback's
+/// path and query as the admin listener should see them.
+async fn authorize(env: &TestEnv, idp_url: &str) -> String {
+    let (r, body) = send(&env.client, get(idp_url)).await;
+    assert_eq!(r.status(), 302, "{}", String::from_utf8_lossy(&body));
+    let cb = location(&r);
+    cb.strip_prefix("http://127.0.0.1:9901")
+        .unwrap_or_else(|| panic!("callback to the configured redirect_uri: {cb}"))
+        .to_owned()
+}
+
+async fn callback(env: &TestEnv, path_query: &str, cookie: Option<&str>) -> (Response<()>, String) {
+    let mut req = get(&env.admin_url(path_query));
+    if let Some(c) = cookie {
+        req.headers_mut().insert("cookie", c.parse().unwrap());
+    }
+    let (r, body) = send(&env.client, req).await;
+    (r, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn assert_page(r: &Response<()>, body: &str) {
+    assert_eq!(
+        header(r, "content-security-policy"),
+        "default-src 'none'; style-src 'unsafe-inline'"
+    );
+    assert_eq!(header(r, "x-content-type-options"), "nosniff");
+    assert_eq!(header(r, "cache-control"), "no-store");
+    assert!(header(r, "content-type").starts_with("text/html"));
+    assert!(body.contains("<h1>"), "{body}");
+}
+
+/// No code, state, verifier, token or client secret in what a user sees.
+fn assert_no_secrets(env: &TestEnv, text: &str, path_query: &str) {
+    assert!(!text.contains(SECRET), "client secret leaked: {text}");
+    for k in ["code", "state"] {
+        if let Some(v) = param(path_query, k) {
+            assert!(!text.contains(&v), "{k} leaked: {text}");
+        }
+    }
+    if env.store_path().exists() {
+        let rec = env.stored("rt");
+        for k in ["refresh_token", "access_token"] {
+            if let Some(t) = rec[k].as_str() {
+                assert!(!text.contains(t), "{k} leaked: {text}");
+            }
+        }
+    }
+}
+
+/// A complete admin login; returns the callback path+query used.
+async fn admin_login(env: &TestEnv, query: &str) -> String {
+    let s = start_login(env, query).await;
+    let cb = authorize(env, &s.idp_url).await;
+    let (r, body) = callback(env, &cb, Some(&s.cookie)).await;
+    assert_eq!(r.status(), 200, "{body}");
+    assert_page(&r, &body);
+    assert!(body.contains("Logged in as dev-user"), "{body}");
+    assert_no_secrets(env, &body, &cb);
+    cb
+}
+
+#[tokio::test]
+async fn admin_login_installs_a_family_and_rotation_continues() {
+    let env = started(options(None, Duration::from_secs(60)), SECRET).await;
+    let (r, _) = env.get("/rt/before").await;
+    assert_eq!(r.status(), 503, "no token before the login");
+    admin_login(&env, "").await;
+    let s = env
+        .wait_credential("rt", "usable after login", |s| s["state"] != "dead")
+        .await;
+    let family = s["family"].as_str().unwrap().to_owned();
+    let (r, body) = env.get("/rt/after").await;
+    assert_eq!(r.status(), 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(json(&body)["token_ok"], true);
+    // 2 s tokens: the engine refreshes within the family by itself.
+    poll_until("a rotation", Duration::from_secs(8), || async {
+        let s = env.credential("rt").await;
+        (s["generation"].as_u64() >= Some(1)).then_some(())
+    })
+    .await;
+    assert_eq!(env.credential("rt").await["family"], family.as_str());
+    let (r, _) = env.get("/rt/later").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(env.idp.reuse_count(), 0);
+    assert_eq!(env.idp.grant_count("authorization_code"), 1);
+}
+
+#[tokio::test]
+async fn admin_login_state_problems_are_named() {
+    let env = started(options(None, Duration::from_secs(60)), SECRET).await;
+    // Missing and unknown.
+    let (r, body) = callback(&env, "/callback?code=c-Xy", None).await;
+    assert_eq!(r.status(), 400);
+    assert_page(&r, &body);
+    assert!(body.contains("has no `state`"), "{body}");
+    let (_, body) = callback(&env, "/callback?code=c-Xy&state=bogus-St", None).await;
+    assert!(body.contains("state` is unknown"), "{body}");
+    assert!(
+        !body.contains("bogus-St") && !body.contains("c-Xy"),
+        "{body}"
+    );
+
+    // Another browser (no cookie, then a foreign one): refused, not spent.
+    let s = start_login(&env, "").await;
+    let cb = authorize(&env, &s.idp_url).await;
+    let (_, body) = callback(&env, &cb, None).await;
+    assert!(body.contains("different browser"), "{body}");
+    let (_, body) = callback(&env, &cb, Some("tokenproxy_login=someone-else")).await;
+    assert!(body.contains("different browser"), "{body}");
+    assert_no_secrets(&env, &body, &cb);
+    let (r, body) = callback(&env, &cb, Some(&s.cookie)).await;
+    assert_eq!(r.status(), 200, "{body}");
+
+    // Reused: the same callback again.
+    let (r, body) = callback(&env, &cb, Some(&s.cookie)).await;
+    assert_eq!(r.status(), 400);
+    assert!(body.contains("already used"), "{body}");
+    assert_no_secrets(&env, &body, &cb);
+
+    // Expired.
+    let s = start_login(&env, "?force=1").await;
+    let cb = authorize(&env, &s.idp_url).await;
+    tokenproxy::login::ADMIN_STATES.age(&s.state, Duration::from_secs(601));
+    let (_, body) = callback(&env, &cb, Some(&s.cookie)).await;
+    assert!(body.contains("login expired"), "{body}");
+    assert_eq!(env.idp.grant_count("authorization_code"), 1);
+}
+
+#[tokio::test]
+async fn idp_error_on_the_callback_is_shown_escaped() {
+    let env = started(options(None, Duration::from_secs(60)), SECRET).await;
+    let s = start_login(&env, "").await;
+    let q = format!(
+        "/callback?error=access_denied&error_description=%3Cb%3Ex%3C%2Fb%3E&state={}",
+        s.state
+    );
+    let (r, body) = callback(&env, &q, Some(&s.cookie)).await;
+    assert_eq!(r.status(), 400);
+    assert_page(&r, &body);
+    assert!(body.contains("access_denied"), "{body}");
+    assert!(body.contains("&lt;b&gt;x&lt;/b&gt;"), "{body}");
+    assert!(!body.contains("<b>x</b>"), "{body}");
+    assert!(body.contains("declined"), "{body}");
+    assert!(!body.contains(&s.state));
+    // The state is spent by the refusal.
+    let (_, body) = callback(
+        &env,
+        &format!("/callback?code=x&state={}", s.state),
+        Some(&s.cookie),
+    )
+    .await;
+    assert!(body.contains("already used"), "{body}");
+}
+
+/// Starts a login, gets a code for a tampered authorization request, and
+/// delivers it; returns the page.
+async fn tampered(env: &TestEnv, name: &str, value: &str) -> (Response<()>, String, String) {
+    let s = start_login(env, "").await;
+    let url = with_param(&s.idp_url, name, value);
+    let (r, _) = send(&env.client, get(&url)).await;
+    assert_eq!(r.status(), 302);
+    let loc = location(&r);
+    let cb = format!("/callback?{}", loc.split_once('?').unwrap().1);
+    let (r, body) = callback(env, &cb, Some(&s.cookie)).await;
+    (r, body, cb)
+}
+
+#[tokio::test]
+async fn exchange_invalid_grant_causes_are_named() {
+    let env = started(options(None, Duration::from_secs(60)), SECRET).await;
+
+    // The code was issued for another redirect_uri.
+    let (r, body, cb) = tampered(&env, "redirect_uri", OTHER_REDIRECT).await;
+    assert_eq!(r.status(), 502);
+    assert_page(&r, &body);
+    assert!(body.contains("invalid_grant"), "{body}");
+    assert!(body.contains("redirect_uri mismatch"), "{body}");
+    assert!(
+        body.contains(&format!(
+            "Sent: redirect_uri {REDIRECT} (configured: {REDIRECT})"
+        )),
+        "{body}"
+    );
+    assert!(body.contains("code_verifier was sent"), "{body}");
+    assert!(body.contains("s old"), "{body}");
+    assert_no_secrets(&env, &body, &cb);
+
+    // The code was bound to another PKCE challenge.
+    let other = tokenproxy::login::Pkce::new();
+    let (_, body, cb) = tampered(&env, "code_challenge", &other.challenge).await;
+    assert!(body.contains("PKCE mismatch"), "{body}");
+    assert!(!body.contains(other.verifier.expose()));
+    assert_no_secrets(&env, &body, &cb);
+
+    // A code presented twice: the first login's code with a new state.
+    let first = admin_login(&env, "").await;
+    let code = param(&first, "code").unwrap();
+    let s = start_login(&env, "?force=1").await;
+    let q = format!("/callback?code={code}&state={}", s.state);
+    let (_, body) = callback(&env, &q, Some(&s.cookie)).await;
+    assert!(body.contains("code reused"), "{body}");
+    assert!(!body.contains(&code), "{body}");
+    assert_eq!(env.idp.reuse_count(), 0);
+}
+
+#[tokio::test]
+async fn expired_code_is_named() {
+    let env = started(options(None, Duration::from_millis(300)), SECRET).await;
+    let s = start_login(&env, "").await;
+    let cb = authorize(&env, &s.idp_url).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (_, body) = callback(&env, &cb, Some(&s.cookie)).await;
+    assert!(body.contains("code expired"), "{body}");
+    assert_no_secrets(&env, &body, &cb);
+}
+
+#[tokio::test]
+async fn no_refresh_token_fails_loudly_with_a_hint() {
+    let env = started(options(None, Duration::from_secs(60)), SECRET).await;
+    env.idp.push_fault(Fault::Body {
+        status: 200,
+        body: r#"{"access_token":"at-no-rt-Kq2","token_type":"Bearer","expires_in":60}"#.into(),
+        content_type: "application/json",
+    });
+    let s = start_login(&env, "").await;
+    let cb = authorize(&env, &s.idp_url).await;
+    let (r, body) = callback(&env, &cb, Some(&s.cookie)).await;
+    assert_eq!(r.status(), 400);
+    assert!(body.contains("returned no refresh_token"), "{body}");
+    assert!(body.contains("offline"), "{body}");
+    assert!(!body.contains("at-no-rt-Kq2"), "{body}");
+    assert!(!env.store_path().exists() || env.stored("rt").is_null());
+}
+
+#[tokio::test]
+async fn error_description_with_html_is_escaped() {
+    let env = started(options(None, Duration::from_secs(60)), SECRET).await;
+    env.idp.push_fault(Fault::Body {
+        status: 400,
+        body: r#"{"error":"invalid_grant","error_description":"<script>alert(1)</script> bad"}"#
+            .into(),
+        content_type: "application/json",
+    });
+    let s = start_login(&env, "").await;
+    let cb = authorize(&env, &s.idp_url).await;
+    let (_, body) = callback(&env, &cb, Some(&s.cookie)).await;
+    assert!(
+        body.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{body}"
+    );
+    assert!(!body.contains("<script>"), "{body}");
+}
+
+#[tokio::test]
+async fn wrong_client_secret_names_the_auth_method() {
+    let env = started(options(None, Duration::from_secs(60)), "not-the-secret").await;
+    let s = start_login(&env, "").await;
+    let cb = authorize(&env, &s.idp_url).await;
+    let (_, body) = callback(&env, &cb, Some(&s.cookie)).await;
+    assert!(body.contains("invalid_client"), "{body}");
+    assert!(body.contains("wrong client secret"), "{body}");
+    assert!(
+        body.contains("auth_method = &quot;client_secret_basic&quot;"),
+        "{body}"
+    );
+    assert!(
+        body.contains("try auth_method = &quot;client_secret_post&quot;"),
+        "{body}"
+    );
+    assert!(!body.contains("not-the-secret"));
+}
+
+#[tokio::test]
+async fn wrong_auth_method_suggests_the_other_one() {
+    let env = started(
+        options(Some("client_secret_post"), Duration::from_secs(60)),
+        SECRET,
+    )
+    .await;
+    let s = start_login(&env, "").await;
+    let cb = authorize(&env, &s.idp_url).await;
+    let (_, body) = callback(&env, &cb, Some(&s.cookie)).await;
+    assert!(
+        body.contains("must authenticate with client_secret_post"),
+        "{body}"
+    );
+    assert!(
+        body.contains("try auth_method = &quot;client_secret_post&quot;"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn replacing_a_working_family_needs_force() {
+    let env = started(options(None, Duration::from_secs(60)), SECRET).await;
+    admin_login(&env, "").await;
+    let family = env.stored("rt")["family"].as_str().unwrap().to_owned();
+    let (r, body) = env.admin_raw("/login/rt").await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(r.status(), 409, "{body}");
+    assert!(body.contains("still has a working token family"), "{body}");
+    assert!(body.contains("force"), "{body}");
+    admin_login(&env, "?force=1").await;
+    assert_ne!(env.stored("rt")["family"].as_str().unwrap(), family);
+    let (r, _) = env.get("/rt/x").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(env.idp.reuse_count(), 0);
+}
+
+// ---------------------------------------------------------------------------
+// The binary: loopback listener, and through a running proxy's admin API.
+// ---------------------------------------------------------------------------
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Child {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    out: Vec<String>,
+}
+
+impl Child {
+    fn spawn(env: &TestEnv, args: &[&str]) -> Child {
+        Self::spawn_with(env, args, Stdio::null())
+    }
+
+    fn spawn_with(env: &TestEnv, args: &[&str], stdin: Stdio) -> Child {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tokenproxy"));
+        cmd.arg("login")
+            .arg("-c")
+            .arg(env.config_path())
+            .args(args)
+            .env_remove("TOKENPROXY_CONFIG")
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &env.vars {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn tokenproxy login");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(l);
+            }
+        });
+        Child {
+            child,
+            lines,
+            out: vec![],
+        }
+    }
+
+    /// The first printed line that is a URL.
+    fn url(&mut self) -> String {
+        loop {
+            let l = self
+                .lines
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|_| panic!("no URL printed; got {:?}", self.out));
+            self.out.push(l.clone());
+            if l.trim().starts_with("http") {
+                return l.trim().to_owned();
+            }
+        }
+    }
+
+    fn finish(mut self) -> (i32, String, String) {
+        let status = self.child.wait().unwrap();
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            self.out.push(l);
+        }
+        let mut err = String::new();
+        use std::io::Read;
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (status.code().unwrap_or(-1), self.out.join("\n"), err)
+    }
+}
+
+async fn get_raw(env: &TestEnv, url: &str) -> (Response<()>, Bytes) {
+    send(&env.client, get(url)).await
+}
+
+#[tokio::test]
+async fn cli_login_through_the_loopback_listener() {
+    let port = free_port();
+    let redirect = format!("http://127.0.0.1:{port}/callback");
+    let mut opts = options(None, Duration::from_secs(60));
+    opts.clients[0].redirect_uris = vec![redirect.clone()];
+    let mut env = TestEnv::new(opts).await;
+    env.var("LOGIN_SECRET", SECRET);
+    env.configure(&snippet(&redirect));
+
+    let mut child = Child::spawn(&env, &["rt"]);
+    let url = child.url();
+    assert!(url.starts_with(&env.idp.authorize_url()), "{url}");
+    assert_eq!(
+        param(&url, "redirect_uri").as_deref(),
+        Some(redirect.as_str())
+    );
+    let (r, _) = get_raw(&env, &url).await;
+    assert_eq!(r.status(), 302);
+    let cb = location(&r);
+    assert!(cb.starts_with(&redirect), "{cb}");
+    let (r, body) = get_raw(&env, &cb).await;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(r.status(), 200, "{body}");
+    assert_page(&r, &body);
+    let (code, out, err) = tokio::task::spawn_blocking(move || child.finish())
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("Logged in as dev-user"), "{out}");
+    let family = env.stored("rt")["family"].as_str().unwrap().to_owned();
+    assert!(out.contains(&family), "{out}");
+    let all = format!("{out}\n{err}\n{body}");
+    assert!(!all.contains(&param(&cb, "code").unwrap()), "code leaked");
+    assert_no_secrets(&env, &all, "");
+
+    // The proxy picks the family up and keeps rotating it.
+    env.start().await;
+    let (r, _) = env.get("/rt/x").await;
+    assert_eq!(r.status(), 200);
+    poll_until("a rotation", Duration::from_secs(8), || async {
+        let s = env.credential("rt").await;
+        (s["generation"].as_u64() >= Some(1)).then_some(())
+    })
+    .await;
+    let (r, _) = env.get("/rt/y").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(env.idp.reuse_count(), 0);
+
+    // An explicit --admin that does not answer is an error, not a fallback.
+    let child = Child::spawn(&env, &["rt", "--admin", "127.0.0.1:9"]);
+    let (code, _, err) = tokio::task::spawn_blocking(move || child.finish())
+        .await
+        .unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("does not answer"), "{err}");
+}
+
+#[tokio::test]
+async fn cli_login_with_a_pasted_redirect_url() {
+    let mut env = TestEnv::new(options(None, Duration::from_secs(60))).await;
+    env.var("LOGIN_SECRET", SECRET);
+    env.configure(&snippet(REDIRECT));
+    let mut child = Child::spawn_with(&env, &["rt", "--no-listen"], Stdio::piped());
+    let url = child.url();
+    assert_eq!(param(&url, "redirect_uri").as_deref(), Some(REDIRECT));
+    let (r, _) = get_raw(&env, &url).await;
+    let landed = location(&r);
+    assert!(landed.starts_with(REDIRECT), "{landed}");
+    {
+        use std::io::Write;
+        let mut stdin = child.child.stdin.take().unwrap();
+        writeln!(stdin, "{landed}").unwrap();
+    }
+    let (code, out, err) = tokio::task::spawn_blocking(move || child.finish())
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("Paste that whole URL"), "{out}");
+    assert!(out.contains("Logged in as dev-user"), "{out}");
+    assert!(!format!("{out}{err}").contains(&param(&landed, "code").unwrap()));
+    assert_no_secrets(&env, &format!("{out}{err}"), "");
+    assert_eq!(env.idp.grant_count("authorization_code"), 1);
+}
+
+#[tokio::test]
+async fn cli_login_refuses_to_replace_without_force() {
+    let port = free_port();
+    let redirect = format!("http://127.0.0.1:{port}/callback");
+    let mut opts = options(None, Duration::from_secs(60));
+    opts.clients[0].redirect_uris = vec![redirect.clone()];
+    let mut env = TestEnv::new(opts).await;
+    let seed = env.idp.issue_refresh_token("login-client", "bob");
+    env.var("LOGIN_SECRET", SECRET).var("SEED", &seed);
+    let text = snippet(&redirect).replace("scopes = [", "refresh_token = \"${SEED}\"\nscopes = [");
+    env.configure(&text);
+    // Let the engine adopt the seed into the store, then stop.
+    env.start().await;
+    let (r, _) = env.get("/rt/x").await;
+    assert_eq!(r.status(), 200);
+    env.stop().await;
+
+    let child = Child::spawn(&env, &["rt"]);
+    let (code, out, err) = tokio::task::spawn_blocking(move || child.finish())
+        .await
+        .unwrap();
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.contains("still has a working token family"), "{err}");
+    assert!(err.contains("--force"), "{err}");
+    assert!(!out.contains("http"), "no URL before the refusal: {out}");
+    assert!(!format!("{out}{err}").contains(&seed));
+}
+
+// Multi-threaded: the in-process admin API must answer while this thread
+// blocks reading the child's output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_login_goes_through_a_running_proxy() {
+    let admin_port = free_port();
+    let mut env = TestEnv::new(options(None, Duration::from_secs(60))).await;
+    env.var("LOGIN_SECRET", SECRET);
+    let text = env
+        .render(&snippet(REDIRECT))
+        .replace(ADMIN_LISTEN, &format!("127.0.0.1:{admin_port}"));
+    std::fs::write(env.config_path(), &text).unwrap();
+    let vars = env.vars.clone();
+    let cfg = tokenproxy::config::parse(&text, &env.config_path(), &|k| vars.get(k).cloned())
+        .expect("config");
+    env.config = Some(cfg);
+    env.start().await;
+
+    let mut child = Child::spawn(&env, &["rt"]);
+    let url = child.url();
+    assert_eq!(url, format!("http://127.0.0.1:{admin_port}/login/rt"));
+    // The browser: admin 302 → IdP 302 → admin callback, with the cookie.
+    let (r, _) = get_raw(&env, &url).await;
+    assert_eq!(r.status(), 302);
+    let cookie = header(&r, "set-cookie")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let cb = authorize(&env, &location(&r)).await;
+    let (r, body) = callback(&env, &cb, Some(&cookie)).await;
+    assert_eq!(r.status(), 200, "{body}");
+    let (code, out, err) = tokio::task::spawn_blocking(move || child.finish())
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{out}\n{err}");
+    let family = env.stored("rt")["family"].as_str().unwrap().to_owned();
+    assert!(out.contains(&family), "{out}");
+    let (r, _) = env.get("/rt/x").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(env.idp.reuse_count(), 0);
+}

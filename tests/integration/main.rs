@@ -2,6 +2,7 @@
 
 mod cli;
 mod doctor;
+mod egress;
 mod engine;
 mod harness;
 mod login;

@@ -3,6 +3,7 @@
 mod cli;
 mod engine;
 mod harness;
+mod ops;
 mod proxy;
 mod reactive;
 mod reload;

@@ -1,5 +1,6 @@
 //! Integration tests over real sockets, one binary (a module per area).
 
+mod browser;
 mod cli;
 mod engine;
 mod harness;

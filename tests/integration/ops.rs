@@ -458,7 +458,6 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
             .then_some(())
     })
     .await;
-    assert!(!slow.is_finished(), "the slow request was cut short");
     let got = slow
         .await
         .unwrap()

@@ -357,8 +357,8 @@ fn status_page(live: &Live) -> AdminResponse {
     h.push_str("<!doctype html><html lang=en><head><meta charset=utf-8><meta http-equiv=refresh content=5>");
     h.push_str("<meta name=viewport content=\"width=device-width\"><title>tokenproxy status</title><style>");
     h.push_str("body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin-bottom:2em}");
-    h.push_str("th,td{border:1px solid #ccc;padding:.35em .6em;text-align:left;vertical-align:top}th{background:#f3f3f3}");
-    h.push_str(".fresh{color:#176a1f;font-weight:600}.refreshing{color:#1f4f8a;font-weight:600}.expired{color:#a35b00;font-weight:600}.dead{color:#fff;background:#b3261e;font-weight:600}");
+    h.push_str("th,td{border:1px solid #ccc;padding:.35em .6em;text-align:left;vertical-align:top}th{background:#f3f3f3;white-space:nowrap}td.state,td.num{white-space:nowrap}td.num{font-variant-numeric:tabular-nums}");
+    h.push_str(".fresh{color:#176a1f;background:#e6f4e7;font-weight:600}.refreshing{color:#1f4f8a;background:#e5eef9;font-weight:600}.expired{color:#a35b00;background:#fdf0dc;font-weight:600}.dead{color:#fff;background:#b3261e;font-weight:600}.badge{padding:.05em .45em;border-radius:3px}.login{margin-left:.4em}");
     h.push_str(".hint{color:#555;font-size:90%}</style></head><body><h1>tokenproxy</h1>");
     let _ = write!(
         h,
@@ -386,13 +386,16 @@ fn status_page(live: &Live) -> AdminResponse {
             None => "—".into(),
         };
         let login = if s.state == "dead" && s.grant_type == "refresh_token" {
-            format!(" <a href=\"/login/{0}\">log in</a>", escape(&s.credential))
+            format!(
+                " <a class=login href=\"/login/{0}\">log in</a>",
+                escape(&s.credential)
+            )
         } else {
             String::new()
         };
         let _ = write!(
             h,
-            "<tr data-credential=\"{name}\" data-state=\"{state}\"><td>{name}<td>{grant}<td><span class={state}>{state}</span> since {since}{login}<td>{expires}<td>{generation}<td>{last}<td>{error}</tr>",
+            "<tr data-credential=\"{name}\" data-state=\"{state}\"><td>{name}<td>{grant}<td class=state><span class=\"badge {state}\">{state}</span> since {since}{login}<td class=num>{expires}<td class=num>{generation}<td>{last}<td>{error}</tr>",
             name = escape(&s.credential),
             grant = escape(s.grant_type),
             state = escape(s.state),
@@ -415,7 +418,7 @@ fn status_page(live: &Live) -> AdminResponse {
         let last = st.last_status.load(Ordering::Relaxed);
         let _ = write!(
             h,
-            "<tr data-route=\"{prefix}\"><td>{prefix}{host}<td>{upstream}<td>{cred}<td>{requests}<td>{e5}<td>{ep}<td>{last}</tr>",
+            "<tr data-route=\"{prefix}\"><td>{prefix}{host}<td>{upstream}<td>{cred}<td class=num>{requests}<td class=num>{e5}<td class=num>{ep}<td class=num>{last}</tr>",
             prefix = escape(&r.path_prefix),
             host = r.host.as_deref().map(|h| format!(" (host {})", escape(h))).unwrap_or_default(),
             upstream = escape(&r.upstream.to_string()),

@@ -5,9 +5,11 @@
 # fresh machine. Usage: tests/run.sh [extra `cargo test` arguments]
 # TESTS_INSTALL_ONLY=1 tests/run.sh installs the prerequisites and runs nothing.
 #
-# Today the suites need nothing beyond the Rust toolchain. To add a tool,
-# call `need_apt <command> <debian-package>` or `need_npm <command> <package>`
-# in install_prerequisites below: each installs only when the command is
+# Besides the Rust toolchain, the browser test (tests/integration/browser.rs)
+# needs Debian's chromium, node and npm, and tests/browser's node_modules
+# (playwright-core, pinned by its package-lock.json). To add a tool, call
+# `need_apt <command> <debian-package>` or `need_npm <command> <package>` in
+# install_prerequisites below: each installs only when the command is
 # missing, and `apt-get update` runs at most once.
 set -euo pipefail
 
@@ -59,9 +61,16 @@ need_rust() {
 
 install_prerequisites() {
     need_rust
-    # Add further test dependencies here, e.g.:
-    #   need_apt jq jq
-    #   need_npm some-cli some-package
+    # The status-page browser test: a real headless chromium, driven by
+    # playwright-core from node (never a browser build of its own).
+    need_apt chromium chromium
+    need_apt node nodejs
+    need_apt npm npm
+    if [ ! -d tests/browser/node_modules/playwright-core ] ||
+        [ tests/browser/package-lock.json -nt tests/browser/node_modules/.package-lock.json ]; then
+        log "npm ci in tests/browser"
+        (cd tests/browser && npm ci --no-fund --no-audit --loglevel=error)
+    fi
 }
 
 install_prerequisites

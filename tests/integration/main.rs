@@ -1,11 +1,13 @@
 //! Integration tests over real sockets, one binary (a module per area).
 
+mod browser;
 mod cli;
 mod doctor;
 mod egress;
 mod engine;
 mod harness;
 mod login;
+mod ops;
 mod proxy;
 mod reactive;
 mod reload;

@@ -232,10 +232,19 @@ pub fn authorization_url(
     if let Some(r) = &cred.resource {
         q.append_pair("resource", r);
     }
+    let has_prompt = authorize_url
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p.starts_with("prompt=")));
     // Google issues a refresh token only for offline access on a fresh consent.
     if authorize_url.host() == Some("accounts.google.com") {
-        q.append_pair("access_type", "offline")
-            .append_pair("prompt", "consent");
+        q.append_pair("access_type", "offline");
+        if !has_prompt {
+            q.append_pair("prompt", "consent");
+        }
+    } else if !has_prompt && cred.scopes.iter().any(|s| s == "offline_access") {
+        // OpenID Connect Core §11: offline_access is honoured only with
+        // prompt=consent; without it providers drop the scope silently.
+        q.append_pair("prompt", "consent");
     }
     let base = authorize_url.to_string();
     let sep = if base.contains('?') { '&' } else { '?' };
@@ -470,7 +479,7 @@ pub fn offline_hint(cred: &CredentialConfig, authorize_url: Option<&Uri>) -> Str
     } else if host.ends_with("github.com") {
         "GitHub issues refresh tokens only to GitHub Apps with \"Expire user authorization tokens\" enabled; OAuth Apps' tokens do not expire and cannot be refreshed.".into()
     } else if has_offline {
-        "The offline_access scope was requested; allow the refresh_token grant (offline access) for this client at the IdP.".into()
+        "The offline_access scope was requested (with prompt=consent), yet no refresh token came back: allow the refresh_token grant for this client at the IdP, and check that the user actually granted offline access on the consent screen.".into()
     } else {
         "Ask for offline access: most IdPs need the offline_access scope (add it to `scopes`), some an access_type=offline parameter, and the client must be allowed the refresh_token grant.".into()
     }

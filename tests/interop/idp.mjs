@@ -123,10 +123,11 @@ export async function startIdp({ port, redirectUris, stats = newStats(), log = (
       grant_type: ctx.oidc?.params?.grant_type,
       error: err.error,
       description: err.error_description,
+      detail: err.error_detail,
       client: ctx.oidc?.client?.clientId,
     };
     stats.errors.push(e);
-    if (err.error === 'invalid_grant' && err.error_description === 'refresh token already used') {
+    if (err.error === 'invalid_grant' && err.error_detail === 'refresh token already used') {
       stats.reuses += 1;
     }
     log(`grant.error ${JSON.stringify(e)}`);

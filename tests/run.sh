@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Runs every tokenproxy test suite: unit tests (src/**) and the integration
 # tests over real sockets (tests/integration/), against the in-crate dev IdP
-# and echo upstream. Installs what the tests need first, so it works on a
+# and echo upstream; then the interop suite (tests/interop/: the binary
+# against oidc-provider from npm, see README "Interop"). Installs what the tests need first, so it works on a
 # fresh machine. Usage: tests/run.sh [extra `cargo test` arguments]
 # TESTS_INSTALL_ONLY=1 tests/run.sh installs the prerequisites and runs nothing.
+# TESTS_SKIP_INTEROP=1 skips the interop suite.
 #
-# Today the suites need nothing beyond the Rust toolchain. To add a tool,
+# The interop suite needs Node.js (>= 18) and npm. To add a tool,
 # call `need_apt <command> <debian-package>` or `need_npm <command> <package>`
 # in install_prerequisites below: each installs only when the command is
 # missing, and `apt-get update` runs at most once.
@@ -59,6 +61,8 @@ need_rust() {
 
 install_prerequisites() {
     need_rust
+    need_apt node nodejs
+    need_apt npm npm
     # Add further test dependencies here, e.g.:
     #   need_apt jq jq
     #   need_npm some-cli some-package
@@ -75,12 +79,26 @@ trap 'rm -f "$out"' EXIT
 status=0
 cargo test --all-targets --locked "$@" 2>&1 | tee "$out" || status=$?
 
+interop_status=skipped
+if [ "${TESTS_SKIP_INTEROP:-0}" != 1 ]; then
+    log "interop: npm ci in tests/interop, cargo build, node tests/interop/run.mjs"
+    interop_status=0
+    (cd tests/interop && npm ci --no-fund --no-audit --loglevel=error) &&
+        cargo build --locked --bin tokenproxy &&
+        node tests/interop/run.mjs 2>&1 | tee -a "$out" || interop_status=$?
+fi
+
 echo
 echo "== summary =="
-grep -E '^\s+Running |^test result: ' "$out" | sed -E 's/^\s+//' || true
+grep -E '^\s+Running |^test result: |^INTEROP: |^interop: ' "$out" | sed -E 's/^\s+//' || true
 if [ "$status" -ne 0 ]; then
     echo "FAILED (cargo test exited with $status)"
-else
-    echo "all test suites passed"
 fi
+if [ "$interop_status" = skipped ]; then
+    echo "interop suite skipped (TESTS_SKIP_INTEROP=1)"
+elif [ "$interop_status" -ne 0 ]; then
+    echo "FAILED (interop suite exited with $interop_status)"
+    [ "$status" -ne 0 ] || status=$interop_status
+fi
+[ "$status" -ne 0 ] || echo "all test suites passed"
 exit "$status"

@@ -31,6 +31,7 @@ const say = (m) => console.log(`[interop +${((Date.now() - t0) / 1000).toFixed(1
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 const failures = []; // failed steps and checks
+let stepsPassed = 0;
 let requests = 0;
 let failedRequests = 0;
 const requestFailures = [];
@@ -43,6 +44,7 @@ async function step(name, fn) {
   say(`STEP ${name} ...`);
   try {
     const r = await fn();
+    stepsPassed += 1;
     say(`STEP ${name}: ok`);
     return r;
   } catch (e) {
@@ -576,6 +578,7 @@ credential = "machine"
   console.log(
     `INTEROP: grants=${grants} rotations=${rotations()} reuses=${reusesBeforeRevocation} requests=${requests} failures=${total}`,
   );
+  console.log(`interop: ${stepsPassed} passed, ${failures.length} failed`);
   if (!total && !process.env.INTEROP_KEEP) fs.rmSync(TMP, { recursive: true, force: true });
   return total === 0 ? 0 : 1;
 }

@@ -367,6 +367,11 @@ credential = "machine"
         10000,
       );
       const { code } = await Promise.race([child.exited, sleep(15000).then(() => ({ code: 'timeout' }))]);
+      const scope = au.searchParams.get('scope') || '';
+      check(
+        !scope.split(' ').includes('offline_access') || /consent/.test(au.searchParams.get('prompt') || ''),
+        `BUG: the authorization request asks for offline_access without prompt=consent (OpenID Connect Core 1.0 §11 requires it; oidc-provider drops offline_access, so no refresh token): sent ${url}; callback answered ${page.status}; login exited ${code}: ${tail(child.logPath, 1)}`,
+      );
       check(
         page.status === 200 && code === 0,
         `sent ${url}; callback answered ${page.status}; login exited ${code}: ${tail(child.logPath, 3)}`,

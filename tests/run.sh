@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Runs every tokenproxy test suite: unit tests (src/**) and the integration
 # tests over real sockets (tests/integration/), against the in-crate dev IdP
-# and echo upstream. Installs what the tests need first, so it works on a
+# and echo upstream; then the interop suite (tests/interop/: the binary
+# against oidc-provider from npm, see README "Interop"). Installs what the tests need first, so it works on a
 # fresh machine. Usage: tests/run.sh [extra `cargo test` arguments]
 # TESTS_INSTALL_ONLY=1 tests/run.sh installs the prerequisites and runs nothing.
+# TESTS_SKIP_INTEROP=1 skips the interop suite.
 #
 # Besides the Rust toolchain, the browser test (tests/integration/browser.rs)
 # needs Debian's chromium, node and npm, and tests/browser's node_modules
-# (playwright-core, pinned by its package-lock.json). To add a tool, call
+# (playwright-core, pinned by its package-lock.json); the interop suite needs
+# Node.js (>= 18) and npm. To add a tool, call
 # `need_apt <command> <debian-package>` or `need_npm <command> <package>` in
 # install_prerequisites below: each installs only when the command is
 # missing, and `apt-get update` runs at most once.
@@ -84,12 +87,26 @@ trap 'rm -f "$out"' EXIT
 status=0
 cargo test --all-targets --locked "$@" 2>&1 | tee "$out" || status=$?
 
+interop_status=skipped
+if [ "${TESTS_SKIP_INTEROP:-0}" != 1 ]; then
+    log "interop: npm ci in tests/interop, cargo build, node tests/interop/run.mjs"
+    interop_status=0
+    (cd tests/interop && npm ci --no-fund --no-audit --loglevel=error) &&
+        cargo build --locked --bin tokenproxy &&
+        node tests/interop/run.mjs 2>&1 | tee -a "$out" || interop_status=$?
+fi
+
 echo
 echo "== summary =="
-grep -E '^\s+Running |^test result: ' "$out" | sed -E 's/^\s+//' || true
+grep -E '^\s+Running |^test result: |^INTEROP: |^interop: ' "$out" | sed -E 's/^\s+//' || true
 if [ "$status" -ne 0 ]; then
     echo "FAILED (cargo test exited with $status)"
-else
-    echo "all test suites passed"
 fi
+if [ "$interop_status" = skipped ]; then
+    echo "interop suite skipped (TESTS_SKIP_INTEROP=1)"
+elif [ "$interop_status" -ne 0 ]; then
+    echo "FAILED (interop suite exited with $interop_status)"
+    [ "$status" -ne 0 ] || status=$interop_status
+fi
+[ "$status" -ne 0 ] || echo "all test suites passed"
 exit "$status"

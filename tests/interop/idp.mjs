@@ -1,0 +1,223 @@
+// The interop identity provider: oidc-provider (a certified OpenID Provider,
+// pinned in package.json) with the configuration tokenproxy is proven
+// against, plus `upstream`, a resource server that accepts a bearer token
+// only after introspecting it at the provider.
+//
+// Standalone: node idp.mjs <idp-port> [<upstream-port>] [<redirect_uri>]
+// prints `READY <port>` when listening. run.mjs imports startIdp() instead,
+// so it can count the provider's events.
+import http from 'node:http';
+import { pathToFileURL } from 'node:url';
+import Provider, { errors } from 'oidc-provider';
+
+export const ACCESS_TTL = 4; // seconds: a rotation every couple of seconds
+export const RESOURCE = 'https://api.interop.test/';
+export const CLIENTS = {
+  user: { id: 'tokenproxy-user', secret: 'interop-user-secret-0123456789' },
+  machine: { id: 'tokenproxy-m2m', secret: 'interop-m2m-secret-0123456789' },
+  probe: { id: 'interop-probe', secret: 'interop-probe-secret-0123456789' },
+  upstream: { id: 'interop-upstream', secret: 'interop-upstream-secret-012345' },
+};
+
+// Events the driver reads: grants by type, refresh-token reuse rejections.
+export function newStats() {
+  return {
+    grants: {}, // grant_type -> successes
+    errors: [], // {grant_type, error, description, client}
+    reuses: 0, // "refresh token already used" (a rotated token presented again)
+    revokedGrants: 0,
+  };
+}
+
+export async function startIdp({ port, redirectUris, stats = newStats(), log = () => {} }) {
+  const issuer = `http://127.0.0.1:${port}`;
+  const provider = new Provider(issuer, {
+    clients: [
+      {
+        // tokenproxy's refresh_token credential, bootstrapped by `tokenproxy login`.
+        client_id: CLIENTS.user.id,
+        client_secret: CLIENTS.user.secret,
+        token_endpoint_auth_method: 'client_secret_basic',
+        grant_types: ['authorization_code', 'refresh_token'],
+        response_types: ['code'],
+        redirect_uris: redirectUris,
+      },
+      {
+        // The driver's own client, to prove the provider rejects a reused refresh token.
+        client_id: CLIENTS.probe.id,
+        client_secret: CLIENTS.probe.secret,
+        token_endpoint_auth_method: 'client_secret_basic',
+        grant_types: ['authorization_code', 'refresh_token'],
+        response_types: ['code'],
+        redirect_uris: ['http://127.0.0.1/probe-callback'],
+      },
+      {
+        // tokenproxy's client_credentials credential, for the resource RESOURCE.
+        client_id: CLIENTS.machine.id,
+        client_secret: CLIENTS.machine.secret,
+        token_endpoint_auth_method: 'client_secret_post',
+        grant_types: ['client_credentials'],
+        response_types: [],
+        redirect_uris: [],
+        scope: 'api:read',
+      },
+      {
+        // The upstream resource server: introspection only.
+        client_id: CLIENTS.upstream.id,
+        client_secret: CLIENTS.upstream.secret,
+        token_endpoint_auth_method: 'client_secret_basic',
+        grant_types: [],
+        response_types: [],
+        redirect_uris: [],
+      },
+    ],
+    scopes: ['openid', 'offline_access', 'api:read'],
+    pkce: { methods: ['S256'], required: () => true },
+    // Every refresh returns a new refresh token and consumes the old one; a
+    // consumed token presented again is rejected and revokes the grant.
+    rotateRefreshToken: true,
+    issueRefreshToken: async (ctx, client, code) =>
+      client.grantTypeAllowed('refresh_token') && code.scopes.has('offline_access'),
+    ttl: {
+      AccessToken: ACCESS_TTL,
+      ClientCredentials: ACCESS_TTL,
+      AuthorizationCode: 60,
+      Interaction: 600,
+      Session: 3600,
+      Grant: 3600,
+      IdToken: 600,
+      RefreshToken: 3600,
+    },
+    cookies: { keys: ['interop-cookie-key-not-a-secret'] },
+    features: {
+      devInteractions: { enabled: true }, // plain-HTML login + consent forms
+      introspection: { enabled: true },
+      revocation: { enabled: true },
+      clientCredentials: { enabled: true },
+      resourceIndicators: {
+        enabled: true,
+        defaultResource: async (ctx, client, oneOf) => (oneOf ? oneOf[0] : undefined),
+        useGrantedResource: async () => false,
+        getResourceServerInfo: async (ctx, resourceIndicator, client) => {
+          if (resourceIndicator === RESOURCE && client.clientId === CLIENTS.machine.id) {
+            return {
+              scope: 'api:read',
+              audience: RESOURCE,
+              accessTokenTTL: ACCESS_TTL,
+              accessTokenFormat: 'opaque',
+            };
+          }
+          throw new errors.InvalidTarget();
+        },
+      },
+    },
+  });
+
+  provider.on('grant.success', (ctx) => {
+    const gt = ctx.oidc.params.grant_type;
+    stats.grants[gt] = (stats.grants[gt] || 0) + 1;
+    log(`grant.success ${gt} client=${ctx.oidc.client?.clientId}`);
+  });
+  provider.on('grant.error', (ctx, err) => {
+    const e = {
+      grant_type: ctx.oidc?.params?.grant_type,
+      error: err.error,
+      description: err.error_description,
+      detail: err.error_detail,
+      client: ctx.oidc?.client?.clientId,
+    };
+    stats.errors.push(e);
+    if (err.error === 'invalid_grant' && err.error_detail === 'refresh token already used') {
+      stats.reuses += 1;
+    }
+    log(`grant.error ${JSON.stringify(e)}`);
+  });
+  provider.on('grant.revoked', () => {
+    stats.revokedGrants += 1;
+  });
+  provider.on('server_error', (ctx, err) => log(`server_error ${err.stack}`));
+
+  const server = http.createServer(provider.callback());
+  await new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, '127.0.0.1', resolve);
+  });
+  return { provider, server, issuer, stats };
+}
+
+// The resource server: each request's bearer token is introspected at the
+// provider; unknown, revoked or expired tokens get 401 invalid_token.
+export async function startUpstream({ port, issuer, log = () => {} }) {
+  const stats = { served: 0, rejected: 0 };
+  const basic = Buffer.from(
+    `${encodeURIComponent(CLIENTS.upstream.id)}:${encodeURIComponent(CLIENTS.upstream.secret)}`,
+  ).toString('base64');
+  const server = http.createServer(async (req, res) => {
+    const send = (status, body, headers = {}) => {
+      res.writeHead(status, { 'content-type': 'application/json', ...headers });
+      res.end(JSON.stringify(body));
+    };
+    try {
+      const m = /^Bearer ([\x21-\x7e]+)$/.exec(req.headers.authorization || '');
+      if (!m) {
+        stats.rejected += 1;
+        return send(401, { error: 'invalid_request' }, { 'www-authenticate': 'Bearer' });
+      }
+      const r = await fetch(`${issuer}/token/introspection`, {
+        method: 'POST',
+        headers: {
+          authorization: `Basic ${basic}`,
+          'content-type': 'application/x-www-form-urlencoded',
+        },
+        body: new URLSearchParams({ token: m[1], token_type_hint: 'access_token' }),
+      });
+      const info = await r.json();
+      const now = Math.floor(Date.now() / 1000);
+      if (r.status !== 200 || !info.active || (info.exp && info.exp <= now)) {
+        stats.rejected += 1;
+        log(`upstream: 401 for ${req.url} (introspection ${r.status} active=${info.active})`);
+        return send(
+          401,
+          { error: 'invalid_token' },
+          { 'www-authenticate': 'Bearer error="invalid_token", error_description="token is not active"' },
+        );
+      }
+      stats.served += 1;
+      return send(200, {
+        method: req.method,
+        path: req.url,
+        client_id: info.client_id,
+        sub: info.sub,
+        aud: info.aud,
+        scope: info.scope,
+        exp: info.exp,
+      });
+    } catch (e) {
+      log(`upstream error: ${e.stack}`);
+      return send(502, { error: 'introspection_failed', message: String(e) });
+    }
+  });
+  await new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, '127.0.0.1', resolve);
+  });
+  return { server, stats };
+}
+
+if (import.meta.url === pathToFileURL(process.argv[1]).href) {
+  const port = Number(process.argv[2] || 0);
+  const upstreamPort = process.argv[3] ? Number(process.argv[3]) : undefined;
+  const redirect = process.argv[4] || 'http://127.0.0.1:9901/callback';
+  const { server, issuer } = await startIdp({
+    port,
+    redirectUris: [redirect],
+    log: (l) => console.error(l),
+  });
+  const actual = server.address().port;
+  if (upstreamPort !== undefined) {
+    const up = await startUpstream({ port: upstreamPort, issuer: `http://127.0.0.1:${actual}` });
+    console.log(`UPSTREAM ${up.server.address().port}`);
+  }
+  console.log(`READY ${actual}`);
+  void issuer;
+}

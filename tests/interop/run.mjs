@@ -370,7 +370,7 @@ credential = "machine"
       const scope = au.searchParams.get('scope') || '';
       check(
         !scope.split(' ').includes('offline_access') || /consent/.test(au.searchParams.get('prompt') || ''),
-        `BUG: the authorization request asks for offline_access without prompt=consent (OpenID Connect Core 1.0 §11 requires it; oidc-provider drops offline_access, so no refresh token): sent ${url}; callback answered ${page.status}; login exited ${code}: ${tail(child.logPath, 1)}`,
+        `the authorization request asks for offline_access without prompt=consent (OpenID Connect Core 1.0 §11 requires it; oidc-provider drops offline_access, so no refresh token): sent ${url}; callback answered ${page.status}; login exited ${code}: ${tail(child.logPath, 1)}`,
       );
       check(
         page.status === 200 && code === 0,
@@ -387,21 +387,13 @@ credential = "machine"
       }
     }
   };
-  // OpenID Connect Core 1.0 §11: offline_access needs prompt=consent, and
-  // oidc-provider drops the scope without it (so no refresh token comes back).
+  // OpenID Connect Core 1.0 §11: offline_access needs prompt=consent;
+  // tokenproxy must send it by itself (checked in login()).
   const loggedIn = await step('login as configured: tokenproxy login driven through the provider forms', async () => {
     await login();
     return true;
   });
-  if (!loggedIn) {
-    say('  KNOWN BUG (see README, Interop): retrying with authorize_url = <issuer>/auth?prompt=consent');
-    writeConfig(`${issuer}/auth?prompt=consent`);
-    const ok = await step('login (workaround: authorize_url with prompt=consent)', async () => {
-      await login();
-      return true;
-    });
-    if (!ok) return finish();
-  }
+  if (!loggedIn) return finish();
 
   // ---- run, concurrent clients across rotations, restart in the middle
   let run;

@@ -321,8 +321,12 @@ fn main() {
                 samples[i].push(run_wrk(&targets[i].1, conns, seconds, &script, &pids));
             }
         }
-        let _ = tp.kill();
-        let _ = nginx.kill();
+        // SIGTERM: nginx's master then stops its workers (SIGKILL would orphan them).
+        for pid in [tp.id(), nginx.id()] {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
         let _ = tp.wait();
         let _ = nginx.wait();
         let med =

@@ -1391,7 +1391,7 @@ mod tests {
             "st",
             "ch",
         );
-        assert_eq!(url, "https://idp.example/authorize?x=1&response_type=code&client_id=client&redirect_uri=http%3A%2F%2F127.0.0.1%3A9901%2Fcallback&scope=openid+offline_access&state=st&code_challenge=ch&code_challenge_method=S256&audience=api");
+        assert_eq!(url, "https://idp.example/authorize?x=1&response_type=code&client_id=client&redirect_uri=http%3A%2F%2F127.0.0.1%3A9901%2Fcallback&scope=openid+offline_access&state=st&code_challenge=ch&code_challenge_method=S256&audience=api&prompt=consent", "OIDC Core §11: offline_access goes with prompt=consent");
     }
 
     #[test]

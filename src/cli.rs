@@ -115,12 +115,9 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
-            let cfg = match config::load(&config) {
+            let cfg = match load_or_report(&config) {
                 Ok(c) => c,
-                Err(errors) => {
-                    eprintln!("{errors}");
-                    return ExitCode::from(EXIT_USAGE);
-                }
+                Err(code) => return code,
             };
             crate::telemetry::init(cfg.log.format, &cfg.log.level);
             run_blocking(cfg.server.worker_threads, run(cfg))
@@ -133,12 +130,9 @@ pub fn main() -> ExitCode {
             no_listen,
             admin,
         } => {
-            let cfg = match config::load(&config) {
+            let cfg = match load_or_report(&config) {
                 Ok(c) => c,
-                Err(errors) => {
-                    eprintln!("{errors}");
-                    return ExitCode::from(EXIT_USAGE);
-                }
+                Err(code) => return code,
             };
             crate::telemetry::init(cfg.log.format, &cfg.log.level);
             let args = crate::login::CliArgs {
@@ -156,12 +150,9 @@ pub fn main() -> ExitCode {
             ExitCode::from(crate::doctor::run(&config, name.as_deref()).await)
         }),
         Command::Status { config } => {
-            let cfg = match config::load(&config) {
+            let cfg = match load_or_report(&config) {
                 Ok(c) => c,
-                Err(errors) => {
-                    eprintln!("{errors}");
-                    return ExitCode::from(EXIT_USAGE);
-                }
+                Err(code) => return code,
             };
             run_blocking(1, async move {
                 match crate::admin::print_status(&cfg).await {
@@ -182,6 +173,14 @@ pub fn main() -> ExitCode {
             token_ttl,
         } => run_blocking(2, crate::demo::run(listen, admin, token_ttl)),
     }
+}
+
+/// The config, or its errors printed and the usage exit code.
+fn load_or_report(path: &std::path::Path) -> Result<Config, ExitCode> {
+    config::load(path).map_err(|errors| {
+        eprintln!("{errors}");
+        ExitCode::from(EXIT_USAGE)
+    })
 }
 
 fn run_blocking(

@@ -222,8 +222,10 @@ http {{
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list" || a == "--test") {
-        return; // `cargo test --all-targets` builds benches and may list them.
+    // `cargo bench` passes --bench; `cargo test --all-targets` does not.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("benchmark skipped: run it with `cargo bench --bench proxy`");
+        return;
     }
     need("nginx", "nginx-light");
     need("wrk", "wrk");

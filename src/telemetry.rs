@@ -4,9 +4,11 @@
 use crate::config::LogFormat;
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global subscriber. `TOKENPROXY_LOG` overrides `level`.
+/// Installs the global subscriber. `TOKENPROXY_LOG`, else `RUST_LOG`,
+/// overrides `level`.
 pub fn init(format: LogFormat, level: &str) {
     let filter = std::env::var("TOKENPROXY_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())
         .or_else(|| EnvFilter::try_new(level).ok())

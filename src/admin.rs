@@ -193,7 +193,9 @@ fn readyz(live: &Live) -> AdminResponse {
         .credentials
         .values()
         .any(|c| c.grant == crate::config::GrantType::RefreshToken);
-    if needs_store {
+    // Postgres is not probed here: a database blip must not take the whole
+    // fleet out of service while cached tokens serve (/credentials says so).
+    if needs_store && config.store.kind == crate::config::StoreKind::File {
         if let Err(e) = FileStore::open_config(&config.store) {
             return json(
                 StatusCode::SERVICE_UNAVAILABLE,

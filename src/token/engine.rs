@@ -182,6 +182,8 @@ struct Control {
     last_state: Option<State>,
     /// Reactive refreshes are limited to one per credential per 10 s.
     last_reactive: Option<Instant>,
+    /// The last store read failed: logged once per outage, not per poll.
+    store_down: bool,
 }
 
 pub enum SlotKind {
@@ -1142,7 +1144,26 @@ impl Slot {
         let SlotKind::Refresh { store, .. } = &self.kind else {
             return;
         };
-        let Ok(Some(disk)) = self.read_record(store).await else {
+        let disk = match self.read_record(store).await {
+            Ok(d) => {
+                let mut c = self.control.lock();
+                if std::mem::take(&mut c.store_down) {
+                    tracing::info!(event = "store_recovered", credential = %self.name, "Token store available again");
+                }
+                d
+            }
+            Err(f) => {
+                let mut c = self.control.lock();
+                if !c.store_down {
+                    c.store_down = true;
+                    tracing::warn!(event = "store_unavailable", credential = %self.name, hint = %f.hint, "Token store unavailable; serving the cached token, no refresh until it is back");
+                }
+                // /credentials shows it even when no refresh was due.
+                c.last_failure = Some(Arc::new(f));
+                return;
+            }
+        };
+        let Some(disk) = disk else {
             return;
         };
         let mine = self.control.lock().record.clone();

@@ -5,7 +5,9 @@
 # fresh machine. Usage: tests/run.sh [extra `cargo test` arguments]
 # TESTS_INSTALL_ONLY=1 tests/run.sh installs the prerequisites and runs nothing.
 #
-# Today the suites need nothing beyond the Rust toolchain. To add a tool,
+# The fleet-mode tests need PostgreSQL's server binaries (initdb, pg_ctl,
+# psql under /usr/lib/postgresql/*/bin; Debian keeps them off PATH): they
+# start a throwaway cluster themselves, as a non-root user. To add a tool,
 # call `need_apt <command> <debian-package>` or `need_npm <command> <package>`
 # in install_prerequisites below: each installs only when the command is
 # missing, and `apt-get update` runs at most once.
@@ -57,8 +59,20 @@ need_rust() {
     export PATH="$HOME/.cargo/bin:$PATH"
 }
 
+# Debian's postgresql package keeps initdb under /usr/lib/postgresql/N/bin.
+need_postgres() {
+    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null && return 0
+    # initdb is not on PATH there: name a command that never is.
+    need_apt tokenproxy-needs-initdb postgresql
+    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || {
+        log "postgresql installed but no /usr/lib/postgresql/*/bin/initdb found"
+        exit 1
+    }
+}
+
 install_prerequisites() {
     need_rust
+    need_postgres
     # Add further test dependencies here, e.g.:
     #   need_apt jq jq
     #   need_npm some-cli some-package

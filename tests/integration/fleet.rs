@@ -304,12 +304,15 @@ async fn fleet_three_replicas_refresh_once_per_expiry() {
     assert_no_secrets(&outputs, &stack.secrets());
 }
 
-/// PostgreSQL stopped and started again under load: cached tokens keep
-/// serving (no failed request), /credentials says `store_unavailable`, and
-/// refreshes resume by themselves.
+/// PostgreSQL down across a refresh that falls due, under load: cached
+/// tokens keep serving (no failed request), no replica refreshes without the
+/// lease, /credentials and the logs say `store_unavailable`, readiness stays
+/// up, and refreshes resume by themselves once it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_survives_a_postgres_restart() {
     let Some(pg) = Pg::start() else { return };
+    // 10 s tokens refresh 5 s early (usable until 9.5 s): an outage from just
+    // after one refresh until 6.5 s spans the next one's due time.
     let stack = Stack::start(StackOpts {
         access_ttl: S(10),
         ..StackOpts::default()
@@ -320,12 +323,13 @@ async fn fleet_survives_a_postgres_restart() {
     for r in &replicas {
         assert_eq!(get_ok(&c, &r.url("/api/warmup")).await.status, 200);
     }
-    let tasks = load(&replicas, 5, S(24));
-    tokio::time::sleep(S(3)).await;
-    let before = pg.generation().expect("a stored generation");
+    let tasks = load(&replicas, 5, S(30));
+    let first = pg.wait_generation(1, S(5)).await;
+    let before = pg.wait_generation(first + 1, S(10)).await;
+    let grants_before = stack.refresh_grants();
     pg.stop_server("fast");
     let down_at = Instant::now();
-    let st = wait_for("store_unavailable on /credentials", S(8), || async {
+    let st = wait_for("store_unavailable on /credentials", S(5), || async {
         credential_status(&c, replicas[0].admin)
             .await
             .filter(|s| s["last_error"]["reason"] == "store_unavailable")
@@ -336,9 +340,15 @@ async fn fleet_survives_a_postgres_restart() {
         .await
         .unwrap();
     assert_eq!(ready.status, 200, "readiness stays up: {}", ready.text());
+    tokio::time::sleep(S(6).saturating_sub(down_at.elapsed())).await;
+    assert_eq!(
+        stack.refresh_grants(),
+        grants_before,
+        "no refresh without the lease while the database is down"
+    );
     pg.start_server();
     eprintln!("postgres was down for {:?}", down_at.elapsed());
-    pg.wait_generation(before + 2, S(25)).await;
+    pg.wait_generation(before + 1, S(10)).await;
     let (requests, bad) = join_load(tasks).await;
     let logs: String = replicas.iter().map(|r| r.output()).collect();
     eprintln!(

@@ -707,6 +707,9 @@ mod tests {
             .with_writer(capture.clone())
             .finish();
         let _guard = tracing::subscriber::set_default(subscriber);
+        // Another test thread may have registered these callsites while no
+        // subscriber existed (interest cached as "never"): recompute it.
+        tracing::callsite::rebuild_interest_cache();
 
         let resp = p
             .handle(req("localhost", "/api/x?access_token=query-secret"), CONN)

@@ -446,3 +446,42 @@ async fn fleet_kill9_of_lease_holder_goes_through_lost_rotation() {
     assert_eq!(presented, 1, "the possibly spent token came back");
     stack.assert_no_reuse();
 }
+
+/// With `store.encryption_key`, the token columns hold no token in clear
+/// (read back with psql), and the replica still serves from them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_encrypted_columns_hold_no_token_in_clear() {
+    let Some(pg) = Pg::start() else { return };
+    let stack = Stack::start(StackOpts::default()).await;
+    let (path, ports) = replica_config(&stack, &pg, "enc", "");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "kind = \"postgres\"",
+        "kind = \"postgres\"\nencryption_key = \"correct horse battery staple\"",
+    );
+    std::fs::write(&path, text).unwrap();
+    let r = ChildProxy::start(stack.dir.path(), "enc", &path, ports).await;
+    let c = http();
+    assert_eq!(get_ok(&c, &r.url("/api/x")).await.status, 200);
+    pg.wait_generation(1, S(10)).await;
+    let raw = pg.psql(&format!(
+        "SELECT refresh_token || ' ' || access_token FROM tokenproxy_credentials WHERE name = '{CRED}'"
+    ));
+    assert!(raw.starts_with("tpv1:"), "sealed: {raw}");
+    let g = get_ok(&c, &r.url("/api/x")).await;
+    let bearer = g.json()["headers"]["authorization"][0]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let access = bearer.trim_start_matches("Bearer ").to_owned();
+    assert!(access.len() > 8, "a token was injected: {bearer}");
+    // Every refresh token the IdP saw, the seed, and the access token.
+    let mut tokens = stack.presented();
+    tokens.push(stack.seed.clone());
+    tokens.push(access);
+    for t in &tokens {
+        assert!(
+            !raw.contains(t.as_str()),
+            "a token in clear in the database"
+        );
+    }
+}

@@ -450,9 +450,22 @@ pub struct PgLease {
     renew: tokio::task::JoinHandle<()>,
 }
 
+impl PgLease {
+    /// Releases now and waits for it (a short-lived CLI must not leave the
+    /// lease to run out).
+    pub async fn release(mut self) -> Result<(), StoreError> {
+        self.renew.abort();
+        let holder = std::mem::take(&mut self.holder);
+        self.store.release(&self.name, &holder).await
+    }
+}
+
 impl Drop for PgLease {
     fn drop(&mut self) {
         self.renew.abort();
+        if self.holder.is_empty() {
+            return;
+        }
         let (store, name, holder) = (
             self.store.clone(),
             std::mem::take(&mut self.name),

@@ -199,6 +199,16 @@ pub enum StoreLock {
     Lease(PgLease),
 }
 
+impl StoreLock {
+    /// Releases at once (the file lock on drop; the lease with a round trip).
+    pub async fn release(self) -> Result<(), StoreError> {
+        match self {
+            StoreLock::File(_) => Ok(()),
+            StoreLock::Lease(l) => l.release().await,
+        }
+    }
+}
+
 impl Store {
     /// Opens the store as configured; postgres connects and migrates.
     pub async fn open_config(config: &crate::config::StoreConfig) -> Result<Store, StoreError> {
@@ -477,6 +487,78 @@ fn lock_file(path: &Path) -> Result<File, StoreError> {
         source,
     })?;
     Ok(file)
+}
+
+/// What `migrate` did for one credential.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Migrated {
+    Copied { family: String, generation: u64 },
+    NothingStored,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("credential {name}: the target store already holds a working token family (generation {generation}); pass --force to replace it")]
+    TargetWorks { name: String, generation: u64 },
+    #[error("credential {name}: the source record is already retired (migrated) and has nothing to move")]
+    SourceRetired { name: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Moves one credential's record between stores without spending a token:
+/// both locks held, the record copied as is (family, generation, intent,
+/// seeds seen), then the source marked dead (`migrated`) so a process still
+/// using it can never present the token again.
+pub async fn migrate(
+    from: &Store,
+    to: &Store,
+    name: &str,
+    force: bool,
+) -> Result<Migrated, MigrateError> {
+    let src_lock = from.lock_credential(name).await?;
+    let dst_lock = to.lock_credential(name).await?;
+    let Some(rec) = from.read(name).await? else {
+        dst_lock.release().await?;
+        src_lock.release().await?;
+        return Ok(Migrated::NothingStored);
+    };
+    if rec
+        .dead
+        .as_ref()
+        .is_some_and(|d| d.reason == "migrated" && d.family == rec.family)
+    {
+        return Err(MigrateError::SourceRetired {
+            name: name.to_owned(),
+        });
+    }
+    let existing = to.read(name).await?;
+    if let Some(t) = &existing {
+        let works = t.dead.is_none() && t.refresh_token.is_some();
+        if works && t.identity() != rec.identity() && !force {
+            return Err(MigrateError::TargetWorks {
+                name: name.to_owned(),
+                generation: t.generation,
+            });
+        }
+    }
+    let prev = existing.as_ref().map(|t| (t.family.clone(), t.generation));
+    to.write(name, &rec, prev.as_ref().map(|(f, g)| (f.as_str(), *g)))
+        .await?;
+    let mut retired = rec.clone();
+    retired.intent = None;
+    retired.dead = Some(DeadMark {
+        family: rec.family.clone(),
+        generation: rec.generation,
+        reason: "migrated".into(),
+    });
+    from.write(name, &retired, Some(rec.identity())).await?;
+    dst_lock.release().await?;
+    src_lock.release().await?;
+    Ok(Migrated::Copied {
+        family: rec.family,
+        generation: rec.generation,
+    })
 }
 
 /// Temp file in the same directory, fsync, rename over, fsync the directory:

@@ -485,3 +485,53 @@ async fn fleet_encrypted_columns_hold_no_token_in_clear() {
         );
     }
 }
+
+/// `tokenproxy store migrate`: a file store's family moves to postgres as is
+/// (no grant for the move, no seed re-adopted), the file record is retired,
+/// and a postgres replica carries on refreshing with zero reuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_migrate_moves_a_family_from_file_to_postgres() {
+    let Some(pg) = Pg::start() else { return };
+    let stack = Stack::start(StackOpts::default()).await;
+    let (file_cfg, ports) = child_config(&stack, "file", "");
+    let mut old = ChildProxy::start(stack.dir.path(), "file", &file_cfg, ports).await;
+    stack.wait_generation(1, S(10)).await;
+    old.kill9();
+    let rec = stack.record().expect("a file record");
+    let grants = stack.refresh_grants();
+    let (pg_cfg, pg_ports) = replica_config(&stack, &pg, "pg", "");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .args(["store", "migrate", "--from"])
+        .arg(&file_cfg)
+        .arg("-c")
+        .arg(&pg_cfg)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("moved family"), "{text}");
+    assert_eq!(stack.refresh_grants(), grants, "moving spends nothing");
+    let retired = stack.record().unwrap();
+    assert_eq!(retired["dead"]["reason"], "migrated", "{retired}");
+    let family = pg.psql(&format!(
+        "SELECT family FROM tokenproxy_credentials WHERE name = '{CRED}'"
+    ));
+    assert_eq!(family, rec["family"].as_str().unwrap());
+    let r = ChildProxy::start(stack.dir.path(), "pg", &pg_cfg, pg_ports).await;
+    let c = http();
+    assert_eq!(get_ok(&c, &r.url("/api/x")).await.status, 200);
+    let g = rec["generation"].as_u64().unwrap();
+    pg.wait_generation(g + 2, S(10)).await;
+    let after = pg.psql(&format!(
+        "SELECT family FROM tokenproxy_credentials WHERE name = '{CRED}'"
+    ));
+    assert_eq!(
+        after, family,
+        "the same family carried on; the seed was not re-adopted"
+    );
+    stack.assert_no_reuse();
+}

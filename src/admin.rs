@@ -227,6 +227,9 @@ fn metrics_page(live: &Live) -> AdminResponse {
     m.clear_credential_gauges();
     for s in live.engine.load().status() {
         m.set_credential(&s.credential, s.state, s.state_since, s.expires_in);
+        if let Some(up) = s.store_up {
+            m.set_store_up(&s.credential, up);
+        }
     }
     let mut r = Response::new(Full::new(Bytes::from(m.encode())));
     r.headers_mut().insert(

@@ -926,7 +926,13 @@ impl Slot {
         }
     }
 
+    /// Also notes the outage (logged once, until a read succeeds again).
+    /// Never called with the control lock held.
     fn store_failure(&self, e: &StoreError) -> Failure {
+        let first = !std::mem::replace(&mut self.control.lock().store_down, true);
+        if first {
+            tracing::warn!(event = "store_unavailable", credential = %self.name, error = %grant::error_chain(e), "Token store unavailable; serving the cached token, no refresh until it is back");
+        }
         Failure {
             outcome: "transient",
             reason: "store_unavailable".into(),
@@ -1153,13 +1159,8 @@ impl Slot {
                 d
             }
             Err(f) => {
-                let mut c = self.control.lock();
-                if !c.store_down {
-                    c.store_down = true;
-                    tracing::warn!(event = "store_unavailable", credential = %self.name, hint = %f.hint, "Token store unavailable; serving the cached token, no refresh until it is back");
-                }
                 // /credentials shows it even when no refresh was due.
-                c.last_failure = Some(Arc::new(f));
+                self.control.lock().last_failure = Some(Arc::new(f));
                 return;
             }
         };
@@ -1310,6 +1311,7 @@ impl Slot {
             refresh_token_fp: rec
                 .and_then(|r| r.refresh_token.as_ref())
                 .map(Secret::fingerprint),
+            store_up: self.store().map(|_| !c.store_down),
         }
     }
 }
@@ -1349,6 +1351,8 @@ pub struct SlotStatus {
     pub last_refresh: Option<SystemTime>,
     pub last_error: Option<Failure>,
     pub refresh_token_fp: Option<String>,
+    /// refresh_token slots: whether the last store read succeeded.
+    pub store_up: Option<bool>,
 }
 
 /// The fields of the one `token_refresh` event per attempt.

@@ -340,6 +340,18 @@ async fn fleet_survives_a_postgres_restart() {
         .await
         .unwrap();
     assert_eq!(ready.status, 200, "readiness stays up: {}", ready.text());
+    let m = try_get(&c, &format!("http://{}/metrics", replicas[0].admin))
+        .await
+        .unwrap()
+        .text();
+    assert!(
+        m.contains(&format!("tokenproxy_store_up{{credential=\"{CRED}\"}} 0")),
+        "the metrics say so: {}",
+        m.lines()
+            .filter(|l| l.contains("store_up"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     tokio::time::sleep(S(6).saturating_sub(down_at.elapsed())).await;
     assert_eq!(
         stack.refresh_grants(),

@@ -158,6 +158,7 @@ impl PgStore {
         Ok(Pooled {
             client: Some(client),
             inner: Arc::downgrade(&self.inner),
+            broken: Default::default(),
         })
     }
 
@@ -239,33 +240,35 @@ impl PgStore {
     async fn try_claim(&self, name: &str, holder: &str) -> Result<bool, StoreError> {
         let c = self.client().await?;
         let ttl = LEASE_TTL.as_secs_f64();
-        let n = timed(c.execute(
-            "INSERT INTO tokenproxy_credentials AS t (name, lease_holder, lease_until)
+        let n = c
+            .timed(c.execute(
+                "INSERT INTO tokenproxy_credentials AS t (name, lease_holder, lease_until)
              VALUES ($1, $2, now() + make_interval(secs => $3))
              ON CONFLICT (name) DO UPDATE
                SET lease_holder = EXCLUDED.lease_holder, lease_until = EXCLUDED.lease_until
                WHERE t.lease_holder IS NULL OR t.lease_until < now()",
-            &[&name, &holder, &ttl],
-        ))
-        .await?;
+                &[&name, &holder, &ttl],
+            ))
+            .await?;
         Ok(n == 1)
     }
 
     async fn renew(&self, name: &str, holder: &str) -> Result<bool, StoreError> {
         let c = self.client().await?;
         let ttl = LEASE_TTL.as_secs_f64();
-        let n = timed(c.execute(
-            "UPDATE tokenproxy_credentials SET lease_until = now() + make_interval(secs => $3)
+        let n = c
+            .timed(c.execute(
+                "UPDATE tokenproxy_credentials SET lease_until = now() + make_interval(secs => $3)
              WHERE name = $1 AND lease_holder = $2",
-            &[&name, &holder, &ttl],
-        ))
-        .await?;
+                &[&name, &holder, &ttl],
+            ))
+            .await?;
         Ok(n == 1)
     }
 
     async fn release(&self, name: &str, holder: &str) -> Result<(), StoreError> {
         let c = self.client().await?;
-        timed(c.query(
+        c.timed(c.query(
             "WITH r AS (UPDATE tokenproxy_credentials SET lease_holder = NULL, lease_until = NULL
                         WHERE name = $1 AND lease_holder = $2 RETURNING name)
              SELECT pg_notify('tokenproxy_credentials', name) FROM r",
@@ -277,15 +280,16 @@ impl PgStore {
 
     pub async fn read(&self, name: &str) -> Result<Option<Record>, StoreError> {
         let c = self.client().await?;
-        let row = timed(c.query_opt(
-            "SELECT token_url, client_id, family, generation, refresh_token, access_token,
+        let row = c
+            .timed(c.query_opt(
+                "SELECT token_url, client_id, family, generation, refresh_token, access_token,
                     access_expires_at_ms, access_issued_at_ms, refresh_expires_at_ms,
                     seeds_seen, dead, lease_intent,
                     (extract(epoch FROM updated_at) * 1000)::bigint
              FROM tokenproxy_credentials WHERE name = $1 AND family IS NOT NULL",
-            &[&name],
-        ))
-        .await?;
+                &[&name],
+            ))
+            .await?;
         let Some(row) = row else { return Ok(None) };
         let corrupt = |what: &str| StoreError::Column {
             name: name.to_owned(),
@@ -350,8 +354,9 @@ impl PgStore {
             .map(|i| serde_json::to_string(i).unwrap_or_default());
         let prev_family = prev.map(|p| p.0);
         let prev_generation = prev.map(|p| p.1 as i64);
-        let updated = timed(c.query(
-            "WITH w AS (
+        let updated = c
+            .timed(c.query(
+                "WITH w AS (
                UPDATE tokenproxy_credentials SET token_url = $2, client_id = $3, family = $4,
                  generation = $5, refresh_token = $6, access_token = $7,
                  access_expires_at_ms = $8, access_issued_at_ms = $9, refresh_expires_at_ms = $10,
@@ -360,37 +365,6 @@ impl PgStore {
                  AND generation IS NOT DISTINCT FROM $15
                RETURNING name)
              SELECT pg_notify('tokenproxy_credentials', name) FROM w",
-            &[
-                &name,
-                &rec.token_url,
-                &rec.client_id,
-                &rec.family,
-                &generation,
-                &refresh,
-                &access,
-                &aexp,
-                &aiss,
-                &rexp,
-                &rec.seeds_seen,
-                &dead,
-                &intent,
-                &prev_family,
-                &prev_generation,
-            ],
-        ))
-        .await?;
-        if !updated.is_empty() {
-            return Ok(());
-        }
-        if prev.is_none() {
-            let inserted = timed(c.query(
-                "WITH w AS (
-                   INSERT INTO tokenproxy_credentials (name, token_url, client_id, family,
-                     generation, refresh_token, access_token, access_expires_at_ms,
-                     access_issued_at_ms, refresh_expires_at_ms, seeds_seen, dead, lease_intent)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-                   ON CONFLICT (name) DO NOTHING RETURNING name)
-                 SELECT pg_notify('tokenproxy_credentials', name) FROM w",
                 &[
                     &name,
                     &rec.token_url,
@@ -405,9 +379,41 @@ impl PgStore {
                     &rec.seeds_seen,
                     &dead,
                     &intent,
+                    &prev_family,
+                    &prev_generation,
                 ],
             ))
             .await?;
+        if !updated.is_empty() {
+            return Ok(());
+        }
+        if prev.is_none() {
+            let inserted = c
+                .timed(c.query(
+                    "WITH w AS (
+                   INSERT INTO tokenproxy_credentials (name, token_url, client_id, family,
+                     generation, refresh_token, access_token, access_expires_at_ms,
+                     access_issued_at_ms, refresh_expires_at_ms, seeds_seen, dead, lease_intent)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                   ON CONFLICT (name) DO NOTHING RETURNING name)
+                 SELECT pg_notify('tokenproxy_credentials', name) FROM w",
+                    &[
+                        &name,
+                        &rec.token_url,
+                        &rec.client_id,
+                        &rec.family,
+                        &generation,
+                        &refresh,
+                        &access,
+                        &aexp,
+                        &aiss,
+                        &rexp,
+                        &rec.seeds_seen,
+                        &dead,
+                        &intent,
+                    ],
+                ))
+                .await?;
             if !inserted.is_empty() {
                 return Ok(());
             }
@@ -499,6 +505,23 @@ async fn renew_loop(store: PgStore, name: String, holder: String) {
 struct Pooled {
     client: Option<Client>,
     inner: Weak<Inner>,
+    /// A statement timed out: the connection may be hung (a partition sends
+    /// no FIN), so it is not returned to the pool.
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl Pooled {
+    async fn timed<T>(
+        &self,
+        f: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, StoreError> {
+        let r = timed(f).await;
+        if matches!(r, Err(StoreError::DbTimeout)) {
+            self.broken
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
 }
 
 impl std::ops::Deref for Pooled {
@@ -510,6 +533,9 @@ impl std::ops::Deref for Pooled {
 
 impl Drop for Pooled {
     fn drop(&mut self) {
+        if self.broken.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         if let (Some(c), Some(inner)) = (self.client.take(), self.inner.upgrade()) {
             let mut idle = inner.idle.lock();
             if !c.is_closed() && idle.len() < MAX_IDLE {

@@ -706,6 +706,24 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn sealer_round_trips_and_needs_its_key() {
+        let sealer = Sealer::new(&Secret::new("k1"));
+        let sealed = sealer.seal("refresh-token-value");
+        assert!(Sealer::is_sealed(&sealed) && !sealed.contains("refresh-token-value"));
+        assert_ne!(
+            sealed,
+            sealer.seal("refresh-token-value"),
+            "fresh nonce each time"
+        );
+        assert_eq!(
+            sealer.unseal(&sealed).as_deref(),
+            Some("refresh-token-value")
+        );
+        assert_eq!(Sealer::new(&Secret::new("k2")).unseal(&sealed), None);
+        assert_eq!(sealer.unseal("tpv1:not-base64!"), None);
+    }
+
     #[tokio::test]
     async fn credential_lock_excludes_a_second_holder() {
         let dir = tempfile::tempdir().unwrap();

@@ -200,7 +200,7 @@ async fn start_replicas(stack: &Stack, pg: &Pg, n: usize, extra: &str) -> Vec<Ch
     out
 }
 
-/// Requests against every replica until `stop` says so; returns (count, failures).
+/// Requests against every replica for `run_for`; returns (count, failures).
 fn load(
     replicas: &[ChildProxy],
     per_replica: usize,
@@ -546,4 +546,69 @@ async fn store_migrate_moves_a_family_from_file_to_postgres() {
         "the same family carried on; the seed was not re-adopted"
     );
     stack.assert_no_reuse();
+}
+
+/// The store's own rules, through the library: writes are fenced on the
+/// identity read, and a second lease waits for the first to be released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_store_fences_writes_and_serialises_leases() {
+    use tokenproxy::token::store::{Record, Store, StoreError};
+    let Some(pg) = Pg::start() else { return };
+    let cfg = tokenproxy::config::StoreConfig {
+        kind: tokenproxy::config::StoreKind::Postgres,
+        path: PathBuf::from("unused"),
+        url: Some(tokenproxy::secret::Secret::new(pg.url())),
+        encryption_key: None,
+    };
+    let store = Store::open_config(&cfg).await.expect("store opens");
+    let rec = |family: &str, generation: u64| Record {
+        token_url: "http://127.0.0.1/token".into(),
+        client_id: "c".into(),
+        family: family.into(),
+        generation,
+        refresh_token: Some(tokenproxy::secret::Secret::new("rt")),
+        access_token: None,
+        access_expires_at_ms: None,
+        access_issued_at_ms: None,
+        refresh_expires_at_ms: None,
+        seeds_seen: vec!["fp".into()],
+        intent: None,
+        dead: None,
+        updated_at_ms: 0,
+    };
+    store.write("x", &rec("f", 0), None).await.unwrap();
+    assert!(matches!(
+        store.write("x", &rec("g", 0), None).await,
+        Err(StoreError::Fenced { .. })
+    ));
+    store
+        .write("x", &rec("f", 1), Some(("f", 0)))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            store.write("x", &rec("f", 1), Some(("f", 0))).await,
+            Err(StoreError::Fenced { .. })
+        ),
+        "a stale writer (generation 0) cannot overwrite generation 1"
+    );
+    let back = store.read("x").await.unwrap().unwrap();
+    assert_eq!((back.family.as_str(), back.generation), ("f", 1));
+    assert_eq!(back.seeds_seen, vec!["fp".to_owned()]);
+
+    let held = store.lock_credential("x").await.unwrap();
+    let s2 = store.clone();
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let l = s2.lock_credential("x").await.unwrap();
+        let _ = tx.send(());
+        let _ = l.release().await;
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(rx.try_recv().is_err(), "the second lease must wait");
+    held.release().await.unwrap();
+    tokio::time::timeout(S(5), rx)
+        .await
+        .expect("the waiter gets the lease at once after the release")
+        .unwrap();
 }

@@ -193,7 +193,9 @@ fn readyz(live: &Live) -> AdminResponse {
         .credentials
         .values()
         .any(|c| c.grant == crate::config::GrantType::RefreshToken);
-    if needs_store {
+    // Postgres is not probed here: a database blip must not take the whole
+    // fleet out of service while cached tokens serve (/credentials says so).
+    if needs_store && config.store.kind == crate::config::StoreKind::File {
         if let Err(e) = FileStore::open_config(&config.store) {
             return json(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -225,6 +227,9 @@ fn metrics_page(live: &Live) -> AdminResponse {
     m.clear_credential_gauges();
     for s in live.engine.load().status() {
         m.set_credential(&s.credential, s.state, s.state_since, s.expires_in);
+        if let Some(up) = s.store_up {
+            m.set_store_up(&s.credential, up);
+        }
     }
     let mut r = Response::new(Full::new(Bytes::from(m.encode())));
     r.headers_mut().insert(

@@ -67,6 +67,11 @@ enum Command {
         #[arg(short, long, env = "TOKENPROXY_CONFIG", value_name = "FILE")]
         config: PathBuf,
     },
+    /// Token-store maintenance.
+    Store {
+        #[command(subcommand)]
+        action: StoreAction,
+    },
     /// Start a local IdP with strict rotation and 10 s tokens, an echo
     /// upstream and the proxy, and print the curl commands to try.
     Demo {
@@ -79,6 +84,27 @@ enum Command {
         /// Access-token lifetime at the demo IdP.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         token_ttl: std::time::Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreAction {
+    /// Move credentials from the store of `--from` to the store of `-c`
+    /// (file to postgres or back) without spending a token. Stop the
+    /// processes using the old store first; its records are marked
+    /// `migrated` (dead) so none of them can present the token again.
+    Migrate {
+        /// The config whose store holds the tokens now.
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// The config whose store receives them.
+        #[arg(short, long, env = "TOKENPROXY_CONFIG", value_name = "FILE")]
+        config: PathBuf,
+        /// Only these credentials (default: every refresh_token credential).
+        names: Vec<String>,
+        /// Replace a working token family in the target store.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -172,6 +198,67 @@ pub fn main() -> ExitCode {
             admin,
             token_ttl,
         } => run_blocking(2, crate::demo::run(listen, admin, token_ttl)),
+        Command::Store {
+            action:
+                StoreAction::Migrate {
+                    from,
+                    config,
+                    names,
+                    force,
+                },
+        } => {
+            let (src, dst) = match (config::load(&from), config::load(&config)) {
+                (Ok(a), Ok(b)) => (a, b),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            run_blocking(1, store_migrate(src, dst, names, force))
+        }
+    }
+}
+
+async fn store_migrate(src: Config, dst: Config, names: Vec<String>, force: bool) -> ExitCode {
+    use crate::token::store::{self, Migrated, Store};
+    let names: Vec<String> = if names.is_empty() {
+        dst.credentials
+            .values()
+            .filter(|c| c.grant == config::GrantType::RefreshToken)
+            .map(|c| c.name.clone())
+            .collect()
+    } else {
+        names
+    };
+    let open = |c: Config| async move {
+        Store::open_config(&c.store)
+            .await
+            .map_err(|e| crate::error_chain(&e))
+    };
+    let (from, to) = match (open(src).await, open(dst).await) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("tokenproxy store migrate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut failed = false;
+    for name in names {
+        match store::migrate(&from, &to, &name, force).await {
+            Ok(Migrated::Copied { family, generation }) => {
+                println!("{name}: moved family {family} generation {generation}");
+            }
+            Ok(Migrated::NothingStored) => println!("{name}: nothing stored, skipped"),
+            Err(e) => {
+                eprintln!("tokenproxy store migrate: {}", crate::error_chain(&e));
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

@@ -5,11 +5,11 @@
 //! real client_credentials grant), the upstreams and the running proxy's
 //! admin API. Writes nothing but a probe file beside the store.
 
-use crate::config::{self, AuthMethod, Config, CredentialConfig, GrantType};
+use crate::config::{self, AuthMethod, Config, CredentialConfig, GrantType, StoreKind};
 use crate::discovery::{self, Fetched};
 use crate::secret::Secret;
 use crate::token::grant::{self, Grant, GrantClient, GrantError};
-use crate::token::store::FileStore;
+use crate::token::store::{FileStore, Store};
 use http::{Method, Uri};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -98,7 +98,17 @@ pub async fn run(path: &Path, name: Option<&str>) -> u8 {
         None => config.credentials.values().cloned().collect(),
     };
     if creds.iter().any(|c| c.grant == GrantType::RefreshToken) {
-        check_store(&mut r, &config.store.path);
+        match config.store.kind {
+            StoreKind::File => check_store(&mut r, &config.store.path),
+            StoreKind::Postgres => match Store::open_config(&config.store).await {
+                Ok(_) => r.ok("store postgres reachable, schema current".to_owned()),
+                Err(e) => r.add(
+                    Mark::Fail,
+                    format!("store postgres unusable: {}", crate::error_chain(&e)),
+                    "check store.url (host, credentials, sslmode) and that the database answers; behind PgBouncer use session pooling",
+                ),
+            },
+        }
     }
     for cred in &creds {
         check_credential(&mut r, &config, cred).await;
@@ -337,7 +347,7 @@ async fn check_credential(r: &mut Report, config: &Config, cred: &CredentialConf
                     ),
                 );
             }
-            check_stored(r, config, cred, &token_url);
+            check_stored(r, config, cred, &token_url).await;
         }
     }
 }
@@ -393,12 +403,16 @@ async fn check_client_auth(
     }
 }
 
-fn check_stored(r: &mut Report, config: &Config, cred: &CredentialConfig, token_url: &Uri) {
+async fn check_stored(r: &mut Report, config: &Config, cred: &CredentialConfig, token_url: &Uri) {
     let n = &cred.name;
-    let Ok(store) = FileStore::open(&config.store.path) else {
+    let store = match config.store.kind {
+        StoreKind::File => FileStore::open(&config.store.path).map(Store::File),
+        StoreKind::Postgres => Store::open_config(&config.store).await,
+    };
+    let Ok(store) = store else {
         return;
     };
-    match store.read(n).ok().flatten() {
+    match store.read(n).await.ok().flatten() {
         Some(rec) if !rec.matches(&token_url.to_string(), &cred.client_id) => r.add(
             Mark::Warn,
             format!("{n}: the stored tokens belong to another token_url or client_id"),

@@ -15,7 +15,7 @@ use crate::token::grant::{
     self, build_token_request, parse_token_response, sanitize, Grant, GrantClient, GrantError,
     TokenSet,
 };
-use crate::token::store::{FileStore, Record};
+use crate::token::store::{Record, Store};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use bytes::Bytes;
@@ -535,13 +535,14 @@ pub async fn exchange(
 }
 
 /// The store's record for `cred` if it is a family that still works.
-pub fn working_family(
-    store: &FileStore,
+pub async fn working_family(
+    store: &Store,
     cred: &CredentialConfig,
     token_url: &Uri,
 ) -> Option<Record> {
     store
         .read(&cred.name)
+        .await
         .ok()
         .flatten()
         .filter(|r| r.matches(&token_url.to_string(), &cred.client_id))
@@ -803,8 +804,8 @@ async fn admin_start<B>(req: &Request<B>, live: &Live, name: &str) -> Response<F
         )));
     };
     if !force {
-        if let Some(store) = slot.store_path().and_then(|p| FileStore::open(p).ok()) {
-            if let Some(r) = working_family(&store, &t.cred, slot.token_url()) {
+        if let Some(store) = slot.store() {
+            if let Some(r) = working_family(store, &t.cred, slot.token_url()).await {
                 return fail(LoginError::Install(InstallError::FamilyStillWorks(
                     name.clone(),
                     r.generation,
@@ -992,10 +993,11 @@ pub async fn run_local(
     pasted: impl std::future::Future<Output = Option<String>>,
 ) -> Result<Done, LoginError> {
     let t = target(config, name).await?;
-    let store = FileStore::open(&config.store.path)
+    let store = Store::open_config(&config.store)
+        .await
         .map_err(|e| LoginError::Setup(format!("token store: {}", crate::error_chain(&e))))?;
     if !force {
-        if let Some(r) = working_family(&store, &t.cred, &t.token_url) {
+        if let Some(r) = working_family(&store, &t.cred, &t.token_url).await {
             return Err(LoginError::Install(InstallError::FamilyStillWorks(
                 name.to_owned(),
                 r.generation,

@@ -65,6 +65,7 @@ pub struct Metrics {
     state: Family<CredState, Gauge>,
     state_since: Family<CredLabel, FloatGauge>,
     store_write_failures: Counter,
+    store_up: Family<CredLabel, Gauge>,
     upstream_401: Family<RouteLabel, Counter>,
     replays: Family<RouteLabel, Counter>,
     /// For the status page: totals per route, kept across reloads.
@@ -100,6 +101,7 @@ impl Metrics {
             state: Family::default(),
             state_since: Family::default(),
             store_write_failures: Counter::default(),
+            store_up: Family::default(),
             upstream_401: Family::default(),
             replays: Family::default(),
             route_stats: Default::default(),
@@ -149,6 +151,11 @@ impl Metrics {
             "store_write_failures",
             "Token store writes that failed",
             m.store_write_failures.clone(),
+        );
+        registry.register(
+            "store_up",
+            "Whether the last token-store read for a refresh_token credential succeeded",
+            m.store_up.clone(),
         );
         registry.register(
             "upstream_401",
@@ -215,10 +222,19 @@ impl Metrics {
             .set(expires_in.map_or(0.0, |d| d.as_secs_f64()));
     }
 
+    pub fn set_store_up(&self, credential: &str, up: bool) {
+        self.store_up
+            .get_or_create(&CredLabel {
+                credential: credential.to_owned(),
+            })
+            .set(i64::from(up));
+    }
+
     /// Forgets credential gauges (before a scrape re-sets the current ones,
     /// so credentials removed by a reload disappear).
     pub fn clear_credential_gauges(&self) {
         self.state.clear();
+        self.store_up.clear();
         self.state_since.clear();
         self.expires_in.clear();
     }

@@ -10,7 +10,10 @@
 # Besides the Rust toolchain, the browser test (tests/integration/browser.rs)
 # needs Debian's chromium, node and npm, and tests/browser's node_modules
 # (playwright-core, pinned by its package-lock.json); the interop suite needs
-# Node.js (>= 18) and npm. To add a tool, call
+# Node.js (>= 18) and npm; the fleet-mode tests need PostgreSQL's server
+# binaries (initdb, pg_ctl, psql under /usr/lib/postgresql/*/bin; Debian keeps
+# them off PATH): they start a throwaway cluster themselves, as a non-root
+# user. To add a tool, call
 # `need_apt <command> <debian-package>` or `need_npm <command> <package>` in
 # install_prerequisites below: each installs only when the command is
 # missing, and `apt-get update` runs at most once.
@@ -62,8 +65,20 @@ need_rust() {
     export PATH="$HOME/.cargo/bin:$PATH"
 }
 
+# Debian's postgresql package keeps initdb under /usr/lib/postgresql/N/bin.
+need_postgres() {
+    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null && return 0
+    # initdb is not on PATH there: name a command that never is.
+    need_apt tokenproxy-needs-initdb postgresql
+    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || {
+        log "postgresql installed but no /usr/lib/postgresql/*/bin/initdb found"
+        exit 1
+    }
+}
+
 install_prerequisites() {
     need_rust
+    need_postgres
     # The status-page browser test: a real headless chromium, driven by
     # playwright-core from node (never a browser build of its own).
     need_apt chromium chromium

@@ -530,9 +530,8 @@ fn server_admin_store_log_rules() {
     err_at(&t, "store.kind", "kind");
     let t = format!("[store]\nkind = \"postgres\"\n{CRED}{ROUTE}");
     err_at(&t, "store.url", "[store]");
-    // Parsed and validated, but refused until fleet mode lands.
-    let t = format!("[store]\nkind = \"postgres\"\nurl = \"postgres://tp@db/tp\"\n{CRED}{ROUTE}");
-    err_at(&t, "store.kind", "kind");
+    let t = format!("[store]\nkind = \"postgres\"\nurl = \"mysql://tp@db/tp\"\n{CRED}{ROUTE}");
+    err_at(&t, "store.url", "mysql");
     let t = format!("[log]\nformat = \"xml\"\nlevel = \"info,=[\"\n{CRED}{ROUTE}");
     err_at(&t, "log.format", "format");
     err_at(&t, "log.level", "level");

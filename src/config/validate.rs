@@ -449,13 +449,7 @@ fn admin(r: RawAdmin, cx: &mut Ctx<'_>) -> AdminConfig {
 fn store(r: RawStore, cx: &mut Ctx<'_>) -> StoreConfig {
     let kind = match cx.str("store.kind", r.kind.as_ref()).as_deref() {
         None | Some("file") => StoreKind::File,
-        Some("postgres") => {
-            cx.err(
-                "store.kind",
-                "\"postgres\" (fleet mode) is not available in this build yet; expected \"file\" (one persistent writer per refresh token)",
-            );
-            StoreKind::Postgres
-        }
+        Some("postgres") => StoreKind::Postgres,
         Some(other) => {
             cx.err("store.kind", one_of(other, "\"file\" or \"postgres\""));
             StoreKind::File

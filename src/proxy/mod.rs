@@ -700,6 +700,13 @@ mod tests {
             route("/api/", &up.url()),
             route("/dead/", &format!("http://{dead}")),
         ]);
+        // Other test threads register the same callsites concurrently; one
+        // that finishes registering after our subscriber is installed keeps
+        // a stale "never" interest. Register them here first and let any
+        // concurrent registration settle; installing the subscriber then
+        // recomputes every callsite's interest.
+        let _ = p.handle(req("localhost", "/api/warm-up"), CONN).await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let capture = Capture::default();
         let subscriber = tracing_subscriber::fmt()
             .json()
@@ -707,6 +714,7 @@ mod tests {
             .with_writer(capture.clone())
             .finish();
         let _guard = tracing::subscriber::set_default(subscriber);
+        tracing::callsite::rebuild_interest_cache();
 
         let resp = p
             .handle(req("localhost", "/api/x?access_token=query-secret"), CONN)

@@ -9,7 +9,7 @@
 
 use super::grant::{self, Delivery, FailureClass, Grant, GrantClient, GrantError, TokenSet};
 use super::schedule;
-use super::store::{self, FileStore, Intent, Record, StoreError};
+use super::store::{self, Intent, Record, Store, StoreError};
 use super::CredentialUnavailable;
 use crate::config::{CredentialConfig, GrantType};
 use crate::secret::Secret;
@@ -182,11 +182,15 @@ struct Control {
     last_state: Option<State>,
     /// Reactive refreshes are limited to one per credential per 10 s.
     last_reactive: Option<Instant>,
+    /// The last store read failed: logged once per outage, not per poll.
+    store_down: bool,
 }
 
 pub enum SlotKind {
     Refresh {
-        store: FileStore,
+        store: Store,
+        /// `Store::config_key` of the config it was opened from.
+        store_key: String,
     },
     ClientCredentials {
         scopes: Vec<String>,
@@ -240,7 +244,21 @@ impl Slot {
 
     pub fn store_path(&self) -> Option<&std::path::Path> {
         match &self.kind {
-            SlotKind::Refresh { store } => Some(store.path()),
+            SlotKind::Refresh { store, .. } => store.path(),
+            SlotKind::ClientCredentials { .. } => None,
+        }
+    }
+
+    pub fn store_key(&self) -> Option<&str> {
+        match &self.kind {
+            SlotKind::Refresh { store_key, .. } => Some(store_key),
+            SlotKind::ClientCredentials { .. } => None,
+        }
+    }
+
+    pub fn store(&self) -> Option<&Store> {
+        match &self.kind {
+            SlotKind::Refresh { store, .. } => Some(store),
             SlotKind::ClientCredentials { .. } => None,
         }
     }
@@ -497,7 +515,7 @@ impl Slot {
         let attempt = self.control.lock().consecutive_failures + 1;
         let mut ev = RefreshEvent::new(self, attempt);
         let result = match &self.kind {
-            SlotKind::Refresh { store } => self.refresh_with_store(store, &mut ev).await,
+            SlotKind::Refresh { store, .. } => self.refresh_with_store(store, &mut ev).await,
             SlotKind::ClientCredentials { scopes, resource } => {
                 self.client_credentials(scopes, resource.as_deref(), &mut ev)
                     .await
@@ -637,14 +655,14 @@ impl Slot {
     /// (intent, grant, write), publish.
     async fn refresh_with_store(
         &self,
-        store: &FileStore,
+        store: &Store,
         ev: &mut RefreshEvent,
     ) -> Result<(), Failure> {
         let _lock = store
             .lock_credential(&self.name)
             .await
             .map_err(|e| self.store_failure(&e))?;
-        let on_disk = self.read_record(store)?;
+        let (on_disk, disk_identity) = self.read_record_raw(store).await?;
         let mine = self.control.lock().record.clone();
         let mut rec = match (on_disk, mine) {
             (Some(disk), Some(mine)) if disk.identity() != mine.identity() => {
@@ -714,8 +732,12 @@ impl Slot {
             generation: rec.generation,
             at_ms: intent_at_ms,
         });
-        self.write_record(store, &rec)
-            .map_err(|e| self.store_failure(&e))?;
+        let prev = disk_identity.as_ref().map(|(f, g)| (f.as_str(), *g));
+        match self.write_record(store, &rec, prev).await {
+            Ok(()) => {}
+            Err(StoreError::Fenced { .. }) => return self.adopt_after_fence(store, ev).await,
+            Err(e) => return Err(self.store_failure(&e)),
+        }
 
         let req = grant::build_token_request(
             &self.cfg,
@@ -758,7 +780,14 @@ impl Slot {
                 self.warn_refresh_expiry(&next);
                 // Durable before published (write-ahead): a crash after this
                 // line loses nothing.
-                if let Err(e) = self.write_record(store, &next) {
+                let written = self.write_record(store, &next, Some(rec.identity())).await;
+                if let Err(StoreError::Fenced { .. }) = written {
+                    // Our lease ran out and another replica wrote meanwhile:
+                    // the store is the truth, our rotation is orphaned.
+                    tracing::warn!(event = "rotation_superseded", credential = %self.name, family = %rec.family, generation = rec.generation, "Store moved on during this refresh; adopting it");
+                    return self.adopt_after_fence(store, ev).await;
+                }
+                if let Err(e) = written {
                     tracing::error!(
                         event = "store_write_failed",
                         credential = %self.name,
@@ -797,7 +826,7 @@ impl Slot {
                     }
                     (_, FailureClass::InvalidGrant) => {
                         // Race-aware: did someone else rotate meanwhile?
-                        if let Ok(Some(disk)) = store.read(&self.name) {
+                        if let Ok(Some(disk)) = store.read(&self.name).await {
                             if disk.identity() != rec.identity() {
                                 ev.set_identity(&disk);
                                 self.adopt(&disk);
@@ -812,13 +841,15 @@ impl Slot {
                             generation: rec.generation,
                             reason: failure.reason.clone(),
                         });
-                        let _ = self.write_record(store, &rec);
+                        let id = (rec.family.clone(), rec.generation);
+                        let _ = self.write_record(store, &rec, Some((&id.0, id.1))).await;
                         self.control.lock().record = Some(rec);
                         Err(failure)
                     }
                     _ => {
                         rec.intent = None;
-                        let _ = self.write_record(store, &rec);
+                        let id = (rec.family.clone(), rec.generation);
+                        let _ = self.write_record(store, &rec, Some((&id.0, id.1))).await;
                         self.control.lock().record = Some(rec);
                         Err(failure)
                     }
@@ -831,7 +862,7 @@ impl Slot {
     /// says it is still active, or within the declared grace window.
     async fn check_lost_rotation(
         &self,
-        store: &FileStore,
+        store: &Store,
         rec: &mut Record,
         refresh_token: &Secret,
         intent: &Intent,
@@ -871,7 +902,8 @@ impl Slot {
             generation: rec.generation,
             reason: "lost_rotation".into(),
         });
-        let _ = self.write_record(store, rec);
+        let id = (rec.family.clone(), rec.generation);
+        let _ = self.write_record(store, rec, Some((&id.0, id.1))).await;
         self.control.lock().record = Some(rec.clone());
         ev.status = None;
         Err(self.dead_failure(
@@ -894,11 +926,20 @@ impl Slot {
         }
     }
 
+    /// Also notes the outage (logged once, until a read succeeds again).
+    /// Never called with the control lock held.
     fn store_failure(&self, e: &StoreError) -> Failure {
+        let first = !std::mem::replace(&mut self.control.lock().store_down, true);
+        if first {
+            tracing::warn!(event = "store_unavailable", credential = %self.name, error = %grant::error_chain(e), "Token store unavailable; serving the cached token, no refresh until it is back");
+        }
         Failure {
             outcome: "transient",
             reason: "store_unavailable".into(),
-            hint: format!("The token store could not be used ({}); check store.path, its permissions and free space.", grant::error_chain(e)),
+            hint: match &self.kind {
+                SlotKind::Refresh { store, .. } if store.is_postgres() => format!("The postgres store could not be used ({}); cached tokens keep serving until they expire, and no refresh happens without the fleet lease. Check store.url and the database.", grant::error_chain(e)),
+                _ => format!("The token store could not be used ({}); check store.path, its permissions and free space.", grant::error_chain(e)),
+            },
             retry_after: None,
             status: None,
             error: Some("store_unavailable".into()),
@@ -907,18 +948,56 @@ impl Slot {
         }
     }
 
-    fn read_record(&self, store: &FileStore) -> Result<Option<Record>, Failure> {
-        let rec = store.read(&self.name).map_err(|e| self.store_failure(&e))?;
-        let url = self.token_url.to_string();
-        Ok(rec.filter(|r| r.matches(&url, &self.cfg.client_id)))
+    async fn read_record(&self, store: &Store) -> Result<Option<Record>, Failure> {
+        Ok(self.read_record_raw(store).await?.0)
     }
 
-    fn write_record(&self, store: &FileStore, rec: &Record) -> Result<(), StoreError> {
-        let r = store.write(&self.name, rec);
+    /// The record if it belongs to this credential, and the identity of
+    /// whatever the store holds (what a fenced write must find).
+    async fn read_record_raw(
+        &self,
+        store: &Store,
+    ) -> Result<(Option<Record>, Option<(String, u64)>), Failure> {
+        let rec = store
+            .read(&self.name)
+            .await
+            .map_err(|e| self.store_failure(&e))?;
+        let identity = rec.as_ref().map(|r| (r.family.clone(), r.generation));
+        let url = self.token_url.to_string();
+        Ok((
+            rec.filter(|r| r.matches(&url, &self.cfg.client_id)),
+            identity,
+        ))
+    }
+
+    async fn write_record(
+        &self,
+        store: &Store,
+        rec: &Record,
+        prev: Option<(&str, u64)>,
+    ) -> Result<(), StoreError> {
+        let r = store.write(&self.name, rec, prev).await;
         if r.is_ok() {
             self.control.lock().unsaved = None;
         }
         r
+    }
+
+    /// A fenced write was refused: someone else moved the record on. Like a
+    /// lost race: re-read and adopt, never present our token again.
+    async fn adopt_after_fence(&self, store: &Store, ev: &mut RefreshEvent) -> Result<(), Failure> {
+        match self.read_record(store).await? {
+            Some(disk) => {
+                ev.set_identity(&disk);
+                self.adopt(&disk);
+                ev.outcome = "lost_race";
+                Ok(())
+            }
+            None => Err(self.failure_simple(
+                "store_changed",
+                "The stored record changed during the refresh; retrying.",
+            )),
+        }
     }
 
     /// Publishes the record's access token when it is still usable. Returns
@@ -993,12 +1072,14 @@ impl Slot {
     /// Start-up for refresh_token slots: consume a new seed, load the stored
     /// token set. Under the credential's lock.
     pub async fn init_from_store(&self) -> Result<(), StoreError> {
-        let SlotKind::Refresh { store } = &self.kind else {
+        let SlotKind::Refresh { store, .. } = &self.kind else {
             return Ok(());
         };
         let _lock = store.lock_credential(&self.name).await?;
         let url = self.token_url.to_string();
-        let existing = store.read(&self.name)?;
+        let existing = store.read(&self.name).await?;
+        let prev = existing.as_ref().map(|r| (r.family.clone(), r.generation));
+        let prev = prev.as_ref().map(|(f, g)| (f.as_str(), *g));
         let mut rec = existing.filter(|r| r.matches(&url, &self.cfg.client_id));
         if let Some(seed) = &self.cfg.refresh_token {
             let fp = seed.fingerprint();
@@ -1026,7 +1107,7 @@ impl Slot {
                     dead: None,
                     updated_at_ms: 0,
                 };
-                store.write(&self.name, &new)?;
+                store.write(&self.name, &new, prev).await?;
                 tracing::info!(
                     event = "seed_adopted",
                     credential = %self.name,
@@ -1038,7 +1119,7 @@ impl Slot {
             } else if let Some(r) = rec.as_mut() {
                 if !r.seeds_seen.contains(&fp) {
                     r.seeds_seen.push(fp);
-                    store.write(&self.name, r)?;
+                    store.write(&self.name, r, prev).await?;
                 }
             }
         }
@@ -1065,11 +1146,25 @@ impl Slot {
 
     /// Picks up a record written by someone else (login, another process,
     /// an operator): revives a dead credential.
-    fn poll_store(&self) {
-        let SlotKind::Refresh { store } = &self.kind else {
+    async fn poll_store(&self) {
+        let SlotKind::Refresh { store, .. } = &self.kind else {
             return;
         };
-        let Ok(Some(disk)) = self.read_record(store) else {
+        let disk = match self.read_record(store).await {
+            Ok(d) => {
+                let mut c = self.control.lock();
+                if std::mem::take(&mut c.store_down) {
+                    tracing::info!(event = "store_recovered", credential = %self.name, "Token store available again");
+                }
+                d
+            }
+            Err(f) => {
+                // /credentials shows it even when no refresh was due.
+                self.control.lock().last_failure = Some(Arc::new(f));
+                return;
+            }
+        };
+        let Some(disk) = disk else {
             return;
         };
         let mine = self.control.lock().record.clone();
@@ -1089,14 +1184,16 @@ impl Slot {
     }
 
     /// Retries a failed store write; true once durable.
-    fn retry_unsaved(&self) -> bool {
-        let SlotKind::Refresh { store } = &self.kind else {
+    async fn retry_unsaved(&self) -> bool {
+        let SlotKind::Refresh { store, .. } = &self.kind else {
             return true;
         };
         let Some(rec) = self.control.lock().unsaved.clone() else {
             return true;
         };
-        match self.write_record(store, &rec) {
+        // Unsaved records are always a refresh's n+1, fenced on n.
+        let prev = (rec.family.as_str(), rec.generation.saturating_sub(1));
+        match self.write_record(store, &rec, Some(prev)).await {
             Ok(()) => {
                 tracing::info!(event = "store_write_recovered", credential = %self.name, "Rotated token set saved");
                 true
@@ -1116,8 +1213,9 @@ impl Slot {
             _ = self.shutdown.cancelled() => return,
         }
         let poll_every = Duration::from_secs(2);
+        let mut changes = self.store().and_then(|s| s.changes(&self.name));
         loop {
-            if !self.retry_unsaved() {
+            if !self.retry_unsaved().await {
                 if self.sleep_or_shutdown(Duration::from_secs(1)).await {
                     return;
                 }
@@ -1147,16 +1245,21 @@ impl Slot {
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => {}
                 _ = self.changed.notified() => continue,
+                _ = store_changed(&mut changes) => {
+                    // Another replica wrote: adopt at once, not at the next poll.
+                    self.poll_store().await;
+                    continue;
+                }
                 _ = self.shutdown.cancelled() => return,
             }
             if Instant::now() < due {
-                self.poll_store();
+                self.poll_store().await;
                 continue;
             }
             let snap = self.snapshot.load();
             if snap.dead.is_some() && snap.dead.as_ref().map(|d| d.outcome) != Some("config_error")
             {
-                self.poll_store();
+                self.poll_store().await;
                 continue;
             }
             match self.begin_refresh() {
@@ -1167,7 +1270,7 @@ impl Slot {
                     }
                 }
                 Err(_) => {
-                    self.poll_store();
+                    self.poll_store().await;
                 }
             }
         }
@@ -1208,7 +1311,21 @@ impl Slot {
             refresh_token_fp: rec
                 .and_then(|r| r.refresh_token.as_ref())
                 .map(Secret::fingerprint),
+            store_up: self.store().map(|_| !c.store_down),
         }
+    }
+}
+
+/// Resolves when the store reports a write by someone else; never for a
+/// file store (its changes are found by the periodic re-read).
+async fn store_changed(rx: &mut Option<watch::Receiver<u64>>) {
+    match rx {
+        Some(r) => {
+            if r.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
     }
 }
 
@@ -1234,6 +1351,8 @@ pub struct SlotStatus {
     pub last_refresh: Option<SystemTime>,
     pub last_error: Option<Failure>,
     pub refresh_token_fp: Option<String>,
+    /// refresh_token slots: whether the last store read succeeded.
+    pub store_up: Option<bool>,
 }
 
 /// The fields of the one `token_refresh` event per attempt.
@@ -1355,7 +1474,7 @@ pub enum InstallError {
 /// the credential's lock. Replacing a family that still works needs `force`.
 /// Returns the new record; a running engine adopts it (revival) by itself.
 pub async fn install_family(
-    store: &FileStore,
+    store: &Store,
     cfg: &CredentialConfig,
     token_url: &Uri,
     set: &TokenSet,
@@ -1367,9 +1486,9 @@ pub async fn install_family(
     };
     let _lock = store.lock_credential(&cfg.name).await?;
     let url = token_url.to_string();
-    let existing = store
-        .read(&cfg.name)?
-        .filter(|r| r.matches(&url, &cfg.client_id));
+    let raw = store.read(&cfg.name).await?;
+    let prev = raw.as_ref().map(|r| (r.family.clone(), r.generation));
+    let existing = raw.filter(|r| r.matches(&url, &cfg.client_id));
     if let Some(r) = &existing {
         let works = r.dead.is_none() && r.refresh_token.is_some();
         if works && !force {
@@ -1405,7 +1524,13 @@ pub async fn install_family(
         dead: None,
         updated_at_ms: 0,
     };
-    store.write(&cfg.name, &record)?;
+    store
+        .write(
+            &cfg.name,
+            &record,
+            prev.as_ref().map(|(f, g)| (f.as_str(), *g)),
+        )
+        .await?;
     tracing::info!(
         event = "login_installed",
         credential = %cfg.name,
@@ -1425,7 +1550,7 @@ impl Slot {
         sent_wall: SystemTime,
         force: bool,
     ) -> Result<Record, InstallError> {
-        let SlotKind::Refresh { store } = &self.kind else {
+        let SlotKind::Refresh { store, .. } = &self.kind else {
             return Err(InstallError::NoRefreshToken);
         };
         let rec = install_family(store, &self.cfg, &self.token_url, set, sent_wall, force).await?;

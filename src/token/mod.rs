@@ -8,6 +8,7 @@
 pub mod engine;
 pub mod grant;
 pub mod hints;
+pub mod pg;
 pub mod schedule;
 pub mod store;
 
@@ -18,7 +19,7 @@ use http::{HeaderValue, Uri};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use store::FileStore;
+use store::Store;
 use tokio_util::sync::CancellationToken;
 
 /// How long one token-endpoint exchange may take before it counts as lost.
@@ -126,14 +127,20 @@ impl Engine {
             .credentials
             .values()
             .any(|c| c.grant == GrantType::RefreshToken);
+        let store_key = Store::config_key(&config.store);
+        // A reload keeps an open postgres store (its pool and LISTEN
+        // connection) when the store config did not change.
+        let open_pg = previous.and_then(|p| {
+            p.slots
+                .values()
+                .filter(|s| s.store_key() == Some(store_key.as_str()))
+                .find_map(|s| s.store().filter(|st| st.is_postgres()).cloned())
+        });
         let store = if needs_store {
-            if config.store.kind != StoreKind::File {
-                return Err(EngineError::Credential {
-                    credential: "*".into(),
-                    message: "store.kind = \"postgres\" is not available in this build yet; use the file store".into(),
-                });
+            match open_pg {
+                Some(s) if config.store.kind == StoreKind::Postgres => Some(s),
+                _ => Some(Store::open_config(&config.store).await?),
             }
-            Some(FileStore::open_config(&config.store)?)
         } else {
             None
         };
@@ -164,7 +171,7 @@ impl Engine {
             let reused = previous
                 .and_then(|p| p.slots.get(&key))
                 .filter(|s| {
-                    *s.cfg == **cred && s.store_path() == store.as_ref().map(FileStore::path)
+                    *s.cfg == **cred && s.store_key() == store.as_ref().map(|_| store_key.as_str())
                 })
                 .cloned();
             let slot = match reused {
@@ -175,7 +182,7 @@ impl Engine {
                         cred,
                         token_url,
                         &key,
-                        store.as_ref(),
+                        store.as_ref().map(|s| (s, store_key.as_str())),
                         egress.as_ref(),
                         clock.clone(),
                         shutdown.child_token(),
@@ -261,7 +268,7 @@ fn build_slot(
     cred: &Arc<CredentialConfig>,
     token_url: Uri,
     key: &SlotKey,
-    store: Option<&FileStore>,
+    store: Option<(&Store, &str)>,
     egress: Option<&Uri>,
     clock: Arc<Clock>,
     shutdown: CancellationToken,
@@ -279,12 +286,16 @@ fn build_slot(
         })?;
     let client = grant::GrantClient::new(tls, GRANT_TIMEOUT, egress);
     let kind = match cred.grant {
-        GrantType::RefreshToken => SlotKind::Refresh {
-            store: store.cloned().ok_or_else(|| EngineError::Credential {
+        GrantType::RefreshToken => {
+            let (store, store_key) = store.ok_or_else(|| EngineError::Credential {
                 credential: cred.name.clone(),
                 message: "no store".into(),
-            })?,
-        },
+            })?;
+            SlotKind::Refresh {
+                store: store.clone(),
+                store_key: store_key.to_owned(),
+            }
+        }
         GrantType::ClientCredentials => SlotKind::ClientCredentials {
             scopes: key.scopes.clone().unwrap_or_else(|| cred.scopes.clone()),
             resource: key.resource.clone().or_else(|| cred.resource.clone()),

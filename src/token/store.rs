@@ -8,6 +8,7 @@
 //! read-modify-write; it is always taken after a credential lock, never
 //! before, so the two cannot deadlock.
 
+use super::pg::{PgLease, PgStore};
 use crate::secret::Secret;
 use base64::Engine as _;
 use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng};
@@ -119,6 +120,178 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    #[error("store.url: {message}")]
+    Url { message: String },
+    #[error("postgres store")]
+    Db {
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("postgres store did not answer in time")]
+    DbTimeout,
+    #[error("postgres store schema version {found} is newer than this tokenproxy knows ({known}); upgrade tokenproxy")]
+    SchemaTooNew { found: i32, known: i32 },
+    #[error("credential {name} changed in the store meanwhile (fenced write refused)")]
+    Fenced { name: String },
+    #[error("credential {name}: another replica has held the refresh lease for over a minute")]
+    LeaseBusy { name: String },
+    #[error("credential {name}: its stored tokens are encrypted and cannot be opened with this key (wrong or missing store.encryption_key)")]
+    DecryptColumn { name: String },
+    #[error("credential {name}: stored {message}")]
+    Column { name: String, message: String },
+}
+
+/// Seals single values (postgres token columns) with the store key:
+/// `tpv1:` + base64 of nonce ‖ XChaCha20-Poly1305 ciphertext.
+#[derive(Clone)]
+pub struct Sealer(std::sync::Arc<XChaCha20Poly1305>);
+
+const SEALED_PREFIX: &str = "tpv1:";
+
+impl Sealer {
+    pub fn new(key: &Secret) -> Sealer {
+        // Any string works as a key: SHA-256 stretches it to 32 bytes.
+        let digest = Sha256::digest(key.expose().as_bytes());
+        Sealer(std::sync::Arc::new(XChaCha20Poly1305::new(&digest)))
+    }
+
+    pub fn seal(&self, plain: &str) -> String {
+        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+        // Encryption with a valid key and nonce cannot fail for in-memory data.
+        let sealed = self.0.encrypt(&nonce, plain.as_bytes()).unwrap_or_default();
+        let mut blob = nonce.to_vec();
+        blob.extend_from_slice(&sealed);
+        format!(
+            "{SEALED_PREFIX}{}",
+            base64::engine::general_purpose::STANDARD.encode(blob)
+        )
+    }
+
+    pub fn is_sealed(v: &str) -> bool {
+        v.starts_with(SEALED_PREFIX)
+    }
+
+    pub fn unseal(&self, v: &str) -> Option<String> {
+        let blob = base64::engine::general_purpose::STANDARD
+            .decode(v.strip_prefix(SEALED_PREFIX)?)
+            .ok()?;
+        if blob.len() < 24 {
+            return None;
+        }
+        let (nonce, ct) = blob.split_at(24);
+        let plain = self.0.decrypt(XNonce::from_slice(nonce), ct).ok()?;
+        String::from_utf8(plain).ok()
+    }
+}
+
+/// The configured store: one file (one writer per refresh token) or
+/// postgres (fleet mode). Cheap to clone.
+#[derive(Clone, Debug)]
+pub enum Store {
+    File(FileStore),
+    Postgres(PgStore),
+}
+
+/// Held across a whole spend: the file lock or the postgres lease.
+#[derive(Debug)]
+pub enum StoreLock {
+    File(CredentialLock),
+    Lease(PgLease),
+}
+
+impl StoreLock {
+    /// Releases at once (the file lock on drop; the lease with a round trip).
+    pub async fn release(self) -> Result<(), StoreError> {
+        match self {
+            StoreLock::File(_) => Ok(()),
+            StoreLock::Lease(l) => l.release().await,
+        }
+    }
+}
+
+impl Store {
+    /// Opens the store as configured; postgres connects and migrates.
+    pub async fn open_config(config: &crate::config::StoreConfig) -> Result<Store, StoreError> {
+        match config.kind {
+            crate::config::StoreKind::File => FileStore::open_config(config).map(Store::File),
+            crate::config::StoreKind::Postgres => {
+                let url = config.url.as_ref().ok_or_else(|| StoreError::Url {
+                    message: "missing".into(),
+                })?;
+                PgStore::open(url, config.encryption_key.as_ref())
+                    .await
+                    .map(Store::Postgres)
+            }
+        }
+    }
+
+    /// Identifies the configured store, to reuse an open one on reload.
+    pub fn config_key(config: &crate::config::StoreConfig) -> String {
+        let key = config
+            .encryption_key
+            .as_ref()
+            .map(Secret::fingerprint)
+            .unwrap_or_default();
+        match config.kind {
+            crate::config::StoreKind::File => format!("file:{}", config.path.display()),
+            crate::config::StoreKind::Postgres => format!(
+                "postgres:{}:{key}",
+                config
+                    .url
+                    .as_ref()
+                    .map(Secret::fingerprint)
+                    .unwrap_or_default()
+            ),
+        }
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Store::File(f) => Some(f.path()),
+            Store::Postgres(_) => None,
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Store::Postgres(_))
+    }
+
+    pub async fn lock_credential(&self, name: &str) -> Result<StoreLock, StoreError> {
+        match self {
+            Store::File(f) => f.lock_credential(name).await.map(StoreLock::File),
+            Store::Postgres(p) => p.lock_credential(name).await.map(StoreLock::Lease),
+        }
+    }
+
+    pub async fn read(&self, name: &str) -> Result<Option<Record>, StoreError> {
+        match self {
+            Store::File(f) => f.read(name),
+            Store::Postgres(p) => p.read(name).await,
+        }
+    }
+
+    /// Writes the record. `prev` is the identity the writer read under its
+    /// lock; postgres refuses the write (`Fenced`) when the row moved on,
+    /// the file store's flock already excludes that.
+    pub async fn write(
+        &self,
+        name: &str,
+        rec: &Record,
+        prev: Option<(&str, u64)>,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::File(f) => f.write(name, rec),
+            Store::Postgres(p) => p.write(name, rec, prev).await,
+        }
+    }
+
+    /// Wakes on writes by other replicas (postgres LISTEN); `None` for files.
+    pub fn changes(&self, name: &str) -> Option<tokio::sync::watch::Receiver<u64>> {
+        match self {
+            Store::File(_) => None,
+            Store::Postgres(p) => Some(p.changes(name)),
+        }
+    }
 }
 
 /// The file store. Cheap to clone.
@@ -316,6 +489,78 @@ fn lock_file(path: &Path) -> Result<File, StoreError> {
     Ok(file)
 }
 
+/// What `migrate` did for one credential.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Migrated {
+    Copied { family: String, generation: u64 },
+    NothingStored,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("credential {name}: the target store already holds a working token family (generation {generation}); pass --force to replace it")]
+    TargetWorks { name: String, generation: u64 },
+    #[error("credential {name}: the source record is already retired (migrated) and has nothing to move")]
+    SourceRetired { name: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Moves one credential's record between stores without spending a token:
+/// both locks held, the record copied as is (family, generation, intent,
+/// seeds seen), then the source marked dead (`migrated`) so a process still
+/// using it can never present the token again.
+pub async fn migrate(
+    from: &Store,
+    to: &Store,
+    name: &str,
+    force: bool,
+) -> Result<Migrated, MigrateError> {
+    let src_lock = from.lock_credential(name).await?;
+    let dst_lock = to.lock_credential(name).await?;
+    let Some(rec) = from.read(name).await? else {
+        dst_lock.release().await?;
+        src_lock.release().await?;
+        return Ok(Migrated::NothingStored);
+    };
+    if rec
+        .dead
+        .as_ref()
+        .is_some_and(|d| d.reason == "migrated" && d.family == rec.family)
+    {
+        return Err(MigrateError::SourceRetired {
+            name: name.to_owned(),
+        });
+    }
+    let existing = to.read(name).await?;
+    if let Some(t) = &existing {
+        let works = t.dead.is_none() && t.refresh_token.is_some();
+        if works && t.identity() != rec.identity() && !force {
+            return Err(MigrateError::TargetWorks {
+                name: name.to_owned(),
+                generation: t.generation,
+            });
+        }
+    }
+    let prev = existing.as_ref().map(|t| (t.family.clone(), t.generation));
+    to.write(name, &rec, prev.as_ref().map(|(f, g)| (f.as_str(), *g)))
+        .await?;
+    let mut retired = rec.clone();
+    retired.intent = None;
+    retired.dead = Some(DeadMark {
+        family: rec.family.clone(),
+        generation: rec.generation,
+        reason: "migrated".into(),
+    });
+    from.write(name, &retired, Some(rec.identity())).await?;
+    dst_lock.release().await?;
+    src_lock.release().await?;
+    Ok(Migrated::Copied {
+        family: rec.family,
+        generation: rec.generation,
+    })
+}
+
 /// Temp file in the same directory, fsync, rename over, fsync the directory:
 /// a crash leaves either the old or the new file, never a torn one.
 fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -459,6 +704,24 @@ mod tests {
             FileStore::open_with_key(&path, Some(&wrong)),
             Err(StoreError::Decrypt { .. })
         ));
+    }
+
+    #[test]
+    fn sealer_round_trips_and_needs_its_key() {
+        let sealer = Sealer::new(&Secret::new("k1"));
+        let sealed = sealer.seal("refresh-token-value");
+        assert!(Sealer::is_sealed(&sealed) && !sealed.contains("refresh-token-value"));
+        assert_ne!(
+            sealed,
+            sealer.seal("refresh-token-value"),
+            "fresh nonce each time"
+        );
+        assert_eq!(
+            sealer.unseal(&sealed).as_deref(),
+            Some("refresh-token-value")
+        );
+        assert_eq!(Sealer::new(&Secret::new("k2")).unseal(&sealed), None);
+        assert_eq!(sealer.unseal("tpv1:not-base64!"), None);
     }
 
     #[tokio::test]

@@ -5,6 +5,7 @@ mod cli;
 mod doctor;
 mod egress;
 mod engine;
+mod fleet;
 mod harness;
 mod login;
 mod ops;

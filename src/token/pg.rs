@@ -1,0 +1,674 @@
+//! The postgres store (fleet mode, DESIGN.md "Fleet mode"): one row per
+//! credential holding the record and a lease (holder, `lease_until`), plus
+//! one LISTEN connection per process that wakes slots when another replica
+//! writes.
+//!
+//! The lease is a committed row claimed by compare-and-set, never a session
+//! or advisory lock held across the IdP call: a dropped session would
+//! silently release those while the holder still believes it holds them.
+//! Writes are fenced on the (family, generation) the writer read. Knows
+//! nothing of HTTP or of when to refresh.
+
+use super::store::{DeadMark, Intent, Record, Sealer, StoreError};
+use crate::secret::Secret;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_postgres::config::SslMode;
+use tokio_postgres::{AsyncMessage, Client, Connection, NoTls};
+use tokio_util::sync::CancellationToken;
+
+/// A holder that stops renewing (killed, partitioned) loses the lease after this.
+const LEASE_TTL: Duration = Duration::from_secs(10);
+const RENEW_EVERY: Duration = Duration::from_secs(3);
+/// Waiting longer than this for another replica's lease is a transient failure.
+const LEASE_WAIT_MAX: Duration = Duration::from_secs(60);
+/// Every statement: a hung database must not hang a refresh forever.
+const OP_TIMEOUT: Duration = Duration::from_secs(5);
+const CHANNEL: &str = "tokenproxy_credentials";
+/// `pg_advisory_xact_lock` key for migrations ("tokenpxy" in ASCII).
+const MIGRATION_LOCK: i64 = 0x746f_6b65_6e70_7879;
+const MAX_IDLE: usize = 4;
+
+/// Versioned migrations; index + 1 is the schema version.
+const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS tokenproxy_credentials (
+        name text PRIMARY KEY,
+        token_url text,
+        client_id text,
+        family text,
+        generation bigint,
+        refresh_token text,
+        access_token text,
+        access_expires_at_ms bigint,
+        access_issued_at_ms bigint,
+        refresh_expires_at_ms bigint,
+        seeds_seen text[] NOT NULL DEFAULT '{}',
+        dead text,
+        lease_intent text,
+        lease_holder text,
+        lease_until timestamptz,
+        updated_at timestamptz NOT NULL DEFAULT now()
+    )"];
+
+/// The postgres store. Cheap to clone; the pool and the listener are shared.
+#[derive(Clone)]
+pub struct PgStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    sealer: Option<Sealer>,
+    /// Idle connections. A sync mutex: never held across an await.
+    idle: Mutex<Vec<Client>>,
+    /// One counter per credential, bumped on every NOTIFY for it.
+    watchers: Mutex<HashMap<String, watch::Sender<u64>>>,
+    stop: CancellationToken,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("tls", &self.inner.tls.is_some())
+            .field("encrypted", &self.inner.sealer.is_some())
+            .finish()
+    }
+}
+
+impl PgStore {
+    /// Connects, creates or migrates the schema, and starts the listener.
+    pub async fn open(url: &Secret, key: Option<&Secret>) -> Result<PgStore, StoreError> {
+        let mut config: tokio_postgres::Config =
+            url.expose()
+                .parse()
+                .map_err(|e: tokio_postgres::Error| StoreError::Url {
+                    message: strip_secrets(&e.to_string()),
+                })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        let tls = match config.get_ssl_mode() {
+            SslMode::Require => Some(rustls_connector()?),
+            // prefer (the default) without a TLS connector means plaintext;
+            // sslmode=require is how a URL asks for TLS.
+            _ => None,
+        };
+        let store = PgStore {
+            inner: Arc::new(Inner {
+                config,
+                tls,
+                sealer: key.map(Sealer::new),
+                idle: Mutex::new(Vec::new()),
+                watchers: Mutex::new(HashMap::new()),
+                stop: CancellationToken::new(),
+            }),
+        };
+        store.migrate().await?;
+        tokio::spawn(listen_loop(
+            Arc::downgrade(&store.inner),
+            store.inner.stop.clone(),
+        ));
+        Ok(store)
+    }
+
+    async fn connect(&self) -> Result<Client, StoreError> {
+        let cfg = &self.inner.config;
+        let client = match &self.inner.tls {
+            Some(tls) => {
+                let (c, conn) = timed(cfg.connect(tls.clone())).await?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                c
+            }
+            None => {
+                let (c, conn) = timed(cfg.connect(NoTls)).await?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                c
+            }
+        };
+        Ok(client)
+    }
+
+    /// A pooled connection; returned to the pool when dropped while open.
+    async fn client(&self) -> Result<Pooled, StoreError> {
+        let reused = {
+            let mut idle = self.inner.idle.lock();
+            idle.retain(|c| !c.is_closed());
+            idle.pop()
+        };
+        let client = match reused {
+            Some(c) => c,
+            None => self.connect().await?,
+        };
+        Ok(Pooled {
+            client: Some(client),
+            inner: Arc::downgrade(&self.inner),
+            broken: Default::default(),
+        })
+    }
+
+    /// Creates or upgrades the schema. Under a transaction-scoped advisory
+    /// lock, so replicas starting at once take turns instead of racing on
+    /// `CREATE TABLE`.
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.connect().await?;
+        let tx = timed(client.transaction()).await?;
+        timed(tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])).await?;
+        timed(tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS tokenproxy_schema (version integer NOT NULL)",
+        ))
+        .await?;
+        let row = timed(tx.query_one("SELECT max(version) FROM tokenproxy_schema", &[])).await?;
+        let found: i32 = row.get::<_, Option<i32>>(0).unwrap_or(0);
+        let known = MIGRATIONS.len() as i32;
+        if found > known {
+            return Err(StoreError::SchemaTooNew { found, known });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+            timed(tx.batch_execute(sql)).await?;
+            let v = i as i32 + 1;
+            timed(tx.execute("INSERT INTO tokenproxy_schema (version) VALUES ($1)", &[&v])).await?;
+            tracing::info!(
+                event = "store_migrated",
+                version = v,
+                "Store schema migrated"
+            );
+        }
+        timed(tx.commit()).await?;
+        Ok(())
+    }
+
+    /// Wakes (the receiver sees a change) whenever any replica writes `name`,
+    /// and after the listener reconnects (a notification may have been missed).
+    pub fn changes(&self, name: &str) -> watch::Receiver<u64> {
+        self.inner
+            .watchers
+            .lock()
+            .entry(name.to_owned())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    /// Claims the credential's lease, waiting (on notifications, with a
+    /// timeout) while another live holder has it.
+    pub async fn lock_credential(&self, name: &str) -> Result<PgLease, StoreError> {
+        let holder = format!(
+            "{}:{}:{:08x}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "tokenproxy".into()),
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let mut rx = self.changes(name);
+        let deadline = Instant::now() + LEASE_WAIT_MAX;
+        loop {
+            if self.try_claim(name, &holder).await? {
+                let renew = tokio::spawn(renew_loop(self.clone(), name.to_owned(), holder.clone()));
+                return Ok(PgLease {
+                    store: self.clone(),
+                    name: name.to_owned(),
+                    holder,
+                    renew,
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(StoreError::LeaseBusy {
+                    name: name.to_owned(),
+                });
+            }
+            // The holder's write and release both NOTIFY; the timeout covers
+            // a holder that died (its lease runs out) or a lost notification.
+            let _ = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
+        }
+    }
+
+    /// Compare-and-set in its own committed statement.
+    async fn try_claim(&self, name: &str, holder: &str) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        let ttl = LEASE_TTL.as_secs_f64();
+        let n = c
+            .timed(c.execute(
+                "INSERT INTO tokenproxy_credentials AS t (name, lease_holder, lease_until)
+             VALUES ($1, $2, now() + make_interval(secs => $3))
+             ON CONFLICT (name) DO UPDATE
+               SET lease_holder = EXCLUDED.lease_holder, lease_until = EXCLUDED.lease_until
+               WHERE t.lease_holder IS NULL OR t.lease_until < now()",
+                &[&name, &holder, &ttl],
+            ))
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn renew(&self, name: &str, holder: &str) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        let ttl = LEASE_TTL.as_secs_f64();
+        let n = c
+            .timed(c.execute(
+                "UPDATE tokenproxy_credentials SET lease_until = now() + make_interval(secs => $3)
+             WHERE name = $1 AND lease_holder = $2",
+                &[&name, &holder, &ttl],
+            ))
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn release(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.timed(c.query(
+            "WITH r AS (UPDATE tokenproxy_credentials SET lease_holder = NULL, lease_until = NULL
+                        WHERE name = $1 AND lease_holder = $2 RETURNING name)
+             SELECT pg_notify('tokenproxy_credentials', name) FROM r",
+            &[&name, &holder],
+        ))
+        .await?;
+        Ok(())
+    }
+
+    pub async fn read(&self, name: &str) -> Result<Option<Record>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .timed(c.query_opt(
+                "SELECT token_url, client_id, family, generation, refresh_token, access_token,
+                    access_expires_at_ms, access_issued_at_ms, refresh_expires_at_ms,
+                    seeds_seen, dead, lease_intent,
+                    (extract(epoch FROM updated_at) * 1000)::bigint
+             FROM tokenproxy_credentials WHERE name = $1 AND family IS NOT NULL",
+                &[&name],
+            ))
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let corrupt = |what: &str| StoreError::Column {
+            name: name.to_owned(),
+            message: what.to_owned(),
+        };
+        let token = |v: Option<String>| -> Result<Option<Secret>, StoreError> {
+            match v {
+                None => Ok(None),
+                Some(s) => self.unseal(name, &s).map(Some),
+            }
+        };
+        let dead: Option<String> = row.get(10);
+        let intent: Option<String> = row.get(11);
+        Ok(Some(Record {
+            token_url: row.get::<_, Option<String>>(0).unwrap_or_default(),
+            client_id: row.get::<_, Option<String>>(1).unwrap_or_default(),
+            family: row.get(2),
+            generation: row.get::<_, Option<i64>>(3).unwrap_or(0) as u64,
+            refresh_token: token(row.get(4))?,
+            access_token: token(row.get(5))?,
+            access_expires_at_ms: row.get::<_, Option<i64>>(6).map(|v| v as u64),
+            access_issued_at_ms: row.get::<_, Option<i64>>(7).map(|v| v as u64),
+            refresh_expires_at_ms: row.get::<_, Option<i64>>(8).map(|v| v as u64),
+            seeds_seen: row.get(9),
+            dead: dead
+                .map(|d| serde_json::from_str::<DeadMark>(&d))
+                .transpose()
+                .map_err(|_| corrupt("dead is not valid JSON"))?,
+            intent: intent
+                .map(|i| serde_json::from_str::<Intent>(&i))
+                .transpose()
+                .map_err(|_| corrupt("lease_intent is not valid JSON"))?,
+            updated_at_ms: row.get::<_, Option<i64>>(12).unwrap_or(0) as u64,
+        }))
+    }
+
+    /// Replaces the record only if the row still holds `prev` (the identity
+    /// the writer read; `None`: no record yet). NOTIFY in the same statement.
+    pub async fn write(
+        &self,
+        name: &str,
+        rec: &Record,
+        prev: Option<(&str, u64)>,
+    ) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        let refresh = rec.refresh_token.as_ref().map(|s| self.seal(s));
+        let access = rec.access_token.as_ref().map(|s| self.seal(s));
+        let generation = rec.generation as i64;
+        let ms = |v: Option<u64>| v.map(|v| v as i64);
+        let (aexp, aiss, rexp) = (
+            ms(rec.access_expires_at_ms),
+            ms(rec.access_issued_at_ms),
+            ms(rec.refresh_expires_at_ms),
+        );
+        let dead = rec
+            .dead
+            .as_ref()
+            .map(|d| serde_json::to_string(d).unwrap_or_default());
+        let intent = rec
+            .intent
+            .as_ref()
+            .map(|i| serde_json::to_string(i).unwrap_or_default());
+        let prev_family = prev.map(|p| p.0);
+        let prev_generation = prev.map(|p| p.1 as i64);
+        let updated = c
+            .timed(c.query(
+                "WITH w AS (
+               UPDATE tokenproxy_credentials SET token_url = $2, client_id = $3, family = $4,
+                 generation = $5, refresh_token = $6, access_token = $7,
+                 access_expires_at_ms = $8, access_issued_at_ms = $9, refresh_expires_at_ms = $10,
+                 seeds_seen = $11, dead = $12, lease_intent = $13, updated_at = now()
+               WHERE name = $1 AND family IS NOT DISTINCT FROM $14
+                 AND generation IS NOT DISTINCT FROM $15
+               RETURNING name)
+             SELECT pg_notify('tokenproxy_credentials', name) FROM w",
+                &[
+                    &name,
+                    &rec.token_url,
+                    &rec.client_id,
+                    &rec.family,
+                    &generation,
+                    &refresh,
+                    &access,
+                    &aexp,
+                    &aiss,
+                    &rexp,
+                    &rec.seeds_seen,
+                    &dead,
+                    &intent,
+                    &prev_family,
+                    &prev_generation,
+                ],
+            ))
+            .await?;
+        if !updated.is_empty() {
+            return Ok(());
+        }
+        if prev.is_none() {
+            let inserted = c
+                .timed(c.query(
+                    "WITH w AS (
+                   INSERT INTO tokenproxy_credentials (name, token_url, client_id, family,
+                     generation, refresh_token, access_token, access_expires_at_ms,
+                     access_issued_at_ms, refresh_expires_at_ms, seeds_seen, dead, lease_intent)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                   ON CONFLICT (name) DO NOTHING RETURNING name)
+                 SELECT pg_notify('tokenproxy_credentials', name) FROM w",
+                    &[
+                        &name,
+                        &rec.token_url,
+                        &rec.client_id,
+                        &rec.family,
+                        &generation,
+                        &refresh,
+                        &access,
+                        &aexp,
+                        &aiss,
+                        &rexp,
+                        &rec.seeds_seen,
+                        &dead,
+                        &intent,
+                    ],
+                ))
+                .await?;
+            if !inserted.is_empty() {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Fenced {
+            name: name.to_owned(),
+        })
+    }
+
+    fn seal(&self, s: &Secret) -> String {
+        match &self.inner.sealer {
+            Some(sealer) => sealer.seal(s.expose()),
+            None => s.expose().to_owned(),
+        }
+    }
+
+    fn unseal(&self, name: &str, v: &str) -> Result<Secret, StoreError> {
+        if !Sealer::is_sealed(v) {
+            // Written before a key was set: read as is, sealed at the next write.
+            return Ok(Secret::new(v));
+        }
+        self.inner
+            .sealer
+            .as_ref()
+            .and_then(|s| s.unseal(v))
+            .map(Secret::new)
+            .ok_or_else(|| StoreError::DecryptColumn {
+                name: name.to_owned(),
+            })
+    }
+}
+
+/// A claimed lease. Renewed in the background while held; released (with
+/// a NOTIFY, so waiters retry at once) when dropped.
+#[derive(Debug)]
+pub struct PgLease {
+    store: PgStore,
+    name: String,
+    holder: String,
+    renew: tokio::task::JoinHandle<()>,
+}
+
+impl PgLease {
+    /// Releases now and waits for it (a short-lived CLI must not leave the
+    /// lease to run out).
+    pub async fn release(mut self) -> Result<(), StoreError> {
+        self.renew.abort();
+        let holder = std::mem::take(&mut self.holder);
+        self.store.release(&self.name, &holder).await
+    }
+}
+
+impl Drop for PgLease {
+    fn drop(&mut self) {
+        self.renew.abort();
+        if self.holder.is_empty() {
+            return;
+        }
+        let (store, name, holder) = (
+            self.store.clone(),
+            std::mem::take(&mut self.name),
+            std::mem::take(&mut self.holder),
+        );
+        // A failed release only delays the others until the lease runs out.
+        tokio::spawn(async move {
+            let _ = store.release(&name, &holder).await;
+        });
+    }
+}
+
+async fn renew_loop(store: PgStore, name: String, holder: String) {
+    loop {
+        tokio::time::sleep(RENEW_EVERY).await;
+        match store.renew(&name, &holder).await {
+            Ok(true) => {}
+            Ok(false) => {
+                // Another replica took over: its re-read sees our intent and
+                // follows the lost-rotation rules; our write stays fenced.
+                tracing::warn!(event = "lease_lost", credential = %name, "Refresh lease taken over by another replica");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(event = "lease_renew_failed", credential = %name, error = %crate::error_chain(&e), "Could not renew the refresh lease");
+            }
+        }
+    }
+}
+
+struct Pooled {
+    client: Option<Client>,
+    inner: Weak<Inner>,
+    /// A statement timed out: the connection may be hung (a partition sends
+    /// no FIN), so it is not returned to the pool.
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl Pooled {
+    async fn timed<T>(
+        &self,
+        f: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, StoreError> {
+        let r = timed(f).await;
+        if matches!(r, Err(StoreError::DbTimeout)) {
+            self.broken
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl std::ops::Deref for Pooled {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        self.client.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if self.broken.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        if let (Some(c), Some(inner)) = (self.client.take(), self.inner.upgrade()) {
+            let mut idle = inner.idle.lock();
+            if !c.is_closed() && idle.len() < MAX_IDLE {
+                idle.push(c);
+            }
+        }
+    }
+}
+
+async fn timed<T>(
+    f: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(OP_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(StoreError::Db { source }),
+        Err(_) => Err(StoreError::DbTimeout),
+    }
+}
+
+/// The one LISTEN connection of this process; reconnects with backoff and
+/// wakes every watcher after a reconnect (notifications may have been lost;
+/// the slots' periodic re-read covers the gap meanwhile).
+async fn listen_loop(weak: Weak<Inner>, stop: CancellationToken) {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let (config, tls) = (inner.config.clone(), inner.tls.clone());
+        drop(inner);
+        let result = match tls {
+            Some(tls) => match config.connect(tls).await {
+                Ok((client, conn)) => listen_on(client, conn, &weak, &stop, &mut delay).await,
+                Err(e) => Err(e),
+            },
+            None => match config.connect(NoTls).await {
+                Ok((client, conn)) => listen_on(client, conn, &weak, &stop, &mut delay).await,
+                Err(e) => Err(e),
+            },
+        };
+        if stop.is_cancelled() {
+            return;
+        }
+        if let Err(e) = result {
+            tracing::warn!(event = "store_listen_failed", error = %crate::error_chain(&e), "Store notifications unavailable; retrying");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.cancelled() => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn listen_on<S, T>(
+    client: Client,
+    mut conn: Connection<S, T>,
+    weak: &Weak<Inner>,
+    stop: &CancellationToken,
+    delay: &mut Duration,
+) -> Result<(), tokio_postgres::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // The connection's messages must be polled for LISTEN to deliver.
+    let driver = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    if tx.send(Ok(n.payload().to_owned())).is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+                None => return,
+            }
+        }
+    });
+    let listened = client.batch_execute(&format!("LISTEN {CHANNEL}")).await;
+    if let Err(e) = listened {
+        driver.abort();
+        return Err(e);
+    }
+    *delay = Duration::from_millis(250);
+    wake(weak, None);
+    let result = loop {
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(Ok(name)) => wake(weak, Some(&name)),
+                Some(Err(e)) => break Err(e),
+                None => break Ok(()),
+            },
+            _ = stop.cancelled() => break Ok(()),
+        }
+    };
+    driver.abort();
+    drop(client);
+    result
+}
+
+fn wake(weak: &Weak<Inner>, name: Option<&str>) {
+    let Some(inner) = weak.upgrade() else { return };
+    let watchers = inner.watchers.lock();
+    match name {
+        Some(n) => {
+            if let Some(tx) = watchers.get(n) {
+                tx.send_modify(|v| *v += 1);
+            }
+        }
+        None => {
+            for tx in watchers.values() {
+                tx.send_modify(|v| *v += 1);
+            }
+        }
+    }
+}
+
+fn rustls_connector() -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    let tls = crate::tls::client_config(None, None, &[]).map_err(|e| StoreError::Url {
+        message: format!("TLS setup failed: {}", crate::error_chain(&e)),
+    })?;
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+}
+
+/// tokio-postgres's parse errors do not echo the URL, but be sure.
+fn strip_secrets(s: &str) -> String {
+    if s.contains("://") {
+        "invalid connection string".into()
+    } else {
+        s.to_owned()
+    }
+}

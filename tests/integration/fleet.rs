@@ -1,0 +1,614 @@
+//! Fleet mode (`store.kind = "postgres"`) against a real, throwaway
+//! PostgreSQL cluster, with `tokenproxy run` replicas as real processes.
+//! Judged by the dev IdP's reuse detection, as in `engine.rs`.
+
+use crate::harness::*;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tokenproxy::dev::{Fault, Hold};
+
+const S: fn(u64) -> Duration = Duration::from_secs;
+
+/// A PostgreSQL cluster in a temp dir on a free port, run as a non-root
+/// user (initdb refuses root). Stopped on drop.
+pub struct Pg {
+    _dir: tempfile::TempDir,
+    bin: PathBuf,
+    data: PathBuf,
+    log: PathBuf,
+    sock: PathBuf,
+    port: u16,
+    /// Set when we are root: the user the server runs as.
+    run_as: Option<&'static str>,
+}
+
+fn pg_bin_dir() -> Option<PathBuf> {
+    let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let v = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    dirs.sort();
+    dirs.pop().map(|(_, b)| b)
+}
+
+impl Pg {
+    /// None (with a note) when PostgreSQL is not installed and `CI` is
+    /// unset; under CI a missing install is a failure.
+    pub fn start() -> Option<Pg> {
+        let Some(bin) = pg_bin_dir() else {
+            if std::env::var_os("CI").is_some() {
+                panic!("PostgreSQL binaries missing under /usr/lib/postgresql/*/bin (tests/run.sh installs them)");
+            }
+            eprintln!("SKIP fleet test: PostgreSQL not installed (apt-get install postgresql)");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let is_root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        let run_as = is_root.then_some("nobody");
+        let data = dir.path().join("data");
+        let sock = dir.path().join("sock");
+        std::fs::create_dir_all(&sock).unwrap();
+        if let Some(user) = run_as {
+            let ok = Command::new("chown")
+                .args(["-R", &format!("{user}:"), &dir.path().to_string_lossy()])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown the temp dir to {user}");
+        }
+        let pg = Pg {
+            log: dir.path().join("pg.log"),
+            _dir: dir,
+            bin,
+            data,
+            sock,
+            port: free_port(),
+            run_as,
+        };
+        let out = pg
+            .cmd("initdb")
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .arg(&pg.data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pg.start_server();
+        Some(pg)
+    }
+
+    fn cmd(&self, tool: &str) -> Command {
+        let exe = self.bin.join(tool);
+        let mut c = match self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        c.stdin(Stdio::null());
+        c
+    }
+
+    pub fn start_server(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.sock.display()
+        );
+        let out = self
+            .cmd("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-o", &opts, "-l"])
+            .arg(&self.log)
+            .args(["-w", "start"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    pub fn stop_server(&self, mode: &str) {
+        let _ = self
+            .cmd("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", mode, "-w", "stop"])
+            .output();
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// One query's rows, `|`-separated columns (psql -At).
+    pub fn psql(&self, sql: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-At", "-p"])
+            .arg(self.port.to_string())
+            .args(["-d", "postgres", "-c", sql])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    pub fn generation(&self) -> Option<u64> {
+        self.psql(&format!(
+            "SELECT generation FROM tokenproxy_credentials WHERE name = '{CRED}' AND family IS NOT NULL"
+        ))
+        .parse()
+        .ok()
+    }
+
+    pub async fn wait_generation(&self, at_least: u64, within: Duration) -> u64 {
+        wait_for(
+            &format!("stored generation >= {at_least}"),
+            within,
+            || async { self.generation().filter(|g| *g >= at_least) },
+        )
+        .await
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        self.stop_server("immediate");
+    }
+}
+
+/// A replica's config: the stack's, with the postgres store.
+fn replica_config(stack: &Stack, pg: &Pg, name: &str, extra: &str) -> (PathBuf, (u16, u16)) {
+    let ports = (free_port(), free_port());
+    let path = stack.dir.path().join(format!("{name}.toml"));
+    let file_store = format!("[store]\npath = \"{}\"", stack.store_path().display());
+    let text = stack.toml(ports.0, ports.1, extra).replace(
+        &file_store,
+        &format!("[store]\nkind = \"postgres\"\nurl = \"{}\"", pg.url()),
+    );
+    assert!(text.contains("postgres://"), "store section replaced");
+    std::fs::write(&path, text).unwrap();
+    (path, ports)
+}
+
+async fn start_replicas(stack: &Stack, pg: &Pg, n: usize, extra: &str) -> Vec<ChildProxy> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let name = format!("r{i}");
+        let (path, ports) = replica_config(stack, pg, &name, extra);
+        out.push(ChildProxy::start(stack.dir.path(), &name, &path, ports).await);
+    }
+    out
+}
+
+/// Requests against every replica for `run_for`; returns (count, failures).
+fn load(
+    replicas: &[ChildProxy],
+    per_replica: usize,
+    run_for: Duration,
+) -> Vec<tokio::task::JoinHandle<(usize, Vec<String>)>> {
+    let c = http();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for r in replicas {
+        for _ in 0..per_replica {
+            let (c, url) = (c.clone(), r.url("/api/fleet"));
+            tasks.push(tokio::spawn(async move {
+                let (mut n, mut bad) = (0usize, Vec::new());
+                while started.elapsed() < run_for && n < 5000 {
+                    match try_get(&c, &url).await {
+                        Ok(g) if g.status == 200 => {}
+                        Ok(g) => bad.push(format!("{} {}", g.status, g.text())),
+                        Err(e) => bad.push(e),
+                    }
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                (n, bad)
+            }));
+        }
+    }
+    tasks
+}
+
+async fn join_load(
+    tasks: Vec<tokio::task::JoinHandle<(usize, Vec<String>)>>,
+) -> (usize, Vec<String>) {
+    let (mut n, mut bad) = (0, Vec::new());
+    for t in tasks {
+        let (k, b) = t.await.unwrap();
+        n += k;
+        bad.extend(b);
+    }
+    (n, bad)
+}
+
+fn lost_races(replicas: &[&ChildProxy]) -> usize {
+    replicas
+        .iter()
+        .flat_map(|p| p.log_events())
+        .filter(|e| e["event"] == "token_refresh" && e["outcome"] == "lost_race")
+        .count()
+}
+
+/// 3 replicas, one database, 2 s tokens, load on every replica for 10
+/// lifetimes: the fleet refreshes like one process (not ×3), zero reuse,
+/// zero failed requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_three_replicas_refresh_once_per_expiry() {
+    let Some(pg) = Pg::start() else { return };
+    let stack = Stack::start(StackOpts::default()).await;
+    let replicas = start_replicas(&stack, &pg, 3, "").await;
+    let c = http();
+    for r in &replicas {
+        let g = get_ok(&c, &r.url("/api/warmup")).await;
+        assert_eq!(g.status, 200, "{}", g.text());
+    }
+    let lifetime = S(2);
+    let run_for = lifetime * 10;
+    let grants_at_start = stack.refresh_grants();
+    let started = Instant::now();
+    let (requests, bad) = join_load(load(&replicas, 8, run_for)).await;
+    let elapsed = started.elapsed();
+    let grants = stack.refresh_grants() - grants_at_start;
+    // As in engine.rs: one refresh per `lifetime - refresh_before` (minus
+    // up to 10 % jitter), plus grant latency on a busy box.
+    let before = (S(30).max(lifetime / 10)).min(lifetime / 2);
+    let interval_min = lifetime - before - before / 10;
+    let interval_max = (lifetime - before).mul_f64(1.1);
+    let expect_lo = (elapsed.as_secs_f64() / interval_max.as_secs_f64()).floor() as usize;
+    let expect_hi = (elapsed.as_secs_f64() / interval_min.as_secs_f64()).ceil() as usize;
+    let refs: Vec<&ChildProxy> = replicas.iter().collect();
+    eprintln!(
+        "fleet: replicas=3 requests={requests} failed={} refresh_grants={grants} (one process would make {expect_lo}..={expect_hi} over {elapsed:?}; lifetimes={:.1}) lost_race_adoptions={} reuses={}",
+        bad.len(),
+        elapsed.as_secs_f64() / lifetime.as_secs_f64(),
+        lost_races(&refs),
+        stack.idp.reuse_count()
+    );
+    assert!(
+        bad.is_empty(),
+        "{} failed, e.g. {:?}",
+        bad.len(),
+        &bad[..bad.len().min(3)]
+    );
+    assert!(
+        requests > 1000,
+        "too little load to mean anything: {requests}"
+    );
+    assert!(
+        grants + 1 >= expect_lo && grants <= expect_hi + 1,
+        "refresh grants {grants} not in {expect_lo}..={expect_hi} ±1"
+    );
+    stack.assert_no_reuse();
+    let outputs: Vec<String> = replicas.iter().map(|r| r.output()).collect();
+    assert_no_secrets(&outputs, &stack.secrets());
+}
+
+/// PostgreSQL down across a refresh that falls due, under load: cached
+/// tokens keep serving (no failed request), no replica refreshes without the
+/// lease, /credentials and the logs say `store_unavailable`, readiness stays
+/// up, and refreshes resume by themselves once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_survives_a_postgres_restart() {
+    let Some(pg) = Pg::start() else { return };
+    // 10 s tokens refresh 5 s early (usable until 9.5 s): an outage from just
+    // after one refresh until 6.5 s spans the next one's due time.
+    let stack = Stack::start(StackOpts {
+        access_ttl: S(10),
+        ..StackOpts::default()
+    })
+    .await;
+    let replicas = start_replicas(&stack, &pg, 2, "max_backoff = \"1s\"").await;
+    let c = http();
+    for r in &replicas {
+        assert_eq!(get_ok(&c, &r.url("/api/warmup")).await.status, 200);
+    }
+    let tasks = load(&replicas, 5, S(30));
+    let first = pg.wait_generation(1, S(5)).await;
+    let before = pg.wait_generation(first + 1, S(10)).await;
+    let grants_before = stack.refresh_grants();
+    pg.stop_server("fast");
+    let down_at = Instant::now();
+    let st = wait_for("store_unavailable on /credentials", S(5), || async {
+        credential_status(&c, replicas[0].admin)
+            .await
+            .filter(|s| s["last_error"]["reason"] == "store_unavailable")
+    })
+    .await;
+    assert_eq!(st["state"], "fresh", "cached token still serving: {st}");
+    let ready = try_get(&c, &format!("http://{}/readyz", replicas[0].admin))
+        .await
+        .unwrap();
+    assert_eq!(ready.status, 200, "readiness stays up: {}", ready.text());
+    let m = try_get(&c, &format!("http://{}/metrics", replicas[0].admin))
+        .await
+        .unwrap()
+        .text();
+    assert!(
+        m.contains(&format!("tokenproxy_store_up{{credential=\"{CRED}\"}} 0")),
+        "the metrics say so: {}",
+        m.lines()
+            .filter(|l| l.contains("store_up"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    tokio::time::sleep(S(6).saturating_sub(down_at.elapsed())).await;
+    assert_eq!(
+        stack.refresh_grants(),
+        grants_before,
+        "no refresh without the lease while the database is down"
+    );
+    pg.start_server();
+    eprintln!("postgres was down for {:?}", down_at.elapsed());
+    pg.wait_generation(before + 1, S(10)).await;
+    let (requests, bad) = join_load(tasks).await;
+    let logs: String = replicas.iter().map(|r| r.output()).collect();
+    eprintln!(
+        "pg restart: requests={requests} failed={} refresh_grants={} reuses={}",
+        bad.len(),
+        stack.refresh_grants(),
+        stack.idp.reuse_count()
+    );
+    assert!(
+        bad.is_empty(),
+        "{} failed, e.g. {:?}",
+        bad.len(),
+        &bad[..bad.len().min(3)]
+    );
+    assert!(logs.contains("store_unavailable"), "the logs say so");
+    stack.assert_no_reuse();
+}
+
+/// Two replicas started at the same moment on an empty database: the
+/// migration runs once, both come up and serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_two_replicas_start_at_once_on_empty_database() {
+    let Some(pg) = Pg::start() else { return };
+    let stack = Stack::start(StackOpts::default()).await;
+    let (pa, ports_a) = replica_config(&stack, &pg, "a", "");
+    let (pb, ports_b) = replica_config(&stack, &pg, "b", "");
+    let dir = stack.dir.path();
+    let (a, b) = tokio::join!(
+        ChildProxy::start(dir, "a", &pa, ports_a),
+        ChildProxy::start(dir, "b", &pb, ports_b)
+    );
+    let c = http();
+    for r in [&a, &b] {
+        let g = get_ok(&c, &r.url("/api/x")).await;
+        assert_eq!(g.status, 200, "{} {}", g.text(), r.output());
+    }
+    assert_eq!(pg.psql("SELECT count(*) FROM tokenproxy_schema"), "1");
+    assert_eq!(stack.refresh_grants(), 1, "one grant for the fleet");
+    stack.assert_no_reuse();
+}
+
+fn holder_pid(pg: &Pg) -> Option<u32> {
+    let h = pg.psql(&format!(
+        "SELECT lease_holder FROM tokenproxy_credentials WHERE name = '{CRED}'"
+    ));
+    let mut parts = h.rsplit(':');
+    parts.next()?;
+    parts.next()?.parse().ok()
+}
+
+/// kill -9 of the replica holding the lease while the IdP holds its rotated
+/// answer: the other replica takes over only after the lease runs out, and
+/// only through the lost-rotation rules (here: dead, `lost_rotation`); the
+/// possibly spent token is never presented again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_kill9_of_lease_holder_goes_through_lost_rotation() {
+    let Some(pg) = Pg::start() else { return };
+    let stack = Stack::start(StackOpts::default()).await;
+    let mut replicas = start_replicas(&stack, &pg, 2, "").await;
+    pg.wait_generation(1, S(10)).await;
+    let hold = Hold::new();
+    stack
+        .idp
+        .push_fault(Fault::HoldAfterProcessing(hold.clone()));
+    tokio::time::timeout(S(10), hold.reached())
+        .await
+        .expect("a proactive refresh reaches the IdP");
+    let spent = stack
+        .presented()
+        .last()
+        .cloned()
+        .expect("a presented token");
+    let intent = pg.psql(&format!(
+        "SELECT lease_intent FROM tokenproxy_credentials WHERE name = '{CRED}'"
+    ));
+    assert!(intent.contains("generation"), "intent durable: {intent}");
+    let pid = holder_pid(&pg).expect("a lease holder");
+    let idx = replicas
+        .iter()
+        .position(|r| r.child.id() == pid)
+        .expect("the holder is one of ours");
+    replicas[idx].kill9();
+    let killed_at = Instant::now();
+    hold.release();
+    let survivor = &replicas[1 - idx];
+    let c = http();
+    let st = wait_state(&c, survivor.admin, "dead", S(40)).await;
+    eprintln!(
+        "kill -9: survivor dead after {:?}: {}",
+        killed_at.elapsed(),
+        st["last_error"]
+    );
+    assert_eq!(st["last_error"]["reason"], "lost_rotation", "{st}");
+    let presented = stack.presented().iter().filter(|t| **t == spent).count();
+    assert_eq!(presented, 1, "the possibly spent token came back");
+    stack.assert_no_reuse();
+}
+
+/// With `store.encryption_key`, the token columns hold no token in clear
+/// (read back with psql), and the replica still serves from them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_encrypted_columns_hold_no_token_in_clear() {
+    let Some(pg) = Pg::start() else { return };
+    let stack = Stack::start(StackOpts::default()).await;
+    let (path, ports) = replica_config(&stack, &pg, "enc", "");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "kind = \"postgres\"",
+        "kind = \"postgres\"\nencryption_key = \"correct horse battery staple\"",
+    );
+    std::fs::write(&path, text).unwrap();
+    let r = ChildProxy::start(stack.dir.path(), "enc", &path, ports).await;
+    let c = http();
+    assert_eq!(get_ok(&c, &r.url("/api/x")).await.status, 200);
+    pg.wait_generation(1, S(10)).await;
+    let raw = pg.psql(&format!(
+        "SELECT refresh_token || ' ' || access_token FROM tokenproxy_credentials WHERE name = '{CRED}'"
+    ));
+    assert!(raw.starts_with("tpv1:"), "sealed: {raw}");
+    let g = get_ok(&c, &r.url("/api/x")).await;
+    let bearer = g.json()["headers"]["authorization"][0]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let access = bearer.trim_start_matches("Bearer ").to_owned();
+    assert!(access.len() > 8, "a token was injected: {bearer}");
+    // Every refresh token the IdP saw, the seed, and the access token.
+    let mut tokens = stack.presented();
+    tokens.push(stack.seed.clone());
+    tokens.push(access);
+    for t in &tokens {
+        assert!(
+            !raw.contains(t.as_str()),
+            "a token in clear in the database"
+        );
+    }
+}
+
+/// `tokenproxy store migrate`: a file store's family moves to postgres as is
+/// (no grant for the move, no seed re-adopted), the file record is retired,
+/// and a postgres replica carries on refreshing with zero reuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_migrate_moves_a_family_from_file_to_postgres() {
+    let Some(pg) = Pg::start() else { return };
+    let stack = Stack::start(StackOpts::default()).await;
+    let (file_cfg, ports) = child_config(&stack, "file", "");
+    let mut old = ChildProxy::start(stack.dir.path(), "file", &file_cfg, ports).await;
+    stack.wait_generation(1, S(10)).await;
+    old.kill9();
+    let rec = stack.record().expect("a file record");
+    let grants = stack.refresh_grants();
+    let (pg_cfg, pg_ports) = replica_config(&stack, &pg, "pg", "");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .args(["store", "migrate", "--from"])
+        .arg(&file_cfg)
+        .arg("-c")
+        .arg(&pg_cfg)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("moved family"), "{text}");
+    assert_eq!(stack.refresh_grants(), grants, "moving spends nothing");
+    let retired = stack.record().unwrap();
+    assert_eq!(retired["dead"]["reason"], "migrated", "{retired}");
+    let family = pg.psql(&format!(
+        "SELECT family FROM tokenproxy_credentials WHERE name = '{CRED}'"
+    ));
+    assert_eq!(family, rec["family"].as_str().unwrap());
+    let r = ChildProxy::start(stack.dir.path(), "pg", &pg_cfg, pg_ports).await;
+    let c = http();
+    assert_eq!(get_ok(&c, &r.url("/api/x")).await.status, 200);
+    let g = rec["generation"].as_u64().unwrap();
+    pg.wait_generation(g + 2, S(10)).await;
+    let after = pg.psql(&format!(
+        "SELECT family FROM tokenproxy_credentials WHERE name = '{CRED}'"
+    ));
+    assert_eq!(
+        after, family,
+        "the same family carried on; the seed was not re-adopted"
+    );
+    stack.assert_no_reuse();
+}
+
+/// The store's own rules, through the library: writes are fenced on the
+/// identity read, and a second lease waits for the first to be released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_store_fences_writes_and_serialises_leases() {
+    use tokenproxy::token::store::{Record, Store, StoreError};
+    let Some(pg) = Pg::start() else { return };
+    let cfg = tokenproxy::config::StoreConfig {
+        kind: tokenproxy::config::StoreKind::Postgres,
+        path: PathBuf::from("unused"),
+        url: Some(tokenproxy::secret::Secret::new(pg.url())),
+        encryption_key: None,
+    };
+    let store = Store::open_config(&cfg).await.expect("store opens");
+    let rec = |family: &str, generation: u64| Record {
+        token_url: "http://127.0.0.1/token".into(),
+        client_id: "c".into(),
+        family: family.into(),
+        generation,
+        refresh_token: Some(tokenproxy::secret::Secret::new("rt")),
+        access_token: None,
+        access_expires_at_ms: None,
+        access_issued_at_ms: None,
+        refresh_expires_at_ms: None,
+        seeds_seen: vec!["fp".into()],
+        intent: None,
+        dead: None,
+        updated_at_ms: 0,
+    };
+    store.write("x", &rec("f", 0), None).await.unwrap();
+    assert!(matches!(
+        store.write("x", &rec("g", 0), None).await,
+        Err(StoreError::Fenced { .. })
+    ));
+    store
+        .write("x", &rec("f", 1), Some(("f", 0)))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            store.write("x", &rec("f", 1), Some(("f", 0))).await,
+            Err(StoreError::Fenced { .. })
+        ),
+        "a stale writer (generation 0) cannot overwrite generation 1"
+    );
+    let back = store.read("x").await.unwrap().unwrap();
+    assert_eq!((back.family.as_str(), back.generation), ("f", 1));
+    assert_eq!(back.seeds_seen, vec!["fp".to_owned()]);
+
+    let held = store.lock_credential("x").await.unwrap();
+    let s2 = store.clone();
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let l = s2.lock_credential("x").await.unwrap();
+        let _ = tx.send(());
+        let _ = l.release().await;
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(rx.try_recv().is_err(), "the second lease must wait");
+    held.release().await.unwrap();
+    tokio::time::timeout(S(5), rx)
+        .await
+        .expect("the waiter gets the lease at once after the release")
+        .unwrap();
+}

@@ -100,10 +100,13 @@ pub enum LogFormat {
 
 #[derive(Debug, Clone)]
 pub struct LogConfig {
-    /// Default json.
+    /// Default json, or pretty when stderr is a terminal.
     pub format: LogFormat,
     /// An `EnvFilter` directive; default `info`.
     pub level: String,
+    /// One info line per request (route, method, path without query,
+    /// status, durations). Default false.
+    pub access: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

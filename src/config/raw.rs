@@ -57,6 +57,7 @@ pub struct RawStore {
 pub struct RawLog {
     pub format: Option<String>,
     pub level: Option<String>,
+    pub access: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -489,6 +489,8 @@ fn store(r: RawStore, cx: &mut Ctx<'_>) -> StoreConfig {
 
 fn log(r: RawLog, cx: &mut Ctx<'_>) -> LogConfig {
     let format = match cx.str("log.format", r.format.as_ref()).as_deref() {
+        // Unset: people at a terminal get lines they can read, collectors JSON.
+        None if std::io::IsTerminal::is_terminal(&std::io::stderr()) => LogFormat::Pretty,
         None | Some("json") => LogFormat::Json,
         Some("pretty") => LogFormat::Pretty,
         Some(other) => {
@@ -505,7 +507,11 @@ fn log(r: RawLog, cx: &mut Ctx<'_>) -> LogConfig {
             format!("{level:?} is not a log filter ({e}); expected e.g. \"info\" or \"info,tokenproxy=debug\""),
         );
     }
-    LogConfig { format, level }
+    LogConfig {
+        format,
+        level,
+        access: r.access.unwrap_or(false),
+    }
 }
 
 fn credential(name: &str, r: &RawCredential, cx: &mut Ctx<'_>) -> Option<CredentialConfig> {

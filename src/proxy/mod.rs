@@ -79,6 +79,8 @@ pub struct Proxy {
     shutdown_grace: Duration,
     /// Requests that matched no route.
     unrouted: crate::metrics::RouteMetrics,
+    /// `log.access`: one info line per request.
+    access_log: bool,
 }
 
 /// What the pipeline knows about the connection a request came on.
@@ -180,6 +182,7 @@ impl Proxy {
             max_connections: config.server.max_connections.max(1),
             shutdown_grace: config.server.shutdown_grace,
             unrouted: crate::metrics::metrics().route("none"),
+            access_log: config.log.access,
         }))
     }
 
@@ -193,6 +196,8 @@ impl Proxy {
         let start = Instant::now();
         let request_id = headers::request_id(req.headers());
         let method = req.method().clone();
+        // Only paid for when the access log is on; never the query string.
+        let path = self.access_log.then(|| req.uri().path().to_owned());
         let mut route = None;
         let mut resp = match self.forward(req, conn, &request_id, &mut route).await {
             Ok(r) => r,
@@ -217,6 +222,18 @@ impl Proxy {
                 .unwrap_or(""),
             "Request served"
         );
+        if let Some(path) = path {
+            tracing::info!(
+                event = "access",
+                route = route.map_or("", |r| r.label.as_str()),
+                method = method.as_str(),
+                path = path.as_str(),
+                status = resp.status().as_u16(),
+                duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+                request_id = request_id.to_str().unwrap_or(""),
+                "Request"
+            );
+        }
         resp
     }
 
@@ -610,6 +627,7 @@ mod tests {
             log: LogConfig {
                 format: LogFormat::Json,
                 level: "debug".into(),
+                access: false,
             },
             credentials: Default::default(),
             routes,

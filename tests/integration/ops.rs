@@ -529,3 +529,41 @@ async fn sighup_applies_a_changed_route_and_keeps_the_old_config_when_broken() {
     assert_eq!(health.status, 200);
     stack.assert_no_reuse();
 }
+
+/// `log.access = true`: one info line per request, path without its query.
+#[tokio::test]
+async fn access_log_lines_name_the_request_but_never_the_query() {
+    use crate::harness::{free_port, get_ok, http, ChildProxy, Stack, StackOpts};
+    let stack = Stack::start(StackOpts::default()).await;
+    let ports = (free_port(), free_port());
+    let text = stack
+        .toml(ports.0, ports.1, "")
+        .replace("level = \"info\"", "level = \"info\"\naccess = true");
+    let path = stack.dir.path().join("access.toml");
+    std::fs::write(&path, text).unwrap();
+    let proxy = ChildProxy::start(stack.dir.path(), "access", &path, ports).await;
+    let c = http();
+    get_ok(&c, &proxy.url("/api/hello?access_token=query-secret")).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let line = loop {
+        let found = proxy
+            .log_events()
+            .into_iter()
+            .find(|e| e["event"] == "access");
+        if let Some(l) = found {
+            break l;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no access line: {}",
+            proxy.output()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(line["path"], "/api/hello");
+    assert_eq!(line["route"], "/api/");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["method"], "GET");
+    assert!(line["request_id"].as_str().is_some_and(|r| !r.is_empty()));
+    assert!(!proxy.output().contains("query-secret"));
+}

@@ -78,6 +78,7 @@ pub fn config(routes: Vec<RouteConfig>) -> Config {
         log: LogConfig {
             format: LogFormat::Pretty,
             level: "info".to_owned(),
+            access: false,
         },
         credentials: BTreeMap::new(),
         routes,

@@ -234,6 +234,10 @@ impl Proxy {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::MethodNotAllowed);
         }
+        // Two Hosts: which one would the allowlist and the router see?
+        if req.headers().get_all(HOST).iter().nth(1).is_some() {
+            return Err(ProxyError::BadRequest("more than one Host header"));
+        }
         let original_host = original_host(&req).ok_or(ProxyError::BadRequest("missing Host"))?;
         let host = original_host
             .to_str()

@@ -5,6 +5,8 @@ mod doctor;
 mod egress;
 mod engine;
 mod harness;
+mod hostile;
+mod idp_faults;
 mod login;
 mod proxy;
 mod reactive;

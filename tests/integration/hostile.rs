@@ -659,3 +659,19 @@ async fn admin_mutations_unreachable_from_a_browser_form() {
     assert!(stack.refresh_grants() > refreshes);
     app.shutdown().await;
 }
+
+/// A `Connection` value with an obs-text byte still has its listed headers
+/// stripped (found by the hop-by-hop property test).
+#[tokio::test]
+async fn connection_listed_headers_stripped_even_with_obs_text() {
+    let up = echo().await;
+    let p = start_proxy(vec![route("/api/", &up.url())]).await;
+    let out = exchange(
+        p.addr,
+        b"GET /api/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: x-secret, \xffobs, close\r\nX-Secret: 1\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status_of(&out), 200, "{out}");
+    assert!(!out.contains("x-secret"), "{out}");
+}

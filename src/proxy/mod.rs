@@ -750,3 +750,22 @@ mod tests {
         assert!(warn.to_ascii_lowercase().contains("refused"), "{warn}");
     }
 }
+
+/// Entry points for the fuzz targets in `fuzz/` (not a public API).
+#[doc(hidden)]
+pub mod fuzzing {
+    /// The router's path check.
+    pub fn check_path(path: &str) -> Result<(), &'static str> {
+        super::router::check_path(path)
+    }
+
+    /// Hop-by-hop stripping, as done on every forwarded message.
+    pub fn strip_hop_by_hop(headers: &mut http::HeaderMap, tunnel: bool) {
+        super::headers::strip_hop_by_hop(headers, tunnel)
+    }
+
+    /// Longest-prefix routing over `prefixes` (no hosts).
+    pub fn route(prefixes: &[&str], path: &str) -> Option<usize> {
+        super::router::Router::new(prefixes.iter().map(|p| (*p, None))).find("localhost", path)
+    }
+}

@@ -102,6 +102,13 @@ trap 'rm -f "$out"' EXIT
 status=0
 cargo test --all-targets --locked "$@" 2>&1 | tee "$out" || status=$?
 
+# The chaos soak, 60 s (debug build): kill -9s, IdP faults, must-be-zero
+# figures checked by the example itself (exit 1 otherwise).
+if [ "$status" -eq 0 ]; then
+    log "cargo run --example soak -- --seconds 60"
+    cargo run --locked --example soak -- --seconds 60 2>&1 | tee -a "$out" || status=$?
+fi
+
 interop_status=skipped
 if [ "${TESTS_SKIP_INTEROP:-0}" != 1 ]; then
     log "interop: npm ci in tests/interop, cargo build, node tests/interop/run.mjs"
@@ -113,7 +120,7 @@ fi
 
 echo
 echo "== summary =="
-grep -E '^\s+Running |^test result: |^INTEROP: |^interop: ' "$out" | sed -E 's/^\s+//' || true
+grep -E '^\s+Running |^test result: |^MUST BE 0|^PASS$|^FAIL|^INTEROP: |^interop: ' "$out" | sed -E 's/^\s+//' || true
 if [ "$status" -ne 0 ]; then
     echo "FAILED (cargo test exited with $status)"
 fi

@@ -785,3 +785,132 @@ fn wrong_table_shapes() {
     let e = err_at(t, "credentials.gh", "gh = 5");
     assert!(e.message.ends_with("expected a table"), "{e}");
 }
+
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn line() -> impl Strategy<Value = String> {
+        let key = prop_oneof![
+            Just("listen"),
+            Just("hosts"),
+            Just("max_connections"),
+            Just("worker_threads"),
+            Just("shutdown_grace"),
+            Just("path"),
+            Just("kind"),
+            Just("format"),
+            Just("level"),
+            Just("grant"),
+            Just("token_url"),
+            Just("client_id"),
+            Just("client_secret"),
+            Just("refresh_token"),
+            Just("refresh_wait"),
+            Just("max_backoff"),
+            Just("default_lifetime"),
+            Just("path_prefix"),
+            Just("upstream"),
+            Just("credential"),
+            Just("header"),
+            Just("refresh_on"),
+            Just("replay_max_body"),
+            Just("scopes"),
+            Just("upgrades"),
+            Just("unknown_key"),
+            Just("a.b"),
+            Just("\"quoted key\""),
+        ];
+        let value = prop_oneof![
+            Just("\"127.0.0.1:0\"".to_owned()),
+            Just("\"unix:/tmp/x.sock\"".to_owned()),
+            Just("\"http://127.0.0.1:1/token\"".to_owned()),
+            Just("\"https://idp.example/t\"".to_owned()),
+            Just("\"/api/\"".to_owned()),
+            Just("\"user\"".to_owned()),
+            Just("\"refresh_token\"".to_owned()),
+            Just("\"${MISSING}\"".to_owned()),
+            Just("\"${GITHUB_CLIENT_SECRET}\"".to_owned()),
+            Just("\"10s\"".to_owned()),
+            Just("\"-1s\"".to_owned()),
+            Just("\"64KiB\"".to_owned()),
+            Just("[401, 403]".to_owned()),
+            Just("[]".to_owned()),
+            Just("{}".to_owned()),
+            Just("true".to_owned()),
+            Just("0".to_owned()),
+            Just("-1".to_owned()),
+            Just("99999999999999999999".to_owned()),
+            Just("1e308".to_owned()),
+            Just("nan".to_owned()),
+            Just("1979-05-27T07:32:00Z".to_owned()),
+            Just("\"\"".to_owned()),
+            "\"[ -~&&[^\"\\\\]]{0,12}\"",
+            "[0-9]{1,6}",
+        ];
+        let header = prop_oneof![
+            Just("[server]"),
+            Just("[admin]"),
+            Just("[store]"),
+            Just("[log]"),
+            Just("[credentials.user]"),
+            Just("[credentials.\"we ird\"]"),
+            Just("[[routes]]"),
+            Just("[routes]"),
+            Just("[[credentials]]"),
+            Just("[unknown]"),
+            Just("[server.x]"),
+        ];
+        prop_oneof![
+            3 => (key, value).prop_map(|(k, v)| format!("{k} = {v}")),
+            1 => header.prop_map(str::to_owned),
+            1 => "[ -~]{0,20}",
+        ]
+    }
+
+    fn mutated_example() -> impl Strategy<Value = String> {
+        let lines: Vec<String> = EXAMPLE.lines().map(str::to_owned).collect();
+        let n = lines.len();
+        (proptest::collection::vec((0..n, 0..3u8, line()), 1..4)).prop_map(move |edits| {
+            let mut l = lines.clone();
+            for (i, op, new) in edits {
+                let i = i.min(l.len().saturating_sub(1));
+                match op {
+                    0 if !l.is_empty() => {
+                        l.remove(i);
+                    }
+                    1 => l.insert(i, new),
+                    _ if !l.is_empty() => l[i] = new,
+                    _ => {}
+                }
+            }
+            l.join("\n")
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Never panics; every rejection names a key or a line.
+        #[test]
+        fn loader_never_panics_and_every_error_is_located(
+            text in prop_oneof![
+                proptest::collection::vec(line(), 0..16).prop_map(|l| l.join("\n")),
+                mutated_example(),
+                "\\PC{0,200}",
+            ]
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            if let Err(ConfigErrors(errors)) = parse(&text, &dir.path().join("p.toml"), &env) {
+                prop_assert!(!errors.is_empty());
+                for e in &errors {
+                    prop_assert!(
+                        !e.key.is_empty() || e.line > 0,
+                        "unlocated error: {e:?}\n---\n{text}"
+                    );
+                    prop_assert!(!e.message.is_empty());
+                }
+            }
+        }
+    }
+}

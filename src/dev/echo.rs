@@ -58,6 +58,8 @@ struct EchoInner {
 struct EchoState {
     check: TokenCheck,
     requests: AtomicUsize,
+    /// Non-public requests without a token the check accepts (answered 401).
+    unauthorized: AtomicUsize,
     // Filled in after binding (port 0); read by `/redirect`.
     url: parking_lot::RwLock<String>,
 }
@@ -96,6 +98,7 @@ impl EchoUpstream {
         let state = Arc::new(EchoState {
             check,
             requests: AtomicUsize::new(0),
+            unauthorized: AtomicUsize::new(0),
             url: parking_lot::RwLock::new(String::new()),
         });
         let handler_state = state.clone();
@@ -124,6 +127,11 @@ impl EchoUpstream {
     /// Requests received so far (all paths, including rejected ones).
     pub fn requests(&self) -> usize {
         self.inner.state.requests.load(Ordering::Relaxed)
+    }
+
+    /// Requests that came without a valid token (each answered 401).
+    pub fn unauthorized(&self) -> usize {
+        self.inner.state.unauthorized.load(Ordering::Relaxed)
     }
 }
 
@@ -197,6 +205,7 @@ async fn handle(state: Arc<EchoState>, req: Request<Incoming>) -> Response<DevBo
     let public = segments.contains(&"public");
     let token_ok = presented_token(req.headers()).is_some_and(|t| (state.check)(t));
     if !public && !token_ok {
+        state.unauthorized.fetch_add(1, Ordering::Relaxed);
         let mut resp = json_response(
             StatusCode::UNAUTHORIZED,
             &serde_json::json!({

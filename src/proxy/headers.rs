@@ -26,12 +26,12 @@ static HOP_BY_HOP: [HeaderName; 6] = [
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, tunnel: bool) {
     if headers.contains_key(CONNECTION) {
         // Names the sender marked as hop-by-hop for this connection only.
+        // Bytes, not `to_str`: one obs-text byte must not hide the list.
         let listed: Vec<HeaderName> = headers
             .get_all(CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
             .collect();
         headers.remove(CONNECTION);
         for name in listed {
@@ -468,5 +468,85 @@ mod tests {
             r#"<http://127.0.0.1:8080/gh/user/repos?page=2>; rel="next", <https://elsewhere.com/x>; rel="help", <http://127.0.0.1:8080/gh/user/repos?page=9>; rel="last""#
         );
         assert_eq!(r.rewrite_link("<https://x.com/>; rel=a", "http://h"), None);
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("connection".to_owned()),
+            Just("keep-alive".to_owned()),
+            Just("proxy-connection".to_owned()),
+            Just("proxy-authorization".to_owned()),
+            Just("proxy-authenticate".to_owned()),
+            Just("transfer-encoding".to_owned()),
+            Just("upgrade".to_owned()),
+            Just("te".to_owned()),
+            Just("trailer".to_owned()),
+            Just("x-secret".to_owned()),
+            Just("authorization".to_owned()),
+            "[a-z][a-z0-9-]{0,10}",
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            Just(b"trailers".to_vec()),
+            Just(b"x-secret, keep-alive".to_vec()),
+            Just(b"close".to_vec()),
+            Just(b"x-secret, \xffobs".to_vec()),
+            "[ -~]{0,24}".prop_map(String::into_bytes),
+            // obs-text: not valid UTF-8, still a valid header value.
+            proptest::collection::vec(prop_oneof![0x20u8..0x7f, 0x80u8..=0xff, Just(b',')], 0..24),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// No hop-by-hop header, and nothing `Connection` listed, survives;
+        /// `TE` survives only as `trailers`; `Connection`/`Upgrade` only
+        /// when tunnelling.
+        #[test]
+        fn stripping_never_leaves_a_hop_by_hop_header(
+            pairs in proptest::collection::vec((name(), value()), 0..12),
+            tunnel in any::<bool>(),
+        ) {
+            let mut h = HeaderMap::new();
+            for (n, v) in &pairs {
+                if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n.as_bytes()), HeaderValue::from_bytes(v)) {
+                    h.append(n, v);
+                }
+            }
+            let listed: Vec<HeaderName> = h
+                .get_all(CONNECTION)
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+                .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
+                .collect();
+            strip_hop_by_hop(&mut h, tunnel);
+            for n in &HOP_BY_HOP {
+                if !(tunnel && n == UPGRADE) {
+                    prop_assert!(!h.contains_key(n), "{n} left in {h:?}");
+                }
+            }
+            for n in &listed {
+                let kept = (tunnel && (n == UPGRADE || n == CONNECTION)) || n == TE;
+                prop_assert!(kept || !h.contains_key(n), "listed {n} left in {h:?}");
+            }
+            if tunnel {
+                prop_assert_eq!(h.get_all(CONNECTION).iter().count(), 1);
+                prop_assert_eq!(&h[CONNECTION], "upgrade");
+            } else {
+                prop_assert!(!h.contains_key(CONNECTION));
+            }
+            for v in h.get_all(TE) {
+                prop_assert_eq!(v, "trailers");
+            }
+        }
     }
 }

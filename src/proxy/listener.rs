@@ -14,10 +14,12 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +29,14 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bigger heads get hyper's `431`.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// More header fields get hyper's `431` (HTTP/1).
+const MAX_HEADERS: usize = 100;
+/// HTTP/2 abuse limits: streams open at once per connection, streams the
+/// client reset before we accepted them (rapid reset, CVE-2023-44487), and
+/// streams we had to reset for its errors; beyond the last two, GOAWAY.
+const H2_MAX_CONCURRENT_STREAMS: u32 = 100;
+const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
 
 /// A bound listening socket.
 #[derive(Debug)]
@@ -125,11 +135,15 @@ pub async fn serve_shared(listener: Listener, shared: SharedProxy, shutdown: Can
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEADER_BYTES);
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES as u32);
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS);
     let builder = Arc::new(builder);
 
     loop {
@@ -241,8 +255,73 @@ async fn serve_conn<I>(
         let proxy = shared.load_full();
         async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
     });
+    let first_byte = Arc::new(AtomicBool::new(false));
+    let io = FirstByte {
+        inner: io,
+        seen: first_byte.clone(),
+    };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    if let Err(e) = watcher.watch(conn.into_owned()).await {
-        tracing::debug!(error = %forward::cause_chain(&*e), "Connection ended with an error");
+    let conn = watcher.watch(conn.into_owned());
+    // hyper's header read timeout starts only once the HTTP version is
+    // sniffed, i.e. after the first bytes: a connection that sends nothing
+    // would hold its `max_connections` permit forever.
+    let silent = async {
+        tokio::time::sleep(HEADER_READ_TIMEOUT).await;
+        if first_byte.load(Ordering::Relaxed) {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        r = conn => if let Err(e) = r {
+            tracing::debug!(error = %forward::cause_chain(&*e), "Connection ended with an error");
+        },
+        _ = silent => tracing::debug!("Connection closed: no request within the header read timeout"),
+    }
+}
+
+/// Notes whether any byte was ever read from the connection.
+struct FirstByte<I> {
+    inner: I,
+    seen: Arc<AtomicBool>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for FirstByte<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.seen.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for FirstByte<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -251,6 +251,10 @@ impl Proxy {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::MethodNotAllowed);
         }
+        // Two Hosts: which one would the allowlist and the router see?
+        if req.headers().get_all(HOST).iter().nth(1).is_some() {
+            return Err(ProxyError::BadRequest("more than one Host header"));
+        }
         let original_host = original_host(&req).ok_or(ProxyError::BadRequest("missing Host"))?;
         let host = original_host
             .to_str()
@@ -770,5 +774,24 @@ mod tests {
             .find(|l| l.contains("Upstream unreachable"))
             .expect("upstream error logged");
         assert!(warn.to_ascii_lowercase().contains("refused"), "{warn}");
+    }
+}
+
+/// Entry points for the fuzz targets in `fuzz/` (not a public API).
+#[doc(hidden)]
+pub mod fuzzing {
+    /// The router's path check.
+    pub fn check_path(path: &str) -> Result<(), &'static str> {
+        super::router::check_path(path)
+    }
+
+    /// Hop-by-hop stripping, as done on every forwarded message.
+    pub fn strip_hop_by_hop(headers: &mut http::HeaderMap, tunnel: bool) {
+        super::headers::strip_hop_by_hop(headers, tunnel)
+    }
+
+    /// Longest-prefix routing over `prefixes` (no hosts).
+    pub fn route(prefixes: &[&str], path: &str) -> Option<usize> {
+        super::router::Router::new(prefixes.iter().map(|p| (*p, None))).find("localhost", path)
     }
 }

@@ -213,3 +213,95 @@ mod tests {
         assert_eq!(r.find("x.localhost", "/x/y"), Some(1));
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// RFC 3986 §5.2.4 on a fully percent-decoded path: what the most
+    /// lenient upstream could make of it.
+    fn resolve(path: &[u8]) -> Vec<Vec<u8>> {
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        for seg in path.split(|&b| b == b'/' || b == b'\\') {
+            match seg {
+                b"." | b"" => {}
+                b".." => {
+                    out.pop();
+                }
+                s => out.push(s.to_vec()),
+            }
+        }
+        out
+    }
+
+    fn segment() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("..".to_owned()),
+            Just(".".to_owned()),
+            Just("".to_owned()),
+            Just("%2e%2e".to_owned()),
+            Just("%2E.".to_owned()),
+            Just("%2f".to_owned()),
+            Just("%5c".to_owned()),
+            Just("%c0%ae".to_owned()),
+            Just("%25".to_owned()),
+            Just("..;x".to_owned()),
+            Just("a".to_owned()),
+            Just("b".to_owned()),
+            Just("api".to_owned()),
+            "[a-z0-9._~%;\\\\-]{0,6}",
+        ]
+    }
+
+    fn path() -> impl Strategy<Value = String> {
+        proptest::collection::vec(segment(), 0..8).prop_map(|s| format!("/{}", s.join("/")))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// A path the check accepts and the router maps to a prefix stays
+        /// under that prefix even after decoding and dot-segment removal.
+        #[test]
+        fn never_maps_a_path_outside_its_prefix(p in path()) {
+            let router = Router::new([("/a/", None), ("/a/b/", None), ("/api/", None)]);
+            let prefixes = ["/a/", "/a/b/", "/api/"];
+            if check_path(&p).is_ok() {
+                if let Some(i) = router.find("localhost", &p) {
+                    let prefix = prefixes[i];
+                    prop_assert!(p.starts_with(prefix) || p == prefix[..prefix.len() - 1]);
+                    let decoded: Vec<u8> = percent_decode_str(&p).collect();
+                    let resolved = resolve(&decoded);
+                    let want = resolve(prefix.as_bytes());
+                    prop_assert!(resolved.starts_with(&want), "{p} resolves outside {prefix}");
+                    // The upstream-side path after stripping the prefix
+                    // cannot climb out either.
+                    let rest = &p[prefix.len().min(p.len())..];
+                    let rest: Vec<u8> = percent_decode_str(rest).collect();
+                    prop_assert!(!rest.split(|&b| b == b'/').any(|s| s == b".."));
+                }
+            }
+        }
+
+        /// The check is a pure function of the path, never panics, and
+        /// whatever it accepts stays accepted with a trailing segment added
+        /// (so a prefix cannot be accepted while its extension is not by
+        /// accident of position).
+        #[test]
+        fn check_is_consistent(p in path(), extra in "[a-z]{1,4}") {
+            let first = check_path(&p);
+            prop_assert_eq!(first, check_path(&p));
+            if first.is_ok() && !p.ends_with('/') {
+                let longer = format!("{p}/{extra}");
+                prop_assert!(check_path(&longer).is_ok(), "{}", longer);
+            }
+        }
+
+        /// Arbitrary bytes: never a panic.
+        #[test]
+        fn check_never_panics(p in "\\PC{0,40}") {
+            let _ = check_path(&p);
+        }
+    }
+}

@@ -963,3 +963,96 @@ mod tests {
         assert_eq!(sanitize("abcdef", 3), "abc…");
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn json_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("\"\"".to_owned()),
+            Just("null".to_owned()),
+            Just("0".to_owned()),
+            Just("-1".to_owned()),
+            Just("1e400".to_owned()),
+            Just("99999999999999999999".to_owned()),
+            Just("\"Bearer\"".to_owned()),
+            Just("\"DPoP\"".to_owned()),
+            Just("\"invalid_grant\"".to_owned()),
+            Just("\"a.eyJleHAiOjEsImlhdCI6Mn0.c\"".to_owned()),
+            Just("{}".to_owned()),
+            Just("[]".to_owned()),
+            "\"[ -~]{0,12}\"",
+            "-?[0-9]{1,12}(\\.[0-9]{1,3})?",
+        ]
+    }
+
+    fn key() -> impl Strategy<Value = &'static str> {
+        prop_oneof![
+            Just("access_token"),
+            Just("token_type"),
+            Just("expires_in"),
+            Just("refresh_token"),
+            Just("refresh_token_expires_in"),
+            Just("scope"),
+            Just("id_token"),
+            Just("error"),
+            Just("error_description"),
+            Just("other"),
+        ]
+    }
+
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec((key(), json_value()), 0..6).prop_map(|kv| {
+                let members: Vec<String> = kv.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                format!("{{{}}}", members.join(",")).into_bytes()
+            }),
+            proptest::collection::vec((key(), "[ -~]{0,10}"), 0..6).prop_map(|kv| {
+                let pairs: Vec<String> = kv.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                pairs.join("&").into_bytes()
+            }),
+            proptest::collection::vec(any::<u8>(), 0..64),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Never panics; never Ok without a non-empty, header-safe token;
+        /// lifetimes are sane when present.
+        #[test]
+        fn token_response_parser_never_accepts_without_a_token(
+            status in prop_oneof![Just(200u16), Just(201), Just(302), Just(400), Just(401), Just(429), Just(500), 100u16..600],
+            ct in prop_oneof![Just("application/json"), Just("application/x-www-form-urlencoded"), Just("text/plain"), Just("application/json; charset=utf-8")],
+            retry_after in proptest::option::of("[ -~]{0,30}"),
+            body in body(),
+        ) {
+            let Ok(status) = StatusCode::from_u16(status) else { return Ok(()) };
+            let mut headers = HeaderMap::new();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+            if let Some(ra) = retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
+                headers.insert(http::header::RETRY_AFTER, ra);
+            }
+            let resp = RawResponse { status, headers, body: Bytes::from(body) };
+            match parse_token_response(&resp, SystemTime::now()) {
+                Ok(set) => {
+                    let t = set.access_token.expose();
+                    prop_assert!(!t.is_empty());
+                    prop_assert!(HeaderValue::from_str(t).is_ok());
+                    prop_assert!(status.is_success());
+                    if let Some(d) = set.expires_in {
+                        prop_assert!(d >= Duration::from_secs(1));
+                    }
+                }
+                Err(e) => {
+                    prop_assert!(!e.message.is_empty());
+                    if let Some(d) = e.retry_after {
+                        prop_assert!(d <= Duration::from_secs(366 * 86400));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -7,6 +7,8 @@ mod egress;
 mod engine;
 mod fleet;
 mod harness;
+mod hostile;
+mod idp_faults;
 mod login;
 mod ops;
 mod proxy;

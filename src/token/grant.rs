@@ -294,6 +294,11 @@ pub struct RawResponse {
     pub body: Bytes,
 }
 
+/// A 2xx we cannot use: the IdP accepted the grant and may have rotated the
+/// refresh token, so presenting it again is not safe without the
+/// lost-rotation checks.
+const ROTATION_UNKNOWN: Delivery = Delivery::MaybeSent;
+
 /// Parses a token endpoint answer. Any body with an `error` member is an error
 /// whatever the status; JSON and form-encoded bodies are both understood.
 pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<TokenSet, GrantError> {
@@ -383,21 +388,21 @@ pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<Token
     }
     let Some(fields) = fields else {
         return Err(GrantError::transient(
-            Delivery::Answered,
+            ROTATION_UNKNOWN,
             Some(status.as_u16()),
             "token endpoint answered a body that is neither JSON nor form-encoded",
         ));
     };
     let Some(access) = fields.get_str("access_token").filter(|t| !t.is_empty()) else {
         return Err(GrantError::transient(
-            Delivery::Answered,
+            ROTATION_UNKNOWN,
             Some(status.as_u16()),
             "token response has no access_token",
         ));
     };
     if HeaderValue::from_str(access).is_err() {
         return Err(GrantError::transient(
-            Delivery::Answered,
+            ROTATION_UNKNOWN,
             Some(status.as_u16()),
             "access_token contains bytes that cannot go in a header",
         ));
@@ -406,7 +411,7 @@ pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<Token
         if !tt.eq_ignore_ascii_case("bearer") {
             return Err(GrantError {
                 class: FailureClass::Config,
-                delivery: Delivery::Answered,
+                delivery: ROTATION_UNKNOWN,
                 status: Some(status.as_u16()),
                 code: None,
                 description: None,
@@ -706,7 +711,7 @@ impl GrantClient {
                         .downcast_ref::<http_body_util::LengthLimitError>()
                         .is_some();
                     GrantError::transient(
-                        if oversized {
+                        if oversized && !parts.status.is_success() {
                             Delivery::Answered
                         } else {
                             Delivery::MaybeSent
@@ -894,6 +899,27 @@ mod tests {
         let e = parse_token_response(&r, now).unwrap_err();
         assert_eq!(e.class, FailureClass::Config);
         assert_eq!(e.redirect_host.as_deref(), Some("login.example.com"));
+    }
+
+    #[test]
+    fn unusable_2xx_may_hide_a_rotation_but_errors_do_not() {
+        let now = SystemTime::now();
+        for body in [
+            "<html>",
+            r#"{"token_type":"bearer"}"#,
+            r#"{"access_token":"a","token_type":"DPoP"}"#,
+        ] {
+            let e = parse_token_response(&raw(200, "application/json", body), now).unwrap_err();
+            assert_eq!(e.delivery, Delivery::MaybeSent, "{body}");
+        }
+        let e = parse_token_response(
+            &raw(400, "application/json", r#"{"error":"invalid_grant"}"#),
+            now,
+        )
+        .unwrap_err();
+        assert_eq!(e.delivery, Delivery::Answered);
+        let e = parse_token_response(&raw(503, "text/plain", "busy"), now).unwrap_err();
+        assert_eq!(e.delivery, Delivery::Answered);
     }
 
     #[test]

@@ -691,7 +691,10 @@ async fn wall_clock_jump_past_expiry_never_injects_expired_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_and_outputs_never_contain_secrets() {
     let stack = Stack::start(StackOpts::default()).await;
-    let (path, ports) = child_config(&stack, "proxy", "");
+    // The unparsable 200 below may hide a rotation: introspection lets the
+    // proxy verify the old token is still active and retry.
+    let introspect = format!("introspection_url = \"{}\"", stack.idp.introspection_url());
+    let (path, ports) = child_config(&stack, "proxy", &introspect);
     let text = std::fs::read_to_string(&path)
         .unwrap()
         .replace("level = \"info\"", "level = \"debug\"");

@@ -65,8 +65,24 @@ struct Run {
 }
 
 async fn start(extra: &str) -> Run {
+    start_with(extra, true).await
+}
+
+/// `introspect`: give the credential an `introspection_url`, so an unusable
+/// 2xx (which may hide a rotation) can be verified and retried.
+async fn start_with(extra: &str, introspect: bool) -> Run {
     let stack = Stack::start(StackOpts::default()).await;
-    let app = stack.app(&format!("max_backoff = \"1s\"\n{extra}")).await;
+    let introspection = if introspect && !extra.contains("introspection_url") {
+        format!(
+            "introspection_url = \"{}\"\n",
+            stack.idp.introspection_url()
+        )
+    } else {
+        String::new()
+    };
+    let app = stack
+        .app(&format!("max_backoff = \"1s\"\n{introspection}{extra}"))
+        .await;
     let generation = stack.wait_generation(1, S(10)).await;
     let stop = Arc::new(AtomicBool::new(false));
     let url = format!("http://{}/api/x", app.proxy_addr.unwrap());
@@ -485,4 +501,22 @@ async fn reuse_never_happens_under_a_mix_of_faults() {
     })
     .await;
     run.recovers().await;
+}
+
+/// Without `introspection_url` or `reuse_grace`, an unusable 2xx is a
+/// possible lost rotation: the IdP may have rotated and its answer is lost.
+/// The credential goes Dead `lost_rotation` instead of presenting the old
+/// refresh token again on a guess.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_2xx_without_introspection_is_a_lost_rotation() {
+    let run = start_with("", false).await;
+    run.stack
+        .idp
+        .push_fault(body(200, "{\"token_type\":\"Bearer\"}".into()));
+    let st = run.wait_outcome("lost_rotation").await;
+    assert_hint(&st);
+    let grants = run.stack.refresh_grants();
+    tokio::time::sleep(S(2)).await;
+    assert_eq!(run.stack.refresh_grants(), grants, "no retry on a guess");
+    run.finish().await;
 }

@@ -241,14 +241,14 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.server.listen != new.server.listen {
         keys.push("server.listen");
     }
-    if old.server.tls_cert != new.server.tls_cert || old.server.tls_key != new.server.tls_key {
-        keys.push("server.tls_cert/tls_key");
-    }
     if old.server.worker_threads != new.server.worker_threads {
         keys.push("server.worker_threads");
     }
     if old.server.max_connections != new.server.max_connections {
         keys.push("server.max_connections");
+    }
+    if old.server.header_read_timeout != new.server.header_read_timeout {
+        keys.push("server.header_read_timeout");
     }
     if old.admin.listen != new.admin.listen {
         keys.push("admin.listen");
@@ -262,6 +262,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
 /// The files whose change triggers a reload: the config and its secrets.
 fn watched_files(config: &Config) -> Vec<PathBuf> {
     let mut files = vec![config.source.clone()];
+    // A renewed listener certificate (cert-manager, certbot) applies by itself.
+    files.extend(config.server.tls_cert.clone());
+    files.extend(config.server.tls_key.clone());
     for c in config.credentials.values() {
         files.extend(c.client_secret_file.clone());
         files.extend(c.refresh_token_file.clone());

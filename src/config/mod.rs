@@ -64,6 +64,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Default 20s.
     pub shutdown_grace: Duration,
+    /// Default 10s: a client must send its request head within this.
+    pub header_read_timeout: Duration,
     pub egress_proxy: Option<Uri>,
 }
 

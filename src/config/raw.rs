@@ -32,6 +32,7 @@ pub struct RawServer {
     pub worker_threads: Option<i64>,
     pub max_connections: Option<i64>,
     pub shutdown_grace: Option<String>,
+    pub header_read_timeout: Option<String>,
     pub egress_proxy: Option<String>,
 }
 

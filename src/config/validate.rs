@@ -382,6 +382,17 @@ fn server(r: RawServer, cx: &mut Ctx<'_>) -> ServerConfig {
         r.shutdown_grace.as_ref(),
         Duration::from_secs(20),
     );
+    let header_read_timeout = cx.duration(
+        "server.header_read_timeout",
+        r.header_read_timeout.as_ref(),
+        Duration::from_secs(10),
+    );
+    if header_read_timeout.is_zero() {
+        cx.err(
+            "server.header_read_timeout",
+            "is 0s; expected a positive duration (slow clients must not hold connections forever)",
+        );
+    }
     // An empty value (`${HTTPS_PROXY:-}` unset) means no proxy.
     let egress_proxy = match cx.str("server.egress_proxy", r.egress_proxy.as_ref()) {
         Some(s) if s.trim().is_empty() => None,
@@ -396,6 +407,7 @@ fn server(r: RawServer, cx: &mut Ctx<'_>) -> ServerConfig {
         worker_threads,
         max_connections,
         shutdown_grace,
+        header_read_timeout,
         egress_proxy,
     }
 }

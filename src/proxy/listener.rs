@@ -25,7 +25,6 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 /// Slowloris guard: the whole request head must arrive within this.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bigger heads get hyper's `431`.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -134,7 +133,7 @@ pub async fn serve_shared(listener: Listener, shared: SharedProxy, shutdown: Can
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(proxy.header_read_timeout)
         .max_buf_size(MAX_HEADER_BYTES)
         .max_headers(MAX_HEADERS);
     builder
@@ -167,13 +166,15 @@ pub async fn serve_shared(listener: Listener, shared: SharedProxy, shutdown: Can
                 continue;
             }
         };
-        let proxy = proxy.clone();
+        // The current proxy's TLS acceptor: a reload rotates certificates
+        // for new connections without touching open ones.
+        let tls = shared.load().tls.clone();
         let shared = shared.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
-            match (&proxy.tls, io) {
+            match (tls, io) {
                 (None, Accepted::Tcp(s)) => {
                     serve_conn(s, remote_ip, false, shared, &builder, watcher).await
                 }
@@ -251,6 +252,7 @@ async fn serve_conn<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let info = ConnInfo { remote_ip, tls };
+    let header_read_timeout = shared.load().header_read_timeout;
     let service = service_fn(move |req| {
         let proxy = shared.load_full();
         async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
@@ -266,7 +268,7 @@ async fn serve_conn<I>(
     // sniffed, i.e. after the first bytes: a connection that sends nothing
     // would hold its `max_connections` permit forever.
     let silent = async {
-        tokio::time::sleep(HEADER_READ_TIMEOUT).await;
+        tokio::time::sleep(header_read_timeout).await;
         if first_byte.load(Ordering::Relaxed) {
             std::future::pending::<()>().await;
         }

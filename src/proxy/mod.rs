@@ -77,6 +77,7 @@ pub struct Proxy {
     tls: Option<tokio_rustls::TlsAcceptor>,
     max_connections: usize,
     shutdown_grace: Duration,
+    header_read_timeout: Duration,
     /// Requests that matched no route.
     unrouted: crate::metrics::RouteMetrics,
     /// `log.access`: one info line per request.
@@ -181,6 +182,7 @@ impl Proxy {
             tls,
             max_connections: config.server.max_connections.max(1),
             shutdown_grace: config.server.shutdown_grace,
+            header_read_timeout: config.server.header_read_timeout,
             unrouted: crate::metrics::metrics().route("none"),
             access_log: config.log.access,
         }))
@@ -615,6 +617,7 @@ mod tests {
                 worker_threads: 2,
                 max_connections: 100,
                 shutdown_grace: Duration::from_secs(1),
+                header_read_timeout: Duration::from_secs(10),
                 egress_proxy: None,
             },
             admin: AdminConfig {

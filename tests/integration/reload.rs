@@ -95,3 +95,43 @@ async fn file_change_reloads_and_a_new_seed_revives_a_dead_credential() {
     assert_eq!(idp.reuse_count(), 0);
     app.shutdown().await;
 }
+
+/// The TLS listener follows the config on reload: certificates are read
+/// again, and new connections use the new settings (here: TLS turned off).
+#[tokio::test]
+async fn reload_applies_new_listener_tls_settings_to_new_connections() {
+    let idp = DevIdp::start("127.0.0.1:0".parse().unwrap(), IdpOptions::default())
+        .await
+        .unwrap();
+    let echo = EchoUpstream::start("127.0.0.1:0".parse().unwrap(), idp.token_check())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/src/dev/testdata");
+    let seed = idp.issue_refresh_token("demo-client", "u");
+    let plain = config_text(&idp, &echo, &seed, "");
+    let with_tls = plain.replace(
+        "listen = \"127.0.0.1:0\"\n[admin]",
+        &format!(
+            "listen = \"127.0.0.1:0\"\ntls_cert = \"{data}/test-leaf.pem\"\ntls_key = \"{data}/test-leaf.key\"\n[admin]"
+        ),
+    );
+    assert_ne!(plain, with_tls);
+    std::fs::write(&path, &with_tls).unwrap();
+    let app = App::start(&tokenproxy::config::load(&path).unwrap())
+        .await
+        .unwrap();
+    let addr = app.proxy_addr.unwrap();
+    let plain_request = "GET /api/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let answer = crate::support::raw(addr, plain_request).await;
+    assert!(
+        !answer.starts_with("HTTP/1.1 200"),
+        "a TLS listener must not answer plain HTTP: {answer}"
+    );
+    std::fs::write(&path, &plain).unwrap();
+    app.reload().await.unwrap();
+    let answer = crate::support::raw(addr, plain_request).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    app.shutdown().await;
+}

@@ -62,6 +62,7 @@ pub fn config(routes: Vec<RouteConfig>) -> Config {
             worker_threads: 2,
             max_connections: 10_000,
             shutdown_grace: Duration::from_secs(5),
+            header_read_timeout: Duration::from_secs(10),
             egress_proxy: None,
         },
         admin: AdminConfig {

@@ -288,7 +288,7 @@ impl Proxy {
         // Nothing goes upstream without its token.
         let injected = route
             .token
-            .get()
+            .get_for(request_id.to_str().ok())
             .await
             .map_err(ProxyError::CredentialUnavailable)?;
 
@@ -400,14 +400,14 @@ impl Proxy {
         if rejected
             && route
                 .token
-                .rejected(&injected, resp.headers().get(WWW_AUTHENTICATE))
+                .rejected(&injected, resp.headers().get(WWW_AUTHENTICATE), Some(rid))
         {
             if let (Some(saved), Some(bytes)) = (retry_or_replay, buffered) {
                 // A 401 means the upstream did not act on the request, so
                 // any method may be replayed, once.
                 let fresh = route
                     .token
-                    .get()
+                    .get_for(Some(rid))
                     .await
                     .map_err(ProxyError::CredentialUnavailable)?;
                 if fresh.tag != injected.tag {

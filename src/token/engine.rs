@@ -304,7 +304,12 @@ impl Slot {
     /// DESIGN.md "Reactive refresh": the upstream rejected the token tagged
     /// `tag`. Returns true when a newer token is (or will shortly be)
     /// available, so a replay is worth trying.
-    pub fn rejected(self: &Arc<Self>, tag: u64, says_invalid_token: bool) -> bool {
+    pub fn rejected(
+        self: &Arc<Self>,
+        tag: u64,
+        says_invalid_token: bool,
+        request_id: Option<&str>,
+    ) -> bool {
         let snap = self.snapshot.load_full();
         let Some(current) = snap.token.clone() else {
             return true;
@@ -345,7 +350,7 @@ impl Slot {
             token: None,
             dead: snap.dead.clone(),
         });
-        if self.begin_refresh().is_err() {
+        if self.begin_refresh_for(request_id).is_err() {
             return false;
         }
         true
@@ -360,11 +365,16 @@ impl Slot {
     }
 
     /// Waits (up to `refresh_wait`) for a usable token.
-    pub async fn wait_usable(self: &Arc<Self>) -> Result<Arc<Token>, CredentialUnavailable> {
+    /// `request_id`: the request that needs the token (logged with the
+    /// refresh it starts).
+    pub async fn wait_usable(
+        self: &Arc<Self>,
+        request_id: Option<&str>,
+    ) -> Result<Arc<Token>, CredentialUnavailable> {
         if let Some(t) = self.usable_token() {
             return Ok(t);
         }
-        let mut rx = match self.begin_refresh() {
+        let mut rx = match self.begin_refresh_for(request_id) {
             Ok(rx) => rx,
             Err(f) => return Err(f.unavailable(&self.name)),
         };
@@ -422,6 +432,15 @@ impl Slot {
     /// Joins the refresh in flight, or starts one. Refuses (with the reason)
     /// while dead, backing off, unsaved, or shutting down.
     pub fn begin_refresh(self: &Arc<Self>) -> Result<watch::Receiver<Outcome>, Arc<Failure>> {
+        self.begin_refresh_for(None)
+    }
+
+    /// As [`Slot::begin_refresh`]; a refresh it starts is logged with the
+    /// `request_id` that caused it (joining one in flight changes nothing).
+    pub fn begin_refresh_for(
+        self: &Arc<Self>,
+        request_id: Option<&str>,
+    ) -> Result<watch::Receiver<Outcome>, Arc<Failure>> {
         let mut c = self.control.lock();
         if let Some(rx) = &c.inflight {
             return Ok(rx.clone());
@@ -458,10 +477,11 @@ impl Slot {
         c.inflight = Some(rx.clone());
         drop(c);
         let slot = self.clone();
+        let cause = request_id.map(str::to_owned);
         tokio::spawn(async move {
             // Its own task: a client hanging up cannot cancel a rotation.
             let guard = InflightGuard(slot.clone());
-            let result = slot.refresh_once().await.map_err(Arc::new);
+            let result = slot.refresh_once(cause).await.map_err(Arc::new);
             slot.finish(&result);
             drop(guard);
             let _ = tx.send(Some(result));
@@ -510,10 +530,11 @@ impl Slot {
     }
 
     /// One attempt, start to end, with its one log event.
-    async fn refresh_once(self: &Arc<Self>) -> Result<(), Failure> {
+    async fn refresh_once(self: &Arc<Self>, cause: Option<String>) -> Result<(), Failure> {
         let started = Instant::now();
         let attempt = self.control.lock().consecutive_failures + 1;
         let mut ev = RefreshEvent::new(self, attempt);
+        ev.request_id = cause;
         let result = match &self.kind {
             SlotKind::Refresh { store, .. } => self.refresh_with_store(store, &mut ev).await,
             SlotKind::ClientCredentials { scopes, resource } => {
@@ -1369,6 +1390,7 @@ struct RefreshEvent {
     family: Option<String>,
     generation: Option<u64>,
     refresh_token_fp: Option<String>,
+    request_id: Option<String>,
 }
 
 impl RefreshEvent {
@@ -1389,6 +1411,7 @@ impl RefreshEvent {
             family: None,
             generation: None,
             refresh_token_fp: None,
+            request_id: None,
         }
     }
 
@@ -1422,6 +1445,7 @@ impl RefreshEvent {
                     family = self.family.as_deref(),
                     generation = self.generation,
                     refresh_token_fp = self.refresh_token_fp.as_deref(),
+                    request_id = self.request_id.as_deref(),
                     hint = $hint,
                     $msg
                 )

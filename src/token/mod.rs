@@ -362,7 +362,12 @@ impl RouteToken {
     /// The upstream answered a `refresh_on` status to a request that carried
     /// `injected`. Decides (DESIGN.md "Reactive refresh") whether to refresh;
     /// true when a replay with a newer token is worth trying.
-    pub fn rejected(&self, injected: &Injected, www_authenticate: Option<&HeaderValue>) -> bool {
+    pub fn rejected(
+        &self,
+        injected: &Injected,
+        www_authenticate: Option<&HeaderValue>,
+        request_id: Option<&str>,
+    ) -> bool {
         let RouteTokenInner::Live { slot, .. } = &*self.inner else {
             return false;
         };
@@ -374,13 +379,22 @@ impl RouteToken {
             return false;
         }
         let says_invalid = challenge.contains("invalid_token");
-        slot.rejected(injected.tag, says_invalid)
+        slot.rejected(injected.tag, says_invalid, request_id)
     }
 
     /// The current token's header value. Ready at once when a usable token is
     /// cached; otherwise waits for the single-flight refresh (bounded by the
     /// credential's `refresh_wait`).
     pub async fn get(&self) -> Result<Injected, CredentialUnavailable> {
+        self.get_for(None).await
+    }
+
+    /// As [`RouteToken::get`]; a refresh this request starts is logged with
+    /// its `request_id`.
+    pub async fn get_for(
+        &self,
+        request_id: Option<&str>,
+    ) -> Result<Injected, CredentialUnavailable> {
         match &*self.inner {
             RouteTokenInner::Fixed { injected, .. } => Ok(injected.clone()),
             RouteTokenInner::Live {
@@ -390,7 +404,7 @@ impl RouteToken {
             } => {
                 let token = match slot.usable_token() {
                     Some(t) => t,
-                    None => slot.wait_usable().await?,
+                    None => slot.wait_usable(request_id).await?,
                 };
                 if let Some(c) = &*cached.load() {
                     if c.tag == token.tag {

@@ -567,3 +567,56 @@ async fn access_log_lines_name_the_request_but_never_the_query() {
     assert!(line["request_id"].as_str().is_some_and(|r| !r.is_empty()));
     assert!(!proxy.output().contains("query-secret"));
 }
+
+/// A refresh a request causes is logged with that request's id
+/// (DESIGN.md "Logs": `request_id` where one caused it).
+#[tokio::test]
+async fn a_refresh_caused_by_a_request_carries_its_request_id() {
+    use crate::harness::{free_port, get_ok, http, ChildProxy, Stack, StackOpts};
+    use http_body_util::{BodyExt, Full};
+    let stack = Stack::start(StackOpts {
+        access_ttl: std::time::Duration::from_secs(120),
+        ..StackOpts::default()
+    })
+    .await;
+    let ports = (free_port(), free_port());
+    let path = stack.dir.path().join("rid.toml");
+    std::fs::write(&path, stack.toml(ports.0, ports.1, "")).unwrap();
+    let proxy = ChildProxy::start(stack.dir.path(), "rid", &path, ports).await;
+    let c = http();
+    let first = get_ok(&c, &proxy.url("/api/first")).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let token = first.json()["headers"]["authorization"][0]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("Bearer ")
+        .to_owned();
+    // The upstream now rejects it: the next request causes a refresh.
+    stack.idp.revoke_access_token(&token);
+    let req = http::Request::get(proxy.url("/api/second"))
+        .header("x-request-id", "rid-caused-it-42")
+        .body(Full::default())
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let _ = resp.into_body().collect().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let caused: Vec<_> = proxy
+            .log_events()
+            .into_iter()
+            .filter(|e| e["event"] == "token_refresh" && e["request_id"] == "rid-caused-it-42")
+            .collect();
+        if let Some(e) = caused.first() {
+            assert_eq!(e["outcome"], "ok");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no token_refresh with the request id: {}",
+            proxy.output()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    stack.assert_no_reuse();
+}

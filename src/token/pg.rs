@@ -354,6 +354,24 @@ impl PgStore {
             .map(|i| serde_json::to_string(i).unwrap_or_default());
         let prev_family = prev.map(|p| p.0);
         let prev_generation = prev.map(|p| p.1 as i64);
+        // $1..$13 are the record's columns; $14, $15 the fence (update only).
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 15] = [
+            &name,
+            &rec.token_url,
+            &rec.client_id,
+            &rec.family,
+            &generation,
+            &refresh,
+            &access,
+            &aexp,
+            &aiss,
+            &rexp,
+            &rec.seeds_seen,
+            &dead,
+            &intent,
+            &prev_family,
+            &prev_generation,
+        ];
         let updated = c
             .timed(c.query(
                 "WITH w AS (
@@ -365,23 +383,7 @@ impl PgStore {
                  AND generation IS NOT DISTINCT FROM $15
                RETURNING name)
              SELECT pg_notify('tokenproxy_credentials', name) FROM w",
-                &[
-                    &name,
-                    &rec.token_url,
-                    &rec.client_id,
-                    &rec.family,
-                    &generation,
-                    &refresh,
-                    &access,
-                    &aexp,
-                    &aiss,
-                    &rexp,
-                    &rec.seeds_seen,
-                    &dead,
-                    &intent,
-                    &prev_family,
-                    &prev_generation,
-                ],
+                &params,
             ))
             .await?;
         if !updated.is_empty() {
@@ -397,21 +399,8 @@ impl PgStore {
                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
                    ON CONFLICT (name) DO NOTHING RETURNING name)
                  SELECT pg_notify('tokenproxy_credentials', name) FROM w",
-                    &[
-                        &name,
-                        &rec.token_url,
-                        &rec.client_id,
-                        &rec.family,
-                        &generation,
-                        &refresh,
-                        &access,
-                        &aexp,
-                        &aiss,
-                        &rexp,
-                        &rec.seeds_seen,
-                        &dead,
-                        &intent,
-                    ],
+                    // The same columns, without the fence.
+                    &params[..13],
                 ))
                 .await?;
             if !inserted.is_empty() {

@@ -274,11 +274,19 @@ fn run_blocking(
     worker_threads: usize,
     fut: impl std::future::Future<Output = ExitCode>,
 ) -> ExitCode {
-    match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(worker_threads.max(1))
-        .enable_all()
-        .build()
-    {
+    // One worker: a current-thread runtime does the same work without the
+    // work-stealing scheduler's cross-thread bookkeeping on every wake-up.
+    let runtime = if worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(worker_threads)
+            .enable_all()
+            .build()
+    };
+    match runtime {
         Ok(rt) => rt.block_on(fut),
         Err(e) => {
             eprintln!("tokenproxy: cannot start the runtime: {e}");

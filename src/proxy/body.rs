@@ -37,7 +37,8 @@ pub struct BodyIdleTimeout(pub Duration);
 pub struct IdleTimeout<B> {
     inner: B,
     timeout: Duration,
-    sleep: Pin<Box<Sleep>>,
+    /// Created at the first wait: most bodies never make us wait.
+    sleep: Option<Pin<Box<Sleep>>>,
     armed: bool,
 }
 
@@ -46,7 +47,7 @@ impl<B> IdleTimeout<B> {
         IdleTimeout {
             inner,
             timeout,
-            sleep: Box::pin(tokio::time::sleep(timeout)),
+            sleep: None,
             armed: false,
         }
     }
@@ -65,20 +66,28 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if !this.armed {
-            let deadline = Instant::now() + this.timeout;
-            this.sleep.as_mut().reset(deadline);
-            this.armed = true;
-        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(f) => {
                 this.armed = false;
                 Poll::Ready(f.map(|r| r.map_err(Into::into)))
             }
-            Poll::Pending => match this.sleep.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(BodyIdleTimeout(this.timeout).into()))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                // The wait starts now.
+                if !this.armed {
+                    let deadline = Instant::now() + this.timeout;
+                    match &mut this.sleep {
+                        Some(sleep) => sleep.as_mut().reset(deadline),
+                        None => this.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
+                    this.armed = true;
+                }
+                match this.sleep.as_mut().map(|s| s.as_mut().poll(cx)) {
+                    Some(Poll::Ready(())) => {
+                        Poll::Ready(Some(Err(BodyIdleTimeout(this.timeout).into())))
+                    }
+                    _ => Poll::Pending,
+                }
+            }
         }
     }
 

@@ -24,14 +24,30 @@ static HOP_BY_HOP: [HeaderName; 6] = [
 /// Strip hop-by-hop headers. With `tunnel`, `Upgrade` survives and
 /// `Connection` is reduced to `upgrade` (RFC 9110 §7.8).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, tunnel: bool) {
-    if headers.contains_key(CONNECTION) {
+    // One pass over the names instead of a hash lookup per hop-by-hop name:
+    // most messages carry none, or only `Connection: keep-alive`.
+    let mut present = [false; HOP_BY_HOP.len()];
+    let (mut connection, mut te) = (false, false);
+    for name in headers.keys() {
+        if name == CONNECTION {
+            connection = true;
+        } else if name == TE {
+            te = true;
+        } else if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+        }
+    }
+    if connection {
         // Names the sender marked as hop-by-hop for this connection only.
         // Bytes, not `to_str`: one obs-text byte must not hide the list.
+        // `close` names no header; `keep-alive` is in HOP_BY_HOP anyway.
         let listed: Vec<HeaderName> = headers
             .get_all(CONNECTION)
             .iter()
             .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive"))
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
             .collect();
         headers.remove(CONNECTION);
         for name in listed {
@@ -41,16 +57,15 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, tunnel: bool) {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        if tunnel && name == UPGRADE {
-            continue;
+    for (name, present) in HOP_BY_HOP.iter().zip(present) {
+        if present && !(tunnel && name == UPGRADE) {
+            headers.remove(name);
         }
-        headers.remove(name);
     }
     if tunnel {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    if headers.contains_key(TE) {
+    if te {
         // gRPC needs `TE: trailers` end to end; anything else is hop-by-hop.
         let trailers = headers
             .get_all(TE)

@@ -251,11 +251,12 @@ async fn serve_conn<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let info = ConnInfo { remote_ip, tls };
+    let info = Arc::new(ConnInfo::new(remote_ip, tls));
     let header_read_timeout = shared.load().header_read_timeout;
     let service = service_fn(move |req| {
         let proxy = shared.load_full();
-        async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
+        let info = info.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(req, &info).await) }
     });
     let first_byte = Arc::new(AtomicBool::new(false));
     let io = FirstByte {

@@ -84,12 +84,40 @@ pub struct Proxy {
     access_log: bool,
 }
 
-/// What the pipeline knows about the connection a request came on.
-#[derive(Debug, Clone, Copy)]
+/// What the pipeline knows about the connection a request came on. Built
+/// once per connection: per-request work that only depends on the
+/// connection is done here.
+#[derive(Debug)]
 pub(crate) struct ConnInfo {
-    /// None on unix sockets.
-    pub remote_ip: Option<IpAddr>,
     pub tls: bool,
+    /// The peer as an `X-Forwarded-For` entry; None on unix sockets.
+    forwarded_for: Option<HeaderValue>,
+    /// The last `Host` value and its normalized host: keep-alive clients
+    /// send the same one on every request.
+    last_host: parking_lot::Mutex<Option<(HeaderValue, Arc<str>)>>,
+}
+
+impl ConnInfo {
+    pub(crate) fn new(remote_ip: Option<IpAddr>, tls: bool) -> ConnInfo {
+        ConnInfo {
+            tls,
+            forwarded_for: remote_ip
+                .and_then(|ip| HeaderValue::from_str(&ip.to_canonical().to_string()).ok()),
+            last_host: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// [`headers::host_of`] of `value`, remembered for the next request.
+    fn host_of(&self, value: &HeaderValue) -> Option<Arc<str>> {
+        if let Some((v, host)) = &*self.last_host.lock() {
+            if v == value {
+                return Some(host.clone());
+            }
+        }
+        let host: Arc<str> = value.to_str().ok().and_then(headers::host_of)?.into();
+        *self.last_host.lock() = Some((value.clone(), host.clone()));
+        Some(host)
+    }
 }
 
 impl Proxy {
@@ -190,7 +218,7 @@ impl Proxy {
 
     /// Serve one request: the proxied response, or a proxy error response.
     /// Always carries `x-request-id`; logs one debug event.
-    pub(crate) async fn handle<B>(&self, req: Request<B>, conn: ConnInfo) -> Response<ProxyBody>
+    pub(crate) async fn handle<B>(&self, req: Request<B>, conn: &ConnInfo) -> Response<ProxyBody>
     where
         B: Body<Data = bytes::Bytes> + Send + Sync + Unpin + 'static,
         B::Error: Into<BoxError>,
@@ -242,7 +270,7 @@ impl Proxy {
     async fn forward<B>(
         &self,
         mut req: Request<B>,
-        conn: ConnInfo,
+        conn: &ConnInfo,
         request_id: &HeaderValue,
         route_out: &mut Option<usize>,
     ) -> Result<Response<ProxyBody>, ProxyError>
@@ -258,10 +286,8 @@ impl Proxy {
             return Err(ProxyError::BadRequest("more than one Host header"));
         }
         let original_host = original_host(&req).ok_or(ProxyError::BadRequest("missing Host"))?;
-        let host = original_host
-            .to_str()
-            .ok()
-            .and_then(headers::host_of)
+        let host = conn
+            .host_of(&original_host)
             .ok_or(ProxyError::BadRequest("malformed Host"))?;
         if !self.hosts.allows(&host) {
             return Err(ProxyError::HostNotAllowed);
@@ -297,8 +323,8 @@ impl Proxy {
         let h = &mut parts.headers;
         headers::strip_hop_by_hop(h, upgrade);
         h.insert(HOST, route.upstream.host_header.clone());
-        if let Some(ip) = conn.remote_ip {
-            append_forwarded_for(h, ip);
+        if let Some(peer) = &conn.forwarded_for {
+            append_forwarded_for(h, peer);
         }
         h.insert(
             X_FORWARDED_PROTO.clone(),
@@ -517,22 +543,22 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-fn append_forwarded_for(h: &mut HeaderMap, ip: IpAddr) {
-    let ip = ip.to_canonical().to_string();
-    let mut prior = String::new();
+fn append_forwarded_for(h: &mut HeaderMap, peer: &HeaderValue) {
+    if !h.contains_key(&X_FORWARDED_FOR) {
+        h.insert(X_FORWARDED_FOR.clone(), peer.clone());
+        return;
+    }
+    let mut value = String::new();
     for v in h.get_all(&X_FORWARDED_FOR) {
-        if let Ok(s) = v.to_str() {
-            if !prior.is_empty() {
-                prior.push_str(", ");
+        match v.to_str().map(str::trim) {
+            Ok(s) if !s.is_empty() => {
+                value.push_str(s);
+                value.push_str(", ");
             }
-            prior.push_str(s);
+            _ => {}
         }
     }
-    let value = if prior.is_empty() {
-        ip
-    } else {
-        format!("{prior}, {ip}")
-    };
+    value.push_str(peer.to_str().unwrap_or_default());
     if let Ok(v) = HeaderValue::from_str(&value) {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
@@ -651,10 +677,8 @@ mod tests {
         .unwrap()
     }
 
-    const CONN: ConnInfo = ConnInfo {
-        remote_ip: None,
-        tls: false,
-    };
+    static CONN: std::sync::LazyLock<ConnInfo> =
+        std::sync::LazyLock::new(|| ConnInfo::new(None, false));
 
     fn req(host: &str, path: &str) -> Request<Full<bytes::Bytes>> {
         Request::get(path)
@@ -672,11 +696,11 @@ mod tests {
         let p = proxy(vec![route("/x/", "http://127.0.0.1:9"), hosted]);
         // Allowed hosts get past the allowlist (and then fail on the route).
         for host in ["api.internal", "10.1.2.3:8080", "gh.example", "localhost"] {
-            let resp = p.handle(req(host, "/nope"), CONN).await;
+            let resp = p.handle(req(host, "/nope"), &CONN).await;
             assert_eq!(resp.status(), 404, "{host}");
         }
         for host in ["0.0.0.0", "10.1.2.4", "evil.example"] {
-            let resp = p.handle(req(host, "/nope"), CONN).await;
+            let resp = p.handle(req(host, "/nope"), &CONN).await;
             assert_eq!(resp.status(), 421, "{host}");
         }
         let resp = p
@@ -684,7 +708,7 @@ mod tests {
                 Request::get("/x/")
                     .body(Full::<bytes::Bytes>::default())
                     .unwrap(),
-                CONN,
+                &CONN,
             )
             .await;
         assert_eq!(resp.status(), 400, "missing Host");
@@ -730,7 +754,7 @@ mod tests {
         // a stale "never" interest. Register them here first and let any
         // concurrent registration settle; installing the subscriber then
         // recomputes every callsite's interest.
-        let _ = p.handle(req("localhost", "/api/warm-up"), CONN).await;
+        let _ = p.handle(req("localhost", "/api/warm-up"), &CONN).await;
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let capture = Capture::default();
         let subscriber = tracing_subscriber::fmt()
@@ -742,11 +766,11 @@ mod tests {
         tracing::callsite::rebuild_interest_cache();
 
         let resp = p
-            .handle(req("localhost", "/api/x?access_token=query-secret"), CONN)
+            .handle(req("localhost", "/api/x?access_token=query-secret"), &CONN)
             .await;
         assert_eq!(resp.status(), 200);
         let resp = p
-            .handle(req("localhost", "/dead/x?q=query-secret"), CONN)
+            .handle(req("localhost", "/dead/x?q=query-secret"), &CONN)
             .await;
         assert_eq!(resp.status(), 502);
 

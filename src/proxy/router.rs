@@ -18,11 +18,10 @@ pub(crate) fn check_path(path: &str) -> Result<(), &'static str> {
     if rest.is_empty() {
         return Ok(());
     }
-    let segments: Vec<&str> = rest.split('/').collect();
-    let last = segments.len() - 1;
-    for (i, seg) in segments.iter().enumerate() {
+    let mut segments = rest.split('/').peekable();
+    while let Some(seg) = segments.next() {
         // A trailing slash leaves one empty final segment: fine. `//` is not.
-        if seg.is_empty() && i != last {
+        if seg.is_empty() && segments.peek().is_some() {
             return Err("empty path segments (//) are not allowed");
         }
         check_segment(seg)?;
@@ -32,6 +31,11 @@ pub(crate) fn check_path(path: &str) -> Result<(), &'static str> {
 
 fn check_segment(seg: &str) -> Result<(), &'static str> {
     let bytes = seg.as_bytes();
+    if !bytes.contains(&b'%') {
+        // Nothing encoded: `check_path` already refused the raw bytes that
+        // could hurt, and a segment holds no `/`.
+        return check_dot_segment(bytes);
+    }
     // Every `%` must start a valid escape; encoded separators are refused.
     let mut i = 0;
     while let Some(off) = bytes[i..].iter().position(|&b| b == b'%') {
@@ -51,6 +55,10 @@ fn check_segment(seg: &str) -> Result<(), &'static str> {
     if decoded.iter().any(|&b| b < 0x20 || b == 0x7f) {
         return Err("encoded control characters are not allowed in the path");
     }
+    check_dot_segment(&decoded)
+}
+
+fn check_dot_segment(decoded: &[u8]) -> Result<(), &'static str> {
     // `..;jsessionid` is `..` to some servers (path parameters).
     let name = decoded.split(|&b| b == b';').next().unwrap_or(&[]);
     if name == b"." || name == b".." {

@@ -559,6 +559,7 @@ async fn pg_store_fences_writes_and_serialises_leases() {
         path: PathBuf::from("unused"),
         url: Some(tokenproxy::secret::Secret::new(pg.url())),
         encryption_key: None,
+        previous_encryption_keys: Vec::new(),
     };
     let store = Store::open_config(&cfg).await.expect("store opens");
     let rec = |family: &str, generation: u64| Record {

@@ -537,7 +537,10 @@ fn previous_encryption_keys_rules() {
         "[store]\nencryption_key = \"k1\"\nprevious_encryption_keys = [\n  \"k0\",\n  \"k1\",\n  \"\",\n  \"k0\",\n]\n{CRED}{ROUTE}"
     );
     let e = err_at(&t, "store.previous_encryption_keys[1]", "\"k1\",");
-    assert!(e.message.contains("same key as store.encryption_key"), "{e}");
+    assert!(
+        e.message.contains("same key as store.encryption_key"),
+        "{e}"
+    );
     let e = err_at(&t, "store.previous_encryption_keys[2]", "\"\",");
     assert!(e.message.contains("empty"), "{e}");
     let e = err_at(&t, "store.previous_encryption_keys[3]", "\"k0\",\n]");
@@ -552,7 +555,11 @@ fn previous_encryption_keys_rules() {
     );
 
     let t = format!("[store]\nprevious_encryption_keys = [\"k0\"]\n{CRED}{ROUTE}");
-    let e = err_at(&t, "store.previous_encryption_keys", "previous_encryption_keys");
+    let e = err_at(
+        &t,
+        "store.previous_encryption_keys",
+        "previous_encryption_keys",
+    );
     assert!(e.message.contains("needs store.encryption_key"), "{e}");
     let t = format!("[store]\nencryption_key = \"\"\n{CRED}{ROUTE}");
     err_at(&t, "store.encryption_key", "encryption_key");

@@ -419,6 +419,7 @@ async fn store_export(cfg: Config, names: Vec<String>, out: PathBuf, keep: bool)
     if let Err(e) = written {
         // Nothing was marked: the store stays as it was.
         eprintln!("{WHO}: cannot write {shown}: {e}");
+        export.abandon().await;
         return ExitCode::FAILURE;
     }
     let summary: Vec<String> = export

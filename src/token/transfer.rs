@@ -212,6 +212,15 @@ impl Export {
         bytes
     }
 
+    /// Releases the locks without marking anything (the document could not
+    /// be written).
+    pub async fn abandon(self) {
+        for lock in self.locks {
+            // A lease not released now runs out by itself.
+            let _ = lock.release().await;
+        }
+    }
+
     /// Marks every exported record moved in the source (unless `keep`),
     /// then releases the locks. Call only once the document is durable. On
     /// failure, also returns the credentials already marked.

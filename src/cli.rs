@@ -434,10 +434,12 @@ async fn store_export(cfg: Config, names: Vec<String>, out: PathBuf, keep: bool)
         .collect();
     if let Err((marked, e)) = export.finish(&store, keep).await {
         eprintln!("{WHO}: {}", crate::error_chain(&e));
-        if marked.is_empty() && !to_stdout {
+        if marked.is_empty() && !keep && !to_stdout {
             // Nothing moved: no second live copy may stay behind.
             let _ = std::fs::remove_file(&out);
             eprintln!("{WHO}: nothing was marked moved; {shown} removed");
+        } else if marked.is_empty() {
+            eprintln!("{WHO}: nothing was marked moved; do not import what was written to {shown} while the store is in use");
         } else {
             eprintln!("{WHO}: marked moved so far: [{}]; the others are still live in the store, so stop everything using it before importing {shown}", marked.join(", "));
         }

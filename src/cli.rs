@@ -106,6 +106,42 @@ enum StoreAction {
         #[arg(long)]
         force: bool,
     },
+    /// Reseal every stored token set under the current
+    /// `store.encryption_key` (after adding a new key and moving the old
+    /// one to `store.previous_encryption_keys`). Spends no token.
+    Rekey {
+        #[arg(short, long, env = "TOKENPROXY_CONFIG", value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Write credentials' token sets to a new file (0600; sealed with the
+    /// store's encryption key when it has one) and mark them moved in the
+    /// store, so nothing still using it can present those refresh tokens.
+    Export {
+        #[arg(short, long, env = "TOKENPROXY_CONFIG", value_name = "FILE")]
+        config: PathBuf,
+        /// The credentials to export.
+        #[arg(long = "credential", value_name = "NAME", required = true, num_args = 1..)]
+        credentials: Vec<String>,
+        /// The file to create (never overwritten); `-` for stdout.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Leave the token sets live in the store. The file must then never
+        /// be imported while anything still uses this store.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Write the token sets of a `store export` file into the store of `-c`.
+    Import {
+        #[arg(short, long, env = "TOKENPROXY_CONFIG", value_name = "FILE")]
+        config: PathBuf,
+        /// The export file; `-` for stdin.
+        #[arg(long = "in", value_name = "FILE")]
+        input: PathBuf,
+        /// Replace a working token family in the store (an older generation
+        /// of the same family is refused regardless).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 pub const EXIT_USAGE: u8 = 64;
@@ -216,11 +252,64 @@ pub fn main() -> ExitCode {
             };
             run_blocking(1, store_migrate(src, dst, names, force))
         }
+        Command::Store {
+            action: StoreAction::Rekey { config },
+        } => {
+            let cfg = match load_or_report(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if cfg.store.encryption_key.is_none() {
+                eprintln!(
+                    "tokenproxy store rekey: {}: store.encryption_key is not set; there is no key to seal under",
+                    config.display()
+                );
+                return ExitCode::from(EXIT_USAGE);
+            }
+            run_blocking(1, store_rekey(cfg))
+        }
+        Command::Store {
+            action:
+                StoreAction::Export {
+                    config,
+                    credentials,
+                    out,
+                    keep,
+                },
+        } => {
+            let cfg = match load_or_report(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if out != std::path::Path::new("-") && out.symlink_metadata().is_ok() {
+                eprintln!(
+                    "tokenproxy store export: {} already exists; refusing to overwrite it",
+                    out.display()
+                );
+                return ExitCode::from(EXIT_USAGE);
+            }
+            run_blocking(1, store_export(cfg, credentials, out, keep))
+        }
+        Command::Store {
+            action:
+                StoreAction::Import {
+                    config,
+                    input,
+                    force,
+                },
+        } => {
+            let cfg = match load_or_report(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            run_blocking(1, store_import(cfg, input, force))
+        }
     }
 }
 
 async fn store_migrate(src: Config, dst: Config, names: Vec<String>, force: bool) -> ExitCode {
-    use crate::token::store::{self, Migrated, Store};
+    use crate::token::store::Store;
+    use crate::token::transfer::{self, Migrated};
     let names: Vec<String> = if names.is_empty() {
         dst.credentials
             .values()
@@ -244,7 +333,7 @@ async fn store_migrate(src: Config, dst: Config, names: Vec<String>, force: bool
     };
     let mut failed = false;
     for name in names {
-        match store::migrate(&from, &to, &name, force).await {
+        match transfer::migrate(&from, &to, &name, force).await {
             Ok(Migrated::Copied { family, generation }) => {
                 println!("{name}: moved family {family} generation {generation}");
             }
@@ -260,6 +349,189 @@ async fn store_migrate(src: Config, dst: Config, names: Vec<String>, force: bool
     } else {
         ExitCode::SUCCESS
     }
+}
+
+async fn store_rekey(cfg: Config) -> ExitCode {
+    const WHO: &str = "tokenproxy store rekey";
+    let store = match open_store(&cfg, WHO).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let done = match store.rekey().await {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("{WHO}: {}", crate::error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let kid = &done.key_id;
+    for name in &done.resealed {
+        println!("{name}: resealed under key id {kid}");
+    }
+    for name in &done.unchanged {
+        println!("{name}: already sealed under key id {kid}");
+    }
+    for (_, e) in &done.failed {
+        eprintln!("{WHO}: {} (left as it is)", crate::error_chain(e));
+    }
+    if done.failed.is_empty() {
+        println!("every stored token set is sealed under key id {kid}; once every process runs with this key, store.previous_encryption_keys can go");
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+async fn store_export(cfg: Config, names: Vec<String>, out: PathBuf, keep: bool) -> ExitCode {
+    use crate::token::seal::Keyring;
+    use crate::token::transfer;
+    const WHO: &str = "tokenproxy store export";
+    let store = match open_store(&cfg, WHO).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let export = match transfer::begin_export(&store, &names).await {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("{WHO}: {}", crate::error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let keys = Keyring::from_config(&cfg.store);
+    let to_stdout = out == std::path::Path::new("-");
+    let shown = if to_stdout {
+        "stdout".to_owned()
+    } else {
+        out.display().to_string()
+    };
+    if keys.is_none() {
+        eprintln!("WARNING: the store has no encryption_key, so {shown} holds refresh tokens in clear: keep it secret, import it once, then delete it");
+    }
+    let written = if to_stdout {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        stdout
+            .write_all(&export.document(keys.as_ref()))
+            .and_then(|()| stdout.flush())
+    } else {
+        write_new_private(&out, &export.document(keys.as_ref()))
+    };
+    if let Err(e) = written {
+        // Nothing was marked: the store stays as it was.
+        eprintln!("{WHO}: cannot write {shown}: {e}");
+        export.abandon().await;
+        return ExitCode::FAILURE;
+    }
+    let summary: Vec<String> = export
+        .records()
+        .iter()
+        .map(|(name, r)| {
+            format!(
+                "{name}: exported family {} generation {}",
+                r.family, r.generation
+            )
+        })
+        .collect();
+    if let Err((marked, e)) = export.finish(&store, keep).await {
+        eprintln!("{WHO}: {}", crate::error_chain(&e));
+        if marked.is_empty() && !keep && !to_stdout {
+            // Nothing moved: no second live copy may stay behind.
+            let _ = std::fs::remove_file(&out);
+            eprintln!("{WHO}: nothing was marked moved; {shown} removed");
+        } else if marked.is_empty() {
+            eprintln!("{WHO}: nothing was marked moved; do not import what was written to {shown} while the store is in use");
+        } else {
+            eprintln!("{WHO}: marked moved so far: [{}]; the others are still live in the store, so stop everything using it before importing {shown}", marked.join(", "));
+        }
+        return ExitCode::FAILURE;
+    }
+    for line in summary {
+        eprintln!("{line}");
+    }
+    if keep {
+        eprintln!("WARNING: --keep: the store still uses these token sets; never import {shown} while anything uses this store, or two processes will present the same refresh token and the IdP may revoke the family");
+    } else {
+        eprintln!("the store marks them moved: processes using it stop refreshing them; import {shown} with `tokenproxy store import`");
+    }
+    ExitCode::SUCCESS
+}
+
+async fn store_import(cfg: Config, input: PathBuf, force: bool) -> ExitCode {
+    use crate::token::seal::Keyring;
+    use crate::token::transfer;
+    const WHO: &str = "tokenproxy store import";
+    let bytes = if input == std::path::Path::new("-") {
+        use std::io::Read;
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf).map(|_| buf)
+    } else {
+        std::fs::read(&input)
+    };
+    let bytes = match bytes {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("{WHO}: cannot read {}: {e}", input.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let records = match transfer::read_export(&bytes, Keyring::from_config(&cfg.store).as_ref()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{WHO}: {}: {}", input.display(), crate::error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let store = match open_store(&cfg, WHO).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let mut failed = false;
+    for (name, rec) in &records {
+        if !cfg.credentials.contains_key(name) {
+            eprintln!(
+                "WARNING: {name} is not a credential in {}; imported all the same",
+                cfg.source.display()
+            );
+        }
+        match transfer::import(&store, name, rec, force).await {
+            Ok(()) => println!(
+                "{name}: imported family {} generation {}",
+                rec.family, rec.generation
+            ),
+            Err(e) => {
+                eprintln!("{WHO}: {}", crate::error_chain(&e));
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// The configured store, or the error printed and exit code 1.
+async fn open_store(cfg: &Config, who: &str) -> Result<crate::token::store::Store, ExitCode> {
+    crate::token::store::Store::open_config(&cfg.store)
+        .await
+        .map_err(|e| {
+            eprintln!("{who}: {}", crate::error_chain(&e));
+            ExitCode::FAILURE
+        })
+}
+
+/// Creates `path` 0600 (never replacing a file) and writes it durably.
+fn write_new_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }
 
 /// The config, or its errors printed and the usage exit code.

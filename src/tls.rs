@@ -63,10 +63,31 @@ pub fn client_config(
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(ca) = ca_file {
-        for cert in load_certs(ca)? {
-            roots.add(cert)?;
-        }
+        add_roots(&mut roots, ca)?;
     }
+    build_client_config(roots, client_cert, alpn)
+}
+
+/// A client config trusting only the certificates in `ca_file`, not the
+/// public roots (a private CA, as libpq's `sslrootcert`).
+pub fn client_config_trusting_only(ca_file: &Path) -> Result<rustls::ClientConfig, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    add_roots(&mut roots, ca_file)?;
+    build_client_config(roots, None, &[])
+}
+
+fn add_roots(roots: &mut rustls::RootCertStore, ca_file: &Path) -> Result<(), TlsError> {
+    for cert in load_certs(ca_file)? {
+        roots.add(cert)?;
+    }
+    Ok(())
+}
+
+fn build_client_config(
+    roots: rustls::RootCertStore,
+    client_cert: Option<(&Path, &Path)>,
+    alpn: &[&[u8]],
+) -> Result<rustls::ClientConfig, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots);

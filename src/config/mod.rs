@@ -91,7 +91,10 @@ pub struct StoreConfig {
     /// Default `tokens.json`.
     pub path: PathBuf,
     pub url: Option<Secret>,
+    /// Seals every write (AES-256-GCM); SHA-256 of the string is the key.
     pub encryption_key: Option<Secret>,
+    /// Still open values sealed under them (key rotation); never seal.
+    pub previous_encryption_keys: Vec<Secret>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -521,8 +524,9 @@ impl Config {
         }
         let _ = writeln!(
             s,
-            " (encryption_key {})",
-            set(self.store.encryption_key.is_some())
+            " (encryption_key {}, previous_encryption_keys {})",
+            set(self.store.encryption_key.is_some()),
+            self.store.previous_encryption_keys.len()
         );
         let _ = writeln!(
             s,

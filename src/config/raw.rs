@@ -51,6 +51,7 @@ pub struct RawStore {
     pub path: Option<String>,
     pub url: Option<String>,
     pub encryption_key: Option<String>,
+    pub previous_encryption_keys: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -519,6 +519,53 @@ fn shared_refresh_families_are_rejected() {
 }
 
 #[test]
+fn previous_encryption_keys_rules() {
+    let c = ok(&format!(
+        "[store]\nencryption_key = \"new-key-1\"\nprevious_encryption_keys = [\"${{TOKENPROXY_STORE_KEY}}\", \"older\"]\n{CRED}{ROUTE}"
+    ));
+    let prev: Vec<&str> = c
+        .store
+        .previous_encryption_keys
+        .iter()
+        .map(|k| k.expose())
+        .collect();
+    assert_eq!(prev, [STORE_KEY, "older"]);
+    assert!(c.summary().contains("previous_encryption_keys 2"));
+    assert!(!c.summary().contains(STORE_KEY) && !c.summary().contains("older"));
+
+    let t = format!(
+        "[store]\nencryption_key = \"k1\"\nprevious_encryption_keys = [\n  \"k0\",\n  \"k1\",\n  \"\",\n  \"k0\",\n]\n{CRED}{ROUTE}"
+    );
+    let e = err_at(&t, "store.previous_encryption_keys[1]", "\"k1\",");
+    assert!(
+        e.message.contains("same key as store.encryption_key"),
+        "{e}"
+    );
+    let e = err_at(&t, "store.previous_encryption_keys[2]", "\"\",");
+    assert!(e.message.contains("empty"), "{e}");
+    let e = err_at(&t, "store.previous_encryption_keys[3]", "\"k0\",\n]");
+    assert!(
+        e.message
+            .contains("same key as store.previous_encryption_keys[0]"),
+        "{e}"
+    );
+    assert!(
+        errs(&t).iter().all(|e| !e.to_string().contains("k0")),
+        "no key in a message"
+    );
+
+    let t = format!("[store]\nprevious_encryption_keys = [\"k0\"]\n{CRED}{ROUTE}");
+    let e = err_at(
+        &t,
+        "store.previous_encryption_keys",
+        "previous_encryption_keys",
+    );
+    assert!(e.message.contains("needs store.encryption_key"), "{e}");
+    let t = format!("[store]\nencryption_key = \"\"\n{CRED}{ROUTE}");
+    err_at(&t, "store.encryption_key", "encryption_key");
+}
+
+#[test]
 fn server_admin_store_log_rules() {
     let t = format!(
         "[server]\nworker_threads = 0\nmax_connections = -1\ntls_cert = \"a.pem\"\n{CRED}{ROUTE}"

@@ -491,12 +491,47 @@ fn store(r: RawStore, cx: &mut Ctx<'_>) -> StoreConfig {
     if r.path.is_some() && kind == StoreKind::Postgres {
         cx.err("store.path", "is only used with kind = \"file\"");
     }
+    let encryption_key = cx.secret("store.encryption_key", r.encryption_key.as_ref());
+    let previous_encryption_keys = previous_keys(&r, encryption_key.as_ref(), cx);
     StoreConfig {
         kind,
         path,
         url,
-        encryption_key: cx.secret("store.encryption_key", r.encryption_key.as_ref()),
+        encryption_key,
+        previous_encryption_keys,
     }
+}
+
+/// Keys that still open what was sealed before a rotation. Each must differ
+/// from the current key and from the others (a repeated key is a typo that
+/// would hide the real old key).
+fn previous_keys(r: &RawStore, current: Option<&Secret>, cx: &mut Ctx<'_>) -> Vec<Secret> {
+    const PATH: &str = "store.previous_encryption_keys";
+    let Some(raw) = &r.previous_encryption_keys else {
+        return Vec::new();
+    };
+    if r.encryption_key.is_none() {
+        cx.err(
+            PATH,
+            "needs store.encryption_key (the key every write uses); move the newest key there",
+        );
+    }
+    // With their index, to name the earlier duplicate.
+    let mut keys: Vec<(usize, Secret)> = Vec::with_capacity(raw.len());
+    for (i, v) in raw.iter().enumerate() {
+        let path = format!("{PATH}[{i}]");
+        let Some(key) = cx.secret(&path, Some(v)) else {
+            continue;
+        };
+        if current == Some(&key) {
+            cx.err(&path, "is the same key as store.encryption_key; remove it");
+        } else if let Some((j, _)) = keys.iter().find(|(_, k)| *k == key) {
+            cx.err(&path, format!("is the same key as {PATH}[{j}]; remove it"));
+        } else {
+            keys.push((i, key));
+        }
+    }
+    keys.into_iter().map(|(_, k)| k).collect()
 }
 
 fn log(r: RawLog, cx: &mut Ctx<'_>) -> LogConfig {

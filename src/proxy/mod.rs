@@ -656,6 +656,7 @@ mod tests {
                 path: "tokens.json".into(),
                 url: None,
                 encryption_key: None,
+                previous_encryption_keys: Vec::new(),
             },
             log: LogConfig {
                 format: LogFormat::Json,

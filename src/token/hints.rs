@@ -82,7 +82,7 @@ pub fn lost_rotation(cfg: &CredentialConfig) -> String {
 pub fn dead_on_disk(reason: &str) -> String {
     match reason {
         "lost_rotation" => "This token set was marked lost (a refresh answer never arrived); run `tokenproxy login` to start a new family.".into(),
-        "migrated" => "This token set was moved to another store by `tokenproxy store migrate`; point this process at that store (or log in again).".into(),
+        "migrated" => "This token set was moved out of this store (`tokenproxy store migrate` or `store export`); point this process at the store it went to (or log in again).".into(),
         _ => format!("The IdP rejected this refresh token earlier ({reason}); run `tokenproxy login` or set a new refresh_token seed."),
     }
 }

@@ -10,7 +10,9 @@ pub mod grant;
 pub mod hints;
 pub mod pg;
 pub mod schedule;
+pub mod seal;
 pub mod store;
+pub mod transfer;
 
 use crate::config::{Config, CredentialConfig, GrantType, RouteConfig, StoreKind, TokenFormat};
 use arc_swap::ArcSwapOption;

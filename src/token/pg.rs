@@ -8,12 +8,19 @@
 //! silently release those while the holder still believes it holds them.
 //! Writes are fenced on the (family, generation) the writer read. Knows
 //! nothing of HTTP or of when to refresh.
+//!
+//! TLS follows the URL's `sslmode` as libpq reads it, plus `sslrootcert`
+//! (which tokio-postgres does not parse, so it is taken out here): with a
+//! root file only that CA is trusted, otherwise the public web roots. The
+//! certificate chain and the host name are always verified once TLS is on.
 
-use super::store::{DeadMark, Intent, Record, Sealer, StoreError};
+use super::seal::{self, Keyring};
+use super::store::{DeadMark, Intent, Record, Rekeyed, StoreError};
 use crate::secret::Secret;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -64,7 +71,7 @@ pub struct PgStore {
 struct Inner {
     config: tokio_postgres::Config,
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
-    sealer: Option<Sealer>,
+    keys: Option<Keyring>,
     /// Idle connections. A sync mutex: never held across an await.
     idle: Mutex<Vec<Client>>,
     /// One counter per credential, bumped on every NOTIFY for it.
@@ -82,16 +89,17 @@ impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore")
             .field("tls", &self.inner.tls.is_some())
-            .field("encrypted", &self.inner.sealer.is_some())
+            .field("keys", &self.inner.keys)
             .finish()
     }
 }
 
 impl PgStore {
     /// Connects, creates or migrates the schema, and starts the listener.
-    pub async fn open(url: &Secret, key: Option<&Secret>) -> Result<PgStore, StoreError> {
+    pub async fn open(url: &Secret, keys: Option<Keyring>) -> Result<PgStore, StoreError> {
+        let url = UrlTls::split(url.expose())?;
         let mut config: tokio_postgres::Config =
-            url.expose()
+            url.rest
                 .parse()
                 .map_err(|e: tokio_postgres::Error| StoreError::Url {
                     message: strip_secrets(&e.to_string()),
@@ -99,17 +107,21 @@ impl PgStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }
+        // Lets an operator find the fleet's sessions in pg_stat_activity.
+        if config.get_application_name().is_none() {
+            config.application_name("tokenproxy");
+        }
         let tls = match config.get_ssl_mode() {
-            SslMode::Require => Some(rustls_connector()?),
+            SslMode::Require => Some(rustls_connector(url.root_cert.as_deref())?),
             // prefer (the default) without a TLS connector means plaintext;
-            // sslmode=require is how a URL asks for TLS.
+            // sslmode=require or verify-full is how a URL asks for TLS.
             _ => None,
         };
         let store = PgStore {
             inner: Arc::new(Inner {
                 config,
                 tls,
-                sealer: key.map(Sealer::new),
+                keys,
                 idle: Mutex::new(Vec::new()),
                 watchers: Mutex::new(HashMap::new()),
                 stop: CancellationToken::new(),
@@ -412,25 +424,101 @@ impl PgStore {
         })
     }
 
+    /// Reseals every row's token columns under the current key. Each row
+    /// on its own, fenced on the values read, so a refresh landing meanwhile
+    /// is never overwritten (the row is read again instead). Rows that
+    /// cannot be opened are reported and left as they are.
+    pub async fn rekey(&self) -> Result<Rekeyed, StoreError> {
+        let keys = self.inner.keys.clone().ok_or(StoreError::RekeyWithoutKey)?;
+        let names: Vec<String> = {
+            let c = self.client().await?;
+            c.timed(c.query(
+                "SELECT name FROM tokenproxy_credentials WHERE family IS NOT NULL ORDER BY name",
+                &[],
+            ))
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+        };
+        let mut done = Rekeyed {
+            key_id: keys.current_id().to_owned(),
+            ..Rekeyed::default()
+        };
+        for name in names {
+            match self.rekey_row(&keys, &name).await {
+                Ok(true) => done.resealed.push(name),
+                Ok(false) => done.unchanged.push(name),
+                Err(e) => done.failed.push((name, e)),
+            }
+        }
+        Ok(done)
+    }
+
+    /// True when the row was rewritten, false when it needed nothing.
+    async fn rekey_row(&self, keys: &Keyring, name: &str) -> Result<bool, StoreError> {
+        for _ in 0..5 {
+            let c = self.client().await?;
+            let Some(row) = c
+                .timed(c.query_opt(
+                    "SELECT refresh_token, access_token FROM tokenproxy_credentials WHERE name = $1",
+                    &[&name],
+                ))
+                .await?
+            else {
+                return Ok(false);
+            };
+            let old: [Option<String>; 2] = [row.get(0), row.get(1)];
+            if old.iter().flatten().all(|v| keys.is_current(v)) {
+                return Ok(false);
+            }
+            let mut new: [Option<String>; 2] = [None, None];
+            for (slot, v) in new.iter_mut().zip(&old) {
+                if let Some(v) = v {
+                    *slot = Some(keys.seal(self.unseal(name, v)?.expose().as_bytes()));
+                }
+            }
+            // No NOTIFY: the tokens, family and generation are unchanged.
+            let n = c
+                .timed(c.execute(
+                    "UPDATE tokenproxy_credentials SET refresh_token = $2, access_token = $3
+                     WHERE name = $1 AND refresh_token IS NOT DISTINCT FROM $4
+                       AND access_token IS NOT DISTINCT FROM $5",
+                    &[&name, &new[0], &new[1], &old[0], &old[1]],
+                ))
+                .await?;
+            if n == 1 {
+                return Ok(true);
+            }
+        }
+        Err(StoreError::Fenced {
+            name: name.to_owned(),
+        })
+    }
+
     fn seal(&self, s: &Secret) -> String {
-        match &self.inner.sealer {
-            Some(sealer) => sealer.seal(s.expose()),
+        match &self.inner.keys {
+            Some(keys) => keys.seal(s.expose().as_bytes()),
             None => s.expose().to_owned(),
         }
     }
 
     fn unseal(&self, name: &str, v: &str) -> Result<Secret, StoreError> {
-        if !Sealer::is_sealed(v) {
+        if !seal::is_sealed(v) {
             // Written before a key was set: read as is, sealed at the next write.
             return Ok(Secret::new(v));
         }
-        self.inner
-            .sealer
-            .as_ref()
-            .and_then(|s| s.unseal(v))
-            .map(Secret::new)
-            .ok_or_else(|| StoreError::DecryptColumn {
+        let plain = seal::unseal_with(self.inner.keys.as_ref(), v).map_err(|source| {
+            StoreError::DecryptColumn {
                 name: name.to_owned(),
+                source,
+            }
+        })?;
+        String::from_utf8(plain)
+            .map(Secret::new)
+            .map_err(|_| StoreError::Column {
+                name: name.to_owned(),
+                message: "token is not UTF-8".into(),
             })
     }
 }
@@ -646,11 +734,80 @@ fn wake(weak: &Weak<Inner>, name: Option<&str>) {
     }
 }
 
-fn rustls_connector() -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
-    let tls = crate::tls::client_config(None, None, &[]).map_err(|e| StoreError::Url {
-        message: format!("TLS setup failed: {}", crate::error_chain(&e)),
+/// Trusts only `root_cert` when given (libpq's `sslrootcert`), else the
+/// public web roots.
+fn rustls_connector(
+    root_cert: Option<&Path>,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    let tls = match root_cert {
+        Some(ca) => crate::tls::client_config_trusting_only(ca),
+        None => crate::tls::client_config(None, None, &[]),
+    }
+    .map_err(|e| StoreError::Url {
+        message: format!("sslrootcert: {}", crate::error_chain(&e)),
     })?;
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+}
+
+/// The URL's TLS wishes, with what tokio-postgres cannot parse taken out.
+#[derive(Debug, PartialEq)]
+struct UrlTls {
+    /// The URL for tokio-postgres: no `sslrootcert`, and `verify-ca` /
+    /// `verify-full` spelled `require` (which here verifies as much).
+    rest: String,
+    root_cert: Option<PathBuf>,
+}
+
+impl UrlTls {
+    fn split(url: &str) -> Result<UrlTls, StoreError> {
+        let Some((base, query)) = url.split_once('?') else {
+            return Ok(UrlTls {
+                rest: url.to_owned(),
+                root_cert: None,
+            });
+        };
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        let mut kept = Vec::new();
+        let (mut root_cert, mut mode) = (None, None);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match decode(k).as_str() {
+                // libpq's name for the system roots: what we trust anyway.
+                "sslrootcert" if decode(v) == "system" => {}
+                "sslrootcert" => root_cert = Some(PathBuf::from(decode(v))),
+                "sslmode" => {
+                    let m = decode(v);
+                    let spelled = if m == "verify-full" || m == "verify-ca" {
+                        "require"
+                    } else {
+                        m.as_str()
+                    };
+                    kept.push(format!("sslmode={spelled}"));
+                    mode = Some(m);
+                }
+                _ => kept.push(pair.to_owned()),
+            }
+        }
+        let verifies = matches!(
+            mode.as_deref(),
+            Some("require" | "verify-ca" | "verify-full")
+        );
+        if root_cert.is_some() && !verifies {
+            return Err(StoreError::Url {
+                message: "sslrootcert needs sslmode=verify-full (or require, verify-ca); without it the connection may be plaintext".into(),
+            });
+        }
+        let rest = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        Ok(UrlTls { rest, root_cert })
+    }
 }
 
 /// tokio-postgres's parse errors do not echo the URL, but be sure.
@@ -659,5 +816,57 @@ fn strip_secrets(s: &str) -> String {
         "invalid connection string".into()
     } else {
         s.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sslrootcert_and_verify_modes_are_taken_out_of_the_url() {
+        let u = UrlTls::split(
+            "postgres://tp:pw@db:5432/tp?sslmode=verify-full&sslrootcert=%2Fetc%2Fca%20x.pem&connect_timeout=3",
+        )
+        .unwrap();
+        assert_eq!(
+            u.rest,
+            "postgres://tp:pw@db:5432/tp?sslmode=require&connect_timeout=3"
+        );
+        assert_eq!(u.root_cert, Some(PathBuf::from("/etc/ca x.pem")));
+        let u = UrlTls::split("postgres://db/tp?sslmode=verify-ca").unwrap();
+        assert_eq!(
+            (u.rest.as_str(), u.root_cert),
+            ("postgres://db/tp?sslmode=require", None)
+        );
+        let u = UrlTls::split("postgres://db/tp?sslrootcert=system&sslmode=require").unwrap();
+        assert_eq!(
+            (u.rest.as_str(), u.root_cert),
+            ("postgres://db/tp?sslmode=require", None)
+        );
+        let plain = "postgres://db/tp";
+        assert_eq!(UrlTls::split(plain).unwrap().rest, plain);
+    }
+
+    #[test]
+    fn sslrootcert_without_a_verifying_mode_is_refused_without_echoing_the_url() {
+        for url in [
+            "postgres://tp:hunter2@db/tp?sslrootcert=/ca.pem",
+            "postgres://tp:hunter2@db/tp?sslmode=prefer&sslrootcert=/ca.pem",
+        ] {
+            let err = UrlTls::split(url).unwrap_err().to_string();
+            assert!(err.contains("sslmode=verify-full"), "{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_sslrootcert_names_the_file_not_the_password() {
+        let url = Secret::new(
+            "postgres://tp:hunter2@127.0.0.1:1/tp?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+        );
+        let err = crate::error_chain(&PgStore::open(&url, None).await.unwrap_err());
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
     }
 }

@@ -7,14 +7,14 @@
 //! credential's record, so a short store-wide lock guards each
 //! read-modify-write; it is always taken after a credential lock, never
 //! before, so the two cannot deadlock.
+//!
+//! With `store.encryption_key` the file holds the credentials sealed as one
+//! value (see `seal`); `rekey` reseals everything under the current key.
 
 use super::pg::{PgLease, PgStore};
+use super::seal::{self, Keyring, UnsealError};
 use crate::secret::Secret;
-use base64::Engine as _;
-use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -86,8 +86,8 @@ struct StoreFile {
     version: u32,
     #[serde(default)]
     credentials: BTreeMap<String, Record>,
-    /// With `store.encryption_key`: `credentials` sealed with
-    /// XChaCha20-Poly1305, base64 of nonce ‖ ciphertext.
+    /// With `store.encryption_key`: `credentials` as one sealed value
+    /// (`tpv2:<key id>:...`; older stores: bare base64 of XChaCha20-Poly1305).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sealed: Option<String>,
 }
@@ -112,8 +112,12 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
-    #[error("token store {path} is encrypted and cannot be opened with this key (wrong or missing store.encryption_key); it is never overwritten while unreadable")]
-    Decrypt { path: PathBuf },
+    #[error("token store {path} is encrypted and cannot be opened with the configured keys (it is never overwritten while unreadable)")]
+    Decrypt {
+        path: PathBuf,
+        #[source]
+        source: UnsealError,
+    },
     #[error("cannot lock {path}")]
     Lock {
         path: PathBuf,
@@ -135,53 +139,16 @@ pub enum StoreError {
     Fenced { name: String },
     #[error("credential {name}: another replica has held the refresh lease for over a minute")]
     LeaseBusy { name: String },
-    #[error("credential {name}: its stored tokens are encrypted and cannot be opened with this key (wrong or missing store.encryption_key)")]
-    DecryptColumn { name: String },
+    #[error("credential {name}: its stored tokens are encrypted and cannot be opened with the configured keys (the row is never overwritten while unreadable)")]
+    DecryptColumn {
+        name: String,
+        #[source]
+        source: UnsealError,
+    },
+    #[error("store rekey needs store.encryption_key (the key to seal under)")]
+    RekeyWithoutKey,
     #[error("credential {name}: stored {message}")]
     Column { name: String, message: String },
-}
-
-/// Seals single values (postgres token columns) with the store key:
-/// `tpv1:` + base64 of nonce ‖ XChaCha20-Poly1305 ciphertext.
-#[derive(Clone)]
-pub struct Sealer(std::sync::Arc<XChaCha20Poly1305>);
-
-const SEALED_PREFIX: &str = "tpv1:";
-
-impl Sealer {
-    pub fn new(key: &Secret) -> Sealer {
-        // Any string works as a key: SHA-256 stretches it to 32 bytes.
-        let digest = Sha256::digest(key.expose().as_bytes());
-        Sealer(std::sync::Arc::new(XChaCha20Poly1305::new(&digest)))
-    }
-
-    pub fn seal(&self, plain: &str) -> String {
-        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
-        // Encryption with a valid key and nonce cannot fail for in-memory data.
-        let sealed = self.0.encrypt(&nonce, plain.as_bytes()).unwrap_or_default();
-        let mut blob = nonce.to_vec();
-        blob.extend_from_slice(&sealed);
-        format!(
-            "{SEALED_PREFIX}{}",
-            base64::engine::general_purpose::STANDARD.encode(blob)
-        )
-    }
-
-    pub fn is_sealed(v: &str) -> bool {
-        v.starts_with(SEALED_PREFIX)
-    }
-
-    pub fn unseal(&self, v: &str) -> Option<String> {
-        let blob = base64::engine::general_purpose::STANDARD
-            .decode(v.strip_prefix(SEALED_PREFIX)?)
-            .ok()?;
-        if blob.len() < 24 {
-            return None;
-        }
-        let (nonce, ct) = blob.split_at(24);
-        let plain = self.0.decrypt(XNonce::from_slice(nonce), ct).ok()?;
-        String::from_utf8(plain).ok()
-    }
 }
 
 /// The configured store: one file (one writer per refresh token) or
@@ -218,7 +185,7 @@ impl Store {
                 let url = config.url.as_ref().ok_or_else(|| StoreError::Url {
                     message: "missing".into(),
                 })?;
-                PgStore::open(url, config.encryption_key.as_ref())
+                PgStore::open(url, Keyring::from_config(config))
                     .await
                     .map(Store::Postgres)
             }
@@ -227,11 +194,14 @@ impl Store {
 
     /// Identifies the configured store, to reuse an open one on reload.
     pub fn config_key(config: &crate::config::StoreConfig) -> String {
-        let key = config
+        // Every key: a reload that changes any of them reopens the store.
+        let key: Vec<String> = config
             .encryption_key
-            .as_ref()
+            .iter()
+            .chain(&config.previous_encryption_keys)
             .map(Secret::fingerprint)
-            .unwrap_or_default();
+            .collect();
+        let key = key.join(",");
         match config.kind {
             crate::config::StoreKind::File => format!("file:{}", config.path.display()),
             crate::config::StoreKind::Postgres => format!(
@@ -285,6 +255,24 @@ impl Store {
         }
     }
 
+    /// Reseals every stored record under the current key (no grant, no
+    /// change of family or generation). Records that cannot be opened are
+    /// reported and left untouched.
+    pub async fn rekey(&self) -> Result<Rekeyed, StoreError> {
+        match self {
+            Store::File(f) => {
+                let f = f.clone();
+                tokio::task::spawn_blocking(move || f.rekey())
+                    .await
+                    .map_err(|e| StoreError::Write {
+                        path: PathBuf::new(),
+                        source: io::Error::other(e),
+                    })?
+            }
+            Store::Postgres(p) => p.rekey().await,
+        }
+    }
+
     /// Wakes on writes by other replicas (postgres LISTEN); `None` for files.
     pub fn changes(&self, name: &str) -> Option<tokio::sync::watch::Receiver<u64>> {
         match self {
@@ -294,18 +282,31 @@ impl Store {
     }
 }
 
+/// What `rekey` did.
+#[derive(Debug, Default)]
+pub struct Rekeyed {
+    /// The key id everything is now sealed under.
+    pub key_id: String,
+    /// Records rewritten under the current key.
+    pub resealed: Vec<String>,
+    /// Records already sealed under the current key.
+    pub unchanged: Vec<String>,
+    /// Records left as they were, and why.
+    pub failed: Vec<(String, StoreError)>,
+}
+
 /// The file store. Cheap to clone.
 #[derive(Clone)]
 pub struct FileStore {
     path: PathBuf,
-    cipher: Option<std::sync::Arc<XChaCha20Poly1305>>,
+    keys: Option<Keyring>,
 }
 
 impl std::fmt::Debug for FileStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FileStore")
             .field("path", &self.path)
-            .field("encrypted", &self.cipher.is_some())
+            .field("keys", &self.keys)
             .finish()
     }
 }
@@ -320,25 +321,21 @@ impl FileStore {
     /// Opens (and checks) an unencrypted store; creates nothing until the
     /// first write.
     pub fn open(path: &Path) -> Result<FileStore, StoreError> {
-        Self::open_with_key(path, None)
+        Self::open_with_keys(path, None)
     }
 
-    /// The store as configured (`store.path`, `store.encryption_key`).
+    /// The store as configured (`store.path` and the encryption keys).
     pub fn open_config(config: &crate::config::StoreConfig) -> Result<FileStore, StoreError> {
-        Self::open_with_key(&config.path, config.encryption_key.as_ref())
+        Self::open_with_keys(&config.path, Keyring::from_config(config))
     }
 
-    /// With a key, records are sealed at rest; a plaintext store is read
-    /// once and sealed at its next write.
-    pub fn open_with_key(path: &Path, key: Option<&Secret>) -> Result<FileStore, StoreError> {
-        // Any string works as a key: SHA-256 stretches it to 32 bytes.
-        let cipher = key.map(|k| {
-            let digest = Sha256::digest(k.expose().as_bytes());
-            std::sync::Arc::new(XChaCha20Poly1305::new(&digest))
-        });
+    /// With keys, records are sealed at rest under the current one; a
+    /// plaintext store (or one sealed under a previous key) is read as is
+    /// and sealed under the current key at its next write.
+    pub fn open_with_keys(path: &Path, keys: Option<Keyring>) -> Result<FileStore, StoreError> {
         let store = FileStore {
             path: path.to_owned(),
-            cipher,
+            keys,
         };
         store.read_all()?;
         Ok(store)
@@ -414,28 +411,54 @@ impl FileStore {
     pub fn write(&self, name: &str, record: &Record) -> Result<(), StoreError> {
         let _guard = lock_file(&self.write_lock_path())?;
         let mut all = self.read_all()?;
-        all.version = 1;
         let mut record = record.clone();
         record.updated_at_ms = unix_ms(SystemTime::now());
         all.credentials.insert(name.to_owned(), record);
+        self.write_all(all)
+    }
+
+    /// Rewrites the whole file under the current key, under the same lock
+    /// as every write (so no concurrent refresh is lost). An unreadable file
+    /// is an error and stays as it was.
+    pub fn rekey(&self) -> Result<Rekeyed, StoreError> {
+        let keys = self.keys.as_ref().ok_or(StoreError::RekeyWithoutKey)?;
+        let _guard = lock_file(&self.write_lock_path())?;
+        let raw = match fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice::<StoreFile>(&bytes).ok(),
+            Err(_) => None,
+        };
+        let already = raw
+            .as_ref()
+            .and_then(|f| f.sealed.as_deref())
+            .is_some_and(|s| keys.is_current(s));
+        let all = self.read_all()?;
+        let names: Vec<String> = all.credentials.keys().cloned().collect();
+        let mut done = Rekeyed {
+            key_id: keys.current_id().to_owned(),
+            ..Rekeyed::default()
+        };
+        if already || raw.is_none() {
+            // Nothing stored yet, or sealed under this key already.
+            done.unchanged = names;
+            return Ok(done);
+        }
+        self.write_all(all)?;
+        done.resealed = names;
+        Ok(done)
+    }
+
+    /// Durably replaces the file with `all`, sealed when there is a key.
+    /// Call with the write lock held.
+    fn write_all(&self, mut all: StoreFile) -> Result<(), StoreError> {
+        all.version = 1;
         let to_io = |e: serde_json::Error| StoreError::Write {
             path: self.path.clone(),
             source: io::Error::other(e),
         };
-        if let Some(cipher) = &self.cipher {
+        if let Some(keys) = &self.keys {
             let plain = serde_json::to_vec(&all.credentials).map_err(to_io)?;
-            let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
-            let sealed =
-                cipher
-                    .encrypt(&nonce, plain.as_slice())
-                    .map_err(|_| StoreError::Write {
-                        path: self.path.clone(),
-                        source: io::Error::other("encryption failed"),
-                    })?;
-            let mut blob = nonce.to_vec();
-            blob.extend_from_slice(&sealed);
             all.credentials.clear();
-            all.sealed = Some(base64::engine::general_purpose::STANDARD.encode(blob));
+            all.sealed = Some(keys.seal(&plain));
         }
         let bytes = serde_json::to_vec_pretty(&all).map_err(to_io)?;
         write_atomic(&self.path, &bytes).map_err(|source| StoreError::Write {
@@ -445,20 +468,11 @@ impl FileStore {
     }
 
     fn unseal(&self, sealed: &str) -> Result<BTreeMap<String, Record>, StoreError> {
-        let err = || StoreError::Decrypt {
-            path: self.path.clone(),
-        };
-        let cipher = self.cipher.as_ref().ok_or_else(err)?;
-        let blob = base64::engine::general_purpose::STANDARD
-            .decode(sealed)
-            .map_err(|_| err())?;
-        if blob.len() < 24 {
-            return Err(err());
-        }
-        let (nonce, ciphertext) = blob.split_at(24);
-        let plain = cipher
-            .decrypt(XNonce::from_slice(nonce), ciphertext)
-            .map_err(|_| err())?;
+        let plain = seal::unseal_with(self.keys.as_ref(), &seal::legacy_file_blob(sealed))
+            .map_err(|source| StoreError::Decrypt {
+                path: self.path.clone(),
+                source,
+            })?;
         serde_json::from_slice(&plain).map_err(|source| StoreError::Corrupt {
             path: self.path.clone(),
             source,
@@ -487,78 +501,6 @@ fn lock_file(path: &Path) -> Result<File, StoreError> {
         source,
     })?;
     Ok(file)
-}
-
-/// What `migrate` did for one credential.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Migrated {
-    Copied { family: String, generation: u64 },
-    NothingStored,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum MigrateError {
-    #[error("credential {name}: the target store already holds a working token family (generation {generation}); pass --force to replace it")]
-    TargetWorks { name: String, generation: u64 },
-    #[error("credential {name}: the source record is already retired (migrated) and has nothing to move")]
-    SourceRetired { name: String },
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-/// Moves one credential's record between stores without spending a token:
-/// both locks held, the record copied as is (family, generation, intent,
-/// seeds seen), then the source marked dead (`migrated`) so a process still
-/// using it can never present the token again.
-pub async fn migrate(
-    from: &Store,
-    to: &Store,
-    name: &str,
-    force: bool,
-) -> Result<Migrated, MigrateError> {
-    let src_lock = from.lock_credential(name).await?;
-    let dst_lock = to.lock_credential(name).await?;
-    let Some(rec) = from.read(name).await? else {
-        dst_lock.release().await?;
-        src_lock.release().await?;
-        return Ok(Migrated::NothingStored);
-    };
-    if rec
-        .dead
-        .as_ref()
-        .is_some_and(|d| d.reason == "migrated" && d.family == rec.family)
-    {
-        return Err(MigrateError::SourceRetired {
-            name: name.to_owned(),
-        });
-    }
-    let existing = to.read(name).await?;
-    if let Some(t) = &existing {
-        let works = t.dead.is_none() && t.refresh_token.is_some();
-        if works && t.identity() != rec.identity() && !force {
-            return Err(MigrateError::TargetWorks {
-                name: name.to_owned(),
-                generation: t.generation,
-            });
-        }
-    }
-    let prev = existing.as_ref().map(|t| (t.family.clone(), t.generation));
-    to.write(name, &rec, prev.as_ref().map(|(f, g)| (f.as_str(), *g)))
-        .await?;
-    let mut retired = rec.clone();
-    retired.intent = None;
-    retired.dead = Some(DeadMark {
-        family: rec.family.clone(),
-        generation: rec.generation,
-        reason: "migrated".into(),
-    });
-    from.write(name, &retired, Some(rec.identity())).await?;
-    dst_lock.release().await?;
-    src_lock.release().await?;
-    Ok(Migrated::Copied {
-        family: rec.family,
-        generation: rec.generation,
-    })
 }
 
 /// Temp file in the same directory, fsync, rename over, fsync the directory:
@@ -676,6 +618,11 @@ mod tests {
         ));
     }
 
+    fn keys(current: &str, previous: &[&str]) -> Option<Keyring> {
+        let prev: Vec<Secret> = previous.iter().map(|p| Secret::new(*p)).collect();
+        Some(Keyring::new(&Secret::new(current), &prev))
+    }
+
     #[test]
     fn encrypted_store_hides_tokens_and_needs_its_key() {
         let dir = tempfile::tempdir().unwrap();
@@ -685,43 +632,70 @@ mod tests {
             .unwrap()
             .write("a", &record("f1", 1))
             .unwrap();
-        let key = Secret::new("correct horse");
-        let store = FileStore::open_with_key(&path, Some(&key)).unwrap();
+        let store = FileStore::open_with_keys(&path, keys("correct horse", &[])).unwrap();
         assert_eq!(store.read("a").unwrap().unwrap().generation, 1);
         store.write("b", &record("family-two", 2)).unwrap();
         let raw = fs::read_to_string(&path).unwrap();
+        let kid = keys("correct horse", &[]).unwrap().current_id().to_owned();
         assert!(
-            raw.contains("sealed") && !raw.contains("\"rt\"") && !raw.contains("family-two"),
+            raw.contains(&format!("\"tpv2:{kid}:"))
+                && !raw.contains("\"rt\"")
+                && !raw.contains("family-two"),
             "{raw}"
         );
         assert_eq!(store.read("b").unwrap().unwrap().family, "family-two");
+        let err = FileStore::open(&path).unwrap_err();
         assert!(matches!(
-            FileStore::open(&path),
-            Err(StoreError::Decrypt { .. })
+            &err,
+            StoreError::Decrypt { source: UnsealError::NoKey { kid: k }, .. } if *k == kid
         ));
-        let wrong = Secret::new("wrong");
-        assert!(matches!(
-            FileStore::open_with_key(&path, Some(&wrong)),
-            Err(StoreError::Decrypt { .. })
-        ));
+        let err = FileStore::open_with_keys(&path, keys("wrong", &[])).unwrap_err();
+        let text = crate::error_chain(&err);
+        assert!(
+            text.contains(&kid) && !text.contains("wrong") && !text.contains("correct"),
+            "{text}"
+        );
     }
 
     #[test]
-    fn sealer_round_trips_and_needs_its_key() {
-        let sealer = Sealer::new(&Secret::new("k1"));
-        let sealed = sealer.seal("refresh-token-value");
-        assert!(Sealer::is_sealed(&sealed) && !sealed.contains("refresh-token-value"));
-        assert_ne!(
-            sealed,
-            sealer.seal("refresh-token-value"),
-            "fresh nonce each time"
+    fn a_previous_key_opens_and_rekey_reseals_under_the_current_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let old = FileStore::open_with_keys(&path, keys("key-a", &[])).unwrap();
+        old.write("a", &record("f1", 3)).unwrap();
+        let rotated = FileStore::open_with_keys(&path, keys("key-b", &["key-a"])).unwrap();
+        assert_eq!(rotated.read("a").unwrap().unwrap().generation, 3);
+        assert!(
+            FileStore::open_with_keys(&path, keys("key-b", &[])).is_err(),
+            "not yet rekeyed"
         );
-        assert_eq!(
-            sealer.unseal(&sealed).as_deref(),
-            Some("refresh-token-value")
-        );
-        assert_eq!(Sealer::new(&Secret::new("k2")).unseal(&sealed), None);
-        assert_eq!(sealer.unseal("tpv1:not-base64!"), None);
+        let done = rotated.rekey().unwrap();
+        assert_eq!(done.resealed, vec!["a".to_owned()]);
+        assert_eq!(done.key_id, keys("key-b", &[]).unwrap().current_id());
+        let again = rotated.rekey().unwrap();
+        assert!(again.resealed.is_empty() && again.unchanged == vec!["a".to_owned()]);
+        let only_b = FileStore::open_with_keys(&path, keys("key-b", &[])).unwrap();
+        assert_eq!(only_b.read("a").unwrap().unwrap().family, "f1");
+        assert!(FileStore::open_with_keys(&path, keys("key-a", &[])).is_err());
+        let plain = FileStore::open(&dir.path().join("plain.json")).unwrap();
+        assert!(matches!(plain.rekey(), Err(StoreError::RekeyWithoutKey)));
+    }
+
+    #[test]
+    fn a_store_sealed_in_the_old_format_opens_and_is_resealed_at_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let mut creds = BTreeMap::new();
+        creds.insert("a".to_owned(), record("f1", 5));
+        let v1 = super::seal::tests::seal_v1("key-a", &serde_json::to_vec(&creds).unwrap());
+        // Before key ids the file held the bare base64 blob.
+        let blob = v1.strip_prefix("tpv1:").unwrap();
+        fs::write(&path, format!(r#"{{"version":1,"sealed":"{blob}"}}"#)).unwrap();
+        let store = FileStore::open_with_keys(&path, keys("key-a", &[])).unwrap();
+        assert_eq!(store.read("a").unwrap().unwrap().generation, 5);
+        store.write("b", &record("f2", 1)).unwrap();
+        assert!(fs::read_to_string(&path).unwrap().contains("\"tpv2:"));
+        assert_eq!(store.read("a").unwrap().unwrap().generation, 5);
     }
 
     #[tokio::test]

@@ -21,7 +21,13 @@ pub struct Pg {
     port: u16,
     /// Set when we are root: the user the server runs as.
     run_as: Option<&'static str>,
+    /// Extra `-c name=value` server settings (TLS).
+    settings: String,
 }
+
+/// The dev test CA and the server certificate it signed (SANs 127.0.0.1
+/// and localhost).
+const TESTDATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/dev/testdata");
 
 fn pg_bin_dir() -> Option<PathBuf> {
     let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
@@ -41,6 +47,15 @@ impl Pg {
     /// None (with a note) when PostgreSQL is not installed and `CI` is
     /// unset; under CI a missing install is a failure.
     pub fn start() -> Option<Pg> {
+        Self::start_with(false)
+    }
+
+    /// With `ssl=on`, serving the dev test certificate.
+    pub fn start_tls() -> Option<Pg> {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Option<Pg> {
         let Some(bin) = pg_bin_dir() else {
             if std::env::var_os("CI").is_some() {
                 panic!("PostgreSQL binaries missing under /usr/lib/postgresql/*/bin (tests/run.sh installs them)");
@@ -58,6 +73,21 @@ impl Pg {
         let data = dir.path().join("data");
         let sock = dir.path().join("sock");
         std::fs::create_dir_all(&sock).unwrap();
+        let mut settings = String::new();
+        if tls {
+            // The server refuses a key others can read; the chown below
+            // makes it the server user's.
+            use std::os::unix::fs::PermissionsExt;
+            let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+            std::fs::copy(format!("{TESTDATA}/test-leaf.pem"), &cert).unwrap();
+            std::fs::copy(format!("{TESTDATA}/test-leaf.key"), &key).unwrap();
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+            settings = format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert.display(),
+                key.display()
+            );
+        }
         if let Some(user) = run_as {
             let ok = Command::new("chown")
                 .args(["-R", &format!("{user}:"), &dir.path().to_string_lossy()])
@@ -74,6 +104,7 @@ impl Pg {
             sock,
             port: free_port(),
             run_as,
+            settings,
         };
         let out = pg
             .cmd("initdb")
@@ -106,9 +137,10 @@ impl Pg {
 
     pub fn start_server(&self) {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off{}",
             self.port,
-            self.sock.display()
+            self.sock.display(),
+            self.settings
         );
         let out = self
             .cmd("pg_ctl")
@@ -178,12 +210,17 @@ impl Drop for Pg {
 
 /// A replica's config: the stack's, with the postgres store.
 fn replica_config(stack: &Stack, pg: &Pg, name: &str, extra: &str) -> (PathBuf, (u16, u16)) {
+    replica_config_url(stack, &pg.url(), name, extra)
+}
+
+/// A replica's config with the postgres store at `url`.
+fn replica_config_url(stack: &Stack, url: &str, name: &str, extra: &str) -> (PathBuf, (u16, u16)) {
     let ports = (free_port(), free_port());
     let path = stack.dir.path().join(format!("{name}.toml"));
     let file_store = format!("[store]\npath = \"{}\"", stack.store_path().display());
     let text = stack.toml(ports.0, ports.1, extra).replace(
         &file_store,
-        &format!("[store]\nkind = \"postgres\"\nurl = \"{}\"", pg.url()),
+        &format!("[store]\nkind = \"postgres\"\nurl = \"{url}\""),
     );
     assert!(text.contains("postgres://"), "store section replaced");
     std::fs::write(&path, text).unwrap();
@@ -478,14 +515,9 @@ async fn fleet_encrypted_columns_hold_no_token_in_clear() {
     let raw = pg.psql(&format!(
         "SELECT refresh_token || ' ' || access_token FROM tokenproxy_credentials WHERE name = '{CRED}'"
     ));
-    assert!(raw.starts_with("tpv1:"), "sealed: {raw}");
-    let g = get_ok(&c, &r.url("/api/x")).await;
-    let bearer = g.json()["headers"]["authorization"][0]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    let access = bearer.trim_start_matches("Bearer ").to_owned();
-    assert!(access.len() > 8, "a token was injected: {bearer}");
+    assert!(raw.starts_with("tpv2:"), "sealed: {raw}");
+    let access = bearer(&get_ok(&c, &r.url("/api/x")).await);
+    assert!(access.len() > 8, "a token was injected");
     // Every refresh token the IdP saw, the seed, and the access token.
     let mut tokens = stack.presented();
     tokens.push(stack.seed.clone());
@@ -559,6 +591,7 @@ async fn pg_store_fences_writes_and_serialises_leases() {
         path: PathBuf::from("unused"),
         url: Some(tokenproxy::secret::Secret::new(pg.url())),
         encryption_key: None,
+        previous_encryption_keys: Vec::new(),
     };
     let store = Store::open_config(&cfg).await.expect("store opens");
     let rec = |family: &str, generation: u64| Record {
@@ -611,4 +644,292 @@ async fn pg_store_fences_writes_and_serialises_leases() {
         .await
         .expect("the waiter gets the lease at once after the release")
         .unwrap();
+}
+
+const KEY_A: &str = "store-key-A-5d1f0c9e7b";
+const KEY_B: &str = "store-key-B-a83e62f4c0";
+
+/// `SELECT` of the credential's two token columns, space-separated.
+fn token_columns(pg: &Pg) -> String {
+    pg.psql(&format!(
+        "SELECT refresh_token || ' ' || access_token FROM tokenproxy_credentials WHERE name = '{CRED}'"
+    ))
+}
+
+/// A replica config whose store keys are `current` and `previous`.
+fn keyed_replica(
+    stack: &Stack,
+    pg: &Pg,
+    name: &str,
+    current: &str,
+    previous: &[&str],
+) -> (PathBuf, (u16, u16)) {
+    let (path, ports) = replica_config(stack, pg, name, "");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, with_store_keys(&text, current, previous)).unwrap();
+    (path, ports)
+}
+
+/// Key rotation on postgres: rows sealed under A serve a replica whose key
+/// is B with A as a previous key, without a grant; `store rekey` reseals
+/// every column under B (psql sees only B's key id, no token in clear);
+/// then B alone serves, and A alone refuses to start, naming B's key id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_key_rotation_then_rekey() {
+    let Some(pg) = Pg::start() else { return };
+    // Tokens outlive the test: any grant after the first is a failure.
+    let stack = Stack::start(StackOpts {
+        access_ttl: S(600),
+        ..StackOpts::default()
+    })
+    .await;
+    let (kid_a, kid_b) = (key_id(KEY_A), key_id(KEY_B));
+    let dir = stack.dir.path();
+    let c = http();
+    let (a_cfg, a_ports) = keyed_replica(&stack, &pg, "key-a", KEY_A, &[]);
+    let mut a = ChildProxy::start(dir, "key-a", &a_cfg, a_ports).await;
+    let access = bearer(&get_ok(&c, &a.url("/api/x")).await);
+    pg.wait_generation(1, S(10)).await;
+    let sealed_a = token_columns(&pg);
+    assert!(
+        sealed_a
+            .split(' ')
+            .all(|v| v.starts_with(&format!("tpv2:{kid_a}:"))),
+        "{sealed_a}"
+    );
+    a.kill9();
+    let grants = stack.idp.grants().len();
+
+    let (ab_cfg, ab_ports) = keyed_replica(&stack, &pg, "key-b-a", KEY_B, &[KEY_A]);
+    let ab = ChildProxy::start(dir, "key-b-a", &ab_cfg, ab_ports).await;
+    let g = get_ok(&c, &ab.url("/api/x")).await;
+    assert_eq!(g.status, 200, "{}", g.text());
+    assert_eq!(bearer(&g), access, "the stored token, opened with key A");
+    assert_eq!(stack.idp.grants().len(), grants, "no grant");
+
+    let rekey = run_cli(&[
+        "store".as_ref(),
+        "rekey".as_ref(),
+        "-c".as_ref(),
+        ab_cfg.as_os_str(),
+    ]);
+    assert_eq!(rekey.code, Some(0), "{}", rekey.text());
+    assert!(
+        rekey
+            .stdout
+            .contains(&format!("{CRED}: resealed under key id {kid_b}")),
+        "{}",
+        rekey.text()
+    );
+    let sealed_b = token_columns(&pg);
+    assert!(
+        sealed_b
+            .split(' ')
+            .all(|v| v.starts_with(&format!("tpv2:{kid_b}:"))),
+        "{sealed_b}"
+    );
+    assert!(!sealed_b.contains(&kid_a), "{sealed_b}");
+    let mut tokens = stack.presented();
+    tokens.extend([stack.seed.clone(), access.clone()]);
+    for t in &tokens {
+        assert!(!sealed_b.contains(t.as_str()), "a token in clear");
+    }
+    let again = run_cli(&[
+        "store".as_ref(),
+        "rekey".as_ref(),
+        "-c".as_ref(),
+        ab_cfg.as_os_str(),
+    ]);
+    assert!(again.stdout.contains("already sealed"), "{}", again.text());
+    drop(ab);
+
+    let (b_cfg, b_ports) = keyed_replica(&stack, &pg, "key-b", KEY_B, &[]);
+    let b = ChildProxy::start(dir, "key-b", &b_cfg, b_ports).await;
+    let g = get_ok(&c, &b.url("/api/x")).await;
+    assert_eq!((g.status, bearer(&g)), (200, access.clone()));
+    drop(b);
+
+    let (a_only, _) = keyed_replica(&stack, &pg, "key-a-only", KEY_A, &[]);
+    let failed = run_until_exit(dir, "key-a-only", &a_only, S(20)).await;
+    assert_eq!(failed.code, Some(1), "{}", failed.text());
+    assert!(
+        failed
+            .text()
+            .contains(&format!("sealed with key id {kid_b}")),
+        "names the key id it needs: {}",
+        failed.text()
+    );
+    assert_eq!(token_columns(&pg), sealed_b, "never overwritten");
+    assert_eq!(stack.idp.grants().len(), grants, "no grant in all of it");
+    stack.assert_no_reuse();
+    let mut secrets = stack.secrets();
+    secrets.extend([KEY_A.to_owned(), KEY_B.to_owned(), access]);
+    let outputs: Vec<String> = ["key-a", "key-b-a", "key-b", "key-a-only"]
+        .iter()
+        .flat_map(|l| ["stdout", "stderr"].map(|k| dir.join(format!("{l}.{k}"))))
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .chain([rekey.text(), again.text()])
+        .collect();
+    assert_no_secrets(&outputs, &secrets);
+}
+
+/// `store export` then `store import`: a file store's family goes to
+/// postgres through a file, spending nothing (the replica serves the
+/// exported access token; zero grants, zero reuse). The file store marks it
+/// moved, so a proxy on it says so and does not refresh; once postgres
+/// refreshed, importing the same file again is refused, even with --force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_export_then_import_moves_a_family_without_a_grant() {
+    let Some(pg) = Pg::start() else { return };
+    let stack = Stack::start(StackOpts {
+        access_ttl: S(600),
+        ..StackOpts::default()
+    })
+    .await;
+    let dir = stack.dir.path();
+    let c = http();
+    let (file_cfg, ports) = child_config(&stack, "file", "");
+    let mut old = ChildProxy::start(dir, "file", &file_cfg, ports).await;
+    let access = bearer(&get_ok(&c, &old.url("/api/x")).await);
+    let generation = stack.wait_generation(1, S(10)).await;
+    old.kill9();
+    let grants = stack.idp.grants().len();
+
+    let file = dir.join("user.export.json");
+    let export_args = |out: &std::path::Path| {
+        vec![
+            "store".into(),
+            "export".into(),
+            "-c".into(),
+            file_cfg.clone().into_os_string(),
+            "--credential".into(),
+            CRED.into(),
+            "--out".into(),
+            out.as_os_str().to_owned(),
+        ]
+    };
+    let export = run_cli(&export_args(&file));
+    assert_eq!(export.code, Some(0), "{}", export.text());
+    assert!(
+        export.stderr.contains("WARNING") && export.stderr.contains("in clear"),
+        "a store without a key exports in clear, loudly: {}",
+        export.text()
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let again = run_cli(&export_args(&file));
+    assert_eq!(again.code, Some(64), "never overwrites: {}", again.text());
+    assert!(again.stderr.contains("already exists"), "{}", again.text());
+    let moved = stack.record().expect("the source record stays");
+    assert_eq!(moved["dead"]["reason"], "migrated", "{moved}");
+
+    let (pg_cfg, pg_ports) = replica_config(&stack, &pg, "pg", "");
+    let import_args = |force: bool| {
+        let mut a: Vec<std::ffi::OsString> = vec![
+            "store".into(),
+            "import".into(),
+            "-c".into(),
+            pg_cfg.clone().into_os_string(),
+            "--in".into(),
+            file.clone().into_os_string(),
+        ];
+        if force {
+            a.push("--force".into());
+        }
+        a
+    };
+    let import = run_cli(&import_args(false));
+    assert_eq!(import.code, Some(0), "{}", import.text());
+    assert!(
+        import.stdout.contains(&format!("{CRED}: imported family")),
+        "{}",
+        import.text()
+    );
+    let replica = ChildProxy::start(dir, "pg", &pg_cfg, pg_ports).await;
+    let g = get_ok(&c, &replica.url("/api/x")).await;
+    assert_eq!((g.status, bearer(&g)), (200, access.clone()));
+    assert_eq!(stack.idp.grants().len(), grants, "moving spent nothing");
+
+    // A proxy still pointed at the source store reports the move.
+    let (file2_cfg, ports2) = child_config(&stack, "file-after", "");
+    let stale = ChildProxy::start(dir, "file-after", &file2_cfg, ports2).await;
+    let st = wait_state(&c, stale.admin, "dead", S(10)).await;
+    assert_eq!(st["last_error"]["reason"], "migrated", "{st}");
+    assert!(
+        st["last_error"]["hint"]
+            .as_str()
+            .is_some_and(|h| h.contains("moved")),
+        "{st}"
+    );
+    assert_eq!(stack.idp.grants().len(), grants, "and does not refresh");
+    drop(stale);
+
+    // Postgres moves on; the export now holds a spent refresh token.
+    let r = post_admin(&c, replica.admin, &format!("/credentials/{CRED}/refresh")).await;
+    assert!(r.status < 300, "{} {}", r.status, r.text());
+    let newer = pg.wait_generation(generation + 1, S(10)).await;
+    for force in [false, true] {
+        let stale_import = run_cli(&import_args(force));
+        assert_eq!(stale_import.code, Some(1), "{}", stale_import.text());
+        assert!(
+            stale_import.stderr.contains("newer than generation"),
+            "{}",
+            stale_import.text()
+        );
+        assert_eq!(pg.generation(), Some(newer), "untouched");
+    }
+    stack.assert_no_reuse();
+    let mut outputs = vec![export.text(), again.text(), import.text()];
+    outputs.extend([old.output(), replica.output()]);
+    let mut secrets = stack.secrets();
+    secrets.push(access);
+    assert_no_secrets(&outputs, &secrets);
+}
+
+/// TLS to PostgreSQL verified against a private CA (`sslmode=verify-full`
+/// and `sslrootcert`, host matching the certificate's SAN): the replica
+/// serves and every session it holds is TLS (pg_stat_ssl). With a CA that
+/// did not sign the server's certificate it does not start, says why, and
+/// spends no token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_tls_verified_with_sslrootcert() {
+    let Some(pg) = Pg::start_tls() else { return };
+    let stack = Stack::start(StackOpts::default()).await;
+    let dir = stack.dir.path();
+    let url = |ca: &str| {
+        format!(
+            "{}?sslmode=verify-full&sslrootcert={TESTDATA}/{ca}",
+            pg.url()
+        )
+    };
+    let (path, ports) = replica_config_url(&stack, &url("test-ca.pem"), "tls", "");
+    let r = ChildProxy::start(dir, "tls", &path, ports).await;
+    let c = http();
+    let g = get_ok(&c, &r.url("/api/x")).await;
+    assert_eq!(g.status, 200, "{} {}", g.text(), r.output());
+    let sessions = pg.psql(
+        "SELECT ssl FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE application_name = 'tokenproxy'",
+    );
+    assert!(
+        !sessions.is_empty() && sessions.lines().all(|l| l == "t"),
+        "every tokenproxy session is TLS: {sessions:?}"
+    );
+    drop(r);
+
+    let grants = stack.refresh_grants();
+    let (bad, _) = replica_config_url(&stack, &url("other-ca.pem"), "wrong-ca", "");
+    let failed = run_until_exit(dir, "wrong-ca", &bad, S(20)).await;
+    assert_eq!(failed.code, Some(1), "{}", failed.text());
+    let log = failed.text();
+    assert!(
+        log.contains("TLS handshake") && log.contains("invalid peer certificate"),
+        "a clear TLS error: {log}"
+    );
+    assert_eq!(
+        stack.refresh_grants(),
+        grants,
+        "no refresh without the lease"
+    );
+    stack.assert_no_reuse();
 }

@@ -446,3 +446,122 @@ pub fn assert_no_secrets(outputs: &[String], secrets: &[String]) {
         }
     }
 }
+
+/// A finished run of the binary: a `store` command, or a `run` that had to
+/// stop by itself.
+#[derive(Debug)]
+pub struct CliRun {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliRun {
+    /// stdout + stderr.
+    pub fn text(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+fn tokenproxy_command() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tokenproxy"));
+    c.env_remove("TOKENPROXY_CONFIG")
+        .env_remove("TOKENPROXY_LOG")
+        .stdin(Stdio::null());
+    c
+}
+
+/// Runs `tokenproxy ARGS...` to completion.
+pub fn run_cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> CliRun {
+    let out = tokenproxy_command()
+        .args(args)
+        .output()
+        .expect("run tokenproxy");
+    CliRun {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `tokenproxy run -c CONFIG` that must exit by itself (a start-up failure)
+/// within `within`; killed and failed otherwise.
+pub async fn run_until_exit(dir: &Path, label: &str, config: &Path, within: Duration) -> CliRun {
+    let (stdout, stderr) = (
+        dir.join(format!("{label}.stdout")),
+        dir.join(format!("{label}.stderr")),
+    );
+    let mut child = tokenproxy_command()
+        .arg("run")
+        .arg("-c")
+        .arg(config)
+        .stdout(File::create(&stdout).unwrap())
+        .stderr(File::create(&stderr).unwrap())
+        .spawn()
+        .expect("spawn tokenproxy");
+    let deadline = Instant::now() + within;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "tokenproxy run did not exit within {within:?}: {}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    CliRun {
+        code: status.code(),
+        stdout: std::fs::read_to_string(&stdout).unwrap_or_default(),
+        stderr: std::fs::read_to_string(&stderr).unwrap_or_default(),
+    }
+}
+
+/// Config text with `encryption_key` (and previous keys) in its `[store]`.
+pub fn with_store_keys(text: &str, current: &str, previous: &[&str]) -> String {
+    let previous: Vec<String> = previous.iter().map(|p| format!("\"{p}\"")).collect();
+    let keys = format!(
+        "[store]\nencryption_key = \"{current}\"\nprevious_encryption_keys = [{}]\n",
+        previous.join(", ")
+    );
+    assert!(text.contains("[store]\n"), "a [store] table to add keys to");
+    text.replacen("[store]\n", &keys, 1)
+}
+
+/// The key id tokenproxy writes into values sealed under `key`.
+pub fn key_id(key: &str) -> String {
+    tokenproxy::token::seal::Keyring::new(&tokenproxy::secret::Secret::new(key), &[])
+        .current_id()
+        .to_owned()
+}
+
+/// The token the echo upstream received (`Bearer ` stripped).
+pub fn bearer(g: &Got) -> String {
+    g.json()["headers"]["authorization"][0]
+        .as_str()
+        .unwrap_or_default()
+        .trim_start_matches("Bearer ")
+        .to_owned()
+}
+
+/// POST to the admin API as the CLI would (with the admin header).
+pub async fn post_admin(c: &HttpClient, admin: SocketAddr, path: &str) -> Got {
+    let req = http::Request::post(format!("http://{admin}{path}"))
+        .header(tokenproxy::admin::ADMIN_HEADER, "1")
+        .body(Full::default())
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(15), c.request(req))
+        .await
+        .expect("admin answers in time")
+        .expect("admin answers");
+    let (parts, body) = resp.into_parts();
+    Got {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}

@@ -14,5 +14,6 @@ mod ops;
 mod proxy;
 mod reactive;
 mod reload;
+mod store_keys;
 mod support;
 mod tokens;

@@ -75,6 +75,7 @@ pub fn config(routes: Vec<RouteConfig>) -> Config {
             path: PathBuf::from("tokens.json"),
             url: None,
             encryption_key: None,
+            previous_encryption_keys: Vec::new(),
         },
         log: LogConfig {
             format: LogFormat::Pretty,

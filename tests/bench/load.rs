@@ -116,6 +116,19 @@ pub fn h2load(
         })
         .collect();
     let _ = std::fs::remove_file(log);
+    // h2load prints the protocol it negotiated: make sure it is the one
+    // asked for (h2c unless `--h1`).
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let want = if args.contains(&"--h1") {
+        "http/1.1"
+    } else {
+        "h2c"
+    };
+    let proto = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Application protocol:"))
+        .map(str::trim);
+    assert_eq!(proto, Some(want), "h2load against {url}: {stdout}");
     if timed.is_empty() {
         panic!(
             "h2load logged nothing: {}{}",

@@ -328,6 +328,12 @@ impl Ctx {
             });
         }
         let mut notes = Vec::new();
+        if rows.iter().any(|r| r.grants == 0) {
+            notes.push(
+                "no grant during a run: the windows are empty (did the token lifetime apply?)"
+                    .to_owned(),
+            );
+        }
         self.log_notes(&[("tokenproxy", &tp)], &mut notes);
         tp.stop();
         self.rt.block_on(idp.stop());

@@ -1,0 +1,213 @@
+//! The proxies under test, as child processes: tokenproxy (`run -c`) and
+//! nginx doing the same job (inject a fixed bearer token, forward to the
+//! bench upstream over pooled keep-alive connections).
+
+use crate::common::{child_pids, free_port, wait_port};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// The dev test CA (trusted for the TLS upstream).
+pub fn test_ca_file() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src/dev/testdata/test-ca.pem")
+}
+
+/// A running proxy; SIGTERMed and reaped on drop.
+pub struct Proxy {
+    child: Child,
+    pub port: u16,
+    nginx: bool,
+    pub log: PathBuf,
+}
+
+impl Proxy {
+    /// The processes whose CPU and memory count: tokenproxy's one process,
+    /// nginx's master and workers.
+    pub fn pids(&self) -> Vec<u32> {
+        if self.nginx {
+            child_pids(self.child.id())
+        } else {
+            vec![self.child.id()]
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Lines of the proxy's log (tokenproxy logs at warn: anything there
+    /// is worth a look; nginx's error log likewise).
+    pub fn log_lines(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        // SIGTERM: nginx's master then stops its workers (SIGKILL would
+        // orphan them).
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+        }
+    }
+}
+
+/// `cpus`: a taskset list, or `None` to leave it unpinned.
+fn spawn(cpus: Option<&str>, program: &str, args: &[&str], log: &Path) -> Child {
+    let out = std::fs::File::create(log).unwrap();
+    let mut cmd = match cpus {
+        Some(c) => {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", c, program]);
+            cmd
+        }
+        None => Command::new(program),
+    };
+    cmd.args(args)
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program}: {e}"))
+}
+
+pub struct TpOpts<'a> {
+    pub upstream: String,
+    /// `None`: the default runtime (no `worker_threads` key).
+    pub worker_threads: Option<usize>,
+    pub ca_file: Option<PathBuf>,
+    pub token_url: &'a str,
+    pub cpus: Option<&'a str>,
+}
+
+pub fn start_tokenproxy(dir: &Path, o: TpOpts<'_>) -> Proxy {
+    let port = free_port();
+    let admin_port = free_port();
+    let mut cfg = String::new();
+    let _ = writeln!(cfg, "[server]\nlisten = \"127.0.0.1:{port}\"");
+    if let Some(n) = o.worker_threads {
+        let _ = writeln!(cfg, "worker_threads = {n}");
+    }
+    let _ = writeln!(cfg, "max_connections = 4096");
+    let _ = writeln!(
+        cfg,
+        "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[log]\nlevel = \"warn\""
+    );
+    let _ = writeln!(
+        cfg,
+        "[store]\nkind = \"file\"\npath = \"tokens-{port}.json\"\n[credentials.svc]\ngrant = \"client_credentials\"\ntoken_url = \"{}\"\nclient_id = \"demo-client\"\nclient_secret = \"demo-secret\"",
+        o.token_url
+    );
+    let _ = writeln!(
+        cfg,
+        "[[routes]]\npath_prefix = \"/api/\"\nupstream = \"{}\"\ncredential = \"svc\"",
+        o.upstream
+    );
+    if let Some(ca) = &o.ca_file {
+        let _ = writeln!(cfg, "ca_file = \"{}\"", ca.display());
+    }
+    let path = dir.join(format!("tp-{port}.toml"));
+    std::fs::write(&path, cfg).unwrap();
+    let log = dir.join(format!("tp-{port}.log"));
+    let child = spawn(
+        o.cpus,
+        env!("CARGO_BIN_EXE_tokenproxy"),
+        &["run", "-c", path.to_str().unwrap()],
+        &log,
+    );
+    let proxy = Proxy {
+        child,
+        port,
+        nginx: false,
+        log,
+    };
+    wait_port(port);
+    proxy
+}
+
+pub struct NginxOpts<'a> {
+    pub upstream: SocketAddr,
+    pub workers: usize,
+    /// Listen with `http2` (h2c prior knowledge on cleartext).
+    pub http2: bool,
+    /// Upstream over TLS, verified against this CA, name `localhost`.
+    pub tls_ca: Option<PathBuf>,
+    pub token: &'a str,
+    pub cpus: Option<&'a str>,
+}
+
+pub fn start_nginx(dir: &Path, o: NginxOpts<'_>) -> Proxy {
+    let port = free_port();
+    let d = dir.join(format!("nginx-{port}"));
+    std::fs::create_dir_all(&d).unwrap();
+    let scheme = if o.tls_ca.is_some() { "https" } else { "http" };
+    let tls = match &o.tls_ca {
+        Some(ca) => format!(
+            "      proxy_ssl_trusted_certificate {};\n      proxy_ssl_verify on;\n      proxy_ssl_server_name on;\n      proxy_ssl_name localhost;\n      proxy_ssl_session_reuse on;\n",
+            ca.display()
+        ),
+        None => String::new(),
+    };
+    let conf = format!(
+        r#"worker_processes {workers};
+worker_rlimit_nofile 8192;
+error_log {d}/error.log warn;
+pid {d}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path {d};
+  proxy_temp_path {d};
+  upstream app {{ server {upstream}; keepalive 128; keepalive_requests 1000000; }}
+  server {{
+    listen 127.0.0.1:{port}{h2};
+    location /api/ {{
+      proxy_pass {scheme}://app/;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer {token}";
+      proxy_buffering off;
+{tls}    }}
+  }}
+}}
+"#,
+        workers = o.workers,
+        d = d.display(),
+        upstream = o.upstream,
+        h2 = if o.http2 { " http2" } else { "" },
+        token = o.token,
+    );
+    let path = d.join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    let child = spawn(
+        o.cpus,
+        "nginx",
+        &["-c", path.to_str().unwrap(), "-g", "daemon off;"],
+        &d.join("stderr.log"),
+    );
+    let proxy = Proxy {
+        child,
+        port,
+        nginx: true,
+        log: d.join("error.log"),
+    };
+    wait_port(port);
+    proxy
+}

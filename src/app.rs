@@ -247,8 +247,11 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.server.max_connections != new.server.max_connections {
         keys.push("server.max_connections");
     }
-    if old.server.header_read_timeout != new.server.header_read_timeout {
-        keys.push("server.header_read_timeout");
+    if old.server.max_header_bytes != new.server.max_header_bytes {
+        keys.push("server.max_header_bytes");
+    }
+    if old.server.max_headers != new.server.max_headers {
+        keys.push("server.max_headers");
     }
     if old.admin.listen != new.admin.listen {
         keys.push("admin.listen");

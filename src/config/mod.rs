@@ -66,6 +66,14 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Default 10s: a client must send its request head within this.
     pub header_read_timeout: Duration,
+    /// Default 75s (nginx's): an idle keep-alive connection is closed after
+    /// this long without a request.
+    pub keepalive_timeout: Duration,
+    /// Default 64 KiB: a bigger request head gets `431` (HTTP/1) and bounds
+    /// the header list on HTTP/2.
+    pub max_header_bytes: usize,
+    /// Default 100: more header fields get `431` (HTTP/1).
+    pub max_headers: usize,
     pub egress_proxy: Option<Uri>,
 }
 

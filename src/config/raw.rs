@@ -33,6 +33,9 @@ pub struct RawServer {
     pub max_connections: Option<i64>,
     pub shutdown_grace: Option<String>,
     pub header_read_timeout: Option<String>,
+    pub keepalive_timeout: Option<String>,
+    pub max_header_bytes: Option<RawSize>,
+    pub max_headers: Option<i64>,
     pub egress_proxy: Option<String>,
 }
 

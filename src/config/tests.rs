@@ -119,6 +119,10 @@ fn example_documents_every_key() {
         "worker_threads",
         "max_connections",
         "shutdown_grace",
+        "header_read_timeout",
+        "keepalive_timeout",
+        "max_header_bytes",
+        "max_headers",
         "egress_proxy",
         "token",
         "ready_requires_tokens",
@@ -185,6 +189,10 @@ fn defaults() {
     assert_eq!(c.server.worker_threads, 2);
     assert_eq!(c.server.max_connections, 10_000);
     assert_eq!(c.server.shutdown_grace, Duration::from_secs(20));
+    assert_eq!(c.server.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(c.server.keepalive_timeout, Duration::from_secs(75));
+    assert_eq!(c.server.max_header_bytes, 64 * 1024);
+    assert_eq!(c.server.max_headers, 100);
     assert_eq!(
         c.admin.listen,
         ListenAddr::Tcp("127.0.0.1:9901".parse().unwrap())
@@ -573,6 +581,18 @@ fn server_admin_store_log_rules() {
     err_at(&t, "server.worker_threads", "worker_threads");
     err_at(&t, "server.max_connections", "max_connections");
     err_at(&t, "server.tls_key", "[server]");
+    let t = format!(
+        "[server]\nmax_header_bytes = \"1KiB\"\nmax_headers = 0\nkeepalive_timeout = \"0s\"\n{CRED}{ROUTE}"
+    );
+    err_at(&t, "server.max_header_bytes", "max_header_bytes");
+    err_at(&t, "server.max_headers", "max_headers");
+    err_at(&t, "server.keepalive_timeout", "keepalive_timeout");
+    let c = ok(&format!(
+        "[server]\nmax_header_bytes = \"16KiB\"\nmax_headers = 20\nkeepalive_timeout = \"5m\"\n{CRED}{ROUTE}"
+    ));
+    assert_eq!(c.server.max_header_bytes, 16 * 1024);
+    assert_eq!(c.server.max_headers, 20);
+    assert_eq!(c.server.keepalive_timeout, Duration::from_secs(300));
     let t = format!("[store]\nkind = \"redis\"\n{CRED}{ROUTE}");
     err_at(&t, "store.kind", "kind");
     let t = format!("[store]\nkind = \"postgres\"\n{CRED}{ROUTE}");

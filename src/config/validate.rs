@@ -112,6 +112,27 @@ impl Ctx<'_> {
         Some(out)
     }
 
+    /// A size: bytes as an integer or text such as `"64KiB"`.
+    fn size(&mut self, path: &str, raw: Option<&RawSize>, default: u64) -> u64 {
+        match raw {
+            None => default,
+            Some(RawSize::Bytes(n)) => u64::try_from(*n).unwrap_or_else(|_| {
+                self.err(
+                    path,
+                    format!("{n} is negative; expected a size such as \"64KiB\""),
+                );
+                default
+            }),
+            Some(RawSize::Text(t)) => match self.str(path, Some(t)) {
+                Some(t) => parse_size(&t).unwrap_or_else(|m| {
+                    self.err(path, m);
+                    default
+                }),
+                None => default,
+            },
+        }
+    }
+
     fn duration(&mut self, path: &str, raw: Option<&String>, default: Duration) -> Duration {
         self.opt_duration(path, raw).unwrap_or(default)
     }
@@ -393,6 +414,36 @@ fn server(r: RawServer, cx: &mut Ctx<'_>) -> ServerConfig {
             "is 0s; expected a positive duration (slow clients must not hold connections forever)",
         );
     }
+    let keepalive_timeout = cx.duration(
+        "server.keepalive_timeout",
+        r.keepalive_timeout.as_ref(),
+        Duration::from_secs(75),
+    );
+    if keepalive_timeout.is_zero() {
+        cx.err(
+            "server.keepalive_timeout",
+            "is 0s; expected a positive duration (how long an idle keep-alive connection is kept)",
+        );
+    }
+    let max_header_bytes = cx.size(
+        "server.max_header_bytes",
+        r.max_header_bytes.as_ref(),
+        64 * 1024,
+    );
+    // hyper cannot read a request line into less than 8 KiB.
+    if !(8 * 1024..=16 * 1024 * 1024).contains(&max_header_bytes) {
+        cx.err(
+            "server.max_header_bytes",
+            format!("{max_header_bytes} bytes is out of range; expected 8KiB to 16MiB"),
+        );
+    }
+    let max_headers = at_least_one(cx, "server.max_headers", r.max_headers, 100);
+    if max_headers > 10_000 {
+        cx.err(
+            "server.max_headers",
+            format!("{max_headers} is too large; expected at most 10000"),
+        );
+    }
     // An empty value (`${HTTPS_PROXY:-}` unset) means no proxy.
     let egress_proxy = match cx.str("server.egress_proxy", r.egress_proxy.as_ref()) {
         Some(s) if s.trim().is_empty() => None,
@@ -408,6 +459,9 @@ fn server(r: RawServer, cx: &mut Ctx<'_>) -> ServerConfig {
         max_connections,
         shutdown_grace,
         header_read_timeout,
+        keepalive_timeout,
+        max_header_bytes: max_header_bytes.clamp(8 * 1024, 16 * 1024 * 1024) as usize,
+        max_headers: max_headers.min(10_000),
         egress_proxy,
     }
 }
@@ -988,23 +1042,7 @@ fn routes(
             }
         }
 
-        let replay_max_body = match &r.replay_max_body {
-            None => 64 * 1024,
-            Some(RawSize::Bytes(n)) => u64::try_from(*n).unwrap_or_else(|_| {
-                cx.err(
-                    &p("replay_max_body"),
-                    format!("{n} is negative; expected a size such as \"64KiB\""),
-                );
-                0
-            }),
-            Some(RawSize::Text(t)) => match cx.str(&p("replay_max_body"), Some(t)) {
-                Some(t) => parse_size(&t).unwrap_or_else(|m| {
-                    cx.err(&p("replay_max_body"), m);
-                    0
-                }),
-                None => 0,
-            },
-        };
+        let replay_max_body = cx.size(&p("replay_max_body"), r.replay_max_body.as_ref(), 64 * 1024);
 
         out.push(RouteConfig {
             path_prefix: path_prefix.unwrap_or_default(),

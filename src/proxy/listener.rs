@@ -1,12 +1,15 @@
 //! Listeners and connection serving: TCP (v4/v6) and unix sockets, optional
 //! TLS, HTTP/1.1 and HTTP/2 (prior knowledge, or ALPN under TLS) on every
-//! listener, a connection limit, a header read timeout, graceful shutdown.
+//! listener, a connection limit, the header read and keep-alive timeouts,
+//! graceful shutdown.
 //!
 //! Hands each request to [`Proxy::handle`]; decides nothing about requests.
 
-use super::{forward, ConnInfo, Proxy, ProxyBuildError, SharedProxy};
+use super::{forward, BoxError, ConnInfo, Proxy, ProxyBody, ProxyBuildError, SharedProxy};
 use crate::config::ListenAddr;
 use arc_swap::ArcSwap;
+use http::{Request, Version};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -15,21 +18,18 @@ use std::convert::Infallible;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Slowloris guard: the whole request head must arrive within this.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bigger heads get hyper's `431`.
-const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// More header fields get hyper's `431` (HTTP/1).
-const MAX_HEADERS: usize = 100;
 /// HTTP/2 abuse limits: streams open at once per connection, streams the
 /// client reset before we accepted them (rapid reset, CVE-2023-44487), and
 /// streams we had to reset for its errors; beyond the last two, GOAWAY.
@@ -133,13 +133,16 @@ pub async fn serve_shared(listener: Listener, shared: SharedProxy, shutdown: Can
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(proxy.header_read_timeout)
-        .max_buf_size(MAX_HEADER_BYTES)
-        .max_headers(MAX_HEADERS);
+        // The connection watchdog times heads and idle keep-alives: hyper's
+        // timer would run on every request and count idle time as head time.
+        .header_read_timeout(None)
+        // Bigger heads and more header fields get hyper's `431`.
+        .max_buf_size(proxy.max_header_bytes)
+        .max_headers(proxy.max_headers);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_header_list_size(u32::try_from(proxy.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
         .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
         .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS);
@@ -252,43 +255,179 @@ async fn serve_conn<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let info = Arc::new(ConnInfo::new(remote_ip, tls));
-    let header_read_timeout = shared.load().header_read_timeout;
-    let service = service_fn(move |req| {
+    let (header_read_timeout, keepalive_timeout) = {
+        let p = shared.load();
+        (p.header_read_timeout, p.keepalive_timeout)
+    };
+    let activity = Arc::new(Activity::new());
+    let for_service = activity.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
         let proxy = shared.load_full();
         let info = info.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(req, &info).await) }
+        let in_flight = InFlight::start(&for_service, req.version() == Version::HTTP_2);
+        async move {
+            let resp = proxy.handle(req, &info).await;
+            Ok::<_, Infallible>(resp.map(|body| Tracked {
+                body,
+                _in_flight: in_flight,
+            }))
+        }
     });
-    let first_byte = Arc::new(AtomicBool::new(false));
-    let io = FirstByte {
+    let io = Watched {
         inner: io,
-        seen: first_byte.clone(),
+        activity: activity.clone(),
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let conn = watcher.watch(conn.into_owned());
-    // hyper's header read timeout starts only once the HTTP version is
-    // sniffed, i.e. after the first bytes: a connection that sends nothing
-    // would hold its `max_connections` permit forever.
-    let silent = async {
-        tokio::time::sleep(header_read_timeout).await;
-        if first_byte.load(Ordering::Relaxed) {
-            std::future::pending::<()>().await;
-        }
-    };
     tokio::select! {
         r = conn => if let Err(e) = r {
             tracing::debug!(error = %forward::cause_chain(&*e), "Connection ended with an error");
         },
-        _ = silent => tracing::debug!("Connection closed: no request within the header read timeout"),
+        why = watchdog(&activity, header_read_timeout, keepalive_timeout) => {
+            tracing::debug!("Connection closed: {why}");
+        }
     }
 }
 
-/// Notes whether any byte was ever read from the connection.
-struct FirstByte<I> {
-    inner: I,
-    seen: Arc<AtomicBool>,
+const NO_HEAD: u64 = u64::MAX;
+
+/// What the connection watchdog needs, kept by the reads, the service and
+/// the response bodies: atomics, no lock and no timer per request. Times
+/// are milliseconds since the connection was accepted.
+struct Activity {
+    opened: Instant,
+    in_flight: AtomicU32,
+    requests: AtomicU64,
+    idle_since: AtomicU64,
+    /// When the first byte of the next request head arrived (`NO_HEAD`: not
+    /// yet).
+    head_started: AtomicU64,
+    /// HTTP/2 frames (pings, settings) arrive between requests: only idle
+    /// time counts there.
+    h2: AtomicBool,
 }
 
-impl<I: AsyncRead + Unpin> AsyncRead for FirstByte<I> {
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            opened: Instant::now(),
+            in_flight: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+            idle_since: AtomicU64::new(0),
+            head_started: AtomicU64::new(NO_HEAD),
+            h2: AtomicBool::new(false),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
+    }
+
+    fn bytes_read(&self) {
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_started.load(Ordering::Relaxed) == NO_HEAD
+        {
+            self.head_started.store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// Counts a request as in flight from its head until its response body is
+/// done (sent, failed or abandoned).
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(activity: &Arc<Activity>, h2: bool) -> InFlight {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        activity.requests.fetch_add(1, Ordering::Relaxed);
+        activity.head_started.store(NO_HEAD, Ordering::Relaxed);
+        if h2 {
+            activity.h2.store(true, Ordering::Relaxed);
+        }
+        InFlight(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let a = &self.0;
+        if a.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            a.idle_since.store(a.now_ms(), Ordering::Release);
+        }
+    }
+}
+
+/// The response body, holding its request's [`InFlight`].
+struct Tracked {
+    body: ProxyBody,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Resolves (with the reason) when the connection must be closed: a request
+/// head took longer than `header_read_timeout` from its first byte, a new
+/// connection sent no request within it, or the connection sat idle between
+/// requests for `keepalive_timeout`. Wakes at most every half
+/// `header_read_timeout` per connection, never per request.
+async fn watchdog(a: &Activity, header_read: Duration, keepalive: Duration) -> &'static str {
+    let head_limit = header_read.as_millis() as u64;
+    let idle_limit = keepalive.as_millis() as u64;
+    let poll = (head_limit / 2).max(1);
+    loop {
+        let now = a.now_ms();
+        let next = if a.in_flight.load(Ordering::Acquire) > 0 {
+            now + poll
+        } else {
+            let head = a.head_started.load(Ordering::Relaxed);
+            if head != NO_HEAD && !a.h2.load(Ordering::Relaxed) {
+                if now >= head + head_limit {
+                    return "no complete request head within server.header_read_timeout";
+                }
+                head + head_limit
+            } else {
+                let first = a.requests.load(Ordering::Relaxed) == 0;
+                let limit = if first { head_limit } else { idle_limit };
+                let idle = a.idle_since.load(Ordering::Acquire);
+                if now >= idle + limit {
+                    return if first {
+                        "no request within server.header_read_timeout"
+                    } else {
+                        "idle for server.keepalive_timeout"
+                    };
+                }
+                (idle + limit).min(now + poll)
+            }
+        };
+        tokio::time::sleep_until(a.opened + Duration::from_millis(next)).await;
+    }
+}
+
+/// Tells the [`Activity`] when bytes arrive.
+struct Watched<I> {
+    inner: I,
+    activity: Arc<Activity>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -297,13 +436,13 @@ impl<I: AsyncRead + Unpin> AsyncRead for FirstByte<I> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.seen.store(true, Ordering::Relaxed);
+            self.activity.bytes_read();
         }
         r
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for FirstByte<I> {
+impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -78,6 +78,9 @@ pub struct Proxy {
     max_connections: usize,
     shutdown_grace: Duration,
     header_read_timeout: Duration,
+    keepalive_timeout: Duration,
+    max_header_bytes: usize,
+    max_headers: usize,
     /// Requests that matched no route.
     unrouted: crate::metrics::RouteMetrics,
     /// `log.access`: one info line per request.
@@ -211,6 +214,9 @@ impl Proxy {
             max_connections: config.server.max_connections.max(1),
             shutdown_grace: config.server.shutdown_grace,
             header_read_timeout: config.server.header_read_timeout,
+            keepalive_timeout: config.server.keepalive_timeout,
+            max_header_bytes: config.server.max_header_bytes,
+            max_headers: config.server.max_headers,
             unrouted: crate::metrics::metrics().route("none"),
             access_log: config.log.access,
         }))
@@ -644,6 +650,9 @@ mod tests {
                 max_connections: 100,
                 shutdown_grace: Duration::from_secs(1),
                 header_read_timeout: Duration::from_secs(10),
+                keepalive_timeout: Duration::from_secs(75),
+                max_header_bytes: 64 * 1024,
+                max_headers: 100,
                 egress_proxy: None,
             },
             admin: AdminConfig {

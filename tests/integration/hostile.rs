@@ -675,3 +675,105 @@ async fn connection_listed_headers_stripped_even_with_obs_text() {
     assert_eq!(status_of(&out), 200, "{out}");
     assert!(!out.contains("x-secret"), "{out}");
 }
+
+/// Reads one response with a `Content-Length` body; None when the peer
+/// closed first.
+async fn read_response(s: &mut TcpStream) -> Option<String> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                return Some(String::from_utf8_lossy(&got).into_owned());
+            }
+        }
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// The header read timeout times request heads from their first byte; an
+/// idle keep-alive connection lives until `server.keepalive_timeout`.
+#[tokio::test]
+async fn idle_keepalive_outlives_the_header_timeout_until_keepalive_timeout() {
+    let up = echo().await;
+    let mut cfg = config(vec![route("/api/", &up.url())]);
+    cfg.server.header_read_timeout = Duration::from_secs(1);
+    cfg.server.keepalive_timeout = Duration::from_secs(3);
+    let p = start_proxy_with(cfg).await;
+    let get = b"GET /api/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    for round in 0..3 {
+        s.write_all(get).await.unwrap();
+        let out = read_response(&mut s).await.expect("closed while in use");
+        assert_eq!(status_of(&out), 200, "round {round}: {out}");
+        // Idle for twice the header read timeout, well within keep-alive.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    // Idle past the keep-alive timeout: closed by the proxy.
+    let idle = Instant::now();
+    let mut buf = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
+    assert!(
+        idle.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        idle.elapsed()
+    );
+
+    // A head started on a kept-alive connection must still finish in time.
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(get).await.unwrap();
+    assert!(read_response(&mut s).await.is_some());
+    s.write_all(b"GET /api/slow HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    assert!(matches!(r, Ok(Ok(_)) | Ok(Err(_))), "{r:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "a stalled head was cut only after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(up.requests(), 4);
+}
+
+#[tokio::test]
+async fn header_limits_follow_the_config() {
+    let up = echo().await;
+    let mut cfg = config(vec![route("/api/", &up.url())]);
+    cfg.server.max_header_bytes = 16 * 1024;
+    cfg.server.max_headers = 20;
+    let p = start_proxy_with(cfg).await;
+    let with_headers = |extra: String| {
+        format!("GET /api/x HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}Connection: close\r\n\r\n")
+    };
+    let big = with_headers(format!("X-Big: {}\r\n", "b".repeat(20 * 1024)));
+    let out = exchange(p.addr, big.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&out), 431, "{out:.200}");
+    let many = with_headers((0..25).map(|i| format!("X-H{i}: v\r\n")).collect());
+    let out = exchange(p.addr, many.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&out), 431, "{out:.200}");
+    assert_eq!(up.requests(), 0);
+    // Under both limits: served (the defaults, 64 KiB and 100, are tested
+    // above with bigger heads).
+    let fine = with_headers(format!(
+        "X-Big: {}\r\n{}",
+        "b".repeat(10 * 1024),
+        (0..12)
+            .map(|i| format!("X-H{i}: v\r\n"))
+            .collect::<String>()
+    ));
+    let out = exchange(p.addr, fine.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&out), 200, "{out:.200}");
+}

@@ -63,6 +63,9 @@ pub fn config(routes: Vec<RouteConfig>) -> Config {
             max_connections: 10_000,
             shutdown_grace: Duration::from_secs(5),
             header_read_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(75),
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
             egress_proxy: None,
         },
         admin: AdminConfig {

@@ -124,6 +124,11 @@ impl EchoUpstream {
         self.inner.server.stop().await
     }
 
+    /// Connections accepted so far: how well the proxy reuses them.
+    pub fn connections(&self) -> u64 {
+        self.inner.server.connections()
+    }
+
     /// Requests received so far (all paths, including rejected ones).
     pub fn requests(&self) -> usize {
         self.inner.state.requests.load(Ordering::Relaxed)

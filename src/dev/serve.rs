@@ -143,6 +143,11 @@ impl Server {
         self.addr
     }
 
+    /// Connections accepted so far.
+    pub(crate) fn connections(&self) -> u64 {
+        self.shared.next_id.load(Ordering::Relaxed)
+    }
+
     /// Closes the listener and every open connection; returns once they are
     /// gone, so a connect right after is refused.
     pub(crate) async fn stop(&self) {

@@ -1,22 +1,30 @@
-//! The forwarder's parts that are built once: pooled HTTPS clients (one per
-//! distinct TLS/connect setting), the parsed upstream target of each route,
-//! and the upgrade tunnel.
+//! The forwarder's parts that are built once: upstream connection pools (one
+//! per TLS/connect setting and upstream origin), the parsed upstream target
+//! of each route, and the upgrade tunnel.
 //!
 //! Knows nothing of tokens or routing; the request pipeline in `mod.rs`
 //! drives it.
 
-use super::body::ProxyBody;
+use super::body::{BoxError, ProxyBody};
 use crate::egress::EgressConnector;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Uri};
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::Connection as _;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::time::Instant;
+use tower_service::Service as _;
 
-pub(crate) type HttpsClient = Client<HttpsConnector<EgressConnector>, ProxyBody>;
+pub(crate) type HttpsConnect = HttpsConnector<EgressConnector>;
 
 /// Pooled connections idle out before common upstream keep-alive timeouts
 /// (60 s and more), so we rarely write into a connection the peer closed.
@@ -48,17 +56,17 @@ pub(crate) struct ClientKey {
     pub h1_only: bool,
 }
 
-pub(crate) fn build_client(
+pub(crate) fn build_connector(
     key: &ClientKey,
     egress_proxy: Option<&http::Uri>,
-) -> Result<HttpsClient, ProxyBuildError> {
+) -> Result<HttpsConnect, ProxyBuildError> {
     let tls = crate::tls::client_config(key.ca_file.as_deref(), None, &[])?;
     let http = EgressConnector::new(egress_proxy, key.connect_timeout);
 
     // Plain http is allowed here; config validation only lets it through
     // for loopback upstreams or `allow_plaintext`.
     let builder = hyper_rustls::HttpsConnectorBuilder::new();
-    let connector = if key.h1_only {
+    Ok(if key.h1_only {
         // No ALPN at all: the server then speaks HTTP/1.1.
         builder
             .with_tls_config(tls)
@@ -72,14 +80,237 @@ pub(crate) fn build_client(
             .enable_http1()
             .enable_http2()
             .wrap_connector(http)
-    };
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        // We set Host ourselves (the upstream authority).
-        .set_host(false)
-        .build(connector))
+    })
+}
+
+/// Why a request could not be exchanged with the upstream.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SendError {
+    #[error("connect")]
+    Connect(#[source] BoxError),
+    #[error("request")]
+    Request(#[source] hyper::Error),
+}
+
+impl SendError {
+    /// Nothing reached the upstream: no connection was made.
+    pub(crate) fn is_connect(&self) -> bool {
+        matches!(self, SendError::Connect(_))
+    }
+}
+
+/// Connections to one upstream origin with one TLS/connect setting. An
+/// HTTP/1.1 connection carries one request at a time and goes back to the
+/// pool (most recently used first) when its response body is done; an
+/// HTTP/2 connection (ALPN) is shared. Per request: one short lock to check
+/// out and one to put back; nothing is spawned.
+pub(crate) struct Pool {
+    connector: HttpsConnect,
+    /// Scheme and authority: what the connector dials.
+    origin: Uri,
+    idle: parking_lot::Mutex<Vec<(http1::SendRequest<ProxyBody>, Instant)>>,
+    h2: parking_lot::Mutex<Option<http2::SendRequest<ProxyBody>>>,
+}
+
+enum Sender {
+    H1(http1::SendRequest<ProxyBody>),
+    H2(http2::SendRequest<ProxyBody>),
+}
+
+impl Pool {
+    pub(crate) fn new(connector: HttpsConnect, scheme: Scheme, authority: Authority) -> Pool {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(scheme);
+        parts.authority = Some(authority);
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+        Pool {
+            connector,
+            origin: Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/")),
+            idle: parking_lot::Mutex::new(Vec::new()),
+            h2: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// Send `req` (absolute URI) on a pooled connection, or a new one. A
+    /// request a pooled connection could not take (closed meanwhile) is
+    /// moved to another: hyper hands back requests it never wrote.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<PooledBody>, SendError> {
+        let absolute = req.uri().clone();
+        loop {
+            let (sender, reused) = match self.reuse() {
+                Some(s) => (s, true),
+                None => (self.connect().await?, false),
+            };
+            let unsent = match sender {
+                Sender::H2(mut s) => match s.try_send_request(req).await {
+                    Ok(resp) => return Ok(resp.map(PooledBody::unpooled)),
+                    Err(mut e) => match e.take_message() {
+                        Some(r) if reused => {
+                            self.h2.lock().take();
+                            r
+                        }
+                        _ => return Err(SendError::Request(e.into_error())),
+                    },
+                },
+                Sender::H1(mut s) => {
+                    // HTTP/1.1 to an origin server: origin-form target.
+                    *req.uri_mut() = absolute
+                        .path_and_query()
+                        .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+                    match s.try_send_request(req).await {
+                        Ok(resp) => {
+                            // An upgraded connection is the tunnel's now.
+                            let back = (resp.status() != StatusCode::SWITCHING_PROTOCOLS)
+                                .then(|| (self.clone(), s));
+                            return Ok(resp.map(|b| PooledBody {
+                                body: Some(b),
+                                back,
+                            }));
+                        }
+                        Err(mut e) => match e.take_message() {
+                            Some(mut r) if reused => {
+                                *r.uri_mut() = absolute.clone();
+                                r
+                            }
+                            _ => return Err(SendError::Request(e.into_error())),
+                        },
+                    }
+                }
+            };
+            req = unsent;
+        }
+    }
+
+    fn reuse(&self) -> Option<Sender> {
+        if let Some(s) = &*self.h2.lock() {
+            if !s.is_closed() {
+                return Some(Sender::H2(s.clone()));
+            }
+        }
+        let mut idle = self.idle.lock();
+        let now = Instant::now();
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            let (s, since) = &idle[i];
+            if s.is_closed() || now.duration_since(*since) > POOL_IDLE_TIMEOUT {
+                idle.remove(i);
+            } else if s.is_ready() {
+                return Some(Sender::H1(idle.remove(i).0));
+            }
+            // Else still finishing its last response: left for later.
+        }
+        None
+    }
+
+    fn put_back(&self, s: http1::SendRequest<ProxyBody>) {
+        if !s.is_closed() {
+            self.idle.lock().push((s, Instant::now()));
+        }
+    }
+
+    async fn connect(&self) -> Result<Sender, SendError> {
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(SendError::Connect)?;
+        let io = connector
+            .call(self.origin.clone())
+            .await
+            .map_err(SendError::Connect)?;
+        if io.connected().is_negotiated_h2() {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(SendError::Request)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %cause_chain(&e), "Upstream connection ended");
+                }
+            });
+            *self.h2.lock() = Some(sender.clone());
+            Ok(Sender::H2(sender))
+        } else {
+            let (sender, conn) = http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(SendError::Request)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(error = %cause_chain(&e), "Upstream connection ended");
+                }
+            });
+            Ok(Sender::H1(sender))
+        }
+    }
+}
+
+/// A response body from the pool: once read to its end, its HTTP/1.1
+/// connection goes back to the pool; dropped early, the connection closes.
+pub(crate) struct PooledBody {
+    body: Option<Incoming>,
+    back: Option<(Arc<Pool>, http1::SendRequest<ProxyBody>)>,
+}
+
+impl PooledBody {
+    fn unpooled(body: Incoming) -> PooledBody {
+        PooledBody {
+            body: Some(body),
+            back: None,
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some((pool, sender)) = self.back.take() {
+            pool.put_back(sender);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let Some(body) = this.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(&mut *body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Ok(_))) if body.is_end_stream() => this.release(),
+            Poll::Ready(Some(Err(_))) => this.back = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // Read to the end (or nothing to read): the connection is clean.
+        if self.is_end_stream() {
+            self.release();
+        }
+    }
 }
 
 /// A route's upstream, parsed once: requests only concatenate strings.

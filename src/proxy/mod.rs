@@ -30,7 +30,7 @@ use crate::config::{Config, ListenAddr, RouteConfig};
 use crate::token::RouteToken;
 use body::{empty, IdleTimeout};
 use error::X_REQUEST_ID;
-use forward::{cause_chain, ClientKey, HttpsClient, Upstream};
+use forward::{cause_chain, ClientKey, HttpsConnect, Pool, Upstream};
 use headers::{HostPolicy, LinkRewriter};
 use http::header::{HOST, LINK, LOCATION, ORIGIN, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
@@ -58,9 +58,9 @@ struct Route {
     upgrades: bool,
     response_timeout: Duration,
     idle_timeout: Duration,
-    client: HttpsClient,
-    /// HTTP/1.1-only twin of `client` for upgrades (`upgrades = true` only).
-    upgrade_client: Option<HttpsClient>,
+    pool: Arc<Pool>,
+    /// HTTP/1.1-only twin of `pool` for upgrades (`upgrades = true` only).
+    upgrade_pool: Option<Arc<Pool>>,
     /// Upstream statuses that mean "token rejected" (`refresh_on`).
     refresh_on: Vec<StatusCode>,
     /// Replay once after a reactive refresh; bodies up to this size are
@@ -130,15 +130,37 @@ impl Proxy {
         config: &Config,
         token_for_route: &dyn Fn(usize, &RouteConfig) -> RouteToken,
     ) -> Result<Arc<Proxy>, ProxyBuildError> {
-        let mut clients: HashMap<ClientKey, HttpsClient> = HashMap::new();
+        let mut connectors: HashMap<ClientKey, HttpsConnect> = HashMap::new();
+        let mut pools: HashMap<(ClientKey, String), Arc<Pool>> = HashMap::new();
         let egress = crate::egress::proxy_from(config.server.egress_proxy.as_ref());
-        let mut client_for = |key: ClientKey| -> Result<HttpsClient, ProxyBuildError> {
-            if let Some(c) = clients.get(&key) {
-                return Ok(c.clone());
+        // Routes to the same origin with the same settings share a pool.
+        let mut pool_for = |key: ClientKey,
+                            upstream: &http::Uri|
+         -> Result<Arc<Pool>, ProxyBuildError> {
+            let origin = format!(
+                "{}://{}",
+                upstream.scheme_str().unwrap_or(""),
+                upstream.authority().map_or("", |a| a.as_str())
+            );
+            if let Some(p) = pools.get(&(key.clone(), origin.clone())) {
+                return Ok(p.clone());
             }
-            let c = forward::build_client(&key, egress.as_ref())?;
-            clients.insert(key, c.clone());
-            Ok(c)
+            let connector = match connectors.get(&key) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = forward::build_connector(&key, egress.as_ref())?;
+                    connectors.insert(key.clone(), c.clone());
+                    c
+                }
+            };
+            let (Some(scheme), Some(authority)) = (upstream.scheme(), upstream.authority()) else {
+                return Err(ProxyBuildError::Upstream {
+                    route: upstream.to_string(),
+                });
+            };
+            let pool = Arc::new(Pool::new(connector, scheme.clone(), authority.clone()));
+            pools.insert((key, origin), pool.clone());
+            Ok(pool)
         };
 
         let mut routes = Vec::with_capacity(config.routes.len());
@@ -153,11 +175,14 @@ impl Proxy {
                 connect_timeout: rc.connect_timeout,
                 h1_only: false,
             };
-            let upgrade_client = if rc.upgrades {
-                Some(client_for(ClientKey {
-                    h1_only: true,
-                    ..key.clone()
-                })?)
+            let upgrade_pool = if rc.upgrades {
+                Some(pool_for(
+                    ClientKey {
+                        h1_only: true,
+                        ..key.clone()
+                    },
+                    &rc.upstream,
+                )?)
             } else {
                 None
             };
@@ -175,8 +200,8 @@ impl Proxy {
                 upgrades: rc.upgrades,
                 response_timeout: rc.response_timeout,
                 idle_timeout: rc.idle_timeout,
-                client: client_for(key)?,
-                upgrade_client,
+                pool: pool_for(key, &rc.upstream)?,
+                upgrade_pool,
                 refresh_on: rc
                     .refresh_on
                     .iter()
@@ -344,9 +369,9 @@ impl Proxy {
         let has_body = !body.is_end_stream();
         parts.uri = uri;
         parts.version = Version::HTTP_11;
-        let client = match (&route.upgrade_client, upgrade) {
-            (Some(c), true) => c,
-            _ => &route.client,
+        let pool = match (&route.upgrade_pool, upgrade) {
+            (Some(p), true) => p,
+            _ => &route.pool,
         };
         let deadline = Instant::now() + route.response_timeout;
         let rid = request_id.to_str().unwrap_or("");
@@ -395,15 +420,13 @@ impl Proxy {
             *again.headers_mut() = headers.clone();
             again
         };
-        let first = tokio::time::timeout_at(
-            deadline,
-            client.request(Request::from_parts(parts, out_body)),
-        )
-        .await;
+        let first =
+            tokio::time::timeout_at(deadline, pool.send(Request::from_parts(parts, out_body)))
+                .await;
         let result = match (first, &retry_or_replay) {
             (Ok(Err(e)), Some(saved)) if !e.is_connect() && !has_body => {
                 tracing::debug!(request_id = rid, upstream = upstream_host, error = %cause_chain(&e), "Retrying on a new connection");
-                tokio::time::timeout_at(deadline, client.request(rebuild(saved, empty()))).await
+                tokio::time::timeout_at(deadline, pool.send(rebuild(saved, empty()))).await
             }
             (first, _) => first,
         };
@@ -452,7 +475,7 @@ impl Proxy {
                         request_id = rid,
                         "Replaying with a refreshed token"
                     );
-                    resp = match tokio::time::timeout_at(deadline, client.request(again)).await {
+                    resp = match tokio::time::timeout_at(deadline, pool.send(again)).await {
                         Ok(Ok(r)) => r,
                         Ok(Err(e)) => {
                             tracing::warn!(route = route.label.as_str(), request_id = rid, upstream = upstream_host, error = %cause_chain(&e), "Upstream unreachable");

@@ -588,3 +588,62 @@ async fn max_connections_is_enforced() {
         .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
 }
+
+/// Upstream connections are pooled: HTTP/1.1 ones carry one request at a
+/// time and are reused, an HTTP/2 one (ALPN) is shared by concurrent
+/// requests.
+#[tokio::test]
+async fn upstream_connections_are_reused() {
+    use tokenproxy::dev::{tls, EchoUpstream};
+    let h1 = echo().await;
+    let h2 = EchoUpstream::start_tls(
+        "127.0.0.1:0".parse().unwrap(),
+        std::sync::Arc::new(|t: &str| t == GOOD_TOKEN),
+        tls::test_server_config(),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, tls::TEST_CA_PEM).unwrap();
+    let mut over_h2 = route("/h2/", &h2.url());
+    over_h2.ca_file = Some(ca);
+    let p = start_proxy(vec![route("/h1/", &h1.url()), over_h2]).await;
+    let c = client();
+    for prefix in ["/h1/", "/h2/"] {
+        for i in 0..20 {
+            let (resp, body) = send(&c, get(&p.url(&format!("{prefix}{i}")))).await;
+            assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
+        }
+    }
+    assert_eq!(
+        h1.connections(),
+        1,
+        "sequential requests share one connection"
+    );
+    assert_eq!(h2.connections(), 1);
+
+    // Eight at once: HTTP/1.1 needs up to eight connections, HTTP/2 one.
+    for prefix in ["/h1/", "/h2/"] {
+        let all: Vec<_> = (0..8)
+            .map(|i| {
+                let c = c.clone();
+                let url = p.url(&format!("{prefix}c{i}"));
+                tokio::spawn(async move { send(&c, get(&url)).await.0.status() })
+            })
+            .collect();
+        for r in all {
+            assert_eq!(r.await.unwrap(), 200);
+        }
+    }
+    assert!(h1.connections() <= 8, "{}", h1.connections());
+    assert_eq!(h2.connections(), 1);
+    // And they are reused afterwards.
+    let before = h1.connections();
+    for i in 0..20 {
+        let (resp, _) = send(&c, get(&p.url(&format!("/h1/again{i}")))).await;
+        assert_eq!(resp.status(), 200);
+    }
+    assert_eq!(h1.connections(), before);
+    assert_eq!(h1.requests() + h2.requests(), 2 * 20 + 2 * 8 + 20);
+}

@@ -142,7 +142,9 @@ impl Pool {
         loop {
             let (sender, reused) = match self.reuse() {
                 Some(s) => (s, true),
-                None => (self.connect().await?, false),
+                // Boxed: the connect future is large and rarely needed; inline
+                // it would be copied around on every request.
+                None => (Box::pin(self.connect()).await?, false),
             };
             let unsent = match sender {
                 Sender::H2(mut s) => match s.try_send_request(req).await {

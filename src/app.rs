@@ -57,6 +57,8 @@ pub struct App {
     pub live: Arc<Live>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// The proxy sockets, for the extra workers to accept on too.
+    shared_listeners: Vec<(proxy::StdListener, Arc<tokio::sync::Semaphore>)>,
 }
 
 fn build_proxy(config: &Config, engine: &Engine) -> Result<Arc<Proxy>, AppError> {
@@ -83,11 +85,33 @@ impl App {
         Self::start_with_engine(config, engine, shutdown).await
     }
 
+    /// As [`App::start`], on a current-thread runtime, serving the listeners
+    /// from `server.worker_threads` threads: this one and one more
+    /// single-threaded runtime per extra worker, all accepting on the same
+    /// sockets (nginx's worker model). The engine, the admin API and reloads
+    /// stay on this thread's runtime.
+    pub async fn start_with_workers(config: &Config) -> Result<App, AppError> {
+        let shutdown = CancellationToken::new();
+        let engine = Arc::new(Engine::start(config, shutdown.clone()).await?);
+        let mut app = Self::start_inner(config, engine, shutdown, true).await?;
+        app.spawn_workers(config)?;
+        Ok(app)
+    }
+
     /// With an engine built by the caller (tests inject a clock).
     pub async fn start_with_engine(
         config: &Config,
         engine: Arc<Engine>,
         shutdown: CancellationToken,
+    ) -> Result<App, AppError> {
+        Self::start_inner(config, engine, shutdown, false).await
+    }
+
+    async fn start_inner(
+        config: &Config,
+        engine: Arc<Engine>,
+        shutdown: CancellationToken,
+        workers: bool,
     ) -> Result<App, AppError> {
         let proxy = build_proxy(config, &engine)?;
         let live = Arc::new(Live {
@@ -122,11 +146,23 @@ impl App {
             proxy::Listener::Tcp(l) => l.local_addr().ok(),
             proxy::Listener::Unix(_) => None,
         };
+        let mut shared_listeners = Vec::new();
         for listener in listeners {
-            tasks.push(tokio::spawn(proxy::serve_shared(
+            let permits = Arc::new(tokio::sync::Semaphore::new(
+                config.server.max_connections.max(1),
+            ));
+            if workers {
+                let std = listener.try_clone_std().map_err(|source| AppError::Bind {
+                    addr: listener.local_addr_string(),
+                    source,
+                })?;
+                shared_listeners.push((std, permits.clone()));
+            }
+            tasks.push(tokio::spawn(proxy::serve_with_permits(
                 listener,
                 live.proxy.clone(),
                 shutdown.clone(),
+                permits,
             )));
         }
         tasks.push(tokio::spawn(crate::admin::serve(
@@ -152,7 +188,38 @@ impl App {
             live,
             shutdown,
             tasks,
+            shared_listeners,
         })
+    }
+
+    fn spawn_workers(&mut self, config: &Config) -> Result<(), AppError> {
+        let listeners = std::mem::take(&mut self.shared_listeners);
+        for worker in 1..config.server.worker_threads.max(1) {
+            let mut mine = Vec::new();
+            for (l, permits) in &listeners {
+                let clone = match l {
+                    proxy::StdListener::Tcp(t) => t.try_clone().map(proxy::StdListener::Tcp),
+                    proxy::StdListener::Unix(u) => u.try_clone().map(proxy::StdListener::Unix),
+                }
+                .map_err(|source| AppError::Bind {
+                    addr: "listener".to_owned(),
+                    source,
+                })?;
+                mine.push((clone, permits.clone()));
+            }
+            let (shared, shutdown) = (self.live.proxy.clone(), self.shutdown.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("tokenproxy-worker-{worker}"))
+                .spawn(move || serve_worker(worker, mine, shared, shutdown))
+                .map_err(|source| AppError::Bind {
+                    addr: "worker thread".to_owned(),
+                    source,
+                })?;
+            self.tasks.push(tokio::task::spawn_blocking(move || {
+                let _ = thread.join();
+            }));
+        }
+        Ok(())
     }
 
     /// The current engine.
@@ -233,6 +300,46 @@ impl Live {
         tracing::info!(event = "reloaded", "Configuration reloaded");
         Ok(())
     }
+}
+
+/// One extra proxy worker: its own single-threaded runtime accepting on
+/// the shared sockets until shutdown.
+fn serve_worker(
+    worker: usize,
+    listeners: Vec<(proxy::StdListener, Arc<tokio::sync::Semaphore>)>,
+    shared: proxy::SharedProxy,
+    shutdown: CancellationToken,
+) {
+    proxy::set_worker(worker);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(worker, error = %e, "Worker runtime failed to start; the other workers serve");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let mut serving = Vec::new();
+        for (listener, permits) in listeners {
+            match listener.into_tokio() {
+                Ok(l) => serving.push(tokio::spawn(proxy::serve_with_permits(
+                    l,
+                    shared.clone(),
+                    shutdown.clone(),
+                    permits,
+                ))),
+                Err(e) => {
+                    tracing::error!(worker, error = %e, "Worker cannot use a listener; the other workers serve it")
+                }
+            }
+        }
+        for s in serving {
+            let _ = s.await;
+        }
+    });
 }
 
 /// Settings bound at start-up.

@@ -182,7 +182,7 @@ pub fn main() -> ExitCode {
                 Err(code) => return code,
             };
             crate::telemetry::init(cfg.log.format, &cfg.log.level);
-            run_blocking(cfg.server.worker_threads, run(cfg))
+            run_blocking(run(cfg))
         }
         Command::Login {
             config,
@@ -204,11 +204,11 @@ pub fn main() -> ExitCode {
                 no_listen,
                 admin,
             };
-            run_blocking(1, async move {
+            run_blocking(async move {
                 ExitCode::from(crate::login::run_cli(&cfg, args).await)
             })
         }
-        Command::Doctor { config, name } => run_blocking(1, async move {
+        Command::Doctor { config, name } => run_blocking(async move {
             ExitCode::from(crate::doctor::run(&config, name.as_deref()).await)
         }),
         Command::Status { config } => {
@@ -216,7 +216,7 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            run_blocking(1, async move {
+            run_blocking(async move {
                 match crate::admin::print_status(&cfg).await {
                     Ok(table) => {
                         print!("{table}");
@@ -233,7 +233,7 @@ pub fn main() -> ExitCode {
             listen,
             admin,
             token_ttl,
-        } => run_blocking(2, crate::demo::run(listen, admin, token_ttl)),
+        } => run_blocking(crate::demo::run(listen, admin, token_ttl)),
         Command::Store {
             action:
                 StoreAction::Migrate {
@@ -250,7 +250,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
-            run_blocking(1, store_migrate(src, dst, names, force))
+            run_blocking(store_migrate(src, dst, names, force))
         }
         Command::Store {
             action: StoreAction::Rekey { config },
@@ -266,7 +266,7 @@ pub fn main() -> ExitCode {
                 );
                 return ExitCode::from(EXIT_USAGE);
             }
-            run_blocking(1, store_rekey(cfg))
+            run_blocking(store_rekey(cfg))
         }
         Command::Store {
             action:
@@ -288,7 +288,7 @@ pub fn main() -> ExitCode {
                 );
                 return ExitCode::from(EXIT_USAGE);
             }
-            run_blocking(1, store_export(cfg, credentials, out, keep))
+            run_blocking(store_export(cfg, credentials, out, keep))
         }
         Command::Store {
             action:
@@ -302,7 +302,7 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            run_blocking(1, store_import(cfg, input, force))
+            run_blocking(store_import(cfg, input, force))
         }
     }
 }
@@ -542,22 +542,13 @@ fn load_or_report(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
-fn run_blocking(
-    worker_threads: usize,
-    fut: impl std::future::Future<Output = ExitCode>,
-) -> ExitCode {
-    // One worker: a current-thread runtime does the same work without the
-    // work-stealing scheduler's cross-thread bookkeeping on every wake-up.
-    let runtime = if worker_threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(worker_threads)
-            .enable_all()
-            .build()
-    };
+/// A current-thread runtime: `run` adds its extra proxy workers as threads
+/// with runtimes of their own (see `App::start_with_workers`), which costs
+/// less per request than a work-stealing scheduler.
+fn run_blocking(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
     match runtime {
         Ok(rt) => rt.block_on(fut),
         Err(e) => {
@@ -569,7 +560,7 @@ fn run_blocking(
 
 /// Runs until SIGINT or SIGTERM, then drains.
 pub async fn run(cfg: Config) -> ExitCode {
-    let app = match App::start(&cfg).await {
+    let app = match App::start_with_workers(&cfg).await {
         Ok(app) => app,
         Err(e) => {
             let chain = crate::token::grant::error_chain(&e);

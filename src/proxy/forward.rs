@@ -83,6 +83,16 @@ pub(crate) fn build_connector(
     })
 }
 
+thread_local! {
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks this thread as proxy worker `index` (0: the main runtime's): each
+/// worker keeps its own upstream connections, driven by its own runtime.
+pub fn set_worker(index: usize) {
+    WORKER.with(|w| w.set(index));
+}
+
 /// Why a request could not be exchanged with the upstream.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SendError {
@@ -108,6 +118,13 @@ pub(crate) struct Pool {
     connector: HttpsConnect,
     /// Scheme and authority: what the connector dials.
     origin: Uri,
+    /// One per worker thread: a connection is driven by the runtime that
+    /// opened it, so a worker only uses its own (no cross-thread wake-ups).
+    workers: Box<[WorkerConns]>,
+}
+
+#[derive(Default)]
+struct WorkerConns {
     idle: parking_lot::Mutex<Vec<(http1::SendRequest<ProxyBody>, Instant)>>,
     h2: parking_lot::Mutex<Option<http2::SendRequest<ProxyBody>>>,
 }
@@ -118,7 +135,12 @@ enum Sender {
 }
 
 impl Pool {
-    pub(crate) fn new(connector: HttpsConnect, scheme: Scheme, authority: Authority) -> Pool {
+    pub(crate) fn new(
+        connector: HttpsConnect,
+        scheme: Scheme,
+        authority: Authority,
+        workers: usize,
+    ) -> Pool {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(scheme);
         parts.authority = Some(authority);
@@ -126,9 +148,12 @@ impl Pool {
         Pool {
             connector,
             origin: Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/")),
-            idle: parking_lot::Mutex::new(Vec::new()),
-            h2: parking_lot::Mutex::new(None),
+            workers: (0..workers.max(1)).map(|_| WorkerConns::default()).collect(),
         }
+    }
+
+    fn mine(&self) -> &WorkerConns {
+        &self.workers[WORKER.with(|w| w.get()) % self.workers.len()]
     }
 
     /// Send `req` (absolute URI) on a pooled connection, or a new one. A
@@ -151,7 +176,7 @@ impl Pool {
                     Ok(resp) => return Ok(resp.map(PooledBody::unpooled)),
                     Err(mut e) => match e.take_message() {
                         Some(r) if reused => {
-                            self.h2.lock().take();
+                            self.mine().h2.lock().take();
                             r
                         }
                         _ => return Err(SendError::Request(e.into_error())),
@@ -187,12 +212,13 @@ impl Pool {
     }
 
     fn reuse(&self) -> Option<Sender> {
-        if let Some(s) = &*self.h2.lock() {
+        let mine = self.mine();
+        if let Some(s) = &*mine.h2.lock() {
             if !s.is_closed() {
                 return Some(Sender::H2(s.clone()));
             }
         }
-        let mut idle = self.idle.lock();
+        let mut idle = mine.idle.lock();
         let now = Instant::now();
         let mut i = idle.len();
         while i > 0 {
@@ -210,7 +236,7 @@ impl Pool {
 
     fn put_back(&self, s: http1::SendRequest<ProxyBody>) {
         if !s.is_closed() {
-            self.idle.lock().push((s, Instant::now()));
+            self.mine().idle.lock().push((s, Instant::now()));
         }
     }
 
@@ -234,7 +260,7 @@ impl Pool {
                     tracing::debug!(error = %cause_chain(&e), "Upstream connection ended");
                 }
             });
-            *self.h2.lock() = Some(sender.clone());
+            *self.mine().h2.lock() = Some(sender.clone());
             Ok(Sender::H2(sender))
         } else {
             let (sender, conn) = http1::Builder::new()

@@ -63,6 +63,39 @@ impl Listener {
     }
 }
 
+/// A listening socket on its way to another worker thread's runtime.
+pub enum StdListener {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+impl Listener {
+    /// The same socket, for another worker: every worker accepts from it.
+    pub fn try_clone_std(&self) -> std::io::Result<StdListener> {
+        use std::os::fd::AsFd;
+        Ok(match self {
+            Listener::Tcp(l) => StdListener::Tcp(l.as_fd().try_clone_to_owned()?.into()),
+            Listener::Unix(l) => StdListener::Unix(l.as_fd().try_clone_to_owned()?.into()),
+        })
+    }
+}
+
+impl StdListener {
+    /// Registers the socket with the current runtime.
+    pub fn into_tokio(self) -> std::io::Result<Listener> {
+        Ok(match self {
+            StdListener::Tcp(l) => {
+                l.set_nonblocking(true)?;
+                Listener::Tcp(TcpListener::from_std(l)?)
+            }
+            StdListener::Unix(l) => {
+                l.set_nonblocking(true)?;
+                Listener::Unix(UnixListener::from_std(l)?)
+            }
+        })
+    }
+}
+
 /// Bind `addr`. A unix socket file left behind by a dead process is removed
 /// first; one that still accepts connections is `AddrInUse`.
 pub async fn bind(addr: &ListenAddr) -> std::io::Result<Listener> {
@@ -124,10 +157,21 @@ pub async fn serve(listener: Listener, proxy: Arc<Proxy>, shutdown: Cancellation
 /// (routes, upstreams, credentials) applies to keep-alive connections too.
 /// Listener settings (TLS, `max_connections`, grace) stay as at start.
 pub async fn serve_shared(listener: Listener, shared: SharedProxy, shutdown: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(shared.load().max_connections));
+    serve_with_permits(listener, shared, shutdown, permits).await
+}
+
+/// As [`serve_shared`], with connection permits shared with the other
+/// workers accepting on the same socket: a permit lives as long as its
+/// connection.
+pub async fn serve_with_permits(
+    listener: Listener,
+    shared: SharedProxy,
+    shutdown: CancellationToken,
+    permits: Arc<Semaphore>,
+) {
     let proxy = shared.load_full();
     let local = listener.local_addr_string();
-    // Bounds open connections; a permit lives as long as its connection.
-    let permits = Arc::new(Semaphore::new(proxy.max_connections));
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

@@ -21,7 +21,8 @@ mod router;
 pub use body::{BodyIdleTimeout, BoxError, ProxyBody};
 pub use error::ProxyError;
 pub use forward::ProxyBuildError;
-pub use listener::{bind, serve, serve_shared, Listener};
+pub use forward::set_worker;
+pub use listener::{bind, serve, serve_shared, serve_with_permits, Listener, StdListener};
 
 /// The current proxy, swapped whole on reload.
 pub type SharedProxy = Arc<arc_swap::ArcSwap<Proxy>>;
@@ -158,7 +159,12 @@ impl Proxy {
                     route: upstream.to_string(),
                 });
             };
-            let pool = Arc::new(Pool::new(connector, scheme.clone(), authority.clone()));
+            let pool = Arc::new(Pool::new(
+                connector,
+                scheme.clone(),
+                authority.clone(),
+                config.server.worker_threads,
+            ));
             pools.insert((key, origin), pool.clone());
             Ok(pool)
         };

@@ -211,6 +211,9 @@ pub struct Slot {
     changed: Notify,
     clock: Arc<Clock>,
     shutdown: CancellationToken,
+    /// The engine's runtime: refreshes run there, not on the proxy worker
+    /// thread whose request asked for one.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Slot {
@@ -233,6 +236,7 @@ impl Slot {
             changed: Notify::new(),
             clock,
             shutdown,
+            runtime: tokio::runtime::Handle::try_current().ok(),
         })
     }
 
@@ -478,14 +482,18 @@ impl Slot {
         drop(c);
         let slot = self.clone();
         let cause = request_id.map(str::to_owned);
-        tokio::spawn(async move {
+        let refresh = async move {
             // Its own task: a client hanging up cannot cancel a rotation.
             let guard = InflightGuard(slot.clone());
             let result = slot.refresh_once(cause).await.map_err(Arc::new);
             slot.finish(&result);
             drop(guard);
             let _ = tx.send(Some(result));
-        });
+        };
+        match &self.runtime {
+            Some(rt) => drop(rt.spawn(refresh)),
+            None => drop(tokio::spawn(refresh)),
+        }
         self.note_state();
         Ok(rx)
     }

@@ -149,6 +149,7 @@ impl Ctx {
                 tls_ca: s.tls.then(test_ca_file),
                 token: &self.token,
                 cpus: proxy_cpus,
+                buffer: if s.body_len >= 64 * 1024 { "64k" } else { "8k" },
             },
         );
         let targets = [
@@ -411,6 +412,7 @@ impl Ctx {
                             tls_ca: None,
                             token: &self.token,
                             cpus: Some("1"),
+                            buffer: "8k",
                         },
                     )
                 };

@@ -150,6 +150,9 @@ pub struct NginxOpts<'a> {
     pub tls_ca: Option<PathBuf>,
     pub token: &'a str,
     pub cpus: Option<&'a str>,
+    /// nginx's read buffer when streaming (`proxy_buffer_size`); its 4-8 KiB
+    /// default would make it pay a read per few KiB of a large body.
+    pub buffer: &'a str,
 }
 
 pub fn start_nginx(dir: &Path, o: NginxOpts<'_>) -> Proxy {
@@ -184,6 +187,7 @@ http {{
       proxy_set_header Connection "";
       proxy_set_header Authorization "Bearer {token}";
       proxy_buffering off;
+      proxy_buffer_size {buffer};
 {tls}    }}
   }}
 }}
@@ -193,6 +197,7 @@ http {{
         upstream = o.upstream,
         h2 = if o.http2 { " http2" } else { "" },
         token = o.token,
+        buffer = o.buffer,
     );
     let path = d.join("nginx.conf");
     std::fs::write(&path, conf).unwrap();

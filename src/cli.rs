@@ -204,9 +204,7 @@ pub fn main() -> ExitCode {
                 no_listen,
                 admin,
             };
-            run_blocking(async move {
-                ExitCode::from(crate::login::run_cli(&cfg, args).await)
-            })
+            run_blocking(async move { ExitCode::from(crate::login::run_cli(&cfg, args).await) })
         }
         Command::Doctor { config, name } => run_blocking(async move {
             ExitCode::from(crate::doctor::run(&config, name.as_deref()).await)

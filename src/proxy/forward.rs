@@ -148,7 +148,9 @@ impl Pool {
         Pool {
             connector,
             origin: Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/")),
-            workers: (0..workers.max(1)).map(|_| WorkerConns::default()).collect(),
+            workers: (0..workers.max(1))
+                .map(|_| WorkerConns::default())
+                .collect(),
         }
     }
 

@@ -20,8 +20,8 @@ mod router;
 
 pub use body::{BodyIdleTimeout, BoxError, ProxyBody};
 pub use error::ProxyError;
-pub use forward::ProxyBuildError;
 pub use forward::set_worker;
+pub use forward::ProxyBuildError;
 pub use listener::{bind, serve, serve_shared, serve_with_permits, Listener, StdListener};
 
 /// The current proxy, swapped whole on reload.

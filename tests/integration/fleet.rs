@@ -707,20 +707,7 @@ async fn fleet_key_rotation_then_rekey() {
     assert_eq!(bearer(&g), access, "the stored token, opened with key A");
     assert_eq!(stack.idp.grants().len(), grants, "no grant");
 
-    let rekey = run_cli(&[
-        "store".as_ref(),
-        "rekey".as_ref(),
-        "-c".as_ref(),
-        ab_cfg.as_os_str(),
-    ]);
-    assert_eq!(rekey.code, Some(0), "{}", rekey.text());
-    assert!(
-        rekey
-            .stdout
-            .contains(&format!("{CRED}: resealed under key id {kid_b}")),
-        "{}",
-        rekey.text()
-    );
+    let rekey = rekey_ok(&ab_cfg, CRED, &kid_b);
     let sealed_b = token_columns(&pg);
     assert!(
         sealed_b

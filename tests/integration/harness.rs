@@ -565,3 +565,23 @@ pub async fn post_admin(c: &HttpClient, admin: SocketAddr, path: &str) -> Got {
         body: body.collect().await.unwrap().to_bytes(),
     }
 }
+
+/// `tokenproxy store rekey -c config` succeeds and reseals `credential`
+/// under key id `kid`.
+pub fn rekey_ok(config: &Path, credential: &str, kid: &str) -> CliRun {
+    let rekey = run_cli(&[
+        "store".as_ref(),
+        "rekey".as_ref(),
+        "-c".as_ref(),
+        config.as_os_str(),
+    ]);
+    assert_eq!(rekey.code, Some(0), "{}", rekey.text());
+    assert!(
+        rekey
+            .stdout
+            .contains(&format!("{credential}: resealed under key id {kid}")),
+        "{}",
+        rekey.text()
+    );
+    rekey
+}

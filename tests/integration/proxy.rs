@@ -398,8 +398,12 @@ async fn idle_response_body_is_aborted() {
     assert!(matches!(res, Ok(Err(_))), "body should abort, got {res:?}");
 }
 
-#[tokio::test]
-async fn https_upstream_needs_its_ca() {
+/// An HTTPS echo upstream (ALPN h2 and http/1.1) and its CA file.
+async fn tls_echo() -> (
+    tokenproxy::dev::EchoUpstream,
+    tempfile::TempDir,
+    std::path::PathBuf,
+) {
     use tokenproxy::dev::{tls, EchoUpstream};
     let up = EchoUpstream::start_tls(
         "127.0.0.1:0".parse().unwrap(),
@@ -411,6 +415,12 @@ async fn https_upstream_needs_its_ca() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, tls::TEST_CA_PEM).unwrap();
+    (up, dir, ca)
+}
+
+#[tokio::test]
+async fn https_upstream_needs_its_ca() {
+    let (up, _dir, ca) = tls_echo().await;
     let mut trusted = route("/trusted/", &up.url());
     trusted.ca_file = Some(ca);
     let untrusted = route("/untrusted/", &up.url());
@@ -594,18 +604,8 @@ async fn max_connections_is_enforced() {
 /// requests.
 #[tokio::test]
 async fn upstream_connections_are_reused() {
-    use tokenproxy::dev::{tls, EchoUpstream};
     let h1 = echo().await;
-    let h2 = EchoUpstream::start_tls(
-        "127.0.0.1:0".parse().unwrap(),
-        std::sync::Arc::new(|t: &str| t == GOOD_TOKEN),
-        tls::test_server_config(),
-    )
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, tls::TEST_CA_PEM).unwrap();
+    let (h2, _dir, ca) = tls_echo().await;
     let mut over_h2 = route("/h2/", &h2.url());
     over_h2.ca_file = Some(ca);
     let p = start_proxy(vec![route("/h1/", &h1.url()), over_h2]).await;

@@ -49,20 +49,7 @@ async fn file_store_key_rotation_then_rekey() {
     assert_eq!((g.status, bearer(&g)), (200, access.clone()));
     assert_eq!(stack.idp.grants().len(), grants, "no grant");
 
-    let rekey = run_cli(&[
-        "store".as_ref(),
-        "rekey".as_ref(),
-        "-c".as_ref(),
-        ab_cfg.as_os_str(),
-    ]);
-    assert_eq!(rekey.code, Some(0), "{}", rekey.text());
-    assert!(
-        rekey
-            .stdout
-            .contains(&format!("{CRED}: resealed under key id {kid_b}")),
-        "{}",
-        rekey.text()
-    );
+    let rekey = rekey_ok(&ab_cfg, CRED, &kid_b);
     let sealed = raw();
     assert!(
         sealed.contains(&format!("\"tpv2:{kid_b}:")) && !sealed.contains(&kid_a),

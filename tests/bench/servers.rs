@@ -159,6 +159,8 @@ pub struct NginxOpts<'a> {
     pub cpus: Option<&'a str>,
     /// nginx's read buffer when streaming (`proxy_buffer_size`); its 4-8 KiB
     /// default would make it pay a read per few KiB of a large body.
+    /// `proxy_buffers` and `proxy_busy_buffers_size` follow (unused without
+    /// buffering, but nginx refuses a busy size above all buffers but one).
     pub buffer: &'a str,
 }
 
@@ -195,6 +197,8 @@ http {{
       proxy_set_header Authorization "Bearer {token}";
       proxy_buffering off;
       proxy_buffer_size {buffer};
+      proxy_buffers 4 {buffer};
+      proxy_busy_buffers_size {buffer};
 {tls}    }}
   }}
 }}

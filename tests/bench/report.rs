@@ -1,5 +1,5 @@
 //! Markdown tables: medians with [min–max] over the repetitions, and each
-//! figure's ratio to nginx and to direct.
+//! figure's ratio to nginx, to haproxy (tokenproxy's) and to direct.
 
 use crate::common::{median_min_max, Sample};
 use std::fmt::Write as _;
@@ -60,7 +60,7 @@ const COLUMNS: [(&str, Field); 6] = [
 ];
 
 /// The samples of one scenario, per target (`direct`, `tokenproxy`,
-/// `nginx`), in run order.
+/// `nginx`, `haproxy`), in run order.
 pub struct Table {
     pub title: String,
     pub targets: Vec<(&'static str, Vec<Sample>)>,
@@ -124,8 +124,13 @@ impl Table {
         }
         let has = |t: &str| self.samples(t).is_some();
         for (name, _) in &self.targets {
-            for base in ["nginx", "direct"] {
-                if *name == base || *name == "direct" || !has(base) {
+            for base in ["nginx", "haproxy", "direct"] {
+                // haproxy ÷ nginx, but not its inverse.
+                if *name == base
+                    || *name == "direct"
+                    || !has(base)
+                    || (base == "haproxy" && *name != "tokenproxy")
+                {
                     continue;
                 }
                 let _ = write!(out, "| {name} ÷ {base} |");

@@ -1,11 +1,15 @@
-//! The scenarios. Most compare direct / tokenproxy / nginx under one load,
-//! interleaved (A B C, B C A, C A B …); `refresh` and `idle1000` measure
-//! one property each.
+//! The scenarios. Most compare direct / tokenproxy / nginx / haproxy under
+//! one load, interleaved (A B C D, B C D A, …; haproxy only where the client
+//! speaks HTTP/1.1 and the upstream plain HTTP); `refresh` and `idle1000`
+//! measure one property each.
 
 use crate::common::{percentile, rss_kib, Sample};
 use crate::load::{h2load, idle_connections, wrk, Spinners};
 use crate::report::{mmm, Table};
-use crate::servers::{start_nginx, start_tokenproxy, test_ca_file, NginxOpts, Proxy, TpOpts};
+use crate::servers::{
+    start_haproxy, start_nginx, start_tokenproxy, test_ca_file, HaproxyOpts, NginxOpts, Proxy,
+    TpOpts,
+};
 use crate::upstream::{start_upstream, Upstream, UpstreamOpts};
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -40,7 +44,7 @@ pub const ALL: [(&str, &str); 10] = [
     ),
     (
         "default2",
-        "default runtime (2 worker threads) vs nginx 2 workers, nothing pinned, 2 B, 64 connections",
+        "default runtime (2 worker threads) vs nginx 2 workers and haproxy 2 threads, nothing pinned, 2 B, 64 connections",
     ),
 ];
 
@@ -58,7 +62,7 @@ pub struct Ctx {
 /// What the targets section reads.
 #[derive(Default)]
 pub struct Findings {
-    /// The three-way tables, by scenario name.
+    /// The comparison tables, by scenario name.
     pub tables: Vec<(String, Table)>,
     /// Median (window p99.9, steady p99.9) in µs.
     pub refresh: Option<(f64, f64)>,
@@ -72,7 +76,7 @@ enum Load {
     H2load(&'static [&'static str]),
 }
 
-/// How a three-way scenario is set up.
+/// How a comparison scenario is set up.
 struct Setup {
     title: String,
     body_len: usize,
@@ -83,6 +87,8 @@ struct Setup {
     /// nothing pinned with default workers.
     pinned: bool,
     spinners: bool,
+    /// haproxy as a fourth target (plain-HTTP upstream, HTTP/1.1 client).
+    haproxy: bool,
 }
 
 impl Ctx {
@@ -119,7 +125,9 @@ impl Ctx {
         }
     }
 
-    fn three_way(&self, s: Setup) -> Table {
+    /// direct, tokenproxy, nginx and (where `s.haproxy`) haproxy under the
+    /// same load, interleaved: A B C D, B C D A, …
+    fn compare(&self, s: Setup) -> Table {
         let upstream = start_upstream(UpstreamOpts {
             body_len: s.body_len,
             tls: s.tls,
@@ -152,29 +160,68 @@ impl Ctx {
                 buffer: if s.body_len >= 64 * 1024 { "64k" } else { "8k" },
             },
         );
-        let targets = [
-            ("direct", format!("{scheme}://{}/x", upstream.addr), vec![]),
-            ("tokenproxy", tp.url("/api/x"), tp.pids()),
-            ("nginx", nginx.url("/api/x"), nginx.pids()),
-        ];
+        let haproxy = s.haproxy.then(|| {
+            start_haproxy(
+                &self.dir,
+                HaproxyOpts {
+                    upstream: upstream.addr,
+                    threads: if s.pinned { 1 } else { 2 },
+                    token: &self.token,
+                    cpus: proxy_cpus,
+                },
+            )
+        });
+        let mut proxies: Vec<(&'static str, &Proxy)> = vec![("tokenproxy", &tp), ("nginx", &nginx)];
+        if let Some(h) = &haproxy {
+            proxies.push(("haproxy", h));
+        }
+        // The upstream serves any path; `/direct` tells it the request came
+        // without a proxy (and so without a token).
+        let mut targets = vec![(
+            "direct",
+            format!("{scheme}://{}/direct", upstream.addr),
+            vec![],
+        )];
+        targets.extend(
+            proxies
+                .iter()
+                .map(|(name, p)| (*name, p.url("/api/x"), p.pids())),
+        );
+        let n = targets.len();
         let _spin = s.spinners.then(|| Spinners::start(&["0", "1"]));
         // Warm up pools, TLS sessions and the token.
         for (_, url, _) in &targets[1..] {
             self.run_load(&s.load, url, 1, load_cpus, &[]);
         }
-        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); 3];
+        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); n];
+        // Requests that reached the upstream without a bearer token, per
+        // proxy (must stay 0).
+        let mut no_bearer = vec![0u64; n];
         for rep in 0..self.reps {
-            for k in 0..3 {
-                let i = (rep + k) % 3;
+            for k in 0..n {
+                let i = (rep + k) % n;
                 let (_, url, pids) = &targets[i];
+                let before = upstream.no_bearer();
                 samples[i].push(self.run_load(&s.load, url, self.seconds, load_cpus, pids));
+                no_bearer[i] += upstream.no_bearer() - before;
             }
         }
         drop(_spin);
         let mut notes = Vec::new();
-        self.log_notes(&[("tokenproxy", &tp), ("nginx", &nginx)], &mut notes);
+        for (i, (name, _, _)) in targets.iter().enumerate().skip(1) {
+            if no_bearer[i] > 0 {
+                notes.push(format!(
+                    "{name}: {} request(s) reached the upstream without `Authorization: Bearer …`",
+                    no_bearer[i]
+                ));
+            }
+        }
+        self.log_notes(&proxies, &mut notes);
         tp.stop();
         nginx.stop();
+        if let Some(h) = haproxy {
+            h.stop();
+        }
         Table {
             title: s.title,
             targets: targets.iter().map(|(n, _, _)| *n).zip(samples).collect(),
@@ -193,21 +240,22 @@ impl Ctx {
             h2: false,
             pinned: true,
             spinners: false,
+            haproxy: true,
         };
         let table = match name {
-            "small64" => self.three_way(plain("small64: 2 B, 64 conns", 2, wrk64)),
-            "body16k" => self.three_way(plain("body16k: 16 KiB, 64 conns", 16 * 1024, wrk64)),
-            "small1" => self.three_way(plain(
+            "small64" => self.compare(plain("small64: 2 B, 64 conns", 2, wrk64)),
+            "body16k" => self.compare(plain("body16k: 16 KiB, 64 conns", 16 * 1024, wrk64)),
+            "small1" => self.compare(plain(
                 "small1: 2 B, 1 conn closed loop",
                 2,
                 Load::Wrk { conns: 1 },
             )),
-            "body1m" => self.three_way(plain(
+            "body1m" => self.compare(plain(
                 "body1m: 1 MiB, 8 conns",
                 1 << 20,
                 Load::Wrk { conns: 8 },
             )),
-            "fixed1k" => self.three_way(Setup {
+            "fixed1k" => self.compare(Setup {
                 spinners: true,
                 ..plain(
                     "fixed1k: 2 B, 1 conn at 1,000 req/s (h2load --h1 --rps 1000), SCHED_IDLE spinners",
@@ -215,26 +263,28 @@ impl Ctx {
                     Load::H2load(&["--h1", "-c1", "-m1", "--rps", "1000"]),
                 )
             }),
-            "h2" => self.three_way(Setup {
+            "h2" => self.compare(Setup {
                 h2: true,
+                haproxy: false,
                 ..plain(
                     "h2: HTTP/2 h2c from the client, 4 conns × 16 streams, 2 B (upstream leg HTTP/1.1 for the proxies)",
                     2,
                     Load::H2load(&["-c4", "-m16"]),
                 )
             }),
-            "https_upstream" => self.three_way(Setup {
+            "https_upstream" => self.compare(Setup {
                 tls: true,
+                haproxy: false,
                 ..plain(
                     "https_upstream: 2 B, 64 conns, upstream over TLS (direct = wrk over TLS)",
                     2,
                     wrk64,
                 )
             }),
-            "default2" => self.three_way(Setup {
+            "default2" => self.compare(Setup {
                 pinned: false,
                 ..plain(
-                    "default2: 2 B, 64 conns, tokenproxy default runtime vs nginx 2 workers, unpinned",
+                    "default2: 2 B, 64 conns, tokenproxy default runtime vs nginx 2 workers and haproxy nbthread 2, unpinned",
                     2,
                     wrk64,
                 )

@@ -1,6 +1,6 @@
-//! The proxies under test, as child processes: tokenproxy (`run -c`) and
-//! nginx doing the same job (inject a fixed bearer token, forward to the
-//! bench upstream over pooled keep-alive connections).
+//! The proxies under test, as child processes: tokenproxy (`run -c`), and
+//! nginx and haproxy doing the same job (inject a fixed bearer token, forward
+//! to the bench upstream over pooled keep-alive connections).
 
 use crate::common::{child_pids, free_port, wait_port};
 use std::fmt::Write as _;
@@ -17,18 +17,25 @@ pub fn test_ca_file() -> PathBuf {
 pub struct Proxy {
     child: Child,
     pub port: u16,
-    nginx: bool,
+    kind: Kind,
     pub log: PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Tokenproxy,
+    Nginx,
+    Haproxy,
 }
 
 impl Proxy {
     /// The processes whose CPU and memory count: tokenproxy's one process,
-    /// nginx's master and workers.
+    /// nginx's master and workers, haproxy's one process (`-db`: no master,
+    /// `nbthread` threads in the process).
     pub fn pids(&self) -> Vec<u32> {
-        if self.nginx {
-            child_pids(self.child.id())
-        } else {
-            vec![self.child.id()]
+        match self.kind {
+            Kind::Nginx => child_pids(self.child.id()),
+            Kind::Tokenproxy | Kind::Haproxy => vec![self.child.id()],
         }
     }
 
@@ -37,7 +44,7 @@ impl Proxy {
     }
 
     /// Lines of the proxy's log (tokenproxy logs at warn: anything there
-    /// is worth a look; nginx's error log likewise).
+    /// is worth a look; nginx's error log and haproxy's stderr likewise).
     pub fn log_lines(&self) -> Vec<String> {
         std::fs::read_to_string(&self.log)
             .unwrap_or_default()
@@ -52,7 +59,7 @@ impl Proxy {
 
     fn terminate(&mut self) {
         // SIGTERM: nginx's master then stops its workers (SIGKILL would
-        // orphan them).
+        // orphan them); haproxy stops at once.
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
@@ -134,7 +141,7 @@ pub fn start_tokenproxy(dir: &Path, o: TpOpts<'_>) -> Proxy {
     let proxy = Proxy {
         child,
         port,
-        nginx: false,
+        kind: Kind::Tokenproxy,
         log,
     };
     wait_port(port);
@@ -152,6 +159,8 @@ pub struct NginxOpts<'a> {
     pub cpus: Option<&'a str>,
     /// nginx's read buffer when streaming (`proxy_buffer_size`); its 4-8 KiB
     /// default would make it pay a read per few KiB of a large body.
+    /// `proxy_buffers` and `proxy_busy_buffers_size` follow (unused without
+    /// buffering, but nginx refuses a busy size above all buffers but one).
     pub buffer: &'a str,
 }
 
@@ -188,6 +197,8 @@ http {{
       proxy_set_header Authorization "Bearer {token}";
       proxy_buffering off;
       proxy_buffer_size {buffer};
+      proxy_buffers 4 {buffer};
+      proxy_busy_buffers_size {buffer};
 {tls}    }}
   }}
 }}
@@ -210,8 +221,81 @@ http {{
     let proxy = Proxy {
         child,
         port,
-        nginx: true,
+        kind: Kind::Nginx,
         log: d.join("error.log"),
+    };
+    wait_port(port);
+    proxy
+}
+
+pub struct HaproxyOpts<'a> {
+    pub upstream: SocketAddr,
+    pub threads: usize,
+    pub token: &'a str,
+    pub cpus: Option<&'a str>,
+}
+
+/// haproxy in the foreground (`-db`: one process, `nbthread` threads), no
+/// logging (no `log` line: its stderr gets only alerts and warnings;
+/// `BENCH_HAPROXY_LOG=1` logs abnormal sessions there, for debugging), HTTP
+/// keep-alive on both sides, idle upstream connections shared by every
+/// client connection (`http-reuse always`), `/api/` stripped like nginx's
+/// `proxy_pass …/`, no health checks, buffers at their defaults.
+pub fn start_haproxy(dir: &Path, o: HaproxyOpts<'_>) -> Proxy {
+    let port = free_port();
+    let d = dir.join(format!("haproxy-{port}"));
+    std::fs::create_dir_all(&d).unwrap();
+    let (log_global, log_defaults) = if std::env::var("BENCH_HAPROXY_LOG").is_ok_and(|v| v == "1") {
+        (
+            "  log stderr format raw local0 info\n",
+            "  log global\n  option httplog\n  option dontlog-normal\n  option dontlognull\n",
+        )
+    } else {
+        ("", "")
+    };
+    let conf = format!(
+        r#"global
+  nbthread {threads}
+  maxconn 8192
+{log_global}
+defaults
+  mode http
+{log_defaults}  option http-keep-alive
+  no option httpclose
+  http-reuse always
+  timeout connect 10s
+  timeout client 300s
+  timeout server 300s
+  timeout http-keep-alive 300s
+
+frontend fe
+  bind 127.0.0.1:{port}
+  maxconn 8192
+  default_backend app
+
+backend app
+  http-request replace-path ^/api/(.*) /\1
+  http-request set-header Authorization "Bearer {token}"
+  server s1 {upstream}
+"#,
+        threads = o.threads,
+        upstream = o.upstream,
+        token = o.token,
+    );
+    let path = d.join("haproxy.cfg");
+    std::fs::write(&path, conf).unwrap();
+    let log = d.join("stderr.log");
+    let child = spawn(
+        o.cpus,
+        "haproxy",
+        &["-db", "-f", path.to_str().unwrap()],
+        &log,
+    );
+    let proxy = Proxy {
+        child,
+        port,
+        kind: Kind::Haproxy,
+        log,
     };
     wait_port(port);
     proxy

@@ -29,11 +29,19 @@ pub struct Upstream {
     pub addr: SocketAddr,
     /// Requests answered 401 by the token check.
     pub rejected: Arc<AtomicU64>,
+    /// Requests that came without an `Authorization: Bearer …` header,
+    /// except on the path `/direct` (the `direct` target's): none should,
+    /// through a proxy.
+    pub no_bearer: Arc<AtomicU64>,
 }
 
 impl Upstream {
     pub fn rejected(&self) -> u64 {
         self.rejected.load(Ordering::Relaxed)
+    }
+
+    pub fn no_bearer(&self) -> u64 {
+        self.no_bearer.load(Ordering::Relaxed)
     }
 }
 
@@ -41,6 +49,8 @@ pub fn start_upstream(opts: UpstreamOpts) -> Upstream {
     let (tx, rx) = std::sync::mpsc::channel();
     let rejected = Arc::new(AtomicU64::new(0));
     let rejected2 = rejected.clone();
+    let no_bearer = Arc::new(AtomicU64::new(0));
+    let no_bearer2 = no_bearer.clone();
     std::thread::spawn(move || {
         crate::common::pin_this_thread(opts.cpus);
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -64,16 +74,22 @@ pub fn start_upstream(opts: UpstreamOpts) -> Upstream {
                 let body = body.clone();
                 let check = check.clone();
                 let rejected = rejected2.clone();
+                let no_bearer = no_bearer2.clone();
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let bearer = req
+                            .headers()
+                            .get(http::header::AUTHORIZATION)
+                            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+                            .filter(|t| !t.is_empty());
+                        if bearer.is_none() && req.uri().path() != "/direct" {
+                            no_bearer.fetch_add(1, Ordering::Relaxed);
+                        }
                         let ok = match &check {
                             None => true,
-                            Some(check) => req
-                                .headers()
-                                .get(http::header::AUTHORIZATION)
-                                .and_then(|v| v.to_str().ok())
-                                .and_then(|v| v.strip_prefix("Bearer "))
+                            Some(check) => bearer
+                                .and_then(|t| std::str::from_utf8(t).ok())
                                 .is_some_and(|t| check(t)),
                         };
                         let resp = if ok {
@@ -109,5 +125,6 @@ pub fn start_upstream(opts: UpstreamOpts) -> Upstream {
     Upstream {
         addr: rx.recv().unwrap(),
         rejected,
+        no_bearer,
     }
 }

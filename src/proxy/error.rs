@@ -68,7 +68,7 @@ impl ProxyError {
         }
     }
 
-    fn message(&self) -> &'static str {
+    pub(crate) fn message(&self) -> &'static str {
         match self {
             ProxyError::NoRoute => "no route matches this host and path",
             ProxyError::HostNotAllowed => {

@@ -5,7 +5,9 @@
 //!
 //! Hands each request to [`Proxy::handle`]; decides nothing about requests.
 
-use super::{forward, BoxError, ConnInfo, Proxy, ProxyBody, ProxyBuildError, SharedProxy};
+use super::{
+    forward, BoxError, ConnInfo, Proxy, ProxyBody, ProxyBuildError, ProxyError, SharedProxy,
+};
 use crate::config::ListenAddr;
 use arc_swap::ArcSwap;
 use http::{Request, Version};
@@ -309,8 +311,18 @@ async fn serve_conn<I>(
         let proxy = shared.load_full();
         let info = info.clone();
         let in_flight = InFlight::start(&for_service, req.version() == Version::HTTP_2);
+        let conflict = for_service.framing_conflict.swap(false, Ordering::Relaxed);
         async move {
-            let resp = proxy.handle(req, &info).await;
+            let resp = if conflict {
+                proxy.refuse(
+                    &req,
+                    ProxyError::BadRequest(
+                        "Content-Length and Transfer-Encoding together (request smuggling)",
+                    ),
+                )
+            } else {
+                proxy.handle(req, &info).await
+            };
             Ok::<_, Infallible>(resp.map(|body| Tracked {
                 body,
                 _in_flight: in_flight,
@@ -320,6 +332,7 @@ async fn serve_conn<I>(
     let io = Watched {
         inner: io,
         activity: activity.clone(),
+        heads: HeadScan::default(),
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let conn = watcher.watch(conn.into_owned());
@@ -349,6 +362,9 @@ struct Activity {
     /// HTTP/2 frames (pings, settings) arrive between requests: only idle
     /// time counts there.
     h2: AtomicBool,
+    /// The last request head carried both `Content-Length` and
+    /// `Transfer-Encoding` (set by [`HeadScan`], taken by the service).
+    framing_conflict: AtomicBool,
 }
 
 impl Activity {
@@ -360,6 +376,7 @@ impl Activity {
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(NO_HEAD),
             h2: AtomicBool::new(false),
+            framing_conflict: AtomicBool::new(false),
         }
     }
 
@@ -367,12 +384,113 @@ impl Activity {
         self.opened.elapsed().as_millis() as u64
     }
 
-    fn bytes_read(&self) {
-        if self.in_flight.load(Ordering::Relaxed) == 0
-            && self.head_started.load(Ordering::Relaxed) == NO_HEAD
-        {
+    /// Whether these bytes may start or continue a request head.
+    fn bytes_read(&self) -> bool {
+        if self.in_flight.load(Ordering::Relaxed) != 0 {
+            return false;
+        }
+        if self.head_started.load(Ordering::Relaxed) == NO_HEAD {
             self.head_started.store(self.now_ms(), Ordering::Relaxed);
         }
+        !self.h2.load(Ordering::Relaxed)
+    }
+}
+
+/// Watches HTTP/1 request heads as they are read for `Content-Length` and
+/// `Transfer-Encoding` together (RFC 9112 §6.3: a smuggling attempt). hyper
+/// drops the length and lets chunked win, safely, but hides that both were
+/// sent; this sees the raw names, one byte of state machine at a time, so
+/// the request gets a `400` instead of being forwarded. Heads that arrive
+/// while a request is in flight (pipelining) are left to hyper's handling.
+#[derive(Default)]
+struct HeadScan {
+    /// An HTTP/2 connection (prior-knowledge preface): nothing to scan.
+    off: bool,
+    /// Any byte seen: the preface can only come first.
+    started: bool,
+    /// Past the blank line: wait for the next head.
+    done: bool,
+    /// Bytes of the current line, `\r` not counted.
+    line_len: usize,
+    /// Candidates still matching the current line's name (bit 0:
+    /// content-length, bit 1: transfer-encoding).
+    candidates: u8,
+    /// Names seen in this head.
+    seen: u8,
+}
+
+const FRAMING_NAMES: [&[u8]; 2] = [b"content-length", b"transfer-encoding"];
+
+impl HeadScan {
+    /// Feeds bytes read while no request is in flight; true when they end
+    /// a head that had both names. Bytes after a head's blank line in the
+    /// same read are a body or a pipelined request: left alone.
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        if self.off {
+            return false;
+        }
+        if self.done {
+            *self = HeadScan {
+                started: true,
+                ..HeadScan::default()
+            };
+        }
+        if !self.started && bytes.starts_with(b"PRI * HTTP/2.0") {
+            self.off = true;
+            return false;
+        }
+        self.started = true;
+        let mut i = 0;
+        while i < bytes.len() {
+            if self.candidates == 0 && self.line_len > 0 {
+                // Mid-line and no name can match: on to the line's end.
+                match bytes[i..].iter().position(|&b| b == b'\n') {
+                    Some(off) => {
+                        self.line_len += off;
+                        i += off;
+                    }
+                    None => {
+                        self.line_len += bytes.len() - i;
+                        return false;
+                    }
+                }
+            }
+            let b = bytes[i];
+            i += 1;
+            match b {
+                b'\n' => {
+                    if self.line_len == 0 {
+                        self.done = true;
+                        return self.seen == 0b11;
+                    }
+                    self.line_len = 0;
+                    self.candidates = 0b11;
+                }
+                b'\r' => {}
+                _ => {
+                    let pos = self.line_len;
+                    self.line_len += 1;
+                    if self.candidates == 0 {
+                        continue;
+                    }
+                    for (i, name) in FRAMING_NAMES.iter().enumerate() {
+                        let bit = 1 << i;
+                        if self.candidates & bit == 0 {
+                            continue;
+                        }
+                        match name.get(pos) {
+                            Some(c) if c.eq_ignore_ascii_case(&b) => {}
+                            None if b == b':' => {
+                                self.seen |= bit;
+                                self.candidates &= !bit;
+                            }
+                            _ => self.candidates &= !bit,
+                        }
+                    }
+                }
+            }
+        }
+        false
     }
 }
 
@@ -469,6 +587,7 @@ async fn watchdog(a: &Activity, header_read: Duration, keepalive: Duration) -> &
 struct Watched<I> {
     inner: I,
     activity: Arc<Activity>,
+    heads: HeadScan,
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
@@ -479,8 +598,13 @@ impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.bytes_read();
+        if buf.filled().len() > before
+            && self.activity.bytes_read()
+            && self.heads.feed(&buf.filled()[before..])
+        {
+            self.activity
+                .framing_conflict
+                .store(true, Ordering::Relaxed);
         }
         r
     }
@@ -509,5 +633,57 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HeadScan;
+
+    fn scan(parts: &[&[u8]]) -> Vec<bool> {
+        let mut s = HeadScan::default();
+        parts.iter().map(|p| s.feed(p)).collect()
+    }
+
+    #[test]
+    fn both_framing_headers_are_seen_in_any_case_and_split() {
+        let head: &[u8] = b"POST /x HTTP/1.1\r\nHost: a\r\ncontent-LENGTH: 4\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(scan(&[head]), [true]);
+        let bytes: Vec<&[u8]> = head.chunks(1).collect();
+        assert_eq!(scan(&bytes).iter().filter(|b| **b).count(), 1);
+        assert!(*scan(&bytes).last().unwrap());
+        // Bare LF line endings too.
+        assert_eq!(
+            scan(&[b"POST /x HTTP/1.1\nTransfer-Encoding: chunked\nContent-Length: 4\n\n"]),
+            [true]
+        );
+    }
+
+    #[test]
+    fn one_of_them_or_lookalikes_are_not_a_conflict() {
+        for head in [
+            &b"POST /x HTTP/1.1\r\nContent-Length: 4\r\n\r\n"[..],
+            b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nX-Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nContent-Length-X: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nX: content-length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert_eq!(scan(&[head]), [false], "{}", String::from_utf8_lossy(head));
+        }
+    }
+
+    #[test]
+    fn bytes_after_the_blank_line_and_h2_are_left_alone() {
+        // A body that looks like a head, in the same read: not scanned.
+        let read: &[u8] = b"POST /x HTTP/1.1\r\nContent-Length: 44\r\n\r\nContent-Length: 1\r\nTransfer-Encoding: x\r\n\r\n";
+        assert_eq!(scan(&[read]), [false]);
+        // The next head starts clean.
+        assert_eq!(
+            scan(&[read, b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n"]),
+            [false, false]
+        );
+        let mut s = HeadScan::default();
+        assert!(!s.feed(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+        assert!(!s.feed(b"Content-Length: 1\r\nTransfer-Encoding: x\r\n\r\n"));
     }
 }

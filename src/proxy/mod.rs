@@ -304,6 +304,25 @@ impl Proxy {
         resp
     }
 
+    /// Answers `err` without looking further at the request, and closes the
+    /// connection after the response.
+    pub(crate) fn refuse<B>(&self, req: &Request<B>, err: ProxyError) -> Response<ProxyBody> {
+        let request_id = headers::request_id(req.headers());
+        let mut resp = error::into_response(&err, &request_id);
+        let h = resp.headers_mut();
+        h.insert(X_REQUEST_ID.clone(), request_id.clone());
+        h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        self.unrouted
+            .request(resp.status().as_u16(), Duration::ZERO, true);
+        tracing::debug!(
+            status = resp.status().as_u16(),
+            request_id = request_id.to_str().unwrap_or(""),
+            error = err.message(),
+            "Request refused"
+        );
+        resp
+    }
+
     async fn forward<B>(
         &self,
         mut req: Request<B>,

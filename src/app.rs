@@ -32,6 +32,12 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start proxy worker thread {worker}")]
+    Worker {
+        worker: usize,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("route {route} has no token source")]
     NoToken { route: String },
     #[error("new configuration rejected:\n{0}")]
@@ -57,8 +63,6 @@ pub struct App {
     pub live: Arc<Live>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
-    /// The proxy sockets, for the extra workers to accept on too.
-    shared_listeners: Vec<(proxy::StdListener, Arc<tokio::sync::Semaphore>)>,
 }
 
 fn build_proxy(config: &Config, engine: &Engine) -> Result<Arc<Proxy>, AppError> {
@@ -93,9 +97,8 @@ impl App {
     pub async fn start_with_workers(config: &Config) -> Result<App, AppError> {
         let shutdown = CancellationToken::new();
         let engine = Arc::new(Engine::start(config, shutdown.clone()).await?);
-        let mut app = Self::start_inner(config, engine, shutdown, true).await?;
-        app.spawn_workers(config)?;
-        Ok(app)
+        let extra_workers = config.server.worker_threads.saturating_sub(1);
+        Self::start_inner(config, engine, shutdown, extra_workers).await
     }
 
     /// With an engine built by the caller (tests inject a clock).
@@ -104,14 +107,14 @@ impl App {
         engine: Arc<Engine>,
         shutdown: CancellationToken,
     ) -> Result<App, AppError> {
-        Self::start_inner(config, engine, shutdown, false).await
+        Self::start_inner(config, engine, shutdown, 0).await
     }
 
     async fn start_inner(
         config: &Config,
         engine: Arc<Engine>,
         shutdown: CancellationToken,
-        workers: bool,
+        extra_workers: usize,
     ) -> Result<App, AppError> {
         let proxy = build_proxy(config, &engine)?;
         let live = Arc::new(Live {
@@ -146,17 +149,18 @@ impl App {
             proxy::Listener::Tcp(l) => l.local_addr().ok(),
             proxy::Listener::Unix(_) => None,
         };
-        let mut shared_listeners = Vec::new();
+        // Each extra worker accepts on its own handle of every proxy socket.
+        let mut per_worker: Vec<Vec<_>> = (0..extra_workers).map(|_| Vec::new()).collect();
         for listener in listeners {
             let permits = Arc::new(tokio::sync::Semaphore::new(
                 config.server.max_connections.max(1),
             ));
-            if workers {
-                let std = listener.try_clone_std().map_err(|source| AppError::Bind {
+            for mine in &mut per_worker {
+                let handle = listener.try_clone_std().map_err(|source| AppError::Bind {
                     addr: listener.local_addr_string(),
                     source,
                 })?;
-                shared_listeners.push((std, permits.clone()));
+                mine.push((handle, permits.clone()));
             }
             tasks.push(tokio::spawn(proxy::serve_with_permits(
                 listener,
@@ -173,6 +177,17 @@ impl App {
         if config.source.is_file() {
             tasks.push(tokio::spawn(watch_files(live.clone(), shutdown.clone())));
         }
+        for (i, mine) in per_worker.into_iter().enumerate() {
+            let worker = i + 1;
+            let (shared, shutdown) = (live.proxy.clone(), shutdown.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("tokenproxy-worker-{worker}"))
+                .spawn(move || serve_worker(worker, mine, shared, shutdown))
+                .map_err(|source| AppError::Worker { worker, source })?;
+            tasks.push(tokio::task::spawn_blocking(move || {
+                let _ = thread.join();
+            }));
+        }
         tracing::info!(
             listen = %proxy_addrs.join(","),
             admin = %config.admin.listen,
@@ -188,38 +203,7 @@ impl App {
             live,
             shutdown,
             tasks,
-            shared_listeners,
         })
-    }
-
-    fn spawn_workers(&mut self, config: &Config) -> Result<(), AppError> {
-        let listeners = std::mem::take(&mut self.shared_listeners);
-        for worker in 1..config.server.worker_threads.max(1) {
-            let mut mine = Vec::new();
-            for (l, permits) in &listeners {
-                let clone = match l {
-                    proxy::StdListener::Tcp(t) => t.try_clone().map(proxy::StdListener::Tcp),
-                    proxy::StdListener::Unix(u) => u.try_clone().map(proxy::StdListener::Unix),
-                }
-                .map_err(|source| AppError::Bind {
-                    addr: "listener".to_owned(),
-                    source,
-                })?;
-                mine.push((clone, permits.clone()));
-            }
-            let (shared, shutdown) = (self.live.proxy.clone(), self.shutdown.clone());
-            let thread = std::thread::Builder::new()
-                .name(format!("tokenproxy-worker-{worker}"))
-                .spawn(move || serve_worker(worker, mine, shared, shutdown))
-                .map_err(|source| AppError::Bind {
-                    addr: "worker thread".to_owned(),
-                    source,
-                })?;
-            self.tasks.push(tokio::task::spawn_blocking(move || {
-                let _ = thread.join();
-            }));
-        }
-        Ok(())
     }
 
     /// The current engine.

@@ -354,7 +354,8 @@ const NO_HEAD: u64 = u64::MAX;
 struct Activity {
     opened: Instant,
     in_flight: AtomicU32,
-    requests: AtomicU64,
+    /// A request has started: the first-request limit no longer applies.
+    served: AtomicBool,
     idle_since: AtomicU64,
     /// When the first byte of the next request head arrived (`NO_HEAD`: not
     /// yet).
@@ -372,7 +373,7 @@ impl Activity {
         Activity {
             opened: Instant::now(),
             in_flight: AtomicU32::new(0),
-            requests: AtomicU64::new(0),
+            served: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(NO_HEAD),
             h2: AtomicBool::new(false),
@@ -501,7 +502,7 @@ struct InFlight(Arc<Activity>);
 impl InFlight {
     fn start(activity: &Arc<Activity>, h2: bool) -> InFlight {
         activity.in_flight.fetch_add(1, Ordering::AcqRel);
-        activity.requests.fetch_add(1, Ordering::Relaxed);
+        activity.served.store(true, Ordering::Relaxed);
         activity.head_started.store(NO_HEAD, Ordering::Relaxed);
         if h2 {
             activity.h2.store(true, Ordering::Relaxed);
@@ -566,7 +567,7 @@ async fn watchdog(a: &Activity, header_read: Duration, keepalive: Duration) -> &
                 }
                 head + head_limit
             } else {
-                let first = a.requests.load(Ordering::Relaxed) == 0;
+                let first = !a.served.load(Ordering::Relaxed);
                 let limit = if first { head_limit } else { idle_limit };
                 let idle = a.idle_since.load(Ordering::Acquire);
                 if now >= idle + limit {

@@ -6,6 +6,7 @@
 //! drives it.
 
 use super::body::{BoxError, ProxyBody};
+use super::h1;
 use crate::egress::EgressConnector;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -100,6 +101,8 @@ pub(crate) enum SendError {
     Connect(#[source] BoxError),
     #[error("request")]
     Request(#[source] hyper::Error),
+    #[error("request")]
+    Exchange(#[source] h1::H1Error),
 }
 
 impl SendError {
@@ -114,6 +117,11 @@ impl SendError {
 /// pool (most recently used first) when its response body is done; an
 /// HTTP/2 connection (ALPN) is shared. Per request: one short lock to check
 /// out and one to put back; nothing is spawned.
+///
+/// A request without a body goes over a lean connection ([`h1`]): the
+/// serving task writes and reads it itself. Requests with a body (streamed
+/// both ways at once) and upgrades use hyper's client connection, made from
+/// an idle lean one when there is one.
 pub(crate) struct Pool {
     connector: HttpsConnect,
     /// Scheme and authority: what the connector dials.
@@ -121,17 +129,21 @@ pub(crate) struct Pool {
     /// One per worker thread: a connection is driven by the runtime that
     /// opened it, so a worker only uses its own (no cross-thread wake-ups).
     workers: Box<[WorkerConns]>,
+    /// Bodiless requests use [`h1`]; off for the upgrade pool.
+    lean: bool,
 }
 
 #[derive(Default)]
 struct WorkerConns {
     idle: parking_lot::Mutex<Vec<(http1::SendRequest<ProxyBody>, Instant)>>,
+    lean: parking_lot::Mutex<Vec<(h1::Conn, Instant)>>,
     h2: parking_lot::Mutex<Option<http2::SendRequest<ProxyBody>>>,
 }
 
 enum Sender {
     H1(http1::SendRequest<ProxyBody>),
     H2(http2::SendRequest<ProxyBody>),
+    Lean(h1::Conn),
 }
 
 impl Pool {
@@ -140,6 +152,7 @@ impl Pool {
         scheme: Scheme,
         authority: Authority,
         workers: usize,
+        lean: bool,
     ) -> Pool {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(scheme);
@@ -151,6 +164,7 @@ impl Pool {
             workers: (0..workers.max(1))
                 .map(|_| WorkerConns::default())
                 .collect(),
+            lean,
         }
     }
 
@@ -166,14 +180,32 @@ impl Pool {
         mut req: Request<ProxyBody>,
     ) -> Result<Response<PooledBody>, SendError> {
         let absolute = req.uri().clone();
+        let lean = self.lean && req.body().is_end_stream();
         loop {
-            let (sender, reused) = match self.reuse() {
+            let (sender, reused) = match self.reuse(lean) {
                 Some(s) => (s, true),
                 // Boxed: the connect future is large and rarely needed; inline
                 // it would be copied around on every request.
                 None => (Box::pin(self.connect()).await?, false),
             };
+            let sender = match sender {
+                // A body needs hyper: it streams both ways at once.
+                Sender::Lean(conn) if !lean => {
+                    Sender::H1(Box::pin(hyper_h1(TokioIo::new(conn.into_io()))).await?)
+                }
+                s => s,
+            };
             let unsent = match sender {
+                Sender::Lean(conn) => match self.exchange(conn, &req).await {
+                    Ok(resp) => return Ok(resp),
+                    // Not a byte of it reached the upstream: any method may
+                    // move to another connection.
+                    Err(None) if reused => req,
+                    Err(None) => {
+                        return Err(SendError::Exchange(h1::H1Error::ClosedBeforeResponse))
+                    }
+                    Err(Some(e)) => return Err(SendError::Exchange(e)),
+                },
                 Sender::H2(mut s) => match s.try_send_request(req).await {
                     Ok(resp) => return Ok(resp.map(PooledBody::unpooled)),
                     Err(mut e) => match e.take_message() {
@@ -194,7 +226,7 @@ impl Pool {
                             // An upgraded connection is the tunnel's now.
                             let back = (resp.status() != StatusCode::SWITCHING_PROTOCOLS)
                                 .then(|| (self.clone(), s));
-                            return Ok(resp.map(|b| PooledBody {
+                            return Ok(resp.map(|b| PooledBody::Hyper {
                                 body: Some(b),
                                 back,
                             }));
@@ -213,25 +245,59 @@ impl Pool {
         }
     }
 
-    fn reuse(&self) -> Option<Sender> {
+    /// Writes `req`'s head on `conn` and reads the response. `Err(None)`:
+    /// the connection failed before the upstream could have seen the whole
+    /// request.
+    async fn exchange(
+        self: &Arc<Self>,
+        mut conn: h1::Conn,
+        req: &Request<ProxyBody>,
+    ) -> Result<Response<PooledBody>, Option<h1::H1Error>> {
+        let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        let head = h1::encode_head(req.method(), target, req.headers());
+        if conn.send_head(&head).await.is_err() {
+            return Err(None);
+        }
+        let mut resp = conn.read_response(req.method()).await.map_err(Some)?;
+        // The whole response came with its head: the connection is free
+        // before the client has seen a byte.
+        if let Some(conn) = resp.body_mut().take_reusable() {
+            self.put_back_lean(conn);
+        }
+        let pool = self.clone();
+        Ok(resp.map(|body| PooledBody::Lean { body, pool }))
+    }
+
+    fn reuse(&self, lean: bool) -> Option<Sender> {
         let mine = self.mine();
         if let Some(s) = &*mine.h2.lock() {
             if !s.is_closed() {
                 return Some(Sender::H2(s.clone()));
             }
         }
-        let mut idle = mine.idle.lock();
         let now = Instant::now();
-        let mut i = idle.len();
-        while i > 0 {
-            i -= 1;
-            let (s, since) = &idle[i];
-            if s.is_closed() || now.duration_since(*since) > POOL_IDLE_TIMEOUT {
-                idle.remove(i);
-            } else if s.is_ready() {
-                return Some(Sender::H1(idle.remove(i).0));
+        if !lean {
+            let mut idle = mine.idle.lock();
+            let mut i = idle.len();
+            while i > 0 {
+                i -= 1;
+                let (s, since) = &idle[i];
+                if s.is_closed() || now.duration_since(*since) > POOL_IDLE_TIMEOUT {
+                    idle.remove(i);
+                } else if s.is_ready() {
+                    return Some(Sender::H1(idle.remove(i).0));
+                }
+                // Else still finishing its last response: left for later.
             }
-            // Else still finishing its last response: left for later.
+        }
+        if !self.lean {
+            return None;
+        }
+        let mut idle = mine.lean.lock();
+        while let Some((mut conn, since)) = idle.pop() {
+            if now.duration_since(since) <= POOL_IDLE_TIMEOUT && conn.is_usable() {
+                return Some(Sender::Lean(conn));
+            }
         }
         None
     }
@@ -240,6 +306,18 @@ impl Pool {
         if !s.is_closed() {
             self.mine().idle.lock().push((s, Instant::now()));
         }
+    }
+
+    fn put_back_lean(&self, conn: h1::Conn) {
+        let now = Instant::now();
+        let mut idle = self.mine().lean.lock();
+        // Most recently used last; the oldest age out from the front.
+        let expired = idle
+            .iter()
+            .take_while(|(_, since)| now.duration_since(*since) > POOL_IDLE_TIMEOUT)
+            .count();
+        idle.drain(..expired);
+        idle.push((conn, now));
     }
 
     async fn connect(&self) -> Result<Sender, SendError> {
@@ -264,73 +342,116 @@ impl Pool {
             });
             *self.mine().h2.lock() = Some(sender.clone());
             Ok(Sender::H2(sender))
+        } else if self.lean {
+            Ok(Sender::Lean(h1::Conn::new(h1::Io::from(io))))
         } else {
-            let (sender, conn) = http1::Builder::new()
-                .handshake(io)
-                .await
-                .map_err(SendError::Request)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    tracing::debug!(error = %cause_chain(&e), "Upstream connection ended");
-                }
-            });
-            Ok(Sender::H1(sender))
+            Ok(Sender::H1(hyper_h1(io).await?))
         }
     }
 }
 
+/// Hands `io` to a hyper HTTP/1.1 client connection driven by its own task.
+async fn hyper_h1<I>(io: I) -> Result<http1::SendRequest<ProxyBody>, SendError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::Builder::new()
+        .handshake(io)
+        .await
+        .map_err(SendError::Request)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %cause_chain(&e), "Upstream connection ended");
+        }
+    });
+    Ok(sender)
+}
+
 /// A response body from the pool: once read to its end, its HTTP/1.1
 /// connection goes back to the pool; dropped early, the connection closes.
-pub(crate) struct PooledBody {
-    body: Option<Incoming>,
-    back: Option<(Arc<Pool>, http1::SendRequest<ProxyBody>)>,
+pub(crate) enum PooledBody {
+    Hyper {
+        body: Option<Incoming>,
+        back: Option<(Arc<Pool>, http1::SendRequest<ProxyBody>)>,
+    },
+    Lean {
+        body: h1::LeanBody,
+        pool: Arc<Pool>,
+    },
 }
 
 impl PooledBody {
     fn unpooled(body: Incoming) -> PooledBody {
-        PooledBody {
+        PooledBody::Hyper {
             body: Some(body),
             back: None,
         }
     }
 
     fn release(&mut self) {
-        if let Some((pool, sender)) = self.back.take() {
-            pool.put_back(sender);
+        match self {
+            PooledBody::Hyper { back, .. } => {
+                if let Some((pool, sender)) = back.take() {
+                    pool.put_back(sender);
+                }
+            }
+            PooledBody::Lean { body, pool } => {
+                if let Some(conn) = body.take_reusable() {
+                    pool.put_back_lean(conn);
+                }
+            }
         }
     }
 }
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let Some(body) = this.body.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let polled = Pin::new(&mut *body).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Ok(_))) if body.is_end_stream() => this.release(),
-            Poll::Ready(Some(Err(_))) => this.back = None,
-            _ => {}
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut *self {
+            PooledBody::Hyper { body, back } => {
+                let Some(inner) = body.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(None) => self.release(),
+                    Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => self.release(),
+                    Poll::Ready(Some(Err(_))) => *back = None,
+                    _ => {}
+                }
+                polled.map_err(Into::into)
+            }
+            PooledBody::Lean { body, pool } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                if polled.is_ready() {
+                    if let Some(conn) = body.take_reusable() {
+                        pool.put_back_lean(conn);
+                    }
+                }
+                polled
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.as_ref().is_none_or(Body::is_end_stream)
+        match self {
+            PooledBody::Hyper { body, .. } => body.as_ref().is_none_or(Body::is_end_stream),
+            PooledBody::Lean { body, .. } => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+        match self {
+            PooledBody::Hyper { body, .. } => body
+                .as_ref()
+                .map_or_else(|| SizeHint::with_exact(0), Body::size_hint),
+            PooledBody::Lean { body, .. } => body.size_hint(),
+        }
     }
 }
 

@@ -14,6 +14,7 @@
 mod body;
 pub mod error;
 mod forward;
+mod h1;
 mod headers;
 mod listener;
 mod router;
@@ -164,6 +165,8 @@ impl Proxy {
                 scheme.clone(),
                 authority.clone(),
                 config.server.worker_threads,
+                // The upgrade pool needs hyper's protocol switch.
+                !key.h1_only,
             ));
             pools.insert((key, origin), pool.clone());
             Ok(pool)
@@ -411,7 +414,7 @@ impl Proxy {
                 .is_some_and(|max| replayable_body(&parts.headers, has_body, max));
         let (out_body, buffered) = if replayable && has_body {
             let max = route.replay_max_body.unwrap_or(0) as usize;
-            match http_body_util::Limited::new(body, max).collect().await {
+            match Box::pin(http_body_util::Limited::new(body, max).collect()).await {
                 Ok(c) => {
                     let bytes = c.to_bytes();
                     (body::full(bytes.clone()), Some(bytes))
@@ -445,54 +448,40 @@ impl Proxy {
             *again.headers_mut() = headers.clone();
             again
         };
-        let first =
-            tokio::time::timeout_at(deadline, pool.send(Request::from_parts(parts, out_body)))
-                .await;
-        let result = match (first, &retry_or_replay) {
-            (Ok(Err(e)), Some(saved)) if !e.is_connect() && !has_body => {
-                tracing::debug!(request_id = rid, upstream = upstream_host, error = %cause_chain(&e), "Retrying on a new connection");
-                tokio::time::timeout_at(deadline, pool.send(rebuild(saved, empty()))).await
-            }
-            (first, _) => first,
-        };
-        let mut resp = match result {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                tracing::warn!(route = route.label.as_str(), request_id = rid, upstream = upstream_host, error = %cause_chain(&e), "Upstream unreachable");
-                return Err(ProxyError::UpstreamUnreachable);
-            }
-            Err(_) => {
-                tracing::warn!(
-                    route = route.label.as_str(),
-                    request_id = rid,
-                    upstream = upstream_host,
-                    timeout_ms = route.response_timeout.as_millis() as u64,
-                    "Upstream timed out"
-                );
-                return Err(ProxyError::UpstreamTimeout);
-            }
-        };
-
-        let rejected = route.refresh_on.contains(&resp.status());
-        if rejected {
-            route.metrics.upstream_rejected();
-        }
-        if rejected
-            && route
-                .token
-                .rejected(&injected, resp.headers().get(WWW_AUTHENTICATE), Some(rid))
-        {
-            if let (Some(saved), Some(bytes)) = (retry_or_replay, buffered) {
-                // A 401 means the upstream did not act on the request, so
-                // any method may be replayed, once.
-                let fresh = route
-                    .token
-                    .get_for(Some(rid))
-                    .await
-                    .map_err(ProxyError::CredentialUnavailable)?;
-                if fresh.tag != injected.tag {
-                    let mut again = rebuild(&saved, body::full(bytes));
-                    again
+        // One await site for every attempt: the send future is the largest
+        // part of a request's state, and each site would hold its own copy.
+        let mut attempt = Request::from_parts(parts, out_body);
+        let (mut retried, mut replayed) = (false, false);
+        let mut resp = loop {
+            let e = match tokio::time::timeout_at(deadline, pool.send(attempt)).await {
+                Ok(Ok(r)) if replayed => break r,
+                Ok(Ok(r)) => {
+                    if !route.refresh_on.contains(&r.status()) {
+                        break r;
+                    }
+                    route.metrics.upstream_rejected();
+                    if !route.token.rejected(
+                        &injected,
+                        r.headers().get(WWW_AUTHENTICATE),
+                        Some(rid),
+                    ) {
+                        break r;
+                    }
+                    let (Some(saved), Some(bytes)) = (&retry_or_replay, &buffered) else {
+                        break r;
+                    };
+                    // A 401 means the upstream did not act on the request, so
+                    // any method may be replayed, once.
+                    let fresh = route
+                        .token
+                        .get_for(Some(rid))
+                        .await
+                        .map_err(ProxyError::CredentialUnavailable)?;
+                    if fresh.tag == injected.tag {
+                        break r;
+                    }
+                    attempt = rebuild(saved, body::full(bytes.clone()));
+                    attempt
                         .headers_mut()
                         .insert(route.header.clone(), fresh.value);
                     tracing::debug!(
@@ -500,17 +489,33 @@ impl Proxy {
                         request_id = rid,
                         "Replaying with a refreshed token"
                     );
-                    resp = match tokio::time::timeout_at(deadline, pool.send(again)).await {
-                        Ok(Ok(r)) => r,
-                        Ok(Err(e)) => {
-                            tracing::warn!(route = route.label.as_str(), request_id = rid, upstream = upstream_host, error = %cause_chain(&e), "Upstream unreachable");
-                            return Err(ProxyError::UpstreamUnreachable);
-                        }
-                        Err(_) => return Err(ProxyError::UpstreamTimeout),
-                    };
+                    replayed = true;
+                    continue;
+                }
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    tracing::warn!(
+                        route = route.label.as_str(),
+                        request_id = rid,
+                        upstream = upstream_host,
+                        timeout_ms = route.response_timeout.as_millis() as u64,
+                        "Upstream timed out"
+                    );
+                    return Err(ProxyError::UpstreamTimeout);
+                }
+            };
+            match &retry_or_replay {
+                Some(saved) if !retried && !replayed && !e.is_connect() && !has_body => {
+                    tracing::debug!(request_id = rid, upstream = upstream_host, error = %cause_chain(&e), "Retrying on a new connection");
+                    retried = true;
+                    attempt = rebuild(saved, empty());
+                }
+                _ => {
+                    tracing::warn!(route = route.label.as_str(), request_id = rid, upstream = upstream_host, error = %cause_chain(&e), "Upstream unreachable");
+                    return Err(ProxyError::UpstreamUnreachable);
                 }
             }
-        }
+        };
 
         if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
             (client_upgrade, resp.status())

@@ -647,3 +647,150 @@ async fn upstream_connections_are_reused() {
     assert_eq!(h1.connections(), before);
     assert_eq!(h1.requests() + h2.requests(), 2 * 20 + 2 * 8 + 20);
 }
+
+/// A scripted HTTP/1.1 upstream on a real socket: each request's path picks
+/// a response shape the echo upstream never sends. Records request heads
+/// and counts connections.
+async fn scripted_upstream() -> (
+    String,
+    std::sync::Arc<parking_lot::Mutex<Vec<String>>>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::Ordering;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let heads = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (h, n) = (heads.clone(), conns.clone());
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            n.fetch_add(1, Ordering::SeqCst);
+            let h = h.clone();
+            tokio::spawn(async move {
+                loop {
+                    let mut head = Vec::new();
+                    while !head.ends_with(b"\r\n\r\n") {
+                        let mut b = [0u8; 1];
+                        if s.read(&mut b).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(b[0]);
+                    }
+                    let head = String::from_utf8(head).unwrap();
+                    let path = head.split(' ').nth(1).unwrap_or("").to_owned();
+                    h.lock().push(head);
+                    let (wire, then_close): (&[u8], bool) = match path.as_str() {
+                        "/chunked" => (
+                            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 11\r\n\r\n",
+                            false,
+                        ),
+                        "/close" => (
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                            true,
+                        ),
+                        "/eof" => (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", true),
+                        "/idle-close" => (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", true),
+                        "/bad" => (
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+                            true,
+                        ),
+                        "/truncated" => (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", true),
+                        "/head" => (b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n", false),
+                        _ => (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nyes", false),
+                    };
+                    if s.write_all(wire).await.is_err() {
+                        return;
+                    }
+                    if then_close {
+                        // `idle-close` closes without saying so, like an
+                        // upstream's keep-alive timeout firing.
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, heads, conns)
+}
+
+#[tokio::test]
+async fn bodiless_requests_handle_every_upstream_framing() {
+    let (up, heads, conns) = scripted_upstream().await;
+    let p = start_proxy(vec![route("/s/", &up)]).await;
+    let c = client();
+
+    // Chunked with trailers: body and trailers reach the client.
+    let req = Request::get(p.url("/s/chunked"))
+        .header("te", "trailers")
+        .body(Full::default())
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers arrive");
+    assert_eq!(trailers["x-sum"], "11");
+    assert_eq!(collected.to_bytes(), "hello world");
+
+    // The upstream closes after each response: every request still works.
+    for _ in 0..3 {
+        let (resp, body) = send(&c, get(&p.url("/s/close"))).await;
+        assert_eq!((resp.status().as_u16(), &body[..]), (200, &b"ok"[..]));
+    }
+    let (resp, body) = send(&c, get(&p.url("/s/eof"))).await;
+    assert_eq!(
+        (resp.status().as_u16(), &body[..]),
+        (200, &b"until the end"[..])
+    );
+
+    // A pooled connection the upstream closed while idle is not used.
+    for _ in 0..3 {
+        let (resp, body) = send(&c, get(&p.url("/s/idle-close"))).await;
+        assert_eq!((resp.status().as_u16(), &body[..]), (200, &b"ok"[..]));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // HEAD: the length is announced, no body follows, the connection
+    // stays usable.
+    let before = conns.load(std::sync::atomic::Ordering::SeqCst);
+    let head = Request::head(p.url("/s/head"))
+        .body(Full::default())
+        .unwrap();
+    let (resp, body) = send(&c, head).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-length"], "50");
+    assert!(body.is_empty());
+    let (resp, body) = send(&c, get(&p.url("/s/plain"))).await;
+    assert_eq!((resp.status().as_u16(), &body[..]), (200, &b"yes"[..]));
+    assert_eq!(
+        conns.load(std::sync::atomic::Ordering::SeqCst),
+        before + 1,
+        "HEAD then GET share one new connection"
+    );
+
+    // Conflicting lengths: 502 with our error code, not a guess.
+    let (resp, body) = send(&c, get(&p.url("/s/bad"))).await;
+    assert_eq!(resp.status(), 502, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(resp.headers()["x-tokenproxy-error"], "upstream_unreachable");
+
+    // A body cut short is an aborted response (before or after its head
+    // reached the client), never a short success.
+    if let Ok(resp) = c.request(get(&p.url("/s/truncated"))).await {
+        assert!(resp.into_body().collect().await.is_err());
+    }
+
+    // Every request went out with the token, the upstream's Host and
+    // origin-form targets.
+    for head in heads.lock().iter() {
+        let lower = head.to_ascii_lowercase();
+        assert!(
+            lower.contains("authorization: bearer good-token\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.starts_with("GET /") || head.starts_with("HEAD /"),
+            "{head}"
+        );
+        assert!(lower.contains(&format!("host: {}\r\n", &up[7..])), "{head}");
+    }
+}

@@ -172,15 +172,23 @@ impl Pool {
         &self.workers[WORKER.with(|w| w.get()) % self.workers.len()]
     }
 
-    /// Send `req` (absolute URI) on a pooled connection, or a new one. A
-    /// request a pooled connection could not take (closed meanwhile) is
-    /// moved to another: hyper hands back requests it never wrote.
+    /// Whether [`Pool::send`] leaves a request intact (only borrowed), so
+    /// it can be retried or replayed without a copy: bodiless requests on a
+    /// pool that is not for upgrades.
+    pub(crate) fn keeps_request(&self, has_body: bool) -> bool {
+        self.lean && !has_body
+    }
+
+    /// Send `req` (absolute URI) on a pooled connection, or a new one. When
+    /// [`Pool::keeps_request`], `req` is intact afterwards; otherwise it is
+    /// consumed and an empty shell stays in its place. A request a pooled
+    /// connection could not take (closed meanwhile) is moved to another:
+    /// nothing of it reached the upstream.
     pub(crate) async fn send(
         self: &Arc<Self>,
-        mut req: Request<ProxyBody>,
+        req: &mut Request<ProxyBody>,
     ) -> Result<Response<PooledBody>, SendError> {
-        let absolute = req.uri().clone();
-        let lean = self.lean && req.body().is_end_stream();
+        let lean = self.keeps_request(!req.body().is_end_stream());
         loop {
             let (sender, reused) = match self.reuse(lean) {
                 Some(s) => (s, true),
@@ -195,33 +203,40 @@ impl Pool {
                 }
                 s => s,
             };
-            let unsent = match sender {
-                Sender::Lean(conn) => match self.exchange(conn, &req).await {
+            match sender {
+                Sender::Lean(conn) => match self.exchange(conn, req).await {
                     Ok(resp) => return Ok(resp),
                     // Not a byte of it reached the upstream: any method may
                     // move to another connection.
-                    Err(None) if reused => req,
+                    Err(None) if reused => {}
                     Err(None) => {
                         return Err(SendError::Exchange(h1::H1Error::ClosedBeforeResponse))
                     }
                     Err(Some(e)) => return Err(SendError::Exchange(e)),
                 },
-                Sender::H2(mut s) => match s.try_send_request(req).await {
-                    Ok(resp) => return Ok(resp.map(PooledBody::unpooled)),
-                    Err(mut e) => match e.take_message() {
-                        Some(r) if reused => {
-                            self.mine().h2.lock().take();
-                            r
-                        }
-                        _ => return Err(SendError::Request(e.into_error())),
-                    },
-                },
+                Sender::H2(mut s) => {
+                    let out = if lean { copy_bodiless(req) } else { take(req) };
+                    match s.try_send_request(out).await {
+                        Ok(resp) => return Ok(resp.map(PooledBody::unpooled)),
+                        Err(mut e) => match e.take_message() {
+                            Some(r) if reused => {
+                                self.mine().h2.lock().take();
+                                if !lean {
+                                    *req = r;
+                                }
+                            }
+                            _ => return Err(SendError::Request(e.into_error())),
+                        },
+                    }
+                }
                 Sender::H1(mut s) => {
+                    let absolute = req.uri().clone();
+                    let mut out = take(req);
                     // HTTP/1.1 to an origin server: origin-form target.
-                    *req.uri_mut() = absolute
+                    *out.uri_mut() = absolute
                         .path_and_query()
                         .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
-                    match s.try_send_request(req).await {
+                    match s.try_send_request(out).await {
                         Ok(resp) => {
                             // An upgraded connection is the tunnel's now.
                             let back = (resp.status() != StatusCode::SWITCHING_PROTOCOLS)
@@ -233,15 +248,14 @@ impl Pool {
                         }
                         Err(mut e) => match e.take_message() {
                             Some(mut r) if reused => {
-                                *r.uri_mut() = absolute.clone();
-                                r
+                                *r.uri_mut() = absolute;
+                                *req = r;
                             }
                             _ => return Err(SendError::Request(e.into_error())),
                         },
                     }
                 }
-            };
-            req = unsent;
+            }
         }
     }
 
@@ -350,6 +364,20 @@ impl Pool {
     }
 }
 
+fn take(req: &mut Request<ProxyBody>) -> Request<ProxyBody> {
+    std::mem::replace(req, Request::new(super::body::empty()))
+}
+
+/// What HTTP/2 sends of a bodiless request it may not consume.
+fn copy_bodiless(req: &Request<ProxyBody>) -> Request<ProxyBody> {
+    let mut out = Request::new(super::body::empty());
+    *out.method_mut() = req.method().clone();
+    *out.uri_mut() = req.uri().clone();
+    *out.version_mut() = req.version();
+    *out.headers_mut() = req.headers().clone();
+    out
+}
+
 /// Hands `io` to a hyper HTTP/1.1 client connection driven by its own task.
 async fn hyper_h1<I>(io: I) -> Result<http1::SendRequest<ProxyBody>, SendError>
 where
@@ -400,6 +428,16 @@ impl PooledBody {
                     pool.put_back_lean(conn);
                 }
             }
+        }
+    }
+}
+
+impl PooledBody {
+    /// The response's hop-by-hop headers were already left out.
+    pub(crate) fn hop_by_hop_stripped(&self) -> bool {
+        match self {
+            PooledBody::Hyper { .. } => false,
+            PooledBody::Lean { body, .. } => body.hop_by_hop_stripped(),
         }
     }
 }

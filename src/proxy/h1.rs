@@ -248,6 +248,7 @@ struct Head {
     ambiguous: bool,
     /// Bytes read past the head.
     rest: Bytes,
+    hop_by_hop_stripped: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -292,6 +293,12 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
     let mut transfer_encoding = false;
     let mut close = false;
     let mut keep_alive_token = false;
+    // Hop-by-hop fields are left out here when that gives exactly what
+    // `headers::strip_hop_by_hop` would; else all are kept for it to do.
+    let mut listed_other = false;
+    let mut te = false;
+    let mut held_back: [Option<(HeaderName, HeaderValue)>; 4] = Default::default();
+    let mut overflow = false;
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| H1Error::Malformed("invalid header name"))?;
@@ -311,15 +318,33 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
                 .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if name == http::header::CONNECTION {
             for token in raw_value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
+                let is_close = token.eq_ignore_ascii_case(b"close");
+                let is_keep_alive = token.eq_ignore_ascii_case(b"keep-alive");
+                close |= is_close;
+                keep_alive_token |= is_keep_alive;
+                listed_other |= !(is_close || is_keep_alive || token.is_empty());
             }
+        } else if name == http::header::TE {
+            te = true;
         }
-        headers.append(
-            name,
-            HeaderValue::from_maybe_shared(bytes.slice_ref(raw_value))
-                .map_err(|_| H1Error::Malformed("invalid header value"))?,
-        );
+        let value = HeaderValue::from_maybe_shared(bytes.slice_ref(raw_value))
+            .map_err(|_| H1Error::Malformed("invalid header value"))?;
+        if super::headers::is_hop_by_hop(&name) {
+            if let Some(slot) = held_back.iter_mut().find(|s| s.is_none()) {
+                *slot = Some((name, value));
+                continue;
+            }
+            overflow = true;
+        }
+        headers.append(name, value);
+    }
+    // Only `close`/`keep-alive` listed and no TE: dropping the fields held
+    // back is all the strip would do. Otherwise they go in for it.
+    let hop_by_hop_stripped = !listed_other && !te && !overflow;
+    if !hop_by_hop_stripped {
+        for (name, value) in held_back.into_iter().flatten() {
+            headers.append(name, value);
+        }
     }
     let persistent = if version == Version::HTTP_10 {
         keep_alive_token && !close
@@ -347,6 +372,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
         persistent,
         ambiguous: transfer_encoding && length.is_some(),
         rest,
+        hop_by_hop_stripped,
     }))
 }
 
@@ -383,6 +409,7 @@ impl Head {
         let keep_alive = self.persistent
             && (bodiless || (!self.ambiguous && self.framing != Framing::UntilClose));
         let mut body = LeanBody {
+            hop_by_hop_stripped: self.hop_by_hop_stripped,
             reader: None,
             decoder,
             keep_alive,
@@ -537,6 +564,7 @@ impl Chunked {
 
 /// A response body read straight from the upstream connection.
 pub(crate) struct LeanBody {
+    hop_by_hop_stripped: bool,
     reader: Option<Reader>,
     decoder: Decoder,
     keep_alive: bool,
@@ -551,6 +579,11 @@ impl LeanBody {
     /// has been read to its end; `None` before that or when it must close.
     pub(crate) fn take_reusable(&mut self) -> Option<Conn> {
         self.reusable.take()
+    }
+
+    /// The response head already went without its hop-by-hop fields.
+    pub(crate) fn hop_by_hop_stripped(&self) -> bool {
+        self.hop_by_hop_stripped
     }
 
     fn finish(&mut self) {
@@ -955,6 +988,38 @@ mod tests {
         let (conn, _s) = upstream(vec![(vec![big], false)]).await;
         let err = exchange(conn, Method::GET).await.err().expect("error");
         assert!(err.to_string().contains("larger than"), "{err}");
+    }
+
+    #[test]
+    fn held_back_hop_by_hop_fields_match_the_full_strip() {
+        let heads: [&[u8]; 6] = [
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nx-a: 1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nx-a: 1\r\nConnection: close, x-a\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTE: trailers\r\nUpgrade: h2c\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nProxy-Authenticate: Basic\r\nProxy-Connection: x\r\nUpgrade: a\r\nKeep-Alive: 1\r\nConnection: Keep-Alive\r\nx-b: 2\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: grpc-status\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\nx-c: 3\r\n\r\n",
+        ];
+        for wire in heads {
+            let mut buf = BytesMut::from(wire);
+            let head = parse_head(&mut buf).unwrap().unwrap();
+            let mut ours = head.headers.clone();
+            if !head.hop_by_hop_stripped {
+                crate::proxy::headers::strip_hop_by_hop(&mut ours, false);
+            }
+            let mut raw = [httparse::EMPTY_HEADER; 16];
+            let mut r = httparse::Response::new(&mut raw);
+            r.parse(wire).unwrap();
+            let mut all = HeaderMap::new();
+            for h in r.headers.iter() {
+                all.append(
+                    HeaderName::from_bytes(h.name.as_bytes()).unwrap(),
+                    HeaderValue::from_bytes(h.value).unwrap(),
+                );
+            }
+            crate::proxy::headers::strip_hop_by_hop(&mut all, false);
+            assert_eq!(ours, all, "{}", String::from_utf8_lossy(wire));
+        }
     }
 
     #[test]

@@ -21,6 +21,12 @@ static HOP_BY_HOP: [HeaderName; 6] = [
     HeaderName::from_static("upgrade"),
 ];
 
+/// Whether `name` is always hop-by-hop (`Connection` or the table above;
+/// not `TE`, which may survive as `trailers`).
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == CONNECTION || HOP_BY_HOP.iter().any(|h| h == name)
+}
+
 /// Strip hop-by-hop headers. With `tunnel`, `Upgrade` survives and
 /// `Connection` is reduced to `upgrade` (RFC 9110 §7.8).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, tunnel: bool) {

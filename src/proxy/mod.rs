@@ -381,6 +381,8 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let h = &mut parts.headers;
         headers::strip_hop_by_hop(h, upgrade);
+        // Room for what follows at once, instead of a rehash per insert.
+        h.reserve(6);
         h.insert(HOST, route.upstream.host_header.clone());
         if let Some(peer) = &conn.forwarded_for {
             append_forwarded_for(h, peer);
@@ -432,15 +434,17 @@ impl Proxy {
         };
         // One retry for idempotent requests without a body: a pooled
         // connection the upstream just closed fails before any response byte.
-        let retry_or_replay = (!upgrade
-            && (buffered.is_some() || (!has_body && is_idempotent(&parts.method))))
-        .then(|| {
-            (
-                parts.method.clone(),
-                parts.uri.clone(),
-                parts.headers.clone(),
-            )
-        });
+        // The pool keeps bodiless requests intact; others need a copy.
+        let idempotent = is_idempotent(&parts.method);
+        let kept = !upgrade && pool.keeps_request(has_body);
+        let saved =
+            (!kept && !upgrade && (buffered.is_some() || (!has_body && idempotent))).then(|| {
+                (
+                    parts.method.clone(),
+                    parts.uri.clone(),
+                    parts.headers.clone(),
+                )
+            });
         let rebuild = |(method, uri, headers): &(Method, http::Uri, HeaderMap), body: ProxyBody| {
             let mut again = Request::new(body);
             *again.method_mut() = method.clone();
@@ -453,7 +457,7 @@ impl Proxy {
         let mut attempt = Request::from_parts(parts, out_body);
         let (mut retried, mut replayed) = (false, false);
         let mut resp = loop {
-            let e = match tokio::time::timeout_at(deadline, pool.send(attempt)).await {
+            let e = match tokio::time::timeout_at(deadline, pool.send(&mut attempt)).await {
                 Ok(Ok(r)) if replayed => break r,
                 Ok(Ok(r)) => {
                     if !route.refresh_on.contains(&r.status()) {
@@ -467,7 +471,7 @@ impl Proxy {
                     ) {
                         break r;
                     }
-                    let (Some(saved), Some(bytes)) = (&retry_or_replay, &buffered) else {
+                    let Some(bytes) = &buffered else {
                         break r;
                     };
                     // A 401 means the upstream did not act on the request, so
@@ -480,7 +484,12 @@ impl Proxy {
                     if fresh.tag == injected.tag {
                         break r;
                     }
-                    attempt = rebuild(saved, body::full(bytes.clone()));
+                    if !kept {
+                        let Some(saved) = &saved else {
+                            break r;
+                        };
+                        attempt = rebuild(saved, body::full(bytes.clone()));
+                    }
                     attempt
                         .headers_mut()
                         .insert(route.header.clone(), fresh.value);
@@ -504,16 +513,21 @@ impl Proxy {
                     return Err(ProxyError::UpstreamTimeout);
                 }
             };
-            match &retry_or_replay {
-                Some(saved) if !retried && !replayed && !e.is_connect() && !has_body => {
-                    tracing::debug!(request_id = rid, upstream = upstream_host, error = %cause_chain(&e), "Retrying on a new connection");
-                    retried = true;
-                    attempt = rebuild(saved, empty());
-                }
-                _ => {
-                    tracing::warn!(route = route.label.as_str(), request_id = rid, upstream = upstream_host, error = %cause_chain(&e), "Upstream unreachable");
-                    return Err(ProxyError::UpstreamUnreachable);
-                }
+            let retry = !retried
+                && !replayed
+                && !upgrade
+                && !has_body
+                && idempotent
+                && !e.is_connect()
+                && (kept || saved.is_some());
+            if !retry {
+                tracing::warn!(route = route.label.as_str(), request_id = rid, upstream = upstream_host, error = %cause_chain(&e), "Upstream unreachable");
+                return Err(ProxyError::UpstreamUnreachable);
+            }
+            tracing::debug!(request_id = rid, upstream = upstream_host, error = %cause_chain(&e), "Retrying on a new connection");
+            retried = true;
+            if let Some(saved) = &saved {
+                attempt = rebuild(saved, empty());
             }
         };
 
@@ -529,7 +543,9 @@ impl Proxy {
         }
 
         let (mut parts, body) = resp.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers, false);
+        if !body.hop_by_hop_stripped() {
+            headers::strip_hop_by_hop(&mut parts.headers, false);
+        }
         parts.version = Version::HTTP_11;
         rewrite_links(
             &mut parts.headers,

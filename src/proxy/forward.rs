@@ -30,6 +30,7 @@ pub(crate) type HttpsConnect = HttpsConnector<EgressConnector>;
 /// Pooled connections idle out before common upstream keep-alive timeouts
 /// (60 s and more), so we rarely write into a connection the peer closed.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Why [`super::Proxy::new`] failed. Names the file involved.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +87,26 @@ pub(crate) fn build_connector(
 
 thread_local! {
     static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Lean exchanges in progress on this thread.
+    static EXCHANGING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts a lean exchange in progress on this worker while alive.
+struct Exchanging {
+    others: usize,
+}
+
+impl Exchanging {
+    fn enter() -> Exchanging {
+        let others = EXCHANGING.with(|n| n.replace(n.get() + 1));
+        Exchanging { others }
+    }
+}
+
+impl Drop for Exchanging {
+    fn drop(&mut self) {
+        EXCHANGING.with(|n| n.set(n.get().saturating_sub(1)));
+    }
 }
 
 /// Marks this thread as proxy worker `index` (0: the main runtime's): each
@@ -137,6 +158,8 @@ pub(crate) struct Pool {
 struct WorkerConns {
     idle: parking_lot::Mutex<Vec<(http1::SendRequest<ProxyBody>, Instant)>>,
     lean: parking_lot::Mutex<Vec<(h1::Conn, Instant)>>,
+    /// A sweeper task runs for `lean` (started with the first lean conn).
+    swept: std::sync::atomic::AtomicBool,
     h2: parking_lot::Mutex<Option<http2::SendRequest<ProxyBody>>>,
 }
 
@@ -169,7 +192,38 @@ impl Pool {
     }
 
     fn mine(&self) -> &WorkerConns {
-        &self.workers[WORKER.with(|w| w.get()) % self.workers.len()]
+        &self.workers[self.worker_index()]
+    }
+
+    fn worker_index(&self) -> usize {
+        WORKER.with(|w| w.get()) % self.workers.len()
+    }
+
+    /// Nothing polls an idle lean connection, so one the upstream closed
+    /// would sit in CLOSE_WAIT until its next use. A task on this worker's
+    /// runtime drops those (and expired ones) every `SWEEP_EVERY`; it ends
+    /// with the pool (config reload).
+    fn ensure_sweeper(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        let index = self.worker_index();
+        if self.workers[index].swept.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(SWEEP_EVERY).await;
+                let Some(pool) = pool.upgrade() else { return };
+                pool.sweep(index);
+            }
+        });
+    }
+
+    fn sweep(&self, index: usize) {
+        let now = Instant::now();
+        self.workers[index].lean.lock().retain_mut(|(conn, since)| {
+            now.duration_since(*since) <= POOL_IDLE_TIMEOUT && conn.is_usable()
+        });
     }
 
     /// Whether [`Pool::send`] leaves a request intact (only borrowed), so
@@ -269,10 +323,19 @@ impl Pool {
     ) -> Result<Response<PooledBody>, Option<h1::H1Error>> {
         let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
         let head = h1::encode_head(req.method(), target, req.headers());
+        let busy = Exchanging::enter();
+        if busy.others > 0 {
+            // Other exchanges are under way on this worker: write after
+            // them, in one burst. A colocated upstream then wakes once per
+            // burst, not once per request; each wake-up that preempts us
+            // costs more than the extra poll.
+            tokio::task::yield_now().await;
+        }
         if conn.send_head(&head).await.is_err() {
             return Err(None);
         }
         let mut resp = conn.read_response(req.method()).await.map_err(Some)?;
+        self.ensure_sweeper();
         // The whole response came with its head: the connection is free
         // before the client has seen a byte.
         if let Some(conn) = resp.body_mut().take_reusable() {
@@ -593,6 +656,49 @@ pub(crate) fn spawn_tunnel(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn idle_connections_the_upstream_closed_are_swept() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Answers one request per connection, then closes it after 50 ms,
+        // like an upstream's keep-alive timeout.
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                });
+            }
+        });
+        let key = ClientKey {
+            ca_file: None,
+            connect_timeout: Duration::from_secs(5),
+            h1_only: false,
+        };
+        let pool = Arc::new(Pool::new(
+            build_connector(&key, None).unwrap(),
+            Scheme::HTTP,
+            addr.to_string().parse().unwrap(),
+            1,
+            true,
+        ));
+        let mut req = Request::new(super::super::body::empty());
+        *req.uri_mut() = format!("http://{addr}/").parse().unwrap();
+        let resp = pool.send(&mut req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        drop(resp);
+        assert_eq!(pool.workers[0].lean.lock().len(), 1, "back in the pool");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        pool.sweep(0);
+        assert!(pool.workers[0].lean.lock().is_empty(), "closed one swept");
+    }
 
     fn up(upstream: &str, prefix: &str, strip: bool) -> Upstream {
         Upstream::new(&upstream.parse().unwrap(), prefix, strip).unwrap()

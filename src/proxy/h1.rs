@@ -683,6 +683,73 @@ impl Body for LeanBody {
     }
 }
 
+/// Decodes `wire` as the response to a `GET`, the way an exchange does,
+/// fed `piece` bytes at a time: status, body and trailer count. For the
+/// fuzz target, which checks that the split never changes the outcome.
+pub fn decode_for_fuzzing(wire: &[u8], piece: usize) -> Result<(u16, Vec<u8>, usize), String> {
+    let mut input = wire.chunks(piece.max(1));
+    let mut buf = BytesMut::new();
+    let head = loop {
+        if !buf.is_empty() {
+            match parse_head(&mut buf).map_err(|e| e.to_string())? {
+                Some(h) if h.status == StatusCode::SWITCHING_PROTOCOLS => {
+                    return Err("unexpected 101".into())
+                }
+                Some(h) if h.status.is_informational() => {
+                    buf = BytesMut::from(&h.rest[..]);
+                    continue;
+                }
+                Some(h) => break h,
+                None => {}
+            }
+        }
+        match input.next() {
+            Some(more) => buf.extend_from_slice(more),
+            None => return Err("incomplete head".into()),
+        }
+    };
+    let mut rest = BytesMut::from(&head.rest[..]);
+    let mut body = Vec::new();
+    let mut trailers = 0;
+    let bodiless = head.status == StatusCode::NO_CONTENT || head.status == StatusCode::NOT_MODIFIED;
+    match head.framing {
+        _ if bodiless => {}
+        Framing::Length(n) => loop {
+            let take = (n - body.len() as u64).min(rest.len() as u64) as usize;
+            body.extend_from_slice(&rest.split_to(take));
+            if body.len() as u64 == n {
+                break;
+            }
+            match input.next() {
+                Some(more) => rest.extend_from_slice(more),
+                None => return Err(H1Error::Incomplete.to_string()),
+            }
+        },
+        Framing::UntilClose => {
+            body.extend_from_slice(&rest);
+            input.for_each(|more| body.extend_from_slice(more));
+        }
+        Framing::Chunked => {
+            let mut state = Chunked::Size;
+            loop {
+                match state.step(&mut rest).map_err(|e| e.to_string())? {
+                    Step::Data(d) => body.extend_from_slice(&d),
+                    Step::Trailers(t) => {
+                        trailers = t.len();
+                        break;
+                    }
+                    Step::End => break,
+                    Step::NeedMore => match input.next() {
+                        Some(more) => rest.extend_from_slice(more),
+                        None => return Err(H1Error::Incomplete.to_string()),
+                    },
+                }
+            }
+        }
+    }
+    Ok((head.status.as_u16(), body, trailers))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -839,6 +906,20 @@ mod tests {
         }
         assert!(ended && buf.is_empty());
         assert_eq!(out, b"abc0123456789abcdef");
+    }
+
+    #[test]
+    fn decoding_does_not_depend_on_how_the_bytes_arrive() {
+        let wire = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nt: 1\r\n\r\n";
+        let whole = decode_for_fuzzing(wire, wire.len()).unwrap();
+        assert_eq!(whole, (200, b"abcde".to_vec(), 1));
+        for piece in 1..wire.len() {
+            assert_eq!(
+                decode_for_fuzzing(wire, piece).unwrap(),
+                whole,
+                "piece {piece}"
+            );
+        }
     }
 
     #[test]

@@ -896,6 +896,11 @@ pub mod fuzzing {
         super::headers::strip_hop_by_hop(headers, tunnel)
     }
 
+    /// The upstream response decoder, fed `piece` bytes at a time.
+    pub fn decode_response(wire: &[u8], piece: usize) -> Result<(u16, Vec<u8>, usize), String> {
+        super::h1::decode_for_fuzzing(wire, piece)
+    }
+
     /// Longest-prefix routing over `prefixes` (no hosts).
     pub fn route(prefixes: &[&str], path: &str) -> Option<usize> {
         super::router::Router::new(prefixes.iter().map(|p| (*p, None))).find("localhost", path)

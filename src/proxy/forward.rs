@@ -158,7 +158,8 @@ pub(crate) struct Pool {
 struct WorkerConns {
     idle: parking_lot::Mutex<Vec<(http1::SendRequest<ProxyBody>, Instant)>>,
     lean: parking_lot::Mutex<Vec<(h1::Conn, Instant)>>,
-    /// A sweeper task runs for `lean` (started with the first lean conn).
+    /// A sweeper task runs for `lean` (started with the first lean conn,
+    /// on the runtime of the worker that opened it).
     swept: std::sync::atomic::AtomicBool,
     h2: parking_lot::Mutex<Option<http2::SendRequest<ProxyBody>>>,
 }
@@ -335,7 +336,6 @@ impl Pool {
             return Err(None);
         }
         let mut resp = conn.read_response(req.method()).await.map_err(Some)?;
-        self.ensure_sweeper();
         // The whole response came with its head: the connection is free
         // before the client has seen a byte.
         if let Some(conn) = resp.body_mut().take_reusable() {
@@ -385,19 +385,12 @@ impl Pool {
         }
     }
 
+    /// Most recently used last; the sweeper ages out the rest.
     fn put_back_lean(&self, conn: h1::Conn) {
-        let now = Instant::now();
-        let mut idle = self.mine().lean.lock();
-        // Most recently used last; the oldest age out from the front.
-        let expired = idle
-            .iter()
-            .take_while(|(_, since)| now.duration_since(*since) > POOL_IDLE_TIMEOUT)
-            .count();
-        idle.drain(..expired);
-        idle.push((conn, now));
+        self.mine().lean.lock().push((conn, Instant::now()));
     }
 
-    async fn connect(&self) -> Result<Sender, SendError> {
+    async fn connect(self: &Arc<Self>) -> Result<Sender, SendError> {
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx))
             .await
@@ -420,7 +413,8 @@ impl Pool {
             *self.mine().h2.lock() = Some(sender.clone());
             Ok(Sender::H2(sender))
         } else if self.lean {
-            Ok(Sender::Lean(h1::Conn::new(h1::Io::from(io))))
+            self.ensure_sweeper();
+            Ok(Sender::Lean(h1::Conn::new(h1::io_from(io))))
         } else {
             Ok(Sender::H1(hyper_h1(io).await?))
         }
@@ -479,6 +473,14 @@ impl PooledBody {
         }
     }
 
+    /// The response's hop-by-hop headers were already left out.
+    pub(crate) fn hop_by_hop_stripped(&self) -> bool {
+        match self {
+            PooledBody::Hyper { .. } => false,
+            PooledBody::Lean { body, .. } => body.hop_by_hop_stripped(),
+        }
+    }
+
     fn release(&mut self) {
         match self {
             PooledBody::Hyper { back, .. } => {
@@ -491,16 +493,6 @@ impl PooledBody {
                     pool.put_back_lean(conn);
                 }
             }
-        }
-    }
-}
-
-impl PooledBody {
-    /// The response's hop-by-hop headers were already left out.
-    pub(crate) fn hop_by_hop_stripped(&self) -> bool {
-        match self {
-            PooledBody::Hyper { .. } => false,
-            PooledBody::Lean { body, .. } => body.hop_by_hop_stripped(),
         }
     }
 }

@@ -18,8 +18,9 @@ use hyper_util::rt::TokioIo;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll, Waker};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 
 /// hyper's own limits for a response head: generous for cookie-heavy APIs,
 /// bounded against a hostile upstream.
@@ -35,54 +36,14 @@ const MAX_TRAILERS: usize = 64 * 1024;
 
 type TlsIo = tokio_rustls::client::TlsStream<TokioIo<TokioIo<TcpStream>>>;
 
-/// An upstream connection's byte stream.
-pub(crate) enum Io {
-    Tcp(TcpStream),
-    Tls(Box<TlsIo>),
-}
+/// An upstream connection's byte stream: plain TCP or TLS.
+pub(crate) type Io = Either<TcpStream, Box<TlsIo>>;
 
-impl From<hyper_rustls::MaybeHttpsStream<TokioIo<TcpStream>>> for Io {
-    fn from(s: hyper_rustls::MaybeHttpsStream<TokioIo<TcpStream>>) -> Io {
-        match s {
-            hyper_rustls::MaybeHttpsStream::Http(t) => Io::Tcp(t.into_inner()),
-            hyper_rustls::MaybeHttpsStream::Https(t) => Io::Tls(Box::new(t.into_inner())),
-        }
-    }
-}
-
-impl AsyncRead for Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Tcp(s) => Pin::new(s).poll_write(cx, b),
-            Io::Tls(s) => Pin::new(&mut **s).poll_write(cx, b),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
-        }
+/// The connector's stream, unwrapped to tokio's I/O traits.
+pub(crate) fn io_from(s: hyper_rustls::MaybeHttpsStream<TokioIo<TcpStream>>) -> Io {
+    match s {
+        hyper_rustls::MaybeHttpsStream::Http(t) => Either::Left(t.into_inner()),
+        hyper_rustls::MaybeHttpsStream::Https(t) => Either::Right(Box::new(t.into_inner())),
     }
 }
 
@@ -794,7 +755,7 @@ mod tests {
         });
         let stream = TcpStream::connect(addr).await.unwrap();
         stream.set_nodelay(true).unwrap();
-        (Conn::new(Io::Tcp(stream)), server)
+        (Conn::new(Either::Left(stream)), server)
     }
 
     fn get(path: &str) -> Vec<u8> {

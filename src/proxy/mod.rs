@@ -416,7 +416,7 @@ impl Proxy {
                 .is_some_and(|max| replayable_body(&parts.headers, has_body, max));
         let (out_body, buffered) = if replayable && has_body {
             let max = route.replay_max_body.unwrap_or(0) as usize;
-            match Box::pin(http_body_util::Limited::new(body, max).collect()).await {
+            match http_body_util::Limited::new(body, max).collect().await {
                 Ok(c) => {
                     let bytes = c.to_bytes();
                     (body::full(bytes.clone()), Some(bytes))

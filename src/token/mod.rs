@@ -406,9 +406,7 @@ impl RouteToken {
             } => {
                 let token = match slot.usable_token() {
                     Some(t) => t,
-                    // Boxed: rare, and inline it would bloat every request's
-                    // future (moved in memory on each poll).
-                    None => Box::pin(slot.wait_usable(request_id)).await?,
+                    None => slot.wait_usable(request_id).await?,
                 };
                 if let Some(c) = &*cached.load() {
                     if c.tag == token.tag {

@@ -577,8 +577,14 @@ pub async fn run(cfg: Config) -> ExitCode {
         }
     }
     tracing::info!(grace = ?cfg.server.shutdown_grace, "Shutting down");
-    app.shutdown().await;
-    ExitCode::SUCCESS
+    tokio::select! {
+        _ = app.shutdown() => ExitCode::SUCCESS,
+        // A second signal: exit now, drained or not.
+        _ = async { while !matches!(wait_for_signal().await, Signal::Stop) {} } => {
+            tracing::warn!(event = "shutdown_forced", "Second signal: exiting without waiting");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 pub enum Signal {

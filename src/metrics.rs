@@ -37,6 +37,12 @@ struct CredOutcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CredFault {
+    credential: String,
+    class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CredState {
     credential: String,
     state: String,
@@ -60,6 +66,7 @@ pub struct Metrics {
     request_duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
     refresh_total: Family<CredOutcome, Counter>,
     refresh_duration: Family<CredLabel, Histogram, fn() -> Histogram>,
+    endpoint_failures: Family<CredFault, Counter>,
     expires_in: Family<CredLabel, FloatGauge>,
     last_success: Family<CredLabel, FloatGauge>,
     state: Family<CredState, Gauge>,
@@ -101,6 +108,7 @@ impl Metrics {
             state: Family::default(),
             state_since: Family::default(),
             store_write_failures: Counter::default(),
+            endpoint_failures: Family::default(),
             store_up: Family::default(),
             upstream_401: Family::default(),
             replays: Family::default(),
@@ -121,6 +129,11 @@ impl Metrics {
             "token_refresh",
             "Token-endpoint attempts, by credential and outcome",
             m.refresh_total.clone(),
+        );
+        registry.register(
+            "token_endpoint_failures",
+            "Failed token-endpoint exchanges by fault class: not_sent, no_answer, gateway_5xx, unusable_answer, refused, rejected",
+            m.endpoint_failures.clone(),
         );
         registry.register(
             "token_refresh_duration_seconds",
@@ -189,6 +202,16 @@ impl Metrics {
                 .get_or_create(&label)
                 .set(unix_secs(SystemTime::now()));
         }
+    }
+
+    /// One failed token-endpoint exchange, by what kind of fault it was.
+    pub fn endpoint_failure(&self, credential: &str, class: &str) {
+        self.endpoint_failures
+            .get_or_create(&CredFault {
+                credential: credential.to_owned(),
+                class: class.to_owned(),
+            })
+            .inc();
     }
 
     pub fn store_write_failed(&self) {

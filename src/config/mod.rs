@@ -192,6 +192,8 @@ pub struct CredentialConfig {
     pub max_backoff: Duration,
     /// Default 1h.
     pub default_lifetime: Duration,
+    /// DNS, TCP, egress CONNECT and TLS to the token endpoint. Default 10s.
+    pub connect_timeout: Duration,
 }
 
 /// `format = "Bearer {token}"`, split around the one `{token}`.

@@ -92,6 +92,7 @@ pub struct RawCredential {
     pub refresh_wait: Option<String>,
     pub max_backoff: Option<String>,
     pub default_lifetime: Option<String>,
+    pub connect_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

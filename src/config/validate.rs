@@ -829,6 +829,11 @@ fn credential(name: &str, r: &RawCredential, cx: &mut Ctx<'_>) -> Option<Credent
             r.default_lifetime.as_ref(),
             Duration::from_secs(3600),
         ),
+        connect_timeout: cx.positive_duration(
+            &p("connect_timeout"),
+            r.connect_timeout.as_ref(),
+            crate::token::grant::CONNECT_TIMEOUT,
+        ),
     };
     (cx.errors.len() == before).then_some(c)
 }

@@ -9,7 +9,7 @@
 
 use super::grant::{self, Delivery, FailureClass, Grant, GrantClient, GrantError, TokenSet};
 use super::schedule;
-use super::store::{self, Intent, Record, Store, StoreError};
+use super::store::{self, Intent, Record, Store, StoreError, StoreLock};
 use super::CredentialUnavailable;
 use crate::config::{CredentialConfig, GrantType};
 use crate::secret::Secret;
@@ -46,6 +46,12 @@ impl Clock {
     pub fn advance_wall(&self, by: Duration) {
         self.offset_ms
             .fetch_add(by.as_millis() as i64, Ordering::Relaxed);
+    }
+
+    /// Moves the wall clock back (tests: NTP stepping the clock).
+    pub fn rewind_wall(&self, by: Duration) {
+        self.offset_ms
+            .fetch_sub(by.as_millis() as i64, Ordering::Relaxed);
     }
 }
 
@@ -126,6 +132,50 @@ pub fn token_tag(access: &Secret) -> u64 {
     u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
 }
 
+/// Counts refreshes in flight across every slot, so shutdown can wait for
+/// a grant to finish and be written (a rotation cut off by exit is lost).
+#[derive(Debug, Default)]
+pub struct Drain {
+    inflight: std::sync::atomic::AtomicUsize,
+    idle: Notify,
+}
+
+impl Drain {
+    fn enter(self: &Arc<Self>) -> DrainGuard {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        DrainGuard(self.clone())
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.inflight.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no refresh is in flight, at most `within`. Returns
+    /// whether everything finished.
+    pub async fn wait(&self, within: Duration) -> bool {
+        let until = Instant::now() + within;
+        loop {
+            let idle = self.idle.notified();
+            if self.in_flight() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(until, idle).await.is_err() {
+                return self.in_flight() == 0;
+            }
+        }
+    }
+}
+
+struct DrainGuard(Arc<Drain>);
+
+impl Drop for DrainGuard {
+    fn drop(&mut self) {
+        if self.0.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
 /// What readers see; replaced whole on every change.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -164,6 +214,8 @@ type Outcome = Option<Result<(), Arc<Failure>>>;
 /// at least this old (a fresh token rejected is more likely a wrong scope).
 const REACTIVE_MIN_AGE: Duration = Duration::from_secs(30);
 const REACTIVE_MIN_INTERVAL: Duration = Duration::from_secs(10);
+/// Added to the longest grant when fencing the fleet lease around it.
+const FENCE_MARGIN: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 struct Control {
@@ -184,6 +236,13 @@ struct Control {
     last_reactive: Option<Instant>,
     /// The last store read failed: logged once per outage, not per poll.
     store_down: bool,
+    /// An intent whose grant is known not to have been spent (not sent, or
+    /// refused) although clearing it in the store may have failed.
+    unspent_intent: Option<Intent>,
+    /// When this process first presented (family, generation), on the
+    /// monotonic clock: a wall clock that jumps back cannot make an old
+    /// intent look young.
+    presented: Option<(String, u64, Instant)>,
 }
 
 pub enum SlotKind {
@@ -211,6 +270,7 @@ pub struct Slot {
     changed: Notify,
     clock: Arc<Clock>,
     shutdown: CancellationToken,
+    drain: Arc<Drain>,
     /// The engine's runtime: refreshes run there, not on the proxy worker
     /// thread whose request asked for one.
     runtime: Option<tokio::runtime::Handle>,
@@ -224,6 +284,7 @@ impl Slot {
         client: GrantClient,
         clock: Arc<Clock>,
         shutdown: CancellationToken,
+        drain: Arc<Drain>,
     ) -> Arc<Slot> {
         Arc::new(Slot {
             name: cfg.name.clone(),
@@ -236,6 +297,7 @@ impl Slot {
             changed: Notify::new(),
             clock,
             shutdown,
+            drain,
             runtime: tokio::runtime::Handle::try_current().ok(),
         })
     }
@@ -482,7 +544,9 @@ impl Slot {
         drop(c);
         let slot = self.clone();
         let cause = request_id.map(str::to_owned);
+        let draining = self.drain.enter();
         let refresh = async move {
+            let _draining = draining;
             // Its own task: a client hanging up cannot cancel a rotation.
             let guard = InflightGuard(slot.clone());
             let result = slot.refresh_once(cause).await.map_err(Arc::new);
@@ -654,6 +718,7 @@ impl Slot {
 
     /// Maps a grant error to a failure with its hint.
     fn classify(&self, e: &GrantError, ev: &mut RefreshEvent) -> Failure {
+        crate::metrics::metrics().endpoint_failure(&self.name, e.fault_class());
         // IdP text may echo what we sent: never let a secret through.
         // Scrub before capping, so a secret cut in half is still found.
         let description = e
@@ -687,10 +752,11 @@ impl Slot {
         store: &Store,
         ev: &mut RefreshEvent,
     ) -> Result<(), Failure> {
-        let _lock = store
+        let lock = store
             .lock_credential(&self.name)
             .await
             .map_err(|e| self.store_failure(&e))?;
+        let lock = &lock;
         let (on_disk, disk_identity) = self.read_record_raw(store).await?;
         let mine = self.control.lock().record.clone();
         let mut rec = match (on_disk, mine) {
@@ -714,11 +780,16 @@ impl Slot {
             (Some(disk), Some(_)) => disk,
             (None, Some(mine)) => mine,
             (None, None) => {
-                return Err(self.dead_failure(
-                    "invalid_grant",
-                    "no_refresh_token",
-                    "There is no refresh token for this credential: run `tokenproxy login` or set refresh_token in the config.".into(),
-                ))
+                let seen = match (disk_identity.is_some(), &self.cfg.refresh_token) {
+                    (true, Some(seed)) => store
+                        .read(&self.name)
+                        .await
+                        .ok()
+                        .flatten()
+                        .is_some_and(|r| r.has_seen_seed(seed)),
+                    _ => false,
+                };
+                return Err(self.no_record_failure(seen));
             }
         };
         ev.set_identity(&rec);
@@ -747,12 +818,21 @@ impl Slot {
         // An intent for this very generation: an earlier attempt may have
         // spent the token without us learning the answer.
         let mut intent_at_ms = store::unix_ms(self.clock.wall());
+        // Whether an earlier presentation of this token may have spent it
+        // (a retry inside the grace window): then no answer to this attempt
+        // short of a rotation clears the intent.
+        let mut carried = false;
         if let Some(intent) = rec.intent.clone() {
-            if intent.family == rec.family && intent.generation == rec.generation {
-                self.check_lost_rotation(store, &mut rec, &refresh_token, &intent, ev)
+            let unspent = self.control.lock().unspent_intent.as_ref() == Some(&intent);
+            if intent.family == rec.family && intent.generation == rec.generation && !unspent {
+                self.wait_for_grant_elsewhere(store, &intent)?;
+                self.check_lost_rotation(store, lock, &mut rec, &refresh_token, None, ev)
                     .await?;
-                // The grace window runs from the first presentation.
-                intent_at_ms = intent.at_ms;
+                if rec.intent.is_some() {
+                    // The grace window runs from the first presentation.
+                    intent_at_ms = intent.at_ms;
+                    carried = true;
+                }
             }
         }
 
@@ -762,7 +842,10 @@ impl Slot {
             at_ms: intent_at_ms,
         });
         let prev = disk_identity.as_ref().map(|(f, g)| (f.as_str(), *g));
-        match self.write_record(store, &rec, prev).await {
+        match self
+            .write_record(store, lock, &rec, prev, Some(self.grant_fence()))
+            .await
+        {
             Ok(()) => {}
             Err(StoreError::Fenced { .. }) => return self.adopt_after_fence(store, ev).await,
             Err(e) => return Err(self.store_failure(&e)),
@@ -775,6 +858,16 @@ impl Slot {
         );
         let sent_wall = self.clock.wall();
         let sent_mono = Instant::now();
+        {
+            let mut c = self.control.lock();
+            let same = c
+                .presented
+                .as_ref()
+                .is_some_and(|(f, g, _)| *f == rec.family && *g == rec.generation);
+            if !same {
+                c.presented = Some((rec.family.clone(), rec.generation, sent_mono));
+            }
+        }
         let answer = self.client.send(&req).await.and_then(|raw| {
             ev.status = Some(raw.status.as_u16());
             self.check_skew(&raw.headers, sent_wall);
@@ -809,12 +902,22 @@ impl Slot {
                 self.warn_refresh_expiry(&next);
                 // Durable before published (write-ahead): a crash after this
                 // line loses nothing.
-                let written = self.write_record(store, &next, Some(rec.identity())).await;
+                let written = self
+                    .write_record(store, lock, &next, Some(rec.identity()), None)
+                    .await;
                 if let Err(StoreError::Fenced { .. }) = written {
-                    // Our lease ran out and another replica wrote meanwhile:
-                    // the store is the truth, our rotation is orphaned.
-                    tracing::warn!(event = "rotation_superseded", credential = %self.name, family = %rec.family, generation = rec.generation, "Store moved on during this refresh; adopting it");
-                    return self.adopt_after_fence(store, ev).await;
+                    let moved_on = matches!(
+                        store.read(&self.name).await,
+                        Ok(Some(disk)) if disk.identity() != rec.identity()
+                    );
+                    if moved_on {
+                        // Another writer moved the store on meanwhile: the
+                        // store is the truth, our rotation is orphaned.
+                        tracing::warn!(event = "rotation_superseded", credential = %self.name, family = %rec.family, generation = rec.generation, "Store moved on during this refresh; adopting it");
+                        return self.adopt_after_fence(store, ev).await;
+                    }
+                    // Only the lease was lost: the store still holds n, so
+                    // our n+1 is the live token. Saved under a new lease.
                 }
                 if let Err(e) = written {
                     tracing::error!(
@@ -848,9 +951,15 @@ impl Slot {
                     (Delivery::MaybeSent, _) => {
                         // Keep the intent: the next attempt must first learn
                         // whether the token was spent.
-                        let intent = rec.intent.clone().expect("intent written above");
-                        self.check_lost_rotation(store, &mut rec, &refresh_token, &intent, ev)
-                            .await?;
+                        self.check_lost_rotation(
+                            store,
+                            lock,
+                            &mut rec,
+                            &refresh_token,
+                            e.status,
+                            ev,
+                        )
+                        .await?;
                         Err(failure)
                     }
                     (_, FailureClass::InvalidGrant) => {
@@ -871,14 +980,26 @@ impl Slot {
                             reason: failure.reason.clone(),
                         });
                         let id = (rec.family.clone(), rec.generation);
-                        let _ = self.write_record(store, &rec, Some((&id.0, id.1))).await;
+                        let _ = self
+                            .write_record(store, lock, &rec, Some((&id.0, id.1)), None)
+                            .await;
+                        self.control.lock().record = Some(rec);
+                        Err(failure)
+                    }
+                    _ if carried => {
+                        // This attempt spent nothing, but the first
+                        // presentation may have: the intent stays.
                         self.control.lock().record = Some(rec);
                         Err(failure)
                     }
                     _ => {
-                        rec.intent = None;
+                        // Not sent, or refused: nothing was spent. Remember
+                        // it in case clearing the durable intent fails.
+                        self.control.lock().unspent_intent = rec.intent.take();
                         let id = (rec.family.clone(), rec.generation);
-                        let _ = self.write_record(store, &rec, Some((&id.0, id.1))).await;
+                        let _ = self
+                            .write_record(store, lock, &rec, Some((&id.0, id.1)), None)
+                            .await;
                         self.control.lock().record = Some(rec);
                         Err(failure)
                     }
@@ -892,11 +1013,14 @@ impl Slot {
     async fn check_lost_rotation(
         &self,
         store: &Store,
+        lock: &StoreLock,
         rec: &mut Record,
         refresh_token: &Secret,
-        intent: &Intent,
+        gateway_status: Option<u16>,
         ev: &mut RefreshEvent,
     ) -> Result<(), Failure> {
+        // The intent of the presentation in question (written before it).
+        let intent = rec.intent.clone();
         if let Some(url) = &self.cfg.introspection_url {
             let req = grant::build_introspection_request(&self.cfg, url, refresh_token);
             match self
@@ -918,12 +1042,12 @@ impl Slot {
                     return Err(f);
                 }
             }
-        } else if !self.cfg.reuse_grace.is_zero() {
-            let at = store::from_unix_ms(intent.at_ms);
-            let age = self.clock.wall().duration_since(at).unwrap_or_default();
-            if age < self.cfg.reuse_grace {
-                return Ok(());
-            }
+        } else if !self.cfg.reuse_grace.is_zero()
+            && intent
+                .as_ref()
+                .is_some_and(|i| self.intent_age(i) < self.cfg.reuse_grace)
+        {
+            return Ok(());
         }
         rec.intent = None;
         rec.dead = Some(store::DeadMark {
@@ -932,14 +1056,98 @@ impl Slot {
             reason: "lost_rotation".into(),
         });
         let id = (rec.family.clone(), rec.generation);
-        let _ = self.write_record(store, rec, Some((&id.0, id.1))).await;
+        let _ = self
+            .write_record(store, lock, rec, Some((&id.0, id.1)), None)
+            .await;
         self.control.lock().record = Some(rec.clone());
         ev.status = None;
         Err(self.dead_failure(
             "lost_rotation",
             "lost_rotation",
-            super::hints::lost_rotation(&self.cfg),
+            super::hints::lost_rotation(&self.cfg, gateway_status),
         ))
+    }
+
+    /// Fleet: an intent another replica wrote less than a grant's length
+    /// ago may still be in flight (its lease ended early: released, or a
+    /// clock apart). Asking introspection now could hear "active" before
+    /// the IdP has seen that request, so wait until it cannot be.
+    fn wait_for_grant_elsewhere(&self, store: &Store, intent: &Intent) -> Result<(), Failure> {
+        let mine = self
+            .control
+            .lock()
+            .presented
+            .as_ref()
+            .is_some_and(|(f, g, _)| *f == intent.family && *g == intent.generation);
+        if !store.is_postgres() || mine {
+            return Ok(());
+        }
+        let fence = self.grant_fence();
+        let at = store::from_unix_ms(intent.at_ms);
+        let age = match self.clock.wall().duration_since(at) {
+            Ok(age) => age,
+            // From the future: young, unless too far ahead to be skew.
+            Err(e) if e.duration() <= fence => Duration::ZERO,
+            Err(_) => Duration::MAX,
+        };
+        if age >= fence {
+            return Ok(());
+        }
+        let mut f = self.failure_simple(
+            "refresh_in_flight_elsewhere",
+            "Another replica presented this refresh token moments ago and its answer may still arrive; waiting before checking whether it was spent.",
+        );
+        f.retry_after = Some(fence - age);
+        Err(f)
+    }
+
+    /// How long ago `intent` was first presented, by the more pessimistic
+    /// of the monotonic clock (when this process presented it) and the
+    /// wall clock. A wall clock behind the intent cannot be trusted: old.
+    fn intent_age(&self, intent: &Intent) -> Duration {
+        let by_wall = self
+            .clock
+            .wall()
+            .duration_since(store::from_unix_ms(intent.at_ms))
+            .ok();
+        let by_mono = self
+            .control
+            .lock()
+            .presented
+            .as_ref()
+            .filter(|(f, g, _)| *f == intent.family && *g == intent.generation)
+            .map(|(_, _, at)| at.elapsed());
+        match (by_wall, by_mono) {
+            (Some(w), Some(m)) => w.max(m),
+            (None, Some(m)) => m,
+            (Some(w), None) => w,
+            (None, None) => Duration::MAX,
+        }
+    }
+
+    /// No token set for this endpoint and client. `seed_spent`: the
+    /// configured seed was consumed before (for another spelling or another
+    /// endpoint), so it is not presented again.
+    fn no_record_failure(&self, seed_spent: bool) -> Failure {
+        if seed_spent {
+            self.dead_failure(
+                "invalid_grant",
+                "seed_already_used",
+                format!("The configured refresh_token was already consumed by this store for another token endpoint or client_id, and a consumed seed is never presented again; the store's family does not belong to {} and client {}. If the IdP did not change, restore the previous token_url/client_id; otherwise run `tokenproxy login` or set a new refresh_token.", self.token_url, self.cfg.client_id),
+            )
+        } else {
+            self.dead_failure(
+                "invalid_grant",
+                "no_refresh_token",
+                "There is no refresh token for this credential: run `tokenproxy login` or set refresh_token in the config.".into(),
+            )
+        }
+    }
+
+    /// How long a grant may be in flight once its intent is written: the
+    /// fleet lease is extended to cover it (docs/architecture.md, "Fleet").
+    fn grant_fence(&self) -> Duration {
+        self.cfg.connect_timeout + super::GRANT_TIMEOUT + FENCE_MARGIN
     }
 
     fn dead_failure(&self, outcome: &'static str, reason: &str, hint: String) -> Failure {
@@ -1002,10 +1210,14 @@ impl Slot {
     async fn write_record(
         &self,
         store: &Store,
+        lock: &StoreLock,
         rec: &Record,
         prev: Option<(&str, u64)>,
+        hold_for: Option<Duration>,
     ) -> Result<(), StoreError> {
-        let r = store.write(&self.name, rec, prev).await;
+        let r = store
+            .write_held(lock, &self.name, rec, prev, hold_for)
+            .await;
         if r.is_ok() {
             self.control.lock().unsaved = None;
         }
@@ -1104,22 +1316,27 @@ impl Slot {
         let SlotKind::Refresh { store, .. } = &self.kind else {
             return Ok(());
         };
-        let _lock = store.lock_credential(&self.name).await?;
+        let lock = store.lock_credential(&self.name).await?;
         let url = self.token_url.to_string();
         let existing = store.read(&self.name).await?;
         let prev = existing.as_ref().map(|r| (r.family.clone(), r.generation));
         let prev = prev.as_ref().map(|(f, g)| (f.as_str(), *g));
+        // Consumed seeds are remembered whatever the record's endpoint: a
+        // respelled or moved token_url must never revive a spent seed.
+        let seen_before = existing
+            .as_ref()
+            .zip(self.cfg.refresh_token.as_ref())
+            .is_some_and(|(r, seed)| r.has_seen_seed(seed));
+        let all_seeds_seen = existing
+            .as_ref()
+            .map(|r| r.seeds_seen.clone())
+            .unwrap_or_default();
         let mut rec = existing.filter(|r| r.matches(&url, &self.cfg.client_id));
         if let Some(seed) = &self.cfg.refresh_token {
             let fp = seed.fingerprint();
-            let seen = rec.as_ref().is_some_and(|r| {
-                r.seeds_seen.contains(&fp) || r.refresh_token.as_ref() == Some(seed)
-            });
+            let seen = seen_before;
             if !seen {
-                let mut seeds_seen = rec
-                    .as_ref()
-                    .map(|r| r.seeds_seen.clone())
-                    .unwrap_or_default();
+                let mut seeds_seen = all_seeds_seen;
                 seeds_seen.push(fp.clone());
                 let new = Record {
                     token_url: url.clone(),
@@ -1136,7 +1353,9 @@ impl Slot {
                     dead: None,
                     updated_at_ms: 0,
                 };
-                store.write(&self.name, &new, prev).await?;
+                store
+                    .write_held(&lock, &self.name, &new, prev, None)
+                    .await?;
                 tracing::info!(
                     event = "seed_adopted",
                     credential = %self.name,
@@ -1148,7 +1367,7 @@ impl Slot {
             } else if let Some(r) = rec.as_mut() {
                 if !r.seeds_seen.contains(&fp) {
                     r.seeds_seen.push(fp);
-                    store.write(&self.name, r, prev).await?;
+                    store.write_held(&lock, &self.name, r, prev, None).await?;
                 }
             }
         }
@@ -1158,11 +1377,7 @@ impl Slot {
             }
             None => {
                 self.control.lock().record = None;
-                let f = self.dead_failure(
-                    "invalid_grant",
-                    "no_refresh_token",
-                    "There is no refresh token for this credential: run `tokenproxy login` or set refresh_token in the config.".into(),
-                );
+                let f = self.no_record_failure(seen_before);
                 tracing::error!(event = "token_refresh", credential = %self.name, grant_type = "refresh_token", outcome = "invalid_grant", error = "no_refresh_token", hint = %f.hint, "No refresh token");
                 self.publish(Snapshot {
                     token: None,
@@ -1220,11 +1435,31 @@ impl Slot {
         let Some(rec) = self.control.lock().unsaved.clone() else {
             return true;
         };
+        // Under the credential's lock, like every write of a spend.
+        let Ok(lock) = store.lock_credential(&self.name).await else {
+            return false;
+        };
         // Unsaved records are always a refresh's n+1, fenced on n.
         let prev = (rec.family.as_str(), rec.generation.saturating_sub(1));
-        match self.write_record(store, &rec, Some(prev)).await {
+        match self
+            .write_record(store, &lock, &rec, Some(prev), None)
+            .await
+        {
             Ok(()) => {
                 tracing::info!(event = "store_write_recovered", credential = %self.name, "Rotated token set saved");
+                true
+            }
+            Err(StoreError::Fenced { .. }) => {
+                // A login or another writer moved the record on meanwhile:
+                // the store is the truth; our rotation is orphaned.
+                let Ok(disk) = self.read_record(store).await else {
+                    return false;
+                };
+                tracing::warn!(event = "rotation_superseded", credential = %self.name, family = %rec.family, generation = rec.generation, "The store moved on while the rotated token set was unsaved; adopting the store's");
+                self.control.lock().unsaved = None;
+                if let Some(disk) = disk {
+                    self.adopt(&disk);
+                }
                 true
             }
             Err(_) => false,
@@ -1516,10 +1751,14 @@ pub async fn install_family(
     let Some(refresh_token) = set.refresh_token.clone() else {
         return Err(InstallError::NoRefreshToken);
     };
-    let _lock = store.lock_credential(&cfg.name).await?;
+    let lock = store.lock_credential(&cfg.name).await?;
     let url = token_url.to_string();
     let raw = store.read(&cfg.name).await?;
     let prev = raw.as_ref().map(|r| (r.family.clone(), r.generation));
+    let all_seeds_seen = raw
+        .as_ref()
+        .map(|r| r.seeds_seen.clone())
+        .unwrap_or_default();
     let existing = raw.filter(|r| r.matches(&url, &cfg.client_id));
     if let Some(r) = &existing {
         let works = r.dead.is_none() && r.refresh_token.is_some();
@@ -1531,7 +1770,8 @@ pub async fn install_family(
         }
     }
     let lifetime = set.expires_in.unwrap_or(cfg.default_lifetime);
-    let mut seeds_seen = existing.map(|r| r.seeds_seen).unwrap_or_default();
+    // Seeds consumed under any endpoint stay consumed.
+    let mut seeds_seen = all_seeds_seen;
     // The config's seed, if any, is older than this login: never adopt it again.
     if let Some(seed) = &cfg.refresh_token {
         let fp = seed.fingerprint();
@@ -1557,10 +1797,12 @@ pub async fn install_family(
         updated_at_ms: 0,
     };
     store
-        .write(
+        .write_held(
+            &lock,
             &cfg.name,
             &record,
             prev.as_ref().map(|(f, g)| (f.as_str(), *g)),
+            None,
         )
         .await?;
     tracing::info!(

@@ -14,8 +14,6 @@ use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, DATE, LOCATION, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use std::time::{Duration, SystemTime};
 
 /// Token responses larger than this are refused (a token set is a few KiB).
@@ -286,6 +284,20 @@ impl GrantError {
     }
 }
 
+impl GrantError {
+    /// Which kind of fault this was, for `tokenproxy_token_endpoint_failures_total`.
+    pub fn fault_class(&self) -> &'static str {
+        match (self.delivery, self.status) {
+            (Delivery::NotSent, _) => "not_sent",
+            (Delivery::MaybeSent, None) => "no_answer",
+            (Delivery::MaybeSent, Some(s)) if s >= 500 => "gateway_5xx",
+            (Delivery::MaybeSent, Some(_)) => "unusable_answer",
+            (Delivery::Answered, _) if self.class == FailureClass::Transient => "refused",
+            (Delivery::Answered, _) => "rejected",
+        }
+    }
+}
+
 /// The raw answer of the token endpoint.
 #[derive(Debug)]
 pub struct RawResponse {
@@ -361,11 +373,26 @@ pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<Token
             });
         }
     }
-    if status.as_u16() == 429 || status.is_server_error() {
+    if matches!(status.as_u16(), 429 | 503) {
+        // Load shed or no healthy backend: the grant was refused, not run.
         let mut e = GrantError::transient(
             Delivery::Answered,
             Some(status.as_u16()),
             format!("token endpoint answered {}", status.as_u16()),
+        );
+        e.retry_after = retry_after;
+        return Err(e);
+    }
+    if status.is_server_error() {
+        // A 502, a 504 or a 500 without an OAuth error body may come from a
+        // gateway that lost the IdP's answer after the rotation.
+        let mut e = GrantError::transient(
+            Delivery::MaybeSent,
+            Some(status.as_u16()),
+            format!(
+                "token endpoint answered {} without an OAuth error body (a gateway in front of the IdP may have lost its answer)",
+                status.as_u16()
+            ),
         );
         e.retry_after = retry_after;
         return Err(e);
@@ -643,14 +670,23 @@ pub fn sanitize(s: &str, max: usize) -> String {
     out
 }
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<EgressConnector>, Full<Bytes>>;
+type Connector = hyper_rustls::HttpsConnector<EgressConnector>;
+
+/// DNS, TCP connect, the egress proxy's CONNECT and the TLS handshake
+/// together: a stall there means nothing was sent (docs/architecture.md,
+/// "Lost rotation").
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Sends grant and introspection requests. One per credential (its TLS
-/// settings may differ); no pooling, so a request is never written onto a
-/// connection the IdP already closed (that would be an ambiguous loss).
+/// settings may differ); a new connection per request, so a request is never
+/// written onto a connection the IdP already closed (that would be an
+/// ambiguous loss). Connecting and exchanging have separate deadlines: only
+/// a failure after the connection is up may have reached the IdP.
 #[derive(Clone)]
 pub struct GrantClient {
-    client: HttpsClient,
+    connector: Connector,
+    connect_timeout: Duration,
+    /// From the first byte of the request written to the end of the body.
     timeout: Duration,
 }
 
@@ -660,46 +696,97 @@ impl GrantClient {
         timeout: Duration,
         egress_proxy: Option<&Uri>,
     ) -> GrantClient {
-        let http = EgressConnector::new(egress_proxy, Duration::from_secs(5));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
+        Self::with_connect_timeout(tls, timeout, CONNECT_TIMEOUT, egress_proxy)
+    }
+
+    pub fn with_connect_timeout(
+        tls: rustls::ClientConfig,
+        timeout: Duration,
+        connect_timeout: Duration,
+        egress_proxy: Option<&Uri>,
+    ) -> GrantClient {
+        let http = EgressConnector::new(egress_proxy, Duration::from_secs(5).min(connect_timeout));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(0)
-            .retry_canceled_requests(false)
-            .build(https);
-        GrantClient { client, timeout }
+        GrantClient {
+            connector,
+            connect_timeout,
+            timeout,
+        }
     }
 
     /// Sends `req`; reads at most [`MAX_RESPONSE_BYTES`]. Never follows redirects.
     pub async fn send(&self, req: &PreparedRequest) -> Result<RawResponse, GrantError> {
-        let mut builder = Request::builder().method(Method::POST).uri(req.uri.clone());
+        let not_sent = |message: String| GrantError {
+            class: FailureClass::Config,
+            delivery: Delivery::NotSent,
+            status: None,
+            code: None,
+            description: None,
+            retry_after: None,
+            redirect_host: None,
+            message,
+        };
+        let authority = req
+            .uri
+            .authority()
+            .ok_or_else(|| not_sent("token endpoint URL has no host".into()))?;
+        let host = HeaderValue::from_str(authority.as_str().rsplit('@').next().unwrap_or(""))
+            .map_err(|e| not_sent(format!("cannot build token request: {e}")))?;
+        let target = req
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        let mut builder = Request::builder().method(Method::POST).uri(target);
         if let Some(h) = builder.headers_mut() {
             h.extend(req.headers.clone());
+            h.insert(http::header::HOST, host);
         }
         let request = builder
             .body(Full::new(Bytes::from(req.body.expose().to_owned())))
-            .map_err(|e| GrantError {
-                class: FailureClass::Config,
-                delivery: Delivery::NotSent,
-                status: None,
-                code: None,
-                description: None,
-                retry_after: None,
-                redirect_host: None,
-                message: format!("cannot build token request: {e}"),
-            })?;
+            .map_err(|e| not_sent(format!("cannot build token request: {e}")))?;
+
+        let mut connector = self.connector.clone();
+        let connect = async {
+            std::future::poll_fn(|cx| tower_service::Service::poll_ready(&mut connector, cx))
+                .await?;
+            tower_service::Service::call(&mut connector, req.uri.clone()).await
+        };
+        let io = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(io)) => io,
+            Ok(Err(e)) => {
+                return Err(GrantError::transient(
+                    Delivery::NotSent,
+                    None,
+                    format!("cannot connect to the token endpoint: {}", error_chain(&*e)),
+                ))
+            }
+            Err(_) => {
+                return Err(GrantError::transient(
+                    Delivery::NotSent,
+                    None,
+                    format!(
+                        "no connection to the token endpoint within {:?} (DNS, TCP connect, egress proxy CONNECT or TLS handshake); nothing was sent",
+                        self.connect_timeout
+                    ),
+                ))
+            }
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| GrantError::transient(Delivery::NotSent, None, error_chain(&e)))?;
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
         let exchange = async {
-            let resp = self.client.request(request).await.map_err(|e| {
-                let delivery = if e.is_connect() {
-                    Delivery::NotSent
-                } else {
-                    Delivery::MaybeSent
-                };
-                GrantError::transient(delivery, None, error_chain(&e))
-            })?;
+            let resp = sender
+                .send_request(request)
+                .await
+                .map_err(|e| GrantError::transient(Delivery::MaybeSent, None, error_chain(&e)))?;
             let (parts, body) = resp.into_parts();
             // The IdP answered: whatever happens to the body, it processed
             // the request, so a body failure is still a possible rotation.
@@ -731,7 +818,7 @@ impl GrantClient {
                 body,
             })
         };
-        match tokio::time::timeout(self.timeout, exchange).await {
+        let result = match tokio::time::timeout(self.timeout, exchange).await {
             Ok(r) => r,
             Err(_) => Err(GrantError::transient(
                 Delivery::MaybeSent,
@@ -741,7 +828,9 @@ impl GrantClient {
                     self.timeout
                 ),
             )),
-        }
+        };
+        driver.abort();
+        result
     }
 }
 
@@ -920,6 +1009,34 @@ mod tests {
         assert_eq!(e.delivery, Delivery::Answered);
         let e = parse_token_response(&raw(503, "text/plain", "busy"), now).unwrap_err();
         assert_eq!(e.delivery, Delivery::Answered);
+    }
+
+    #[test]
+    fn gateway_5xx_may_hide_a_rotation_but_refusals_do_not() {
+        let now = SystemTime::now();
+        let e = |s, ct, b: &str| parse_token_response(&raw(s, ct, b), now).unwrap_err();
+        for (status, body) in [
+            (502, "<html>bad gateway</html>"),
+            (504, ""),
+            (500, "oops"),
+            (500, r#"{"message":"internal"}"#),
+        ] {
+            let got = e(status, "text/html", body);
+            assert_eq!(got.delivery, Delivery::MaybeSent, "{status} {body}");
+            assert_eq!(got.class, FailureClass::Transient);
+            assert_eq!(got.fault_class(), "gateway_5xx");
+        }
+        for (status, body) in [
+            (503, "no healthy upstream"),
+            (429, ""),
+            (500, r#"{"error":"server_error"}"#),
+            (502, r#"{"error":"temporarily_unavailable"}"#),
+        ] {
+            let got = e(status, "application/json", body);
+            assert_eq!(got.delivery, Delivery::Answered, "{status} {body}");
+            assert_eq!(got.class, FailureClass::Transient);
+            assert_eq!(got.fault_class(), "refused");
+        }
     }
 
     #[test]

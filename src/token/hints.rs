@@ -70,13 +70,17 @@ fn code_or_status(e: &GrantError) -> String {
     }
 }
 
-pub fn lost_rotation(cfg: &CredentialConfig) -> String {
+/// `gateway_status`: the 5xx without an OAuth error body that hid the answer.
+pub fn lost_rotation(cfg: &CredentialConfig, gateway_status: Option<u16>) -> String {
     let check = if cfg.introspection_url.is_some() {
         "the IdP's introspection says it is no longer active"
     } else {
         "there is no introspection_url or reuse_grace to prove presenting it again is safe"
     };
-    format!("A refresh may have been spent without its answer arriving (timeout, reset or crash) and {check}; presenting it again would trigger reuse detection, so run `tokenproxy login` to start a new family.")
+    match gateway_status {
+        Some(status) => format!("The token endpoint answered {status} without an OAuth error body: a gateway in front of the IdP may have lost its answer after the refresh token was rotated, and {check}; presenting it again would trigger reuse detection, so run `tokenproxy login` to start a new family (setting introspection_url, or reuse_grace to the IdP's reuse window, lets tokenproxy verify and retry next time)."),
+        None => format!("A refresh may have been spent without its answer arriving (timeout, reset or crash) and {check}; presenting it again would trigger reuse detection, so run `tokenproxy login` to start a new family."),
+    }
 }
 
 pub fn dead_on_disk(reason: &str) -> String {

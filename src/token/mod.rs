@@ -69,6 +69,8 @@ pub struct Engine {
     order: Vec<Arc<Slot>>,
     clock: Arc<Clock>,
     shutdown: CancellationToken,
+    /// Shared by every engine a reload builds from this one.
+    drain: Arc<engine::Drain>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -129,6 +131,7 @@ impl Engine {
             .credentials
             .values()
             .any(|c| c.grant == GrantType::RefreshToken);
+        let drain = previous.map_or_else(Default::default, |p| p.drain.clone());
         let store_key = Store::config_key(&config.store);
         // A reload keeps an open postgres store (its pool and LISTEN
         // connection) when the store config did not change.
@@ -188,6 +191,7 @@ impl Engine {
                         egress.as_ref(),
                         clock.clone(),
                         shutdown.child_token(),
+                        drain.clone(),
                     )?;
                     fresh.push(s.clone());
                     s
@@ -212,6 +216,7 @@ impl Engine {
             order,
             clock,
             shutdown,
+            drain,
         })
     }
 
@@ -237,6 +242,11 @@ impl Engine {
 
     pub fn clock(&self) -> &Arc<Clock> {
         &self.clock
+    }
+
+    /// Refreshes in flight, for shutdown to wait on.
+    pub fn drain(&self) -> &Arc<engine::Drain> {
+        &self.drain
     }
 }
 
@@ -266,6 +276,7 @@ async fn resolve_token_url(cred: &CredentialConfig) -> Result<Uri, EngineError> 
         })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build_slot(
     cred: &Arc<CredentialConfig>,
     token_url: Uri,
@@ -274,6 +285,7 @@ fn build_slot(
     egress: Option<&Uri>,
     clock: Arc<Clock>,
     shutdown: CancellationToken,
+    drain: Arc<engine::Drain>,
 ) -> Result<Arc<Slot>, EngineError> {
     let client_cert = match (&cred.client_cert, &cred.client_key) {
         (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
@@ -286,7 +298,8 @@ fn build_slot(
                 source,
             }
         })?;
-    let client = grant::GrantClient::new(tls, GRANT_TIMEOUT, egress);
+    let client =
+        grant::GrantClient::with_connect_timeout(tls, GRANT_TIMEOUT, cred.connect_timeout, egress);
     let kind = match cred.grant {
         GrantType::RefreshToken => {
             let (store, store_key) = store.ok_or_else(|| EngineError::Credential {
@@ -310,6 +323,7 @@ fn build_slot(
         client,
         clock,
         shutdown,
+        drain,
     ))
 }
 
@@ -471,6 +485,7 @@ pub(crate) mod tests_support {
             refresh_wait: Duration::from_secs(10),
             max_backoff: Duration::from_secs(60),
             default_lifetime: Duration::from_secs(3600),
+            connect_timeout: super::grant::CONNECT_TIMEOUT,
         }
     }
 }

@@ -268,10 +268,12 @@ impl PgStore {
     async fn renew(&self, name: &str, holder: &str) -> Result<bool, StoreError> {
         let c = self.client().await?;
         let ttl = LEASE_TTL.as_secs_f64();
+        // Never shortens the fence an intent write set.
         let n = c
             .timed(c.execute(
-                "UPDATE tokenproxy_credentials SET lease_until = now() + make_interval(secs => $3)
-             WHERE name = $1 AND lease_holder = $2",
+                "UPDATE tokenproxy_credentials
+                 SET lease_until = greatest(lease_until, now() + make_interval(secs => $3))
+             WHERE name = $1 AND lease_holder = $2 AND lease_until > now()",
                 &[&name, &holder, &ttl],
             ))
             .await?;
@@ -346,6 +348,32 @@ impl PgStore {
         rec: &Record,
         prev: Option<(&str, u64)>,
     ) -> Result<(), StoreError> {
+        self.write_inner(name, rec, prev, None).await
+    }
+
+    /// As [`PgStore::write`], and only while `lease` is still held (the
+    /// lease is a fence: a holder that lost it writes nothing, the intent
+    /// included). `hold_for` extends the lease to cover a grant about to
+    /// be sent, so nobody can take over while it may still be in flight.
+    pub async fn write_held(
+        &self,
+        lease: &PgLease,
+        name: &str,
+        rec: &Record,
+        prev: Option<(&str, u64)>,
+        hold_for: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        self.write_inner(name, rec, prev, Some((&lease.holder, hold_for)))
+            .await
+    }
+
+    async fn write_inner(
+        &self,
+        name: &str,
+        rec: &Record,
+        prev: Option<(&str, u64)>,
+        lease: Option<(&str, Option<Duration>)>,
+    ) -> Result<(), StoreError> {
         let c = self.client().await?;
         let refresh = rec.refresh_token.as_ref().map(|s| self.seal(s));
         let access = rec.access_token.as_ref().map(|s| self.seal(s));
@@ -366,8 +394,12 @@ impl PgStore {
             .map(|i| serde_json::to_string(i).unwrap_or_default());
         let prev_family = prev.map(|p| p.0);
         let prev_generation = prev.map(|p| p.1 as i64);
-        // $1..$13 are the record's columns; $14, $15 the fence (update only).
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 15] = [
+        let holder = lease.map(|l| l.0);
+        let hold_secs = lease.and_then(|l| l.1).map(|d| d.as_secs_f64());
+        // $1..$13 are the record's columns; $14, $15 the fence (update
+        // only); $16 the lease holder that must still hold it, $17 how long
+        // the lease must last from now.
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 17] = [
             &name,
             &rec.token_url,
             &rec.client_id,
@@ -383,6 +415,8 @@ impl PgStore {
             &intent,
             &prev_family,
             &prev_generation,
+            &holder,
+            &hold_secs,
         ];
         let updated = c
             .timed(c.query(
@@ -390,9 +424,12 @@ impl PgStore {
                UPDATE tokenproxy_credentials SET token_url = $2, client_id = $3, family = $4,
                  generation = $5, refresh_token = $6, access_token = $7,
                  access_expires_at_ms = $8, access_issued_at_ms = $9, refresh_expires_at_ms = $10,
-                 seeds_seen = $11, dead = $12, lease_intent = $13, updated_at = now()
+                 seeds_seen = $11, dead = $12, lease_intent = $13, updated_at = now(),
+                 lease_until = CASE WHEN $17::float8 IS NULL THEN lease_until
+                   ELSE greatest(lease_until, now() + make_interval(secs => $17::float8)) END
                WHERE name = $1 AND family IS NOT DISTINCT FROM $14
                  AND generation IS NOT DISTINCT FROM $15
+                 AND ($16::text IS NULL OR (lease_holder = $16 AND lease_until > now()))
                RETURNING name)
              SELECT pg_notify('tokenproxy_credentials', name) FROM w",
                 &params,
@@ -401,7 +438,7 @@ impl PgStore {
         if !updated.is_empty() {
             return Ok(());
         }
-        if prev.is_none() {
+        if prev.is_none() && holder.is_none() {
             let inserted = c
                 .timed(c.query(
                     "WITH w AS (

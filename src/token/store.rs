@@ -71,9 +71,18 @@ pub struct DeadMark {
 }
 
 impl Record {
-    /// A record belongs to a credential only while its endpoint and client match.
+    /// A record belongs to a credential only while its endpoint and client
+    /// match; endpoints are compared normalised, so two spellings of one
+    /// URL share one family.
     pub fn matches(&self, token_url: &str, client_id: &str) -> bool {
-        self.token_url == token_url && self.client_id == client_id
+        self.client_id == client_id
+            && normalize_endpoint(&self.token_url) == normalize_endpoint(token_url)
+    }
+
+    /// Whether this store has already consumed `seed` (by fingerprint): a
+    /// consumed seed is never presented again, whatever the endpoint.
+    pub fn has_seen_seed(&self, seed: &Secret) -> bool {
+        self.seeds_seen.contains(&seed.fingerprint()) || self.refresh_token.as_ref() == Some(seed)
     }
 
     pub fn identity(&self) -> (&str, u64) {
@@ -241,8 +250,7 @@ impl Store {
     }
 
     /// Writes the record. `prev` is the identity the writer read under its
-    /// lock; postgres refuses the write (`Fenced`) when the row moved on,
-    /// the file store's flock already excludes that.
+    /// lock; the write is refused (`Fenced`) when the record moved on.
     pub async fn write(
         &self,
         name: &str,
@@ -250,8 +258,28 @@ impl Store {
         prev: Option<(&str, u64)>,
     ) -> Result<(), StoreError> {
         match self {
-            Store::File(f) => f.write(name, rec),
+            Store::File(f) => f.write_fenced(name, rec, prev, true),
             Store::Postgres(p) => p.write(name, rec, prev).await,
+        }
+    }
+
+    /// As [`Store::write`] by the holder of `lock`: on postgres, refused
+    /// (`Fenced`) once the lease is lost, and `hold_for` makes the lease
+    /// last at least that long (a grant about to be sent). The file lock
+    /// cannot be lost while held.
+    pub async fn write_held(
+        &self,
+        lock: &StoreLock,
+        name: &str,
+        rec: &Record,
+        prev: Option<(&str, u64)>,
+        hold_for: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        match (self, lock) {
+            (Store::Postgres(p), StoreLock::Lease(l)) => {
+                p.write_held(l, name, rec, prev, hold_for).await
+            }
+            _ => self.write(name, rec, prev).await,
         }
     }
 
@@ -409,8 +437,26 @@ impl FileStore {
     /// Durably replaces the credential's record (other records untouched).
     /// Blocking I/O: call from `spawn_blocking` or accept a short stall.
     pub fn write(&self, name: &str, record: &Record) -> Result<(), StoreError> {
+        self.write_fenced(name, record, None, false)
+    }
+
+    /// As [`FileStore::write`], refused (`Fenced`) when `fenced` and the
+    /// stored record's identity is not `prev`: a writer that lost track of
+    /// the store (a login landed meanwhile) never overwrites it.
+    pub fn write_fenced(
+        &self,
+        name: &str,
+        record: &Record,
+        prev: Option<(&str, u64)>,
+        fenced: bool,
+    ) -> Result<(), StoreError> {
         let _guard = lock_file(&self.write_lock_path())?;
         let mut all = self.read_all()?;
+        if fenced && all.credentials.get(name).map(Record::identity) != prev {
+            return Err(StoreError::Fenced {
+                name: name.to_owned(),
+            });
+        }
         let mut record = record.clone();
         record.updated_at_ms = unix_ms(SystemTime::now());
         all.credentials.insert(name.to_owned(), record);
@@ -536,6 +582,46 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     result
 }
 
+/// A token endpoint as compared between config and store: scheme and host
+/// in lower case, the default port left out, every loopback name as one,
+/// no trailing slash. Anything unparsable compares as written.
+pub fn normalize_endpoint(url: &str) -> String {
+    let Ok(uri) = url.trim().parse::<http::Uri>() else {
+        return url.to_owned();
+    };
+    let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
+        return url.to_owned();
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
+    let loopback = host == "localhost"
+        || host.ends_with(".localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    let host = if loopback {
+        "loopback".to_owned()
+    } else {
+        host
+    };
+    let default_port = match scheme.as_str() {
+        "https" => Some(443),
+        "http" => Some(80),
+        _ => None,
+    };
+    let port = uri
+        .port_u16()
+        .filter(|p| Some(*p) != default_port)
+        .map(|p| format!(":{p}"))
+        .unwrap_or_default();
+    let path = uri.path().trim_end_matches('/');
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    format!("{scheme}://{host}{port}{path}{query}")
+}
+
 pub fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
@@ -585,6 +671,45 @@ mod tests {
             intent: None,
             dead: None,
             updated_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn endpoints_compare_normalised() {
+        let n = normalize_endpoint;
+        let same = [
+            ("http://127.0.0.1:8080/token", "http://localhost:8080/token"),
+            ("http://127.0.0.1:8080/token", "http://[::1]:8080/token/"),
+            (
+                "https://IdP.Example.com/oauth/token",
+                "https://idp.example.com:443/oauth/token",
+            ),
+            (
+                "https://idp.example.com/oauth/token/",
+                "HTTPS://idp.example.com/oauth/token",
+            ),
+        ];
+        for (a, b) in same {
+            assert_eq!(n(a), n(b), "{a} vs {b}");
+        }
+        let different = [
+            (
+                "https://idp.example.com/oauth/token",
+                "https://idp.example.com/oauth2/token",
+            ),
+            (
+                "https://idp.example.com/token",
+                "http://idp.example.com/token",
+            ),
+            (
+                "https://idp.example.com/token",
+                "https://idp.example.com:8443/token",
+            ),
+            ("https://a.example.com/token", "https://b.example.com/token"),
+            ("http://localhost:1/token", "http://localhost:2/token"),
+        ];
+        for (a, b) in different {
+            assert_ne!(n(a), n(b), "{a} vs {b}");
         }
     }
 

@@ -423,13 +423,16 @@ async fn idp_down_serves_valid_token_then_503_then_recovers() {
         .collect();
     // Connection refused for a while (past the token's usable end)...
     tokio::time::sleep(Duration::from_millis(2300)).await;
-    // ...then 500s...
+    // ...then the IdP's own 500s (with an OAuth error body: a refusal; a
+    // bare 500 may be a gateway that lost a rotation, see grant_safety)...
     stack.idp.restart().await;
     let phase_500 = std::time::SystemTime::now();
     for _ in 0..100 {
-        stack
-            .idp
-            .push_fault(status_fault(500, "internal error", &[]));
+        stack.idp.push_fault(status_fault(
+            500,
+            "error=server_error&error_description=internal+error",
+            &[],
+        ));
     }
     tokio::time::sleep(Duration::from_millis(2000)).await;
     // ...then 429 with Retry-After: 1...

@@ -3,6 +3,7 @@
 //! Judged by the dev IdP's reuse detection, as in `engine.rs`.
 
 use crate::harness::*;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -456,7 +457,8 @@ fn holder_pid(pg: &Pg) -> Option<u32> {
 async fn fleet_kill9_of_lease_holder_goes_through_lost_rotation() {
     let Some(pg) = Pg::start() else { return };
     let stack = Stack::start(StackOpts::default()).await;
-    let mut replicas = start_replicas(&stack, &pg, 2, "").await;
+    // The lease fences connect (1 s) + the grant timeout (30 s) + 5 s.
+    let mut replicas = start_replicas(&stack, &pg, 2, "connect_timeout = \"1s\"\n").await;
     pg.wait_generation(1, S(10)).await;
     let hold = Hold::new();
     stack
@@ -484,11 +486,15 @@ async fn fleet_kill9_of_lease_holder_goes_through_lost_rotation() {
     hold.release();
     let survivor = &replicas[1 - idx];
     let c = http();
-    let st = wait_state(&c, survivor.admin, "dead", S(40)).await;
+    let st = wait_state(&c, survivor.admin, "dead", S(60)).await;
     eprintln!(
         "kill -9: survivor dead after {:?}: {}",
         killed_at.elapsed(),
         st["last_error"]
+    );
+    assert!(
+        killed_at.elapsed() > S(25),
+        "took over before the fenced lease ran out"
     );
     assert_eq!(st["last_error"]["reason"], "lost_rotation", "{st}");
     let presented = stack.presented().iter().filter(|t| **t == spent).count();
@@ -919,4 +925,83 @@ async fn fleet_tls_verified_with_sslrootcert() {
         "no refresh without the lease"
     );
     stack.assert_no_reuse();
+}
+
+/// POST a refresh to a replica's admin API without waiting for its outcome
+/// (it may queue behind another replica's lease).
+async fn nudge_refresh(admin: std::net::SocketAddr) {
+    let req = http::Request::post(format!("http://{admin}/credentials/{CRED}/refresh"))
+        .header(tokenproxy::admin::ADMIN_HEADER, "1")
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let _ = tokio::time::timeout(Duration::from_millis(500), http().request(req)).await;
+}
+
+/// The lease is a fence. Replica A's grant is delayed 15 s at the IdP while
+/// A is cut from PostgreSQL (its connections stall, as in a partition).
+/// A's lease was extended to outlive the grant when it wrote the intent, so
+/// replica B cannot take over and ask introspection while A's request is
+/// still on its way (introspection would say "active", B would rotate, and
+/// A's late request would then be a reuse). Judged by the IdP: no reuse;
+/// and once the partition heals the fleet goes on with one family.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_a_partitioned_holder_with_a_delayed_grant_is_never_overtaken() {
+    use crate::fault_proxy::{FaultProxy, Mode};
+    let Some(pg) = Pg::start() else { return };
+    let stack = Stack::start(StackOpts {
+        access_ttl: S(300),
+        ..StackOpts::default()
+    })
+    .await;
+    let cut = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], pg.port))).await;
+    let extra = format!(
+        "introspection_url = \"{}\"\nconnect_timeout = \"1s\"\nmax_backoff = \"2s\"\n",
+        stack.idp.introspection_url()
+    );
+    let a_url = pg
+        .url()
+        .replace(&format!(":{}/", pg.port), &format!(":{}/", cut.addr.port()));
+    let (a_path, a_ports) = replica_config_url(&stack, &a_url, "a", &extra);
+    let a = ChildProxy::start(stack.dir.path(), "a", &a_path, a_ports).await;
+    pg.wait_generation(1, S(10)).await;
+    let (b_path, b_ports) = replica_config(&stack, &pg, "b", &extra);
+    let b = ChildProxy::start(stack.dir.path(), "b", &b_path, b_ports).await;
+    wait_for("B adopted generation 1", S(10), || async {
+        credential_status(&http(), b.admin)
+            .await
+            .filter(|s| s["generation"] == 1 && s["state"] == "fresh")
+    })
+    .await;
+
+    stack.idp.push_fault(Fault::Delay(S(15)));
+    nudge_refresh(a.admin).await;
+    wait_for("A's grant is at the IdP", S(10), || async {
+        (stack.idp.pending_faults() == 0).then_some(())
+    })
+    .await;
+    cut.set(Mode::Stall);
+    let cut_at = Instant::now();
+    // B is asked to refresh again and again while A is cut off.
+    while cut_at.elapsed() < S(22) {
+        nudge_refresh(b.admin).await;
+        tokio::time::sleep(S(2)).await;
+        stack.assert_no_reuse();
+    }
+    cut.set(Mode::Pass);
+    pg.wait_generation(2, S(90)).await;
+    for r in [&a, &b] {
+        let g = wait_for("a replica serves", S(90), || async {
+            let g = get_ok(&http(), &r.url("/api/x")).await;
+            (g.status == 200).then_some(g)
+        })
+        .await;
+        assert_eq!(g.status, 200, "{}", g.text());
+    }
+    stack.assert_no_reuse();
+    assert_eq!(
+        stack.refresh_grants(),
+        2,
+        "one grant per generation: {}",
+        pg.psql("SELECT generation, dead FROM tokenproxy_credentials")
+    );
 }

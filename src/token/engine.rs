@@ -759,6 +759,15 @@ impl Slot {
         let lock = &lock;
         let (on_disk, disk_identity) = self.read_record_raw(store).await?;
         let mine = self.control.lock().record.clone();
+        if let Some(disk) = &on_disk {
+            let seen_newer = mine
+                .as_ref()
+                .is_some_and(|m| m.family == disk.family && m.generation > disk.generation);
+            if seen_newer || lock.is_rolled_back(disk) {
+                ev.set_identity(disk);
+                return Err(self.rolled_back_failure(disk));
+            }
+        }
         let mut rec = match (on_disk, mine) {
             (Some(disk), Some(mine)) if disk.identity() != mine.identity() => {
                 // Someone else (another process, a login) moved on: adopt.
@@ -1125,6 +1134,17 @@ impl Slot {
         }
     }
 
+    /// The store holds an older generation of a family than one already
+    /// written: restored from a backup, or edited. Its token is spent.
+    fn rolled_back_failure(&self, disk: &Record) -> Failure {
+        tracing::error!(event = "store_rolled_back", credential = %self.name, family = %disk.family, generation = disk.generation, "The store holds an older generation than one already written");
+        self.dead_failure(
+            "invalid_grant",
+            "store_rolled_back",
+            format!("The store holds generation {} of this token family, but a newer generation was already written: the store was restored from an older backup or edited, and its refresh token is spent, so it is not presented (that would be a reuse); run `tokenproxy login` to start a new family.", disk.generation),
+        )
+    }
+
     /// No token set for this endpoint and client. `seed_spent`: the
     /// configured seed was consumed before (for another spelling or another
     /// endpoint), so it is not presented again.
@@ -1219,6 +1239,7 @@ impl Slot {
             .write_held(lock, &self.name, rec, prev, hold_for)
             .await;
         if r.is_ok() {
+            lock.note_written(rec);
             self.control.lock().unsaved = None;
         }
         r
@@ -1372,6 +1393,14 @@ impl Slot {
             }
         }
         match rec {
+            Some(r) if lock.is_rolled_back(&r) => {
+                let f = self.rolled_back_failure(&r);
+                self.control.lock().record = Some(r);
+                self.publish(Snapshot {
+                    token: None,
+                    dead: Some(Arc::new(f)),
+                });
+            }
             Some(r) => {
                 self.adopt(&r);
             }
@@ -1414,6 +1443,14 @@ impl Slot {
         let mine = self.control.lock().record.clone();
         if mine.as_ref().map(Record::identity) != Some(disk.identity()) {
             if self.control.lock().inflight.is_some() {
+                return;
+            }
+            if mine
+                .as_ref()
+                .is_some_and(|m| m.family == disk.family && m.generation > disk.generation)
+            {
+                // Older than what we hold (our rotation not yet saved, or a
+                // store restored from a backup): never go back to it.
                 return;
             }
             tracing::info!(event = "store_changed", credential = %self.name, family = %disk.family, generation = disk.generation, "Adopted a newer token set from the store");

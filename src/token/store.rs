@@ -176,6 +176,27 @@ pub enum StoreLock {
 }
 
 impl StoreLock {
+    /// Whether `rec` is older than a generation of its family already
+    /// written (a store restored from an older backup): presenting its
+    /// refresh token would be a reuse.
+    pub fn is_rolled_back(&self, rec: &Record) -> bool {
+        match self {
+            StoreLock::File(l) => l
+                .high_water()
+                .is_some_and(|(f, g)| f == rec.family && g > rec.generation),
+            StoreLock::Lease(_) => false,
+        }
+    }
+
+    /// Notes a durable write of `rec` (the file store's high-water mark).
+    pub fn note_written(&self, rec: &Record) {
+        if let StoreLock::File(l) = self {
+            if let Err(e) = l.raise_high_water(rec) {
+                tracing::warn!(event = "high_water_write_failed", error = %e, "Could not record the credential's newest generation beside the store");
+            }
+        }
+    }
+
     /// Releases at once (the file lock on drop; the lease with a round trip).
     pub async fn release(self) -> Result<(), StoreError> {
         match self {
@@ -339,10 +360,42 @@ impl std::fmt::Debug for FileStore {
     }
 }
 
-/// Held across a whole spend; dropping it releases the flock.
+/// Held across a whole spend; dropping it releases the flock. The lock
+/// file also keeps the credential's high-water mark (the newest family and
+/// generation written): it is not part of the store file, so restoring that
+/// file from a backup does not roll the mark back.
 #[derive(Debug)]
 pub struct CredentialLock {
-    _file: File,
+    file: File,
+}
+
+impl CredentialLock {
+    /// The newest (family, generation) written through this lock file.
+    pub fn high_water(&self) -> Option<(String, u64)> {
+        use std::io::{Read, Seek};
+        let mut text = String::new();
+        let mut f = &self.file;
+        f.seek(io::SeekFrom::Start(0)).ok()?;
+        f.read_to_string(&mut text).ok()?;
+        let (family, generation) = text.trim().split_once(' ')?;
+        Some((family.to_owned(), generation.parse().ok()?))
+    }
+
+    /// Records `rec` as the newest when it is (a new family, or a later
+    /// generation of the same one).
+    pub fn raise_high_water(&self, rec: &Record) -> io::Result<()> {
+        use std::io::Seek;
+        if let Some((family, generation)) = self.high_water() {
+            if family == rec.family && generation >= rec.generation {
+                return Ok(());
+            }
+        }
+        let mut f = &self.file;
+        f.set_len(0)?;
+        f.seek(io::SeekFrom::Start(0))?;
+        writeln!(f, "{} {}", rec.family, rec.generation)?;
+        f.sync_data()
+    }
 }
 
 impl FileStore {
@@ -404,7 +457,7 @@ impl FileStore {
                 path: PathBuf::new(),
                 source: io::Error::other(e),
             })?
-            .map(|f| CredentialLock { _file: f })
+            .map(|file| CredentialLock { file })
     }
 
     /// The credential's record, if any.
@@ -535,6 +588,7 @@ fn lock_file(path: &Path) -> Result<File, StoreError> {
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
+        .read(true)
         .write(true)
         .mode(0o600)
         .open(path)

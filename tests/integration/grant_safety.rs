@@ -416,3 +416,42 @@ async fn a_wall_clock_stepped_back_does_not_stretch_the_grace_window() {
     stack.assert_no_reuse();
     app.shutdown().await;
 }
+
+/// Path 6: a store restored from an older backup. The generation it holds
+/// was already rotated away; presenting its refresh token would be a reuse.
+/// Both a running process (which remembers the newer generation) and a
+/// restarted one (the high-water mark kept in the credential's lock file,
+/// which a restore of the store file does not roll back) refuse it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_restored_from_an_older_backup_is_never_presented() {
+    let stack = Stack::start(StackOpts::default()).await;
+    let app = App::start(&config_via(
+        &stack,
+        &stack.idp.token_url(),
+        "max_backoff = \"1s\"\n",
+    ))
+    .await
+    .expect("app starts");
+    let g = stack.wait_generation(1, S(10)).await;
+    let backup = std::fs::read(stack.store_path()).unwrap();
+    stack.wait_generation(g + 2, S(10)).await;
+    std::fs::write(stack.store_path(), &backup).unwrap();
+    let st = wait_state(&http(), app.admin_addr.unwrap(), "dead", S(10)).await;
+    assert_eq!(st["last_error"]["reason"], "store_rolled_back", "{st}");
+    app.shutdown().await;
+    stack.assert_no_reuse();
+
+    // A new process, the old backup still in place.
+    let app = App::start(&config_via(
+        &stack,
+        &stack.idp.token_url(),
+        "max_backoff = \"1s\"\n",
+    ))
+    .await
+    .expect("app starts");
+    let st = wait_state(&http(), app.admin_addr.unwrap(), "dead", S(5)).await;
+    assert_eq!(st["last_error"]["reason"], "store_rolled_back", "{st}");
+    tokio::time::sleep(S(2)).await;
+    stack.assert_no_reuse();
+    app.shutdown().await;
+}

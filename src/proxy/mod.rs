@@ -23,7 +23,9 @@ pub use body::{BodyIdleTimeout, BoxError, ProxyBody};
 pub use error::ProxyError;
 pub use forward::set_worker;
 pub use forward::ProxyBuildError;
+pub(crate) use headers::{host_of, is_cross_site, HostPolicy};
 pub use listener::{bind, serve, serve_shared, serve_with_permits, Listener, StdListener};
+pub(crate) use listener::{serve_guarded, Guards};
 
 /// The current proxy, swapped whole on reload.
 pub type SharedProxy = Arc<arc_swap::ArcSwap<Proxy>>;
@@ -33,8 +35,8 @@ use crate::token::RouteToken;
 use body::{empty, IdleTimeout};
 use error::X_REQUEST_ID;
 use forward::{cause_chain, ClientKey, HttpsConnect, Pool, Upstream};
-use headers::{HostPolicy, LinkRewriter};
-use http::header::{HOST, LINK, LOCATION, ORIGIN, WWW_AUTHENTICATE};
+use headers::LinkRewriter;
+use http::header::{HOST, LINK, LOCATION, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -47,7 +49,6 @@ use tokio::time::Instant;
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
 
 /// One configured route, ready to serve.
 struct Route {
@@ -561,17 +562,8 @@ impl Proxy {
 
     /// DNS rebinding and CSRF: a web page must not borrow our tokens.
     fn check_cross_site(&self, h: &HeaderMap) -> Result<(), ProxyError> {
-        if let Some(v) = h.get(&SEC_FETCH_SITE) {
-            let v = v.as_bytes();
-            if v.eq_ignore_ascii_case(b"cross-site") || v.eq_ignore_ascii_case(b"same-site") {
-                return Err(ProxyError::CrossSite);
-            }
-        }
-        if let Some(origin) = h.get(ORIGIN) {
-            match headers::origin_host(origin) {
-                Some(host) if self.hosts.allows(&host) => {}
-                _ => return Err(ProxyError::CrossSite),
-            }
+        if headers::is_cross_site(h, &self.hosts) {
+            return Err(ProxyError::CrossSite);
         }
         Ok(())
     }

@@ -1,5 +1,6 @@
 //! Integration tests over real sockets, one binary (a module per area).
 
+mod admin_surface;
 mod browser;
 mod cli;
 mod doctor;

@@ -1,0 +1,228 @@
+//! The admin listener as an attacker sees it (issue #17): a rebinding Host,
+//! cross-site browser requests, slow or oversized clients. Raw sockets; the
+//! dev IdP's grant count is the oracle that nothing was refreshed.
+
+use crate::harness::{Stack, StackOpts, CRED};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Writes `bytes`, then reads until the peer closes or `wait` passes.
+async fn exchange(addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status_of(out: &str) -> u16 {
+    out.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// One request on its own connection; `headers` end with `\r\n` each.
+async fn admin(addr: SocketAddr, method: &str, path: &str, headers: &str) -> String {
+    let len = if method == "POST" {
+        "Content-Length: 0\r\n"
+    } else {
+        ""
+    };
+    let raw = format!("{method} {path} HTTP/1.1\r\n{headers}{len}Connection: close\r\n\r\n");
+    exchange(addr, raw.as_bytes(), Duration::from_secs(15)).await
+}
+
+/// Hour-long tokens: the engine refreshes nothing by itself.
+fn quiet() -> StackOpts {
+    StackOpts {
+        access_ttl: Duration::from_secs(3600),
+        ..StackOpts::default()
+    }
+}
+
+/// The first token is in: later refresh grants are the test's doing.
+async fn started(stack: &Stack, cfg: tokenproxy::config::Config) -> tokenproxy::app::App {
+    let app = tokenproxy::app::App::start(&cfg).await.expect("app starts");
+    stack.wait_generation(0, Duration::from_secs(10)).await;
+    app
+}
+
+#[tokio::test]
+async fn admin_refuses_a_foreign_host_on_every_endpoint() {
+    let stack = Stack::start(quiet()).await;
+    let app = started(&stack, stack.config("")).await;
+    let addr = app.admin_addr.unwrap();
+    let grants = stack.idp.grant_count("refresh_token");
+    let refresh = format!("/credentials/{CRED}/refresh");
+    let login = format!("/login/{CRED}");
+    let cases = [
+        ("GET", "/"),
+        ("GET", "/credentials"),
+        ("GET", "/credentials/user"),
+        ("POST", refresh.as_str()),
+        ("POST", "/reload"),
+        ("GET", login.as_str()),
+        ("GET", "/callback"),
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+        ("GET", "/metrics"),
+    ];
+    for (method, path) in cases {
+        let out = admin(
+            addr,
+            method,
+            path,
+            "Host: evil.example:9901\r\nx-tokenproxy-admin: 1\r\n",
+        )
+        .await;
+        assert_eq!(status_of(&out), 421, "{method} {path}: {out}");
+        assert!(out.contains("host_not_allowed"), "{method} {path}: {out}");
+    }
+    assert_eq!(
+        stack.idp.grant_count("refresh_token"),
+        grants,
+        "a refused refresh reached the IdP"
+    );
+    // Its own address and localhost still work.
+    for host in [addr.to_string(), format!("localhost:{}", addr.port())] {
+        let out = admin(addr, "GET", "/credentials", &format!("Host: {host}\r\n")).await;
+        assert_eq!(status_of(&out), 200, "{host}: {out}");
+    }
+    let out = admin(
+        addr,
+        "POST",
+        &refresh,
+        &format!("Host: {addr}\r\nx-tokenproxy-admin: 1\r\n"),
+    )
+    .await;
+    assert_eq!(status_of(&out), 200, "{out}");
+    assert_eq!(stack.idp.grant_count("refresh_token"), grants + 1);
+    // kubelet and Prometheus dial the pod IP: an IP literal reaches the
+    // probes (a rebinding page always sends its own name), nothing else.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let out = admin(addr, "GET", path, "Host: 10.1.2.3:9901\r\n").await;
+        assert_eq!(status_of(&out), 200, "{path}: {out}");
+    }
+    let out = admin(addr, "GET", "/credentials", "Host: 10.1.2.3:9901\r\n").await;
+    assert_eq!(status_of(&out), 421, "{out}");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_refuses_cross_site_state_changes_even_with_the_header() {
+    let stack = Stack::start(quiet()).await;
+    let app = started(&stack, stack.config("")).await;
+    let addr = app.admin_addr.unwrap();
+    let grants = stack.idp.grant_count("refresh_token");
+    let refresh = format!("/credentials/{CRED}/refresh");
+    for path in [refresh.as_str(), "/reload"] {
+        for extra in [
+            "Sec-Fetch-Site: cross-site\r\n",
+            "Sec-Fetch-Site: same-site\r\n",
+            "Origin: http://evil.example\r\n",
+            "Origin: null\r\n",
+        ] {
+            let out = admin(
+                addr,
+                "POST",
+                path,
+                &format!("Host: {addr}\r\nx-tokenproxy-admin: 1\r\n{extra}"),
+            )
+            .await;
+            assert_eq!(status_of(&out), 403, "{path} {extra}: {out}");
+        }
+    }
+    assert_eq!(stack.idp.grant_count("refresh_token"), grants);
+    // Its own origin, with the header, is fine.
+    let out = admin(
+        addr,
+        "POST",
+        &refresh,
+        &format!("Host: {addr}\r\nOrigin: http://{addr}\r\nSec-Fetch-Site: same-origin\r\nx-tokenproxy-admin: 1\r\n"),
+    )
+    .await;
+    assert_eq!(status_of(&out), 200, "{out}");
+    assert_eq!(stack.idp.grant_count("refresh_token"), grants + 1);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_slowloris_is_cut_and_big_bodies_refused() {
+    let stack = Stack::start(quiet()).await;
+    let mut cfg = stack.config("");
+    cfg.server.header_read_timeout = Duration::from_secs(1);
+    let app = started(&stack, cfg).await;
+    let addr = app.admin_addr.unwrap();
+
+    // A head that never ends, one line a second.
+    let started = Instant::now();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET /credentials HTTP/1.1\r\nHost: {addr}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut cut = None;
+    for i in 0..10 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut buf = [0u8; 512];
+        if s.write_all(format!("X-{i}: v\r\n").as_bytes())
+            .await
+            .is_err()
+        {
+            cut = Some(started.elapsed());
+            break;
+        }
+        if tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf))
+            .await
+            .is_ok()
+        {
+            cut = Some(started.elapsed());
+            break;
+        }
+    }
+    let cut = cut.expect("the slow admin connection was never cut");
+    assert!(cut < Duration::from_secs(4), "cut only after {cut:?}");
+
+    // An idle connection goes too.
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(4), idle.read(&mut buf)).await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "{r:?}");
+
+    // A body bigger than any admin form is refused, unread.
+    let out = exchange(
+        addr,
+        format!("POST /reload HTTP/1.1\r\nHost: {addr}\r\nx-tokenproxy-admin: 1\r\nContent-Length: 10000000\r\nConnection: close\r\n\r\nxxxx").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status_of(&out), 413, "{out}");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn readyz_does_not_read_the_store_on_every_probe() {
+    let stack = Stack::start(quiet()).await;
+    let app = started(&stack, stack.config("")).await;
+    let addr = app.admin_addr.unwrap();
+    let before = app.live.ready.store_reads();
+    for _ in 0..20 {
+        let out = admin(addr, "GET", "/readyz", &format!("Host: {addr}\r\n")).await;
+        assert_eq!(status_of(&out), 200, "{out}");
+    }
+    let reads = app.live.ready.store_reads() - before;
+    assert!(reads <= 1, "20 probes read the store {reads} times");
+    // A changed store file is checked again.
+    let out = admin(
+        addr,
+        "POST",
+        &format!("/credentials/{CRED}/refresh"),
+        &format!("Host: {addr}\r\nx-tokenproxy-admin: 1\r\n"),
+    )
+    .await;
+    assert_eq!(status_of(&out), 200, "{out}");
+    let before = app.live.ready.store_reads();
+    let out = admin(addr, "GET", "/readyz", &format!("Host: {addr}\r\n")).await;
+    assert_eq!(status_of(&out), 200, "{out}");
+    assert_eq!(app.live.ready.store_reads(), before + 1);
+    app.shutdown().await;
+}

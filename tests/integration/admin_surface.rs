@@ -226,3 +226,104 @@ async fn readyz_does_not_read_the_store_on_every_probe() {
     assert_eq!(app.live.ready.store_reads(), before + 1);
     app.shutdown().await;
 }
+
+fn header_of<'a>(out: &'a str, name: &str) -> Option<&'a str> {
+    let head = out.split("\r\n\r\n").next()?;
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+#[tokio::test]
+async fn a_forced_login_needs_a_post_with_the_pages_csrf_token() {
+    let stack = Stack::start(quiet()).await;
+    let extra = format!(
+        "authorize_url = \"{}/authorize\"\nredirect_uri = \"http://127.0.0.1:9901/callback\"\n",
+        stack.idp.url()
+    );
+    let app = started(&stack, stack.config(&extra)).await;
+    let addr = app.admin_addr.unwrap();
+    let host = format!("Host: {addr}\r\n");
+    let path = format!("/login/{CRED}");
+    let to_idp =
+        |out: &str| header_of(out, "location").is_some_and(|l| l.starts_with(&stack.idp.url()));
+
+    // The family works: a plain start is refused, and a GET with force is
+    // only a page (an <img> or a link elsewhere starts nothing).
+    let out = admin(addr, "GET", &path, &host).await;
+    assert_eq!(status_of(&out), 409, "{out}");
+    let out = admin(addr, "GET", &format!("{path}?force=1"), &host).await;
+    assert_eq!(status_of(&out), 200, "{out}");
+    assert!(!to_idp(&out), "a GET started a forced login: {out}");
+    let csp = header_of(&out, "content-security-policy").unwrap_or("");
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    let csrf = out
+        .split("name=csrf value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("a csrf field")
+        .to_owned();
+    let cookie = header_of(&out, "set-cookie")
+        .and_then(|c| c.split(';').next())
+        .expect("a cookie")
+        .to_owned();
+    // Cross-site, even a forced GET gets no page.
+    let out = admin(
+        addr,
+        "GET",
+        &format!("{path}?force=1"),
+        &format!("{host}Sec-Fetch-Site: cross-site\r\n"),
+    )
+    .await;
+    assert_eq!(status_of(&out), 403, "{out}");
+
+    let post = |headers: String, body: String| {
+        let raw = format!(
+            "POST {path} HTTP/1.1\r\n{host}{headers}Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        async move { exchange(addr, raw.as_bytes(), Duration::from_secs(10)).await }
+    };
+    let form = format!("csrf={csrf}&force=1");
+    let cookie_h = format!("Cookie: {cookie}\r\n");
+    let refused = [
+        // No token, a wrong one, no cookie, another browser's cookie.
+        (cookie_h.clone(), "force=1".to_owned()),
+        (
+            cookie_h.clone(),
+            "csrf=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA&force=1".to_owned(),
+        ),
+        (String::new(), form.clone()),
+        (
+            "Cookie: tokenproxy_login=someone-else\r\n".to_owned(),
+            form.clone(),
+        ),
+        // The right ones, sent by another site.
+        (
+            format!("{cookie_h}Origin: http://evil.example\r\n"),
+            form.clone(),
+        ),
+        (
+            format!("{cookie_h}Sec-Fetch-Site: cross-site\r\n"),
+            form.clone(),
+        ),
+    ];
+    for (headers, body) in refused {
+        let out = post(headers.clone(), body.clone()).await;
+        assert_eq!(status_of(&out), 403, "{headers} {body}: {out}");
+        assert!(!to_idp(&out), "{out}");
+    }
+    // From the page, in the same browser: on to the IdP, once.
+    let out = post(
+        format!("{cookie_h}Origin: http://{addr}\r\nSec-Fetch-Site: same-origin\r\n"),
+        form.clone(),
+    )
+    .await;
+    assert_eq!(status_of(&out), 302, "{out}");
+    assert!(to_idp(&out), "{out}");
+    let out = post(cookie_h.clone(), form.clone()).await;
+    assert_eq!(status_of(&out), 403, "a csrf token is single-use: {out}");
+    assert_eq!(stack.idp.grant_count("authorization_code"), 0);
+    app.shutdown().await;
+}

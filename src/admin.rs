@@ -155,10 +155,19 @@ pub async fn handle_with_body(req: Request<Bytes>, live: &Live, loopback: bool) 
         if path == "/reload" {
             return match live.reload().await {
                 Ok(()) => json(StatusCode::OK, serde_json::json!({"reloaded": true})),
-                Err(e) => json(
+                // Validation errors are for the operator who asked (file,
+                // line, key; secrets redacted); any other cause goes to the log.
+                Err(crate::app::AppError::Config(errors)) => json(
                     StatusCode::UNPROCESSABLE_ENTITY,
-                    serde_json::json!({"reloaded": false, "error": "config_rejected", "message": crate::error_chain(&e)}),
+                    serde_json::json!({"reloaded": false, "error": "config_rejected", "message": errors.to_string()}),
                 ),
+                Err(e) => {
+                    tracing::error!(error = %crate::error_chain(&e), "Reload failed; keeping the running configuration");
+                    json(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        serde_json::json!({"reloaded": false, "error": "reload_failed", "message": "the new configuration could not be applied; the log says why"}),
+                    )
+                }
             };
         }
         if let Some(name) = path
@@ -355,9 +364,11 @@ fn readyz(live: &Live) -> AdminResponse {
     // fleet out of service while cached tokens serve (/credentials says so).
     if needs_store && config.store.kind == crate::config::StoreKind::File {
         if let Some(e) = live.ready.check(&config) {
+            // The path and the cause go to the log, not to whoever probes.
+            tracing::warn!(error = %crate::error_chain(&e), "Store unreadable: not ready");
             return json(
                 StatusCode::SERVICE_UNAVAILABLE,
-                serde_json::json!({"ready": false, "reason": "store_unavailable", "message": crate::error_chain(&e)}),
+                serde_json::json!({"ready": false, "reason": "store_unavailable", "message": "the token store cannot be read; the log says why"}),
             );
         }
     }

@@ -355,7 +355,10 @@ pub fn parse_callback(input: &str) -> Callback {
             "code" => cb.code = Some(Secret::new(v.into_owned())),
             "state" => cb.state = Some(v.into_owned()),
             "error" => cb.error = Some(sanitize(&v, 64)),
-            "error_description" => cb.error_description = Some(sanitize(&v, 300)),
+            // Shown on a page and logged: scrubbed like the log's fields.
+            "error_description" => {
+                cb.error_description = Some(grant::scrub(&sanitize(&v, 300), &[]))
+            }
             "iss" => cb.iss = Some(sanitize(&v, 200)),
             _ => {}
         }
@@ -1570,5 +1573,12 @@ mod tests {
         let cb = parse_callback("error=access_denied&error_description=%3Cb%3Ex%3C%2Fb%3E");
         assert_eq!(cb.error.as_deref(), Some("access_denied"));
         assert_eq!(cb.error_description.as_deref(), Some("<b>x</b>"));
+        let cb = parse_callback(
+            "error=invalid_request&error_description=bad+refresh_token+rt-9fQ2xLmZ81aB7cD3eF5g",
+        );
+        assert_eq!(
+            cb.error_description.as_deref(),
+            Some("bad refresh_token [redacted]")
+        );
     }
 }

@@ -327,3 +327,109 @@ async fn a_forced_login_needs_a_post_with_the_pages_csrf_token() {
     assert_eq!(stack.idp.grant_count("authorization_code"), 0);
     app.shutdown().await;
 }
+
+const EGRESS_PW: &str = "egress-pw-Q9zR";
+const UPSTREAM_PW: &str = "upstream-pw-7Kx";
+
+#[tokio::test]
+async fn check_refuses_upstream_userinfo_and_never_echoes_a_url_password() {
+    let stack = Stack::start(quiet()).await;
+    let base = stack.toml(18080, 19901, "");
+    let cases = [
+        // The password would reach the upstream's Host header and the page.
+        base.replace(
+            &format!("upstream = \"{}/\"", stack.echo.url()),
+            &format!("upstream = \"https://upuser:{UPSTREAM_PW}@api.example/\""),
+        ),
+        // Config errors that echo a URL.
+        base.replace(
+            "[admin]",
+            &format!("egress_proxy = \"socks5://proxyuser:{EGRESS_PW}@proxy:1080\"\n\n[admin]"),
+        ),
+        base.replace(
+            "[admin]",
+            &format!("egress_proxy = \"http://proxyuser:{EGRESS_PW}@pro xy:1080\"\n\n[admin]"),
+        ),
+        base.replace(
+            &format!("upstream = \"{}/\"", stack.echo.url()),
+            &format!("upstream = \"http://upuser:{UPSTREAM_PW}@10.9.8.7/\""),
+        ),
+    ];
+    for (i, text) in cases.iter().enumerate() {
+        assert!(
+            text.contains("_PW") || text.contains("-pw-"),
+            "case {i} changed nothing"
+        );
+        let path = stack.dir.path().join(format!("check{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let run = crate::harness::run_cli(&["check", "-c", path.to_str().unwrap()]);
+        assert_eq!(run.code, Some(64), "case {i}: {}", run.text());
+        for secret in [EGRESS_PW, UPSTREAM_PW] {
+            assert!(!run.text().contains(secret), "case {i}: {}", run.text());
+        }
+    }
+}
+
+#[tokio::test]
+async fn secrets_never_reach_error_bodies_the_status_page_or_metrics() {
+    let stack = Stack::start(quiet()).await;
+    let mut cfg = stack.config("");
+    // Loopback goes direct, so the proxy is never dialled.
+    cfg.server.egress_proxy = Some(
+        format!("http://proxyuser:{EGRESS_PW}@127.0.0.1:3128")
+            .parse()
+            .unwrap(),
+    );
+    let app = started(&stack, cfg).await;
+    let admin_addr = app.admin_addr.unwrap();
+    let proxy = app.proxy_addr.unwrap();
+    let mut seen = Vec::new();
+    let get = |addr: SocketAddr, path: &str, headers: String| {
+        let raw = format!("GET {path} HTTP/1.1\r\n{headers}Connection: close\r\n\r\n");
+        async move { exchange(addr, raw.as_bytes(), Duration::from_secs(10)).await }
+    };
+    let host = format!("Host: {proxy}\r\n");
+    for (path, headers, status) in [
+        ("/api/x", host.clone(), 200),
+        ("/nowhere", host.clone(), 404),
+        ("/api/x", "Host: evil.example\r\n".to_owned(), 421),
+        (
+            "/api/x",
+            format!("{host}Origin: http://evil.example\r\n"),
+            403,
+        ),
+    ] {
+        let out = get(proxy, path, headers).await;
+        assert_eq!(status_of(&out), status, "{path}: {out}");
+        seen.push(out);
+    }
+    let host = format!("Host: {admin_addr}\r\n");
+    for path in ["/", "/credentials", "/metrics", "/readyz", "/login/nobody"] {
+        seen.push(get(admin_addr, path, host.clone()).await);
+    }
+    // A store that cannot be read: the probe says so, not where it is.
+    std::fs::write(stack.store_path(), b"{ not json").unwrap();
+    let out = get(admin_addr, "/readyz", host.clone()).await;
+    assert_eq!(status_of(&out), 503, "{out}");
+    assert!(out.contains("store_unavailable"), "{out}");
+    seen.push(out);
+
+    let mut secrets = stack.secrets();
+    secrets.extend([EGRESS_PW.to_owned(), "proxyuser".to_owned()]);
+    let store = stack.store_path().display().to_string();
+    for out in &seen {
+        for s in &secrets {
+            assert!(
+                !out.contains(s.as_str()),
+                "a secret ({}...) in {out}",
+                &s[..4]
+            );
+        }
+        // Pages name the config file (for people); nothing names the store.
+        assert!(
+            !out.contains(&store) && !out.contains("tokens.json"),
+            "{out}"
+        );
+    }
+    app.shutdown().await;
+}

@@ -417,10 +417,18 @@ impl Proxy {
                 .is_some_and(|max| replayable_body(&parts.headers, has_body, max));
         let (out_body, buffered) = if replayable && has_body {
             let max = route.replay_max_body.unwrap_or(0) as usize;
+            // The same idle timeout as a streamed body: a stalled client
+            // must not hold the request (and its token) forever.
+            let body = IdleTimeout::new(body, route.idle_timeout);
             match http_body_util::Limited::new(body, max).collect().await {
                 Ok(c) => {
                     let bytes = c.to_bytes();
                     (body::full(bytes.clone()), Some(bytes))
+                }
+                Err(e) if e.is::<BodyIdleTimeout>() => {
+                    return Err(ProxyError::BadRequest(
+                        "request body idle for longer than the route's idle_timeout",
+                    ))
                 }
                 Err(_) => {
                     return Err(ProxyError::BadRequest(
@@ -538,6 +546,7 @@ impl Proxy {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             let (mut parts, _) = resp.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers, true);
+            parts.headers.remove(&error::X_TOKENPROXY_ERROR);
             parts.version = Version::HTTP_11;
             forward::spawn_tunnel(client_upgrade, upstream_upgrade, request_id.clone());
             return Ok(Response::from_parts(parts, empty()));
@@ -545,8 +554,15 @@ impl Proxy {
 
         let (mut parts, body) = resp.into_parts();
         if !body.hop_by_hop_stripped() {
+            // RFC 9112 §6.3: hyper decodes the chunks but keeps the length
+            // header, which would misframe the body we send on.
+            if parts.headers.contains_key(http::header::TRANSFER_ENCODING) {
+                parts.headers.remove(http::header::CONTENT_LENGTH);
+            }
             headers::strip_hop_by_hop(&mut parts.headers, false);
         }
+        // Only the proxy says a response is its own error.
+        parts.headers.remove(&error::X_TOKENPROXY_ERROR);
         parts.version = Version::HTTP_11;
         rewrite_links(
             &mut parts.headers,

@@ -7,6 +7,7 @@ mod doctor;
 mod egress;
 mod engine;
 mod fleet;
+mod framing;
 mod harness;
 mod hostile;
 mod idp_faults;

@@ -805,7 +805,14 @@ pub fn error_page(credential: Option<&str>, e: &LoginError) -> Response<Full<Byt
         Some(c) => format!("Login failed for {c}"),
         None => "Login failed".into(),
     };
-    page(status, &title, &[e.to_string(), e.fix()])
+    let message = match e {
+        // The store's path and cause are for the log, not the page.
+        LoginError::Install(i) if !matches!(i, InstallError::FamilyStillWorks(..)) => {
+            "the new token family could not be stored; the log says why".to_owned()
+        }
+        e => e.to_string(),
+    };
+    page(status, &title, &[message, e.fix()])
 }
 
 fn log_failure(credential: Option<&str>, e: &LoginError) {
@@ -813,7 +820,7 @@ fn log_failure(credential: Option<&str>, e: &LoginError) {
         event = "login_failed",
         credential = credential.unwrap_or(""),
         reason = e.code(),
-        error = %e,
+        error = %crate::error_chain(e),
         "Login failed"
     );
 }

@@ -694,3 +694,22 @@ async fn cli_login_goes_through_a_running_proxy() {
     assert_eq!(r.status(), 200);
     assert_eq!(env.idp.reuse_count(), 0);
 }
+
+#[tokio::test]
+async fn a_failed_install_names_no_store_path_on_the_page() {
+    let env = started(options(None, Duration::from_secs(60)), SECRET).await;
+    let s = start_login(&env, "").await;
+    let cb = authorize(&env, &s.idp_url).await;
+    // The store cannot be written: a directory where the file goes.
+    let store = env.store_path();
+    let _ = std::fs::remove_file(&store);
+    std::fs::create_dir(&store).unwrap();
+    let (r, body) = callback(&env, &cb, Some(&s.cookie)).await;
+    assert_eq!(r.status(), 500, "{body}");
+    assert!(!body.contains("tokens.json"), "{body}");
+    assert!(
+        !body.contains(&env.dir.path().display().to_string()),
+        "{body}"
+    );
+    assert!(body.contains("log"), "{body}");
+}

@@ -6,7 +6,9 @@
 //! default; off loopback, everything but `/healthz`, `/readyz` and
 //! `/metrics` needs `admin.token`. Mutating endpoints take only POST with the
 //! token or the `x-tokenproxy-admin` header, which a browser cannot send
-//! cross-site without a preflight (no CSRF).
+//! cross-site without a preflight (no CSRF); a cross-site mark (`Sec-Fetch-Site`,
+//! a foreign `Origin`) refuses them anyway, and a `Host` that is not ours gets
+//! `421` (DNS rebinding). Connections get the data path's guards.
 
 use crate::app::Live;
 use crate::metrics::metrics;

@@ -4,6 +4,7 @@
 //! graceful shutdown.
 //!
 //! Hands each request to [`Proxy::handle`]; decides nothing about requests.
+//! [`serve_guarded`] lends the same connection guards to the admin listener.
 
 use super::{
     forward, BoxError, ConnInfo, Proxy, ProxyBody, ProxyBuildError, ProxyError, SharedProxy,

@@ -6,7 +6,9 @@
 //! default; off loopback, everything but `/healthz`, `/readyz` and
 //! `/metrics` needs `admin.token`. Mutating endpoints take only POST with the
 //! token or the `x-tokenproxy-admin` header, which a browser cannot send
-//! cross-site without a preflight (no CSRF).
+//! cross-site without a preflight (no CSRF); a cross-site mark (`Sec-Fetch-Site`,
+//! a foreign `Origin`) refuses them anyway, and a `Host` that is not ours gets
+//! `421` (DNS rebinding). Connections get the data path's guards.
 
 use crate::app::Live;
 use crate::metrics::metrics;
@@ -15,12 +17,10 @@ use crate::token::engine::SlotStatus;
 use crate::token::store::FileStore;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt as _;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use std::convert::Infallible;
+use hyper_util::rt::TokioExecutor;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -31,59 +31,95 @@ pub const ADMIN_HEADER: &str = "x-tokenproxy-admin";
 
 type AdminResponse = Response<Full<Bytes>>;
 
-/// Serves until `shutdown`.
+/// Request bodies above this are refused unread: the biggest admin body is
+/// the login confirmation form.
+pub const MAX_BODY: usize = 16 * 1024;
+/// Connections at once: the admin API serves people, probes and scrapers.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Serves until `shutdown`, with the data path's connection guards: the
+/// header read and keep-alive timeouts and head limits of `[server]`, a
+/// connection cap and a body cap.
 pub async fn serve(listener: Listener, live: Arc<Live>, shutdown: CancellationToken) {
-    loop {
-        let (io, loopback): (Box<dyn Io>, bool) = match &listener {
-            Listener::Tcp(l) => {
-                let accepted = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    a = l.accept() => a,
-                };
-                match accepted {
-                    Ok((s, peer)) => (Box::new(s), peer.ip().to_canonical().is_loopback()),
-                    Err(_) => {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                }
-            }
-            Listener::Unix(l) => {
-                let accepted = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    a = l.accept() => a,
-                };
-                match accepted {
-                    // A unix socket is as local as loopback.
-                    Ok((s, _)) => (Box::new(s), true),
-                    Err(_) => {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                }
-            }
-        };
+    let server = live.config.load().server.clone();
+    let guards = crate::proxy::Guards {
+        max_connections: MAX_CONNECTIONS,
+        header_read_timeout: server.header_read_timeout,
+        keepalive_timeout: server.keepalive_timeout,
+        max_header_bytes: server.max_header_bytes,
+        max_headers: server.max_headers,
+    };
+    let handler = move |req: Request<Incoming>, local: bool, conflict: bool| {
         let live = live.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let live = live.clone();
-                async move { Ok::<_, Infallible>(handle::<Incoming>(req, &live, loopback).await) }
-            });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(io), svc)
-                .await;
-        });
+        async move {
+            let resp = if conflict {
+                json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": "bad_request", "message": "Content-Length and Transfer-Encoding together"}),
+                )
+            } else {
+                match read_body(req).await {
+                    Ok(req) => handle_with_body(req, &live, local).await,
+                    Err(r) => r,
+                }
+            };
+            resp.map(|b| b.map_err(|never| match never {}).boxed())
+        }
+    };
+    crate::proxy::serve_guarded(listener, guards, shutdown, handler).await
+}
+
+/// The body, up to [`MAX_BODY`], else a `413` (or `400` when it fails).
+async fn read_body(req: Request<Incoming>) -> Result<Request<Bytes>, AdminResponse> {
+    use http_body_util::BodyExt;
+    let too_big = || {
+        json(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            serde_json::json!({"error": "body_too_large", "message": format!("admin request bodies are limited to {MAX_BODY} bytes")}),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        let mut r = too_big();
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Err(r);
+    }
+    let (parts, body) = req.into_parts();
+    match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+        Ok(c) => Ok(Request::from_parts(parts, c.to_bytes())),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_big()),
+        Err(_) => Err(json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": "bad_request", "message": "the request body failed"}),
+        )),
     }
 }
 
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
-
-/// One admin request. `loopback`: whether the peer is on this host (a
-/// unix socket counts). Reads no request body.
+/// One admin request without its body (as [`handle_with_body`]).
+/// `loopback`: whether the peer is on this host (a unix socket counts).
 pub async fn handle<B>(req: Request<B>, live: &Live, loopback: bool) -> AdminResponse {
+    handle_with_body(req.map(|_| Bytes::new()), live, loopback).await
+}
+
+/// One admin request, its body read (at most [`MAX_BODY`]).
+pub async fn handle_with_body(req: Request<Bytes>, live: &Live, loopback: bool) -> AdminResponse {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
+    let config = live.config.load_full();
+    let token_ok = has_admin_token(&req, config.admin.token.as_ref());
+    let probe = matches!(
+        (method.as_str(), path.as_str()),
+        ("GET" | "HEAD", "/healthz" | "/readyz") | ("GET", "/metrics")
+    );
+    // DNS rebinding: a page on evil.example whose name now resolves to us.
+    if let Some(refused) = check_host(&req, &config, probe || token_ok) {
+        return refused;
+    }
     // Open to kubelet probes and Prometheus on the pod IP.
     match (method.as_str(), path.as_str()) {
         ("GET" | "HEAD", "/healthz") => return text(StatusCode::OK, "ok\n"),
@@ -91,12 +127,20 @@ pub async fn handle<B>(req: Request<B>, live: &Live, loopback: bool) -> AdminRes
         ("GET", "/metrics") => return metrics_page(live),
         _ => {}
     }
-    let config = live.config.load_full();
-    let token_ok = has_admin_token(&req, config.admin.token.as_ref());
     if !loopback && !token_ok {
         return json(
             StatusCode::UNAUTHORIZED,
             serde_json::json!({"error": "unauthorized", "message": "off loopback, send Authorization: Bearer <admin.token>"}),
+        );
+    }
+    // A browser page elsewhere must not change state here, whatever else
+    // it manages to send; starting a login counts (the callback is the
+    // IdP's cross-site redirect, bound to its state and cookie instead).
+    let starts_something = method == Method::POST || path.starts_with("/login/");
+    if starts_something && crate::proxy::is_cross_site(req.headers(), &admin_hosts(&config)) {
+        return json(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({"error": "cross_site_request", "message": "cross-site browser requests are refused"}),
         );
     }
     // The browser login flow: GET only, state bound to a cookie.
@@ -113,10 +157,19 @@ pub async fn handle<B>(req: Request<B>, live: &Live, loopback: bool) -> AdminRes
         if path == "/reload" {
             return match live.reload().await {
                 Ok(()) => json(StatusCode::OK, serde_json::json!({"reloaded": true})),
-                Err(e) => json(
+                // Validation errors are for the operator who asked (file,
+                // line, key; secrets redacted); any other cause goes to the log.
+                Err(crate::app::AppError::Config(errors)) => json(
                     StatusCode::UNPROCESSABLE_ENTITY,
-                    serde_json::json!({"reloaded": false, "error": "config_rejected", "message": crate::error_chain(&e)}),
+                    serde_json::json!({"reloaded": false, "error": "config_rejected", "message": errors.to_string()}),
                 ),
+                Err(e) => {
+                    tracing::error!(error = %crate::error_chain(&e), "Reload failed; keeping the running configuration");
+                    json(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        serde_json::json!({"reloaded": false, "error": "reload_failed", "message": "the new configuration could not be applied; the log says why"}),
+                    )
+                }
             };
         }
         if let Some(name) = path
@@ -168,6 +221,71 @@ pub async fn handle<B>(req: Request<B>, live: &Live, loopback: bool) -> AdminRes
     }
 }
 
+/// Which `Host` values reach the admin API: loopback names, the listen
+/// addresses (admin and proxy) and `server.hosts`.
+fn admin_hosts(config: &crate::config::Config) -> crate::proxy::HostPolicy {
+    let mut names = config.server.hosts.clone();
+    for l in config.server.listen.iter().chain([&config.admin.listen]) {
+        if let crate::config::ListenAddr::Tcp(a) = l {
+            if !a.ip().is_unspecified() {
+                names.push(crate::proxy::HostPolicy::ip_name(a.ip()));
+            }
+        }
+    }
+    crate::proxy::HostPolicy::new(names)
+}
+
+/// `421` for a foreign `Host`, `400` for two or a malformed one. No `Host`
+/// at all (HTTP/1.0 tools) passes: a browser always sends one. Probes and
+/// requests with the admin token also take an IP literal (kubelet,
+/// Prometheus and operators dial the pod IP): a rebinding page always sends
+/// its own name, and cannot attach the token.
+fn check_host<B>(
+    req: &Request<B>,
+    config: &crate::config::Config,
+    ip_literal_ok: bool,
+) -> Option<AdminResponse> {
+    let mut all = req.headers().get_all(header::HOST).iter();
+    let value = match (all.next(), all.next()) {
+        (_, Some(_)) => return Some(bad_host("more than one Host header")),
+        (Some(v), None) => v.to_str().ok().map(str::to_owned),
+        (None, None) => match req.uri().authority() {
+            Some(a) => Some(a.as_str().to_owned()),
+            None => return None,
+        },
+    };
+    let Some(value) = value else {
+        return Some(bad_host("malformed Host"));
+    };
+    let Some(host) = crate::proxy::host_of(&value) else {
+        return Some(bad_host("malformed Host"));
+    };
+    let ip_literal = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .is_ok();
+    if (ip_literal_ok && ip_literal) || admin_hosts(config).allows(&host) {
+        return None;
+    }
+    let mut r = json(
+        StatusCode::MISDIRECTED_REQUEST,
+        serde_json::json!({"error": "host_not_allowed", "message": "this Host is not one of the admin listener's names; add it to server.hosts"}),
+    );
+    r.headers_mut().insert(
+        crate::proxy::error::X_TOKENPROXY_ERROR.clone(),
+        HeaderValue::from_static("host_not_allowed"),
+    );
+    Some(r)
+}
+
+fn bad_host(message: &'static str) -> AdminResponse {
+    json(
+        StatusCode::BAD_REQUEST,
+        serde_json::json!({"error": "bad_request", "message": message}),
+    )
+}
+
 /// Constant-time comparison of `Authorization: Bearer <token>`.
 fn has_admin_token<B>(req: &Request<B>, token: Option<&crate::secret::Secret>) -> bool {
     let Some(token) = token else {
@@ -185,6 +303,57 @@ fn has_admin_token<B>(req: &Request<B>, token: Option<&crate::secret::Secret>) -
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// `/readyz`'s view of the file store: a probe every few seconds must not
+/// read, parse and unseal the whole store. The full read runs again only
+/// when the file (size, mtime, inode) or the config changed since it last
+/// succeeded; a stat is all a probe costs otherwise.
+#[derive(Default)]
+pub struct ReadyCache {
+    /// Full reads of the store, for tests.
+    reads: std::sync::atomic::AtomicU64,
+    // A sync mutex: held for a compare or a store, never across an await.
+    last_ok: parking_lot::Mutex<Option<(StoreStamp, Arc<crate::config::Config>)>>,
+}
+
+/// What a stat says of the store file (None: absent, which reads as empty).
+type StoreStamp = Option<(u64, Option<SystemTime>, u64, u64)>;
+
+impl ReadyCache {
+    pub fn store_reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// None when the store reads fine, else why not.
+    fn check(
+        &self,
+        config: &Arc<crate::config::Config>,
+    ) -> Option<crate::token::store::StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let stamp: Option<StoreStamp> = match std::fs::metadata(&config.store.path) {
+            Ok(m) if m.is_file() => Some(Some((m.len(), m.modified().ok(), m.ino(), m.dev()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(None),
+            // A directory or an error: read it and say why.
+            _ => None,
+        };
+        if let (Some(stamp), Some((seen, cfg))) = (&stamp, &*self.last_ok.lock()) {
+            if stamp == seen && Arc::ptr_eq(cfg, config) {
+                return None;
+            }
+        }
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        match FileStore::open_config(&config.store) {
+            Ok(_) => {
+                *self.last_ok.lock() = stamp.map(|s| (s, config.clone()));
+                None
+            }
+            Err(e) => {
+                *self.last_ok.lock() = None;
+                Some(e)
+            }
+        }
+    }
+}
+
 /// Config loaded and listeners bound (we are answering); the store opens;
 /// with `ready_requires_tokens`, every credential has a usable token.
 fn readyz(live: &Live) -> AdminResponse {
@@ -196,10 +365,12 @@ fn readyz(live: &Live) -> AdminResponse {
     // Postgres is not probed here: a database blip must not take the whole
     // fleet out of service while cached tokens serve (/credentials says so).
     if needs_store && config.store.kind == crate::config::StoreKind::File {
-        if let Err(e) = FileStore::open_config(&config.store) {
+        if let Some(e) = live.ready.check(&config) {
+            // The path and the cause go to the log, not to whoever probes.
+            tracing::warn!(error = %crate::error_chain(&e), "Store unreadable: not ready");
             return json(
                 StatusCode::SERVICE_UNAVAILABLE,
-                serde_json::json!({"ready": false, "reason": "store_unavailable", "message": crate::error_chain(&e)}),
+                serde_json::json!({"ready": false, "reason": "store_unavailable", "message": "the token store cannot be read; the log says why"}),
             );
         }
     }

@@ -49,6 +49,8 @@ pub struct Live {
     pub config: ArcSwap<Config>,
     pub engine: ArcSwap<Engine>,
     pub proxy: SharedProxy,
+    /// `/readyz`'s last store check.
+    pub ready: crate::admin::ReadyCache,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
 }
@@ -121,6 +123,7 @@ impl App {
             config: ArcSwap::from_pointee(config.clone()),
             engine: ArcSwap::new(engine),
             proxy: Arc::new(ArcSwap::new(proxy)),
+            ready: Default::default(),
             reloading: tokio::sync::Mutex::new(()),
         });
         let mut tasks = Vec::new();

@@ -93,6 +93,11 @@ pub enum StateProblem {
     OtherBrowser,
 }
 
+/// Logins pending at once (each also expires after [`STATE_TTL`]).
+pub const MAX_PENDING: usize = 32;
+/// Spent and expired states remembered, to name a replay.
+const MAX_GONE: usize = 256;
+
 /// Single-use states. Spent and expired ones are remembered for one more TTL
 /// so a replay is named as such rather than "unknown".
 #[derive(Default)]
@@ -137,7 +142,33 @@ impl PendingStates {
     ) -> String {
         let state = random_b64(24);
         let mut g = self.inner.lock();
-        g.prune(Instant::now());
+        let now = Instant::now();
+        g.prune(now);
+        // A page looping over /login/NAME must not grow this without end:
+        // the oldest pending login goes (a fresh one is what a person waits on).
+        while g.live.len() >= MAX_PENDING {
+            let Some(oldest) = g
+                .live
+                .iter()
+                .min_by_key(|(_, p)| p.started)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            g.live.remove(&oldest);
+            g.gone.insert(oldest, (false, now));
+        }
+        while g.gone.len() > MAX_GONE {
+            let Some(oldest) = g
+                .gone
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            g.gone.remove(&oldest);
+        }
         g.live.insert(
             state.clone(),
             Pending {
@@ -208,6 +239,55 @@ impl PendingStates {
 /// The admin flow's pending logins, process-wide.
 pub static ADMIN_STATES: LazyLock<PendingStates> = LazyLock::new(PendingStates::default);
 
+/// CSRF tokens of the forced-login confirmation page: one per page the
+/// admin listener rendered, bound to that browser's cookie and the
+/// credential, single-use, expiring with [`STATE_TTL`], at most
+/// [`MAX_PENDING`] at once.
+#[derive(Default)]
+struct ConfirmTokens {
+    // A sync mutex: map operations only, never held across an await.
+    inner: Mutex<HashMap<String, (String, String, Instant)>>,
+}
+
+impl ConfirmTokens {
+    fn issue(&self, browser: &str, credential: &str) -> String {
+        let token = random_b64(24);
+        let now = Instant::now();
+        let mut g = self.inner.lock();
+        g.retain(|_, (_, _, at)| now.duration_since(*at) < STATE_TTL);
+        while g.len() >= MAX_PENDING {
+            let Some(oldest) = g
+                .iter()
+                .min_by_key(|(_, (_, _, at))| *at)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            g.remove(&oldest);
+        }
+        g.insert(
+            token.clone(),
+            (browser.to_owned(), credential.to_owned(), now),
+        );
+        token
+    }
+
+    /// Consumes `token` when it is live and was issued to this browser for
+    /// this credential; a mismatch consumes nothing.
+    fn take(&self, token: &str, browser: Option<&str>, credential: &str) -> bool {
+        let mut g = self.inner.lock();
+        let ok = g.get(token).is_some_and(|(b, c, at)| {
+            Some(b.as_str()) == browser && c == credential && at.elapsed() < STATE_TTL
+        });
+        if ok {
+            g.remove(token);
+        }
+        ok
+    }
+}
+
+static ADMIN_CONFIRMS: LazyLock<ConfirmTokens> = LazyLock::new(ConfirmTokens::default);
+
 /// The authorization request (RFC 6749 §4.1.1, RFC 7636 §4.3).
 pub fn authorization_url(
     cred: &CredentialConfig,
@@ -275,7 +355,10 @@ pub fn parse_callback(input: &str) -> Callback {
             "code" => cb.code = Some(Secret::new(v.into_owned())),
             "state" => cb.state = Some(v.into_owned()),
             "error" => cb.error = Some(sanitize(&v, 64)),
-            "error_description" => cb.error_description = Some(sanitize(&v, 300)),
+            // Shown on a page and logged: scrubbed like the log's fields.
+            "error_description" => {
+                cb.error_description = Some(grant::scrub(&sanitize(&v, 300), &[]))
+            }
             "iss" => cb.iss = Some(sanitize(&v, 200)),
             _ => {}
         }
@@ -722,7 +805,14 @@ pub fn error_page(credential: Option<&str>, e: &LoginError) -> Response<Full<Byt
         Some(c) => format!("Login failed for {c}"),
         None => "Login failed".into(),
     };
-    page(status, &title, &[e.to_string(), e.fix()])
+    let message = match e {
+        // The store's path and cause are for the log, not the page.
+        LoginError::Install(i) if !matches!(i, InstallError::FamilyStillWorks(..)) => {
+            "the new token family could not be stored; the log says why".to_owned()
+        }
+        e => e.to_string(),
+    };
+    page(status, &title, &[message, e.fix()])
 }
 
 fn log_failure(credential: Option<&str>, e: &LoginError) {
@@ -730,7 +820,7 @@ fn log_failure(credential: Option<&str>, e: &LoginError) {
         event = "login_failed",
         credential = credential.unwrap_or(""),
         reason = e.code(),
-        error = %e,
+        error = %crate::error_chain(e),
         "Login failed"
     );
 }
@@ -756,31 +846,96 @@ fn query_flag(uri: &Uri, name: &str) -> bool {
         .any(|(k, v)| k == name && matches!(&*v, "1" | "true" | "yes"))
 }
 
-/// `GET /login/<name>` and `GET /callback` on the admin listener; `None`
-/// for any other path.
-pub async fn handle_admin<B>(req: &Request<B>, live: &Live) -> Option<Response<Full<Bytes>>> {
+/// `GET /login/<name>`, `POST /login/<name>` (a confirmed forced login)
+/// and `GET /callback` on the admin listener; `None` for any other path.
+pub async fn handle_admin(req: &Request<Bytes>, live: &Live) -> Option<Response<Full<Bytes>>> {
     let path = req.uri().path();
-    let name = path.strip_prefix("/login/");
+    let name = path.strip_prefix("/login/").map(|n| {
+        percent_encoding::percent_decode_str(n)
+            .decode_utf8_lossy()
+            .into_owned()
+    });
     if name.is_none() && path != "/callback" {
         return None;
     }
-    if req.method() != http::Method::GET {
-        return Some(page(
+    Some(match (req.method(), name) {
+        // Replacing a working family is never a GET another site can
+        // trigger: the GET only renders the confirmation form.
+        (&http::Method::GET, Some(name)) if query_flag(req.uri(), "force") => {
+            confirm_page(req, live, &name)
+        }
+        (&http::Method::GET, Some(name)) => admin_start(req, live, &name, false).await,
+        (&http::Method::POST, Some(name)) => {
+            let csrf = form_urlencoded::parse(req.body())
+                .find(|(k, _)| k == "csrf")
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default();
+            if !ADMIN_CONFIRMS.take(&csrf, cookie_value(req).as_deref(), &name) {
+                return Some(page(
+                    StatusCode::FORBIDDEN,
+                    "Confirmation not valid",
+                    &[format!("This confirmation is missing, used, expired or from another browser. Open /login/{name}?force=1 again and confirm there.")],
+                ));
+            }
+            admin_start(req, live, &name, true).await
+        }
+        (&http::Method::GET, None) => admin_callback(req, live).await,
+        _ => page(
             StatusCode::METHOD_NOT_ALLOWED,
             "Method not allowed",
             &["Use GET.".into()],
-        ));
-    }
-    Some(match name {
-        Some(name) => admin_start(req, live, name).await,
-        None => admin_callback(req, live).await,
+        ),
     })
 }
 
-async fn admin_start<B>(req: &Request<B>, live: &Live, name: &str) -> Response<Full<Bytes>> {
-    let name = percent_encoding::percent_decode_str(name)
-        .decode_utf8_lossy()
-        .into_owned();
+/// The page that asks before a forced login: a form posting back here with
+/// a CSRF token bound to this browser's cookie. Not framable (clickjacking).
+fn confirm_page<B>(req: &Request<B>, live: &Live, name: &str) -> Response<Full<Bytes>> {
+    if live.engine.load().slot(name).is_none() {
+        let e = LoginError::Setup(format!("credential {name} is not running in this proxy"));
+        log_failure(Some(name), &e);
+        return error_page(Some(name), &e);
+    }
+    let browser = cookie_value(req).unwrap_or_else(|| random_b64(24));
+    let token = ADMIN_CONFIRMS.issue(&browser, name);
+    let action: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
+    let body = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>tokenproxy: replace {n}?</title>\
+         <style>body{{font:16px/1.5 system-ui,sans-serif;margin:3em auto;max-width:42em;padding:0 1em}}</style></head>\
+         <body><h1>Replace the token family of {n}?</h1><p>A new login replaces the family this credential uses now, even if it still works.</p>\
+         <form method=post action=\"/login/{a}\"><input type=hidden name=csrf value=\"{t}\"><input type=hidden name=force value=1>\
+         <button type=submit>Log in again and replace it</button></form></body></html>\n",
+        n = escape(name),
+        a = escape(&action),
+        t = escape(&token),
+    );
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    secure_headers(&mut r);
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("{CSP}; frame-ancestors 'none'")) {
+        h.insert(header::CONTENT_SECURITY_POLICY, v);
+    }
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "{COOKIE}={browser}; HttpOnly; SameSite=Lax; Path=/; Max-Age={}",
+        STATE_TTL.as_secs()
+    )) {
+        h.insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+async fn admin_start<B>(
+    req: &Request<B>,
+    live: &Live,
+    name: &str,
+    force: bool,
+) -> Response<Full<Bytes>> {
+    let name = name.to_owned();
     let config = live.config.load_full();
     let fail = |e: LoginError| {
         log_failure(Some(&name), &e);
@@ -796,7 +951,6 @@ async fn admin_start<B>(req: &Request<B>, live: &Live, name: &str) -> Response<F
             config.admin.listen
         )));
     };
-    let force = query_flag(req.uri(), "force");
     let engine = live.engine.load_full();
     let Some(slot) = engine.slot(&name) else {
         return fail(LoginError::Setup(format!(
@@ -1336,6 +1490,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn pending_logins_are_bounded_in_number_keeping_the_newest() {
+        let states = PendingStates::default();
+        let mut started = Vec::new();
+        for i in 0..200 {
+            started.push(states.start(
+                &format!("c{i}"),
+                Secret::new(String::from("v")),
+                "http://127.0.0.1/cb",
+                false,
+                None,
+            ));
+        }
+        assert!(states.len() <= 32, "{} pending", states.len());
+        let newest = started.pop().unwrap();
+        assert!(states.take(Some(&newest), None).is_ok());
+        assert!(states.inner.lock().gone.len() <= 256);
+    }
+
+    #[test]
     fn pkce_s256_is_base64url_sha256() {
         assert_eq!(
             challenge_for("dBjftJeZ4CVP-mJ92IZ1xR8ySAN2YqqgpPsbWgAACSc"),
@@ -1407,5 +1580,12 @@ mod tests {
         let cb = parse_callback("error=access_denied&error_description=%3Cb%3Ex%3C%2Fb%3E");
         assert_eq!(cb.error.as_deref(), Some("access_denied"));
         assert_eq!(cb.error_description.as_deref(), Some("<b>x</b>"));
+        let cb = parse_callback(
+            "error=invalid_request&error_description=bad+refresh_token+rt-9fQ2xLmZ81aB7cD3eF5g",
+        );
+        assert_eq!(
+            cb.error_description.as_deref(),
+            Some("bad refresh_token [redacted]")
+        );
     }
 }

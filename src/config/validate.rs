@@ -214,8 +214,10 @@ impl Ctx<'_> {
     }
 
     fn url(&mut self, path: &str, raw: Option<&String>, rule: UrlRule) -> Option<Uri> {
-        let s = self.str(path, raw)?;
-        let uri: Uri = match s.parse() {
+        let raw_s = self.str(path, raw)?;
+        // What messages echo: a proxy URL's password stays out of them.
+        let s = without_userinfo(&raw_s);
+        let uri: Uri = match raw_s.parse() {
             Ok(u) => u,
             Err(e) => {
                 self.err(
@@ -266,6 +268,19 @@ impl Ctx<'_> {
                 None
             }
         }
+    }
+}
+
+/// `s` with any `user:password@` of its authority replaced by `[redacted]@`,
+/// for messages.
+pub(crate) fn without_userinfo(s: &str) -> String {
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return s.to_owned();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}://[redacted]{}", &rest[at..]),
+        None => s.to_owned(),
     }
 }
 
@@ -949,6 +964,13 @@ fn routes(
             cx.url(&p("upstream"), r.upstream.as_ref(), UrlRule::Any)
         };
         if let Some(u) = &upstream {
+            if u.authority().is_some_and(|a| a.as_str().contains('@')) {
+                // It would reach the upstream's Host header, logs and pages.
+                cx.err(
+                    &p("upstream"),
+                    "must not contain user:password@; the route's credential is what authenticates",
+                );
+            }
             if u.query().is_some() {
                 cx.err(&p("upstream"), "must not have a query string");
             }
@@ -956,7 +978,7 @@ fn routes(
                 && !allow_plaintext
                 && !is_loopback_host(u.host().unwrap_or(""))
             {
-                cx.err(&p("upstream"), format!("{u} is plain http off loopback: the token would travel in clear; use https or set allow_plaintext = true"));
+                cx.err(&p("upstream"), format!("{} is plain http off loopback: the token would travel in clear; use https or set allow_plaintext = true", without_userinfo(&u.to_string())));
             }
         }
 

@@ -299,6 +299,10 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
         }
         headers.append(name, value);
     }
+    if transfer_encoding && length.is_some() {
+        // RFC 9112 §6.3: the length is wrong for the body we re-frame.
+        headers.remove(http::header::CONTENT_LENGTH);
+    }
     // Only `close`/`keep-alive` listed and no TE: dropping the fields held
     // back is all the strip would do. Otherwise they go in for it.
     let hop_by_hop_stripped = !listed_other && !te && !overflow;

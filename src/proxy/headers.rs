@@ -172,6 +172,24 @@ pub(crate) fn origin_host(origin: &HeaderValue) -> Option<String> {
     host_of(uri.authority()?.as_str())
 }
 
+static SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
+
+/// A browser request marked cross-site: `Sec-Fetch-Site: cross-site` or
+/// `same-site` (another subdomain), or an `Origin` whose host `hosts` does
+/// not allow (`null` included). A web page must not borrow the sidecar.
+pub(crate) fn is_cross_site(h: &HeaderMap, hosts: &HostPolicy) -> bool {
+    if let Some(v) = h.get(&SEC_FETCH_SITE) {
+        let v = v.as_bytes();
+        if v.eq_ignore_ascii_case(b"cross-site") || v.eq_ignore_ascii_case(b"same-site") {
+            return true;
+        }
+    }
+    match h.get(http::header::ORIGIN) {
+        Some(origin) => !origin_host(origin).is_some_and(|host| hosts.allows(&host)),
+        None => false,
+    }
+}
+
 /// A valid incoming `x-request-id`, else a fresh one (16 hex digits).
 pub(crate) fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(super::error::X_REQUEST_ID.clone()) {

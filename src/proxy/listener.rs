@@ -4,6 +4,7 @@
 //! graceful shutdown.
 //!
 //! Hands each request to [`Proxy::handle`]; decides nothing about requests.
+//! [`serve_guarded`] lends the same connection guards to the admin listener.
 
 use super::{
     forward, BoxError, ConnInfo, Proxy, ProxyBody, ProxyBuildError, ProxyError, SharedProxy,
@@ -175,24 +176,7 @@ pub async fn serve_with_permits(
     let proxy = shared.load_full();
     let local = listener.local_addr_string();
     let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // The connection watchdog times heads and idle keep-alives: hyper's
-        // timer would run on every request and count idle time as head time.
-        .header_read_timeout(None)
-        // Bigger heads and more header fields get hyper's `431`.
-        .max_buf_size(proxy.max_header_bytes)
-        .max_headers(proxy.max_headers);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(proxy.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
-        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
-        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS);
-    let builder = Arc::new(builder);
+    let builder = Arc::new(http_builder(proxy.max_header_bytes, proxy.max_headers));
 
     loop {
         let permit = tokio::select! {
@@ -225,10 +209,10 @@ pub async fn serve_with_permits(
             let _permit = permit;
             match (tls, io) {
                 (None, Accepted::Tcp(s)) => {
-                    serve_conn(s, remote_ip, false, shared, &builder, watcher).await
+                    serve_proxy_conn(s, remote_ip, false, shared, &builder, watcher).await
                 }
                 (None, Accepted::Unix(s)) => {
-                    serve_conn(s, None, false, shared, &builder, watcher).await
+                    serve_proxy_conn(s, None, false, shared, &builder, watcher).await
                 }
                 (Some(acceptor), io) => {
                     let acceptor = acceptor.clone();
@@ -250,7 +234,7 @@ pub async fn serve_with_permits(
                     };
                     match hs {
                         Ok(Ok(s)) => {
-                            serve_conn(s, remote_ip, true, shared, &builder, watcher).await
+                            serve_proxy_conn(s, remote_ip, true, shared, &builder, watcher).await
                         }
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
@@ -265,6 +249,91 @@ pub async fn serve_with_permits(
         _ = tokio::time::sleep(proxy.shutdown_grace) => {
             tracing::warn!(listener = local.as_str(), grace_ms = proxy.shutdown_grace.as_millis() as u64, "Shutdown grace elapsed with requests in flight");
         }
+    }
+}
+
+/// HTTP/1.1 and HTTP/2 with the head limits and the HTTP/2 abuse limits.
+fn http_builder(max_header_bytes: usize, max_headers: usize) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // The connection watchdog times heads and idle keep-alives: hyper's
+        // timer would run on every request and count idle time as head time.
+        .header_read_timeout(None)
+        // Bigger heads and more header fields get hyper's `431`.
+        .max_buf_size(max_header_bytes)
+        .max_headers(max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS);
+    builder
+}
+
+/// The data path's connection guards, for another listener (the admin API).
+pub(crate) struct Guards {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+}
+
+/// Serves `listener` until `shutdown` with [`Guards`]: a connection cap, the
+/// head and keep-alive watchdog, head size limits. `handler(req, local,
+/// framing_conflict)`: `local` is a loopback or unix peer; a conflict is a
+/// head with both `Content-Length` and `Transfer-Encoding`.
+pub(crate) async fn serve_guarded<H, Fut>(
+    listener: Listener,
+    guards: Guards,
+    shutdown: CancellationToken,
+    handler: H,
+) where
+    H: Fn(Request<Incoming>, bool, bool) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<ProxyBody>> + Send + 'static,
+{
+    let local = listener.local_addr_string();
+    let permits = Arc::new(Semaphore::new(guards.max_connections.max(1)));
+    let builder = Arc::new(http_builder(guards.max_header_bytes, guards.max_headers));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = accept(&listener) => a,
+        };
+        let (io, remote_ip) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(listener = local.as_str(), error = %e, "Accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // A unix socket is as local as loopback.
+        let is_local = remote_ip.is_none_or(|ip| ip.to_canonical().is_loopback());
+        let handler = handler.clone();
+        let serve = move |req, conflict| handler(req, is_local, conflict);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let timeouts = (guards.header_read_timeout, guards.keepalive_timeout);
+        tokio::spawn(async move {
+            let _permit = permit;
+            match io {
+                Accepted::Tcp(s) => serve_conn(s, &builder, watcher, timeouts, serve).await,
+                Accepted::Unix(s) => serve_conn(s, &builder, watcher, timeouts, serve).await,
+            }
+        });
     }
 }
 
@@ -290,7 +359,8 @@ async fn accept(l: &Listener) -> std::io::Result<(Accepted, Option<IpAddr>)> {
     }
 }
 
-async fn serve_conn<I>(
+/// One data-path connection: the proxy as it is at each request.
+async fn serve_proxy_conn<I>(
     io: I,
     remote_ip: Option<IpAddr>,
     tls: bool,
@@ -301,19 +371,15 @@ async fn serve_conn<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let info = Arc::new(ConnInfo::new(remote_ip, tls));
-    let (header_read_timeout, keepalive_timeout) = {
+    let timeouts = {
         let p = shared.load();
         (p.header_read_timeout, p.keepalive_timeout)
     };
-    let activity = Arc::new(Activity::new());
-    let for_service = activity.clone();
-    let service = service_fn(move |req: Request<Incoming>| {
+    let handler = move |req: Request<Incoming>, conflict: bool| {
         let proxy = shared.load_full();
         let info = info.clone();
-        let in_flight = InFlight::start(&for_service, req.version() == Version::HTTP_2);
-        let conflict = for_service.framing_conflict.swap(false, Ordering::Relaxed);
         async move {
-            let resp = if conflict {
+            if conflict {
                 proxy.refuse(
                     &req,
                     ProxyError::BadRequest(
@@ -322,8 +388,33 @@ async fn serve_conn<I>(
                 )
             } else {
                 proxy.handle(req, &info).await
-            };
-            Ok::<_, Infallible>(resp.map(|body| Tracked {
+            }
+        }
+    };
+    serve_conn(io, builder, watcher, timeouts, handler).await
+}
+
+/// Serves one connection under the watchdog: `(header_read, keepalive)`
+/// timeouts, requests counted in flight until their response body ends.
+async fn serve_conn<I, H, Fut>(
+    io: I,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+    (header_read_timeout, keepalive_timeout): (Duration, Duration),
+    handler: H,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>, bool) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<ProxyBody>> + Send + 'static,
+{
+    let activity = Arc::new(Activity::new());
+    let for_service = activity.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let in_flight = InFlight::start(&for_service, req.version() == Version::HTTP_2);
+        let conflict = for_service.framing_conflict.swap(false, Ordering::Relaxed);
+        let resp = handler(req, conflict);
+        async move {
+            Ok::<_, Infallible>(resp.await.map(|body| Tracked {
                 body,
                 _in_flight: in_flight,
             }))

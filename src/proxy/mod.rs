@@ -23,7 +23,9 @@ pub use body::{BodyIdleTimeout, BoxError, ProxyBody};
 pub use error::ProxyError;
 pub use forward::set_worker;
 pub use forward::ProxyBuildError;
+pub(crate) use headers::{host_of, is_cross_site, HostPolicy};
 pub use listener::{bind, serve, serve_shared, serve_with_permits, Listener, StdListener};
+pub(crate) use listener::{serve_guarded, Guards};
 
 /// The current proxy, swapped whole on reload.
 pub type SharedProxy = Arc<arc_swap::ArcSwap<Proxy>>;
@@ -33,8 +35,8 @@ use crate::token::RouteToken;
 use body::{empty, IdleTimeout};
 use error::X_REQUEST_ID;
 use forward::{cause_chain, ClientKey, HttpsConnect, Pool, Upstream};
-use headers::{HostPolicy, LinkRewriter};
-use http::header::{HOST, LINK, LOCATION, ORIGIN, WWW_AUTHENTICATE};
+use headers::LinkRewriter;
+use http::header::{HOST, LINK, LOCATION, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -47,7 +49,6 @@ use tokio::time::Instant;
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
 
 /// One configured route, ready to serve.
 struct Route {
@@ -416,10 +417,18 @@ impl Proxy {
                 .is_some_and(|max| replayable_body(&parts.headers, has_body, max));
         let (out_body, buffered) = if replayable && has_body {
             let max = route.replay_max_body.unwrap_or(0) as usize;
+            // The same idle timeout as a streamed body: a stalled client
+            // must not hold the request (and its token) forever.
+            let body = IdleTimeout::new(body, route.idle_timeout);
             match http_body_util::Limited::new(body, max).collect().await {
                 Ok(c) => {
                     let bytes = c.to_bytes();
                     (body::full(bytes.clone()), Some(bytes))
+                }
+                Err(e) if e.is::<BodyIdleTimeout>() => {
+                    return Err(ProxyError::BadRequest(
+                        "request body idle for longer than the route's idle_timeout",
+                    ))
                 }
                 Err(_) => {
                     return Err(ProxyError::BadRequest(
@@ -537,6 +546,7 @@ impl Proxy {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             let (mut parts, _) = resp.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers, true);
+            parts.headers.remove(&error::X_TOKENPROXY_ERROR);
             parts.version = Version::HTTP_11;
             forward::spawn_tunnel(client_upgrade, upstream_upgrade, request_id.clone());
             return Ok(Response::from_parts(parts, empty()));
@@ -544,8 +554,15 @@ impl Proxy {
 
         let (mut parts, body) = resp.into_parts();
         if !body.hop_by_hop_stripped() {
+            // RFC 9112 §6.3: hyper decodes the chunks but keeps the length
+            // header, which would misframe the body we send on.
+            if parts.headers.contains_key(http::header::TRANSFER_ENCODING) {
+                parts.headers.remove(http::header::CONTENT_LENGTH);
+            }
             headers::strip_hop_by_hop(&mut parts.headers, false);
         }
+        // Only the proxy says a response is its own error.
+        parts.headers.remove(&error::X_TOKENPROXY_ERROR);
         parts.version = Version::HTTP_11;
         rewrite_links(
             &mut parts.headers,
@@ -561,17 +578,8 @@ impl Proxy {
 
     /// DNS rebinding and CSRF: a web page must not borrow our tokens.
     fn check_cross_site(&self, h: &HeaderMap) -> Result<(), ProxyError> {
-        if let Some(v) = h.get(&SEC_FETCH_SITE) {
-            let v = v.as_bytes();
-            if v.eq_ignore_ascii_case(b"cross-site") || v.eq_ignore_ascii_case(b"same-site") {
-                return Err(ProxyError::CrossSite);
-            }
-        }
-        if let Some(origin) = h.get(ORIGIN) {
-            match headers::origin_host(origin) {
-                Some(host) if self.hosts.allows(&host) => {}
-                _ => return Err(ProxyError::CrossSite),
-            }
+        if headers::is_cross_site(h, &self.hosts) {
+            return Err(ProxyError::CrossSite);
         }
         Ok(())
     }

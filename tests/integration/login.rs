@@ -89,8 +89,30 @@ struct Started {
     state: String,
 }
 
+/// `GET /login/rt`; with `?force=1`, the confirmation page first and then
+/// its form (`POST` with the page's CSRF token and cookie).
 async fn start_login(env: &TestEnv, query: &str) -> Started {
-    let (r, _) = env.admin_raw(&format!("/login/rt{query}")).await;
+    let (r, page) = env.admin_raw(&format!("/login/rt{query}")).await;
+    let r = if query.contains("force=1") {
+        assert_eq!(r.status(), 200, "{r:?}");
+        let page = String::from_utf8_lossy(&page);
+        let csrf = page
+            .split("name=csrf value=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .expect("a csrf field");
+        let cookie = header(&r, "set-cookie").split(';').next().unwrap();
+        let req = http::Request::post(env.admin_url("/login/rt"))
+            .header("cookie", cookie)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(http_body_util::Full::new(Bytes::from(format!(
+                "csrf={csrf}&force=1"
+            ))))
+            .unwrap();
+        send(&env.client, req).await.0
+    } else {
+        r
+    };
     assert_eq!(r.status(), 302, "{r:?}");
     let set_cookie = header(&r, "set-cookie").to_owned();
     assert!(
@@ -671,4 +693,23 @@ async fn cli_login_goes_through_a_running_proxy() {
     let (r, _) = env.get("/rt/x").await;
     assert_eq!(r.status(), 200);
     assert_eq!(env.idp.reuse_count(), 0);
+}
+
+#[tokio::test]
+async fn a_failed_install_names_no_store_path_on_the_page() {
+    let env = started(options(None, Duration::from_secs(60)), SECRET).await;
+    let s = start_login(&env, "").await;
+    let cb = authorize(&env, &s.idp_url).await;
+    // The store cannot be written: a directory where the file goes.
+    let store = env.store_path();
+    let _ = std::fs::remove_file(&store);
+    std::fs::create_dir(&store).unwrap();
+    let (r, body) = callback(&env, &cb, Some(&s.cookie)).await;
+    assert_eq!(r.status(), 500, "{body}");
+    assert!(!body.contains("tokens.json"), "{body}");
+    assert!(
+        !body.contains(&env.dir.path().display().to_string()),
+        "{body}"
+    );
+    assert!(body.contains("log"), "{body}");
 }

@@ -1,5 +1,6 @@
 //! Integration tests over real sockets, one binary (a module per area).
 
+mod admin_surface;
 mod browser;
 mod cli;
 mod doctor;
@@ -7,6 +8,7 @@ mod egress;
 mod engine;
 mod fault_proxy;
 mod fleet;
+mod framing;
 mod grant_safety;
 mod harness;
 mod hostile;

@@ -375,6 +375,22 @@ async fn admin_token_off_loopback_and_post_only_mutations() {
         assert_eq!(call(&live, false, "GET", p, &wrong).await.0, 401, "{p}");
         assert_eq!(call(&live, false, "GET", p, &good).await.0, 200, "{p}");
     }
+    // A rebinding Host is refused; the pod IP with the token is not.
+    let foreign = [("host", "evil.example:9901"), good[0]];
+    assert_eq!(
+        call(&live, false, "GET", "/credentials", &foreign).await.0,
+        421
+    );
+    let pod_ip = [("host", "10.0.3.7:9901"), good[0]];
+    assert_eq!(
+        call(&live, false, "GET", "/credentials", &pod_ip).await.0,
+        200
+    );
+    let pod_ip = [("host", "10.0.3.7:9901")];
+    assert_eq!(
+        call(&live, true, "GET", "/credentials", &pod_ip).await.0,
+        421
+    );
     // The custom header alone does not replace the token off loopback.
     let hdr = [("x-tokenproxy-admin", "1")];
     assert_eq!(call(&live, false, "POST", "/reload", &hdr).await.0, 401);

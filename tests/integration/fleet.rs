@@ -858,20 +858,66 @@ async fn store_export_then_import_moves_a_family_without_a_grant() {
     assert_eq!(stack.idp.grants().len(), grants, "and does not refresh");
     drop(stale);
 
-    // Postgres moves on; the export now holds a spent refresh token.
+    // Postgres moves on; the export now holds a spent refresh token. The
+    // import marked the file consumed: it is refused, here and into any
+    // other store (a second live copy), --force or not.
     let r = post_admin(&c, replica.admin, &format!("/credentials/{CRED}/refresh")).await;
     assert!(r.status < 300, "{} {}", r.status, r.text());
     let newer = pg.wait_generation(generation + 1, S(10)).await;
     for force in [false, true] {
-        let stale_import = run_cli(&import_args(force));
-        assert_eq!(stale_import.code, Some(1), "{}", stale_import.text());
+        let again = run_cli(&import_args(force));
+        assert_eq!(again.code, Some(1), "{}", again.text());
         assert!(
-            stale_import.stderr.contains("newer than generation"),
+            again.stderr.contains("already imported"),
             "{}",
-            stale_import.text()
+            again.text()
         );
         assert_eq!(pg.generation(), Some(newer), "untouched");
     }
+    let (other_cfg, _) = child_config(&stack, "other-store", "");
+    let other_store = dir.join("other-tokens.json");
+    let text = std::fs::read_to_string(&other_cfg).unwrap().replace(
+        &stack.store_path().display().to_string(),
+        &other_store.display().to_string(),
+    );
+    std::fs::write(&other_cfg, text).unwrap();
+    let second_copy = run_cli(&[
+        "store".as_ref(),
+        "import".as_ref(),
+        "-c".as_ref(),
+        other_cfg.as_os_str(),
+        "--in".as_ref(),
+        file.as_os_str(),
+    ]);
+    assert_eq!(second_copy.code, Some(1), "{}", second_copy.text());
+    assert!(
+        !other_store.exists()
+            || !std::fs::read_to_string(&other_store)
+                .unwrap()
+                .contains(CRED)
+    );
+    // The stale-generation refusal stays (a copy of the export without the mark).
+    let unmarked = dir.join("user.export.copy.json");
+    let mut doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    doc.as_object_mut().unwrap().remove("imported_at_ms");
+    std::fs::write(&unmarked, serde_json::to_vec(&doc).unwrap()).unwrap();
+    let stale = run_cli(&[
+        "store".as_ref(),
+        "import".as_ref(),
+        "-c".as_ref(),
+        pg_cfg.as_os_str(),
+        "--in".as_ref(),
+        unmarked.as_os_str(),
+        "--force".as_ref(),
+    ]);
+    assert_eq!(stale.code, Some(1), "{}", stale.text());
+    assert!(
+        stale.stderr.contains("newer than generation"),
+        "{}",
+        stale.text()
+    );
+    assert_eq!(pg.generation(), Some(newer), "untouched");
     stack.assert_no_reuse();
     let mut outputs = vec![export.text(), again.text(), import.text()];
     outputs.extend([old.output(), replica.output()]);

@@ -455,3 +455,66 @@ async fn a_store_restored_from_an_older_backup_is_never_presented() {
     stack.assert_no_reuse();
     app.shutdown().await;
 }
+
+/// Path 6: a reload that changes `store.encryption_key`. With the old key
+/// listed as previous, every slot moves to the new key (the next write is
+/// sealed under it, no grant needed to read the old one); without it, the
+/// reload is refused, naming the key id the store is sealed with, and the
+/// running config keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_the_store_key_applies_everywhere_or_is_refused() {
+    const KEY_A: &str = "reload-key-A-51c2e0";
+    const KEY_B: &str = "reload-key-B-9d7f31";
+    let stack = Stack::start(StackOpts::default()).await;
+    let path = stack.dir.path().join("reload.toml");
+    let write = |current: &str, previous: &[&str]| {
+        let text = stack.toml(0, free_port(), "max_backoff = \"1s\"\n");
+        std::fs::write(&path, with_store_keys(&text, current, previous)).unwrap();
+    };
+    write(KEY_A, &[]);
+    let mut cfg = tokenproxy::config::load(&path).expect("config loads");
+    cfg.admin.listen = tokenproxy::config::ListenAddr::Tcp("127.0.0.1:0".parse().unwrap());
+    let app = App::start(&cfg).await.expect("app starts");
+    let raw = || std::fs::read_to_string(stack.store_path()).unwrap();
+    let g = wait_for("a sealed generation", S(10), || async {
+        let text = raw();
+        text.contains(&format!("\"tpv2:{}:", key_id(KEY_A)))
+            .then_some(())
+    })
+    .await;
+    let _ = g;
+
+    write(KEY_B, &[]);
+    let refused = app
+        .reload()
+        .await
+        .expect_err("a key that cannot open the store");
+    let msg = tokenproxy::error_chain(&refused);
+    assert!(
+        msg.contains(&key_id(KEY_A)),
+        "names the sealing key id: {msg}"
+    );
+    assert!(
+        !msg.contains(KEY_A) && !msg.contains(KEY_B),
+        "no key in the message: {msg}"
+    );
+    let c = http();
+    let url = format!("http://{}/api/x", app.proxy_addr.unwrap());
+    assert_eq!(get_ok(&c, &url).await.status, 200, "the old config serves");
+
+    write(KEY_B, &[KEY_A]);
+    app.reload()
+        .await
+        .expect("reload with the old key as previous");
+    let before = stack.refresh_grants();
+    wait_for("the next write sealed under B", S(15), || async {
+        let text = raw();
+        (text.contains(&format!("\"tpv2:{}:", key_id(KEY_B))) && !text.contains(&key_id(KEY_A)))
+            .then_some(())
+    })
+    .await;
+    assert!(stack.refresh_grants() > before, "{}", raw());
+    assert_eq!(get_ok(&c, &url).await.status, 200);
+    stack.assert_no_reuse();
+    app.shutdown().await;
+}

@@ -476,13 +476,12 @@ async fn a_reload_that_changes_the_store_key_applies_everywhere_or_is_refused() 
     cfg.admin.listen = tokenproxy::config::ListenAddr::Tcp("127.0.0.1:0".parse().unwrap());
     let app = App::start(&cfg).await.expect("app starts");
     let raw = || std::fs::read_to_string(stack.store_path()).unwrap();
-    let g = wait_for("a sealed generation", S(10), || async {
+    wait_for("a sealed generation", S(10), || async {
         let text = raw();
         text.contains(&format!("\"tpv2:{}:", key_id(KEY_A)))
             .then_some(())
     })
     .await;
-    let _ = g;
 
     write(KEY_B, &[]);
     let refused = app

@@ -575,3 +575,43 @@ async fn a_reload_that_changes_the_store_key_applies_everywhere_or_is_refused() 
     )
     .await;
 }
+
+/// Path 1 through an egress proxy whose CONNECT never answers (a hung
+/// corporate proxy): the same "not sent", never a lost rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_egress_proxy_is_not_a_lost_rotation() {
+    repeat("a_hung_egress_proxy_is_not_a_lost_rotation", || async {
+        let stack = Stack::start(StackOpts::default()).await;
+        let egress = FaultProxy::start(stack.idp.addr()).await;
+        egress.set(Mode::Stall);
+        let text = stack
+            .toml(
+                0,
+                free_port(),
+                "connect_timeout = \"1s\"\nmax_backoff = \"1s\"\n",
+            )
+            .replace(&stack.idp.token_url(), "https://idp.example.test/token")
+            .replacen(
+                "[server]\n",
+                &format!("[server]\negress_proxy = \"http://{}\"\n", egress.addr),
+                1,
+            );
+        let mut cfg =
+            tokenproxy::config::parse(&text, &stack.dir.path().join("proxy.toml"), &|_| None)
+                .unwrap_or_else(|e| panic!("config rejected: {e}"));
+        cfg.admin.listen = tokenproxy::config::ListenAddr::Tcp("127.0.0.1:0".parse().unwrap());
+        let app = App::start(&cfg).await.expect("app starts");
+        wait_for("three hung CONNECTs", S(10), || async {
+            (egress.accepted() >= 3).then_some(())
+        })
+        .await;
+        let st = status(&app).await;
+        assert_ne!(st["state"], "dead", "{st}");
+        assert_eq!(st["last_error"]["outcome"], "transient", "{st}");
+        let rec = stack.record().expect("the seed's record");
+        assert!(rec["dead"].is_null(), "{rec}");
+        assert_eq!(stack.refresh_grants(), 0);
+        app.shutdown().await;
+    })
+    .await;
+}

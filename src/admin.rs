@@ -13,7 +13,7 @@
 use crate::app::Live;
 use crate::metrics::metrics;
 use crate::proxy::Listener;
-use crate::token::engine::SlotStatus;
+use crate::token::engine::{SlotStatus, State};
 use crate::token::store::FileStore;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -380,7 +380,7 @@ fn readyz(live: &Live) -> AdminResponse {
             .load()
             .status()
             .into_iter()
-            .filter(|s| s.state != "fresh" && s.state != "refreshing")
+            .filter(|s| !matches!(s.state, State::Fresh | State::Refreshing))
             .map(|s| s.credential)
             .collect();
         if !missing.is_empty() {
@@ -456,7 +456,7 @@ pub fn status_json(s: &SlotStatus) -> serde_json::Value {
     serde_json::json!({
         "credential": s.credential,
         "grant_type": s.grant_type,
-        "state": s.state,
+        "state": s.state.as_str(),
         "state_since": secs_since_epoch(s.state_since),
         "expires_in_s": s.expires_in.map(|d| d.as_secs()),
         "family": s.family,
@@ -554,14 +554,14 @@ fn status_page(live: &Live) -> AdminResponse {
         let error = match &s.last_error {
             Some(f) => format!(
                 "<b>{}</b> ({}) {}<div class=hint>{}</div>",
-                escape(f.outcome),
+                escape(f.outcome.as_str()),
                 escape(&f.reason),
                 escape(&ago(Some(f.at))),
                 escape(&f.hint)
             ),
             None => "—".into(),
         };
-        let login = if s.state == "dead" && s.grant_type == "refresh_token" {
+        let login = if s.state == State::Dead && s.grant_type == "refresh_token" {
             format!(
                 " <a class=login href=\"/login/{0}\">log in</a>",
                 escape(&s.credential)
@@ -574,7 +574,7 @@ fn status_page(live: &Live) -> AdminResponse {
             "<tr data-credential=\"{name}\" data-state=\"{state}\"><td>{name}<td>{grant}<td class=state><span class=\"badge {state}\">{state}</span> since {since}{login}<td class=num>{expires}<td class=num>{generation}<td>{last}<td>{error}</tr>",
             name = escape(&s.credential),
             grant = escape(s.grant_type),
-            state = escape(s.state),
+            state = escape(s.state.as_str()),
             since = escape(&ago(s.state_since)),
             generation = s.generation.map_or("—".into(), |g| g.to_string()),
             last = escape(&ago(s.last_refresh)),

@@ -222,18 +222,18 @@ impl Metrics {
     pub fn set_credential(
         &self,
         credential: &str,
-        state: &str,
+        state: crate::token::engine::State,
         since: Option<SystemTime>,
         expires_in: Option<Duration>,
     ) {
         let label = CredLabel {
             credential: credential.to_owned(),
         };
-        for s in ["fresh", "refreshing", "expired", "dead"] {
+        for s in crate::token::engine::State::ALL {
             self.state
                 .get_or_create(&CredState {
                     credential: credential.to_owned(),
-                    state: s.to_owned(),
+                    state: s.as_str().to_owned(),
                 })
                 .set(i64::from(s == state));
         }

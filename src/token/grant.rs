@@ -220,7 +220,7 @@ impl OAuthCode {
     }
 }
 
-/// How the engine must treat a failure (DESIGN.md "Failure classes").
+/// How the engine must treat a failure (docs/architecture.md, "Failure classes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureClass {
     /// The grant itself is dead: no retry until a new refresh token arrives.
@@ -229,16 +229,6 @@ pub enum FailureClass {
     Config,
     /// Retry with backoff.
     Transient,
-}
-
-impl FailureClass {
-    pub fn outcome(self) -> &'static str {
-        match self {
-            FailureClass::InvalidGrant => "invalid_grant",
-            FailureClass::Config => "config_error",
-            FailureClass::Transient => "transient",
-        }
-    }
 }
 
 /// Whether the request may have reached the IdP.

@@ -9,6 +9,7 @@ pub mod engine;
 pub mod grant;
 pub mod hints;
 pub mod pg;
+pub mod record;
 pub mod schedule;
 pub mod seal;
 pub mod store;
@@ -376,7 +377,7 @@ impl RouteToken {
     }
 
     /// The upstream answered a `refresh_on` status to a request that carried
-    /// `injected`. Decides (DESIGN.md "Reactive refresh") whether to refresh;
+    /// `injected`. Decides (the reactive-refresh rules, README "Routing") whether to refresh;
     /// true when a replay with a newer token is worth trying.
     pub fn rejected(
         &self,
@@ -400,13 +401,8 @@ impl RouteToken {
 
     /// The current token's header value. Ready at once when a usable token is
     /// cached; otherwise waits for the single-flight refresh (bounded by the
-    /// credential's `refresh_wait`).
-    pub async fn get(&self) -> Result<Injected, CredentialUnavailable> {
-        self.get_for(None).await
-    }
-
-    /// As [`RouteToken::get`]; a refresh this request starts is logged with
-    /// its `request_id`.
+    /// credential's `refresh_wait`). A refresh this request starts is logged
+    /// with its `request_id`.
     pub async fn get_for(
         &self,
         request_id: Option<&str>,

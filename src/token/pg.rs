@@ -1,4 +1,4 @@
-//! The postgres store (fleet mode, DESIGN.md "Fleet mode"): one row per
+//! The postgres store (fleet mode, docs/architecture.md "Fleet mode"): one row per
 //! credential holding the record and a lease (holder, `lease_until`), plus
 //! one LISTEN connection per process that wakes slots when another replica
 //! writes.
@@ -14,8 +14,8 @@
 //! root file only that CA is trusted, otherwise the public web roots. The
 //! certificate chain and the host name are always verified once TLS is on.
 
+use super::record::{DeadMark, Intent, Record, Rekeyed, StoreError};
 use super::seal::{self, Keyring};
-use super::store::{DeadMark, Intent, Record, Rekeyed, StoreError};
 use crate::secret::Secret;
 use parking_lot::Mutex;
 use std::collections::HashMap;

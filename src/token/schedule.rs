@@ -5,7 +5,7 @@
 use rand::Rng;
 use std::time::Duration;
 
-/// DESIGN.md: refresh `max(30 s, 10 % of lifetime)` early, never more than
+/// Refresh `max(30 s, 10 % of lifetime)` early, never more than
 /// half the lifetime; a configured `refresh_before` also stays ≤ half.
 pub fn refresh_before(lifetime: Duration, configured: Option<Duration>) -> Duration {
     let half = lifetime / 2;
@@ -46,7 +46,7 @@ pub fn backoff(
         .max(floor.unwrap_or_default())
 }
 
-/// Delay before retrying a configuration error (DESIGN.md: every 5 minutes).
+/// Delay before retrying a configuration error (every 5 minutes).
 pub const CONFIG_ERROR_RETRY: Duration = Duration::from_secs(300);
 
 #[cfg(test)]

@@ -12,7 +12,11 @@
 //! value (see `seal`); `rekey` reseals everything under the current key.
 
 use super::pg::{PgLease, PgStore};
-use super::seal::{self, Keyring, UnsealError};
+pub use super::record::{
+    from_unix_ms, new_family, normalize_endpoint, unix_ms, DeadMark, Intent, Record, Rekeyed,
+    StoreError,
+};
+use super::seal::{self, Keyring};
 use crate::secret::Secret;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -20,75 +24,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// The on-disk state of one credential.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Record {
-    pub token_url: String,
-    pub client_id: String,
-    /// Random, new for every login, import or newly adopted seed.
-    pub family: String,
-    /// +1 per successful refresh within the family.
-    pub generation: u64,
-    #[serde(with = "opt_secret")]
-    pub refresh_token: Option<Secret>,
-    #[serde(with = "opt_secret", default)]
-    pub access_token: Option<Secret>,
-    /// Wall-clock expiry of `access_token`, Unix milliseconds.
-    #[serde(default)]
-    pub access_expires_at_ms: Option<u64>,
-    /// When `access_token` was requested, Unix milliseconds.
-    #[serde(default)]
-    pub access_issued_at_ms: Option<u64>,
-    #[serde(default)]
-    pub refresh_expires_at_ms: Option<u64>,
-    /// Fingerprints of every config seed this store has consumed.
-    #[serde(default)]
-    pub seeds_seen: Vec<String>,
-    /// Write-ahead intent: this (family, generation) is being presented.
-    #[serde(default)]
-    pub intent: Option<Intent>,
-    /// Set when the credential died; cleared by a new family.
-    #[serde(default)]
-    pub dead: Option<DeadMark>,
-    #[serde(default)]
-    pub updated_at_ms: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Intent {
-    pub family: String,
-    pub generation: u64,
-    pub at_ms: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct DeadMark {
-    pub family: String,
-    pub generation: u64,
-    pub reason: String,
-}
-
-impl Record {
-    /// A record belongs to a credential only while its endpoint and client
-    /// match; endpoints are compared normalised, so two spellings of one
-    /// URL share one family.
-    pub fn matches(&self, token_url: &str, client_id: &str) -> bool {
-        self.client_id == client_id
-            && normalize_endpoint(&self.token_url) == normalize_endpoint(token_url)
-    }
-
-    /// Whether this store has already consumed `seed` (by fingerprint): a
-    /// consumed seed is never presented again, whatever the endpoint.
-    pub fn has_seen_seed(&self, seed: &Secret) -> bool {
-        self.seeds_seen.contains(&seed.fingerprint()) || self.refresh_token.as_ref() == Some(seed)
-    }
-
-    pub fn identity(&self) -> (&str, u64) {
-        (&self.family, self.generation)
-    }
-}
+use std::time::{Duration, SystemTime};
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct StoreFile {
@@ -99,65 +35,6 @@ struct StoreFile {
     /// (`tpv2:<key id>:...`; older stores: bare base64 of XChaCha20-Poly1305).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sealed: Option<String>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("cannot read token store {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("token store {path} is not valid JSON (fix or move it away; it is never overwritten while unreadable)")]
-    Corrupt {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("cannot write token store {path}")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("token store {path} is encrypted and cannot be opened with the configured keys (it is never overwritten while unreadable)")]
-    Decrypt {
-        path: PathBuf,
-        #[source]
-        source: UnsealError,
-    },
-    #[error("cannot lock {path}")]
-    Lock {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("store.url: {message}")]
-    Url { message: String },
-    #[error("postgres store")]
-    Db {
-        #[source]
-        source: tokio_postgres::Error,
-    },
-    #[error("postgres store did not answer in time")]
-    DbTimeout,
-    #[error("postgres store schema version {found} is newer than this tokenproxy knows ({known}); upgrade tokenproxy")]
-    SchemaTooNew { found: i32, known: i32 },
-    #[error("credential {name} changed in the store meanwhile (fenced write refused)")]
-    Fenced { name: String },
-    #[error("credential {name}: another replica has held the refresh lease for over a minute")]
-    LeaseBusy { name: String },
-    #[error("credential {name}: its stored tokens are encrypted and cannot be opened with the configured keys (the row is never overwritten while unreadable)")]
-    DecryptColumn {
-        name: String,
-        #[source]
-        source: UnsealError,
-    },
-    #[error("store rekey needs store.encryption_key (the key to seal under)")]
-    RekeyWithoutKey,
-    #[error("credential {name}: stored {message}")]
-    Column { name: String, message: String },
 }
 
 /// The configured store: one file (one writer per refresh token) or
@@ -329,19 +206,6 @@ impl Store {
             Store::Postgres(p) => Some(p.changes(name)),
         }
     }
-}
-
-/// What `rekey` did.
-#[derive(Debug, Default)]
-pub struct Rekeyed {
-    /// The key id everything is now sealed under.
-    pub key_id: String,
-    /// Records rewritten under the current key.
-    pub resealed: Vec<String>,
-    /// Records already sealed under the current key.
-    pub unchanged: Vec<String>,
-    /// Records left as they were, and why.
-    pub failed: Vec<(String, StoreError)>,
 }
 
 /// The file store. Cheap to clone.
@@ -577,11 +441,6 @@ impl FileStore {
             source,
         })
     }
-
-    /// The store file's modification time, to notice writes by others cheaply.
-    pub fn modified(&self) -> Option<SystemTime> {
-        fs::metadata(&self.path).and_then(|m| m.modified()).ok()
-    }
 }
 
 fn lock_file(path: &Path) -> Result<File, StoreError> {
@@ -636,78 +495,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     result
 }
 
-/// A token endpoint as compared between config and store: scheme and host
-/// in lower case, the default port left out, every loopback name as one,
-/// no trailing slash. Anything unparsable compares as written.
-pub fn normalize_endpoint(url: &str) -> String {
-    let Ok(uri) = url.trim().parse::<http::Uri>() else {
-        return url.to_owned();
-    };
-    let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
-        return url.to_owned();
-    };
-    let scheme = scheme.to_ascii_lowercase();
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_ascii_lowercase();
-    let loopback = host == "localhost"
-        || host.ends_with(".localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    let host = if loopback {
-        "loopback".to_owned()
-    } else {
-        host
-    };
-    let default_port = match scheme.as_str() {
-        "https" => Some(443),
-        "http" => Some(80),
-        _ => None,
-    };
-    let port = uri
-        .port_u16()
-        .filter(|p| Some(*p) != default_port)
-        .map(|p| format!(":{p}"))
-        .unwrap_or_default();
-    let path = uri.path().trim_end_matches('/');
-    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-    format!("{scheme}://{host}{port}{path}{query}")
-}
-
-pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
-}
-
-pub fn from_unix_ms(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
-}
-
-/// A new random family id.
-pub fn new_family() -> String {
-    format!("{:016x}", rand::random::<u64>())
-}
-
-mod opt_secret {
-    use crate::secret::Secret;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &Option<Secret>, s: S) -> Result<S::Ok, S::Error> {
-        match v {
-            Some(secret) => s.serialize_some(secret.expose()),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
-        Ok(Option::<String>::deserialize(d)?.map(Secret::new))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::token::seal::UnsealError;
     use std::os::unix::fs::PermissionsExt;
 
     fn record(family: &str, generation: u64) -> Record {

@@ -433,3 +433,41 @@ async fn secrets_never_reach_error_bodies_the_status_page_or_metrics() {
     }
     app.shutdown().await;
 }
+
+/// A store that cannot be read while the token has expired: the client's
+/// 503 says `store_unavailable` with a short hint, never the store's path or
+/// the error chain (those are in the log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_store_is_not_described_in_client_error_bodies() {
+    use crate::harness::{get_ok, http, wait_for};
+    let stack = Stack::start(StackOpts::default()).await;
+    let app = stack.app("max_backoff = \"1s\"\n").await;
+    stack.wait_generation(1, Duration::from_secs(10)).await;
+    let store = stack.store_path();
+    let aside = stack.dir.path().join("tokens.aside");
+    std::fs::rename(&store, &aside).unwrap();
+    std::fs::create_dir(&store).unwrap();
+    let url = format!("http://{}/api/x", app.proxy_addr.unwrap());
+    let got = wait_for(
+        "a 503 store_unavailable",
+        Duration::from_secs(15),
+        || async {
+            let g = get_ok(&http(), &url).await;
+            (g.status == 503 && g.json()["reason"] == "store_unavailable").then_some(g)
+        },
+    )
+    .await;
+    let body = got.text();
+    let dir = stack.dir.path().display().to_string();
+    assert!(
+        !body.contains(&dir),
+        "the store path reached a client: {body}"
+    );
+    assert!(
+        !body.contains("Is a directory"),
+        "an error chain reached a client: {body}"
+    );
+    std::fs::remove_dir(&store).unwrap();
+    std::fs::rename(&aside, &store).unwrap();
+    app.shutdown().await;
+}

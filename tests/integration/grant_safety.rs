@@ -116,7 +116,7 @@ async fn a_gateway_502_after_the_rotation_is_never_retried_blindly() {
                 gateway.set(Mode::Replace(502));
                 let admin = app.admin_addr.unwrap();
                 let _ = post_admin(&http(), admin, &format!("/credentials/{CRED}/refresh")).await;
-                let st = wait_state(&http(), admin, "dead", S(10)).await;
+                let st = wait_state(&http(), admin, "dead", S(30)).await;
                 assert_eq!(gateway.replaced(), 1, "the IdP processed one grant");
                 assert_eq!(st["last_error"]["reason"], "lost_rotation", "{st}");
                 let hint = st["last_error"]["hint"].as_str().unwrap_or_default();

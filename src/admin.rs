@@ -20,7 +20,6 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt as _;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioExecutor;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -626,88 +625,4 @@ fn status_page(live: &Live) -> AdminResponse {
         headers.insert("content-security-policy", csp);
     }
     r
-}
-
-/// `tokenproxy status`: the admin API's view as a table.
-pub async fn print_status(config: &crate::config::Config) -> Result<String, String> {
-    use http_body_util::BodyExt;
-    let crate::config::ListenAddr::Tcp(addr) = &config.admin.listen else {
-        return Err("status needs a TCP admin.listen".into());
-    };
-    let host = if addr.ip().is_unspecified() {
-        "127.0.0.1".to_owned()
-    } else {
-        addr.ip().to_canonical().to_string()
-    };
-    let host = if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host
-    };
-    let url = format!("http://{host}:{}/credentials", addr.port());
-    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
-    let mut req = Request::get(&url)
-        .body(Full::default())
-        .map_err(|e| e.to_string())?;
-    if let Some(t) = &config.admin.token {
-        if let Ok(v) = HeaderValue::from_str(&format!("Bearer {}", t.expose())) {
-            req.headers_mut().insert(header::AUTHORIZATION, v);
-        }
-    }
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
-        .await
-        .map_err(|_| format!("{url}: no answer within 5 s"))?
-        .map_err(|e| format!("{url}: {} (is tokenproxy running?)", crate::error_chain(&e)))?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    if !status.is_success() {
-        return Err(format!(
-            "{url}: {status}: {}",
-            String::from_utf8_lossy(&body)
-        ));
-    }
-    let list: Vec<serde_json::Value> =
-        serde_json::from_slice(&body).map_err(|e| format!("{url}: not JSON: {e}"))?;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<16} {:<18} {:<10} {:>10} {:>6}  {:<16} LAST ERROR",
-        "CREDENTIAL", "GRANT", "STATE", "EXPIRES IN", "GEN", "FAMILY"
-    );
-    for c in &list {
-        let s = |k: &str| c[k].as_str().unwrap_or("-").to_owned();
-        let expires = c["expires_in_s"]
-            .as_u64()
-            .map_or("-".into(), |v| format!("{v}s"));
-        let generation = c["generation"]
-            .as_u64()
-            .map_or("-".into(), |v| v.to_string());
-        let error = match &c["last_error"] {
-            serde_json::Value::Object(e) => format!(
-                "{} ({}): {}",
-                e.get("outcome").and_then(|v| v.as_str()).unwrap_or(""),
-                e.get("reason").and_then(|v| v.as_str()).unwrap_or(""),
-                e.get("hint").and_then(|v| v.as_str()).unwrap_or("")
-            ),
-            _ => "-".into(),
-        };
-        let _ = writeln!(
-            out,
-            "{:<16} {:<18} {:<10} {:>10} {:>6}  {:<16} {}",
-            s("credential"),
-            s("grant_type"),
-            s("state"),
-            expires,
-            generation,
-            s("family"),
-            error
-        );
-    }
-    Ok(out)
 }

@@ -215,7 +215,7 @@ pub fn main() -> ExitCode {
                 Err(code) => return code,
             };
             run_blocking(async move {
-                match crate::admin::print_status(&cfg).await {
+                match crate::admin_client::status_table(&cfg).await {
                     Ok(table) => {
                         print!("{table}");
                         ExitCode::SUCCESS

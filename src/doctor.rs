@@ -580,10 +580,11 @@ async fn check_upstreams(r: &mut Report, config: &Config, name: Option<&str>) {
 }
 
 async fn check_running(r: &mut Report, config: &Config, name: Option<&str>) {
-    let Some(base) = crate::login::admin_base(config, None) else {
+    let Some(admin) = crate::admin_client::AdminClient::new(config, None) else {
         return;
     };
-    let Some(f) = crate::login::admin_get(&base, "/credentials").await else {
+    let base = admin.base();
+    let Ok((status, body)) = admin.get("/credentials").await else {
         r.add(
             Mark::Warn,
             format!("no running proxy answers at {base}"),
@@ -591,7 +592,15 @@ async fn check_running(r: &mut Report, config: &Config, name: Option<&str>) {
         );
         return;
     };
-    let list: Vec<serde_json::Value> = serde_json::from_slice(&f.body).unwrap_or_default();
+    if !status.is_success() {
+        r.add(
+            Mark::Warn,
+            format!("the running proxy at {base} answered {status} to /credentials"),
+            "check that admin.token matches the running proxy's",
+        );
+        return;
+    }
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap_or_default();
     for s in list {
         let cred = s["credential"].as_str().unwrap_or("?");
         if name.is_some_and(|n| n != cred) {

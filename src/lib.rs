@@ -17,6 +17,7 @@
 //!   `tokenproxy demo` and by every test.
 
 pub mod admin;
+mod admin_client;
 pub mod app;
 pub mod cli;
 pub mod config;

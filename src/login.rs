@@ -7,6 +7,7 @@
 //! page or an error message. Every failure names its cause and the fix
 //! (`../shared/seeds/000_*`: the `invalid_grant` causes).
 
+use crate::admin_client::AdminClient;
 use crate::app::Live;
 use crate::config::{AuthMethod, Config, CredentialConfig, GrantType};
 use crate::secret::Secret;
@@ -1313,49 +1314,26 @@ pub struct CliArgs {
     pub admin: Option<String>,
 }
 
-pub fn admin_base(config: &Config, explicit: Option<&str>) -> Option<String> {
-    if let Some(a) = explicit {
-        let a = a.trim_end_matches('/');
-        return Some(if a.contains("://") {
-            a.to_owned()
-        } else {
-            format!("http://{a}")
-        });
-    }
-    match &config.admin.listen {
-        crate::config::ListenAddr::Tcp(a) if a.port() != 0 => {
-            let ip = match a.ip() {
-                std::net::IpAddr::V4(v) if v.is_unspecified() => "127.0.0.1".to_owned(),
-                std::net::IpAddr::V6(v) if v.is_unspecified() => "[::1]".to_owned(),
-                std::net::IpAddr::V6(v) => format!("[{v}]"),
-                ip => ip.to_string(),
-            };
-            Some(format!("http://{ip}:{}", a.port()))
-        }
-        _ => None,
-    }
-}
-
-pub async fn admin_get(base: &str, path: &str) -> Option<crate::discovery::Fetched> {
-    let uri: Uri = format!("{base}{path}").parse().ok()?;
-    let tls = crate::tls::client_config(None, None, &[]).ok()?;
-    let fut = crate::discovery::fetch(tls, http::Method::GET, &uri);
-    tokio::time::timeout(Duration::from_secs(3), fut)
+/// The admin API's view of `name`'s token family (None: no family yet).
+async fn admin_family(admin: &AdminClient, name: &str) -> Result<Option<String>, String> {
+    let base = admin.base();
+    let (status, body) = admin
+        .get(&format!("/credentials/{name}"))
         .await
-        .ok()?
-        .ok()
-}
-
-async fn admin_family(base: &str, name: &str) -> Result<Option<String>, String> {
-    let got = admin_get(base, &format!("/credentials/{name}"))
-        .await
-        .ok_or_else(|| format!("the admin API at {base} stopped answering"))?;
-    if got.status == StatusCode::NOT_FOUND {
+        .map_err(|e| format!("the admin API at {base} stopped answering: {e}"))?;
+    if status == StatusCode::NOT_FOUND {
         return Err(format!(
             "the running proxy at {base} has no credential {name:?} (reload it after editing the config)"
         ));
     }
-    let v: serde_json::Value = serde_json::from_slice(&got.body).unwrap_or_default();
+    if !status.is_success() {
+        // Waiting on an answer that can never name a family helps nobody.
+        return Err(format!(
+            "the admin API at {base} answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let v = match v {
         serde_json::Value::Array(mut a) if !a.is_empty() => a.remove(0),
         v => v,
@@ -1393,22 +1371,23 @@ pub async fn run_cli(config: &Config, args: CliArgs) -> u8 {
             _ => 1,
         }
     };
-    let base = admin_base(config, args.admin.as_deref());
-    let up = match &base {
-        Some(b) => admin_get(b, "/healthz")
+    let admin = AdminClient::new(config, args.admin.as_deref());
+    let up = match &admin {
+        Some(a) => a
+            .get("/healthz")
             .await
-            .is_some_and(|r| r.status.is_success()),
+            .is_ok_and(|(status, _)| status.is_success()),
         None => false,
     };
     if args.admin.is_some() && !up {
         eprintln!(
             "tokenproxy login: the admin API at {} does not answer /healthz",
-            base.as_deref().unwrap_or("?")
+            admin.as_ref().map_or("?", |a| a.base())
         );
         return 1;
     }
-    if let (true, Some(base)) = (up, base) {
-        return via_admin(config, &base, &args).await;
+    if let (true, Some(admin)) = (up, admin) {
+        return via_admin(config, &admin, &args).await;
     }
     let announce = |url: &str| {
         println!("Open this URL in a browser to log in {name}:\n\n  {url}\n");
@@ -1440,15 +1419,16 @@ pub async fn run_cli(config: &Config, args: CliArgs) -> u8 {
     }
 }
 
-async fn via_admin(config: &Config, base: &str, args: &CliArgs) -> u8 {
+async fn via_admin(config: &Config, admin: &AdminClient, args: &CliArgs) -> u8 {
     let name = &args.name;
+    let base = admin.base();
     if let Some(c) = config.credentials.get(name) {
         if c.redirect_uri.is_none() {
             eprintln!("tokenproxy login: credential {name} has no redirect_uri; to log in through the running proxy set redirect_uri = \"{base}/callback\" and register it at the IdP");
             return 64;
         }
     }
-    let before = match admin_family(base, name).await {
+    let before = match admin_family(admin, name).await {
         Ok(f) => f,
         Err(e) => {
             eprintln!("tokenproxy login: {e}");
@@ -1467,7 +1447,7 @@ async fn via_admin(config: &Config, base: &str, args: &CliArgs) -> u8 {
     let deadline = Instant::now() + STATE_TTL;
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        match admin_family(base, name).await {
+        match admin_family(admin, name).await {
             Ok(Some(f)) if Some(&f) != before.as_ref() => {
                 println!(
                     "Logged in: credential {name} now has a new token family {f} (generation 0)."

@@ -10,11 +10,10 @@
 //! a foreign `Origin`) refuses them anyway, and a `Host` that is not ours gets
 //! `421` (DNS rebinding). Connections get the data path's guards.
 
-use crate::app::Live;
+use crate::live::Live;
 use crate::metrics::metrics;
 use crate::proxy::Listener;
 use crate::token::engine::SlotStatus;
-use crate::token::store::FileStore;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt as _;
@@ -143,7 +142,12 @@ pub async fn handle_with_body(req: Request<Bytes>, live: &Live, loopback: bool) 
         );
     }
     // The browser login flow: GET only, state bound to a cookie.
-    if let Some(r) = crate::login::handle_admin(&req, live).await {
+    let view = crate::login::AdminView {
+        config: config.clone(),
+        engine: live.engine.load_full(),
+        logins: &live.logins,
+    };
+    if let Some(r) = crate::login::handle_admin(&req, &view).await {
         return r;
     }
     if method == Method::POST {
@@ -158,7 +162,7 @@ pub async fn handle_with_body(req: Request<Bytes>, live: &Live, loopback: bool) 
                 Ok(()) => json(StatusCode::OK, serde_json::json!({"reloaded": true})),
                 // Validation errors are for the operator who asked (file,
                 // line, key; secrets redacted); any other cause goes to the log.
-                Err(crate::app::AppError::Config(errors)) => json(
+                Err(crate::live::AppError::Config(errors)) => json(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     serde_json::json!({"reloaded": false, "error": "config_rejected", "message": errors.to_string()}),
                 ),
@@ -300,57 +304,6 @@ fn has_admin_token<B>(req: &Request<B>, token: Option<&crate::secret::Secret>) -
     };
     let (a, b) = (given.as_bytes(), token.expose().as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// `/readyz`'s view of the file store: a probe every few seconds must not
-/// read, parse and unseal the whole store. The full read runs again only
-/// when the file (size, mtime, inode) or the config changed since it last
-/// succeeded; a stat is all a probe costs otherwise.
-#[derive(Default)]
-pub struct ReadyCache {
-    /// Full reads of the store, for tests.
-    reads: std::sync::atomic::AtomicU64,
-    // A sync mutex: held for a compare or a store, never across an await.
-    last_ok: parking_lot::Mutex<Option<(StoreStamp, Arc<crate::config::Config>)>>,
-}
-
-/// What a stat says of the store file (None: absent, which reads as empty).
-type StoreStamp = Option<(u64, Option<SystemTime>, u64, u64)>;
-
-impl ReadyCache {
-    pub fn store_reads(&self) -> u64 {
-        self.reads.load(Ordering::Relaxed)
-    }
-
-    /// None when the store reads fine, else why not.
-    fn check(
-        &self,
-        config: &Arc<crate::config::Config>,
-    ) -> Option<crate::token::store::StoreError> {
-        use std::os::unix::fs::MetadataExt;
-        let stamp: Option<StoreStamp> = match std::fs::metadata(&config.store.path) {
-            Ok(m) if m.is_file() => Some(Some((m.len(), m.modified().ok(), m.ino(), m.dev()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(None),
-            // A directory or an error: read it and say why.
-            _ => None,
-        };
-        if let (Some(stamp), Some((seen, cfg))) = (&stamp, &*self.last_ok.lock()) {
-            if stamp == seen && Arc::ptr_eq(cfg, config) {
-                return None;
-            }
-        }
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        match FileStore::open_config(&config.store) {
-            Ok(_) => {
-                *self.last_ok.lock() = stamp.map(|s| (s, config.clone()));
-                None
-            }
-            Err(e) => {
-                *self.last_ok.lock() = None;
-                Some(e)
-            }
-        }
-    }
 }
 
 /// Config loaded and listeners bound (we are answering); the store opens;

@@ -4,6 +4,7 @@
 
 use crate::app::App;
 use crate::config::{self, Config};
+use crate::process::{wait_for_signal, Signal, EXIT_USAGE};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -143,8 +144,6 @@ enum StoreAction {
         force: bool,
     },
 }
-
-pub const EXIT_USAGE: u8 = 64;
 
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -561,7 +560,7 @@ pub async fn run(cfg: Config) -> ExitCode {
     let app = match App::start_with_workers(&cfg).await {
         Ok(app) => app,
         Err(e) => {
-            let chain = crate::token::grant::error_chain(&e);
+            let chain = crate::error_chain(&e);
             tracing::error!(error = %chain, "Start-up failed");
             eprintln!("tokenproxy: {chain}");
             return ExitCode::FAILURE;
@@ -583,33 +582,6 @@ pub async fn run(cfg: Config) -> ExitCode {
         _ = async { while !matches!(wait_for_signal().await, Signal::Stop) {} } => {
             tracing::warn!(event = "shutdown_forced", "Second signal: exiting without waiting");
             ExitCode::FAILURE
-        }
-    }
-}
-
-pub enum Signal {
-    /// SIGINT or SIGTERM.
-    Stop,
-    /// SIGHUP.
-    Reload,
-}
-
-pub async fn wait_for_signal() -> Signal {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return Signal::Stop;
-    };
-    tokio::select! {
-        _ = term.recv() => Signal::Stop,
-        _ = int.recv() => Signal::Stop,
-        _ = hup.recv() => {
-            tracing::info!("SIGHUP received: reloading");
-            Signal::Reload
         }
     }
 }

@@ -70,7 +70,7 @@ pub async fn run(path: &Path, name: Option<&str>) -> u8 {
                 format!("config {} is invalid:\n{errors}", path.display()),
                 "correct the lines above (`tokenproxy check -c FILE` shows the same)",
             );
-            return crate::cli::EXIT_USAGE;
+            return crate::process::EXIT_USAGE;
         }
     };
     r.ok(format!("config {} is valid", path.display()));
@@ -92,7 +92,7 @@ pub async fn run(path: &Path, name: Option<&str>) -> u8 {
                             .join(", ")
                     ),
                 );
-                return crate::cli::EXIT_USAGE;
+                return crate::process::EXIT_USAGE;
             }
         },
         None => config.credentials.values().cloned().collect(),

@@ -8,7 +8,6 @@
 //! (`../shared/seeds/000_*`: the `invalid_grant` causes).
 
 use crate::admin_client::AdminClient;
-use crate::app::Live;
 use crate::config::{AuthMethod, Config, CredentialConfig, GrantType};
 use crate::secret::Secret;
 use crate::token::engine::{install_family, InstallError};
@@ -17,6 +16,7 @@ use crate::token::grant::{
     TokenSet,
 };
 use crate::token::store::{Record, Store};
+use crate::token::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use bytes::Bytes;
@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::sync::LazyLock;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
@@ -237,8 +237,22 @@ impl PendingStates {
     }
 }
 
-/// The admin flow's pending logins, process-wide.
-pub static ADMIN_STATES: LazyLock<PendingStates> = LazyLock::new(PendingStates::default);
+/// The admin flow's logins in progress: one per running proxy, kept on its
+/// `Live` handle (not in a static, so two proxies in one
+/// process, as in tests, never see each other's logins).
+#[derive(Default)]
+pub struct AdminLogins {
+    pub states: PendingStates,
+    confirms: ConfirmTokens,
+}
+
+/// What the admin login endpoints see of the running proxy (loaded once
+/// per request) and the logins they keep.
+pub struct AdminView<'a> {
+    pub config: Arc<Config>,
+    pub engine: Arc<Engine>,
+    pub logins: &'a AdminLogins,
+}
 
 /// CSRF tokens of the forced-login confirmation page: one per page the
 /// admin listener rendered, bound to that browser's cookie and the
@@ -286,8 +300,6 @@ impl ConfirmTokens {
         ok
     }
 }
-
-static ADMIN_CONFIRMS: LazyLock<ConfirmTokens> = LazyLock::new(ConfirmTokens::default);
 
 /// The authorization request (RFC 6749 §4.1.1, RFC 7636 §4.3).
 pub fn authorization_url(
@@ -849,7 +861,10 @@ fn query_flag(uri: &Uri, name: &str) -> bool {
 
 /// `GET /login/<name>`, `POST /login/<name>` (a confirmed forced login)
 /// and `GET /callback` on the admin listener; `None` for any other path.
-pub async fn handle_admin(req: &Request<Bytes>, live: &Live) -> Option<Response<Full<Bytes>>> {
+pub async fn handle_admin(
+    req: &Request<Bytes>,
+    live: &AdminView<'_>,
+) -> Option<Response<Full<Bytes>>> {
     let path = req.uri().path();
     let name = path.strip_prefix("/login/").map(|n| {
         percent_encoding::percent_decode_str(n)
@@ -871,7 +886,11 @@ pub async fn handle_admin(req: &Request<Bytes>, live: &Live) -> Option<Response<
                 .find(|(k, _)| k == "csrf")
                 .map(|(_, v)| v.into_owned())
                 .unwrap_or_default();
-            if !ADMIN_CONFIRMS.take(&csrf, cookie_value(req).as_deref(), &name) {
+            if !live
+                .logins
+                .confirms
+                .take(&csrf, cookie_value(req).as_deref(), &name)
+            {
                 return Some(page(
                     StatusCode::FORBIDDEN,
                     "Confirmation not valid",
@@ -891,14 +910,14 @@ pub async fn handle_admin(req: &Request<Bytes>, live: &Live) -> Option<Response<
 
 /// The page that asks before a forced login: a form posting back here with
 /// a CSRF token bound to this browser's cookie. Not framable (clickjacking).
-fn confirm_page<B>(req: &Request<B>, live: &Live, name: &str) -> Response<Full<Bytes>> {
-    if live.engine.load().slot(name).is_none() {
+fn confirm_page<B>(req: &Request<B>, live: &AdminView<'_>, name: &str) -> Response<Full<Bytes>> {
+    if live.engine.slot(name).is_none() {
         let e = LoginError::Setup(format!("credential {name} is not running in this proxy"));
         log_failure(Some(name), &e);
         return error_page(Some(name), &e);
     }
     let browser = cookie_value(req).unwrap_or_else(|| random_b64(24));
-    let token = ADMIN_CONFIRMS.issue(&browser, name);
+    let token = live.logins.confirms.issue(&browser, name);
     let action: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
     let body = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>tokenproxy: replace {n}?</title>\
@@ -932,12 +951,12 @@ fn confirm_page<B>(req: &Request<B>, live: &Live, name: &str) -> Response<Full<B
 
 async fn admin_start<B>(
     req: &Request<B>,
-    live: &Live,
+    live: &AdminView<'_>,
     name: &str,
     force: bool,
 ) -> Response<Full<Bytes>> {
     let name = name.to_owned();
-    let config = live.config.load_full();
+    let config = live.config.clone();
     let fail = |e: LoginError| {
         log_failure(Some(&name), &e);
         error_page(Some(&name), &e)
@@ -952,7 +971,7 @@ async fn admin_start<B>(
             config.admin.listen
         )));
     };
-    let engine = live.engine.load_full();
+    let engine = live.engine.clone();
     let Some(slot) = engine.slot(&name) else {
         return fail(LoginError::Setup(format!(
             "credential {name} is not running in this proxy"
@@ -970,7 +989,7 @@ async fn admin_start<B>(
     }
     let browser = cookie_value(req).unwrap_or_else(|| random_b64(24));
     let pkce = Pkce::new();
-    let state = ADMIN_STATES.start(
+    let state = live.logins.states.start(
         &name,
         pkce.verifier,
         &redirect_uri,
@@ -1000,17 +1019,17 @@ async fn admin_start<B>(
     r
 }
 
-async fn admin_callback<B>(req: &Request<B>, live: &Live) -> Response<Full<Bytes>> {
+async fn admin_callback<B>(req: &Request<B>, live: &AdminView<'_>) -> Response<Full<Bytes>> {
     let cb = parse_callback(req.uri().query().unwrap_or(""));
     let browser = cookie_value(req);
-    let (pending, age, code) = match validate_callback(&ADMIN_STATES, &cb, browser.as_deref(), None)
-    {
-        Ok(v) => v,
-        Err(e) => {
-            log_failure(None, &e);
-            return error_page(None, &e);
-        }
-    };
+    let (pending, age, code) =
+        match validate_callback(&live.logins.states, &cb, browser.as_deref(), None) {
+            Ok(v) => v,
+            Err(e) => {
+                log_failure(None, &e);
+                return error_page(None, &e);
+            }
+        };
     let name = pending.credential.clone();
     match finish_admin(live, &cb, pending, age, &code).await {
         Ok(done) => success_page(&done),
@@ -1022,14 +1041,14 @@ async fn admin_callback<B>(req: &Request<B>, live: &Live) -> Response<Full<Bytes
 }
 
 async fn finish_admin(
-    live: &Live,
+    live: &AdminView<'_>,
     cb: &Callback,
     pending: Pending,
     age: Duration,
     code: &Secret,
 ) -> Result<Done, LoginError> {
     let name = pending.credential.clone();
-    let engine = live.engine.load_full();
+    let engine = live.engine.clone();
     let slot = engine
         .slot(&name)
         .cloned()

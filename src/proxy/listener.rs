@@ -6,9 +6,7 @@
 //! Hands each request to [`Proxy::handle`]; decides nothing about requests.
 //! [`serve_guarded`] lends the same connection guards to the admin listener.
 
-use super::{
-    forward, BoxError, ConnInfo, Proxy, ProxyBody, ProxyBuildError, ProxyError, SharedProxy,
-};
+use super::{BoxError, ConnInfo, Proxy, ProxyBody, ProxyBuildError, ProxyError, SharedProxy};
 use crate::config::ListenAddr;
 use arc_swap::ArcSwap;
 use http::{Request, Version};
@@ -429,7 +427,7 @@ async fn serve_conn<I, H, Fut>(
     let conn = watcher.watch(conn.into_owned());
     tokio::select! {
         r = conn => if let Err(e) = r {
-            tracing::debug!(error = %forward::cause_chain(&*e), "Connection ended with an error");
+            tracing::debug!(error = %crate::error_chain(&*e), "Connection ended with an error");
         },
         why = watchdog(&activity, header_read_timeout, keepalive_timeout) => {
             tracing::debug!("Connection closed: {why}");

@@ -34,7 +34,7 @@ use crate::config::{Config, ListenAddr, RouteConfig};
 use crate::token::RouteToken;
 use body::{empty, IdleTimeout};
 use error::X_REQUEST_ID;
-use forward::{cause_chain, ClientKey, HttpsConnect, Pool, Upstream};
+use forward::{ClientKey, HttpsConnect, Pool, Upstream};
 use headers::LinkRewriter;
 use http::header::{HOST, LINK, LOCATION, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
@@ -530,10 +530,10 @@ impl Proxy {
                 && !e.is_connect()
                 && (kept || saved.is_some());
             if !retry {
-                tracing::warn!(route = route.label.as_str(), request_id = rid, upstream = upstream_host, error = %cause_chain(&e), "Upstream unreachable");
+                tracing::warn!(route = route.label.as_str(), request_id = rid, upstream = upstream_host, error = %crate::error_chain(&e), "Upstream unreachable");
                 return Err(ProxyError::UpstreamUnreachable);
             }
-            tracing::debug!(request_id = rid, upstream = upstream_host, error = %cause_chain(&e), "Retrying on a new connection");
+            tracing::debug!(request_id = rid, upstream = upstream_host, error = %crate::error_chain(&e), "Retrying on a new connection");
             retried = true;
             if let Some(saved) = &saved {
                 attempt = rebuild(saved, empty());

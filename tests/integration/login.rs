@@ -264,7 +264,11 @@ async fn admin_login_state_problems_are_named() {
     // Expired.
     let s = start_login(&env, "?force=1").await;
     let cb = authorize(&env, &s.idp_url).await;
-    tokenproxy::login::ADMIN_STATES.age(&s.state, Duration::from_secs(601));
+    env.app()
+        .live
+        .logins
+        .states
+        .age(&s.state, Duration::from_secs(601));
     let (_, body) = callback(&env, &cb, Some(&s.cookie)).await;
     assert!(body.contains("login expired"), "{body}");
     assert_eq!(env.idp.grant_count("authorization_code"), 1);

@@ -11,6 +11,7 @@
 //! `421` (DNS rebinding). Connections get the data path's guards.
 
 use crate::live::Live;
+use crate::login::escape;
 use crate::metrics::metrics;
 use crate::proxy::Listener;
 use crate::token::engine::SlotStatus;
@@ -443,22 +444,6 @@ fn text(status: StatusCode, body: &'static str) -> AdminResponse {
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     r
-}
-
-/// HTML-escapes text and attribute values.
-pub fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 fn ago(t: Option<SystemTime>) -> String {

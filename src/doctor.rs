@@ -299,7 +299,7 @@ async fn check_credential(r: &mut Report, config: &Config, cred: &CredentialConf
     let client = GrantClient::new(
         tls.clone(),
         Duration::from_secs(15),
-        crate::egress::current().as_ref(),
+        crate::egress::proxy_from(config.server.egress_proxy.as_ref()).as_ref(),
     );
     match cred.grant {
         GrantType::ClientCredentials => {

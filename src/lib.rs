@@ -29,6 +29,7 @@ pub mod egress;
 pub mod live;
 pub mod login;
 pub mod metrics;
+pub mod net;
 pub mod process;
 pub mod proxy;
 pub mod secret;

@@ -1122,19 +1122,21 @@ pub async fn bind_loopback(cred: &CredentialConfig, listen: bool) -> Result<Loop
         .parse()
         .map_err(|_| LoginError::Setup(format!("redirect_uri {uri:?} is not a URL")))?;
     let host = parsed.host().unwrap_or("");
-    let loopback = crate::config::is_loopback_host(host);
+    let loopback = crate::net::is_loopback_host(host);
     if parsed.scheme_str() != Some("http") || !loopback {
         return Err(LoginError::Setup(format!(
             "redirect_uri {uri} is not an http loopback address, so tokenproxy cannot receive the callback itself: use --no-listen and paste the URL the browser lands on"
         )));
     }
-    let bind_host = if host == "localhost" {
-        "127.0.0.1"
-    } else {
-        host
-    };
     let port = parsed.port_u16().unwrap_or(80);
-    let l = bind(&format!("{bind_host}:{port}")).await?;
+    // A loopback name is bound as 127.0.0.1: browsers resolve `localhost`
+    // and `*.localhost` to loopback themselves, whatever DNS says.
+    let ip = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+    let l = bind(&std::net::SocketAddr::new(ip, port).to_string()).await?;
     let redirect_uri = if port == 0 {
         let actual = l.local_addr().map(|a| a.port()).unwrap_or(0);
         uri.replacen(&format!("{host}:0"), &format!("{host}:{actual}"), 1)
@@ -1194,7 +1196,7 @@ pub async fn run_local(
     let client = GrantClient::new(
         crate::discovery::tls_for(&t.cred).map_err(|e| LoginError::Setup(e.to_string()))?,
         crate::token::GRANT_TIMEOUT,
-        crate::egress::current().as_ref(),
+        crate::egress::proxy_from(config.server.egress_proxy.as_ref()).as_ref(),
     );
     let finish = |cb: Callback| {
         let t = &t;

@@ -319,7 +319,7 @@ pub(crate) async fn serve_guarded<H, Fut>(
             }
         };
         // A unix socket is as local as loopback.
-        let is_local = remote_ip.is_none_or(|ip| ip.to_canonical().is_loopback());
+        let is_local = remote_ip.is_none_or(crate::net::is_loopback_ip);
         let handler = handler.clone();
         let serve = move |req, conflict| handler(req, is_local, conflict);
         let builder = builder.clone();

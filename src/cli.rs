@@ -1,6 +1,7 @@
-//! The command line: parse (validate only), then build and run. The one
-//! place that maps errors to exit codes: 0 clean, 64 bad usage or config,
-//! 1 runtime failure.
+//! The command line: parse the arguments, load and validate the config,
+//! then run the command. Exit codes come from [`crate::process`]: 0 clean,
+//! 64 bad usage or config, 1 runtime failure; `login` and `doctor` choose
+//! theirs from the same table.
 
 use crate::app::App;
 use crate::config::{self, Config};

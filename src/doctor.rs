@@ -117,7 +117,7 @@ pub async fn run(path: &Path, name: Option<&str>) -> u8 {
     check_running(&mut r, &config, name).await;
     if r.failed() {
         println!("\nSome checks failed (✗): see the fixes above.");
-        1
+        crate::process::EXIT_FAILURE
     } else {
         println!("\nAll checks passed.");
         0

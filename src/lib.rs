@@ -4,17 +4,35 @@
 //!
 //! # Layout
 //!
+//! - [`admin`]: the admin listener (health, readiness, metrics, credential
+//!   status, refresh, reload, the login endpoints' door).
+//! - `admin_client`: the one client of a running proxy's admin API (`status`,
+//!   `doctor`, `login`), sending `admin.token`.
+//! - [`app`]: the composition root: builds and binds everything, returns
+//!   the running [`app::App`].
+//! - [`cli`]: argument parsing and the commands' wiring.
 //! - [`config`]: raw TOML, validation, secret sources. Binds nothing.
-//! - [`secret`]: redacting newtypes; no token is a bare `String` elsewhere.
-//! - [`token`]: the engine (snapshot, single flight, schedule, state), the
-//!   grant client and the store.
+//! - [`demo`]: `tokenproxy demo`, the self-contained playground.
+//! - [`dev`]: a local IdP with strict rotation and an echo upstream, used by
+//!   `demo` and by every test.
+//! - [`discovery`]: RFC 8414 / OpenID metadata and one-off HTTPS fetches.
+//! - [`doctor`]: the checklist that never spends a refresh token.
+//! - [`egress`]: outbound connections, direct or through a CONNECT proxy.
+//! - [`live`]: the handle the running parts share ([`live::Live`]): config,
+//!   engine and proxy swapped on reload, readiness cache, pending logins.
+//! - [`login`]: PKCE, state, the authorization URL, callback and code
+//!   exchange (CLI and admin endpoints), and their HTML pages.
+//! - [`metrics`]: the Prometheus registry.
+//! - [`net`]: one answer for "is this host loopback?" and the hop-by-hop
+//!   header table.
+//! - [`process`]: exit codes and signals.
 //! - [`proxy`]: listeners, router, header hygiene, forwarder, the one table
 //!   that maps proxy errors to responses.
-//! - [`login`]: PKCE, state, the authorization URL, callback and code
-//!   exchange (CLI and admin endpoints); [`discovery`]: RFC 8414 metadata;
-//!   [`doctor`]: the checklist that never spends a refresh token.
-//! - [`dev`]: a local IdP with strict rotation and an echo upstream, used by
-//!   `tokenproxy demo` and by every test.
+//! - [`secret`]: redacting newtypes; no token is a bare `String` elsewhere.
+//! - [`telemetry`]: logging set-up (JSON lines or a human format).
+//! - [`tls`]: rustls client configs and certificate and key loading.
+//! - [`token`]: the engine (snapshot, single flight, schedule, state), the
+//!   grant client and the store.
 
 pub mod admin;
 mod admin_client;

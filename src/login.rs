@@ -1,4 +1,4 @@
-//! Bootstrap (DESIGN.md "Bootstrap (login)"): owns PKCE, `state`, the
+//! Bootstrap (docs/architecture.md, login): owns PKCE, `state`, the
 //! authorization URL, the callback validation and the code exchange, for the
 //! CLI (`tokenproxy login`: loopback listener or pasted URL) and for the
 //! admin endpoints `GET /login/<name>` and `GET /callback`.
@@ -9,6 +9,7 @@
 
 use crate::admin_client::AdminClient;
 use crate::config::{AuthMethod, Config, CredentialConfig, GrantType};
+use crate::process::{EXIT_FAILURE, EXIT_USAGE};
 use crate::secret::Secret;
 use crate::token::engine::{install_family, InstallError};
 use crate::token::grant::{
@@ -555,7 +556,8 @@ fn explain_exchange(e: &GrantError, sent: &Sent, hint: &str) -> String {
     }
 }
 
-/// Why no refresh_token came back, per IdP (DESIGN.md: fail loudly).
+/// Why no refresh_token came back, per IdP: a login that cannot keep
+/// itself alive fails loudly, with what to change.
 pub fn offline_hint(cred: &CredentialConfig, authorize_url: Option<&Uri>) -> String {
     let host = authorize_url
         .or(cred.token_url.as_ref())
@@ -1388,8 +1390,8 @@ pub async fn run_cli(config: &Config, args: CliArgs) -> u8 {
             eprintln!("{fix}");
         }
         match e {
-            LoginError::Setup(_) => 64,
-            _ => 1,
+            LoginError::Setup(_) => EXIT_USAGE,
+            _ => EXIT_FAILURE,
         }
     };
     let admin = AdminClient::new(config, args.admin.as_deref());
@@ -1405,7 +1407,7 @@ pub async fn run_cli(config: &Config, args: CliArgs) -> u8 {
             "tokenproxy login: the admin API at {} does not answer /healthz",
             admin.as_ref().map_or("?", |a| a.base())
         );
-        return 1;
+        return EXIT_FAILURE;
     }
     if let (true, Some(admin)) = (up, admin) {
         return via_admin(config, &admin, &args).await;
@@ -1446,14 +1448,14 @@ async fn via_admin(config: &Config, admin: &AdminClient, args: &CliArgs) -> u8 {
     if let Some(c) = config.credentials.get(name) {
         if c.redirect_uri.is_none() {
             eprintln!("tokenproxy login: credential {name} has no redirect_uri; to log in through the running proxy set redirect_uri = \"{base}/callback\" and register it at the IdP");
-            return 64;
+            return EXIT_USAGE;
         }
     }
     let before = match admin_family(admin, name).await {
         Ok(f) => f,
         Err(e) => {
             eprintln!("tokenproxy login: {e}");
-            return 1;
+            return EXIT_FAILURE;
         }
     };
     let encoded: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
@@ -1478,12 +1480,12 @@ async fn via_admin(config: &Config, admin: &AdminClient, args: &CliArgs) -> u8 {
             Ok(_) => {}
             Err(e) => {
                 eprintln!("tokenproxy login: {e}");
-                return 1;
+                return EXIT_FAILURE;
             }
         }
     }
     eprintln!("tokenproxy login: no login finished within 10 minutes; the result page in the browser says why");
-    1
+    EXIT_FAILURE
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! Prometheus metrics (DESIGN.md's list), one process-wide registry.
+//! Prometheus metrics (listed in docs/architecture.md), one process-wide
+//! registry.
 //!
 //! Per-route handles are resolved when the config is built, so a request
 //! does only atomic increments; credential gauges (state, expiry) are read

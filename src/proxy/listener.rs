@@ -3,7 +3,9 @@
 //! listener, a connection limit, the header read and keep-alive timeouts,
 //! graceful shutdown.
 //!
-//! Hands each request to [`Proxy::handle`]; decides nothing about requests.
+//! Hands each request to [`Proxy::handle`], or a head with both
+//! `Content-Length` and `Transfer-Encoding` to [`Proxy::refuse`]; decides
+//! nothing else about requests.
 //! [`serve_guarded`] lends the same connection guards to the admin listener.
 
 use super::{BoxError, ConnInfo, Proxy, ProxyBody, ProxyBuildError, ProxyError, SharedProxy};
@@ -29,7 +31,8 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// Slowloris guard: the whole request head must arrive within this.
+/// A TLS handshake must finish within this (the head watchdog starts after
+/// it), so a silent client cannot hold a connection slot.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 abuse limits: streams open at once per connection, streams the
 /// client reset before we accepted them (rapid reset, CVE-2023-44487), and
@@ -156,7 +159,8 @@ pub async fn serve(listener: Listener, proxy: Arc<Proxy>, shutdown: Cancellation
 
 /// As [`serve`], reading the proxy anew for every request, so a reload
 /// (routes, upstreams, credentials) applies to keep-alive connections too.
-/// Listener settings (TLS, `max_connections`, grace) stay as at start.
+/// `max_connections`, the head limits and the grace stay as at start; a
+/// reloaded TLS certificate applies to new connections.
 pub async fn serve_shared(listener: Listener, shared: SharedProxy, shutdown: CancellationToken) {
     let permits = Arc::new(Semaphore::new(shared.load().max_connections));
     serve_with_permits(listener, shared, shutdown, permits).await
@@ -638,8 +642,9 @@ impl http_body::Body for Tracked {
 /// Resolves (with the reason) when the connection must be closed: a request
 /// head took longer than `header_read_timeout` from its first byte, a new
 /// connection sent no request within it, or the connection sat idle between
-/// requests for `keepalive_timeout`. Wakes at most every half
-/// `header_read_timeout` per connection, never per request.
+/// requests for `keepalive_timeout`. One timer per connection, never one
+/// per request: it sleeps to the next deadline, at most half
+/// `header_read_timeout` at a time.
 async fn watchdog(a: &Activity, header_read: Duration, keepalive: Duration) -> &'static str {
     let head_limit = header_read.as_millis() as u64;
     let idle_limit = keepalive.as_millis() as u64;

@@ -6,10 +6,15 @@
 //! token (before anything is sent upstream) → header hygiene → forward with
 //! timeouts → response hygiene (hop-by-hop, `Location`/`Link`).
 //!
-//! Sees the token engine only through [`RouteToken::get`]; it must not know
-//! how tokens are obtained or refreshed. Everything a request needs (parsed
-//! upstreams, header names, clients) is built once in [`Proxy::new`]; the hot
-//! path takes no lock.
+//! Sees the token engine only through [`RouteToken`]: `get_for` for the
+//! header value (an `ArcSwap` load when a usable token is cached, else a
+//! wait, bounded by `refresh_wait`, on the engine's single-flight refresh)
+//! and `rejected` when the upstream refuses it (`refresh_on`). It must not
+//! know how tokens are obtained or refreshed. Everything a request needs
+//! (parsed upstreams, header names, clients) is built once in
+//! [`Proxy::new`]; per request the proxy is an `ArcSwap` load, and the only
+//! lock is the connection's own `Host` cache (never contended: one
+//! connection's requests take turns).
 
 mod body;
 pub mod error;
@@ -408,8 +413,9 @@ impl Proxy {
         let rid = request_id.to_str().unwrap_or("");
         let upstream_host = route.upstream.host_header.to_str().unwrap_or("");
 
-        // DESIGN.md "Reactive refresh": small bodies with a Content-Length are
-        // buffered so the request can be replayed once with a new token.
+        // Reactive refresh (docs/architecture.md): small bodies with a
+        // Content-Length are buffered so the request can be replayed once
+        // with a new token.
         let replayable = !upgrade
             && !route.refresh_on.is_empty()
             && route

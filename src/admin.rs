@@ -32,14 +32,14 @@ type AdminResponse = Response<Full<Bytes>>;
 
 /// Request bodies above this are refused unread: the biggest admin body is
 /// the login confirmation form.
-pub const MAX_BODY: usize = 16 * 1024;
+pub(crate) const MAX_BODY: usize = 16 * 1024;
 /// Connections at once: the admin API serves people, probes and scrapers.
 const MAX_CONNECTIONS: usize = 64;
 
 /// Serves until `shutdown`, with the data path's connection guards: the
 /// header read and keep-alive timeouts and head limits of `[server]`, a
 /// connection cap and a body cap.
-pub async fn serve(listener: Listener, live: Arc<Live>, shutdown: CancellationToken) {
+pub(crate) async fn serve(listener: Listener, live: Arc<Live>, shutdown: CancellationToken) {
     let server = live.config.load().server.clone();
     let guards = crate::proxy::Guards {
         max_connections: MAX_CONNECTIONS,
@@ -106,7 +106,11 @@ pub async fn handle<B>(req: Request<B>, live: &Live, loopback: bool) -> AdminRes
 }
 
 /// One admin request, its body read (at most [`MAX_BODY`]).
-pub async fn handle_with_body(req: Request<Bytes>, live: &Live, loopback: bool) -> AdminResponse {
+pub(crate) async fn handle_with_body(
+    req: Request<Bytes>,
+    live: &Live,
+    loopback: bool,
+) -> AdminResponse {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     let config = live.config.load_full();
@@ -405,7 +409,7 @@ fn secs_since_epoch(t: Option<SystemTime>) -> serde_json::Value {
 }
 
 /// Secret-free by construction: `SlotStatus` holds no token.
-pub fn status_json(s: &SlotStatus) -> serde_json::Value {
+pub(crate) fn status_json(s: &SlotStatus) -> serde_json::Value {
     serde_json::json!({
         "credential": s.credential,
         "grant_type": s.grant_type,

@@ -46,7 +46,7 @@ impl App {
     /// single-threaded runtime per extra worker, all accepting on the same
     /// sockets (nginx's worker model). The engine, the admin API and reloads
     /// stay on this thread's runtime.
-    pub async fn start_with_workers(config: &Config) -> Result<App, AppError> {
+    pub(crate) async fn start_with_workers(config: &Config) -> Result<App, AppError> {
         let shutdown = CancellationToken::new();
         let engine = Arc::new(Engine::start(config, shutdown.clone()).await?);
         let extra_workers = config.server.worker_threads.saturating_sub(1);
@@ -151,11 +151,6 @@ impl App {
             shutdown,
             tasks,
         })
-    }
-
-    /// The current engine.
-    pub fn engine(&self) -> Arc<Engine> {
-        self.live.engine.load_full()
     }
 
     /// Re-reads the config file and applies it (see the module doc).

@@ -17,7 +17,7 @@ use std::process::ExitCode;
     about = "A sidecar reverse proxy that injects OAuth access tokens and refreshes them without ever reusing a rotated refresh token.",
     after_help = "Try `tokenproxy demo` for a self-contained playground.\nExit codes: 0 clean, 64 bad usage or config, 1 runtime failure."
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }
@@ -557,7 +557,7 @@ fn run_blocking(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
 }
 
 /// Runs until SIGINT or SIGTERM, then drains.
-pub async fn run(cfg: Config) -> ExitCode {
+pub(crate) async fn run(cfg: Config) -> ExitCode {
     let app = match App::start_with_workers(&cfg).await {
         Ok(app) => app,
         Err(e) => {

@@ -12,24 +12,24 @@
 //!   the running [`app::App`].
 //! - [`cli`]: argument parsing and the commands' wiring.
 //! - [`config`]: raw TOML, validation, secret sources. Binds nothing.
-//! - [`demo`]: `tokenproxy demo`, the self-contained playground.
+//! - `demo`: `tokenproxy demo`, the self-contained playground.
 //! - [`dev`]: a local IdP with strict rotation and an echo upstream, used by
 //!   `demo` and by every test.
 //! - [`discovery`]: RFC 8414 / OpenID metadata and one-off HTTPS fetches.
-//! - [`doctor`]: the checklist that never spends a refresh token.
-//! - [`egress`]: outbound connections, direct or through a CONNECT proxy.
-//! - [`live`]: the handle the running parts share ([`live::Live`]): config,
+//! - `doctor`: the checklist that never spends a refresh token.
+//! - `egress`: outbound connections, direct or through a CONNECT proxy.
+//! - `live`: the handle the running parts share (`Live`): config,
 //!   engine and proxy swapped on reload, readiness cache, pending logins.
 //! - [`login`]: PKCE, state, the authorization URL, callback and code
 //!   exchange (CLI and admin endpoints), and their HTML pages.
-//! - [`metrics`]: the Prometheus registry.
-//! - [`net`]: one answer for "is this host loopback?" and the hop-by-hop
+//! - `metrics`: the Prometheus registry.
+//! - `net`: one answer for "is this host loopback?" and the hop-by-hop
 //!   header table.
-//! - [`process`]: exit codes and signals.
+//! - `process`: exit codes and signals.
 //! - [`proxy`]: listeners, router, header hygiene, forwarder, the one table
 //!   that maps proxy errors to responses.
 //! - [`secret`]: redacting newtypes; no token is a bare `String` elsewhere.
-//! - [`telemetry`]: logging set-up (JSON lines or a human format).
+//! - `telemetry`: logging set-up (JSON lines or a human format).
 //! - [`tls`]: rustls client configs and certificate and key loading.
 //! - [`token`]: the engine (snapshot, single flight, schedule, state), the
 //!   grant client and the store.
@@ -39,19 +39,19 @@ mod admin_client;
 pub mod app;
 pub mod cli;
 pub mod config;
-pub mod demo;
+pub(crate) mod demo;
 pub mod dev;
 pub mod discovery;
-pub mod doctor;
-pub mod egress;
-pub mod live;
+pub(crate) mod doctor;
+pub(crate) mod egress;
+pub(crate) mod live;
 pub mod login;
-pub mod metrics;
-pub mod net;
-pub mod process;
+pub(crate) mod metrics;
+pub(crate) mod net;
+pub(crate) mod process;
 pub mod proxy;
 pub mod secret;
-pub mod telemetry;
+pub(crate) mod telemetry;
 pub mod tls;
 pub mod token;
 

@@ -32,11 +32,11 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 /// How long a started login may wait for its callback.
-pub const STATE_TTL: Duration = Duration::from_secs(600);
+pub(crate) const STATE_TTL: Duration = Duration::from_secs(600);
 /// The cookie that binds an admin login to the browser that started it.
-pub const COOKIE: &str = "tokenproxy_login";
+pub(crate) const COOKIE: &str = "tokenproxy_login";
 /// The strict CSP of every page here: no script, no fetch, inline style only.
-pub const CSP: &str = "default-src 'none'; style-src 'unsafe-inline'";
+pub(crate) const CSP: &str = "default-src 'none'; style-src 'unsafe-inline'";
 
 fn random_b64(n: usize) -> String {
     let mut buf = vec![0u8; n];
@@ -68,13 +68,13 @@ impl Default for Pkce {
 }
 
 /// `BASE64URL(SHA256(verifier))` (RFC 7636 §4.2).
-pub fn challenge_for(verifier: &str) -> String {
+pub(crate) fn challenge_for(verifier: &str) -> String {
     URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()))
 }
 
 /// A started login waiting for its callback.
 #[derive(Debug)]
-pub struct Pending {
+pub(crate) struct Pending {
     pub credential: String,
     pub verifier: Secret,
     /// Exactly what the authorization request carried.
@@ -87,7 +87,7 @@ pub struct Pending {
 
 /// Why a callback's `state` was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StateProblem {
+pub(crate) enum StateProblem {
     Missing,
     Unknown,
     Reused,
@@ -96,7 +96,7 @@ pub enum StateProblem {
 }
 
 /// Logins pending at once (each also expires after [`STATE_TTL`]).
-pub const MAX_PENDING: usize = 32;
+pub(crate) const MAX_PENDING: usize = 32;
 /// Spent and expired states remembered, to name a replay.
 const MAX_GONE: usize = 256;
 
@@ -134,7 +134,7 @@ impl StatesInner {
 
 impl PendingStates {
     /// Registers a new login and returns its random `state`.
-    pub fn start(
+    pub(crate) fn start(
         &self,
         credential: &str,
         verifier: Secret,
@@ -187,7 +187,7 @@ impl PendingStates {
 
     /// Consumes `state` if it is live (and, when bound, `browser` matches).
     /// A wrong browser does not consume it.
-    pub fn take(
+    pub(crate) fn take(
         &self,
         state: Option<&str>,
         browser: Option<&str>,
@@ -229,12 +229,9 @@ impl PendingStates {
         }
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.inner.lock().live.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -243,13 +240,14 @@ impl PendingStates {
 /// process, as in tests, never see each other's logins).
 #[derive(Default)]
 pub struct AdminLogins {
+    /// Public for tests that age a state.
     pub states: PendingStates,
     confirms: ConfirmTokens,
 }
 
 /// What the admin login endpoints see of the running proxy (loaded once
 /// per request) and the logins they keep.
-pub struct AdminView<'a> {
+pub(crate) struct AdminView<'a> {
     pub config: Arc<Config>,
     pub engine: Arc<Engine>,
     pub logins: &'a AdminLogins,
@@ -303,7 +301,7 @@ impl ConfirmTokens {
 }
 
 /// The authorization request (RFC 6749 §4.1.1, RFC 7636 §4.3).
-pub fn authorization_url(
+pub(crate) fn authorization_url(
     cred: &CredentialConfig,
     authorize_url: &Uri,
     redirect_uri: &str,
@@ -347,7 +345,7 @@ pub fn authorization_url(
 
 /// What came back on the redirect (RFC 6749 §4.1.2, §4.1.2.1; RFC 9207).
 #[derive(Debug, Default)]
-pub struct Callback {
+pub(crate) struct Callback {
     pub code: Option<Secret>,
     pub state: Option<String>,
     pub error: Option<String>,
@@ -356,7 +354,7 @@ pub struct Callback {
 }
 
 /// Parses a redirect's query (or a whole pasted URL).
-pub fn parse_callback(input: &str) -> Callback {
+pub(crate) fn parse_callback(input: &str) -> Callback {
     let input = input.trim();
     let query = match input.split_once('?') {
         Some((_, q)) => q,
@@ -382,7 +380,7 @@ pub fn parse_callback(input: &str) -> Callback {
 
 /// What was sent in the exchange, for explaining its failure.
 #[derive(Debug, Clone)]
-pub struct Sent {
+pub(crate) struct Sent {
     pub redirect_uri: String,
     pub configured_redirect_uri: Option<String>,
     pub verifier_sent: bool,
@@ -392,7 +390,7 @@ pub struct Sent {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum LoginError {
+pub(crate) enum LoginError {
     /// The config or the arguments cannot work (exit 64).
     #[error("{0}")]
     Setup(String),
@@ -558,7 +556,7 @@ fn explain_exchange(e: &GrantError, sent: &Sent, hint: &str) -> String {
 
 /// Why no refresh_token came back, per IdP: a login that cannot keep
 /// itself alive fails loudly, with what to change.
-pub fn offline_hint(cred: &CredentialConfig, authorize_url: Option<&Uri>) -> String {
+pub(crate) fn offline_hint(cred: &CredentialConfig, authorize_url: Option<&Uri>) -> String {
     let host = authorize_url
         .or(cred.token_url.as_ref())
         .and_then(|u| u.host())
@@ -585,7 +583,7 @@ pub fn offline_hint(cred: &CredentialConfig, authorize_url: Option<&Uri>) -> Str
 
 /// Exchanges a code at once (RFC 6749 §4.1.3) with exactly the pending
 /// redirect_uri and verifier. Returns the token set and when it was asked.
-pub async fn exchange(
+pub(crate) async fn exchange(
     cred: &CredentialConfig,
     token_url: &Uri,
     authorize_url: Option<&Uri>,
@@ -633,7 +631,7 @@ pub async fn exchange(
 }
 
 /// The store's record for `cred` if it is a family that still works.
-pub async fn working_family(
+pub(crate) async fn working_family(
     store: &Store,
     cred: &CredentialConfig,
     token_url: &Uri,
@@ -648,14 +646,14 @@ pub async fn working_family(
 }
 
 /// A credential that can log in: refresh_token grant, with endpoints.
-pub struct Target {
+pub(crate) struct Target {
     pub cred: std::sync::Arc<CredentialConfig>,
     pub token_url: Uri,
     pub authorize_url: Uri,
 }
 
 /// Looks up `name` and resolves its endpoints (discovery when needed).
-pub async fn target(config: &Config, name: &str) -> Result<Target, LoginError> {
+pub(crate) async fn target(config: &Config, name: &str) -> Result<Target, LoginError> {
     let cred = config.credentials.get(name).cloned().ok_or_else(|| {
         let known: Vec<&str> = config.credentials.keys().map(String::as_str).collect();
         LoginError::Setup(format!(
@@ -686,7 +684,7 @@ pub async fn target(config: &Config, name: &str) -> Result<Target, LoginError> {
 }
 
 /// Checks the callback: IdP error, state, issuer, code. Consumes the state.
-pub fn validate_callback(
+pub(crate) fn validate_callback(
     states: &PendingStates,
     cb: &Callback,
     browser: Option<&str>,
@@ -721,7 +719,7 @@ pub fn validate_callback(
 // ---------------------------------------------------------------------------
 
 /// HTML-escapes text for element content and quoted attributes.
-pub fn escape(s: &str) -> String {
+pub(crate) fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -737,7 +735,7 @@ pub fn escape(s: &str) -> String {
 }
 
 /// A small result page; everything shown is escaped here.
-pub fn page(status: StatusCode, title: &str, lines: &[String]) -> Response<Full<Bytes>> {
+pub(crate) fn page(status: StatusCode, title: &str, lines: &[String]) -> Response<Full<Bytes>> {
     let mut body = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>tokenproxy: {t}</title>\
          <style>body{{font:16px/1.5 system-ui,sans-serif;margin:3em auto;max-width:42em;padding:0 1em}}\
@@ -778,7 +776,7 @@ fn secure_headers<B>(r: &mut Response<B>) {
 }
 
 /// The result of a finished login, for pages and the CLI.
-pub struct Done {
+pub(crate) struct Done {
     pub credential: String,
     pub subject: Option<String>,
     pub family: String,
@@ -798,7 +796,7 @@ impl Done {
     }
 }
 
-pub fn success_page(done: &Done) -> Response<Full<Bytes>> {
+pub(crate) fn success_page(done: &Done) -> Response<Full<Bytes>> {
     page(
         StatusCode::OK,
         "Login complete",
@@ -809,7 +807,7 @@ pub fn success_page(done: &Done) -> Response<Full<Bytes>> {
     )
 }
 
-pub fn error_page(credential: Option<&str>, e: &LoginError) -> Response<Full<Bytes>> {
+pub(crate) fn error_page(credential: Option<&str>, e: &LoginError) -> Response<Full<Bytes>> {
     let status = match e {
         LoginError::Exchange { .. } => StatusCode::BAD_GATEWAY,
         LoginError::Install(InstallError::FamilyStillWorks(..)) => StatusCode::CONFLICT,
@@ -863,7 +861,7 @@ fn query_flag(uri: &Uri, name: &str) -> bool {
 
 /// `GET /login/<name>`, `POST /login/<name>` (a confirmed forced login)
 /// and `GET /callback` on the admin listener; `None` for any other path.
-pub async fn handle_admin(
+pub(crate) async fn handle_admin(
     req: &Request<Bytes>,
     live: &AdminView<'_>,
 ) -> Option<Response<Full<Bytes>>> {
@@ -1088,7 +1086,7 @@ async fn finish_admin(
 // ---------------------------------------------------------------------------
 
 /// Where the CLI waits for the callback.
-pub struct Loopback {
+pub(crate) struct Loopback {
     pub redirect_uri: String,
     pub listener: Option<tokio::net::TcpListener>,
     pub path: String,
@@ -1096,7 +1094,10 @@ pub struct Loopback {
 
 /// RFC 8252 §7.3: binds the loopback redirect (the configured port, or an
 /// ephemeral one when redirect_uri is unset or has port 0).
-pub async fn bind_loopback(cred: &CredentialConfig, listen: bool) -> Result<Loopback, LoginError> {
+pub(crate) async fn bind_loopback(
+    cred: &CredentialConfig,
+    listen: bool,
+) -> Result<Loopback, LoginError> {
     let configured = cred.redirect_uri.clone();
     let Some(uri) = configured.as_deref() else {
         if !listen {
@@ -1162,7 +1163,7 @@ async fn bind(addr: &str) -> Result<tokio::net::TcpListener, LoginError> {
 
 /// Runs the CLI login without a proxy. `out` receives the lines to print
 /// (the URL first). Returns the result for the caller to print.
-pub async fn run_local(
+pub(crate) async fn run_local(
     config: &Config,
     name: &str,
     force: bool,
@@ -1329,7 +1330,7 @@ where
 // ---------------------------------------------------------------------------
 
 /// The command's arguments.
-pub struct CliArgs {
+pub(crate) struct CliArgs {
     pub name: String,
     pub force: bool,
     pub open: bool,
@@ -1381,7 +1382,7 @@ fn open_browser(url: &str) {
 /// `tokenproxy login`: through the running proxy's admin API when it
 /// answers, else on a loopback listener (or a pasted URL). Returns the exit
 /// code: 0, 64 for config/usage, 1 otherwise.
-pub async fn run_cli(config: &Config, args: CliArgs) -> u8 {
+pub(crate) async fn run_cli(config: &Config, args: CliArgs) -> u8 {
     let name = args.name.as_str();
     let fail = |e: &LoginError| {
         eprintln!("tokenproxy login: {e}");

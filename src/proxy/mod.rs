@@ -17,20 +17,21 @@
 //! connection's requests take turns).
 
 mod body;
-pub mod error;
+pub(crate) mod error;
 mod forward;
 mod h1;
 mod headers;
 mod listener;
 mod router;
 
-pub use body::{BodyIdleTimeout, BoxError, ProxyBody};
-pub use error::ProxyError;
-pub use forward::set_worker;
+pub(crate) use body::{BodyIdleTimeout, BoxError, ProxyBody};
+pub(crate) use error::ProxyError;
+pub(crate) use forward::set_worker;
 pub use forward::ProxyBuildError;
 pub(crate) use headers::{host_of, is_cross_site, HostPolicy};
-pub use listener::{bind, serve, serve_shared, serve_with_permits, Listener, StdListener};
+pub use listener::{bind, serve, Listener};
 pub(crate) use listener::{serve_guarded, Guards};
+pub(crate) use listener::{serve_with_permits, StdListener};
 
 /// The current proxy, swapped whole on reload.
 pub type SharedProxy = Arc<arc_swap::ArcSwap<Proxy>>;

@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+/// Why the proxy could not start, or a new configuration was not applied.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("token engine")]
@@ -63,6 +64,8 @@ impl Live {
     }
 }
 
+/// The data path for `config`, each route given its engine token handle;
+/// refused when a route has none.
 pub(crate) fn build_proxy(config: &Config, engine: &Engine) -> Result<Arc<Proxy>, AppError> {
     if let Some(route) = config
         .routes

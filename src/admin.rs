@@ -10,17 +10,16 @@
 //! a foreign `Origin`) refuses them anyway, and a `Host` that is not ours gets
 //! `421` (DNS rebinding). Connections get the data path's guards.
 
-use crate::app::Live;
+use crate::live::Live;
+use crate::login::escape;
 use crate::metrics::metrics;
 use crate::proxy::Listener;
 use crate::token::engine::{SlotStatus, State};
-use crate::token::store::FileStore;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt as _;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioExecutor;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -33,14 +32,14 @@ type AdminResponse = Response<Full<Bytes>>;
 
 /// Request bodies above this are refused unread: the biggest admin body is
 /// the login confirmation form.
-pub const MAX_BODY: usize = 16 * 1024;
+pub(crate) const MAX_BODY: usize = 16 * 1024;
 /// Connections at once: the admin API serves people, probes and scrapers.
 const MAX_CONNECTIONS: usize = 64;
 
 /// Serves until `shutdown`, with the data path's connection guards: the
 /// header read and keep-alive timeouts and head limits of `[server]`, a
 /// connection cap and a body cap.
-pub async fn serve(listener: Listener, live: Arc<Live>, shutdown: CancellationToken) {
+pub(crate) async fn serve(listener: Listener, live: Arc<Live>, shutdown: CancellationToken) {
     let server = live.config.load().server.clone();
     let guards = crate::proxy::Guards {
         max_connections: MAX_CONNECTIONS,
@@ -107,7 +106,11 @@ pub async fn handle<B>(req: Request<B>, live: &Live, loopback: bool) -> AdminRes
 }
 
 /// One admin request, its body read (at most [`MAX_BODY`]).
-pub async fn handle_with_body(req: Request<Bytes>, live: &Live, loopback: bool) -> AdminResponse {
+pub(crate) async fn handle_with_body(
+    req: Request<Bytes>,
+    live: &Live,
+    loopback: bool,
+) -> AdminResponse {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     let config = live.config.load_full();
@@ -144,7 +147,12 @@ pub async fn handle_with_body(req: Request<Bytes>, live: &Live, loopback: bool) 
         );
     }
     // The browser login flow: GET only, state bound to a cookie.
-    if let Some(r) = crate::login::handle_admin(&req, live).await {
+    let view = crate::login::AdminView {
+        config: config.clone(),
+        engine: live.engine.load_full(),
+        logins: &live.logins,
+    };
+    if let Some(r) = crate::login::handle_admin(&req, &view).await {
         return r;
     }
     if method == Method::POST {
@@ -159,7 +167,7 @@ pub async fn handle_with_body(req: Request<Bytes>, live: &Live, loopback: bool) 
                 Ok(()) => json(StatusCode::OK, serde_json::json!({"reloaded": true})),
                 // Validation errors are for the operator who asked (file,
                 // line, key; secrets redacted); any other cause goes to the log.
-                Err(crate::app::AppError::Config(errors)) => json(
+                Err(crate::live::AppError::Config(errors)) => json(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     serde_json::json!({"reloaded": false, "error": "config_rejected", "message": errors.to_string()}),
                 ),
@@ -303,57 +311,6 @@ fn has_admin_token<B>(req: &Request<B>, token: Option<&crate::secret::Secret>) -
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// `/readyz`'s view of the file store: a probe every few seconds must not
-/// read, parse and unseal the whole store. The full read runs again only
-/// when the file (size, mtime, inode) or the config changed since it last
-/// succeeded; a stat is all a probe costs otherwise.
-#[derive(Default)]
-pub struct ReadyCache {
-    /// Full reads of the store, for tests.
-    reads: std::sync::atomic::AtomicU64,
-    // A sync mutex: held for a compare or a store, never across an await.
-    last_ok: parking_lot::Mutex<Option<(StoreStamp, Arc<crate::config::Config>)>>,
-}
-
-/// What a stat says of the store file (None: absent, which reads as empty).
-type StoreStamp = Option<(u64, Option<SystemTime>, u64, u64)>;
-
-impl ReadyCache {
-    pub fn store_reads(&self) -> u64 {
-        self.reads.load(Ordering::Relaxed)
-    }
-
-    /// None when the store reads fine, else why not.
-    fn check(
-        &self,
-        config: &Arc<crate::config::Config>,
-    ) -> Option<crate::token::store::StoreError> {
-        use std::os::unix::fs::MetadataExt;
-        let stamp: Option<StoreStamp> = match std::fs::metadata(&config.store.path) {
-            Ok(m) if m.is_file() => Some(Some((m.len(), m.modified().ok(), m.ino(), m.dev()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(None),
-            // A directory or an error: read it and say why.
-            _ => None,
-        };
-        if let (Some(stamp), Some((seen, cfg))) = (&stamp, &*self.last_ok.lock()) {
-            if stamp == seen && Arc::ptr_eq(cfg, config) {
-                return None;
-            }
-        }
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        match FileStore::open_config(&config.store) {
-            Ok(_) => {
-                *self.last_ok.lock() = stamp.map(|s| (s, config.clone()));
-                None
-            }
-            Err(e) => {
-                *self.last_ok.lock() = None;
-                Some(e)
-            }
-        }
-    }
-}
-
 /// Config loaded and listeners bound (we are answering); the store opens;
 /// with `ready_requires_tokens`, every credential has a usable token.
 fn readyz(live: &Live) -> AdminResponse {
@@ -397,7 +354,7 @@ fn metrics_page(live: &Live) -> AdminResponse {
     let m = metrics();
     m.clear_credential_gauges();
     for s in live.engine.load().status() {
-        m.set_credential(&s.credential, s.state, s.state_since, s.expires_in);
+        m.set_credential(&s.credential, s.state.as_str(), s.state_since, s.expires_in);
         if let Some(up) = s.store_up {
             m.set_store_up(&s.credential, up);
         }
@@ -452,7 +409,7 @@ fn secs_since_epoch(t: Option<SystemTime>) -> serde_json::Value {
 }
 
 /// Secret-free by construction: `SlotStatus` holds no token.
-pub fn status_json(s: &SlotStatus) -> serde_json::Value {
+pub(crate) fn status_json(s: &SlotStatus) -> serde_json::Value {
     serde_json::json!({
         "credential": s.credential,
         "grant_type": s.grant_type,
@@ -491,22 +448,6 @@ fn text(status: StatusCode, body: &'static str) -> AdminResponse {
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     r
-}
-
-/// HTML-escapes text and attribute values.
-pub fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 fn ago(t: Option<SystemTime>) -> String {
@@ -626,88 +567,4 @@ fn status_page(live: &Live) -> AdminResponse {
         headers.insert("content-security-policy", csp);
     }
     r
-}
-
-/// `tokenproxy status`: the admin API's view as a table.
-pub async fn print_status(config: &crate::config::Config) -> Result<String, String> {
-    use http_body_util::BodyExt;
-    let crate::config::ListenAddr::Tcp(addr) = &config.admin.listen else {
-        return Err("status needs a TCP admin.listen".into());
-    };
-    let host = if addr.ip().is_unspecified() {
-        "127.0.0.1".to_owned()
-    } else {
-        addr.ip().to_canonical().to_string()
-    };
-    let host = if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host
-    };
-    let url = format!("http://{host}:{}/credentials", addr.port());
-    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
-    let mut req = Request::get(&url)
-        .body(Full::default())
-        .map_err(|e| e.to_string())?;
-    if let Some(t) = &config.admin.token {
-        if let Ok(v) = HeaderValue::from_str(&format!("Bearer {}", t.expose())) {
-            req.headers_mut().insert(header::AUTHORIZATION, v);
-        }
-    }
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
-        .await
-        .map_err(|_| format!("{url}: no answer within 5 s"))?
-        .map_err(|e| format!("{url}: {} (is tokenproxy running?)", crate::error_chain(&e)))?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    if !status.is_success() {
-        return Err(format!(
-            "{url}: {status}: {}",
-            String::from_utf8_lossy(&body)
-        ));
-    }
-    let list: Vec<serde_json::Value> =
-        serde_json::from_slice(&body).map_err(|e| format!("{url}: not JSON: {e}"))?;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<16} {:<18} {:<10} {:>10} {:>6}  {:<16} LAST ERROR",
-        "CREDENTIAL", "GRANT", "STATE", "EXPIRES IN", "GEN", "FAMILY"
-    );
-    for c in &list {
-        let s = |k: &str| c[k].as_str().unwrap_or("-").to_owned();
-        let expires = c["expires_in_s"]
-            .as_u64()
-            .map_or("-".into(), |v| format!("{v}s"));
-        let generation = c["generation"]
-            .as_u64()
-            .map_or("-".into(), |v| v.to_string());
-        let error = match &c["last_error"] {
-            serde_json::Value::Object(e) => format!(
-                "{} ({}): {}",
-                e.get("outcome").and_then(|v| v.as_str()).unwrap_or(""),
-                e.get("reason").and_then(|v| v.as_str()).unwrap_or(""),
-                e.get("hint").and_then(|v| v.as_str()).unwrap_or("")
-            ),
-            _ => "-".into(),
-        };
-        let _ = writeln!(
-            out,
-            "{:<16} {:<18} {:<10} {:>10} {:>6}  {:<16} {}",
-            s("credential"),
-            s("grant_type"),
-            s("state"),
-            expires,
-            generation,
-            s("family"),
-            error
-        );
-    }
-    Ok(out)
 }

@@ -1,6 +1,7 @@
 //! The composition root: builds the engine, the proxy and the admin listener
 //! from a validated `Config`, binds the listeners and returns a handle with
-//! the bound addresses, `reload()` and `shutdown()`. Tests start the whole
+//! the bound addresses, `reload()` and `shutdown()`; what the running parts
+//! share is the [`Live`] handle. Tests start the whole
 //! proxy in-process through here on `127.0.0.1:0`.
 //!
 //! Reload (SIGHUP, `POST /reload`, or a change of the config file or a
@@ -9,51 +10,17 @@
 //! errors and the old one kept. Listeners are bound once: changing them needs
 //! a restart.
 
-use crate::config::{self, Config};
-use crate::proxy::{self, Proxy, SharedProxy};
-use crate::token::{Engine, EngineError};
-use arc_swap::ArcSwap;
+use crate::config::Config;
+use crate::live::build_proxy;
+pub use crate::live::{AppError, Live};
+use crate::proxy;
+use crate::token::Engine;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-
-#[derive(Debug, thiserror::Error)]
-pub enum AppError {
-    #[error("token engine")]
-    Engine(#[from] EngineError),
-    #[error("proxy")]
-    Proxy(#[from] proxy::ProxyBuildError),
-    #[error("cannot listen on {addr}")]
-    Bind {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot start proxy worker thread {worker}")]
-    Worker {
-        worker: usize,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("route {route} has no token source")]
-    NoToken { route: String },
-    #[error("new configuration rejected:\n{0}")]
-    Config(#[from] config::ConfigErrors),
-}
-
-/// What a reload swaps.
-pub struct Live {
-    pub config: ArcSwap<Config>,
-    pub engine: ArcSwap<Engine>,
-    pub proxy: SharedProxy,
-    /// `/readyz`'s last store check.
-    pub ready: crate::admin::ReadyCache,
-    /// One reload at a time.
-    reloading: tokio::sync::Mutex<()>,
-}
 
 /// A running tokenproxy.
 pub struct App {
@@ -65,23 +32,6 @@ pub struct App {
     pub live: Arc<Live>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
-}
-
-fn build_proxy(config: &Config, engine: &Engine) -> Result<Arc<Proxy>, AppError> {
-    if let Some(route) = config
-        .routes
-        .iter()
-        .find(|r| engine.route_token(config, r).is_none())
-    {
-        return Err(AppError::NoToken {
-            route: route.path_prefix.clone(),
-        });
-    }
-    Ok(Proxy::new(config, &|_, route| {
-        engine
-            .route_token(config, route)
-            .expect("checked above: every route has a token source")
-    })?)
 }
 
 impl App {
@@ -96,7 +46,7 @@ impl App {
     /// single-threaded runtime per extra worker, all accepting on the same
     /// sockets (nginx's worker model). The engine, the admin API and reloads
     /// stay on this thread's runtime.
-    pub async fn start_with_workers(config: &Config) -> Result<App, AppError> {
+    pub(crate) async fn start_with_workers(config: &Config) -> Result<App, AppError> {
         let shutdown = CancellationToken::new();
         let engine = Arc::new(Engine::start(config, shutdown.clone()).await?);
         let extra_workers = config.server.worker_threads.saturating_sub(1);
@@ -119,13 +69,7 @@ impl App {
         extra_workers: usize,
     ) -> Result<App, AppError> {
         let proxy = build_proxy(config, &engine)?;
-        let live = Arc::new(Live {
-            config: ArcSwap::from_pointee(config.clone()),
-            engine: ArcSwap::new(engine),
-            proxy: Arc::new(ArcSwap::new(proxy)),
-            ready: Default::default(),
-            reloading: tokio::sync::Mutex::new(()),
-        });
+        let live = Arc::new(Live::new(config, engine, proxy));
         let mut tasks = Vec::new();
         let mut proxy_addrs = Vec::new();
         let mut proxy_addr = None;
@@ -209,11 +153,6 @@ impl App {
         })
     }
 
-    /// The current engine.
-    pub fn engine(&self) -> Arc<Engine> {
-        self.live.engine.load_full()
-    }
-
     /// Re-reads the config file and applies it (see the module doc).
     pub async fn reload(&self) -> Result<(), AppError> {
         self.live.reload().await
@@ -248,61 +187,6 @@ impl App {
             }
         }
         tracing::info!("tokenproxy stopped");
-    }
-}
-
-impl Live {
-    /// Loads the config file again and swaps it in, or keeps the old one.
-    pub async fn reload(&self) -> Result<(), AppError> {
-        let _one = self.reloading.lock().await;
-        let source = self.config.load().source.clone();
-        let new = match config::load(&source) {
-            Ok(c) => c,
-            Err(errors) => {
-                tracing::error!(
-                    event = "reload_rejected",
-                    errors = %errors,
-                    "New configuration rejected; keeping the running one"
-                );
-                return Err(errors.into());
-            }
-        };
-        self.apply(new).await
-    }
-
-    async fn apply(&self, new: Config) -> Result<(), AppError> {
-        let old_config = self.config.load_full();
-        let restart_needed = restart_only_changes(&old_config, &new);
-        if !restart_needed.is_empty() {
-            tracing::warn!(
-                event = "reload_partial",
-                keys = %restart_needed.join(", "),
-                "These settings apply only after a restart"
-            );
-        }
-        let old_engine = self.engine.load_full();
-        let engine = match old_engine.reload(&new).await {
-            Ok(e) => Arc::new(e),
-            Err(e) => {
-                tracing::error!(event = "reload_rejected", error = %crate::token::grant::error_chain(&e), "New configuration rejected; keeping the running one");
-                return Err(e.into());
-            }
-        };
-        let proxy = match build_proxy(&new, &engine) {
-            Ok(p) => p,
-            Err(e) => {
-                // Stop the slots built for the rejected config.
-                engine.retire_unused(&old_engine);
-                tracing::error!(event = "reload_rejected", error = %crate::token::grant::error_chain(&e), "New configuration rejected; keeping the running one");
-                return Err(e);
-            }
-        };
-        self.proxy.store(proxy);
-        self.engine.store(engine.clone());
-        self.config.store(Arc::new(new));
-        old_engine.retire_unused(&engine);
-        tracing::info!(event = "reloaded", "Configuration reloaded");
-        Ok(())
     }
 }
 
@@ -344,33 +228,6 @@ fn serve_worker(
             let _ = s.await;
         }
     });
-}
-
-/// Settings bound at start-up.
-fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
-    let mut keys = Vec::new();
-    if old.server.listen != new.server.listen {
-        keys.push("server.listen");
-    }
-    if old.server.worker_threads != new.server.worker_threads {
-        keys.push("server.worker_threads");
-    }
-    if old.server.max_connections != new.server.max_connections {
-        keys.push("server.max_connections");
-    }
-    if old.server.max_header_bytes != new.server.max_header_bytes {
-        keys.push("server.max_header_bytes");
-    }
-    if old.server.max_headers != new.server.max_headers {
-        keys.push("server.max_headers");
-    }
-    if old.admin.listen != new.admin.listen {
-        keys.push("admin.listen");
-    }
-    if old.log.format != new.log.format || old.log.level != new.log.level {
-        keys.push("log");
-    }
-    keys
 }
 
 /// The files whose change triggers a reload: the config and its secrets.

@@ -1,9 +1,11 @@
-//! The command line: parse (validate only), then build and run. The one
-//! place that maps errors to exit codes: 0 clean, 64 bad usage or config,
-//! 1 runtime failure.
+//! The command line: parse the arguments, load and validate the config,
+//! then run the command. Exit codes come from [`crate::process`]: 0 clean,
+//! 64 bad usage or config, 1 runtime failure; `login` and `doctor` choose
+//! theirs from the same table.
 
 use crate::app::App;
 use crate::config::{self, Config};
+use crate::process::{wait_for_signal, Signal, EXIT_USAGE};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,7 +17,7 @@ use std::process::ExitCode;
     about = "A sidecar reverse proxy that injects OAuth access tokens and refreshes them without ever reusing a rotated refresh token.",
     after_help = "Try `tokenproxy demo` for a self-contained playground.\nExit codes: 0 clean, 64 bad usage or config, 1 runtime failure."
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }
@@ -144,8 +146,6 @@ enum StoreAction {
     },
 }
 
-pub const EXIT_USAGE: u8 = 64;
-
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -215,7 +215,7 @@ pub fn main() -> ExitCode {
                 Err(code) => return code,
             };
             run_blocking(async move {
-                match crate::admin::print_status(&cfg).await {
+                match crate::admin_client::status_table(&cfg).await {
                     Ok(table) => {
                         print!("{table}");
                         ExitCode::SUCCESS
@@ -596,11 +596,11 @@ fn run_blocking(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
 }
 
 /// Runs until SIGINT or SIGTERM, then drains.
-pub async fn run(cfg: Config) -> ExitCode {
+pub(crate) async fn run(cfg: Config) -> ExitCode {
     let app = match App::start_with_workers(&cfg).await {
         Ok(app) => app,
         Err(e) => {
-            let chain = crate::token::grant::error_chain(&e);
+            let chain = crate::error_chain(&e);
             tracing::error!(error = %chain, "Start-up failed");
             eprintln!("tokenproxy: {chain}");
             return ExitCode::FAILURE;
@@ -622,33 +622,6 @@ pub async fn run(cfg: Config) -> ExitCode {
         _ = async { while !matches!(wait_for_signal().await, Signal::Stop) {} } => {
             tracing::warn!(event = "shutdown_forced", "Second signal: exiting without waiting");
             ExitCode::FAILURE
-        }
-    }
-}
-
-pub enum Signal {
-    /// SIGINT or SIGTERM.
-    Stop,
-    /// SIGHUP.
-    Reload,
-}
-
-pub async fn wait_for_signal() -> Signal {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return Signal::Stop;
-    };
-    tokio::select! {
-        _ = term.recv() => Signal::Stop,
-        _ = int.recv() => Signal::Stop,
-        _ = hup.recv() => {
-            tracing::info!("SIGHUP received: reloading");
-            Signal::Reload
         }
     }
 }

@@ -90,7 +90,7 @@ credential = "machine"
     let cfg = config::load(&config_path).map_err(|e| format!("demo config rejected:\n{e}"))?;
     let app = App::start(&cfg)
         .await
-        .map_err(|e| format!("{}\n(is another tokenproxy running? try --listen 127.0.0.1:8081 --admin 127.0.0.1:9902)", crate::token::grant::error_chain(&e)))?;
+        .map_err(|e| format!("{}\n(is another tokenproxy running? try --listen 127.0.0.1:8081 --admin 127.0.0.1:9902)", crate::error_chain(&e)))?;
     let proxy = app
         .proxy_addr
         .map(|a| a.to_string())
@@ -127,7 +127,7 @@ rotating the refresh token. Ctrl-C stops everything.
         store = cfg.store.path.display(),
         admin = admin_addr,
     );
-    while let crate::cli::Signal::Reload = crate::cli::wait_for_signal().await {
+    while let crate::process::Signal::Reload = crate::process::wait_for_signal().await {
         let _ = app.reload().await;
     }
     app.shutdown().await;

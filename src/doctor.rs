@@ -70,7 +70,7 @@ pub async fn run(path: &Path, name: Option<&str>) -> u8 {
                 format!("config {} is invalid:\n{errors}", path.display()),
                 "correct the lines above (`tokenproxy check -c FILE` shows the same)",
             );
-            return crate::cli::EXIT_USAGE;
+            return crate::process::EXIT_USAGE;
         }
     };
     r.ok(format!("config {} is valid", path.display()));
@@ -92,7 +92,7 @@ pub async fn run(path: &Path, name: Option<&str>) -> u8 {
                             .join(", ")
                     ),
                 );
-                return crate::cli::EXIT_USAGE;
+                return crate::process::EXIT_USAGE;
             }
         },
         None => config.credentials.values().cloned().collect(),
@@ -117,7 +117,7 @@ pub async fn run(path: &Path, name: Option<&str>) -> u8 {
     check_running(&mut r, &config, name).await;
     if r.failed() {
         println!("\nSome checks failed (✗): see the fixes above.");
-        1
+        crate::process::EXIT_FAILURE
     } else {
         println!("\nAll checks passed.");
         0
@@ -299,7 +299,7 @@ async fn check_credential(r: &mut Report, config: &Config, cred: &CredentialConf
     let client = GrantClient::new(
         tls.clone(),
         Duration::from_secs(15),
-        crate::egress::current().as_ref(),
+        crate::egress::proxy_from(config.server.egress_proxy.as_ref()).as_ref(),
     );
     match cred.grant {
         GrantType::ClientCredentials => {
@@ -580,10 +580,11 @@ async fn check_upstreams(r: &mut Report, config: &Config, name: Option<&str>) {
 }
 
 async fn check_running(r: &mut Report, config: &Config, name: Option<&str>) {
-    let Some(base) = crate::login::admin_base(config, None) else {
+    let Some(admin) = crate::admin_client::AdminClient::new(config, None) else {
         return;
     };
-    let Some(f) = crate::login::admin_get(&base, "/credentials").await else {
+    let base = admin.base();
+    let Ok((status, body)) = admin.get("/credentials").await else {
         r.add(
             Mark::Warn,
             format!("no running proxy answers at {base}"),
@@ -591,7 +592,15 @@ async fn check_running(r: &mut Report, config: &Config, name: Option<&str>) {
         );
         return;
     };
-    let list: Vec<serde_json::Value> = serde_json::from_slice(&f.body).unwrap_or_default();
+    if !status.is_success() {
+        r.add(
+            Mark::Warn,
+            format!("the running proxy at {base} answered {status} to /credentials"),
+            "check that admin.token matches the running proxy's",
+        );
+        return;
+    }
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap_or_default();
     for s in list {
         let cred = s["credential"].as_str().unwrap_or("?");
         if name.is_some_and(|n| n != cred) {

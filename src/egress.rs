@@ -18,10 +18,13 @@ use tower_service::Service;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+// Process-wide only for `discovery::fetch`, which has no config to read it
+// from; everything else passes `proxy_from(config)`. Goes when discovery
+// takes the egress proxy as a parameter (#20).
 static CONFIGURED: parking_lot::RwLock<Option<Uri>> = parking_lot::RwLock::new(None);
 
-/// Records `server.egress_proxy` for the connections made outside the proxy
-/// and the engine (discovery, login, doctor). Called whenever a config loads.
+/// Records `server.egress_proxy` for discovery's connections. Called
+/// whenever a config loads.
 pub fn configure(config: Option<&Uri>) {
     *CONFIGURED.write() = config.cloned();
 }
@@ -95,18 +98,13 @@ fn no_proxy_list() -> Vec<String> {
 /// Loopback never goes through a proxy; `NO_PROXY` entries match the host
 /// or any subdomain (`*` matches all).
 pub fn bypasses(host: &str, no_proxy: &[String]) -> bool {
+    if crate::net::is_loopback_host(host) {
+        return true;
+    }
     let host = host
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_ascii_lowercase();
-    if host == "localhost" || host.ends_with(".localhost") {
-        return true;
-    }
-    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        if ip.is_loopback() {
-            return true;
-        }
-    }
     no_proxy
         .iter()
         .any(|n| n == "*" || host == *n || host.ends_with(&format!(".{n}")))

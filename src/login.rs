@@ -1,4 +1,4 @@
-//! Bootstrap (DESIGN.md "Bootstrap (login)"): owns PKCE, `state`, the
+//! Bootstrap (docs/architecture.md, login): owns PKCE, `state`, the
 //! authorization URL, the callback validation and the code exchange, for the
 //! CLI (`tokenproxy login`: loopback listener or pasted URL) and for the
 //! admin endpoints `GET /login/<name>` and `GET /callback`.
@@ -7,8 +7,9 @@
 //! page or an error message. Every failure names its cause and the fix
 //! (`../shared/seeds/000_*`: the `invalid_grant` causes).
 
-use crate::app::Live;
+use crate::admin_client::AdminClient;
 use crate::config::{AuthMethod, Config, CredentialConfig, GrantType};
+use crate::process::{EXIT_FAILURE, EXIT_USAGE};
 use crate::secret::Secret;
 use crate::token::engine::{install_family, InstallError};
 use crate::token::grant::{
@@ -16,6 +17,7 @@ use crate::token::grant::{
     TokenSet,
 };
 use crate::token::store::{Record, Store};
+use crate::token::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use bytes::Bytes;
@@ -25,16 +27,16 @@ use parking_lot::Mutex;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::sync::LazyLock;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 /// How long a started login may wait for its callback.
-pub const STATE_TTL: Duration = Duration::from_secs(600);
+pub(crate) const STATE_TTL: Duration = Duration::from_secs(600);
 /// The cookie that binds an admin login to the browser that started it.
-pub const COOKIE: &str = "tokenproxy_login";
+pub(crate) const COOKIE: &str = "tokenproxy_login";
 /// The strict CSP of every page here: no script, no fetch, inline style only.
-pub const CSP: &str = "default-src 'none'; style-src 'unsafe-inline'";
+pub(crate) const CSP: &str = "default-src 'none'; style-src 'unsafe-inline'";
 
 fn random_b64(n: usize) -> String {
     let mut buf = vec![0u8; n];
@@ -66,13 +68,13 @@ impl Default for Pkce {
 }
 
 /// `BASE64URL(SHA256(verifier))` (RFC 7636 §4.2).
-pub fn challenge_for(verifier: &str) -> String {
+pub(crate) fn challenge_for(verifier: &str) -> String {
     URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()))
 }
 
 /// A started login waiting for its callback.
 #[derive(Debug)]
-pub struct Pending {
+pub(crate) struct Pending {
     pub credential: String,
     pub verifier: Secret,
     /// Exactly what the authorization request carried.
@@ -85,7 +87,7 @@ pub struct Pending {
 
 /// Why a callback's `state` was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StateProblem {
+pub(crate) enum StateProblem {
     Missing,
     Unknown,
     Reused,
@@ -94,7 +96,7 @@ pub enum StateProblem {
 }
 
 /// Logins pending at once (each also expires after [`STATE_TTL`]).
-pub const MAX_PENDING: usize = 32;
+pub(crate) const MAX_PENDING: usize = 32;
 /// Spent and expired states remembered, to name a replay.
 const MAX_GONE: usize = 256;
 
@@ -132,7 +134,7 @@ impl StatesInner {
 
 impl PendingStates {
     /// Registers a new login and returns its random `state`.
-    pub fn start(
+    pub(crate) fn start(
         &self,
         credential: &str,
         verifier: Secret,
@@ -185,7 +187,7 @@ impl PendingStates {
 
     /// Consumes `state` if it is live (and, when bound, `browser` matches).
     /// A wrong browser does not consume it.
-    pub fn take(
+    pub(crate) fn take(
         &self,
         state: Option<&str>,
         browser: Option<&str>,
@@ -227,17 +229,29 @@ impl PendingStates {
         }
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.inner.lock().live.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
-/// The admin flow's pending logins, process-wide.
-pub static ADMIN_STATES: LazyLock<PendingStates> = LazyLock::new(PendingStates::default);
+/// The admin flow's logins in progress: one per running proxy, kept on its
+/// `Live` handle (not in a static, so two proxies in one
+/// process, as in tests, never see each other's logins).
+#[derive(Default)]
+pub struct AdminLogins {
+    /// Public for tests that age a state.
+    pub states: PendingStates,
+    confirms: ConfirmTokens,
+}
+
+/// What the admin login endpoints see of the running proxy (loaded once
+/// per request) and the logins they keep.
+pub(crate) struct AdminView<'a> {
+    pub config: Arc<Config>,
+    pub engine: Arc<Engine>,
+    pub logins: &'a AdminLogins,
+}
 
 /// CSRF tokens of the forced-login confirmation page: one per page the
 /// admin listener rendered, bound to that browser's cookie and the
@@ -286,10 +300,8 @@ impl ConfirmTokens {
     }
 }
 
-static ADMIN_CONFIRMS: LazyLock<ConfirmTokens> = LazyLock::new(ConfirmTokens::default);
-
 /// The authorization request (RFC 6749 §4.1.1, RFC 7636 §4.3).
-pub fn authorization_url(
+pub(crate) fn authorization_url(
     cred: &CredentialConfig,
     authorize_url: &Uri,
     redirect_uri: &str,
@@ -333,7 +345,7 @@ pub fn authorization_url(
 
 /// What came back on the redirect (RFC 6749 §4.1.2, §4.1.2.1; RFC 9207).
 #[derive(Debug, Default)]
-pub struct Callback {
+pub(crate) struct Callback {
     pub code: Option<Secret>,
     pub state: Option<String>,
     pub error: Option<String>,
@@ -342,7 +354,7 @@ pub struct Callback {
 }
 
 /// Parses a redirect's query (or a whole pasted URL).
-pub fn parse_callback(input: &str) -> Callback {
+pub(crate) fn parse_callback(input: &str) -> Callback {
     let input = input.trim();
     let query = match input.split_once('?') {
         Some((_, q)) => q,
@@ -368,7 +380,7 @@ pub fn parse_callback(input: &str) -> Callback {
 
 /// What was sent in the exchange, for explaining its failure.
 #[derive(Debug, Clone)]
-pub struct Sent {
+pub(crate) struct Sent {
     pub redirect_uri: String,
     pub configured_redirect_uri: Option<String>,
     pub verifier_sent: bool,
@@ -378,7 +390,7 @@ pub struct Sent {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum LoginError {
+pub(crate) enum LoginError {
     /// The config or the arguments cannot work (exit 64).
     #[error("{0}")]
     Setup(String),
@@ -542,8 +554,9 @@ fn explain_exchange(e: &GrantError, sent: &Sent, hint: &str) -> String {
     }
 }
 
-/// Why no refresh_token came back, per IdP (DESIGN.md: fail loudly).
-pub fn offline_hint(cred: &CredentialConfig, authorize_url: Option<&Uri>) -> String {
+/// Why no refresh_token came back, per IdP: a login that cannot keep
+/// itself alive fails loudly, with what to change.
+pub(crate) fn offline_hint(cred: &CredentialConfig, authorize_url: Option<&Uri>) -> String {
     let host = authorize_url
         .or(cred.token_url.as_ref())
         .and_then(|u| u.host())
@@ -570,7 +583,7 @@ pub fn offline_hint(cred: &CredentialConfig, authorize_url: Option<&Uri>) -> Str
 
 /// Exchanges a code at once (RFC 6749 §4.1.3) with exactly the pending
 /// redirect_uri and verifier. Returns the token set and when it was asked.
-pub async fn exchange(
+pub(crate) async fn exchange(
     cred: &CredentialConfig,
     token_url: &Uri,
     authorize_url: Option<&Uri>,
@@ -618,7 +631,7 @@ pub async fn exchange(
 }
 
 /// The store's record for `cred` if it is a family that still works.
-pub async fn working_family(
+pub(crate) async fn working_family(
     store: &Store,
     cred: &CredentialConfig,
     token_url: &Uri,
@@ -633,14 +646,14 @@ pub async fn working_family(
 }
 
 /// A credential that can log in: refresh_token grant, with endpoints.
-pub struct Target {
+pub(crate) struct Target {
     pub cred: std::sync::Arc<CredentialConfig>,
     pub token_url: Uri,
     pub authorize_url: Uri,
 }
 
 /// Looks up `name` and resolves its endpoints (discovery when needed).
-pub async fn target(config: &Config, name: &str) -> Result<Target, LoginError> {
+pub(crate) async fn target(config: &Config, name: &str) -> Result<Target, LoginError> {
     let cred = config.credentials.get(name).cloned().ok_or_else(|| {
         let known: Vec<&str> = config.credentials.keys().map(String::as_str).collect();
         LoginError::Setup(format!(
@@ -671,7 +684,7 @@ pub async fn target(config: &Config, name: &str) -> Result<Target, LoginError> {
 }
 
 /// Checks the callback: IdP error, state, issuer, code. Consumes the state.
-pub fn validate_callback(
+pub(crate) fn validate_callback(
     states: &PendingStates,
     cb: &Callback,
     browser: Option<&str>,
@@ -706,7 +719,7 @@ pub fn validate_callback(
 // ---------------------------------------------------------------------------
 
 /// HTML-escapes text for element content and quoted attributes.
-pub fn escape(s: &str) -> String {
+pub(crate) fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -722,7 +735,7 @@ pub fn escape(s: &str) -> String {
 }
 
 /// A small result page; everything shown is escaped here.
-pub fn page(status: StatusCode, title: &str, lines: &[String]) -> Response<Full<Bytes>> {
+pub(crate) fn page(status: StatusCode, title: &str, lines: &[String]) -> Response<Full<Bytes>> {
     let mut body = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>tokenproxy: {t}</title>\
          <style>body{{font:16px/1.5 system-ui,sans-serif;margin:3em auto;max-width:42em;padding:0 1em}}\
@@ -763,7 +776,7 @@ fn secure_headers<B>(r: &mut Response<B>) {
 }
 
 /// The result of a finished login, for pages and the CLI.
-pub struct Done {
+pub(crate) struct Done {
     pub credential: String,
     pub subject: Option<String>,
     pub family: String,
@@ -783,7 +796,7 @@ impl Done {
     }
 }
 
-pub fn success_page(done: &Done) -> Response<Full<Bytes>> {
+pub(crate) fn success_page(done: &Done) -> Response<Full<Bytes>> {
     page(
         StatusCode::OK,
         "Login complete",
@@ -794,7 +807,7 @@ pub fn success_page(done: &Done) -> Response<Full<Bytes>> {
     )
 }
 
-pub fn error_page(credential: Option<&str>, e: &LoginError) -> Response<Full<Bytes>> {
+pub(crate) fn error_page(credential: Option<&str>, e: &LoginError) -> Response<Full<Bytes>> {
     let status = match e {
         LoginError::Exchange { .. } => StatusCode::BAD_GATEWAY,
         LoginError::Install(InstallError::FamilyStillWorks(..)) => StatusCode::CONFLICT,
@@ -848,7 +861,10 @@ fn query_flag(uri: &Uri, name: &str) -> bool {
 
 /// `GET /login/<name>`, `POST /login/<name>` (a confirmed forced login)
 /// and `GET /callback` on the admin listener; `None` for any other path.
-pub async fn handle_admin(req: &Request<Bytes>, live: &Live) -> Option<Response<Full<Bytes>>> {
+pub(crate) async fn handle_admin(
+    req: &Request<Bytes>,
+    live: &AdminView<'_>,
+) -> Option<Response<Full<Bytes>>> {
     let path = req.uri().path();
     let name = path.strip_prefix("/login/").map(|n| {
         percent_encoding::percent_decode_str(n)
@@ -870,7 +886,11 @@ pub async fn handle_admin(req: &Request<Bytes>, live: &Live) -> Option<Response<
                 .find(|(k, _)| k == "csrf")
                 .map(|(_, v)| v.into_owned())
                 .unwrap_or_default();
-            if !ADMIN_CONFIRMS.take(&csrf, cookie_value(req).as_deref(), &name) {
+            if !live
+                .logins
+                .confirms
+                .take(&csrf, cookie_value(req).as_deref(), &name)
+            {
                 return Some(page(
                     StatusCode::FORBIDDEN,
                     "Confirmation not valid",
@@ -890,14 +910,14 @@ pub async fn handle_admin(req: &Request<Bytes>, live: &Live) -> Option<Response<
 
 /// The page that asks before a forced login: a form posting back here with
 /// a CSRF token bound to this browser's cookie. Not framable (clickjacking).
-fn confirm_page<B>(req: &Request<B>, live: &Live, name: &str) -> Response<Full<Bytes>> {
-    if live.engine.load().slot(name).is_none() {
+fn confirm_page<B>(req: &Request<B>, live: &AdminView<'_>, name: &str) -> Response<Full<Bytes>> {
+    if live.engine.slot(name).is_none() {
         let e = LoginError::Setup(format!("credential {name} is not running in this proxy"));
         log_failure(Some(name), &e);
         return error_page(Some(name), &e);
     }
     let browser = cookie_value(req).unwrap_or_else(|| random_b64(24));
-    let token = ADMIN_CONFIRMS.issue(&browser, name);
+    let token = live.logins.confirms.issue(&browser, name);
     let action: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
     let body = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>tokenproxy: replace {n}?</title>\
@@ -931,12 +951,12 @@ fn confirm_page<B>(req: &Request<B>, live: &Live, name: &str) -> Response<Full<B
 
 async fn admin_start<B>(
     req: &Request<B>,
-    live: &Live,
+    live: &AdminView<'_>,
     name: &str,
     force: bool,
 ) -> Response<Full<Bytes>> {
     let name = name.to_owned();
-    let config = live.config.load_full();
+    let config = live.config.clone();
     let fail = |e: LoginError| {
         log_failure(Some(&name), &e);
         error_page(Some(&name), &e)
@@ -951,7 +971,7 @@ async fn admin_start<B>(
             config.admin.listen
         )));
     };
-    let engine = live.engine.load_full();
+    let engine = live.engine.clone();
     let Some(slot) = engine.slot(&name) else {
         return fail(LoginError::Setup(format!(
             "credential {name} is not running in this proxy"
@@ -969,7 +989,7 @@ async fn admin_start<B>(
     }
     let browser = cookie_value(req).unwrap_or_else(|| random_b64(24));
     let pkce = Pkce::new();
-    let state = ADMIN_STATES.start(
+    let state = live.logins.states.start(
         &name,
         pkce.verifier,
         &redirect_uri,
@@ -999,17 +1019,17 @@ async fn admin_start<B>(
     r
 }
 
-async fn admin_callback<B>(req: &Request<B>, live: &Live) -> Response<Full<Bytes>> {
+async fn admin_callback<B>(req: &Request<B>, live: &AdminView<'_>) -> Response<Full<Bytes>> {
     let cb = parse_callback(req.uri().query().unwrap_or(""));
     let browser = cookie_value(req);
-    let (pending, age, code) = match validate_callback(&ADMIN_STATES, &cb, browser.as_deref(), None)
-    {
-        Ok(v) => v,
-        Err(e) => {
-            log_failure(None, &e);
-            return error_page(None, &e);
-        }
-    };
+    let (pending, age, code) =
+        match validate_callback(&live.logins.states, &cb, browser.as_deref(), None) {
+            Ok(v) => v,
+            Err(e) => {
+                log_failure(None, &e);
+                return error_page(None, &e);
+            }
+        };
     let name = pending.credential.clone();
     match finish_admin(live, &cb, pending, age, &code).await {
         Ok(done) => success_page(&done),
@@ -1021,14 +1041,14 @@ async fn admin_callback<B>(req: &Request<B>, live: &Live) -> Response<Full<Bytes
 }
 
 async fn finish_admin(
-    live: &Live,
+    live: &AdminView<'_>,
     cb: &Callback,
     pending: Pending,
     age: Duration,
     code: &Secret,
 ) -> Result<Done, LoginError> {
     let name = pending.credential.clone();
-    let engine = live.engine.load_full();
+    let engine = live.engine.clone();
     let slot = engine
         .slot(&name)
         .cloned()
@@ -1066,7 +1086,7 @@ async fn finish_admin(
 // ---------------------------------------------------------------------------
 
 /// Where the CLI waits for the callback.
-pub struct Loopback {
+pub(crate) struct Loopback {
     pub redirect_uri: String,
     pub listener: Option<tokio::net::TcpListener>,
     pub path: String,
@@ -1074,7 +1094,10 @@ pub struct Loopback {
 
 /// RFC 8252 §7.3: binds the loopback redirect (the configured port, or an
 /// ephemeral one when redirect_uri is unset or has port 0).
-pub async fn bind_loopback(cred: &CredentialConfig, listen: bool) -> Result<Loopback, LoginError> {
+pub(crate) async fn bind_loopback(
+    cred: &CredentialConfig,
+    listen: bool,
+) -> Result<Loopback, LoginError> {
     let configured = cred.redirect_uri.clone();
     let Some(uri) = configured.as_deref() else {
         if !listen {
@@ -1102,19 +1125,21 @@ pub async fn bind_loopback(cred: &CredentialConfig, listen: bool) -> Result<Loop
         .parse()
         .map_err(|_| LoginError::Setup(format!("redirect_uri {uri:?} is not a URL")))?;
     let host = parsed.host().unwrap_or("");
-    let loopback = crate::config::is_loopback_host(host);
+    let loopback = crate::net::is_loopback_host(host);
     if parsed.scheme_str() != Some("http") || !loopback {
         return Err(LoginError::Setup(format!(
             "redirect_uri {uri} is not an http loopback address, so tokenproxy cannot receive the callback itself: use --no-listen and paste the URL the browser lands on"
         )));
     }
-    let bind_host = if host == "localhost" {
-        "127.0.0.1"
-    } else {
-        host
-    };
     let port = parsed.port_u16().unwrap_or(80);
-    let l = bind(&format!("{bind_host}:{port}")).await?;
+    // A loopback name is bound as 127.0.0.1: browsers resolve `localhost`
+    // and `*.localhost` to loopback themselves, whatever DNS says.
+    let ip = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+    let l = bind(&std::net::SocketAddr::new(ip, port).to_string()).await?;
     let redirect_uri = if port == 0 {
         let actual = l.local_addr().map(|a| a.port()).unwrap_or(0);
         uri.replacen(&format!("{host}:0"), &format!("{host}:{actual}"), 1)
@@ -1138,7 +1163,7 @@ async fn bind(addr: &str) -> Result<tokio::net::TcpListener, LoginError> {
 
 /// Runs the CLI login without a proxy. `out` receives the lines to print
 /// (the URL first). Returns the result for the caller to print.
-pub async fn run_local(
+pub(crate) async fn run_local(
     config: &Config,
     name: &str,
     force: bool,
@@ -1174,7 +1199,7 @@ pub async fn run_local(
     let client = GrantClient::new(
         crate::discovery::tls_for(&t.cred).map_err(|e| LoginError::Setup(e.to_string()))?,
         crate::token::GRANT_TIMEOUT,
-        crate::egress::current().as_ref(),
+        crate::egress::proxy_from(config.server.egress_proxy.as_ref()).as_ref(),
     );
     let finish = |cb: Callback| {
         let t = &t;
@@ -1305,7 +1330,7 @@ where
 // ---------------------------------------------------------------------------
 
 /// The command's arguments.
-pub struct CliArgs {
+pub(crate) struct CliArgs {
     pub name: String,
     pub force: bool,
     pub open: bool,
@@ -1313,49 +1338,26 @@ pub struct CliArgs {
     pub admin: Option<String>,
 }
 
-pub fn admin_base(config: &Config, explicit: Option<&str>) -> Option<String> {
-    if let Some(a) = explicit {
-        let a = a.trim_end_matches('/');
-        return Some(if a.contains("://") {
-            a.to_owned()
-        } else {
-            format!("http://{a}")
-        });
-    }
-    match &config.admin.listen {
-        crate::config::ListenAddr::Tcp(a) if a.port() != 0 => {
-            let ip = match a.ip() {
-                std::net::IpAddr::V4(v) if v.is_unspecified() => "127.0.0.1".to_owned(),
-                std::net::IpAddr::V6(v) if v.is_unspecified() => "[::1]".to_owned(),
-                std::net::IpAddr::V6(v) => format!("[{v}]"),
-                ip => ip.to_string(),
-            };
-            Some(format!("http://{ip}:{}", a.port()))
-        }
-        _ => None,
-    }
-}
-
-pub async fn admin_get(base: &str, path: &str) -> Option<crate::discovery::Fetched> {
-    let uri: Uri = format!("{base}{path}").parse().ok()?;
-    let tls = crate::tls::client_config(None, None, &[]).ok()?;
-    let fut = crate::discovery::fetch(tls, http::Method::GET, &uri);
-    tokio::time::timeout(Duration::from_secs(3), fut)
+/// The admin API's view of `name`'s token family (None: no family yet).
+async fn admin_family(admin: &AdminClient, name: &str) -> Result<Option<String>, String> {
+    let base = admin.base();
+    let (status, body) = admin
+        .get(&format!("/credentials/{name}"))
         .await
-        .ok()?
-        .ok()
-}
-
-async fn admin_family(base: &str, name: &str) -> Result<Option<String>, String> {
-    let got = admin_get(base, &format!("/credentials/{name}"))
-        .await
-        .ok_or_else(|| format!("the admin API at {base} stopped answering"))?;
-    if got.status == StatusCode::NOT_FOUND {
+        .map_err(|e| format!("the admin API at {base} stopped answering: {e}"))?;
+    if status == StatusCode::NOT_FOUND {
         return Err(format!(
             "the running proxy at {base} has no credential {name:?} (reload it after editing the config)"
         ));
     }
-    let v: serde_json::Value = serde_json::from_slice(&got.body).unwrap_or_default();
+    if !status.is_success() {
+        // Waiting on an answer that can never name a family helps nobody.
+        return Err(format!(
+            "the admin API at {base} answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let v = match v {
         serde_json::Value::Array(mut a) if !a.is_empty() => a.remove(0),
         v => v,
@@ -1380,7 +1382,7 @@ fn open_browser(url: &str) {
 /// `tokenproxy login`: through the running proxy's admin API when it
 /// answers, else on a loopback listener (or a pasted URL). Returns the exit
 /// code: 0, 64 for config/usage, 1 otherwise.
-pub async fn run_cli(config: &Config, args: CliArgs) -> u8 {
+pub(crate) async fn run_cli(config: &Config, args: CliArgs) -> u8 {
     let name = args.name.as_str();
     let fail = |e: &LoginError| {
         eprintln!("tokenproxy login: {e}");
@@ -1389,26 +1391,27 @@ pub async fn run_cli(config: &Config, args: CliArgs) -> u8 {
             eprintln!("{fix}");
         }
         match e {
-            LoginError::Setup(_) => 64,
-            _ => 1,
+            LoginError::Setup(_) => EXIT_USAGE,
+            _ => EXIT_FAILURE,
         }
     };
-    let base = admin_base(config, args.admin.as_deref());
-    let up = match &base {
-        Some(b) => admin_get(b, "/healthz")
+    let admin = AdminClient::new(config, args.admin.as_deref());
+    let up = match &admin {
+        Some(a) => a
+            .get("/healthz")
             .await
-            .is_some_and(|r| r.status.is_success()),
+            .is_ok_and(|(status, _)| status.is_success()),
         None => false,
     };
     if args.admin.is_some() && !up {
         eprintln!(
             "tokenproxy login: the admin API at {} does not answer /healthz",
-            base.as_deref().unwrap_or("?")
+            admin.as_ref().map_or("?", |a| a.base())
         );
-        return 1;
+        return EXIT_FAILURE;
     }
-    if let (true, Some(base)) = (up, base) {
-        return via_admin(config, &base, &args).await;
+    if let (true, Some(admin)) = (up, admin) {
+        return via_admin(config, &admin, &args).await;
     }
     let announce = |url: &str| {
         println!("Open this URL in a browser to log in {name}:\n\n  {url}\n");
@@ -1440,19 +1443,20 @@ pub async fn run_cli(config: &Config, args: CliArgs) -> u8 {
     }
 }
 
-async fn via_admin(config: &Config, base: &str, args: &CliArgs) -> u8 {
+async fn via_admin(config: &Config, admin: &AdminClient, args: &CliArgs) -> u8 {
     let name = &args.name;
+    let base = admin.base();
     if let Some(c) = config.credentials.get(name) {
         if c.redirect_uri.is_none() {
             eprintln!("tokenproxy login: credential {name} has no redirect_uri; to log in through the running proxy set redirect_uri = \"{base}/callback\" and register it at the IdP");
-            return 64;
+            return EXIT_USAGE;
         }
     }
-    let before = match admin_family(base, name).await {
+    let before = match admin_family(admin, name).await {
         Ok(f) => f,
         Err(e) => {
             eprintln!("tokenproxy login: {e}");
-            return 1;
+            return EXIT_FAILURE;
         }
     };
     let encoded: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
@@ -1467,7 +1471,7 @@ async fn via_admin(config: &Config, base: &str, args: &CliArgs) -> u8 {
     let deadline = Instant::now() + STATE_TTL;
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        match admin_family(base, name).await {
+        match admin_family(admin, name).await {
             Ok(Some(f)) if Some(&f) != before.as_ref() => {
                 println!(
                     "Logged in: credential {name} now has a new token family {f} (generation 0)."
@@ -1477,12 +1481,12 @@ async fn via_admin(config: &Config, base: &str, args: &CliArgs) -> u8 {
             Ok(_) => {}
             Err(e) => {
                 eprintln!("tokenproxy login: {e}");
-                return 1;
+                return EXIT_FAILURE;
             }
         }
     }
     eprintln!("tokenproxy login: no login finished within 10 minutes; the result page in the browser says why");
-    1
+    EXIT_FAILURE
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! Prometheus metrics (DESIGN.md's list), one process-wide registry.
+//! Prometheus metrics (listed in docs/architecture.md), one process-wide
+//! registry.
 //!
 //! Per-route handles are resolved when the config is built, so a request
 //! does only atomic increments; credential gauges (state, expiry) are read
@@ -222,18 +223,20 @@ impl Metrics {
     pub fn set_credential(
         &self,
         credential: &str,
-        state: crate::token::engine::State,
+        state: &str,
         since: Option<SystemTime>,
         expires_in: Option<Duration>,
     ) {
         let label = CredLabel {
             credential: credential.to_owned(),
         };
-        for s in crate::token::engine::State::ALL {
+        // The engine's state names (engine::State::ALL, named here as text:
+        // the engine depends on metrics, not the other way round).
+        for s in ["fresh", "refreshing", "expired", "dead"] {
             self.state
                 .get_or_create(&CredState {
                     credential: credential.to_owned(),
-                    state: s.as_str().to_owned(),
+                    state: s.to_owned(),
                 })
                 .set(i64::from(s == state));
         }
@@ -274,12 +277,13 @@ impl Metrics {
         let label = RouteLabel {
             route: route.to_owned(),
         };
+        // Exported (at 0) though the proxy does not count replays yet.
+        drop(self.replays.get_or_create(&label));
         RouteMetrics {
             route: route.to_owned(),
             common: Default::default(),
             duration: self.request_duration.get_or_create(&label).clone(),
             upstream_401: self.upstream_401.get_or_create(&label).clone(),
-            replays: self.replays.get_or_create(&label).clone(),
             stats: self.route_stats(route),
         }
     }
@@ -305,7 +309,6 @@ pub struct RouteMetrics {
     common: [std::sync::OnceLock<Counter>; 12],
     duration: Histogram,
     upstream_401: Counter,
-    replays: Counter,
     stats: Arc<RouteStats>,
 }
 
@@ -342,10 +345,6 @@ impl RouteMetrics {
 
     pub fn upstream_rejected(&self) {
         self.upstream_401.inc();
-    }
-
-    pub fn replayed(&self) {
-        self.replays.inc();
     }
 }
 

@@ -31,7 +31,7 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|source| TlsError::Certs {
@@ -46,7 +46,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
-pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub(crate) fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::Key {
         path: path.to_owned(),
         source,
@@ -55,7 +55,7 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 
 /// A client config trusting webpki roots and `ca_file`, presenting
 /// `client_cert`/`client_key` when given, offering `alpn`.
-pub fn client_config(
+pub(crate) fn client_config(
     ca_file: Option<&Path>,
     client_cert: Option<(&Path, &Path)>,
     alpn: &[&[u8]],
@@ -70,7 +70,9 @@ pub fn client_config(
 
 /// A client config trusting only the certificates in `ca_file`, not the
 /// public roots (a private CA, as libpq's `sslrootcert`).
-pub fn client_config_trusting_only(ca_file: &Path) -> Result<rustls::ClientConfig, TlsError> {
+pub(crate) fn client_config_trusting_only(
+    ca_file: &Path,
+) -> Result<rustls::ClientConfig, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     add_roots(&mut roots, ca_file)?;
     build_client_config(roots, None, &[])

@@ -313,6 +313,10 @@ impl From<ConfigError> for ConfigErrors {
     }
 }
 
+/// Default `connect_timeout` of a credential: DNS, TCP, the egress proxy's
+/// CONNECT and the TLS handshake to the token endpoint.
+pub const TOKEN_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Reads and validates the config file, expanding `${VAR}` from the process
 /// environment.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {

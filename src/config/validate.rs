@@ -847,7 +847,7 @@ fn credential(name: &str, r: &RawCredential, cx: &mut Ctx<'_>) -> Option<Credent
         connect_timeout: cx.positive_duration(
             &p("connect_timeout"),
             r.connect_timeout.as_ref(),
-            crate::token::grant::CONNECT_TIMEOUT,
+            super::TOKEN_CONNECT_TIMEOUT,
         ),
     };
     (cx.errors.len() == before).then_some(c)

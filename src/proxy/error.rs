@@ -1,5 +1,5 @@
 //! The one table that turns a failure the proxy itself detected into an HTTP
-//! response (DESIGN.md "Errors the proxy itself returns").
+//! response (the list is in docs/architecture.md).
 //!
 //! Every proxy-made response carries a JSON body with a stable `error` code,
 //! the request id, and the header `x-tokenproxy-error`, so a client can tell a

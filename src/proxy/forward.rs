@@ -407,7 +407,7 @@ impl Pool {
                 .map_err(SendError::Request)?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
-                    tracing::debug!(error = %cause_chain(&e), "Upstream connection ended");
+                    tracing::debug!(error = %crate::error_chain(&e), "Upstream connection ended");
                 }
             });
             *self.mine().h2.lock() = Some(sender.clone());
@@ -446,7 +446,7 @@ where
         .map_err(SendError::Request)?;
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %cause_chain(&e), "Upstream connection ended");
+            tracing::debug!(error = %crate::error_chain(&e), "Upstream connection ended");
         }
     });
     Ok(sender)
@@ -610,9 +610,6 @@ impl Upstream {
     }
 }
 
-/// An error and all its causes, `: `-separated (hyper's Display hides them).
-pub(crate) use crate::error_chain as cause_chain;
-
 /// Once both sides switched protocols, copy bytes both ways until either
 /// closes. Runs detached from the request.
 pub(crate) fn spawn_tunnel(
@@ -639,7 +636,7 @@ pub(crate) fn spawn_tunnel(
                 }
             }
             Err(e) => {
-                tracing::warn!(request_id = rid, error = %cause_chain(&e), "Upgrade failed")
+                tracing::warn!(request_id = rid, error = %crate::error_chain(&e), "Upgrade failed")
             }
         }
     });

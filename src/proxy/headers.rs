@@ -8,18 +8,9 @@
 use http::header::{CONNECTION, TE, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
-/// Removed in both directions. `Trailer` is deliberately kept (gRPC);
-/// `TE` is handled apart (only `trailers` survives).
-static HOP_BY_HOP: [HeaderName; 6] = [
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    HeaderName::from_static("proxy-authenticate"),
-    HeaderName::from_static("proxy-authorization"),
-    HeaderName::from_static("transfer-encoding"),
-    HeaderName::from_static("upgrade"),
-];
+use crate::net::HOP_BY_HOP;
 
 /// Whether `name` is always hop-by-hop (`Connection` or the table above;
 /// not `TE`, which may survive as `trailers`).
@@ -144,23 +135,8 @@ impl HostPolicy {
 
     /// `host` as returned by [`host_of`].
     pub(crate) fn allows(&self, host: &str) -> bool {
-        is_loopback_name(host) || self.extra.contains(host)
+        crate::net::is_loopback_host(host) || self.extra.contains(host)
     }
-}
-
-fn is_loopback_name(host: &str) -> bool {
-    if host == "localhost" || host.ends_with(".localhost") {
-        return true;
-    }
-    if let Ok(v4) = host.parse::<Ipv4Addr>() {
-        return v4.is_loopback();
-    }
-    if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        if let Ok(v6) = inner.parse::<Ipv6Addr>() {
-            return v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback());
-        }
-    }
-    false
 }
 
 /// The host of an `Origin` header (RFC 6454), or None for `null` and

@@ -3,12 +3,12 @@
 //! listener, a connection limit, the header read and keep-alive timeouts,
 //! graceful shutdown.
 //!
-//! Hands each request to [`Proxy::handle`]; decides nothing about requests.
+//! Hands each request to [`Proxy::handle`], or a head with both
+//! `Content-Length` and `Transfer-Encoding` to [`Proxy::refuse`]; decides
+//! nothing else about requests.
 //! [`serve_guarded`] lends the same connection guards to the admin listener.
 
-use super::{
-    forward, BoxError, ConnInfo, Proxy, ProxyBody, ProxyBuildError, ProxyError, SharedProxy,
-};
+use super::{BoxError, ConnInfo, Proxy, ProxyBody, ProxyBuildError, ProxyError, SharedProxy};
 use crate::config::ListenAddr;
 use arc_swap::ArcSwap;
 use http::{Request, Version};
@@ -31,7 +31,8 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// Slowloris guard: the whole request head must arrive within this.
+/// A TLS handshake must finish within this (the head watchdog starts after
+/// it), so a silent client cannot hold a connection slot.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 abuse limits: streams open at once per connection, streams the
 /// client reset before we accepted them (rapid reset, CVE-2023-44487), and
@@ -158,7 +159,8 @@ pub async fn serve(listener: Listener, proxy: Arc<Proxy>, shutdown: Cancellation
 
 /// As [`serve`], reading the proxy anew for every request, so a reload
 /// (routes, upstreams, credentials) applies to keep-alive connections too.
-/// Listener settings (TLS, `max_connections`, grace) stay as at start.
+/// `max_connections`, the head limits and the grace stay as at start; a
+/// reloaded TLS certificate applies to new connections.
 pub async fn serve_shared(listener: Listener, shared: SharedProxy, shutdown: CancellationToken) {
     let permits = Arc::new(Semaphore::new(shared.load().max_connections));
     serve_with_permits(listener, shared, shutdown, permits).await
@@ -321,7 +323,7 @@ pub(crate) async fn serve_guarded<H, Fut>(
             }
         };
         // A unix socket is as local as loopback.
-        let is_local = remote_ip.is_none_or(|ip| ip.to_canonical().is_loopback());
+        let is_local = remote_ip.is_none_or(crate::net::is_loopback_ip);
         let handler = handler.clone();
         let serve = move |req, conflict| handler(req, is_local, conflict);
         let builder = builder.clone();
@@ -429,7 +431,7 @@ async fn serve_conn<I, H, Fut>(
     let conn = watcher.watch(conn.into_owned());
     tokio::select! {
         r = conn => if let Err(e) = r {
-            tracing::debug!(error = %forward::cause_chain(&*e), "Connection ended with an error");
+            tracing::debug!(error = %crate::error_chain(&*e), "Connection ended with an error");
         },
         why = watchdog(&activity, header_read_timeout, keepalive_timeout) => {
             tracing::debug!("Connection closed: {why}");
@@ -640,8 +642,9 @@ impl http_body::Body for Tracked {
 /// Resolves (with the reason) when the connection must be closed: a request
 /// head took longer than `header_read_timeout` from its first byte, a new
 /// connection sent no request within it, or the connection sat idle between
-/// requests for `keepalive_timeout`. Wakes at most every half
-/// `header_read_timeout` per connection, never per request.
+/// requests for `keepalive_timeout`. One timer per connection, never one
+/// per request: it sleeps to the next deadline, at most half
+/// `header_read_timeout` at a time.
 async fn watchdog(a: &Activity, header_read: Duration, keepalive: Duration) -> &'static str {
     let head_limit = header_read.as_millis() as u64;
     let idle_limit = keepalive.as_millis() as u64;

@@ -6,26 +6,32 @@
 //! token (before anything is sent upstream) → header hygiene → forward with
 //! timeouts → response hygiene (hop-by-hop, `Location`/`Link`).
 //!
-//! Sees the token engine only through [`RouteToken::get`]; it must not know
-//! how tokens are obtained or refreshed. Everything a request needs (parsed
-//! upstreams, header names, clients) is built once in [`Proxy::new`]; the hot
-//! path takes no lock.
+//! Sees the token engine only through [`RouteToken`]: `get_for` for the
+//! header value (an `ArcSwap` load when a usable token is cached, else a
+//! wait, bounded by `refresh_wait`, on the engine's single-flight refresh)
+//! and `rejected` when the upstream refuses it (`refresh_on`). It must not
+//! know how tokens are obtained or refreshed. Everything a request needs
+//! (parsed upstreams, header names, clients) is built once in
+//! [`Proxy::new`]; per request the proxy is an `ArcSwap` load, and the only
+//! lock is the connection's own `Host` cache (never contended: one
+//! connection's requests take turns).
 
 mod body;
-pub mod error;
+pub(crate) mod error;
 mod forward;
 mod h1;
 mod headers;
 mod listener;
 mod router;
 
-pub use body::{BodyIdleTimeout, BoxError, ProxyBody};
-pub use error::ProxyError;
-pub use forward::set_worker;
+pub(crate) use body::{BodyIdleTimeout, BoxError, ProxyBody};
+pub(crate) use error::ProxyError;
+pub(crate) use forward::set_worker;
 pub use forward::ProxyBuildError;
 pub(crate) use headers::{host_of, is_cross_site, HostPolicy};
-pub use listener::{bind, serve, serve_shared, serve_with_permits, Listener, StdListener};
+pub use listener::{bind, serve, Listener};
 pub(crate) use listener::{serve_guarded, Guards};
+pub(crate) use listener::{serve_with_permits, StdListener};
 
 /// The current proxy, swapped whole on reload.
 pub type SharedProxy = Arc<arc_swap::ArcSwap<Proxy>>;
@@ -34,7 +40,7 @@ use crate::config::{Config, ListenAddr, RouteConfig};
 use crate::token::RouteToken;
 use body::{empty, IdleTimeout};
 use error::X_REQUEST_ID;
-use forward::{cause_chain, ClientKey, HttpsConnect, Pool, Upstream};
+use forward::{ClientKey, HttpsConnect, Pool, Upstream};
 use headers::LinkRewriter;
 use http::header::{HOST, LINK, LOCATION, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
@@ -408,8 +414,9 @@ impl Proxy {
         let rid = request_id.to_str().unwrap_or("");
         let upstream_host = route.upstream.host_header.to_str().unwrap_or("");
 
-        // DESIGN.md "Reactive refresh": small bodies with a Content-Length are
-        // buffered so the request can be replayed once with a new token.
+        // Reactive refresh (docs/architecture.md): small bodies with a
+        // Content-Length are buffered so the request can be replayed once
+        // with a new token.
         let replayable = !upgrade
             && !route.refresh_on.is_empty()
             && route
@@ -530,10 +537,10 @@ impl Proxy {
                 && !e.is_connect()
                 && (kept || saved.is_some());
             if !retry {
-                tracing::warn!(route = route.label.as_str(), request_id = rid, upstream = upstream_host, error = %cause_chain(&e), "Upstream unreachable");
+                tracing::warn!(route = route.label.as_str(), request_id = rid, upstream = upstream_host, error = %crate::error_chain(&e), "Upstream unreachable");
                 return Err(ProxyError::UpstreamUnreachable);
             }
-            tracing::debug!(request_id = rid, upstream = upstream_host, error = %cause_chain(&e), "Retrying on a new connection");
+            tracing::debug!(request_id = rid, upstream = upstream_host, error = %crate::error_chain(&e), "Retrying on a new connection");
             retried = true;
             if let Some(saved) = &saved {
                 attempt = rebuild(saved, empty());

@@ -8,6 +8,7 @@
 
 use crate::config::{AuthMethod, CredentialConfig};
 use crate::egress::EgressConnector;
+use crate::error_chain;
 use crate::secret::Secret;
 use base64::Engine as _;
 use bytes::Bytes;
@@ -664,8 +665,8 @@ type Connector = hyper_rustls::HttpsConnector<EgressConnector>;
 
 /// DNS, TCP connect, the egress proxy's CONNECT and the TLS handshake
 /// together: a stall there means nothing was sent (docs/architecture.md,
-/// "Lost rotation").
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// "Lost rotation"). The default of a credential's `connect_timeout`.
+pub use crate::config::TOKEN_CONNECT_TIMEOUT as CONNECT_TIMEOUT;
 
 /// Sends grant and introspection requests. One per credential (its TLS
 /// settings may differ); a new connection per request, so a request is never
@@ -823,8 +824,6 @@ impl GrantClient {
         result
     }
 }
-
-pub use crate::error_chain;
 
 #[cfg(test)]
 mod tests {

@@ -145,6 +145,39 @@ async fn running_proxy_view_is_shown() {
     assert_eq!(env.idp.reuse_count(), 0);
 }
 
+/// Off loopback the admin API answers `/credentials` only with
+/// `admin.token`: doctor must send it to show the running proxy's view.
+#[tokio::test]
+async fn running_proxy_view_off_loopback_sends_the_admin_token() {
+    let Some(ip) = non_loopback_ip() else {
+        eprintln!("SKIP running_proxy_view_off_loopback_sends_the_admin_token: no non-loopback address to bind");
+        return;
+    };
+    const ADMIN_TOKEN: &str = "doc-admin-tok-Pq81";
+    let (mut env, seed) = env(RT_SECRET, CC_SECRET, "").await;
+    let text = std::fs::read_to_string(env.config_path())
+        .unwrap()
+        .replace(ADMIN_LISTEN, &format!("{ip}:{}", free_port_on(ip)))
+        .replacen(
+            "[admin]\n",
+            &format!("[admin]\ntoken = \"{ADMIN_TOKEN}\"\n"),
+            1,
+        );
+    std::fs::write(env.config_path(), &text).unwrap();
+    let vars = env.vars.clone();
+    env.config = Some(
+        tokenproxy::config::parse(&text, &env.config_path(), &|k| vars.get(k).cloned()).unwrap(),
+    );
+    env.start().await;
+    let (r, _) = env.get("/rt/x").await;
+    assert_eq!(r.status(), 200);
+    let (code, out) = doctor(&env, &["rt"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(line(&out, "running proxy: rt is").starts_with('✓'), "{out}");
+    assert!(!out.contains(ADMIN_TOKEN), "{out}");
+    assert_eq!(env.presented(&seed), 1);
+}
+
 #[tokio::test]
 async fn wrong_token_url_is_named() {
     let (env, seed) = env(RT_SECRET, CC_SECRET, "token_url = \"@IDP@/oauth/token\"").await;

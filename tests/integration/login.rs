@@ -264,7 +264,11 @@ async fn admin_login_state_problems_are_named() {
     // Expired.
     let s = start_login(&env, "?force=1").await;
     let cb = authorize(&env, &s.idp_url).await;
-    tokenproxy::login::ADMIN_STATES.age(&s.state, Duration::from_secs(601));
+    env.app()
+        .live
+        .logins
+        .states
+        .age(&s.state, Duration::from_secs(601));
     let (_, body) = callback(&env, &cb, Some(&s.cookie)).await;
     assert!(body.contains("login expired"), "{body}");
     assert_eq!(env.idp.grant_count("authorization_code"), 1);
@@ -519,6 +523,20 @@ impl Child {
         }
     }
 
+    /// As [`Child::finish`], killing the child if it has not exited within
+    /// `limit` (its exit code is then -1).
+    fn finish_within(mut self, limit: Duration) -> (i32, String, String) {
+        let start = std::time::Instant::now();
+        while self.child.try_wait().unwrap().is_none() {
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.finish()
+    }
+
     fn finish(mut self) -> (i32, String, String) {
         let status = self.child.wait().unwrap();
         while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(2)) {
@@ -693,6 +711,66 @@ async fn cli_login_goes_through_a_running_proxy() {
     let (r, _) = env.get("/rt/x").await;
     assert_eq!(r.status(), 200);
     assert_eq!(env.idp.reuse_count(), 0);
+}
+
+/// Off loopback the admin API answers `/credentials/<name>` only with
+/// `admin.token`: `login` must send it, or it never sees the new family and
+/// waits out its 10 minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_login_through_an_admin_listener_off_loopback_sends_the_admin_token() {
+    let Some(ip) = non_loopback_ip() else {
+        eprintln!("SKIP cli_login_through_an_admin_listener_off_loopback_sends_the_admin_token: no non-loopback address to bind");
+        return;
+    };
+    const ADMIN_TOKEN: &str = "login-admin-tok-Zr40";
+    let admin_port = free_port_on(ip);
+    let mut env = TestEnv::new(options(None, Duration::from_secs(60))).await;
+    env.var("LOGIN_SECRET", SECRET);
+    let text = env
+        .render(&snippet(REDIRECT))
+        .replace(ADMIN_LISTEN, &format!("{ip}:{admin_port}"))
+        .replacen(
+            "[admin]\n",
+            &format!("[admin]\ntoken = \"{ADMIN_TOKEN}\"\n"),
+            1,
+        );
+    std::fs::write(env.config_path(), &text).unwrap();
+    let vars = env.vars.clone();
+    let cfg = tokenproxy::config::parse(&text, &env.config_path(), &|k| vars.get(k).cloned())
+        .expect("config");
+    env.config = Some(cfg);
+    env.start().await;
+
+    let mut child = Child::spawn(&env, &["rt"]);
+    let url = child.url();
+    assert_eq!(url, format!("http://{ip}:{admin_port}/login/rt"));
+    // The browser, off loopback too, sends the admin token as well.
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let mut req = get(&url);
+    req.headers_mut()
+        .insert("authorization", bearer.parse().unwrap());
+    let (r, _) = send(&env.client, req).await;
+    assert_eq!(r.status(), 302);
+    let cookie = header(&r, "set-cookie")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let cb = authorize(&env, &location(&r)).await;
+    let mut req = get(&env.admin_url(&cb));
+    req.headers_mut().insert("cookie", cookie.parse().unwrap());
+    req.headers_mut()
+        .insert("authorization", bearer.parse().unwrap());
+    let (r, body) = send(&env.client, req).await;
+    assert_eq!(r.status(), 200, "{}", String::from_utf8_lossy(&body));
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || child.finish_within(Duration::from_secs(30)))
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "login did not see the new family:\n{out}\n{err}");
+    let family = env.stored("rt")["family"].as_str().unwrap().to_owned();
+    assert!(out.contains(&family), "{out}");
+    assert!(!out.contains(ADMIN_TOKEN) && !err.contains(ADMIN_TOKEN));
 }
 
 #[tokio::test]

@@ -585,7 +585,7 @@ async fn access_log_lines_name_the_request_but_never_the_query() {
 }
 
 /// A refresh a request causes is logged with that request's id
-/// (DESIGN.md "Logs": `request_id` where one caused it).
+/// (`request_id` wherever a request caused the event).
 #[tokio::test]
 async fn a_refresh_caused_by_a_request_carries_its_request_id() {
     use crate::harness::{free_port, get_ok, http, ChildProxy, Stack, StackOpts};

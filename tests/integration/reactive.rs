@@ -1,4 +1,4 @@
-//! Reactive refresh (DESIGN.md): an upstream 401 for a token the IdP revoked
+//! Reactive refresh (docs/architecture.md): an upstream 401 for a token the IdP revoked
 //! early costs one refresh, and the request is replayed once.
 
 use crate::support::{client, echoed, json, send};

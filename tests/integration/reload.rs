@@ -1,6 +1,6 @@
 //! Reload: a changed config file is picked up by itself; an invalid one is
 //! rejected and the running config kept; a new seed revives a dead
-//! credential (DESIGN.md "Seeds").
+//! credential (seeds: docs/architecture.md).
 
 use crate::support::{client, get, send};
 use std::time::{Duration, Instant};

@@ -238,6 +238,30 @@ pub struct TestEnv {
     pub client: TestClient,
 }
 
+/// This machine's IPv4 address off loopback (the source address of its
+/// default route) when it has one that can be bound: an admin listener there
+/// treats even local clients as remote.
+pub fn non_loopback_ip() -> Option<std::net::IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    // Connecting a UDP socket only picks a route; nothing is sent.
+    s.connect("203.0.113.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    if ip.is_loopback() || ip.is_unspecified() {
+        return None;
+    }
+    std::net::TcpListener::bind((ip, 0)).ok()?;
+    Some(ip)
+}
+
+/// A free port on `ip`.
+pub fn free_port_on(ip: std::net::IpAddr) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Where [`TestEnv`] binds the admin listener. `check` refuses
 /// `127.0.0.1:0` for both listeners (see
 /// `tokens::port_zero_for_both_listeners_is_accepted`), so the admin side

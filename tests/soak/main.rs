@@ -11,7 +11,7 @@
 //!
 //! A `lost_rotation` (the IdP rotated, the answer never arrived: a reset
 //! after processing, or a kill -9 during a held rotation) is the documented
-//! outcome (DESIGN.md "Lost rotation"): the proxy verifies with
+//! outcome (docs/architecture.md, lost rotation): the proxy verifies with
 //! `introspection_url`, goes dead with the hint, and the soak re-seeds it as
 //! an operator would (`tokenproxy login`); those are counted apart.
 

@@ -142,7 +142,12 @@ impl Store {
 
     pub async fn read(&self, name: &str) -> Result<Option<Record>, StoreError> {
         match self {
-            Store::File(f) => f.read(name),
+            Store::File(f) => {
+                // Off the calling thread: it may also serve proxy traffic,
+                // and the read unseals the whole file.
+                let (f, name) = (f.clone(), name.to_owned());
+                blocking(move || f.read(&name)).await
+            }
             Store::Postgres(p) => p.read(name).await,
         }
     }
@@ -156,7 +161,21 @@ impl Store {
         prev: Option<(&str, u64)>,
     ) -> Result<(), StoreError> {
         match self {
-            Store::File(f) => f.write_fenced(name, rec, prev, true),
+            Store::File(f) => {
+                // Off the calling thread: the store-wide write lock can be
+                // held by another process, and the write fsyncs.
+                let (f, name, rec) = (f.clone(), name.to_owned(), rec.clone());
+                let prev = prev.map(|(fam, g)| (fam.to_owned(), g));
+                blocking(move || {
+                    f.write_fenced(
+                        &name,
+                        &rec,
+                        prev.as_ref().map(|(fam, g)| (fam.as_str(), *g)),
+                        true,
+                    )
+                })
+                .await
+            }
             Store::Postgres(p) => p.write(name, rec, prev).await,
         }
     }
@@ -441,6 +460,18 @@ impl FileStore {
             source,
         })
     }
+}
+
+/// Runs blocking store I/O on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| StoreError::Write {
+            path: PathBuf::new(),
+            source: io::Error::other(e),
+        })?
 }
 
 fn lock_file(path: &Path) -> Result<File, StoreError> {

@@ -867,3 +867,71 @@ async fn new_seed_in_config_revives_a_dead_credential() {
     stack.assert_no_reuse();
     assert_logs_clean(&stack, &[&first, &again, &third]);
 }
+
+/// Suspect (house in order): the file store's I/O ran on the thread that
+/// also serves proxy traffic. With one thread for both (a current-thread
+/// runtime, as `tokenproxy run` uses for worker 0) and another process
+/// holding the store-wide write lock for 3 s while a refresh wants to
+/// write, a request must still be served at once by the current token.
+#[tokio::test(flavor = "current_thread")]
+async fn store_io_never_blocks_the_serving_thread() {
+    let stack = Stack::start(StackOpts {
+        access_ttl: S(60),
+        ..StackOpts::default()
+    })
+    .await;
+    let app = stack.app("").await;
+    stack.wait_generation(1, S(10)).await;
+    let url = format!("http://{}/api/x", app.proxy_addr.unwrap());
+    assert_eq!(get_ok(&http(), &url).await.status, 200);
+
+    let mut write_lock = stack.store_path().into_os_string();
+    write_lock.push(".lock");
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&write_lock)
+            .unwrap();
+        f.lock().unwrap();
+        locked_tx.send(()).unwrap();
+        std::thread::sleep(S(3));
+        drop(f);
+    });
+    locked_rx.recv().unwrap();
+    let admin = app.admin_addr.unwrap();
+    let refresh = tokio::spawn(async move {
+        post_admin(&http(), admin, &format!("/credentials/{CRED}/refresh")).await
+    });
+    // Timed from a thread of its own: if the runtime's only thread is
+    // stuck, nothing on it could measure that.
+    let proxy = app.proxy_addr.unwrap();
+    let probe = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        let mut s = std::net::TcpStream::connect(proxy).unwrap();
+        s.write_all(b"GET /api/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        (started.elapsed(), out)
+    });
+    // Let the runtime run (the refresh, the proxy) until the probe is done.
+    while !probe.is_finished() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (took, out) = probe.join().unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "a request waited {took:?} for another process's store lock"
+    );
+    let _ = refresh.await;
+    holder.join().unwrap();
+    stack.wait_generation(2, S(10)).await;
+    stack.assert_no_reuse();
+    app.shutdown().await;
+}

@@ -1,0 +1,152 @@
+//! Issue #17, "defaults that match what users expect": a server's
+//! `Retry-After` bounded by `max_backoff`, discovered endpoints held to the
+//! rules of configured ones, and TLS to PostgreSQL tried without `sslmode`.
+
+use crate::harness::*;
+use std::time::Duration;
+use tokenproxy::dev::Fault;
+
+const S: fn(u64) -> Duration = Duration::from_secs;
+
+fn status_fault(status: u16, headers: &[(&str, &str)]) -> Fault {
+    Fault::Status {
+        status,
+        body: "slow down".into(),
+        content_type: "text/plain",
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+/// A 429 asking for a day (seconds, or an HTTP-date far ahead) does not park
+/// the credential: the next attempt comes within `max_backoff`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_long_retry_after_is_capped_by_max_backoff() {
+    let stack = Stack::start(StackOpts::default()).await;
+    let app = stack.app("max_backoff = \"1s\"").await;
+    let mut generation = stack.wait_generation(1, S(10)).await;
+    for retry_after in ["86400", "Fri, 01 Jan 2100 00:00:00 GMT"] {
+        let seen = stack.idp.grants().len();
+        stack
+            .idp
+            .push_fault(status_fault(429, &[("Retry-After", retry_after)]));
+        let faulted = wait_for("the 429", S(10), || async {
+            stack.idp.grants()[seen..]
+                .iter()
+                .find(|g| g.fault == Some("status"))
+                .map(|g| g.at)
+        })
+        .await;
+        let next = wait_for("an attempt after the 429", S(6), || async {
+            stack
+                .idp
+                .grants()
+                .into_iter()
+                .find(|g| g.at > faulted && g.fault.is_none())
+                .map(|g| g.at)
+        })
+        .await;
+        let gap = next.duration_since(faulted).unwrap();
+        assert!(
+            gap <= Duration::from_millis(1500),
+            "Retry-After: {retry_after} waited {gap:?}, past max_backoff (1s)"
+        );
+        generation = stack.wait_generation(generation + 1, S(5)).await;
+    }
+    stack.assert_no_reuse();
+    app.shutdown().await;
+}
+
+/// Serves the metadata `body(issuer)` at every path, over plain HTTP on
+/// loopback (an issuer on loopback may be http, like a configured one).
+async fn serve_metadata(body: impl Fn(&str) -> String) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let issuer = format!("http://{}", listener.local_addr().unwrap());
+    let body = body(&issuer);
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(body.as_bytes()).await;
+            });
+        }
+    });
+    issuer
+}
+
+/// The endpoints of a credential configured with `issuer` only, whose
+/// metadata holds `fields` (JSON members after `issuer`).
+async fn discovered(
+    stack: &Stack,
+    fields: &'static str,
+) -> Result<(String, Option<String>), String> {
+    let issuer = serve_metadata(|i| format!(r#"{{"issuer":"{i}",{fields}}}"#)).await;
+    let text = stack.toml(0, free_port(), "").replace(
+        &format!("token_url = \"{}\"", stack.idp.token_url()),
+        &format!("issuer = \"{issuer}\""),
+    );
+    assert!(text.contains("issuer = "), "token_url replaced");
+    let cfg = tokenproxy::config::parse(&text, &stack.dir.path().join("p.toml"), &|_| None)
+        .unwrap_or_else(|e| panic!("config rejected: {e}"));
+    tokenproxy::discovery::endpoints(&cfg.credentials[CRED])
+        .await
+        .map(|(t, a)| (t.to_string(), a.map(|a| a.to_string())))
+        .map_err(|e| e.to_string())
+}
+
+/// Discovered endpoints follow the rule for configured ones: https, or http
+/// on loopback only; anything else is refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovered_endpoints_must_be_https_or_loopback() {
+    let stack = Stack::start(StackOpts::default()).await;
+    let err = discovered(&stack, r#""token_endpoint":"http://idp.example/token""#)
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("token_endpoint")
+            && err.contains("http://idp.example/token")
+            && err.contains("https"),
+        "{err}"
+    );
+    let err = discovered(
+        &stack,
+        r#""token_endpoint":"https://idp.example/token","authorization_endpoint":"http://idp.example/authorize""#,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.contains("authorization_endpoint") && err.contains("https"),
+        "{err}"
+    );
+    let err = discovered(&stack, r#""token_endpoint":"ftp://idp.example/token""#)
+        .await
+        .unwrap_err();
+    assert!(err.contains("token_endpoint"), "{err}");
+
+    let ok = discovered(
+        &stack,
+        r#""token_endpoint":"https://idp.example/token","authorization_endpoint":"http://127.0.0.1:9/authorize""#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok.0, "https://idp.example/token");
+    assert_eq!(ok.1.as_deref(), Some("http://127.0.0.1:9/authorize"));
+    let ok = discovered(&stack, r#""token_endpoint":"http://localhost:9/token""#).await;
+    assert_eq!(ok.unwrap().0, "http://localhost:9/token");
+}

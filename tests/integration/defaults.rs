@@ -150,3 +150,117 @@ async fn discovered_endpoints_must_be_https_or_loopback() {
     let ok = discovered(&stack, r#""token_endpoint":"http://localhost:9/token""#).await;
     assert_eq!(ok.unwrap().0, "http://localhost:9/token");
 }
+
+/// The stack's config with the postgres store at `url`.
+fn pg_config(stack: &Stack, url: &str, name: &str) -> (std::path::PathBuf, (u16, u16)) {
+    let (path, ports) = child_config(stack, name, "");
+    let file_store = format!("[store]\npath = \"{}\"", stack.store_path().display());
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        &file_store,
+        &format!("[store]\nkind = \"postgres\"\nurl = \"{url}\""),
+    );
+    assert!(text.contains("postgres://"), "store section replaced");
+    std::fs::write(&path, text).unwrap();
+    (path, ports)
+}
+
+/// Whether each of tokenproxy's sessions uses TLS (`t`/`f` per session).
+fn tokenproxy_sessions_ssl(pg: &crate::fleet::Pg) -> Vec<String> {
+    pg.psql(
+        "SELECT ssl FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE application_name = 'tokenproxy'",
+    )
+    .lines()
+    .map(str::to_owned)
+    .collect()
+}
+
+/// Without `sslmode` the store tries TLS first, as libpq's `prefer` does:
+/// a server offering TLS gets TLS (its certificate is not checked, as with
+/// libpq), one without TLS still works in plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_without_sslmode_prefers_tls_and_falls_back_to_plaintext() {
+    let Some(tls) = crate::fleet::Pg::start_tls() else {
+        return;
+    };
+    let stack = Stack::start(StackOpts::default()).await;
+    let dir = stack.dir.path();
+    let c = http();
+    assert!(!tls.url().contains("sslmode"), "{}", tls.url());
+    let (path, ports) = pg_config(&stack, &tls.url(), "prefer-tls");
+    let r = ChildProxy::start(dir, "prefer-tls", &path, ports).await;
+    let g = get_ok(&c, &r.url("/api/x")).await;
+    assert_eq!(g.status, 200, "{} {}", g.text(), r.output());
+    let sessions = tokenproxy_sessions_ssl(&tls);
+    assert!(
+        !sessions.is_empty() && sessions.iter().all(|l| l == "t"),
+        "TLS when the server offers it: {sessions:?}"
+    );
+    drop(r);
+    drop(tls);
+
+    stack.assert_no_reuse();
+
+    // A new database is a new store: it needs a seed of its own.
+    let Some(plain) = crate::fleet::Pg::start() else {
+        return;
+    };
+    let stack = Stack::start(StackOpts::default()).await;
+    let dir = stack.dir.path();
+    let (path, ports) = pg_config(&stack, &plain.url(), "prefer-plain");
+    let r = ChildProxy::start(dir, "prefer-plain", &path, ports).await;
+    let g = get_ok(&c, &r.url("/api/x")).await;
+    assert_eq!(g.status, 200, "{} {}", g.text(), r.output());
+    let sessions = tokenproxy_sessions_ssl(&plain);
+    assert!(
+        !sessions.is_empty() && sessions.iter().all(|l| l == "f"),
+        "plaintext when it does not: {sessions:?}"
+    );
+    drop(r);
+    stack.assert_no_reuse();
+}
+
+/// `tokenproxy check` warns (exit 0) when a database off loopback would be
+/// reached without verified TLS, and never prints the URL's password.
+#[test]
+fn check_warns_of_a_remote_database_without_verified_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |url: &str| {
+        let path = dir.path().join("check.toml");
+        let text = format!(
+            "[store]\nkind = \"postgres\"\nurl = \"{url}\"\n\n[credentials.c]\ngrant = \"client_credentials\"\ntoken_url = \"https://idp.example/token\"\nclient_id = \"c\"\nclient_secret = \"s3cret-client\"\n\n[[routes]]\npath_prefix = \"/\"\nupstream = \"https://api.example/\"\ncredential = \"c\"\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        let out = run_cli(&["check".as_ref(), "-c".as_ref(), path.as_os_str()]);
+        assert_eq!(out.code, Some(0), "a warning, not an error: {}", out.text());
+        assert!(!out.text().contains("hunter2"), "{}", out.text());
+        out.text()
+    };
+    for (url, mode) in [
+        ("postgres://tp:hunter2@db.example:5432/tp", "prefer"),
+        (
+            "postgres://tp:hunter2@db.example/tp?sslmode=prefer",
+            "prefer",
+        ),
+        (
+            "postgres://tp:hunter2@10.1.2.3/tp?sslmode=disable",
+            "disable",
+        ),
+    ] {
+        let out = check(url);
+        let warning = out
+            .lines()
+            .find(|l| l.starts_with("warning: store.url"))
+            .unwrap_or_else(|| panic!("no warning for {mode}: {out}"));
+        assert!(warning.contains(&format!("sslmode={mode}")), "{warning}");
+        assert!(warning.contains("verify-full"), "{warning}");
+    }
+    for url in [
+        "postgres://tp:hunter2@db.example/tp?sslmode=verify-full&sslrootcert=/etc/ca.pem",
+        "postgres://tp:hunter2@db.example/tp?sslmode=require",
+        "postgres://tp:hunter2@127.0.0.1:5432/tp",
+        "postgres://tp:hunter2@localhost/tp?sslmode=disable",
+    ] {
+        let out = check(url);
+        assert!(!out.contains("warning"), "{url}: {out}");
+    }
+}

@@ -486,10 +486,7 @@ impl PgStore {
             .map(|r| r.get(0))
             .collect()
         };
-        let mut done = Rekeyed {
-            key_id: keys.current_id().to_owned(),
-            ..Rekeyed::default()
-        };
+        let mut done = Rekeyed::default();
         for name in names {
             match self.rekey_row(&keys, &name).await {
                 Ok(true) => done.resealed.push(name),
@@ -497,6 +494,8 @@ impl PgStore {
                 Err(e) => done.failed.push((name, e)),
             }
         }
+        // After the rows: a passphrase's id depends on the salt read from them.
+        done.key_id = keys.current_id();
         Ok(done)
     }
 

@@ -264,3 +264,115 @@ fn check_warns_of_a_remote_database_without_verified_tls() {
         assert!(!out.contains("warning"), "{url}: {out}");
     }
 }
+
+/// Seals `plain` as tokenproxy did before the KDF (`tpv2`: AES-256-GCM under
+/// SHA-256 of the key string, key id from that hash).
+fn seal_tpv2(key: &str, plain: &[u8]) -> String {
+    use aes_gcm::aead::{Aead, KeyInit};
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let derived = sha2::Sha256::digest(key.as_bytes());
+    let mut input = b"tokenproxy-key-id\0".to_vec();
+    input.extend_from_slice(&derived);
+    let kid = tokenproxy::secret::fingerprint(&input);
+    let nonce = [3u8; 12];
+    let aes = aes_gcm::Aes256Gcm::new_from_slice(&derived).unwrap();
+    let mut blob = nonce.to_vec();
+    blob.extend(
+        aes.encrypt(aes_gcm::Nonce::from_slice(&nonce), plain)
+            .unwrap(),
+    );
+    format!(
+        "tpv2:{kid}:{}",
+        base64::engine::general_purpose::STANDARD.encode(blob)
+    )
+}
+
+/// A file store sealed the old way (`tpv2`, SHA-256 of the passphrase)
+/// still opens: the stored token serves without a grant. Its next write
+/// seals it as `tpv3` through Argon2id, parameters and salt in the file; a
+/// wrong passphrase then cannot open it, and no output shows the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tpv2_file_store_opens_and_its_next_write_uses_argon2id() {
+    const KEY: &str = "a passphrase, not random bytes";
+    // Tokens outlive the test: a grant happens only when asked for.
+    let stack = Stack::start(StackOpts {
+        access_ttl: S(600),
+        ..StackOpts::default()
+    })
+    .await;
+    let dir = stack.dir.path();
+    let c = http();
+    let raw = || std::fs::read_to_string(stack.store_path()).unwrap();
+
+    // A plaintext store, then the same records sealed as tpv2 by hand.
+    let (plain_cfg, plain_ports) = child_config(&stack, "plain", "");
+    let mut plain = ChildProxy::start(dir, "plain", &plain_cfg, plain_ports).await;
+    let access = bearer(&get_ok(&c, &plain.url("/api/x")).await);
+    plain.kill9();
+    let file: serde_json::Value = serde_json::from_str(&raw()).unwrap();
+    let creds = serde_json::to_vec(&file["credentials"]).unwrap();
+    let v2 = seal_tpv2(KEY, &creds);
+    std::fs::write(
+        stack.store_path(),
+        serde_json::json!({"version": 1, "sealed": v2}).to_string(),
+    )
+    .unwrap();
+
+    let (path, ports) = child_config(&stack, "kdf", "");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, with_store_keys(&text, KEY, &[])).unwrap();
+    let grants = stack.refresh_grants();
+    let mut r = ChildProxy::start(dir, "kdf", &path, ports).await;
+    let g = get_ok(&c, &r.url("/api/x")).await;
+    assert_eq!(
+        (g.status, bearer(&g)),
+        (200, access),
+        "the stored token: {}",
+        r.output()
+    );
+    assert_eq!(stack.refresh_grants(), grants, "opened without a grant");
+    // The next write (a refresh) reseals it.
+    let refreshed = post_admin(&c, r.admin, &format!("/credentials/{CRED}/refresh")).await;
+    assert_eq!(refreshed.status, 200, "{}", refreshed.text());
+    wait_for("a write after the tpv2 read", S(10), || async {
+        raw().contains("\"tpv3:").then_some(())
+    })
+    .await;
+    r.kill9();
+    let sealed = raw();
+    let kid = key_id(KEY, &sealed);
+    assert!(
+        sealed.contains(&format!("\"tpv3:{kid}:argon2id$v=19$m=19456,t=2,p=1$")),
+        "{sealed}"
+    );
+    assert!(
+        !sealed.contains("tpv2:") && !sealed.contains(&v2[5..13]),
+        "{sealed}"
+    );
+    stack.assert_no_reuse();
+
+    let (wrong, _) = child_config(&stack, "wrong", "");
+    let text = std::fs::read_to_string(&wrong).unwrap();
+    std::fs::write(
+        &wrong,
+        with_store_keys(&text, "a passphrase, not random byte", &[]),
+    )
+    .unwrap();
+    let failed = run_until_exit(dir, "wrong", &wrong, S(20)).await;
+    assert_eq!(failed.code, Some(1), "{}", failed.text());
+    assert!(
+        failed.text().contains(&format!("sealed with key id {kid}")),
+        "{}",
+        failed.text()
+    );
+    assert_eq!(raw(), sealed, "never overwritten");
+    let outputs: Vec<String> = ["plain", "kdf", "wrong"]
+        .iter()
+        .flat_map(|l| ["stdout", "stderr"].map(|k| dir.join(format!("{l}.{k}"))))
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .collect();
+    let mut secrets = stack.secrets();
+    secrets.push(KEY.to_owned());
+    assert_no_secrets(&outputs, &secrets);
+}

@@ -366,7 +366,8 @@ async fn lost_then_refused(grace: &str) -> (Stack, App) {
     let app = App::start(&config_via(
         &stack,
         &stack.idp.token_url(),
-        &format!("reuse_grace = \"{grace}\"\nmax_backoff = \"1s\"\n"),
+        // max_backoff above the 503's 3 s, which it would cap.
+        &format!("reuse_grace = \"{grace}\"\nmax_backoff = \"5s\"\n"),
     ))
     .await
     .expect("app starts");

@@ -483,7 +483,22 @@ async fn store_import(cfg: Config, input: PathBuf, force: bool) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
+    // Marked consumed before anything becomes live: the same file can never
+    // make a second live copy elsewhere.
+    let from_file = input != std::path::Path::new("-");
+    if from_file {
+        let marked = transfer::mark_imported(&bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|m| replace_private(&input, &m).map_err(|e| e.to_string()));
+        if let Err(e) = marked {
+            eprintln!("{WHO}: cannot mark {} as imported ({e}); refusing to import it, since it could then be imported a second time", input.display());
+            return ExitCode::FAILURE;
+        }
+    } else {
+        eprintln!("WARNING: an export read from stdin cannot be marked imported: never import it a second time");
+    }
     let mut failed = false;
+    let mut imported = 0;
     for (name, rec) in &records {
         if !cfg.credentials.contains_key(name) {
             eprintln!(
@@ -492,15 +507,29 @@ async fn store_import(cfg: Config, input: PathBuf, force: bool) -> ExitCode {
             );
         }
         match transfer::import(&store, name, rec, force).await {
-            Ok(()) => println!(
-                "{name}: imported family {} generation {}",
-                rec.family, rec.generation
-            ),
+            Ok(()) => {
+                imported += 1;
+                println!(
+                    "{name}: imported family {} generation {}",
+                    rec.family, rec.generation
+                )
+            }
             Err(e) => {
                 eprintln!("{WHO}: {}", crate::error_chain(&e));
                 failed = true;
             }
         }
+    }
+    if from_file && imported == 0 {
+        // Nothing became live: the file may be imported again (with --force).
+        if let Err(e) = replace_private(&input, &bytes) {
+            eprintln!(
+                "{WHO}: nothing was imported, but {} stays marked imported ({e})",
+                input.display()
+            );
+        }
+    } else if from_file && failed {
+        eprintln!("{WHO}: {} is marked imported; the credentials above that failed stay in it only: import them from a copy with `\"imported_at_ms\"` removed, into this store only", input.display());
     }
     if failed {
         ExitCode::FAILURE
@@ -517,6 +546,16 @@ async fn open_store(cfg: &Config, who: &str) -> Result<crate::token::store::Stor
             eprintln!("{who}: {}", crate::error_chain(&e));
             ExitCode::FAILURE
         })
+}
+
+/// Replaces `path` durably (temp file and rename), 0600.
+fn replace_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".importing");
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    write_new_private(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Creates `path` 0600 (never replacing a file) and writes it durably.

@@ -129,6 +129,10 @@ pub enum Fault {
     ResetAfterProcessing,
     /// Process the grant, then wait for [`Hold::release`] before answering.
     HoldAfterProcessing(Hold),
+    /// Process the grant (a refresh token IS spent), then answer this
+    /// status with an HTML page instead: a gateway in front of the IdP that
+    /// lost the IdP's answer.
+    LoseAnswer(u16),
     /// 302 to this location, grant not processed.
     Redirect(String),
     /// Process normally but answer `application/x-www-form-urlencoded`, as
@@ -150,6 +154,7 @@ impl Fault {
             Fault::ResetBeforeProcessing => "reset_before_processing",
             Fault::ResetAfterProcessing => "reset_after_processing",
             Fault::HoldAfterProcessing(_) => "hold_after_processing",
+            Fault::LoseAnswer(_) => "lose_answer",
             Fault::Redirect(_) => "redirect",
             Fault::FormEncoded => "form_encoded",
             Fault::Body { .. } => "body",
@@ -1201,6 +1206,11 @@ async fn token_endpoint(shared: Arc<Shared>, req: Request<Incoming>) -> Response
             respond(outcome, false)
         }
         Some(Fault::FormEncoded) => respond(outcome, true),
+        Some(Fault::LoseAnswer(status)) => raw_response(
+            status,
+            "<html><body><h1>Bad Gateway</h1></body></html>",
+            "text/html",
+        ),
         _ => respond(outcome, false),
     }
 }

@@ -233,7 +233,7 @@ impl Store {
             .collect();
         let key = key.join(",");
         match config.kind {
-            crate::config::StoreKind::File => format!("file:{}", config.path.display()),
+            crate::config::StoreKind::File => format!("file:{}:{key}", config.path.display()),
             crate::config::StoreKind::Postgres => format!(
                 "postgres:{}:{key}",
                 config

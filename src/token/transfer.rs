@@ -39,6 +39,8 @@ pub enum TransferError {
     },
     #[error("credential {name}: the source record is already retired (migrated) and has nothing to move")]
     SourceRetired { name: String },
+    #[error("this export was already imported ({when}); importing it again would make a second live copy of its refresh tokens: export again from the store that now holds them")]
+    AlreadyImported { when: String },
     #[error("credential {name}: the store holds no token set for it")]
     NothingStored { name: String },
     #[error("not a tokenproxy export (expected \"format\": \"{EXPORT_FORMAT}\")")]
@@ -62,6 +64,9 @@ struct ExportDocument {
     /// With a store key: `credentials` sealed as one value, as in the file store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sealed: Option<String>,
+    /// Set (Unix ms) by the import that consumed this document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    imported_at_ms: Option<u64>,
 }
 
 fn is_moved(rec: &Record) -> bool {
@@ -146,9 +151,17 @@ pub async fn migrate(
             name: name.to_owned(),
         });
     }
-    place(to, name, &rec, force).await?;
-    from.write(name, &moved_mark(&rec), Some(rec.identity()))
+    // The source is retired before the target becomes live: a failure
+    // in between leaves no copy live rather than two.
+    let mark = moved_mark(&rec);
+    from.write_held(&src_lock, name, &mark, Some(rec.identity()), None)
         .await?;
+    if let Err(e) = place(to, name, &rec, force).await {
+        // Not placed: the source goes back to what it was.
+        from.write_held(&src_lock, name, &rec, Some(mark.identity()), None)
+            .await?;
+        return Err(e);
+    }
     src_lock.release().await?;
     Ok(Migrated::Copied {
         family: rec.family,
@@ -200,6 +213,7 @@ impl Export {
             exported_at_ms: unix_ms(SystemTime::now()),
             credentials: self.records.clone(),
             sealed: None,
+            imported_at_ms: None,
         };
         if let Some(keys) = keys {
             // Serializing plain structs of strings and numbers cannot fail.
@@ -260,6 +274,11 @@ pub fn read_export(
     if doc.format != EXPORT_FORMAT {
         return Err(TransferError::NotAnExport);
     }
+    if let Some(at) = doc.imported_at_ms {
+        return Err(TransferError::AlreadyImported {
+            when: humantime::format_rfc3339_seconds(super::store::from_unix_ms(at)).to_string(),
+        });
+    }
     match doc.sealed {
         Some(sealed) => {
             let plain = seal::unseal_with(keys, &sealed).map_err(TransferError::Sealed)?;
@@ -267,6 +286,16 @@ pub fn read_export(
         }
         None => Ok(doc.credentials),
     }
+}
+
+/// The export document marked consumed, so the same file cannot be
+/// imported a second time (into this store or another one).
+pub fn mark_imported(bytes: &[u8]) -> Result<Vec<u8>, TransferError> {
+    let mut doc: ExportDocument = serde_json::from_slice(bytes).map_err(TransferError::Document)?;
+    doc.imported_at_ms = Some(unix_ms(SystemTime::now()));
+    let mut out = serde_json::to_vec_pretty(&doc).map_err(TransferError::Document)?;
+    out.push(b'\n');
+    Ok(out)
 }
 
 /// Writes an exported record into `to`, refusing to replace a working
@@ -334,6 +363,53 @@ mod tests {
         // Back into the source it came from: revives the moved record.
         import(&src, "a", &recs["a"], false).await.unwrap();
         assert!(src.read("a").await.unwrap().unwrap().dead.is_none());
+    }
+
+    /// The source cannot be marked moved (its write lock is unusable): the
+    /// target must not have become live, or there would be two copies.
+    #[tokio::test]
+    async fn migrate_never_leaves_two_live_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = file_store(&dir, "src.json", None);
+        src.write("a", &record("f1", 3), None).await.unwrap();
+        let write_lock = dir.path().join("src.json.lock");
+        std::fs::remove_file(&write_lock).unwrap();
+        std::fs::create_dir(&write_lock).unwrap();
+        let dst = file_store(&dir, "dst.json", None);
+        assert!(migrate(&src, &dst, "a", false).await.is_err());
+        assert!(dst.read("a").await.unwrap().is_none(), "target live");
+        assert!(src.read("a").await.unwrap().unwrap().dead.is_none());
+
+        // A target that refuses: the source is left as it was.
+        std::fs::remove_dir(dir.path().join("src.json.lock")).unwrap();
+        dst.write("a", &record("other", 1), None).await.unwrap();
+        assert!(matches!(
+            migrate(&src, &dst, "a", false).await,
+            Err(TransferError::TargetWorks { .. })
+        ));
+        let left = src.read("a").await.unwrap().unwrap();
+        assert_eq!(left.identity(), ("f1", 3));
+        assert!(left.dead.is_none());
+        assert_eq!(dst.read("a").await.unwrap().unwrap().family, "other");
+    }
+
+    #[test]
+    fn an_imported_export_cannot_be_imported_again() {
+        let doc = ExportDocument {
+            format: EXPORT_FORMAT.into(),
+            version: 1,
+            exported_at_ms: 1,
+            credentials: BTreeMap::from([("a".to_owned(), record("f1", 2))]),
+            sealed: None,
+            imported_at_ms: None,
+        };
+        let bytes = serde_json::to_vec(&doc).unwrap();
+        assert_eq!(read_export(&bytes, None).unwrap()["a"].generation, 2);
+        let marked = mark_imported(&bytes).unwrap();
+        assert!(matches!(
+            read_export(&marked, None),
+            Err(TransferError::AlreadyImported { .. })
+        ));
     }
 
     #[tokio::test]

@@ -858,20 +858,66 @@ async fn store_export_then_import_moves_a_family_without_a_grant() {
     assert_eq!(stack.idp.grants().len(), grants, "and does not refresh");
     drop(stale);
 
-    // Postgres moves on; the export now holds a spent refresh token.
+    // Postgres moves on; the export now holds a spent refresh token. The
+    // import marked the file consumed: it is refused, here and into any
+    // other store (a second live copy), --force or not.
     let r = post_admin(&c, replica.admin, &format!("/credentials/{CRED}/refresh")).await;
     assert!(r.status < 300, "{} {}", r.status, r.text());
     let newer = pg.wait_generation(generation + 1, S(10)).await;
     for force in [false, true] {
-        let stale_import = run_cli(&import_args(force));
-        assert_eq!(stale_import.code, Some(1), "{}", stale_import.text());
+        let again = run_cli(&import_args(force));
+        assert_eq!(again.code, Some(1), "{}", again.text());
         assert!(
-            stale_import.stderr.contains("newer than generation"),
+            again.stderr.contains("already imported"),
             "{}",
-            stale_import.text()
+            again.text()
         );
         assert_eq!(pg.generation(), Some(newer), "untouched");
     }
+    let (other_cfg, _) = child_config(&stack, "other-store", "");
+    let other_store = dir.join("other-tokens.json");
+    let text = std::fs::read_to_string(&other_cfg).unwrap().replace(
+        &stack.store_path().display().to_string(),
+        &other_store.display().to_string(),
+    );
+    std::fs::write(&other_cfg, text).unwrap();
+    let second_copy = run_cli(&[
+        "store".as_ref(),
+        "import".as_ref(),
+        "-c".as_ref(),
+        other_cfg.as_os_str(),
+        "--in".as_ref(),
+        file.as_os_str(),
+    ]);
+    assert_eq!(second_copy.code, Some(1), "{}", second_copy.text());
+    assert!(
+        !other_store.exists()
+            || !std::fs::read_to_string(&other_store)
+                .unwrap()
+                .contains(CRED)
+    );
+    // The stale-generation refusal stays (a copy of the export without the mark).
+    let unmarked = dir.join("user.export.copy.json");
+    let mut doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    doc.as_object_mut().unwrap().remove("imported_at_ms");
+    std::fs::write(&unmarked, serde_json::to_vec(&doc).unwrap()).unwrap();
+    let stale = run_cli(&[
+        "store".as_ref(),
+        "import".as_ref(),
+        "-c".as_ref(),
+        pg_cfg.as_os_str(),
+        "--in".as_ref(),
+        unmarked.as_os_str(),
+        "--force".as_ref(),
+    ]);
+    assert_eq!(stale.code, Some(1), "{}", stale.text());
+    assert!(
+        stale.stderr.contains("newer than generation"),
+        "{}",
+        stale.text()
+    );
+    assert_eq!(pg.generation(), Some(newer), "untouched");
     stack.assert_no_reuse();
     let mut outputs = vec![export.text(), again.text(), import.text()];
     outputs.extend([old.output(), replica.output()]);
@@ -946,25 +992,82 @@ async fn nudge_refresh(admin: std::net::SocketAddr) {
 /// and once the partition heals the fleet goes on with one family.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_a_partitioned_holder_with_a_delayed_grant_is_never_overtaken() {
-    use crate::fault_proxy::{FaultProxy, Mode};
-    let Some(pg) = Pg::start() else { return };
-    let stack = Stack::start(StackOpts {
-        access_ttl: S(300),
-        ..StackOpts::default()
-    })
+    crate::harness::repeat(
+        "fleet_a_partitioned_holder_with_a_delayed_grant_is_never_overtaken",
+        || async {
+            use crate::fault_proxy::{FaultProxy, Mode};
+            let Some(pg) = Pg::start() else { return };
+            let stack = Stack::start(StackOpts {
+                access_ttl: S(300),
+                ..StackOpts::default()
+            })
+            .await;
+            let cut = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], pg.port))).await;
+            let extra = format!(
+                "introspection_url = \"{}\"\nconnect_timeout = \"1s\"\nmax_backoff = \"2s\"\n",
+                stack.idp.introspection_url()
+            );
+            let a_url = pg
+                .url()
+                .replace(&format!(":{}/", pg.port), &format!(":{}/", cut.addr.port()));
+            let (a_path, a_ports) = replica_config_url(&stack, &a_url, "a", &extra);
+            let a = ChildProxy::start(stack.dir.path(), "a", &a_path, a_ports).await;
+            pg.wait_generation(1, S(10)).await;
+            let (b_path, b_ports) = replica_config(&stack, &pg, "b", &extra);
+            let b = ChildProxy::start(stack.dir.path(), "b", &b_path, b_ports).await;
+            wait_for("B adopted generation 1", S(10), || async {
+                credential_status(&http(), b.admin)
+                    .await
+                    .filter(|s| s["generation"] == 1 && s["state"] == "fresh")
+            })
+            .await;
+
+            stack.idp.push_fault(Fault::Delay(S(15)));
+            nudge_refresh(a.admin).await;
+            wait_for("A's grant is at the IdP", S(10), || async {
+                (stack.idp.pending_faults() == 0).then_some(())
+            })
+            .await;
+            cut.set(Mode::Stall);
+            let cut_at = Instant::now();
+            // B is asked to refresh again and again while A is cut off.
+            while cut_at.elapsed() < S(22) {
+                nudge_refresh(b.admin).await;
+                tokio::time::sleep(S(2)).await;
+                stack.assert_no_reuse();
+            }
+            cut.set(Mode::Pass);
+            pg.wait_generation(2, S(90)).await;
+            for r in [&a, &b] {
+                let g = wait_for("a replica serves", S(90), || async {
+                    let g = get_ok(&http(), &r.url("/api/x")).await;
+                    (g.status == 200).then_some(g)
+                })
+                .await;
+                assert_eq!(g.status, 200, "{}", g.text());
+            }
+            stack.assert_no_reuse();
+            assert_eq!(
+                stack.refresh_grants(),
+                2,
+                "one grant per generation: {}",
+                pg.psql("SELECT generation, dead FROM tokenproxy_credentials")
+            );
+        },
+    )
     .await;
-    let cut = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], pg.port))).await;
-    let extra = format!(
-        "introspection_url = \"{}\"\nconnect_timeout = \"1s\"\nmax_backoff = \"2s\"\n",
-        stack.idp.introspection_url()
-    );
-    let a_url = pg
-        .url()
-        .replace(&format!(":{}/", pg.port), &format!(":{}/", cut.addr.port()));
-    let (a_path, a_ports) = replica_config_url(&stack, &a_url, "a", &extra);
+}
+
+/// Two replicas with introspection, the second fresh on generation 1.
+async fn two_replicas_on_generation_1(
+    stack: &Stack,
+    pg: &Pg,
+    extra: &str,
+) -> (ChildProxy, ChildProxy) {
+    let (a_path, a_ports) = replica_config(stack, pg, "a", extra);
     let a = ChildProxy::start(stack.dir.path(), "a", &a_path, a_ports).await;
     pg.wait_generation(1, S(10)).await;
-    let (b_path, b_ports) = replica_config(&stack, &pg, "b", &extra);
+    let (b_path, b_ports) = replica_config(stack, pg, "b", extra);
     let b = ChildProxy::start(stack.dir.path(), "b", &b_path, b_ports).await;
     wait_for("B adopted generation 1", S(10), || async {
         credential_status(&http(), b.admin)
@@ -972,36 +1075,105 @@ async fn fleet_a_partitioned_holder_with_a_delayed_grant_is_never_overtaken() {
             .filter(|s| s["generation"] == 1 && s["state"] == "fresh")
     })
     .await;
+    (a, b)
+}
 
-    stack.idp.push_fault(Fault::Delay(S(15)));
-    nudge_refresh(a.admin).await;
-    wait_for("A's grant is at the IdP", S(10), || async {
-        (stack.idp.pending_faults() == 0).then_some(())
-    })
+/// The lease holder is paused (SIGSTOP) past its old 10 s lease while its
+/// grant is on its way to the IdP (delayed there 12 s). The fence keeps the
+/// other replica out until the grant cannot be in flight any more; resumed,
+/// the holder saves the rotation and the fleet goes on. No reuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_a_paused_holder_is_not_overtaken_mid_grant() {
+    crate::harness::repeat(
+        "fleet_a_paused_holder_is_not_overtaken_mid_grant",
+        || async {
+            let Some(pg) = Pg::start() else { return };
+            let stack = Stack::start(StackOpts {
+                access_ttl: S(300),
+                ..StackOpts::default()
+            })
+            .await;
+            let extra = format!(
+                "introspection_url = \"{}\"\nconnect_timeout = \"1s\"\nmax_backoff = \"2s\"\n",
+                stack.idp.introspection_url()
+            );
+            let (a, b) = two_replicas_on_generation_1(&stack, &pg, &extra).await;
+            stack.idp.push_fault(Fault::Delay(S(12)));
+            nudge_refresh(a.admin).await;
+            wait_for("A's grant is at the IdP", S(10), || async {
+                (stack.idp.pending_faults() == 0).then_some(())
+            })
+            .await;
+            let pid = a.child.id().to_string();
+            let signal = |sig: &str| {
+                assert!(Command::new("kill")
+                    .args([sig, &pid])
+                    .status()
+                    .unwrap()
+                    .success());
+            };
+            signal("-STOP");
+            let paused_at = Instant::now();
+            while paused_at.elapsed() < S(20) {
+                nudge_refresh(b.admin).await;
+                tokio::time::sleep(S(2)).await;
+                stack.assert_no_reuse();
+            }
+            signal("-CONT");
+            pg.wait_generation(2, S(60)).await;
+            for r in [&a, &b] {
+                wait_for("a replica serves", S(60), || async {
+                    let g = get_ok(&http(), &r.url("/api/x")).await;
+                    (g.status == 200).then_some(())
+                })
+                .await;
+            }
+            stack.assert_no_reuse();
+        },
+    )
     .await;
-    cut.set(Mode::Stall);
-    let cut_at = Instant::now();
-    // B is asked to refresh again and again while A is cut off.
-    while cut_at.elapsed() < S(22) {
-        nudge_refresh(b.admin).await;
-        tokio::time::sleep(S(2)).await;
-        stack.assert_no_reuse();
-    }
-    cut.set(Mode::Pass);
-    pg.wait_generation(2, S(90)).await;
-    for r in [&a, &b] {
-        let g = wait_for("a replica serves", S(90), || async {
-            let g = get_ok(&http(), &r.url("/api/x")).await;
-            (g.status == 200).then_some(g)
-        })
-        .await;
-        assert_eq!(g.status, 200, "{}", g.text());
-    }
-    stack.assert_no_reuse();
-    assert_eq!(
-        stack.refresh_grants(),
-        2,
-        "one grant per generation: {}",
-        pg.psql("SELECT generation, dead FROM tokenproxy_credentials")
-    );
+}
+
+/// PostgreSQL restarts while the holder's grant is at the IdP: the rotated
+/// token cannot be saved at first, is served from memory, saved once the
+/// database is back, and nobody presents anything twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_a_postgres_restart_mid_grant_loses_nothing() {
+    crate::harness::repeat(
+        "fleet_a_postgres_restart_mid_grant_loses_nothing",
+        || async {
+            let Some(pg) = Pg::start() else { return };
+            let stack = Stack::start(StackOpts {
+                access_ttl: S(300),
+                ..StackOpts::default()
+            })
+            .await;
+            let extra = format!(
+                "introspection_url = \"{}\"\nconnect_timeout = \"1s\"\nmax_backoff = \"2s\"\n",
+                stack.idp.introspection_url()
+            );
+            let (a, b) = two_replicas_on_generation_1(&stack, &pg, &extra).await;
+            stack.idp.push_fault(Fault::Delay(S(3)));
+            nudge_refresh(a.admin).await;
+            wait_for("A's grant is at the IdP", S(10), || async {
+                (stack.idp.pending_faults() == 0).then_some(())
+            })
+            .await;
+            pg.stop_server("fast");
+            tokio::time::sleep(S(6)).await;
+            pg.start_server();
+            pg.wait_generation(2, S(60)).await;
+            for r in [&a, &b] {
+                let st = wait_for("a replica serves generation 2", S(60), || async {
+                    let st = credential_status(&http(), r.admin).await?;
+                    (st["generation"] == 2 && st["state"] == "fresh").then_some(st)
+                })
+                .await;
+                assert!(st["last_error"]["reason"] != "lost_rotation", "{st}");
+            }
+            stack.assert_no_reuse();
+            assert_eq!(stack.refresh_grants(), 2, "one grant per generation");
+        },
+    )
+    .await;
 }

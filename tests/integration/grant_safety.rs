@@ -41,46 +41,49 @@ async fn status(app: &App) -> serde_json::Value {
 /// with backoff; once the endpoint answers, the same family goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_tls_handshake_is_not_a_lost_rotation() {
-    let stack = Stack::start(StackOpts::default()).await;
-    let front = FaultProxy::start_tls(stack.idp.addr()).await;
-    front.set(Mode::Stall);
-    let extra = format!(
-        "ca_file = \"{}\"\nconnect_timeout = \"1s\"\nmax_backoff = \"1s\"\n",
-        ca_file(&stack)
-    );
-    let app = App::start(&config_via(&stack, &front.url("/token"), &extra))
+    repeat("a_stalled_tls_handshake_is_not_a_lost_rotation", || async {
+        let stack = Stack::start(StackOpts::default()).await;
+        let front = FaultProxy::start_tls(stack.idp.addr()).await;
+        front.set(Mode::Stall);
+        let extra = format!(
+            "ca_file = \"{}\"\nconnect_timeout = \"1s\"\nmax_backoff = \"1s\"\n",
+            ca_file(&stack)
+        );
+        let app = App::start(&config_via(&stack, &front.url("/token"), &extra))
+            .await
+            .expect("app starts");
+        // Several stalled attempts: each one ends within connect_timeout.
+        wait_for("three stalled connections", S(10), || async {
+            (front.accepted() >= 3).then_some(())
+        })
+        .await;
+        let st = status(&app).await;
+        assert_ne!(st["state"], "dead", "{st}");
+        assert_eq!(st["last_error"]["outcome"], "transient", "{st}");
+        assert_eq!(stack.refresh_grants(), 0, "nothing reached the IdP");
+        let rec = stack.record().expect("the seed's record");
+        assert!(rec["dead"].is_null(), "{rec}");
+        let metrics = get_ok(
+            &http(),
+            &format!("http://{}/metrics", app.admin_addr.unwrap()),
+        )
         .await
-        .expect("app starts");
-    // Several stalled attempts: each one ends within connect_timeout.
-    wait_for("three stalled connections", S(10), || async {
-        (front.accepted() >= 3).then_some(())
+        .text();
+        assert!(metrics.contains("class=\"not_sent\""), "{metrics}");
+
+        // The endpoint comes back: the seed is presented once and rotates.
+        front.set(Mode::Pass);
+        stack.wait_generation(1, S(10)).await;
+        let g = get_ok(
+            &http(),
+            &format!("http://{}/api/x", app.proxy_addr.unwrap()),
+        )
+        .await;
+        assert_eq!(g.status, 200, "{}", g.text());
+        stack.assert_no_reuse();
+        app.shutdown().await;
     })
     .await;
-    let st = status(&app).await;
-    assert_ne!(st["state"], "dead", "{st}");
-    assert_eq!(st["last_error"]["outcome"], "transient", "{st}");
-    assert_eq!(stack.refresh_grants(), 0, "nothing reached the IdP");
-    let rec = stack.record().expect("the seed's record");
-    assert!(rec["dead"].is_null(), "{rec}");
-    let metrics = get_ok(
-        &http(),
-        &format!("http://{}/metrics", app.admin_addr.unwrap()),
-    )
-    .await
-    .text();
-    assert!(metrics.contains("class=\"not_sent\""), "{metrics}");
-
-    // The endpoint comes back: the seed is presented once and rotates.
-    front.set(Mode::Pass);
-    stack.wait_generation(1, S(10)).await;
-    let g = get_ok(
-        &http(),
-        &format!("http://{}/api/x", app.proxy_addr.unwrap()),
-    )
-    .await;
-    assert_eq!(g.status, 200, "{}", g.text());
-    stack.assert_no_reuse();
-    app.shutdown().await;
 }
 
 /// Path 2: the IdP rotates and answers 200, the gateway in front answers 502.
@@ -89,93 +92,102 @@ async fn a_stalled_tls_handshake_is_not_a_lost_rotation() {
 /// with a hint naming the gateway status, and the token is never re-presented.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_502_after_the_rotation_is_never_retried_blindly() {
-    for introspect in [false, true] {
-        let stack = Stack::start(StackOpts {
-            access_ttl: S(60),
-            ..StackOpts::default()
-        })
-        .await;
-        let gateway = FaultProxy::start(stack.idp.addr()).await;
-        let extra = if introspect {
-            // Introspection goes straight to the IdP, not through the gateway.
-            format!(
-                "max_backoff = \"1s\"\nintrospection_url = \"{}\"\n",
-                stack.idp.introspection_url()
-            )
-        } else {
-            "max_backoff = \"1s\"\n".to_owned()
-        };
-        let app = App::start(&config_via(&stack, &gateway.url("/token"), &extra))
-            .await
-            .expect("app starts");
-        stack.wait_generation(1, S(10)).await;
-        gateway.set(Mode::Replace(502));
-        let admin = app.admin_addr.unwrap();
-        let _ = post_admin(&http(), admin, &format!("/credentials/{CRED}/refresh")).await;
-        let st = wait_state(&http(), admin, "dead", S(10)).await;
-        assert_eq!(gateway.replaced(), 1, "the IdP processed one grant");
-        assert_eq!(st["last_error"]["reason"], "lost_rotation", "{st}");
-        let hint = st["last_error"]["hint"].as_str().unwrap_or_default();
-        assert!(
-            hint.contains("502"),
-            "hint names the gateway status: {hint}"
-        );
-        assert!(
-            hint.contains("introspection_url") || hint.contains("reuse_grace"),
-            "hint names the setting: {hint}"
-        );
-        let metrics = get_ok(&http(), &format!("http://{admin}/metrics"))
-            .await
-            .text();
-        assert!(
-            metrics.contains("tokenproxy_token_endpoint_failures_total{credential=\"user\",class=\"gateway_5xx\"}"),
-            "{metrics}"
-        );
-        // Backoff would have retried within a second or two.
-        tokio::time::sleep(S(3)).await;
-        assert_eq!(stack.refresh_grants(), 2, "introspect={introspect}");
-        stack.assert_no_reuse();
-        app.shutdown().await;
-    }
+    repeat("a_gateway_502_after_the_rotation_is_never_retried_blindly", || async {
+            for introspect in [false, true] {
+                let stack = Stack::start(StackOpts {
+                    access_ttl: S(60),
+                    ..StackOpts::default()
+                })
+                .await;
+                let gateway = FaultProxy::start(stack.idp.addr()).await;
+                let extra = if introspect {
+                    // Introspection goes straight to the IdP, not through the gateway.
+                    format!(
+                        "max_backoff = \"1s\"\nintrospection_url = \"{}\"\n",
+                        stack.idp.introspection_url()
+                    )
+                } else {
+                    "max_backoff = \"1s\"\n".to_owned()
+                };
+                let app = App::start(&config_via(&stack, &gateway.url("/token"), &extra))
+                    .await
+                    .expect("app starts");
+                stack.wait_generation(1, S(10)).await;
+                gateway.set(Mode::Replace(502));
+                let admin = app.admin_addr.unwrap();
+                let _ = post_admin(&http(), admin, &format!("/credentials/{CRED}/refresh")).await;
+                let st = wait_state(&http(), admin, "dead", S(10)).await;
+                assert_eq!(gateway.replaced(), 1, "the IdP processed one grant");
+                assert_eq!(st["last_error"]["reason"], "lost_rotation", "{st}");
+                let hint = st["last_error"]["hint"].as_str().unwrap_or_default();
+                assert!(
+                    hint.contains("502"),
+                    "hint names the gateway status: {hint}"
+                );
+                assert!(
+                    hint.contains("introspection_url") || hint.contains("reuse_grace"),
+                    "hint names the setting: {hint}"
+                );
+                let metrics = get_ok(&http(), &format!("http://{admin}/metrics"))
+                    .await
+                    .text();
+                assert!(
+                    metrics.contains("tokenproxy_token_endpoint_failures_total{credential=\"user\",class=\"gateway_5xx\"}"),
+                    "{metrics}"
+                );
+                // Backoff would have retried within a second or two.
+                tokio::time::sleep(S(3)).await;
+                assert_eq!(stack.refresh_grants(), 2, "introspect={introspect}");
+                stack.assert_no_reuse();
+                app.shutdown().await;
+            }
+    })
+    .await;
 }
 
 /// Path 2, the other side: a 502 from a gateway that never reached the IdP,
 /// with introspection configured, is confirmed harmless and retried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_502_before_the_idp_is_retried_after_introspection() {
-    let stack = Stack::start(StackOpts {
-        access_ttl: S(60),
-        ..StackOpts::default()
-    })
+    repeat(
+        "a_gateway_502_before_the_idp_is_retried_after_introspection",
+        || async {
+            let stack = Stack::start(StackOpts {
+                access_ttl: S(60),
+                ..StackOpts::default()
+            })
+            .await;
+            let extra = format!(
+                "max_backoff = \"1s\"\nintrospection_url = \"{}\"\n",
+                stack.idp.introspection_url()
+            );
+            let app = App::start(&config_via(&stack, &stack.idp.token_url(), &extra))
+                .await
+                .expect("app starts");
+            stack.wait_generation(1, S(10)).await;
+            stack.idp.push_fault(Fault::Status {
+                status: 502,
+                body: "<html>bad gateway</html>".into(),
+                content_type: "text/html",
+                headers: vec![],
+            });
+            let admin = app.admin_addr.unwrap();
+            let _ = post_admin(&http(), admin, &format!("/credentials/{CRED}/refresh")).await;
+            let st = wait_for("the 502", S(10), || async {
+                let st = status(&app).await;
+                (st["last_error"]["status"] == 502).then_some(st)
+            })
+            .await;
+            assert_ne!(st["state"], "dead", "{st}");
+            // The token still works, so the next try waits for an asked refresh.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let _ = post_admin(&http(), admin, &format!("/credentials/{CRED}/refresh")).await;
+            stack.wait_generation(2, S(10)).await;
+            stack.assert_no_reuse();
+            app.shutdown().await;
+        },
+    )
     .await;
-    let extra = format!(
-        "max_backoff = \"1s\"\nintrospection_url = \"{}\"\n",
-        stack.idp.introspection_url()
-    );
-    let app = App::start(&config_via(&stack, &stack.idp.token_url(), &extra))
-        .await
-        .expect("app starts");
-    stack.wait_generation(1, S(10)).await;
-    stack.idp.push_fault(Fault::Status {
-        status: 502,
-        body: "<html>bad gateway</html>".into(),
-        content_type: "text/html",
-        headers: vec![],
-    });
-    let admin = app.admin_addr.unwrap();
-    let _ = post_admin(&http(), admin, &format!("/credentials/{CRED}/refresh")).await;
-    let st = wait_for("the 502", S(10), || async {
-        let st = status(&app).await;
-        (st["last_error"]["status"] == 502).then_some(st)
-    })
-    .await;
-    assert_ne!(st["state"], "dead", "{st}");
-    // The token still works, so the next try waits for an asked refresh.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let _ = post_admin(&http(), admin, &format!("/credentials/{CRED}/refresh")).await;
-    stack.wait_generation(2, S(10)).await;
-    stack.assert_no_reuse();
-    app.shutdown().await;
 }
 
 /// Path 4: SIGTERM while the IdP holds a rotated answer. The process waits
@@ -183,55 +195,58 @@ async fn a_gateway_502_before_the_idp_is_retried_after_introspection() {
 /// fresh (before: it exited at once and came back dead / lost_rotation).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_waits_for_the_grant_in_flight() {
-    let stack = Stack::start(StackOpts {
-        access_ttl: S(60),
-        ..StackOpts::default()
-    })
-    .await;
-    let (config, ports) = child_config(&stack, "drain", "max_backoff = \"1s\"\n");
-    let child = ChildProxy::start(stack.dir.path(), "drain1", &config, ports).await;
-    stack.wait_generation(1, S(10)).await;
-    let hold = Hold::new();
-    stack
-        .idp
-        .push_fault(Fault::HoldAfterProcessing(hold.clone()));
-    let admin = child.admin;
-    let refresh = tokio::spawn(async move {
-        post_admin(&http(), admin, &format!("/credentials/{CRED}/refresh")).await
-    });
-    hold.reached().await;
-    let pid = child.child.id().to_string();
-    let term = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut child = child;
-    assert!(
-        child.child.try_wait().unwrap().is_none(),
-        "exited with a grant in flight: {}",
-        child.output()
-    );
-    hold.release();
-    let exited = wait_for("exit after the drain", S(10), || {
-        let done = child.child.try_wait().unwrap();
-        async move { done }
-    })
-    .await;
-    assert!(exited.success(), "{}", child.output());
-    let _ = refresh.await;
-    assert_eq!(stack.generation(), Some(2), "n+1 written before exit");
+    repeat("sigterm_waits_for_the_grant_in_flight", || async {
+        let stack = Stack::start(StackOpts {
+            access_ttl: S(60),
+            ..StackOpts::default()
+        })
+        .await;
+        let (config, ports) = child_config(&stack, "drain", "max_backoff = \"1s\"\n");
+        let child = ChildProxy::start(stack.dir.path(), "drain1", &config, ports).await;
+        stack.wait_generation(1, S(10)).await;
+        let hold = Hold::new();
+        stack
+            .idp
+            .push_fault(Fault::HoldAfterProcessing(hold.clone()));
+        let admin = child.admin;
+        let refresh = tokio::spawn(async move {
+            post_admin(&http(), admin, &format!("/credentials/{CRED}/refresh")).await
+        });
+        hold.reached().await;
+        let pid = child.child.id().to_string();
+        let term = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(term.success());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut child = child;
+        assert!(
+            child.child.try_wait().unwrap().is_none(),
+            "exited with a grant in flight: {}",
+            child.output()
+        );
+        hold.release();
+        let exited = wait_for("exit after the drain", S(10), || {
+            let done = child.child.try_wait().unwrap();
+            async move { done }
+        })
+        .await;
+        assert!(exited.success(), "{}", child.output());
+        let _ = refresh.await;
+        assert_eq!(stack.generation(), Some(2), "n+1 written before exit");
 
-    let child = ChildProxy::start(stack.dir.path(), "drain2", &config, ports).await;
-    let st = wait_for("status", S(5), || async {
-        credential_status(&http(), child.admin).await
+        let child = ChildProxy::start(stack.dir.path(), "drain2", &config, ports).await;
+        let st = wait_for("status", S(5), || async {
+            credential_status(&http(), child.admin).await
+        })
+        .await;
+        assert_eq!(st["state"], "fresh", "{st}");
+        let g = get_ok(&http(), &child.url("/api/x")).await;
+        assert_eq!(g.status, 200, "{}", g.text());
+        stack.assert_no_reuse();
     })
     .await;
-    assert_eq!(st["state"], "fresh", "{st}");
-    let g = get_ok(&http(), &child.url("/api/x")).await;
-    assert_eq!(g.status, 200, "{}", g.text());
-    stack.assert_no_reuse();
 }
 
 /// Path 5: `token_url` respelled (address → host name, an explicit default
@@ -239,45 +254,51 @@ async fn sigterm_waits_for_the_grant_in_flight() {
 /// store's family goes on; the seed is never presented again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_respelled_token_url_never_represents_the_spent_seed() {
-    let stack = Stack::start(StackOpts {
-        access_ttl: S(60),
-        ..StackOpts::default()
-    })
-    .await;
-    let app = App::start(&config_via(&stack, &stack.idp.token_url(), ""))
-        .await
-        .expect("app starts");
-    stack.wait_generation(1, S(10)).await;
-    app.shutdown().await;
-    let port = stack.idp.addr().port();
-    for (i, spelling) in [
-        format!("http://localhost:{port}/token"),
-        format!("http://LocalHost:{port}/token"),
-    ]
-    .iter()
-    .enumerate()
-    {
-        stack.idp.set_access_ttl(S(60));
-        let app = App::start(&config_via(&stack, spelling, ""))
-            .await
-            .expect("app starts");
-        let admin = app.admin_addr.unwrap();
-        let _ = post_admin(&http(), admin, &format!("/credentials/{CRED}/refresh")).await;
-        stack.wait_generation(2 + i as u64, S(10)).await;
-        let st = status(&app).await;
-        assert_ne!(st["state"], "dead", "{spelling}: {st}");
-        app.shutdown().await;
-        stack.assert_no_reuse();
-    }
-    assert_eq!(
-        stack
-            .presented()
+    repeat(
+        "a_respelled_token_url_never_represents_the_spent_seed",
+        || async {
+            let stack = Stack::start(StackOpts {
+                access_ttl: S(60),
+                ..StackOpts::default()
+            })
+            .await;
+            let app = App::start(&config_via(&stack, &stack.idp.token_url(), ""))
+                .await
+                .expect("app starts");
+            stack.wait_generation(1, S(10)).await;
+            app.shutdown().await;
+            let port = stack.idp.addr().port();
+            for (i, spelling) in [
+                format!("http://localhost:{port}/token"),
+                format!("http://LocalHost:{port}/token"),
+            ]
             .iter()
-            .filter(|t| **t == stack.seed)
-            .count(),
-        1,
-        "the seed was presented once"
-    );
+            .enumerate()
+            {
+                stack.idp.set_access_ttl(S(60));
+                let app = App::start(&config_via(&stack, spelling, ""))
+                    .await
+                    .expect("app starts");
+                let admin = app.admin_addr.unwrap();
+                let _ = post_admin(&http(), admin, &format!("/credentials/{CRED}/refresh")).await;
+                stack.wait_generation(2 + i as u64, S(10)).await;
+                let st = status(&app).await;
+                assert_ne!(st["state"], "dead", "{spelling}: {st}");
+                app.shutdown().await;
+                stack.assert_no_reuse();
+            }
+            assert_eq!(
+                stack
+                    .presented()
+                    .iter()
+                    .filter(|t| **t == stack.seed)
+                    .count(),
+                1,
+                "the seed was presented once"
+            );
+        },
+    )
+    .await;
 }
 
 /// Path 5, the other side: the credential moved to another IdP with the
@@ -285,26 +306,32 @@ async fn a_respelled_token_url_never_represents_the_spent_seed() {
 /// the credential waits for a new seed or a login, and says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_endpoint_with_the_spent_seed_is_dead_not_reused() {
-    let stack = Stack::start(StackOpts {
-        access_ttl: S(60),
-        ..StackOpts::default()
-    })
+    repeat(
+        "a_new_endpoint_with_the_spent_seed_is_dead_not_reused",
+        || async {
+            let stack = Stack::start(StackOpts {
+                access_ttl: S(60),
+                ..StackOpts::default()
+            })
+            .await;
+            let app = App::start(&config_via(&stack, &stack.idp.token_url(), ""))
+                .await
+                .expect("app starts");
+            stack.wait_generation(1, S(10)).await;
+            app.shutdown().await;
+            // The same IdP under another path: a different endpoint to us.
+            let moved = stack.idp.token_url().replace("/token", "/oauth2/token");
+            let app = App::start(&config_via(&stack, &moved, ""))
+                .await
+                .expect("app starts");
+            let st = wait_state(&http(), app.admin_addr.unwrap(), "dead", S(5)).await;
+            assert_eq!(st["last_error"]["reason"], "seed_already_used", "{st}");
+            assert_eq!(stack.refresh_grants(), 1, "only the first presentation");
+            stack.assert_no_reuse();
+            app.shutdown().await;
+        },
+    )
     .await;
-    let app = App::start(&config_via(&stack, &stack.idp.token_url(), ""))
-        .await
-        .expect("app starts");
-    stack.wait_generation(1, S(10)).await;
-    app.shutdown().await;
-    // The same IdP under another path: a different endpoint to us.
-    let moved = stack.idp.token_url().replace("/token", "/oauth2/token");
-    let app = App::start(&config_via(&stack, &moved, ""))
-        .await
-        .expect("app starts");
-    let st = wait_state(&http(), app.admin_addr.unwrap(), "dead", S(5)).await;
-    assert_eq!(st["last_error"]["reason"], "seed_already_used", "{st}");
-    assert_eq!(stack.refresh_grants(), 1, "only the first presentation");
-    stack.assert_no_reuse();
-    app.shutdown().await;
 }
 
 /// Suspect (house in order): a grant that was not sent clears its intent,
@@ -314,44 +341,50 @@ async fn a_new_endpoint_with_the_spent_seed_is_dead_not_reused() {
 /// store file was while the (stalled, never sent) grant is under way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unsent_grant_whose_intent_could_not_be_cleared_is_not_a_lost_rotation() {
-    let stack = Stack::start(StackOpts::default()).await;
-    let front = FaultProxy::start_tls(stack.idp.addr()).await;
-    front.set(Mode::Stall);
-    let extra = format!(
-        "ca_file = \"{}\"\nconnect_timeout = \"2s\"\nmax_backoff = \"1s\"\n",
-        ca_file(&stack)
-    );
-    let app = App::start(&config_via(&stack, &front.url("/token"), &extra))
-        .await
-        .expect("app starts");
-    wait_for("the first stalled connection", S(10), || async {
-        (front.accepted() >= 1).then_some(())
-    })
+    repeat(
+        "an_unsent_grant_whose_intent_could_not_be_cleared_is_not_a_lost_rotation",
+        || async {
+            let stack = Stack::start(StackOpts::default()).await;
+            let front = FaultProxy::start_tls(stack.idp.addr()).await;
+            front.set(Mode::Stall);
+            let extra = format!(
+                "ca_file = \"{}\"\nconnect_timeout = \"2s\"\nmax_backoff = \"1s\"\n",
+                ca_file(&stack)
+            );
+            let app = App::start(&config_via(&stack, &front.url("/token"), &extra))
+                .await
+                .expect("app starts");
+            wait_for("the first stalled connection", S(10), || async {
+                (front.accepted() >= 1).then_some(())
+            })
+            .await;
+            // The intent is durable (written before connecting); now break the store.
+            let store = stack.store_path();
+            let aside = stack.dir.path().join("tokens.aside");
+            std::fs::rename(&store, &aside).unwrap();
+            std::fs::create_dir(&store).unwrap();
+            wait_for("the stalled attempt ends", S(10), || async {
+                let st = status(&app).await;
+                (st["last_error"]["outcome"] == "transient").then_some(())
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            std::fs::remove_dir(&store).unwrap();
+            std::fs::rename(&aside, &store).unwrap();
+            let rec = stack.record().expect("record");
+            assert!(
+                !rec["intent"].is_null(),
+                "the intent is still durable: {rec}"
+            );
+            front.set(Mode::Pass);
+            stack.wait_generation(1, S(10)).await;
+            let st = status(&app).await;
+            assert_ne!(st["state"], "dead", "{st}");
+            stack.assert_no_reuse();
+            app.shutdown().await;
+        },
+    )
     .await;
-    // The intent is durable (written before connecting); now break the store.
-    let store = stack.store_path();
-    let aside = stack.dir.path().join("tokens.aside");
-    std::fs::rename(&store, &aside).unwrap();
-    std::fs::create_dir(&store).unwrap();
-    wait_for("the stalled attempt ends", S(10), || async {
-        let st = status(&app).await;
-        (st["last_error"]["outcome"] == "transient").then_some(())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    std::fs::remove_dir(&store).unwrap();
-    std::fs::rename(&aside, &store).unwrap();
-    let rec = stack.record().expect("record");
-    assert!(
-        !rec["intent"].is_null(),
-        "the intent is still durable: {rec}"
-    );
-    front.set(Mode::Pass);
-    stack.wait_generation(1, S(10)).await;
-    let st = status(&app).await;
-    assert_ne!(st["state"], "dead", "{st}");
-    stack.assert_no_reuse();
-    app.shutdown().await;
 }
 
 /// Starts a stack whose IdP forgives a reuse within `grace`, with the same
@@ -388,12 +421,18 @@ async fn lost_then_refused(grace: &str) -> (Stack, App) {
 /// the token is not presented a third time (the IdP would see a reuse).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_inside_the_grace_window_keeps_the_first_presentation_in_mind() {
-    let (stack, app) = lost_then_refused("1500ms").await;
-    let st = wait_state(&http(), app.admin_addr.unwrap(), "dead", S(15)).await;
-    assert_eq!(st["last_error"]["reason"], "lost_rotation", "{st}");
-    tokio::time::sleep(S(1)).await;
-    stack.assert_no_reuse();
-    app.shutdown().await;
+    repeat(
+        "a_refusal_inside_the_grace_window_keeps_the_first_presentation_in_mind",
+        || async {
+            let (stack, app) = lost_then_refused("1500ms").await;
+            let st = wait_state(&http(), app.admin_addr.unwrap(), "dead", S(15)).await;
+            assert_eq!(st["last_error"]["reason"], "lost_rotation", "{st}");
+            tokio::time::sleep(S(1)).await;
+            stack.assert_no_reuse();
+            app.shutdown().await;
+        },
+    )
+    .await;
 }
 
 /// The same, with the wall clock stepped back 2.5 s while the 503's wait
@@ -401,21 +440,27 @@ async fn a_refusal_inside_the_grace_window_keeps_the_first_presentation_in_mind(
 /// the monotonic clock it is not. The grace window follows the latter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wall_clock_stepped_back_does_not_stretch_the_grace_window() {
-    let (stack, app) = lost_then_refused("1500ms").await;
-    wait_for("the 503 was served", S(10), || async {
-        (stack.idp.pending_faults() == 0).then_some(())
-    })
+    repeat(
+        "a_wall_clock_stepped_back_does_not_stretch_the_grace_window",
+        || async {
+            let (stack, app) = lost_then_refused("1500ms").await;
+            wait_for("the 503 was served", S(10), || async {
+                (stack.idp.pending_faults() == 0).then_some(())
+            })
+            .await;
+            app.live
+                .engine
+                .load()
+                .clock()
+                .rewind_wall(Duration::from_millis(2500));
+            let st = wait_state(&http(), app.admin_addr.unwrap(), "dead", S(15)).await;
+            assert_eq!(st["last_error"]["reason"], "lost_rotation", "{st}");
+            tokio::time::sleep(S(1)).await;
+            stack.assert_no_reuse();
+            app.shutdown().await;
+        },
+    )
     .await;
-    app.live
-        .engine
-        .load()
-        .clock()
-        .rewind_wall(Duration::from_millis(2500));
-    let st = wait_state(&http(), app.admin_addr.unwrap(), "dead", S(15)).await;
-    assert_eq!(st["last_error"]["reason"], "lost_rotation", "{st}");
-    tokio::time::sleep(S(1)).await;
-    stack.assert_no_reuse();
-    app.shutdown().await;
 }
 
 /// Path 6: a store restored from an older backup. The generation it holds
@@ -425,34 +470,149 @@ async fn a_wall_clock_stepped_back_does_not_stretch_the_grace_window() {
 /// which a restore of the store file does not roll back) refuse it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_restored_from_an_older_backup_is_never_presented() {
-    let stack = Stack::start(StackOpts::default()).await;
-    let app = App::start(&config_via(
-        &stack,
-        &stack.idp.token_url(),
-        "max_backoff = \"1s\"\n",
-    ))
-    .await
-    .expect("app starts");
-    let g = stack.wait_generation(1, S(10)).await;
-    let backup = std::fs::read(stack.store_path()).unwrap();
-    stack.wait_generation(g + 2, S(10)).await;
-    std::fs::write(stack.store_path(), &backup).unwrap();
-    let st = wait_state(&http(), app.admin_addr.unwrap(), "dead", S(10)).await;
-    assert_eq!(st["last_error"]["reason"], "store_rolled_back", "{st}");
-    app.shutdown().await;
-    stack.assert_no_reuse();
+    repeat(
+        "a_store_restored_from_an_older_backup_is_never_presented",
+        || async {
+            let stack = Stack::start(StackOpts::default()).await;
+            let app = App::start(&config_via(
+                &stack,
+                &stack.idp.token_url(),
+                "max_backoff = \"1s\"\n",
+            ))
+            .await
+            .expect("app starts");
+            let g = stack.wait_generation(1, S(10)).await;
+            let backup = std::fs::read(stack.store_path()).unwrap();
+            stack.wait_generation(g + 2, S(10)).await;
+            std::fs::write(stack.store_path(), &backup).unwrap();
+            let st = wait_state(&http(), app.admin_addr.unwrap(), "dead", S(10)).await;
+            assert_eq!(st["last_error"]["reason"], "store_rolled_back", "{st}");
+            app.shutdown().await;
+            stack.assert_no_reuse();
 
-    // A new process, the old backup still in place.
-    let app = App::start(&config_via(
-        &stack,
-        &stack.idp.token_url(),
-        "max_backoff = \"1s\"\n",
-    ))
-    .await
-    .expect("app starts");
-    let st = wait_state(&http(), app.admin_addr.unwrap(), "dead", S(5)).await;
-    assert_eq!(st["last_error"]["reason"], "store_rolled_back", "{st}");
-    tokio::time::sleep(S(2)).await;
-    stack.assert_no_reuse();
-    app.shutdown().await;
+            // A new process, the old backup still in place.
+            let app = App::start(&config_via(
+                &stack,
+                &stack.idp.token_url(),
+                "max_backoff = \"1s\"\n",
+            ))
+            .await
+            .expect("app starts");
+            let st = wait_state(&http(), app.admin_addr.unwrap(), "dead", S(5)).await;
+            assert_eq!(st["last_error"]["reason"], "store_rolled_back", "{st}");
+            tokio::time::sleep(S(2)).await;
+            stack.assert_no_reuse();
+            app.shutdown().await;
+        },
+    )
+    .await;
+}
+
+/// Path 6: a reload that changes `store.encryption_key`. With the old key
+/// listed as previous, every slot moves to the new key (the next write is
+/// sealed under it, no grant needed to read the old one); without it, the
+/// reload is refused, naming the key id the store is sealed with, and the
+/// running config keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_the_store_key_applies_everywhere_or_is_refused() {
+    repeat(
+        "a_reload_that_changes_the_store_key_applies_everywhere_or_is_refused",
+        || async {
+            const KEY_A: &str = "reload-key-A-51c2e0";
+            const KEY_B: &str = "reload-key-B-9d7f31";
+            let stack = Stack::start(StackOpts::default()).await;
+            let path = stack.dir.path().join("reload.toml");
+            let write = |current: &str, previous: &[&str]| {
+                let text = stack.toml(0, free_port(), "max_backoff = \"1s\"\n");
+                std::fs::write(&path, with_store_keys(&text, current, previous)).unwrap();
+            };
+            write(KEY_A, &[]);
+            let mut cfg = tokenproxy::config::load(&path).expect("config loads");
+            cfg.admin.listen = tokenproxy::config::ListenAddr::Tcp("127.0.0.1:0".parse().unwrap());
+            let app = App::start(&cfg).await.expect("app starts");
+            let raw = || std::fs::read_to_string(stack.store_path()).unwrap();
+            wait_for("a sealed generation", S(10), || async {
+                let text = raw();
+                text.contains(&format!("\"tpv2:{}:", key_id(KEY_A)))
+                    .then_some(())
+            })
+            .await;
+
+            write(KEY_B, &[]);
+            let refused = app
+                .reload()
+                .await
+                .expect_err("a key that cannot open the store");
+            let msg = tokenproxy::error_chain(&refused);
+            assert!(
+                msg.contains(&key_id(KEY_A)),
+                "names the sealing key id: {msg}"
+            );
+            assert!(
+                !msg.contains(KEY_A) && !msg.contains(KEY_B),
+                "no key in the message: {msg}"
+            );
+            let c = http();
+            let url = format!("http://{}/api/x", app.proxy_addr.unwrap());
+            assert_eq!(get_ok(&c, &url).await.status, 200, "the old config serves");
+
+            write(KEY_B, &[KEY_A]);
+            app.reload()
+                .await
+                .expect("reload with the old key as previous");
+            let before = stack.refresh_grants();
+            wait_for("the next write sealed under B", S(15), || async {
+                let text = raw();
+                (text.contains(&format!("\"tpv2:{}:", key_id(KEY_B)))
+                    && !text.contains(&key_id(KEY_A)))
+                .then_some(())
+            })
+            .await;
+            assert!(stack.refresh_grants() > before, "{}", raw());
+            assert_eq!(get_ok(&c, &url).await.status, 200);
+            stack.assert_no_reuse();
+            app.shutdown().await;
+        },
+    )
+    .await;
+}
+
+/// Path 1 through an egress proxy whose CONNECT never answers (a hung
+/// corporate proxy): the same "not sent", never a lost rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_egress_proxy_is_not_a_lost_rotation() {
+    repeat("a_hung_egress_proxy_is_not_a_lost_rotation", || async {
+        let stack = Stack::start(StackOpts::default()).await;
+        let egress = FaultProxy::start(stack.idp.addr()).await;
+        egress.set(Mode::Stall);
+        let text = stack
+            .toml(
+                0,
+                free_port(),
+                "connect_timeout = \"1s\"\nmax_backoff = \"1s\"\n",
+            )
+            .replace(&stack.idp.token_url(), "https://idp.example.test/token")
+            .replacen(
+                "[server]\n",
+                &format!("[server]\negress_proxy = \"http://{}\"\n", egress.addr),
+                1,
+            );
+        let mut cfg =
+            tokenproxy::config::parse(&text, &stack.dir.path().join("proxy.toml"), &|_| None)
+                .unwrap_or_else(|e| panic!("config rejected: {e}"));
+        cfg.admin.listen = tokenproxy::config::ListenAddr::Tcp("127.0.0.1:0".parse().unwrap());
+        let app = App::start(&cfg).await.expect("app starts");
+        wait_for("three hung CONNECTs", S(10), || async {
+            (egress.accepted() >= 3).then_some(())
+        })
+        .await;
+        let st = status(&app).await;
+        assert_ne!(st["state"], "dead", "{st}");
+        assert_eq!(st["last_error"]["outcome"], "transient", "{st}");
+        let rec = stack.record().expect("the seed's record");
+        assert!(rec["dead"].is_null(), "{rec}");
+        assert_eq!(stack.refresh_grants(), 0);
+        app.shutdown().await;
+    })
+    .await;
 }

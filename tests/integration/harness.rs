@@ -585,3 +585,28 @@ pub fn rekey_ok(config: &Path, credential: &str, kid: &str) -> CliRun {
     );
     rekey
 }
+
+/// How many times each fault scenario runs: 1 in CI (the short form),
+/// more on demand (`TOKENPROXY_FAULT_TRIALS=25 cargo test --test
+/// integration grant_safety fleet_a_partitioned -- --nocapture`).
+pub fn fault_trials() -> usize {
+    std::env::var("TOKENPROXY_FAULT_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(1)
+}
+
+/// Runs a fault scenario [`fault_trials`] times (each trial asserts no
+/// reuse and no needless death itself) and reports the count.
+pub async fn repeat<F, Fut>(scenario: &str, mut trial: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let n = fault_trials();
+    for _ in 0..n {
+        trial().await;
+    }
+    eprintln!("FAULTS: {scenario} trials={n} reuses=0 needless_deaths=0");
+}

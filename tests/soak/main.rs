@@ -179,6 +179,28 @@ credential = "user"
         panic!("tokenproxy did not come up; see {}", self.dir.display());
     }
 
+    /// SIGTERM; `release` runs once the signal is sent (the held answer
+    /// arrives during the drain); waits for the exit.
+    async fn terminate(&mut self, release: impl FnOnce()) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        release();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
     fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -270,7 +292,13 @@ fn random_fault(rng: &mut StdRng, holds: &Mutex<Vec<Hold>>) -> Fault {
     };
     match rng.gen_range(0..100) {
         0..=19 => status(500, "{\"error\":\"server_error\"}", vec![]),
-        20..=29 => status(503, "<html>maintenance</html>", vec![]),
+        20..=26 => status(503, "<html>maintenance</html>", vec![]),
+        // A gateway with no answer to give: the grant never ran.
+        27..=29 => Fault::Body {
+            status: 502,
+            body: "<html>bad gateway</html>".into(),
+            content_type: "text/html",
+        },
         30..=39 => status(
             429,
             "{\"error\":\"slow_down\"}",
@@ -278,7 +306,9 @@ fn random_fault(rng: &mut StdRng, holds: &Mutex<Vec<Hold>>) -> Fault {
         ),
         40..=54 => Fault::Delay(Duration::from_millis(rng.gen_range(100..3000))),
         55..=69 => Fault::ResetBeforeProcessing,
-        70..=74 => Fault::ResetAfterProcessing,
+        70..=72 => Fault::ResetAfterProcessing,
+        // A gateway that lost the IdP's answer after the rotation.
+        73..=74 => Fault::LoseAnswer(if rng.gen_bool(0.5) { 502 } else { 504 }),
         75..=84 => {
             let h = Hold::new();
             holds.lock().push(h.clone());
@@ -390,6 +420,7 @@ async fn main() -> ExitCode {
     let mut rng = StdRng::seed_from_u64(args.seed);
     let holds: Mutex<Vec<Hold>> = Mutex::new(Vec::new());
     let (mut kills, mut kills_in_hold, mut lost_rotation, mut forced) = (0, 0, 0, 0);
+    let mut terms_in_hold = 0;
     let mut lost: Vec<String> = Vec::new();
     let mut next_kill = Instant::now() + Duration::from_millis(rng.gen_range(2000..8000));
     let mut next_fault = Instant::now() + Duration::from_millis(rng.gen_range(200..1500));
@@ -425,11 +456,17 @@ async fn main() -> ExitCode {
             .cloned()
             .collect();
         for h in reached {
-            if rng.gen_bool(0.3) {
+            let roll: f64 = rng.gen();
+            if roll < 0.25 {
                 proxy.kill9();
                 kills += 1;
                 kills_in_hold += 1;
                 h.release();
+                proxy.start(&http).await;
+            } else if roll < 0.4 {
+                // A rolling restart: the drain saves the held rotation.
+                proxy.terminate(|| h.release()).await;
+                terms_in_hold += 1;
                 proxy.start(&http).await;
             } else {
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(0..1500))).await;
@@ -500,6 +537,7 @@ async fn main() -> ExitCode {
         println!("  token_refresh {outcome:<20} {n}");
     }
     println!("proxy kill -9       {kills} ({kills_in_hold} during a held rotation)");
+    println!("proxy SIGTERM       {terms_in_hold} (each during a held rotation, drained)");
     println!(
         "lost_rotation       {lost_rotation} (documented; verified by introspection, re-seeded)"
     );

@@ -42,6 +42,12 @@ pub enum DiscoveryError {
     },
     #[error("metadata at {url} has no {field}")]
     Missing { url: String, field: &'static str },
+    #[error("metadata at {url} gives {field} {value:?}, which must use https (http is allowed only on loopback, as for a configured endpoint)")]
+    Insecure {
+        url: String,
+        field: &'static str,
+        value: String,
+    },
     #[error("TLS settings: {0}")]
     Tls(String),
 }
@@ -206,29 +212,43 @@ pub async fn endpoints(cred: &CredentialConfig) -> Result<(Uri, Option<Uri>), Di
     };
     let md = discover(cred, issuer).await?;
     let parse = |field: &'static str, v: Option<String>| -> Result<Option<Uri>, DiscoveryError> {
-        match v {
-            None => Ok(None),
-            Some(v) => v.parse().map(Some).map_err(|_| DiscoveryError::Missing {
+        let Some(v) = v else { return Ok(None) };
+        let uri: Uri = v.parse().map_err(|_| DiscoveryError::Missing {
+            url: md.url.clone(),
+            field: match field {
+                "token_endpoint" => "a valid token_endpoint",
+                _ => "a valid authorization_endpoint",
+            },
+        })?;
+        // The same rule as a configured endpoint: these carry client
+        // secrets, codes and refresh tokens.
+        let host = uri.host().unwrap_or("");
+        let secure = match uri.scheme_str() {
+            Some("https") => !host.is_empty(),
+            Some("http") => crate::config::is_loopback_host(host),
+            _ => false,
+        };
+        if !secure {
+            return Err(DiscoveryError::Insecure {
                 url: md.url.clone(),
                 field,
-            }),
+                value: v,
+            });
         }
+        Ok(Some(uri))
     };
     let token = match &cred.token_url {
         Some(t) => t.clone(),
-        None => parse("a valid token_endpoint", md.token_endpoint.clone())?.ok_or(
-            DiscoveryError::Missing {
+        None => {
+            parse("token_endpoint", md.token_endpoint.clone())?.ok_or(DiscoveryError::Missing {
                 url: md.url.clone(),
                 field: "token_endpoint",
-            },
-        )?,
+            })?
+        }
     };
     let authorize = match &cred.authorize_url {
         Some(a) => Some(a.clone()),
-        None => parse(
-            "a valid authorization_endpoint",
-            md.authorization_endpoint.clone(),
-        )?,
+        None => parse("authorization_endpoint", md.authorization_endpoint.clone())?,
     };
     Ok((token, authorize))
 }

@@ -580,9 +580,20 @@ fn jwt_claims(token: &str) -> Option<serde_json::Map<String, serde_json::Value>>
     }
 }
 
-/// `Retry-After` as seconds or an HTTP-date (RFC 9110 §10.2.3).
+/// `Retry-After` as seconds or an HTTP-date (RFC 9110 §10.2.3); without it,
+/// a rate-limit reset time in epoch seconds (`X-RateLimit-Reset`, as GitHub
+/// and others send). The engine caps either at `max_backoff`.
 pub fn parse_retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let Some(v) = headers.get(RETRY_AFTER) else {
+        let reset = ["x-ratelimit-reset", "x-rate-limit-reset"]
+            .iter()
+            .find_map(|n| headers.get(*n))?;
+        let epoch: u64 = reset.to_str().ok()?.trim().parse().ok()?;
+        // checked: a hostile value must not overflow the clock.
+        let at = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(epoch))?;
+        return Some(at.duration_since(now).unwrap_or(Duration::ZERO));
+    };
+    let v = v.to_str().ok()?.trim();
     if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs.min(86_400)));
     }
@@ -1043,6 +1054,40 @@ mod tests {
             parse_retry_after(&r.headers, now),
             Some(Duration::from_secs(37))
         );
+    }
+
+    #[test]
+    fn rate_limit_reset_epoch_counts_like_retry_after() {
+        // DESIGN.md "Failure classes": X-RateLimit-Reset / x-rate-limit-reset.
+        let now = humantime::parse_rfc3339("2026-01-01T00:00:00Z").unwrap();
+        let epoch = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        for name in ["x-ratelimit-reset", "x-rate-limit-reset"] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                name,
+                HeaderValue::from_str(&(epoch + 42).to_string()).unwrap(),
+            );
+            assert_eq!(
+                parse_retry_after(&h, now),
+                Some(Duration::from_secs(42)),
+                "{name}"
+            );
+            // Retry-After wins when both are sent.
+            h.insert(RETRY_AFTER, HeaderValue::from_static("3"));
+            assert_eq!(parse_retry_after(&h, now), Some(Duration::from_secs(3)));
+        }
+        let mut past = HeaderMap::new();
+        past.insert("x-rate-limit-reset", HeaderValue::from_static("1000"));
+        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
+        let mut huge = HeaderMap::new();
+        huge.insert(
+            "x-ratelimit-reset",
+            HeaderValue::from_str(&u64::MAX.to_string()).unwrap(),
+        );
+        let _ = parse_retry_after(&huge, now);
     }
 
     #[test]

@@ -11,8 +11,11 @@
 //!
 //! TLS follows the URL's `sslmode` as libpq reads it, plus `sslrootcert`
 //! (which tokio-postgres does not parse, so it is taken out here): with a
-//! root file only that CA is trusted, otherwise the public web roots. The
-//! certificate chain and the host name are always verified once TLS is on.
+//! root file only that CA is trusted, otherwise the public web roots. With
+//! `require` and the verify modes the certificate chain and the host name
+//! are always verified. `prefer` (the default) is libpq's: TLS when the
+//! server offers it, unverified, else plaintext; `check` warns about it off
+//! loopback.
 
 use super::record::{DeadMark, Intent, Record, Rekeyed, StoreError};
 use super::seal::{self, Keyring};
@@ -97,7 +100,8 @@ impl std::fmt::Debug for PgStore {
 impl PgStore {
     /// Connects, creates or migrates the schema, and starts the listener.
     pub async fn open(url: &Secret, keys: Option<Keyring>) -> Result<PgStore, StoreError> {
-        let url = UrlTls::split(url.expose())?;
+        let url_text = url.expose();
+        let url = UrlTls::split(url_text)?;
         let mut config: tokio_postgres::Config =
             url.rest
                 .parse()
@@ -113,10 +117,14 @@ impl PgStore {
         }
         let tls = match config.get_ssl_mode() {
             SslMode::Require => Some(rustls_connector(url.root_cert.as_deref())?),
-            // prefer (the default) without a TLS connector means plaintext;
-            // sslmode=require or verify-full is how a URL asks for TLS.
+            // With a connector, tokio-postgres asks for TLS and goes on in
+            // plaintext only if the server declines, as libpq's prefer.
+            SslMode::Prefer => Some(prefer_connector()?),
             _ => None,
         };
+        if let Some(warning) = tls_warning(url_text) {
+            tracing::warn!(event = "store_tls_unverified", warning = %warning, "Store connection not verified");
+        }
         let store = PgStore {
             inner: Arc::new(Inner {
                 config,
@@ -478,10 +486,7 @@ impl PgStore {
             .map(|r| r.get(0))
             .collect()
         };
-        let mut done = Rekeyed {
-            key_id: keys.current_id().to_owned(),
-            ..Rekeyed::default()
-        };
+        let mut done = Rekeyed::default();
         for name in names {
             match self.rekey_row(&keys, &name).await {
                 Ok(true) => done.resealed.push(name),
@@ -489,6 +494,8 @@ impl PgStore {
                 Err(e) => done.failed.push((name, e)),
             }
         }
+        // After the rows: a passphrase's id depends on the salt read from them.
+        done.key_id = keys.current_id();
         Ok(done)
     }
 
@@ -784,6 +791,107 @@ fn rustls_connector(
         message: format!("sslrootcert: {}", crate::error_chain(&e)),
     })?;
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+}
+
+/// libpq's `prefer`: TLS without checking the certificate (libpq checks
+/// nothing below `verify-ca` either). It keeps a passive listener out, not
+/// an active one: `tls_warning` says so for databases off loopback.
+fn prefer_connector() -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    let provider = crate::tls::provider();
+    let verifier = Arc::new(Unverified(provider.clone()));
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Url {
+            message: format!("TLS settings: {e}"),
+        })?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+}
+
+/// Accepts any certificate but still checks the handshake signatures (so
+/// the session keys belong to whoever holds the certificate's key).
+#[derive(Debug)]
+struct Unverified(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for Unverified {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// What `check` (and the start-up log) says when `url` reaches a database
+/// off loopback without verified TLS: `sslmode=disable`, or `prefer` (the
+/// default), which is TLS only if the server offers it and never verified.
+/// Names the host and the mode, never the URL (it may hold a password).
+pub fn tls_warning(url: &str) -> Option<String> {
+    let split = UrlTls::split(url).ok()?;
+    let config: tokio_postgres::Config = split.rest.parse().ok()?;
+    let what = match config.get_ssl_mode() {
+        SslMode::Disable => "sslmode=disable: plaintext",
+        SslMode::Prefer => {
+            "sslmode=prefer, the default: TLS only if the server offers it, and its certificate is not checked"
+        }
+        _ => return None,
+    };
+    // Unix sockets and loopback never leave the machine.
+    let remote: Vec<&str> = config
+        .get_hosts()
+        .iter()
+        .filter_map(|h| match h {
+            tokio_postgres::config::Host::Tcp(h) => Some(h.as_str()),
+            #[cfg(unix)]
+            tokio_postgres::config::Host::Unix(_) => None,
+        })
+        .filter(|h| !crate::config::is_loopback_host(h))
+        .collect();
+    if remote.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "store.url: the database at {} is reached without verified TLS ({what}); anyone on the path can read or alter the sealed tokens and the login. Add sslmode=verify-full&sslrootcert=/path/to/db-ca.pem",
+        remote.join(", ")
+    ))
 }
 
 /// The URL's TLS wishes, with what tokio-postgres cannot parse taken out.

@@ -30,7 +30,8 @@ pub fn jitter(refresh_before: Duration, rng: &mut impl Rng) -> Duration {
 }
 
 /// Exponential backoff with full jitter: uniform in `[0, min(cap, base·2^n)]`,
-/// at least `floor` (e.g. a server's `Retry-After`).
+/// at least `floor` (e.g. a server's `Retry-After`) but never past `cap`: a
+/// day-long `Retry-After` must not park a credential past its `max_backoff`.
 pub fn backoff(
     attempt: u32,
     cap: Duration,
@@ -43,7 +44,7 @@ pub fn backoff(
     let pick = Duration::from_millis(rng.gen_range(0..=ceiling.as_millis() as u64));
     // A little floor keeps a thundering retry loop from spinning at 0 ms.
     pick.max(Duration::from_millis(100))
-        .max(floor.unwrap_or_default())
+        .max(floor.unwrap_or_default().min(cap))
 }
 
 /// Delay before retrying a configuration error (every 5 minutes).
@@ -87,6 +88,20 @@ mod tests {
         for _ in 0..100 {
             assert!(backoff(3, S(60), Some(S(7)), &mut rng) >= S(7));
         }
+    }
+
+    #[test]
+    fn a_server_floor_longer_than_the_cap_is_capped() {
+        // Issue #17: `Retry-After: 86400` (or a far HTTP-date) must not park
+        // a credential past its max_backoff.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for attempt in 0..10 {
+            let b = backoff(attempt, S(60), Some(S(86_400)), &mut rng);
+            assert_eq!(b, S(60), "{attempt}: {b:?}");
+            assert!(backoff(attempt, S(2), Some(S(5)), &mut rng) <= S(2));
+        }
+        // A floor under the cap is still honoured.
+        assert!(backoff(0, S(60), Some(S(30)), &mut rng) >= S(30));
     }
 
     #[test]

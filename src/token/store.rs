@@ -32,7 +32,7 @@ struct StoreFile {
     #[serde(default)]
     credentials: BTreeMap<String, Record>,
     /// With `store.encryption_key`: `credentials` as one sealed value
-    /// (`tpv2:<key id>:...`; older stores: bare base64 of XChaCha20-Poly1305).
+    /// (`tpv3:<key id>:<kdf>:...`; older: `tpv2:`, or bare base64 of XChaCha20-Poly1305).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sealed: Option<String>,
 }
@@ -637,9 +637,9 @@ mod tests {
         assert_eq!(store.read("a").unwrap().unwrap().generation, 1);
         store.write("b", &record("family-two", 2)).unwrap();
         let raw = fs::read_to_string(&path).unwrap();
-        let kid = keys("correct horse", &[]).unwrap().current_id().to_owned();
+        let kid = super::seal::key_id_in(&Secret::new("correct horse"), &raw).unwrap();
         assert!(
-            raw.contains(&format!("\"tpv2:{kid}:"))
+            raw.contains(&format!("\"tpv3:{kid}:"))
                 && !raw.contains("\"rt\"")
                 && !raw.contains("family-two"),
             "{raw}"
@@ -672,7 +672,11 @@ mod tests {
         );
         let done = rotated.rekey().unwrap();
         assert_eq!(done.resealed, vec!["a".to_owned()]);
-        assert_eq!(done.key_id, keys("key-b", &[]).unwrap().current_id());
+        let resealed = fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            Some(done.key_id),
+            super::seal::key_id_in(&Secret::new("key-b"), &resealed)
+        );
         let again = rotated.rekey().unwrap();
         assert!(again.resealed.is_empty() && again.unchanged == vec!["a".to_owned()]);
         let only_b = FileStore::open_with_keys(&path, keys("key-b", &[])).unwrap();
@@ -695,7 +699,7 @@ mod tests {
         let store = FileStore::open_with_keys(&path, keys("key-a", &[])).unwrap();
         assert_eq!(store.read("a").unwrap().unwrap().generation, 5);
         store.write("b", &record("f2", 1)).unwrap();
-        assert!(fs::read_to_string(&path).unwrap().contains("\"tpv2:"));
+        assert!(fs::read_to_string(&path).unwrap().contains("\"tpv3:"));
         assert_eq!(store.read("a").unwrap().unwrap().generation, 5);
     }
 

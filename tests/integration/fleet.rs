@@ -521,7 +521,7 @@ async fn fleet_encrypted_columns_hold_no_token_in_clear() {
     let raw = pg.psql(&format!(
         "SELECT refresh_token || ' ' || access_token FROM tokenproxy_credentials WHERE name = '{CRED}'"
     ));
-    assert!(raw.starts_with("tpv2:"), "sealed: {raw}");
+    assert!(raw.starts_with("tpv3:"), "sealed: {raw}");
     let access = bearer(&get_ok(&c, &r.url("/api/x")).await);
     assert!(access.len() > 8, "a token was injected");
     // Every refresh token the IdP saw, the seed, and the access token.
@@ -689,7 +689,6 @@ async fn fleet_key_rotation_then_rekey() {
         ..StackOpts::default()
     })
     .await;
-    let (kid_a, kid_b) = (key_id(KEY_A), key_id(KEY_B));
     let dir = stack.dir.path();
     let c = http();
     let (a_cfg, a_ports) = keyed_replica(&stack, &pg, "key-a", KEY_A, &[]);
@@ -697,10 +696,11 @@ async fn fleet_key_rotation_then_rekey() {
     let access = bearer(&get_ok(&c, &a.url("/api/x")).await);
     pg.wait_generation(1, S(10)).await;
     let sealed_a = token_columns(&pg);
+    let (kid_a, kid_b) = (key_id(KEY_A, &sealed_a), key_id(KEY_B, &sealed_a));
     assert!(
         sealed_a
             .split(' ')
-            .all(|v| v.starts_with(&format!("tpv2:{kid_a}:"))),
+            .all(|v| v.starts_with(&format!("tpv3:{kid_a}:"))),
         "{sealed_a}"
     );
     a.kill9();
@@ -718,7 +718,7 @@ async fn fleet_key_rotation_then_rekey() {
     assert!(
         sealed_b
             .split(' ')
-            .all(|v| v.starts_with(&format!("tpv2:{kid_b}:"))),
+            .all(|v| v.starts_with(&format!("tpv3:{kid_b}:"))),
         "{sealed_b}"
     );
     assert!(!sealed_b.contains(&kid_a), "{sealed_b}");

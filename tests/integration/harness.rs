@@ -532,11 +532,11 @@ pub fn with_store_keys(text: &str, current: &str, previous: &[&str]) -> String {
     text.replacen("[store]\n", &keys, 1)
 }
 
-/// The key id tokenproxy writes into values sealed under `key`.
-pub fn key_id(key: &str) -> String {
-    tokenproxy::token::seal::Keyring::new(&tokenproxy::secret::Secret::new(key), &[])
-        .current_id()
-        .to_owned()
+/// The key id `key` has in `sealed` (text holding a sealed value): for a
+/// passphrase it depends on the salt recorded there.
+pub fn key_id(key: &str, sealed: &str) -> String {
+    tokenproxy::token::seal::key_id_in(&tokenproxy::secret::Secret::new(key), sealed)
+        .unwrap_or_else(|| panic!("no tpv3 value in {sealed}"))
 }
 
 /// The token the echo upstream received (`Bearer ` stripped).

@@ -3,6 +3,7 @@
 mod admin_surface;
 mod browser;
 mod cli;
+mod defaults;
 mod doctor;
 mod egress;
 mod engine;

@@ -66,11 +66,9 @@ pub async fn fetch(
     tls: rustls::ClientConfig,
     method: Method,
     uri: &Uri,
+    egress: Option<&Uri>,
 ) -> Result<Fetched, String> {
-    let http = crate::egress::EgressConnector::new(
-        crate::egress::current().as_ref(),
-        Duration::from_secs(5),
-    );
+    let http = crate::egress::EgressConnector::new(egress, Duration::from_secs(5));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
@@ -129,7 +127,11 @@ fn issuer_str(issuer: &Uri) -> String {
 
 /// Fetches `{issuer}/.well-known/openid-configuration`, falling back to
 /// `/.well-known/oauth-authorization-server`, and checks `issuer`.
-pub async fn discover(cred: &CredentialConfig, issuer: &Uri) -> Result<Metadata, DiscoveryError> {
+pub async fn discover(
+    cred: &CredentialConfig,
+    issuer: &Uri,
+    egress: Option<&Uri>,
+) -> Result<Metadata, DiscoveryError> {
     let tls = tls_for(cred)?;
     let base = issuer_str(issuer);
     let mut last = String::new();
@@ -142,7 +144,7 @@ pub async fn discover(cred: &CredentialConfig, issuer: &Uri) -> Result<Metadata,
             url: url.clone(),
             message: "not a valid URL".into(),
         })?;
-        let got = fetch(tls.clone(), Method::GET, &uri)
+        let got = fetch(tls.clone(), Method::GET, &uri, egress)
             .await
             .map_err(|message| DiscoveryError::Fetch {
                 url: url.clone(),
@@ -197,7 +199,10 @@ pub fn parse_metadata(url: &str, body: &[u8], issuer: &str) -> Result<Metadata, 
 
 /// The credential's token and authorize endpoints: as configured, else from
 /// discovery when `issuer` is set (DESIGN.md "Grants").
-pub async fn endpoints(cred: &CredentialConfig) -> Result<(Uri, Option<Uri>), DiscoveryError> {
+pub async fn endpoints(
+    cred: &CredentialConfig,
+    egress: Option<&Uri>,
+) -> Result<(Uri, Option<Uri>), DiscoveryError> {
     if let (Some(t), Some(a)) = (&cred.token_url, &cred.authorize_url) {
         return Ok((t.clone(), Some(a.clone())));
     }
@@ -210,7 +215,7 @@ pub async fn endpoints(cred: &CredentialConfig) -> Result<(Uri, Option<Uri>), Di
             }),
         };
     };
-    let md = discover(cred, issuer).await?;
+    let md = discover(cred, issuer, egress).await?;
     let parse = |field: &'static str, v: Option<String>| -> Result<Option<Uri>, DiscoveryError> {
         let Some(v) = v else { return Ok(None) };
         let uri: Uri = v.parse().map_err(|_| DiscoveryError::Missing {

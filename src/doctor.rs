@@ -202,8 +202,9 @@ async fn probe(
     what: &str,
     tls: &rustls::ClientConfig,
     uri: &Uri,
+    egress: Option<&Uri>,
 ) -> Option<Fetched> {
-    match discovery::fetch(tls.clone(), Method::GET, uri).await {
+    match discovery::fetch(tls.clone(), Method::GET, uri, egress).await {
         Ok(f) => {
             r.ok(format!("{what} {uri} answers ({})", f.status));
             Some(f)
@@ -248,6 +249,8 @@ fn check_clock(r: &mut Report, cred: &str, f: &Fetched) {
 
 async fn check_credential(r: &mut Report, config: &Config, cred: &CredentialConfig) {
     let n = &cred.name;
+    let egress = crate::egress::proxy_from(config.server.egress_proxy.as_ref());
+    let egress = egress.as_ref();
     let tls = match discovery::tls_for(cred) {
         Ok(t) => t,
         Err(e) => {
@@ -262,7 +265,7 @@ async fn check_credential(r: &mut Report, config: &Config, cred: &CredentialConf
     let mut token_url = cred.token_url.clone();
     let mut authorize_url = cred.authorize_url.clone();
     if let Some(issuer) = &cred.issuer {
-        match discovery::discover(cred, issuer).await {
+        match discovery::discover(cred, issuer, egress).await {
             Ok(md) => {
                 r.ok(format!("{n}: metadata at {} names issuer {}", md.url, md.issuer));
                 check_metadata(r, cred, &md);
@@ -291,16 +294,12 @@ async fn check_credential(r: &mut Report, config: &Config, cred: &CredentialConf
         );
         return;
     };
-    if let Some(f) = probe(r, &format!("{n}: token endpoint"), &tls, &token_url).await {
+    if let Some(f) = probe(r, &format!("{n}: token endpoint"), &tls, &token_url, egress).await {
         check_clock(r, n, &f);
     } else {
         return;
     }
-    let client = GrantClient::new(
-        tls.clone(),
-        Duration::from_secs(15),
-        crate::egress::proxy_from(config.server.egress_proxy.as_ref()).as_ref(),
-    );
+    let client = GrantClient::new(tls.clone(), Duration::from_secs(15), egress);
     match cred.grant {
         GrantType::ClientCredentials => {
             let req = grant::build_token_request(
@@ -329,7 +328,7 @@ async fn check_credential(r: &mut Report, config: &Config, cred: &CredentialConf
             check_client_auth(r, cred, &client, &token_url).await;
             match &authorize_url {
                 Some(a) => {
-                    probe(r, &format!("{n}: authorize endpoint"), &tls, a).await;
+                    probe(r, &format!("{n}: authorize endpoint"), &tls, a, egress).await;
                 }
                 None => r.add(
                     Mark::Warn,
@@ -548,6 +547,8 @@ fn describe(e: &GrantError) -> String {
 }
 
 async fn check_upstreams(r: &mut Report, config: &Config, name: Option<&str>) {
+    let egress = crate::egress::proxy_from(config.server.egress_proxy.as_ref());
+    let egress = egress.as_ref();
     let mut seen = Vec::new();
     for route in &config.routes {
         if name.is_some_and(|n| n != route.credential) {
@@ -574,6 +575,7 @@ async fn check_upstreams(r: &mut Report, config: &Config, name: Option<&str>) {
             &format!("route {}: upstream", route.path_prefix),
             &tls,
             &route.upstream,
+            egress,
         )
         .await;
     }

@@ -18,22 +18,6 @@ use tower_service::Service;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-// Process-wide only for `discovery::fetch`, which has no config to read it
-// from; everything else passes `proxy_from(config)`. Goes when discovery
-// takes the egress proxy as a parameter (#20).
-static CONFIGURED: parking_lot::RwLock<Option<Uri>> = parking_lot::RwLock::new(None);
-
-/// Records `server.egress_proxy` for discovery's connections. Called
-/// whenever a config loads.
-pub fn configure(config: Option<&Uri>) {
-    *CONFIGURED.write() = config.cloned();
-}
-
-/// The proxy to use now: the configured one, else the environment's.
-pub fn current() -> Option<Uri> {
-    proxy_from(CONFIGURED.read().as_ref())
-}
-
 /// Where an egress proxy comes from: the config wins, then the environment.
 pub fn proxy_from(config: Option<&Uri>) -> Option<Uri> {
     if let Some(u) = config {

@@ -668,7 +668,8 @@ pub(crate) async fn target(config: &Config, name: &str) -> Result<Target, LoginE
             cred.grant.as_str()
         )));
     }
-    let (token_url, authorize_url) = crate::discovery::endpoints(&cred)
+    let egress = crate::egress::proxy_from(config.server.egress_proxy.as_ref());
+    let (token_url, authorize_url) = crate::discovery::endpoints(&cred, egress.as_ref())
         .await
         .map_err(|e| LoginError::Unavailable(format!("credential {name}: {e}")))?;
     let authorize_url = authorize_url.ok_or_else(|| {

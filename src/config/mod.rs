@@ -327,10 +327,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         key: String::new(),
         message: format!("cannot read the config file: {e}"),
     })?;
-    let config = parse(&text, path, &|k| std::env::var(k).ok())?;
-    // Discovery, login and doctor connect outside the engine: tell them.
-    crate::egress::configure(config.server.egress_proxy.as_ref());
-    Ok(config)
+    parse(&text, path, &|k| std::env::var(k).ok())
 }
 
 /// Validates config `text`. `source` names the file in messages, and relative

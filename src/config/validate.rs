@@ -9,7 +9,6 @@ use super::units::{expand, parse_duration, parse_size};
 use super::*;
 use http::HeaderValue;
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::path::Path;
 
 /// Header names a route may not inject into: hop-by-hop headers are stripped
@@ -284,13 +283,7 @@ pub(crate) fn without_userinfo(s: &str) -> String {
     }
 }
 
-pub fn is_loopback_host(host: &str) -> bool {
-    let h = host.trim_start_matches('[').trim_end_matches(']');
-    if h.eq_ignore_ascii_case("localhost") {
-        return true;
-    }
-    h.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
+pub use crate::net::is_loopback_host;
 
 /// Lower-cased, without `:port`; `None` when it is not a plausible host.
 fn normalize_host(s: &str) -> Option<String> {
@@ -513,7 +506,7 @@ fn admin(r: RawAdmin, cx: &mut Ctx<'_>) -> AdminConfig {
         None => default,
     };
     let token = cx.secret("admin.token", r.token.as_ref());
-    let off_loopback = matches!(&listen, ListenAddr::Tcp(a) if !a.ip().is_loopback());
+    let off_loopback = matches!(&listen, ListenAddr::Tcp(a) if !crate::net::is_loopback_ip(a.ip()));
     if off_loopback && token.is_none() {
         cx.err(
             "admin.listen",

@@ -183,7 +183,7 @@ impl Engine {
             let slot = match reused {
                 Some(s) => s,
                 None => {
-                    let token_url = resolve_token_url(cred).await?;
+                    let token_url = resolve_token_url(cred, egress.as_ref()).await?;
                     let s = build_slot(
                         cred,
                         token_url,
@@ -264,11 +264,14 @@ fn slot_key(config: &Config, route: &RouteConfig) -> SlotKey {
 }
 
 /// The configured token_url, else the issuer's discovered token endpoint.
-async fn resolve_token_url(cred: &CredentialConfig) -> Result<Uri, EngineError> {
+async fn resolve_token_url(
+    cred: &CredentialConfig,
+    egress: Option<&Uri>,
+) -> Result<Uri, EngineError> {
     if let Some(u) = &cred.token_url {
         return Ok(u.clone());
     }
-    crate::discovery::endpoints(cred)
+    crate::discovery::endpoints(cred, egress)
         .await
         .map(|(t, _)| t)
         .map_err(|e| EngineError::Credential {

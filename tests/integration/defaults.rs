@@ -104,7 +104,7 @@ async fn discovered(
     assert!(text.contains("issuer = "), "token_url replaced");
     let cfg = tokenproxy::config::parse(&text, &stack.dir.path().join("p.toml"), &|_| None)
         .unwrap_or_else(|e| panic!("config rejected: {e}"));
-    tokenproxy::discovery::endpoints(&cfg.credentials[CRED])
+    tokenproxy::discovery::endpoints(&cfg.credentials[CRED], None)
         .await
         .map(|(t, a)| (t.to_string(), a.map(|a| a.to_string())))
         .map_err(|e| e.to_string())

@@ -163,6 +163,12 @@ pub fn main() -> ExitCode {
         Command::Check { config } => match config::load(&config) {
             Ok(c) => {
                 print!("{}", c.summary());
+                // Warnings last, where `check` readers look; never an error.
+                if let (config::StoreKind::Postgres, Some(url)) = (&c.store.kind, &c.store.url) {
+                    if let Some(w) = crate::token::pg::tls_warning(url.expose()) {
+                        println!("warning: {w}");
+                    }
+                }
                 println!("{}: configuration OK", config.display());
                 ExitCode::SUCCESS
             }

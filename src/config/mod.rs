@@ -589,12 +589,6 @@ impl Config {
                 r.strip_prefix,
             );
         }
-        // Warnings last, where `check` readers look; never an error.
-        if let (StoreKind::Postgres, Some(url)) = (&self.store.kind, &self.store.url) {
-            if let Some(w) = crate::token::pg::tls_warning(url.expose()) {
-                let _ = writeln!(s, "warning: {w}");
-            }
-        }
         s
     }
 }

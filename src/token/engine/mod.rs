@@ -19,6 +19,8 @@
 mod family;
 mod refresh;
 mod refresher;
+#[cfg(test)]
+mod tests;
 
 pub use family::{install_family, InstallError};
 
@@ -44,12 +46,25 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Default)]
 pub struct Clock {
     offset_ms: AtomicI64,
+    /// Tests on tokio's paused clock: the wall clock moves with it.
+    follows_tokio: Option<(SystemTime, Instant)>,
 }
 
 impl Clock {
+    /// A wall clock that advances with tokio's (paused) clock.
+    pub fn following_tokio() -> Clock {
+        Clock {
+            offset_ms: AtomicI64::new(0),
+            follows_tokio: Some((SystemTime::now(), Instant::now())),
+        }
+    }
+
     pub fn wall(&self) -> SystemTime {
         let off = self.offset_ms.load(Ordering::Relaxed);
-        let now = SystemTime::now();
+        let now = match self.follows_tokio {
+            Some((wall, mono)) => wall + mono.elapsed(),
+            None => SystemTime::now(),
+        };
         if off >= 0 {
             now + Duration::from_millis(off as u64)
         } else {

@@ -618,3 +618,84 @@ async fn a_hung_egress_proxy_is_not_a_lost_rotation() {
     })
     .await;
 }
+
+/// Suspect (house in order): the retry of an unsaved rotation wrote without
+/// the credential's lock and without a fence, so a login (here an operator's
+/// record) that landed while the store could not be written was overwritten
+/// by the stale rotation. Now the retry takes the lock, is fenced on the
+/// generation it rotated from, and adopts what the store holds instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsaved_rotation_never_overwrites_a_login_that_landed_meanwhile() {
+    repeat("an_unsaved_rotation_never_overwrites_a_login", || async {
+        let stack = Stack::start(StackOpts {
+            access_ttl: S(60),
+            ..StackOpts::default()
+        })
+        .await;
+        let app = App::start(&config_via(
+            &stack,
+            &stack.idp.token_url(),
+            "max_backoff = \"1s\"\n",
+        ))
+        .await
+        .expect("app starts");
+        stack.wait_generation(1, S(10)).await;
+        let hold = Hold::new();
+        stack
+            .idp
+            .push_fault(Fault::HoldAfterProcessing(hold.clone()));
+        let admin = app.admin_addr.unwrap();
+        let refresh = tokio::spawn(async move {
+            post_admin(&http(), admin, &format!("/credentials/{CRED}/refresh")).await
+        });
+        hold.reached().await;
+        // Writes fail from now on (the store-wide write lock is unusable);
+        // reads still work.
+        let mut write_lock = stack.store_path().into_os_string();
+        write_lock.push(".lock");
+        let write_lock = std::path::PathBuf::from(write_lock);
+        let _ = std::fs::remove_file(&write_lock);
+        std::fs::create_dir(&write_lock).unwrap();
+        hold.release();
+        let _ = refresh.await;
+        wait_for("the rotation is unsaved", S(10), || async {
+            let st = status(&app).await;
+            (st["generation"] == 2).then_some(())
+        })
+        .await;
+        assert_eq!(stack.generation(), Some(1), "n+1 could not be written");
+
+        // A login lands meanwhile: a new family in the store.
+        let mut rec = stack.record().unwrap();
+        let bob = stack.idp.issue_refresh_token(CLIENT_ID, "bob");
+        rec["family"] = "0b0b0b0b0b0b0b0b".into();
+        rec["generation"] = 0.into();
+        rec["refresh_token"] = bob.clone().into();
+        for k in [
+            "access_token",
+            "access_expires_at_ms",
+            "access_issued_at_ms",
+            "intent",
+            "dead",
+        ] {
+            rec[k] = serde_json::Value::Null;
+        }
+        stack.write_record(rec);
+        std::fs::remove_dir(&write_lock).unwrap();
+
+        wait_for("the login's family adopted", S(15), || async {
+            let st = status(&app).await;
+            (st["family"] == "0b0b0b0b0b0b0b0b").then_some(())
+        })
+        .await;
+        tokio::time::sleep(S(3)).await;
+        let stored = stack.record().unwrap();
+        assert_eq!(
+            stored["family"], "0b0b0b0b0b0b0b0b",
+            "the login was overwritten: {stored}"
+        );
+        stack.assert_no_reuse();
+        app.shutdown().await;
+    })
+    .await;
+}

@@ -1078,6 +1078,31 @@ async fn two_replicas_on_generation_1(
     (a, b)
 }
 
+/// Two replicas on generation 1; replica A's next grant is held `delay` at
+/// the IdP and is on its way when this returns. None without PostgreSQL.
+async fn a_grant_delayed_at_the_idp(
+    delay: Duration,
+) -> Option<(Pg, Stack, ChildProxy, ChildProxy)> {
+    let pg = Pg::start()?;
+    let stack = Stack::start(StackOpts {
+        access_ttl: S(300),
+        ..StackOpts::default()
+    })
+    .await;
+    let extra = format!(
+        "introspection_url = \"{}\"\nconnect_timeout = \"1s\"\nmax_backoff = \"2s\"\n",
+        stack.idp.introspection_url()
+    );
+    let (a, b) = two_replicas_on_generation_1(&stack, &pg, &extra).await;
+    stack.idp.push_fault(Fault::Delay(delay));
+    nudge_refresh(a.admin).await;
+    wait_for("A's grant is at the IdP", S(10), || async {
+        (stack.idp.pending_faults() == 0).then_some(())
+    })
+    .await;
+    Some((pg, stack, a, b))
+}
+
 /// The lease holder is paused (SIGSTOP) past its old 10 s lease while its
 /// grant is on its way to the IdP (delayed there 12 s). The fence keeps the
 /// other replica out until the grant cannot be in flight any more; resumed,
@@ -1087,23 +1112,9 @@ async fn fleet_a_paused_holder_is_not_overtaken_mid_grant() {
     crate::harness::repeat(
         "fleet_a_paused_holder_is_not_overtaken_mid_grant",
         || async {
-            let Some(pg) = Pg::start() else { return };
-            let stack = Stack::start(StackOpts {
-                access_ttl: S(300),
-                ..StackOpts::default()
-            })
-            .await;
-            let extra = format!(
-                "introspection_url = \"{}\"\nconnect_timeout = \"1s\"\nmax_backoff = \"2s\"\n",
-                stack.idp.introspection_url()
-            );
-            let (a, b) = two_replicas_on_generation_1(&stack, &pg, &extra).await;
-            stack.idp.push_fault(Fault::Delay(S(12)));
-            nudge_refresh(a.admin).await;
-            wait_for("A's grant is at the IdP", S(10), || async {
-                (stack.idp.pending_faults() == 0).then_some(())
-            })
-            .await;
+            let Some((pg, stack, a, b)) = a_grant_delayed_at_the_idp(S(12)).await else {
+                return;
+            };
             let pid = a.child.id().to_string();
             let signal = |sig: &str| {
                 assert!(Command::new("kill")
@@ -1142,23 +1153,9 @@ async fn fleet_a_postgres_restart_mid_grant_loses_nothing() {
     crate::harness::repeat(
         "fleet_a_postgres_restart_mid_grant_loses_nothing",
         || async {
-            let Some(pg) = Pg::start() else { return };
-            let stack = Stack::start(StackOpts {
-                access_ttl: S(300),
-                ..StackOpts::default()
-            })
-            .await;
-            let extra = format!(
-                "introspection_url = \"{}\"\nconnect_timeout = \"1s\"\nmax_backoff = \"2s\"\n",
-                stack.idp.introspection_url()
-            );
-            let (a, b) = two_replicas_on_generation_1(&stack, &pg, &extra).await;
-            stack.idp.push_fault(Fault::Delay(S(3)));
-            nudge_refresh(a.admin).await;
-            wait_for("A's grant is at the IdP", S(10), || async {
-                (stack.idp.pending_faults() == 0).then_some(())
-            })
-            .await;
+            let Some((pg, stack, a, b)) = a_grant_delayed_at_the_idp(S(3)).await else {
+                return;
+            };
             pg.stop_server("fast");
             tokio::time::sleep(S(6)).await;
             pg.start_server();

@@ -219,15 +219,7 @@ impl Slot {
         ev.set_identity(&rec);
         if let Some(dead) = &rec.dead {
             if dead.family == rec.family && dead.generation == rec.generation {
-                return Err(self.dead_failure(
-                    if dead.reason == "lost_rotation" {
-                        Outcome::LostRotation
-                    } else {
-                        Outcome::InvalidGrant
-                    },
-                    &dead.reason,
-                    crate::token::hints::dead_on_disk(&dead.reason),
-                ));
+                return Err(self.dead_on_disk(&dead.reason));
             }
         }
         let Some(refresh_token) = rec.refresh_token.clone() else {
@@ -553,6 +545,16 @@ impl Slot {
         }
     }
 
+    /// The failure a dead mark in the store stands for.
+    pub(super) fn dead_on_disk(&self, reason: &str) -> Failure {
+        let outcome = if reason == "lost_rotation" {
+            Outcome::LostRotation
+        } else {
+            Outcome::InvalidGrant
+        };
+        self.dead_failure(outcome, reason, crate::token::hints::dead_on_disk(reason))
+    }
+
     /// The store holds an older generation of a family than one already
     /// written: restored from a backup, or edited. Its token is spent.
     pub(super) fn rolled_back_failure(&self, disk: &Record) -> Failure {
@@ -701,17 +703,7 @@ impl Slot {
             .is_some_and(|t| t.usable(self.clock.wall(), Instant::now()));
         self.publish(Snapshot {
             token: token.map(Arc::new),
-            dead: dead.map(|d| {
-                Arc::new(self.dead_failure(
-                    if d.reason == "lost_rotation" {
-                        Outcome::LostRotation
-                    } else {
-                        Outcome::InvalidGrant
-                    },
-                    &d.reason,
-                    crate::token::hints::dead_on_disk(&d.reason),
-                ))
-            }),
+            dead: dead.map(|d| Arc::new(self.dead_on_disk(&d.reason))),
         });
         usable && dead.is_none()
     }

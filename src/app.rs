@@ -166,26 +166,32 @@ impl App {
     /// listeners' grace), and starts no refresh meanwhile.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
-        for t in self.tasks {
-            let _ = t.await;
-        }
-        // A grant cut off by exit may have rotated the refresh token
-        // without its answer being saved: wait for it, bounded.
-        let drain = self.live.engine.load().drain().clone();
-        if drain.in_flight() > 0 {
-            tracing::info!(
-                event = "shutdown_drain",
-                refreshes = drain.in_flight(),
-                "Waiting for refreshes in flight to finish and be saved"
-            );
-            let bound = crate::token::GRANT_TIMEOUT + crate::token::grant::CONNECT_TIMEOUT;
-            if !drain.wait(bound).await {
-                tracing::warn!(
-                    event = "shutdown_drain_timeout",
-                    "A refresh was still in flight at exit"
-                );
+        let listeners = async {
+            for t in self.tasks {
+                let _ = t.await;
             }
-        }
+        };
+        // A grant cut off by exit may have rotated the refresh token
+        // without its answer being saved: wait for it, bounded, alongside
+        // the requests' drain (the two windows overlap, not add up).
+        let drain = self.live.engine.load().drain().clone();
+        let refreshes = async {
+            if drain.in_flight() > 0 {
+                tracing::info!(
+                    event = "shutdown_drain",
+                    refreshes = drain.in_flight(),
+                    "Waiting for refreshes in flight to finish and be saved"
+                );
+                let bound = crate::token::GRANT_TIMEOUT + crate::token::grant::CONNECT_TIMEOUT;
+                if !drain.wait(bound).await {
+                    tracing::warn!(
+                        event = "shutdown_drain_timeout",
+                        "A refresh was still in flight at exit"
+                    );
+                }
+            }
+        };
+        tokio::join!(listeners, refreshes);
         tracing::info!("tokenproxy stopped");
     }
 }

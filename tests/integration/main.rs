@@ -7,6 +7,7 @@ mod defaults;
 mod doctor;
 mod egress;
 mod engine;
+mod explain;
 mod fault_proxy;
 mod fleet;
 mod framing;

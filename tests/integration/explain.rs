@@ -1,0 +1,166 @@
+//! `tokenproxy explain` over the real logs of real failures: a `tokenproxy
+//! run` child against the dev IdP, its stderr piped into the real binary.
+
+use crate::harness::*;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use tokenproxy::dev::Fault;
+
+const S: fn(u64) -> Duration = Duration::from_secs;
+
+/// `tokenproxy explain ARGS` with `stdin` piped in; (exit code, stdout, stderr).
+fn explain(args: &[&str], stdin: &[u8]) -> (Option<i32>, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenproxy"))
+        .arg("explain")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tokenproxy explain");
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin).unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The family is revoked at the IdP before the proxy starts: the first
+/// refresh gets `invalid_grant` ("refresh token revoked") and the
+/// credential dies. `explain` names the cause and the login command, reads
+/// stdin and `-f`, skips the foreign lines, and prints no secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explains_a_revoked_refresh_token_from_real_logs() {
+    let stack = Stack::start(StackOpts::default()).await;
+    stack.idp.revoke_family_of(&stack.seed);
+    let (path, ports) = child_config(&stack, "proxy", "");
+    let child = ChildProxy::start(stack.dir.path(), "run", &path, ports).await;
+    wait_state(&http(), child.admin, "dead", S(10)).await;
+    let mut logs = std::fs::read(&child.stderr).unwrap();
+    assert!(
+        String::from_utf8_lossy(&logs).contains("token_refresh"),
+        "no refresh event logged"
+    );
+    // What `kubectl logs` interleaves: other containers' lines.
+    logs.extend_from_slice(b"Starting sidecar...\n{\"level\":\"info\",\"msg\":\"other app\"}\n");
+
+    let (code, out, err) = explain(&[], &logs);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains(&format!("credential {CRED}: DEAD since")),
+        "{out}"
+    );
+    assert!(out.contains("Refresh token revoked or expired x1"), "{out}");
+    assert!(out.contains("reason invalid_grant, HTTP 400"), "{out}");
+    assert!(out.contains("the log said: refresh token revoked"), "{out}");
+    assert!(
+        out.contains(&format!("tokenproxy login -c FILE {CRED}")),
+        "{out}"
+    );
+    assert!(
+        out.contains("docs/troubleshooting.md#refresh-token-revoked-or-expired"),
+        "{out}"
+    );
+    assert!(out.contains("2 skipped (not tokenproxy JSON)"), "{out}");
+
+    let (code, from_file, _) = explain(&["-f", child.stderr.to_str().unwrap()], b"");
+    assert_eq!(code, Some(0));
+    assert!(
+        from_file.contains("Refresh token revoked or expired"),
+        "{from_file}"
+    );
+    assert!(from_file.contains("0 skipped"), "{from_file}");
+
+    let (code, js, _) = explain(&["--format", "json"], &logs);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&js).expect("one JSON document");
+    let cred = &v["credentials"][0];
+    assert_eq!(cred["credential"], CRED, "{v}");
+    assert_eq!(cred["dead"], true, "{v}");
+    assert_eq!(
+        cred["causes"][0]["anchor"],
+        "refresh-token-revoked-or-expired"
+    );
+    assert_eq!(cred["causes"][0]["count"], 1);
+    assert_eq!(v["skipped"], 2);
+
+    assert_no_secrets(&[out, from_file, js, err], &stack.secrets());
+}
+
+/// A 429, then a refresh the IdP processed whose answer a gateway replaced
+/// by a 502 page: `explain` shows "Rate limited" (a warning that healed)
+/// and "Lost rotation behind a gateway 5xx" with its fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explains_rate_limit_then_gateway_lost_rotation() {
+    let stack = Stack::start(StackOpts::default()).await;
+    let (path, ports) = child_config(&stack, "proxy", "max_backoff = \"2s\"");
+    let child = ChildProxy::start(stack.dir.path(), "run", &path, ports).await;
+    stack.wait_generation(1, S(10)).await;
+    stack.idp.push_fault(Fault::Status {
+        status: 429,
+        body: String::new(),
+        content_type: "text/plain",
+        headers: vec![("Retry-After".into(), "1".into())],
+    });
+    stack.idp.push_fault(Fault::LoseAnswer(502));
+    wait_state(&http(), child.admin, "dead", S(15)).await;
+    let logs = std::fs::read(&child.stderr).unwrap();
+
+    let (code, out, err) = explain(&[], &logs);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("Lost rotation behind a gateway 5xx x1"),
+        "{out}"
+    );
+    assert!(out.contains("Rate limited x1"), "{out}");
+    assert!(out.contains("reason rate_limited, HTTP 429"), "{out}");
+    assert!(
+        out.contains("set introspection_url or reuse_grace"),
+        "{out}"
+    );
+    // The dead cause comes first: it is what needs the human.
+    let dead_at = out.find("Lost rotation behind").unwrap();
+    assert!(dead_at < out.find("Rate limited").unwrap(), "{out}");
+    stack.assert_no_reuse();
+    assert_no_secrets(&[out, err], &stack.secrets());
+}
+
+/// `explain REASON` prints the entry (or every possible cause); an unknown
+/// reason is a usage error listing the known ones.
+#[test]
+fn explains_one_reason() {
+    let (code, out, _) = explain(&["seed_already_used"], b"");
+    assert_eq!(code, Some(0));
+    assert!(out.contains("Seed already used"), "{out}");
+    assert!(out.contains("fix: "), "{out}");
+    assert!(
+        out.contains("docs/troubleshooting.md#seed-already-used"),
+        "{out}"
+    );
+
+    let (code, out, _) = explain(&["invalid_grant"], b"");
+    assert_eq!(code, Some(0));
+    assert!(out.contains("invalid_grant has 3 possible causes"), "{out}");
+    assert!(out.contains("Refresh token reused after rotation"), "{out}");
+
+    let (code, js, _) = explain(&["--format", "json", "invalid_client"], b"");
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&js).unwrap();
+    assert_eq!(v[0]["anchor"], "wrong-client-credentials-or-auth-method");
+
+    let (code, _, err) = explain(&["no_such_reason"], b"");
+    assert_eq!(code, Some(64));
+    assert!(
+        err.contains("unknown reason") && err.contains("lost_rotation"),
+        "{err}"
+    );
+
+    let (code, _, err) = explain(&["-f", "/nonexistent/log"], b"");
+    assert_eq!(code, Some(64));
+    assert!(err.contains("/nonexistent/log"), "{err}");
+}

@@ -1038,6 +1038,72 @@ mod tests {
         }
     }
 
+    /// docs/troubleshooting.md and this table say the same: a section per
+    /// entry under its anchor, with its keys, cause, action and fix, and a
+    /// log line that `explain` recognises as that very cause.
+    #[test]
+    fn troubleshooting_page_and_table_agree() {
+        let page = include_str!("../docs/troubleshooting.md");
+        let mut seen = vec![];
+        for section in page.split("\n## ").skip(1) {
+            let title = section.lines().next().unwrap();
+            if title == "Causes" {
+                continue;
+            }
+            let anchor = slug(title);
+            let e = ENTRIES
+                .iter()
+                .find(|e| e.anchor == anchor)
+                .unwrap_or_else(|| panic!("section {title:?} has no entry in explain's table"));
+            seen.push(e.anchor);
+            let keys: Vec<String> = e.keys.iter().map(|k| format!("`{k}`")).collect();
+            let reasons = format!("Reasons: {}\n", keys.join(", "));
+            assert!(section.contains(&reasons), "{title}: expected {reasons:?}");
+            for (label, text) in [
+                ("Cause", e.cause.to_owned()),
+                ("What tokenproxy does", e.did.to_owned()),
+                ("Fix", e.fix.replace("{credential}", "NAME")),
+            ] {
+                let want = format!("**{label}.** {text}\n");
+                assert!(
+                    section.contains(&want),
+                    "{title}: {label} differs from the table"
+                );
+            }
+            let block = section
+                .split("```json\n")
+                .nth(1)
+                .and_then(|b| b.split("\n```").next())
+                .unwrap_or_else(|| panic!("{title}: no log line"));
+            match parse_line(block) {
+                Some(m) => {
+                    let (got, _) = classify(&m).unwrap_or_else(|| panic!("{title}: not a failure"));
+                    assert_eq!(
+                        got.anchor, e.anchor,
+                        "{title}: its log line explains as another cause"
+                    );
+                }
+                None => {
+                    // A 503 body: its reason names this entry.
+                    let v: Value = serde_json::from_str(block).expect("the block is JSON");
+                    assert_eq!(v["error"], "credential_unavailable", "{title}");
+                    let reason = v["reason"].as_str().unwrap_or("");
+                    assert!(e.keys.contains(&reason), "{title}: {reason}");
+                }
+            }
+            let link = format!("- [{title}](#{anchor})");
+            assert!(page.contains(&link), "{title}: not in the list of causes");
+        }
+        for e in ENTRIES {
+            assert!(
+                seen.contains(&e.anchor),
+                "no section for {} in {DOC}",
+                e.anchor
+            );
+        }
+        assert_eq!(seen.len(), ENTRIES.len(), "a section appears twice");
+    }
+
     #[test]
     fn every_anchor_is_the_slug_of_its_title_and_unique() {
         let mut seen = std::collections::HashSet::new();

@@ -4,6 +4,7 @@ mod admin_surface;
 mod browser;
 mod cli;
 mod defaults;
+mod docs;
 mod doctor;
 mod egress;
 mod engine;

@@ -6,7 +6,7 @@ use crate::harness::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-fn root() -> PathBuf {
+pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
@@ -29,7 +29,7 @@ fn pages() -> Vec<PathBuf> {
 }
 
 /// The `| `metric{labels}` | type |` rows of the metrics table: name → type.
-fn metrics_table(text: &str) -> BTreeMap<String, String> {
+pub fn metrics_table(text: &str) -> BTreeMap<String, String> {
     let mut rows = BTreeMap::new();
     for line in text.lines() {
         let cells: Vec<&str> = line.split('|').map(str::trim).collect();
@@ -94,7 +94,7 @@ async fn metrics_table_matches_a_real_scrape() {
 
 /// GitHub's heading anchors: lowercase; spaces to `-`; punctuation other
 /// than `-` and `_` dropped (backticks too).
-fn slug(heading: &str) -> String {
+pub fn slug(heading: &str) -> String {
     heading
         .trim()
         .to_lowercase()
@@ -105,7 +105,7 @@ fn slug(heading: &str) -> String {
 }
 
 /// Headings' anchors of a markdown page (outside fenced code).
-fn anchors(text: &str) -> Vec<String> {
+pub fn anchors(text: &str) -> Vec<String> {
     let mut fenced = false;
     let mut v = vec![];
     for line in text.lines() {

@@ -1,6 +1,7 @@
 //! Integration tests over real sockets, one binary (a module per area).
 
 mod admin_surface;
+mod alerts;
 mod browser;
 mod cli;
 mod defaults;

@@ -298,6 +298,10 @@ pub(crate) const HINT_SIGNATURES: &[(&str, &str)] = &[
         "no_refresh_token",
     ),
     (
+        "The stored token set has no refresh token",
+        "no_refresh_token",
+    ),
+    (
         "but a newer generation was already written",
         "store_rolled_back",
     ),

@@ -30,6 +30,55 @@ fn explain(args: &[&str], stdin: &[u8]) -> (Option<i32>, String, String) {
     )
 }
 
+/// The log line docs/troubleshooting.md shows under `anchor`.
+fn page_line(anchor: &str) -> serde_json::Value {
+    let page =
+        std::fs::read_to_string(crate::docs::root().join("docs/troubleshooting.md")).unwrap();
+    let section = page
+        .split("\n## ")
+        .find(|s| crate::docs::slug(s.lines().next().unwrap()) == anchor)
+        .unwrap_or_else(|| panic!("no section {anchor}"));
+    let block = section.split("```json\n").nth(1).unwrap();
+    serde_json::from_str(block.split("\n```").next().unwrap()).unwrap()
+}
+
+/// The page shows the line a real run writes: the same fields, and the
+/// same values where they do not vary from run to run.
+fn assert_page_shows(real: &[serde_json::Value], anchor: &str, outcome: &str) {
+    let shown = page_line(anchor);
+    let line = real
+        .iter()
+        .find(|l| l["event"] == "token_refresh" && l["outcome"] == outcome)
+        .unwrap_or_else(|| panic!("no {outcome} line in the run"));
+    let keys = |v: &serde_json::Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(
+        keys(&shown),
+        keys(line),
+        "{anchor}: the page's fields differ from the real line {line}"
+    );
+    for k in [
+        "level",
+        "message",
+        "event",
+        "grant_type",
+        "outcome",
+        "status",
+        "error",
+        "error_description",
+        "hint",
+        "target",
+    ] {
+        assert_eq!(
+            shown[k], line[k],
+            "{anchor}: {k} differs from the real line"
+        );
+    }
+}
+
 /// The family is revoked at the IdP before the proxy starts: the first
 /// refresh gets `invalid_grant` ("refresh token revoked") and the
 /// credential dies. `explain` names the cause and the login command, reads
@@ -89,6 +138,11 @@ async fn explains_a_revoked_refresh_token_from_real_logs() {
     assert_eq!(cred["causes"][0]["count"], 1);
     assert_eq!(v["skipped"], 2);
 
+    assert_page_shows(
+        &child.log_events(),
+        "refresh-token-revoked-or-expired",
+        "invalid_grant",
+    );
     assert_no_secrets(&[out, from_file, js, err], &stack.secrets());
 }
 
@@ -126,6 +180,13 @@ async fn explains_rate_limit_then_gateway_lost_rotation() {
     // The dead cause comes first: it is what needs the human.
     let dead_at = out.find("Lost rotation behind").unwrap();
     assert!(dead_at < out.find("Rate limited").unwrap(), "{out}");
+    let events = child.log_events();
+    assert_page_shows(
+        &events,
+        "lost-rotation-behind-a-gateway-5xx",
+        "lost_rotation",
+    );
+    assert_page_shows(&events, "rate-limited", "transient");
     stack.assert_no_reuse();
     assert_no_secrets(&[out, err], &stack.secrets());
 }

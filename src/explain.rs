@@ -488,6 +488,8 @@ pub(crate) struct Credential {
     /// When the last dead-level failure happened.
     pub last_dead: Option<String>,
     pub last_failure: Option<String>,
+    /// The cause of that last dead-level failure.
+    pub dead_cause: Option<&'static str>,
     /// Keyed by anchor; refresh attempts and one-off events count apart
     /// (an outage logs both), attempts win when there are any.
     pub groups: BTreeMap<&'static str, (Group, Group)>,
@@ -561,6 +563,7 @@ impl Report {
         let dead_level = s(m, "level").is_some_and(|l| l.eq_ignore_ascii_case("error"));
         if is_refresh && dead_level && entry.severity == Severity::Dead {
             c.last_dead = at;
+            c.dead_cause = Some(entry.title);
         }
     }
 }
@@ -570,7 +573,10 @@ impl Credential {
     fn verdict(&self) -> String {
         match (&self.last_dead, &self.last_ok, &self.last_failure) {
             (Some(d), ok, _) if ok.as_ref().is_none_or(|o| o < d) => {
-                format!("DEAD since {d}: no successful refresh after it; needs the fix below")
+                format!(
+                    "DEAD since {d} ({}): no successful refresh after it; needs the fix below",
+                    self.dead_cause.unwrap_or("see below")
+                )
             }
             (_, Some(o), Some(f)) if o > f => {
                 format!("recovered: last refresh OK at {o} ({} OK in all)", self.ok)
@@ -590,7 +596,10 @@ impl Credential {
             .iter()
             .map(|(a, (att, ev))| (by_anchor(a), if att.count > 0 { att } else { ev }))
             .collect();
-        v.sort_by(|a, b| (a.0.severity, b.1.count).cmp(&(b.0.severity, a.1.count)));
+        // What needs a human first; then the latest (the current cause).
+        v.sort_by(|a, b| {
+            (a.0.severity, &b.1.last, b.1.count).cmp(&(b.0.severity, &a.1.last, a.1.count))
+        });
         v
     }
 }

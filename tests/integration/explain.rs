@@ -101,7 +101,8 @@ async fn explains_a_revoked_refresh_token_from_real_logs() {
     let (code, out, err) = explain(&[], &logs);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(
-        out.contains(&format!("credential {CRED}: DEAD since")),
+        out.contains(&format!("credential {CRED}: DEAD since"))
+            && out.contains("(Refresh token revoked or expired): no successful refresh after it"),
         "{out}"
     );
     assert!(out.contains("Refresh token revoked or expired x1"), "{out}");

@@ -226,3 +226,50 @@ fn explains_one_reason() {
     assert_eq!(code, Some(64));
     assert!(err.contains("/nonexistent/log"), "{err}");
 }
+
+/// Two replicas with a store each and the same seed: the second presents
+/// the seed the first already rotated, the IdP detects the reuse and
+/// revokes the family. Their logs together (`kubectl logs -l app=...`)
+/// explain it as a reuse after rotation, with the one-writer fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explains_a_refresh_token_reused_by_a_second_replica() {
+    let stack = Stack::start(StackOpts::default()).await;
+    let (path_a, ports_a) = child_config(&stack, "replica-a", "");
+    let a = ChildProxy::start(stack.dir.path(), "a", &path_a, ports_a).await;
+    stack.wait_generation(1, S(10)).await;
+    // Replica b: same credential and seed, its own store.
+    let ports_b = (free_port(), free_port());
+    let own_store = stack.dir.path().join("replica-b-tokens.json");
+    let text = stack.toml(ports_b.0, ports_b.1, "").replace(
+        &stack.store_path().display().to_string(),
+        &own_store.display().to_string(),
+    );
+    let path_b = stack.dir.path().join("replica-b.toml");
+    std::fs::write(&path_b, text).unwrap();
+    let b = ChildProxy::start(stack.dir.path(), "b", &path_b, ports_b).await;
+    wait_state(&http(), b.admin, "dead", S(10)).await;
+    assert!(stack.idp.reuse_count() >= 1, "the IdP saw the reuse");
+
+    let mut logs = std::fs::read(&a.stderr).unwrap();
+    logs.extend(std::fs::read(&b.stderr).unwrap());
+    let (code, out, err) = explain(&[], &logs);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("Refresh token reused after rotation x1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("the log said: refresh token reuse detected; family revoked"),
+        "{out}"
+    );
+    assert!(out.contains("Give the refresh token one writer"), "{out}");
+    assert!(
+        out.contains("docs/troubleshooting.md#refresh-token-reused-after-rotation"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("credential {CRED}: DEAD since")),
+        "{out}"
+    );
+    assert_no_secrets(&[out, err], &stack.secrets());
+}

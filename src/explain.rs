@@ -1049,6 +1049,16 @@ mod tests {
         ] {
             assert!(include_str!("token/hints.rs").contains(sig), "{sig}");
         }
+        // login_failed lines are told apart by the cause login.rs names.
+        for sig in [
+            "redirect_uri mismatch:",
+            "PKCE mismatch:",
+            "code reused:",
+            "code expired:",
+            "an expired code",
+        ] {
+            assert!(include_str!("login.rs").contains(sig), "{sig}");
+        }
     }
 
     /// docs/troubleshooting.md and this table say the same: a section per

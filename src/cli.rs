@@ -69,6 +69,19 @@ enum Command {
         #[arg(short, long, env = "TOKENPROXY_CONFIG", value_name = "FILE")]
         config: PathBuf,
     },
+    /// Explain tokenproxy's JSON log lines (stdin or -f FILE): per
+    /// credential, the failures by cause, what tokenproxy did and the fix.
+    /// With REASON (a `reason`, `outcome` or OAuth code), print its entry.
+    Explain {
+        /// A `reason`, `outcome` or OAuth code from a log line or a 503 body.
+        reason: Option<String>,
+        /// The log file to read (default: stdin; `-` for stdin).
+        #[arg(short, long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// `text` for people, `json` for machines.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+    },
     /// Token-store maintenance.
     Store {
         #[command(subcommand)]
@@ -232,6 +245,18 @@ pub fn main() -> ExitCode {
                     }
                 }
             })
+        }
+        Command::Explain {
+            reason,
+            file,
+            format,
+        } => {
+            let format = if format == "json" {
+                crate::explain::Format::Json
+            } else {
+                crate::explain::Format::Text
+            };
+            crate::explain::run(reason.as_deref(), file.as_deref(), format)
         }
         Command::Demo {
             listen,

@@ -44,6 +44,7 @@ pub mod dev;
 pub mod discovery;
 pub(crate) mod doctor;
 pub(crate) mod egress;
+pub(crate) mod explain;
 pub(crate) mod live;
 pub mod login;
 pub(crate) mod metrics;

@@ -10,7 +10,8 @@
 # Besides the Rust toolchain, the browser test (tests/integration/browser.rs)
 # needs Debian's chromium, node and npm, and tests/browser's node_modules
 # (playwright-core, pinned by its package-lock.json); the interop suite needs
-# Node.js (>= 18) and npm; the fleet-mode tests need PostgreSQL's server
+# Node.js (>= 18) and npm; the alert-rule tests need promtool (Debian's
+# prometheus package); the fleet-mode tests need PostgreSQL's server
 # binaries (initdb, pg_ctl, psql under /usr/lib/postgresql/*/bin; Debian keeps
 # them off PATH): they start a throwaway cluster themselves, as a non-root
 # user. To add a tool, call
@@ -84,6 +85,8 @@ install_prerequisites() {
     need_apt chromium chromium
     need_apt node nodejs
     need_apt npm npm
+    # deploy/prometheus/alerts.yaml: Debian's prometheus ships promtool.
+    need_apt promtool prometheus
     if [ ! -d tests/browser/node_modules/playwright-core ] ||
         [ tests/browser/package-lock.json -nt tests/browser/node_modules/.package-lock.json ]; then
         log "npm ci in tests/browser"

@@ -1,12 +1,15 @@
 //! Integration tests over real sockets, one binary (a module per area).
 
 mod admin_surface;
+mod alerts;
 mod browser;
 mod cli;
 mod defaults;
+mod docs;
 mod doctor;
 mod egress;
 mod engine;
+mod explain;
 mod fault_proxy;
 mod fleet;
 mod framing;

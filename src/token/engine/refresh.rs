@@ -819,6 +819,7 @@ impl RefreshEvent {
                     generation = self.generation,
                     refresh_token_fp = self.refresh_token_fp.as_deref(),
                     request_id = self.request_id.as_deref(),
+                    reason = failure.map(|f| f.reason.as_str()),
                     hint = $hint,
                     $msg
                 )

@@ -358,6 +358,9 @@ fn metrics_page(live: &Live) -> AdminResponse {
         if let Some(up) = s.store_up {
             m.set_store_up(&s.credential, up);
         }
+        if let Some(left) = s.refresh_expires_in {
+            m.set_refresh_expires_in(&s.credential, left);
+        }
     }
     let mut r = Response::new(Full::new(Bytes::from(m.encode())));
     r.headers_mut().insert(

@@ -69,6 +69,7 @@ pub struct Metrics {
     refresh_duration: Family<CredLabel, Histogram, fn() -> Histogram>,
     endpoint_failures: Family<CredFault, Counter>,
     expires_in: Family<CredLabel, FloatGauge>,
+    refresh_expires_in: Family<CredLabel, FloatGauge>,
     last_success: Family<CredLabel, FloatGauge>,
     state: Family<CredState, Gauge>,
     state_since: Family<CredLabel, FloatGauge>,
@@ -105,6 +106,7 @@ impl Metrics {
             refresh_total: Family::default(),
             refresh_duration: Family::new_with_constructor(refresh_histogram),
             expires_in: Family::default(),
+            refresh_expires_in: Family::default(),
             last_success: Family::default(),
             state: Family::default(),
             state_since: Family::default(),
@@ -145,6 +147,11 @@ impl Metrics {
             "token_expires_in_seconds",
             "Seconds until the current access token expires",
             m.expires_in.clone(),
+        );
+        registry.register(
+            "refresh_token_expires_in_seconds",
+            "Seconds until the refresh token itself expires, when the IdP says (refresh_token_expires_in)",
+            m.refresh_expires_in.clone(),
         );
         registry.register(
             "token_last_success_timestamp_seconds",
@@ -248,6 +255,15 @@ impl Metrics {
             .set(expires_in.map_or(0.0, |d| d.as_secs_f64()));
     }
 
+    /// Only for credentials whose IdP said when the refresh token expires.
+    pub fn set_refresh_expires_in(&self, credential: &str, left: Duration) {
+        self.refresh_expires_in
+            .get_or_create(&CredLabel {
+                credential: credential.to_owned(),
+            })
+            .set(left.as_secs_f64());
+    }
+
     pub fn set_store_up(&self, credential: &str, up: bool) {
         self.store_up
             .get_or_create(&CredLabel {
@@ -263,6 +279,7 @@ impl Metrics {
         self.store_up.clear();
         self.state_since.clear();
         self.expires_in.clear();
+        self.refresh_expires_in.clear();
     }
 
     /// The Prometheus text exposition.

@@ -636,3 +636,53 @@ async fn a_refresh_caused_by_a_request_carries_its_request_id() {
     }
     stack.assert_no_reuse();
 }
+
+/// An IdP that says when the refresh token itself expires
+/// (`refresh_token_expires_in`): the time left is a gauge, for the
+/// `TokenproxyRefreshTokenExpiringSoon` alert; a credential without it has
+/// no series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_token_lifetime_is_a_gauge_when_the_idp_sends_it() {
+    use crate::harness::{get_ok, http, wait_for};
+    let idp = tokenproxy::dev::DevIdp::start(
+        "127.0.0.1:0".parse().unwrap(),
+        tokenproxy::dev::IdpOptions {
+            refresh_ttl: Some(Duration::from_secs(5 * 86_400)),
+            clients: vec![tokenproxy::dev::DevClient::confidential(
+                crate::harness::CLIENT_ID,
+                crate::harness::CLIENT_SECRET,
+            )],
+            ..tokenproxy::dev::IdpOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let seed = idp.issue_refresh_token(crate::harness::CLIENT_ID, "alice");
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[store]\npath = \"{}\"\n\
+         [credentials.user]\ngrant = \"refresh_token\"\ntoken_url = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nrefresh_token = \"{seed}\"\n\
+         [[routes]]\npath_prefix = \"/api/\"\nupstream = \"http://127.0.0.1:9/\"\ncredential = \"user\"\n",
+        dir.path().join("tokens.json").display(),
+        idp.token_url(),
+        crate::harness::CLIENT_ID,
+        crate::harness::CLIENT_SECRET,
+    );
+    let cfg = tokenproxy::config::parse(&text, &dir.path().join("proxy.toml"), &|_| None).unwrap();
+    let app = tokenproxy::app::App::start(&cfg).await.unwrap();
+    let url = format!("http://{}/metrics", app.admin_addr.unwrap());
+    let line = wait_for("the gauge", Duration::from_secs(10), || async {
+        get_ok(&http(), &url)
+            .await
+            .text()
+            .lines()
+            .find(|l| {
+                l.starts_with("tokenproxy_refresh_token_expires_in_seconds{credential=\"user\"}")
+            })
+            .map(str::to_owned)
+    })
+    .await;
+    let left: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(left > 4.9 * 86_400.0 && left <= 5.0 * 86_400.0, "{line}");
+    app.shutdown().await;
+}

@@ -689,6 +689,11 @@ impl Slot {
                 .and_then(|r| r.refresh_token.as_ref())
                 .map(Secret::fingerprint),
             store_up: self.store().map(|_| !c.store_down),
+            refresh_expires_in: rec.and_then(|r| r.refresh_expires_at_ms).map(|at| {
+                store::from_unix_ms(at)
+                    .duration_since(wall)
+                    .unwrap_or_default()
+            }),
         }
     }
 }
@@ -717,6 +722,9 @@ pub struct SlotStatus {
     pub refresh_token_fp: Option<String>,
     /// refresh_token slots: whether the last store read succeeded.
     pub store_up: Option<bool>,
+    /// When the IdP said how long the refresh token itself lives
+    /// (`refresh_token_expires_in`): the time left.
+    pub refresh_expires_in: Option<Duration>,
 }
 
 impl Slot {

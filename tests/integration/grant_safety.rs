@@ -24,6 +24,13 @@ fn config_via(stack: &Stack, token_url: &str, extra: &str) -> Config {
     cfg
 }
 
+/// The app on the stack's config with the credential's `token_url` replaced.
+async fn start_app(stack: &Stack, token_url: &str, extra: &str) -> App {
+    App::start(&config_via(stack, token_url, extra))
+        .await
+        .expect("app starts")
+}
+
 fn ca_file(stack: &Stack) -> String {
     let path = stack.dir.path().join("idp-ca.pem");
     std::fs::write(&path, tokenproxy::dev::tls::TEST_CA_PEM).unwrap();
@@ -49,9 +56,7 @@ async fn a_stalled_tls_handshake_is_not_a_lost_rotation() {
             "ca_file = \"{}\"\nconnect_timeout = \"1s\"\nmax_backoff = \"1s\"\n",
             ca_file(&stack)
         );
-        let app = App::start(&config_via(&stack, &front.url("/token"), &extra))
-            .await
-            .expect("app starts");
+        let app = start_app(&stack, &front.url("/token"), &extra).await;
         // Several stalled attempts: each one ends within connect_timeout.
         wait_for("three stalled connections", S(10), || async {
             (front.accepted() >= 3).then_some(())
@@ -109,9 +114,7 @@ async fn a_gateway_502_after_the_rotation_is_never_retried_blindly() {
                 } else {
                     "max_backoff = \"1s\"\n".to_owned()
                 };
-                let app = App::start(&config_via(&stack, &gateway.url("/token"), &extra))
-                    .await
-                    .expect("app starts");
+                let app = start_app(&stack, &gateway.url("/token"), &extra).await;
                 stack.wait_generation(1, S(10)).await;
                 gateway.set(Mode::Replace(502));
                 let admin = app.admin_addr.unwrap();
@@ -161,9 +164,7 @@ async fn a_gateway_502_before_the_idp_is_retried_after_introspection() {
                 "max_backoff = \"1s\"\nintrospection_url = \"{}\"\n",
                 stack.idp.introspection_url()
             );
-            let app = App::start(&config_via(&stack, &stack.idp.token_url(), &extra))
-                .await
-                .expect("app starts");
+            let app = start_app(&stack, &stack.idp.token_url(), &extra).await;
             stack.wait_generation(1, S(10)).await;
             stack.idp.push_fault(Fault::Status {
                 status: 502,
@@ -262,9 +263,7 @@ async fn a_respelled_token_url_never_represents_the_spent_seed() {
                 ..StackOpts::default()
             })
             .await;
-            let app = App::start(&config_via(&stack, &stack.idp.token_url(), ""))
-                .await
-                .expect("app starts");
+            let app = start_app(&stack, &stack.idp.token_url(), "").await;
             stack.wait_generation(1, S(10)).await;
             app.shutdown().await;
             let port = stack.idp.addr().port();
@@ -276,9 +275,7 @@ async fn a_respelled_token_url_never_represents_the_spent_seed() {
             .enumerate()
             {
                 stack.idp.set_access_ttl(S(60));
-                let app = App::start(&config_via(&stack, spelling, ""))
-                    .await
-                    .expect("app starts");
+                let app = start_app(&stack, spelling, "").await;
                 let admin = app.admin_addr.unwrap();
                 let _ = post_admin(&http(), admin, &format!("/credentials/{CRED}/refresh")).await;
                 stack.wait_generation(2 + i as u64, S(10)).await;
@@ -314,16 +311,12 @@ async fn a_new_endpoint_with_the_spent_seed_is_dead_not_reused() {
                 ..StackOpts::default()
             })
             .await;
-            let app = App::start(&config_via(&stack, &stack.idp.token_url(), ""))
-                .await
-                .expect("app starts");
+            let app = start_app(&stack, &stack.idp.token_url(), "").await;
             stack.wait_generation(1, S(10)).await;
             app.shutdown().await;
             // The same IdP under another path: a different endpoint to us.
             let moved = stack.idp.token_url().replace("/token", "/oauth2/token");
-            let app = App::start(&config_via(&stack, &moved, ""))
-                .await
-                .expect("app starts");
+            let app = start_app(&stack, &moved, "").await;
             let st = wait_state(&http(), app.admin_addr.unwrap(), "dead", S(5)).await;
             assert_eq!(st["last_error"]["reason"], "seed_already_used", "{st}");
             assert_eq!(stack.refresh_grants(), 1, "only the first presentation");
@@ -351,9 +344,7 @@ async fn an_unsent_grant_whose_intent_could_not_be_cleared_is_not_a_lost_rotatio
                 "ca_file = \"{}\"\nconnect_timeout = \"2s\"\nmax_backoff = \"1s\"\n",
                 ca_file(&stack)
             );
-            let app = App::start(&config_via(&stack, &front.url("/token"), &extra))
-                .await
-                .expect("app starts");
+            let app = start_app(&stack, &front.url("/token"), &extra).await;
             wait_for("the first stalled connection", S(10), || async {
                 (front.accepted() >= 1).then_some(())
             })
@@ -474,13 +465,7 @@ async fn a_store_restored_from_an_older_backup_is_never_presented() {
         "a_store_restored_from_an_older_backup_is_never_presented",
         || async {
             let stack = Stack::start(StackOpts::default()).await;
-            let app = App::start(&config_via(
-                &stack,
-                &stack.idp.token_url(),
-                "max_backoff = \"1s\"\n",
-            ))
-            .await
-            .expect("app starts");
+            let app = start_app(&stack, &stack.idp.token_url(), "max_backoff = \"1s\"\n").await;
             let g = stack.wait_generation(1, S(10)).await;
             let backup = std::fs::read(stack.store_path()).unwrap();
             stack.wait_generation(g + 2, S(10)).await;
@@ -491,13 +476,7 @@ async fn a_store_restored_from_an_older_backup_is_never_presented() {
             stack.assert_no_reuse();
 
             // A new process, the old backup still in place.
-            let app = App::start(&config_via(
-                &stack,
-                &stack.idp.token_url(),
-                "max_backoff = \"1s\"\n",
-            ))
-            .await
-            .expect("app starts");
+            let app = start_app(&stack, &stack.idp.token_url(), "max_backoff = \"1s\"\n").await;
             let st = wait_state(&http(), app.admin_addr.unwrap(), "dead", S(5)).await;
             assert_eq!(st["last_error"]["reason"], "store_rolled_back", "{st}");
             tokio::time::sleep(S(2)).await;
@@ -632,13 +611,7 @@ async fn an_unsaved_rotation_never_overwrites_a_login_that_landed_meanwhile() {
             ..StackOpts::default()
         })
         .await;
-        let app = App::start(&config_via(
-            &stack,
-            &stack.idp.token_url(),
-            "max_backoff = \"1s\"\n",
-        ))
-        .await
-        .expect("app starts");
+        let app = start_app(&stack, &stack.idp.token_url(), "max_backoff = \"1s\"\n").await;
         stack.wait_generation(1, S(10)).await;
         let hold = Hold::new();
         stack

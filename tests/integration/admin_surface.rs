@@ -41,9 +41,12 @@ fn quiet() -> StackOpts {
 }
 
 /// The first token is in: later refresh grants are the test's doing.
+/// The app, once its first refresh has landed: with hour-long tokens the
+/// engine is quiet after that, so grant counts and store reads are the
+/// test's own.
 async fn started(stack: &Stack, cfg: tokenproxy::config::Config) -> tokenproxy::app::App {
     let app = tokenproxy::app::App::start(&cfg).await.expect("app starts");
-    stack.wait_generation(0, Duration::from_secs(10)).await;
+    stack.wait_generation(1, Duration::from_secs(10)).await;
     app
 }
 
@@ -203,9 +206,6 @@ async fn admin_slowloris_is_cut_and_big_bodies_refused() {
 async fn readyz_does_not_read_the_store_on_every_probe() {
     let stack = Stack::start(quiet()).await;
     let app = started(&stack, stack.config("")).await;
-    // The first refresh writes the store twice (intent, then n+1); after it
-    // the store is quiet for the hour-long token.
-    stack.wait_generation(1, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let addr = app.admin_addr.unwrap();
     let before = app.live.ready.store_reads();
@@ -405,7 +405,11 @@ async fn secrets_never_reach_error_bodies_the_status_page_or_metrics() {
     ] {
         let out = get(proxy, path, headers).await;
         assert_eq!(status_of(&out), status, "{path}: {out}");
-        seen.push(out);
+        // The 200 is the echo upstream's body, which reflects the token it
+        // was sent; only what the proxy makes itself is checked.
+        if status != 200 {
+            seen.push(out);
+        }
     }
     let host = format!("Host: {admin_addr}\r\n");
     for path in ["/", "/credentials", "/metrics", "/readyz", "/login/nobody"] {

@@ -28,8 +28,14 @@ pub struct Metadata {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
-    #[error("cannot fetch {url}: {message}")]
-    Fetch { url: String, message: String },
+    #[error("{url} is not a valid URL")]
+    BadUrl { url: String },
+    #[error("cannot fetch {url}")]
+    Fetch {
+        url: String,
+        #[source]
+        source: FetchError,
+    },
     #[error("no metadata at {issuer}/.well-known/openid-configuration or /.well-known/oauth-authorization-server (last answer: {status})")]
     NotFound { issuer: String, status: String },
     #[error("metadata at {url} is not a JSON object")]
@@ -48,8 +54,32 @@ pub enum DiscoveryError {
         field: &'static str,
         value: String,
     },
-    #[error("TLS settings: {0}")]
-    Tls(String),
+    #[error("TLS settings")]
+    Tls(#[source] crate::tls::TlsError),
+}
+
+/// Why a one-shot fetch failed. The transport's errors stay as sources, so
+/// callers can tell a DNS failure from an untrusted certificate by type.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("cannot build the request")]
+    Request(#[source] http::Error),
+    #[error(transparent)]
+    Exchange(hyper_util::client::legacy::Error),
+    #[error("the response body failed")]
+    Body(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+impl FetchError {
+    /// Why the server could not be reached, for advice.
+    pub(crate) fn unreachable(&self) -> crate::net::Unreachable {
+        match self {
+            FetchError::Timeout(_) => crate::net::Unreachable::TimedOut,
+            e => crate::net::unreachable_cause(e),
+        }
+    }
 }
 
 /// An HTTP answer, headers and (capped) body.
@@ -67,7 +97,7 @@ pub async fn fetch(
     method: Method,
     uri: &Uri,
     egress: Option<&Uri>,
-) -> Result<Fetched, String> {
+) -> Result<Fetched, FetchError> {
     let http = crate::egress::EgressConnector::new(egress, Duration::from_secs(5));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
@@ -86,17 +116,14 @@ pub async fn fetch(
             concat!("tokenproxy/", env!("CARGO_PKG_VERSION")),
         )
         .body(Empty::new())
-        .map_err(|e| e.to_string())?;
+        .map_err(FetchError::Request)?;
     let go = async {
-        let resp = client
-            .request(req)
-            .await
-            .map_err(|e| crate::error_chain(&e))?;
+        let resp = client.request(req).await.map_err(FetchError::Exchange)?;
         let (parts, body) = resp.into_parts();
         let body = Limited::new(body, MAX_METADATA_BYTES)
             .collect()
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(FetchError::Body)?
             .to_bytes();
         Ok(Fetched {
             status: parts.status,
@@ -106,7 +133,7 @@ pub async fn fetch(
     };
     tokio::time::timeout(FETCH_TIMEOUT, go)
         .await
-        .map_err(|_| format!("no answer within {FETCH_TIMEOUT:?}"))?
+        .map_err(|_| FetchError::Timeout(FETCH_TIMEOUT))?
 }
 
 /// The TLS settings the credential uses for its IdP.
@@ -116,7 +143,7 @@ pub fn tls_for(cred: &CredentialConfig) -> Result<rustls::ClientConfig, Discover
         _ => None,
     };
     crate::tls::client_config(cred.ca_file.as_deref(), client_cert, &[])
-        .map_err(|e| DiscoveryError::Tls(crate::error_chain(&e)))
+        .map_err(DiscoveryError::Tls)
 }
 
 /// The issuer as configured, without a trailing slash (RFC 8414 §3: the
@@ -140,15 +167,14 @@ pub async fn discover(
         "/.well-known/oauth-authorization-server",
     ] {
         let url = format!("{base}{suffix}");
-        let uri: Uri = url.parse().map_err(|_| DiscoveryError::Fetch {
-            url: url.clone(),
-            message: "not a valid URL".into(),
-        })?;
+        let uri: Uri = url
+            .parse()
+            .map_err(|_| DiscoveryError::BadUrl { url: url.clone() })?;
         let got = fetch(tls.clone(), Method::GET, &uri, egress)
             .await
-            .map_err(|message| DiscoveryError::Fetch {
+            .map_err(|source| DiscoveryError::Fetch {
                 url: url.clone(),
-                message,
+                source,
             })?;
         if !got.status.is_success() {
             last = got.status.to_string();
@@ -270,5 +296,83 @@ mod tests {
         let e = parse_metadata("u", body, "https://b.example").unwrap_err();
         assert!(e.to_string().contains("must be equal"), "{e}");
         assert!(parse_metadata("u", b"[]", "x").is_err());
+    }
+
+    /// A TLS server on `ip` with the dev test certificate (127.0.0.1 and
+    /// localhost only), answering nothing after the handshake.
+    async fn tls_listener(ip: &str) -> std::net::SocketAddr {
+        let l = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(crate::dev::tls::test_server_config());
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let _ = acceptor.accept(s).await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn trusting_test_ca() -> rustls::ClientConfig {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, crate::dev::tls::TEST_CA_PEM).unwrap();
+        crate::tls::client_config(Some(&ca), None, &[]).unwrap()
+    }
+
+    async fn why(tls: rustls::ClientConfig, url: &str) -> crate::net::Unreachable {
+        let e = fetch(tls, Method::GET, &url.parse().unwrap(), None)
+            .await
+            .unwrap_err();
+        e.unreachable()
+    }
+
+    /// The advice `doctor` gives hangs on these types, not on message text.
+    #[tokio::test]
+    async fn fetch_failures_are_classified_by_type() {
+        use crate::net::Unreachable as U;
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let plain_port = plain.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = plain.accept().await {
+                use tokio::io::AsyncWriteExt;
+                let _ = s
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        let webpki = crate::tls::client_config(None, None, &[]).unwrap();
+        let tls = tls_listener("127.0.0.1").await;
+        let other_name = tls_listener("127.0.0.2").await;
+
+        assert_eq!(
+            why(webpki.clone(), &format!("http://127.0.0.1:{port}/")).await,
+            U::Refused
+        );
+        assert_eq!(
+            why(webpki.clone(), "https://no-such-host.invalid/").await,
+            U::NoSuchHost
+        );
+        assert_eq!(
+            why(webpki.clone(), &format!("https://127.0.0.1:{plain_port}/")).await,
+            U::NotTls
+        );
+        assert_eq!(
+            why(webpki, &format!("https://127.0.0.1:{}/", tls.port())).await,
+            U::CertificateUntrusted
+        );
+        assert_eq!(
+            why(
+                trusting_test_ca(),
+                &format!("https://127.0.0.2:{}/", other_name.port())
+            )
+            .await,
+            U::CertificateWrongName
+        );
     }
 }

@@ -7,6 +7,7 @@
 
 use crate::config::{self, AuthMethod, Config, CredentialConfig, GrantType, StoreKind};
 use crate::discovery::{self, Fetched};
+use crate::net::Unreachable;
 use crate::secret::Secret;
 use crate::token::grant::{self, Grant, GrantClient, GrantError};
 use crate::token::store::{FileStore, Store};
@@ -179,21 +180,25 @@ fn check_store(r: &mut Report, path: &Path) {
 }
 
 /// Why a connection failed, and what to do, from its error chain.
-fn reach_fix(reason: &str) -> &'static str {
-    let l = reason.to_ascii_lowercase();
-    if l.contains("expired") || l.contains("notvalidyet") || l.contains("not valid yet") {
-        "the server's certificate is expired or not yet valid: renew it (or fix this machine's clock)"
-    } else if l.contains("unknownissuer")
-        || l.contains("unknown issuer")
-        || l.contains("certificate")
-    {
-        "the server's certificate is not trusted: set ca_file to the CA that issued it"
-    } else if l.contains("dns") || l.contains("resolve") || l.contains("lookup") {
-        "the host name does not resolve: check the URL and DNS (and egress_proxy)"
-    } else if l.contains("refused") {
-        "nothing listens there: check the URL's host and port"
-    } else {
-        "check the URL, the network path and any egress proxy"
+fn reach_fix(why: Unreachable) -> &'static str {
+    match why {
+        Unreachable::CertificateExpired => {
+            "the server's certificate is expired or not yet valid: renew it (or fix this machine's clock)"
+        }
+        Unreachable::CertificateUntrusted => {
+            "the server's certificate is not trusted: set ca_file to the CA that issued it"
+        }
+        Unreachable::CertificateWrongName => {
+            "the server's certificate is for other names: use the host name it was issued for"
+        }
+        Unreachable::NotTls => "the server does not speak TLS there: check the scheme and port",
+        Unreachable::NoSuchHost => {
+            "the host name does not resolve: check the URL and DNS (and egress_proxy)"
+        }
+        Unreachable::Refused => "nothing listens there: check the URL's host and port",
+        Unreachable::TimedOut | Unreachable::Other => {
+            "check the URL, the network path and any egress proxy"
+        }
     }
 }
 
@@ -209,11 +214,11 @@ async fn probe(
             r.ok(format!("{what} {uri} answers ({})", f.status));
             Some(f)
         }
-        Err(reason) => {
+        Err(e) => {
             r.add(
                 Mark::Fail,
-                format!("{what} {uri} unreachable: {reason}"),
-                reach_fix(&reason),
+                format!("{what} {uri} unreachable: {}", crate::error_chain(&e)),
+                reach_fix(e.unreachable()),
             );
             None
         }
@@ -256,7 +261,7 @@ async fn check_credential(r: &mut Report, config: &Config, cred: &CredentialConf
         Err(e) => {
             r.add(
                 Mark::Fail,
-                format!("{n}: {e}"),
+                format!("{n}: {}", crate::error_chain(&e)),
                 "fix ca_file / client_cert / client_key",
             );
             return;
@@ -281,7 +286,7 @@ async fn check_credential(r: &mut Report, config: &Config, cred: &CredentialConf
             }
             Err(e) => r.add(
                 Mark::Fail,
-                format!("{n}: discovery failed: {e}"),
+                format!("{n}: discovery failed: {}", crate::error_chain(&e)),
                 "check issuer (exactly as the IdP's metadata spells it), or set token_url and authorize_url",
             ),
         }
@@ -539,7 +544,7 @@ async fn send(
 }
 
 fn describe(e: &GrantError) -> String {
-    let mut s = e.message.clone();
+    let mut s = crate::error_chain(e);
     if let Some(d) = &e.description {
         s.push_str(&format!(" ({d})"));
     }

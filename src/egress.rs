@@ -4,7 +4,9 @@
 //! IdPs and upstreams are reached the same way. Knows nothing of TLS: the
 //! TLS connector wraps this one, so TLS runs end to end through the tunnel.
 
+use crate::net::ResolveError;
 use http::{HeaderValue, Uri};
+use hyper_util::client::legacy::connect::dns::{GaiAddrs, GaiResolver, Name};
 use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
@@ -30,16 +32,46 @@ pub fn proxy_from(config: Option<&Uri>) -> Option<Uri> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// The system resolver, whose failures carry a type ([`ResolveError`]) that
+/// callers can recognise without reading hyper-util's message.
+#[derive(Clone)]
+pub(crate) struct Resolver(GaiResolver);
+
+impl Service<Name> for Resolver {
+    type Response = GaiAddrs;
+    type Error = ResolveError;
+    type Future = Pin<Box<dyn Future<Output = Result<GaiAddrs, ResolveError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ResolveError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let host = name.as_str().to_owned();
+        let lookup = self.0.call(name);
+        Box::pin(async move { lookup.await.map_err(|source| ResolveError { host, source }) })
+    }
+}
+
+/// The egress proxy failed to open the tunnel; hyper-util's error (with its
+/// own causes) is the source.
+#[derive(Debug, thiserror::Error)]
+#[error("egress proxy")]
+pub(crate) struct EgressProxyError(#[source] pub BoxError);
+
+type Direct = HttpConnector<Resolver>;
+
 /// A TCP connector that tunnels through a proxy unless the host bypasses it.
 #[derive(Clone)]
 pub struct EgressConnector {
-    direct: HttpConnector,
-    tunnel: Option<(Tunnel<HttpConnector>, Arc<Vec<String>>)>,
+    direct: Direct,
+    /// The proxy tunnel and the `NO_PROXY` hosts that bypass it.
+    tunnel: Option<(Tunnel<Direct>, Arc<Vec<String>>)>,
 }
 
 impl EgressConnector {
     pub fn new(proxy: Option<&Uri>, connect_timeout: Duration) -> EgressConnector {
-        let mut direct = HttpConnector::new();
+        let mut direct = HttpConnector::new_with_resolver(Resolver(GaiResolver::new()));
         direct.enforce_http(false);
         direct.set_nodelay(true);
         direct.set_connect_timeout(Some(connect_timeout));
@@ -120,9 +152,10 @@ impl Service<Uri> for EgressConnector {
                 let mut tunnel = tunnel.clone();
                 Box::pin(async move {
                     let target = target.map_err(|e| Box::new(e) as BoxError)?;
-                    tunnel.call(target).await.map_err(|e| {
-                        Box::new(std::io::Error::other(format!("egress proxy: {e:?}"))) as BoxError
-                    })
+                    tunnel
+                        .call(target)
+                        .await
+                        .map_err(|e| Box::new(EgressProxyError(Box::new(e))) as BoxError)
                 })
             }
             _ => {

@@ -394,9 +394,23 @@ pub(crate) enum LoginError {
     /// The config or the arguments cannot work (exit 64).
     #[error("{0}")]
     Setup(String),
-    /// Something outside failed: a port, the network (exit 1).
-    #[error("{0}")]
-    Unavailable(String),
+    /// The credential's TLS settings cannot be used (exit 64).
+    #[error("TLS settings")]
+    Tls(#[source] crate::discovery::DiscoveryError),
+    /// The IdP's metadata could not be fetched or used (exit 1).
+    #[error("credential {credential}: cannot find its endpoints")]
+    Discovery {
+        credential: String,
+        #[source]
+        source: crate::discovery::DiscoveryError,
+    },
+    /// The callback port is taken or not ours to bind (exit 1).
+    #[error("cannot listen on {addr} for the login callback")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the identity provider refused the authorization: {error}{}", desc(.description))]
     Denied {
         error: String,
@@ -429,7 +443,8 @@ impl LoginError {
     pub fn code(&self) -> &'static str {
         match self {
             LoginError::Setup(_) => "setup",
-            LoginError::Unavailable(_) => "unavailable",
+            LoginError::Tls(_) => "setup",
+            LoginError::Discovery { .. } | LoginError::Listen { .. } => "unavailable",
             LoginError::Denied { .. } => "denied",
             LoginError::State(StateProblem::Missing) => "state_missing",
             LoginError::State(StateProblem::Unknown) => "state_unknown",
@@ -463,6 +478,7 @@ impl LoginError {
             LoginError::Install(InstallError::FamilyStillWorks(..)) => {
                 "Pass --force (or open /login/NAME?force=1) to replace the working family.".into()
             }
+            LoginError::Listen { .. } => "Is a proxy already running there? Then `login` goes through its admin API; or pass --no-listen.".into(),
             _ => String::new(),
         }
     }
@@ -515,7 +531,7 @@ fn explain_exchange(e: &GrantError, sent: &Sent, hint: &str) -> String {
         (Some(c), Some(s)) => format!("{s} {c}"),
         (Some(c), None) => c.clone(),
         (None, Some(s)) => format!("HTTP {s}"),
-        (None, None) => e.message.clone(),
+        (None, None) => crate::error_chain(e),
     };
     let d = e.description.as_deref().unwrap_or("");
     let head = format!(
@@ -671,7 +687,10 @@ pub(crate) async fn target(config: &Config, name: &str) -> Result<Target, LoginE
     let egress = crate::egress::proxy_from(config.server.egress_proxy.as_ref());
     let (token_url, authorize_url) = crate::discovery::endpoints(&cred, egress.as_ref())
         .await
-        .map_err(|e| LoginError::Unavailable(format!("credential {name}: {e}")))?;
+        .map_err(|source| LoginError::Discovery {
+            credential: name.to_owned(),
+            source,
+        })?;
     let authorize_url = authorize_url.ok_or_else(|| {
         LoginError::Setup(format!(
             "credential {name} has no authorize_url (set authorize_url, or issuer for discovery)"
@@ -824,7 +843,7 @@ pub(crate) fn error_page(credential: Option<&str>, e: &LoginError) -> Response<F
         LoginError::Install(i) if !matches!(i, InstallError::FamilyStillWorks(..)) => {
             "the new token family could not be stored; the log says why".to_owned()
         }
-        e => e.to_string(),
+        e => crate::error_chain(e),
     };
     page(status, &title, &[message, e.fix()])
 }
@@ -1155,11 +1174,12 @@ pub(crate) async fn bind_loopback(
 }
 
 async fn bind(addr: &str) -> Result<tokio::net::TcpListener, LoginError> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        LoginError::Unavailable(format!(
-            "cannot listen on {addr} for the login callback: {e} (is a proxy already running there? then `login` goes through its admin API; or pass --no-listen)"
-        ))
-    })
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| LoginError::Listen {
+            addr: addr.to_owned(),
+            source,
+        })
 }
 
 /// Runs the CLI login without a proxy. `out` receives the lines to print
@@ -1198,7 +1218,7 @@ pub(crate) async fn run_local(
     tracing::info!(event = "login_started", credential = %name, via = "cli", "Login started");
     announce(&url);
     let client = GrantClient::new(
-        crate::discovery::tls_for(&t.cred).map_err(|e| LoginError::Setup(e.to_string()))?,
+        crate::discovery::tls_for(&t.cred).map_err(LoginError::Tls)?,
         crate::token::GRANT_TIMEOUT,
         crate::egress::proxy_from(config.server.egress_proxy.as_ref()).as_ref(),
     );
@@ -1386,13 +1406,13 @@ fn open_browser(url: &str) {
 pub(crate) async fn run_cli(config: &Config, args: CliArgs) -> u8 {
     let name = args.name.as_str();
     let fail = |e: &LoginError| {
-        eprintln!("tokenproxy login: {e}");
+        eprintln!("tokenproxy login: {}", crate::error_chain(e));
         let fix = e.fix();
         if !fix.is_empty() {
             eprintln!("{fix}");
         }
         match e {
-            LoginError::Setup(_) => EXIT_USAGE,
+            LoginError::Setup(_) | LoginError::Tls(_) => EXIT_USAGE,
             _ => EXIT_FAILURE,
         }
     };

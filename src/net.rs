@@ -1,8 +1,10 @@
 //! Facts about names and addresses that security decisions share, with one
-//! answer whoever asks: which hosts are this machine's loopback, and which
-//! header fields are hop-by-hop. Pure functions and tables; no I/O.
+//! answer whoever asks: which hosts are this machine's loopback, which
+//! header fields are hop-by-hop, and why a connection failed. Pure
+//! functions and tables; no I/O.
 
 use http::HeaderName;
+use std::error::Error;
 use std::net::IpAddr;
 
 /// Whether `ip` is loopback: 127.0.0.0/8, `::1`, or an IPv4-mapped
@@ -81,4 +83,85 @@ mod tests {
             assert_eq!(is_loopback_host(host), loopback, "{host:?}");
         }
     }
+}
+
+/// Why a connection to a server failed, read off the types in the error's
+/// cause chain, never off their text: advice must not hang on a
+/// dependency's wording.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unreachable {
+    /// The name has no address (our resolver's [`ResolveError`]).
+    NoSuchHost,
+    /// Nothing listens on that port.
+    Refused,
+    TimedOut,
+    /// Expired or not yet valid: the server's certificate or this clock.
+    CertificateExpired,
+    /// Valid, but for other names.
+    CertificateWrongName,
+    /// Not issued by a trusted CA (or not verifiable at all).
+    CertificateUntrusted,
+    /// The peer answered the TLS handshake with something that is not TLS.
+    NotTls,
+    Other,
+}
+
+/// A name that did not resolve; the resolver's own error is the source.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot resolve {host}")]
+pub(crate) struct ResolveError {
+    pub host: String,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// The first cause in `e`'s chain that says why, outermost first.
+pub(crate) fn unreachable_cause(e: &(dyn Error + 'static)) -> Unreachable {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let found = one_cause(err);
+        if found != Unreachable::Other {
+            return found;
+        }
+        cur = err.source();
+    }
+    Unreachable::Other
+}
+
+fn one_cause(err: &(dyn Error + 'static)) -> Unreachable {
+    use rustls::CertificateError as C;
+    if err.is::<ResolveError>() {
+        return Unreachable::NoSuchHost;
+    }
+    if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+        return match tls {
+            rustls::Error::InvalidCertificate(
+                C::Expired
+                | C::NotValidYet
+                | C::ExpiredContext { .. }
+                | C::NotValidYetContext { .. },
+            ) => Unreachable::CertificateExpired,
+            rustls::Error::InvalidCertificate(
+                C::NotValidForName | C::NotValidForNameContext { .. },
+            ) => Unreachable::CertificateWrongName,
+            rustls::Error::InvalidCertificate(_) => Unreachable::CertificateUntrusted,
+            rustls::Error::InvalidMessage(_) => Unreachable::NotTls,
+            _ => Unreachable::Other,
+        };
+    }
+    if let Some(io) = err.downcast_ref::<std::io::Error>() {
+        // io::Error::source() skips a wrapped error; get_ref() reaches it.
+        if let Some(inner) = io.get_ref() {
+            let found = unreachable_cause(inner);
+            if found != Unreachable::Other {
+                return found;
+            }
+        }
+        return match io.kind() {
+            std::io::ErrorKind::ConnectionRefused => Unreachable::Refused,
+            std::io::ErrorKind::TimedOut => Unreachable::TimedOut,
+            _ => Unreachable::Other,
+        };
+    }
+    Unreachable::Other
 }

@@ -8,7 +8,6 @@
 
 use crate::config::{AuthMethod, CredentialConfig};
 use crate::egress::EgressConnector;
-use crate::error_chain;
 use crate::secret::Secret;
 use base64::Engine as _;
 use bytes::Bytes;
@@ -244,7 +243,8 @@ pub enum Delivery {
     Answered,
 }
 
-/// A failed grant, classified. Display is one lowercase line without secrets.
+/// A failed grant, classified. Display is one lowercase line without secrets;
+/// a transport failure keeps its cause as the source (print the chain).
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
 pub struct GrantError {
@@ -259,6 +259,9 @@ pub struct GrantError {
     /// Where a 3xx pointed (host only).
     pub redirect_host: Option<String>,
     pub message: String,
+    /// Shared so that waiters behind a failed attempt get the same error.
+    #[source]
+    pub cause: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
 
 impl GrantError {
@@ -276,7 +279,16 @@ impl GrantError {
             retry_after: None,
             redirect_host: None,
             message: message.into(),
+            cause: None,
         }
+    }
+
+    pub(crate) fn caused_by(
+        mut self,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        self.cause = Some(Arc::from(cause.into()));
+        self
     }
 }
 
@@ -319,6 +331,7 @@ pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<Token
             .and_then(|l| l.parse::<Uri>().ok())
             .and_then(|u| u.host().map(str::to_owned));
         return Err(GrantError {
+            cause: None,
             class: FailureClass::Config,
             delivery: Delivery::Answered,
             status: Some(status.as_u16()),
@@ -358,6 +371,7 @@ pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<Token
                 OAuthCode::Other(_) => FailureClass::Config,
             };
             return Err(GrantError {
+                cause: None,
                 class,
                 delivery: Delivery::Answered,
                 status: Some(status.as_u16()),
@@ -396,6 +410,7 @@ pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<Token
     if !status.is_success() {
         // A 4xx without an OAuth error body: most often a wrong URL or client.
         return Err(GrantError {
+            cause: None,
             class: FailureClass::Config,
             delivery: Delivery::Answered,
             status: Some(status.as_u16()),
@@ -433,6 +448,7 @@ pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<Token
     if let Some(tt) = fields.get_str("token_type") {
         if !tt.eq_ignore_ascii_case("bearer") {
             return Err(GrantError {
+                cause: None,
                 class: FailureClass::Config,
                 delivery: ROTATION_UNKNOWN,
                 status: Some(status.as_u16()),
@@ -767,6 +783,7 @@ impl GrantClient {
             retry_after: None,
             redirect_host: None,
             message,
+            cause: None,
         };
         let authority = req
             .uri
@@ -800,8 +817,9 @@ impl GrantClient {
                 return Err(GrantError::transient(
                     Delivery::NotSent,
                     None,
-                    format!("cannot connect to the token endpoint: {}", error_chain(&*e)),
-                ))
+                    "cannot connect to the token endpoint",
+                )
+                .caused_by(e))
             }
             Err(_) => {
                 return Err(GrantError::transient(
@@ -816,15 +834,22 @@ impl GrantClient {
         };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
             .await
-            .map_err(|e| GrantError::transient(Delivery::NotSent, None, error_chain(&e)))?;
+            .map_err(|e| {
+                GrantError::transient(
+                    Delivery::NotSent,
+                    None,
+                    "HTTP/1 handshake with the token endpoint failed",
+                )
+                .caused_by(e)
+            })?;
         let driver = tokio::spawn(async move {
             let _ = conn.await;
         });
         let exchange = async {
-            let resp = sender
-                .send_request(request)
-                .await
-                .map_err(|e| GrantError::transient(Delivery::MaybeSent, None, error_chain(&e)))?;
+            let resp = sender.send_request(request).await.map_err(|e| {
+                GrantError::transient(Delivery::MaybeSent, None, "the token request got no answer")
+                    .caused_by(e)
+            })?;
             let (parts, body) = resp.into_parts();
             // The IdP answered: whatever happens to the body, it processed
             // the request, so a body failure is still a possible rotation.
@@ -835,19 +860,22 @@ impl GrantClient {
                     let oversized = e
                         .downcast_ref::<http_body_util::LengthLimitError>()
                         .is_some();
-                    GrantError::transient(
-                        if oversized && !parts.status.is_success() {
-                            Delivery::Answered
-                        } else {
-                            Delivery::MaybeSent
-                        },
-                        Some(parts.status.as_u16()),
-                        if oversized {
-                            format!("token response larger than {MAX_RESPONSE_BYTES} bytes")
-                        } else {
-                            format!("token response body failed: {e}")
-                        },
-                    )
+                    let delivery = if oversized && !parts.status.is_success() {
+                        Delivery::Answered
+                    } else {
+                        Delivery::MaybeSent
+                    };
+                    let status = Some(parts.status.as_u16());
+                    if oversized {
+                        GrantError::transient(
+                            delivery,
+                            status,
+                            format!("token response larger than {MAX_RESPONSE_BYTES} bytes"),
+                        )
+                    } else {
+                        GrantError::transient(delivery, status, "token response body failed")
+                            .caused_by(e)
+                    }
                 })?
                 .to_bytes();
             Ok(RawResponse {

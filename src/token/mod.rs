@@ -50,8 +50,14 @@ pub struct Injected {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("credential {credential}: {message}")]
-    Credential { credential: String, message: String },
+    #[error("credential {credential}: cannot find its endpoints")]
+    Discovery {
+        credential: String,
+        #[source]
+        source: crate::discovery::DiscoveryError,
+    },
+    #[error("credential {credential}: a refresh_token credential needs a store")]
+    NoStore { credential: String },
     #[error("token store")]
     Store(#[from] store::StoreError),
     #[error("credential {credential}: TLS")]
@@ -274,9 +280,9 @@ async fn resolve_token_url(
     crate::discovery::endpoints(cred, egress)
         .await
         .map(|(t, _)| t)
-        .map_err(|e| EngineError::Credential {
+        .map_err(|source| EngineError::Discovery {
             credential: cred.name.clone(),
-            message: e.to_string(),
+            source,
         })
 }
 
@@ -306,9 +312,8 @@ fn build_slot(
         grant::GrantClient::with_connect_timeout(tls, GRANT_TIMEOUT, cred.connect_timeout, egress);
     let kind = match cred.grant {
         GrantType::RefreshToken => {
-            let (store, store_key) = store.ok_or_else(|| EngineError::Credential {
+            let (store, store_key) = store.ok_or_else(|| EngineError::NoStore {
                 credential: cred.name.clone(),
-                message: "no store".into(),
             })?;
             SlotKind::Refresh {
                 store: store.clone(),

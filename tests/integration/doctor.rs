@@ -150,7 +150,10 @@ async fn running_proxy_view_is_shown() {
 #[tokio::test]
 async fn running_proxy_view_off_loopback_sends_the_admin_token() {
     let Some(ip) = non_loopback_ip() else {
-        eprintln!("SKIP running_proxy_view_off_loopback_sends_the_admin_token: no non-loopback address to bind");
+        skip_unless_ci(
+            "running_proxy_view_off_loopback_sends_the_admin_token",
+            "no non-loopback address to bind",
+        );
         return;
     };
     const ADMIN_TOKEN: &str = "doc-admin-tok-Pq81";
@@ -197,6 +200,28 @@ async fn wrong_token_url_is_named() {
     assert_eq!(code, 1, "{out}");
     let l = line(&out, "cc: token endpoint");
     assert!(l.starts_with('✗') && l.contains("nothing listens"), "{l}");
+}
+
+/// The advice follows the failure's type: a name that does not resolve, and
+/// an https URL pointing at a port that speaks plain HTTP.
+#[tokio::test]
+async fn unresolvable_host_and_plaintext_port_are_named() {
+    let unresolvable = cc_only("https://idp.no-such-host.invalid/token", None).await;
+    let (code, out) = doctor(&unresolvable, &[]).await;
+    assert_eq!(code, 1, "{out}");
+    let l = line(&out, "cc: token endpoint");
+    assert!(l.starts_with('✗') && l.contains("does not resolve"), "{l}");
+
+    let (with_idp, _) = env(RT_SECRET, CC_SECRET, "").await;
+    let plain = with_idp.idp.token_url().replace("http://", "https://");
+    let plaintext = cc_only(&plain, None).await;
+    let (code, out) = doctor(&plaintext, &[]).await;
+    assert_eq!(code, 1, "{out}");
+    let l = line(&out, "cc: token endpoint");
+    assert!(
+        l.starts_with('✗') && l.contains("does not speak TLS"),
+        "{l}"
+    );
 }
 
 async fn env_with_token_url(url: &str) -> (TestEnv, String) {
@@ -422,7 +447,7 @@ fn expired_pki(dir: &std::path::Path) -> Option<()> {
 async fn expired_certificate_is_named() {
     let pki = tempfile::tempdir().unwrap();
     if expired_pki(pki.path()).is_none() {
-        eprintln!("openssl CLI unavailable: skipping the expired-certificate case");
+        skip_unless_ci("expired_certificate_is_named", "the openssl CLI is missing");
         return;
     }
     use rustls::pki_types::pem::PemObject;

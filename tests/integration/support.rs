@@ -238,6 +238,16 @@ pub struct TestEnv {
     pub client: TestClient,
 }
 
+/// A test that cannot run here says so; under CI (where tests/run.sh
+/// installs everything) it fails instead, so a skip is never silent there.
+pub fn skip_unless_ci(test: &str, why: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} cannot run under CI: {why}"
+    );
+    eprintln!("SKIP {test}: {why} (fatal when CI is set)");
+}
+
 /// This machine's IPv4 address off loopback (the source address of its
 /// default route) when it has one that can be bound: an admin listener there
 /// treats even local clients as remote.

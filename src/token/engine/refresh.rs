@@ -138,7 +138,10 @@ impl Slot {
         e.code = e.code.as_deref().map(|c| self.scrub(c));
         let e = &e;
         ev.status = e.status;
-        ev.error = e.code.clone().or_else(|| Some(self.scrub(&e.message)));
+        ev.error = e
+            .code
+            .clone()
+            .or_else(|| Some(self.scrub(&crate::error_chain(e))));
         ev.error_description = e.description.clone();
         let outcome = match e.class {
             FailureClass::InvalidGrant => Outcome::InvalidGrant,

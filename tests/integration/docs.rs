@@ -376,20 +376,40 @@ fn fences(page: &str) -> Vec<Fence> {
     v
 }
 
-/// Completes a snippet marked `toml fragment`: a credential and a route of
-/// its own, so a fragment showing one table still makes a whole config.
-const FRAGMENT_TAIL: &str = r#"
-[credentials.docs-fragment]
-grant = "client_credentials"
-token_url = "https://idp.example.com/oauth/token"
-client_id = "docs-fragment"
+/// What a snippet marked `toml fragment` is checked with: the credentials
+/// the pages' examples use (`github`, `billing`), each appended unless the
+/// fragment defines it, so a fragment showing a route or one table still
+/// makes a whole config.
+const FRAGMENT_CREDENTIALS: &[(&str, &str)] = &[
+    (
+        "github",
+        r#"grant = "refresh_token"
+token_url = "https://github.com/login/oauth/access_token"
+client_id = "Iv1.docs"
 client_secret = "docs-fragment-secret"
+refresh_token = "docs-fragment-seed"
+"#,
+    ),
+    (
+        "billing",
+        r#"grant = "client_credentials"
+token_url = "https://auth.example.com/oauth/token"
+client_id = "billing-docs"
+client_secret = "docs-fragment-secret"
+"#,
+    ),
+];
 
-[[routes]]
-path_prefix = "/docs-fragment/"
-upstream = "https://api.example.com/"
-credential = "docs-fragment"
-"#;
+fn complete_fragment(fragment: &str) -> String {
+    let mut config = fragment.to_owned();
+    for (name, body) in FRAGMENT_CREDENTIALS {
+        let header = format!("[credentials.{name}]");
+        if !fragment.contains(&header) {
+            config.push_str(&format!("\n{header}\n{body}"));
+        }
+    }
+    config
+}
 
 /// A dummy value for each `${VAR}` a snippet uses, shaped like what the
 /// variable holds where the parser checks the shape.
@@ -414,7 +434,7 @@ fn dummy_env(snippet: &str) -> BTreeMap<String, String> {
 /// Every fenced `toml` snippet in README.md and docs/ passes
 /// `tokenproxy check`, with a dummy value for each `${VAR}` and a dummy file
 /// for each relative `*_file`. A snippet whose info string is
-/// `toml fragment` is checked with `FRAGMENT_TAIL` appended.
+/// `toml fragment` is checked as `complete_fragment` completes it.
 #[test]
 fn toml_snippets_pass_check() {
     let mut checked = 0;
@@ -442,10 +462,11 @@ fn toml_snippets_pass_check() {
                     std::fs::write(p, "dummy-file-secret\n").unwrap();
                 }
             }
-            let mut config = fence.text.clone();
-            if fragment {
-                config.push_str(FRAGMENT_TAIL);
-            }
+            let config = if fragment {
+                complete_fragment(&fence.text)
+            } else {
+                fence.text.clone()
+            };
             let cfg = dir.path().join("snippet.toml");
             std::fs::write(&cfg, &config).unwrap();
             let run = tokenproxy(&["check", "-c", cfg.to_str().unwrap()], &dummy_env(&config));

@@ -2,7 +2,7 @@
 # Runs every tokenproxy test suite: unit tests (src/**) and the integration
 # tests over real sockets (tests/integration/), against the in-crate dev IdP
 # and echo upstream; then the interop suite (tests/interop/: the binary
-# against oidc-provider from npm, see README "Interop"). Installs what the tests need first, so it works on a
+# against oidc-provider from npm, see docs/testing.md "Interop"). Installs what the tests need first, so it works on a
 # fresh machine. Usage: tests/run.sh [extra `cargo test` arguments]
 # TESTS_INSTALL_ONLY=1 tests/run.sh installs the prerequisites and runs nothing.
 # TESTS_SKIP_INTEROP=1 skips the interop suite.

@@ -99,7 +99,7 @@ pub struct StoreConfig {
     /// Default `tokens.json`.
     pub path: PathBuf,
     pub url: Option<Secret>,
-    /// Seals every write (AES-256-GCM); SHA-256 of the string is the key.
+    /// Seals every write (AES-256-GCM); see `token::seal` for how the key is derived.
     pub encryption_key: Option<Secret>,
     /// Still open values sealed under them (key rotation); never seal.
     pub previous_encryption_keys: Vec<Secret>,

@@ -385,7 +385,7 @@ impl RouteToken {
     }
 
     /// The upstream answered a `refresh_on` status to a request that carried
-    /// `injected`. Decides (the reactive-refresh rules, README "Routing") whether to refresh;
+    /// `injected`. Decides (the reactive-refresh rules, docs/routing.md) whether to refresh;
     /// true when a replay with a newer token is worth trying.
     pub fn rejected(
         &self,

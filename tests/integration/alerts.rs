@@ -2,7 +2,7 @@
 //! unit tests pass, it uses only series tokenproxy exposes and its runbooks
 //! are sections of docs/troubleshooting.md.
 
-use crate::docs::{anchors, metrics_table, root};
+use crate::docs::{anchors, metrics_table, root, METRICS_PAGE};
 use std::process::Command;
 
 fn rules_dir() -> std::path::PathBuf {
@@ -57,8 +57,8 @@ fn alert_rules_unit_tests_pass() {
 #[test]
 fn alerts_use_real_series_and_real_runbooks() {
     let rules = std::fs::read_to_string(rules_dir().join("alerts.yaml")).unwrap();
-    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
-    let table = metrics_table(&readme);
+    let ops = std::fs::read_to_string(root().join(METRICS_PAGE)).unwrap();
+    let table = metrics_table(&ops);
     let page = std::fs::read_to_string(root().join("docs/troubleshooting.md")).unwrap();
     let headings = anchors(&page);
     let mut series = 0;

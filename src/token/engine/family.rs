@@ -104,7 +104,7 @@ pub enum InstallError {
     Store(#[from] StoreError),
 }
 
-/// Bootstrap (README, "Logging in"): writes a login's token set as a new family, under
+/// Bootstrap (docs/getting-started.md, "Logging in"): writes a login's token set as a new family, under
 /// the credential's lock. Replacing a family that still works needs `force`.
 /// Returns the new record; a running engine adopts it (revival) by itself.
 pub async fn install_family(

@@ -426,7 +426,7 @@ impl Slot {
         }
     }
 
-    /// Reactive refresh (README, "Routing"): the upstream rejected the token tagged
+    /// Reactive refresh (docs/routing.md, "Reactive refresh"): the upstream rejected the token tagged
     /// `tag`. Returns true when a newer token is (or will shortly be)
     /// available, so a replay is worth trying.
     pub fn rejected(

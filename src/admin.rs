@@ -15,6 +15,7 @@ use crate::login::escape;
 use crate::metrics::metrics;
 use crate::proxy::Listener;
 use crate::token::engine::{SlotStatus, State};
+use crate::token::reason::Reason;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt as _;
@@ -327,7 +328,7 @@ fn readyz(live: &Live) -> AdminResponse {
             tracing::warn!(error = %crate::error_chain(&e), "Store unreadable: not ready");
             return json(
                 StatusCode::SERVICE_UNAVAILABLE,
-                serde_json::json!({"ready": false, "reason": "store_unavailable", "message": "the token store cannot be read; the log says why"}),
+                serde_json::json!({"ready": false, "reason": Reason::StoreUnavailable, "message": "the token store cannot be read; the log says why"}),
             );
         }
     }
@@ -343,7 +344,7 @@ fn readyz(live: &Live) -> AdminResponse {
         if !missing.is_empty() {
             return json(
                 StatusCode::SERVICE_UNAVAILABLE,
-                serde_json::json!({"ready": false, "reason": "no_token", "credentials": missing}),
+                serde_json::json!({"ready": false, "reason": Reason::NoToken, "credentials": missing}),
             );
         }
     }
@@ -499,7 +500,7 @@ fn status_page(live: &Live) -> AdminResponse {
             Some(f) => format!(
                 "<b>{}</b> ({}) {}<div class=hint>{}</div>",
                 escape(f.outcome.as_str()),
-                escape(&f.reason),
+                escape(f.reason.as_str()),
                 escape(&ago(Some(f.at))),
                 escape(&f.hint)
             ),

@@ -251,6 +251,15 @@ pub(crate) const ENTRIES: &[Entry] = &[
         fix: "Fix NTP (chrony, systemd-timesyncd) on the host or node.",
     },
     Entry {
+        anchor: "access-token-not-usable-as-a-header",
+        title: "Access token not usable as a header",
+        keys: &["token_not_a_header"],
+        severity: Severity::Warning,
+        cause: "The IdP issued an access token with bytes that HTTP header values cannot carry (control characters or non-ASCII), so it cannot be injected.",
+        did: "Forwarded nothing for this route; answered 503 until a usable token arrives.",
+        fix: "Check the token endpoint's response with the IdP (a proxy or gateway in front of it may be mangling the body), then refresh: `curl -X POST ADMIN/credentials/{credential}/refresh`.",
+    },
+    Entry {
         anchor: "shutting-down",
         title: "Shutting down",
         keys: &["shutting_down"],
@@ -899,7 +908,7 @@ mod tests {
 
     #[test]
     fn reasons_carried_only_by_the_hint_are_recognised() {
-        let hint = crate::token::hints::dead_on_disk("migrated");
+        let hint = crate::token::hints::dead_on_disk(&crate::token::reason::Reason::Migrated);
         let r = read(&[line(json!({"level": "ERROR", "event": "token_refresh",
             "credential": "c", "outcome": "invalid_grant", "hint": hint}))]);
         assert!(r.credentials["c"].groups.contains_key("token-set-migrated"));
@@ -971,6 +980,12 @@ mod tests {
         .iter()
         .map(|o| o.as_str().to_owned())
         .collect();
+        keys.extend(
+            crate::token::reason::Reason::ENGINE
+                .iter()
+                .map(|r| r.as_str().to_owned()),
+        );
+        // Event names and reasons outside the engine's type (admin, login).
         for marker in [
             "failure_simple(",
             "dead_failure(",

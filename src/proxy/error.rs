@@ -95,7 +95,7 @@ pub fn into_response(err: &ProxyError, request_id: &HeaderValue) -> Response<Pro
     let mut retry_after = None;
     if let ProxyError::CredentialUnavailable(cu) = err {
         body["credential"] = cu.credential.clone().into();
-        body["reason"] = cu.reason.clone().into();
+        body["reason"] = cu.reason.as_str().into();
         body["hint"] = cu.hint.clone().into();
         if let Some(d) = cu.retry_after {
             // Round up: "retry in 0 s" would invite a hot loop.
@@ -162,7 +162,7 @@ mod tests {
     async fn credential_unavailable_names_credential_reason_hint_and_retry_after() {
         let err = ProxyError::CredentialUnavailable(CredentialUnavailable {
             credential: "github".into(),
-            reason: "invalid_grant".into(),
+            reason: crate::token::reason::Reason::Idp("invalid_grant".into()),
             hint: "run tokenproxy login github".into(),
             retry_after: Some(Duration::from_millis(1500)),
         });
@@ -184,7 +184,7 @@ mod tests {
     async fn credential_unavailable_without_retry_after_has_no_header() {
         let err = ProxyError::CredentialUnavailable(CredentialUnavailable {
             credential: "c".into(),
-            reason: "lost_rotation".into(),
+            reason: crate::token::reason::Reason::LostRotation,
             hint: "h".into(),
             retry_after: None,
         });

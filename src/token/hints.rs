@@ -2,6 +2,7 @@
 //! Built from codes, statuses and config, never from secrets.
 
 use super::grant::{FailureClass, GrantError};
+use super::reason::Reason;
 use crate::config::{AuthMethod, CredentialConfig, GrantType};
 
 pub fn for_grant_error(cfg: &CredentialConfig, e: &GrantError) -> String {
@@ -83,10 +84,10 @@ pub fn lost_rotation(cfg: &CredentialConfig, gateway_status: Option<u16>) -> Str
     }
 }
 
-pub fn dead_on_disk(reason: &str) -> String {
+pub fn dead_on_disk(reason: &Reason) -> String {
     match reason {
-        "lost_rotation" => "This token set was marked lost (a refresh answer never arrived); run `tokenproxy login` to start a new family.".into(),
-        "migrated" => "This token set was moved out of this store (`tokenproxy store migrate` or `store export`); point this process at the store it went to (or log in again).".into(),
+        Reason::LostRotation => "This token set was marked lost (a refresh answer never arrived); run `tokenproxy login` to start a new family.".into(),
+        Reason::Migrated => "This token set was moved out of this store (`tokenproxy store migrate` or `store export`); point this process at the store it went to (or log in again).".into(),
         _ => format!("The IdP rejected this refresh token earlier ({reason}); run `tokenproxy login` or set a new refresh_token seed."),
     }
 }

@@ -9,6 +9,7 @@ pub mod engine;
 pub mod grant;
 pub mod hints;
 pub mod pg;
+pub mod reason;
 pub mod record;
 pub mod schedule;
 pub mod seal;
@@ -34,7 +35,7 @@ pub const GRANT_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct CredentialUnavailable {
     pub credential: String,
     /// Stable machine-readable reason, e.g. `invalid_grant`, `refresh_timeout`.
-    pub reason: String,
+    pub reason: reason::Reason,
     /// What to do, one sentence, no secrets.
     pub hint: String,
     pub retry_after: Option<Duration>,
@@ -439,7 +440,7 @@ impl RouteToken {
                 raw.push_str(&format.suffix);
                 let mut value = HeaderValue::from_str(&raw).map_err(|_| CredentialUnavailable {
                     credential: slot.name.clone(),
-                    reason: "token_not_a_header".into(),
+                    reason: reason::Reason::TokenNotAHeader,
                     hint: "The IdP issued an access token with bytes that cannot go in a header."
                         .into(),
                     retry_after: None,

@@ -8,14 +8,12 @@
 //! store never takes a family at an older generation than it already holds
 //! (that copy's refresh token is spent). Knows nothing of the CLI.
 
+use super::reason::Reason;
 use super::seal::{self, Keyring, UnsealError};
 use super::store::{unix_ms, DeadMark, Record, Store, StoreError, StoreLock};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::SystemTime;
-
-/// The dead-mark reason of a record that now lives elsewhere.
-pub const MOVED: &str = "migrated";
 
 /// `format` of an export document.
 const EXPORT_FORMAT: &str = "tokenproxy-export";
@@ -72,7 +70,7 @@ struct ExportDocument {
 fn is_moved(rec: &Record) -> bool {
     rec.dead
         .as_ref()
-        .is_some_and(|d| d.reason == MOVED && d.family == rec.family)
+        .is_some_and(|d| Reason::parse(&d.reason) == Reason::Migrated && d.family == rec.family)
 }
 
 /// The record as the source keeps it once moved: dead, so no process
@@ -83,7 +81,7 @@ fn moved_mark(rec: &Record) -> Record {
     retired.dead = Some(DeadMark {
         family: rec.family.clone(),
         generation: rec.generation,
-        reason: MOVED.into(),
+        reason: Reason::Migrated.as_str().to_owned(),
     });
     retired
 }

@@ -2,6 +2,7 @@
 //! whatever the endpoint's spelling), and logins installed as new families.
 
 use super::*;
+use crate::token::reason::Reason;
 
 impl Slot {
     /// Start-up for refresh_token slots: consume a new seed, load the stored
@@ -80,7 +81,7 @@ impl Slot {
             None => {
                 self.control.lock().record = None;
                 let f = self.no_record_failure(seen_before);
-                tracing::error!(event = "token_refresh", credential = %self.name, grant_type = "refresh_token", outcome = "invalid_grant", error = "no_refresh_token", hint = %f.hint, "No refresh token");
+                tracing::error!(event = "token_refresh", credential = %self.name, grant_type = "refresh_token", outcome = "invalid_grant", error = Reason::NoRefreshToken.as_str(), hint = %f.hint, "No refresh token");
                 self.publish(Snapshot {
                     token: None,
                     dead: Some(Arc::new(f)),

@@ -25,6 +25,7 @@ mod tests;
 pub use family::{install_family, InstallError};
 
 use super::grant::{self, Delivery, FailureClass, Grant, GrantClient, GrantError, TokenSet};
+use super::reason::Reason;
 use super::schedule;
 use super::store::{self, Intent, Record, Store, StoreError, StoreLock};
 use crate::config::{CredentialConfig, GrantType};
@@ -108,45 +109,7 @@ impl State {
     }
 }
 
-/// How a refresh attempt ended: the `outcome` of the `token_refresh` log
-/// event and of the metrics (docs/architecture.md, "Failure classes").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    Ok,
-    InvalidGrant,
-    LostRotation,
-    LostRace,
-    ConfigError,
-    Transient,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Ok => "ok",
-            Outcome::InvalidGrant => "invalid_grant",
-            Outcome::LostRotation => "lost_rotation",
-            Outcome::LostRace => "lost_race",
-            Outcome::ConfigError => "config_error",
-            Outcome::Transient => "transient",
-        }
-    }
-
-    /// Dead outcomes stop refreshing until something changes.
-    pub fn is_dead(self) -> bool {
-        matches!(
-            self,
-            Outcome::InvalidGrant | Outcome::LostRotation | Outcome::ConfigError
-        )
-    }
-}
-
-impl std::fmt::Display for Outcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use super::reason::Outcome;
 
 /// An access token as published to the hot path.
 #[derive(Debug)]
@@ -261,7 +224,7 @@ pub struct Snapshot {
 #[derive(Debug, Clone)]
 pub struct Failure {
     pub outcome: Outcome,
-    pub reason: String,
+    pub reason: Reason,
     pub hint: String,
     pub retry_after: Option<Duration>,
     pub status: Option<u16>,
@@ -524,31 +487,31 @@ impl Slot {
                     }
                     Err(u)
                 }
-                _ => Err(self.generic_unavailable("no_token", None)),
+                _ => Err(self.generic_unavailable(Reason::NoToken, None)),
             },
-            Ok(Err(_)) => Err(self.generic_unavailable("shutting_down", None)),
+            Ok(Err(_)) => Err(self.generic_unavailable(Reason::ShuttingDown, None)),
             Err(_) => {
-                Err(self.generic_unavailable("refresh_timeout", Some(Duration::from_secs(1))))
+                Err(self.generic_unavailable(Reason::RefreshTimeout, Some(Duration::from_secs(1))))
             }
         }
     }
 
     fn generic_unavailable(
         &self,
-        reason: &str,
+        reason: Reason,
         retry_after: Option<Duration>,
     ) -> CredentialUnavailable {
         let hint = match reason {
-            "refresh_timeout" => format!(
+            Reason::RefreshTimeout => format!(
                 "The token endpoint did not answer within refresh_wait ({}); check that the IdP is reachable, the refresh continues in the background.",
                 humantime::format_duration(self.cfg.refresh_wait)
             ),
-            "shutting_down" => "tokenproxy is shutting down; retry against another instance.".to_owned(),
+            Reason::ShuttingDown => "tokenproxy is shutting down; retry against another instance.".to_owned(),
             _ => "No usable token yet; see the token_refresh log events for this credential.".to_owned(),
         };
         CredentialUnavailable {
             credential: self.name.clone(),
-            reason: reason.to_owned(),
+            reason,
             hint,
             retry_after,
         }
@@ -572,7 +535,7 @@ impl Slot {
         }
         if self.shutdown.is_cancelled() {
             return Err(Arc::new(self.failure_simple(
-                "shutting_down",
+                Reason::ShuttingDown,
                 "tokenproxy is shutting down; no refresh starts now.",
             )));
         }
@@ -586,7 +549,10 @@ impl Slot {
         } else if let Some(t) = c.next_attempt {
             if now < t {
                 let mut f = c.last_failure.as_deref().cloned().unwrap_or_else(|| {
-                    self.failure_simple("backoff", "Retrying the token endpoint with backoff.")
+                    self.failure_simple(
+                        Reason::Backoff,
+                        "Retrying the token endpoint with backoff.",
+                    )
                 });
                 f.retry_after = Some((t - now).max(Duration::from_secs(1)));
                 return Err(Arc::new(f));
@@ -594,7 +560,7 @@ impl Slot {
         }
         if c.unsaved.is_some() {
             return Err(Arc::new(self.failure_simple(
-                "store_write_failed",
+                Reason::StoreWriteFailed,
                 "The last rotated refresh token is not yet saved to the store; no further refresh until it is (check disk space and permissions of store.path).",
             )));
         }
@@ -621,10 +587,10 @@ impl Slot {
         Ok(rx)
     }
 
-    fn failure_simple(&self, reason: &str, hint: &str) -> Failure {
+    fn failure_simple(&self, reason: Reason, hint: &str) -> Failure {
         Failure {
             outcome: Outcome::Transient,
-            reason: reason.to_owned(),
+            reason,
             hint: hint.to_owned(),
             retry_after: None,
             status: None,

@@ -3,6 +3,7 @@
 //! (docs/architecture.md, "Lost rotation" and "Failure classes").
 
 use super::*;
+use crate::token::reason::Reason;
 
 impl Slot {
     /// One attempt, start to end, with its one log event.
@@ -153,7 +154,7 @@ impl Slot {
             reason: e
                 .code
                 .clone()
-                .unwrap_or_else(|| outcome.as_str().to_owned()),
+                .map_or(Reason::Unexplained(outcome), Reason::Idp),
             hint: crate::token::hints::for_grant_error(&self.cfg, e),
             retry_after: e.retry_after,
             status: e.status,
@@ -222,13 +223,13 @@ impl Slot {
         ev.set_identity(&rec);
         if let Some(dead) = &rec.dead {
             if dead.family == rec.family && dead.generation == rec.generation {
-                return Err(self.dead_on_disk(&dead.reason));
+                return Err(self.dead_on_disk(&Reason::parse(&dead.reason)));
             }
         }
         let Some(refresh_token) = rec.refresh_token.clone() else {
             return Err(self.dead_failure(
                 Outcome::InvalidGrant,
-                "no_refresh_token",
+                Reason::NoRefreshToken,
                 "The stored token set has no refresh token: run `tokenproxy login` for this credential.".into(),
             ));
         };
@@ -396,7 +397,7 @@ impl Slot {
                         rec.dead = Some(store::DeadMark {
                             family: rec.family.clone(),
                             generation: rec.generation,
-                            reason: failure.reason.clone(),
+                            reason: failure.reason.as_str().to_owned(),
                         });
                         let id = (rec.family.clone(), rec.generation);
                         let _ = self
@@ -456,7 +457,7 @@ impl Slot {
                 Err(e) => {
                     // Unknown: never guess. Keep the intent and try later.
                     let mut f = self.classify(&e, ev);
-                    f.reason = "lost_rotation_unverified".into();
+                    f.reason = Reason::LostRotationUnverified;
                     f.hint = "A refresh may have been spent without its answer arriving, and the introspection endpoint could not confirm the token is still active; retrying the check with backoff.".into();
                     return Err(f);
                 }
@@ -472,7 +473,7 @@ impl Slot {
         rec.dead = Some(store::DeadMark {
             family: rec.family.clone(),
             generation: rec.generation,
-            reason: "lost_rotation".into(),
+            reason: Reason::LostRotation.as_str().to_owned(),
         });
         let id = (rec.family.clone(), rec.generation);
         let _ = self
@@ -482,7 +483,7 @@ impl Slot {
         ev.status = None;
         Err(self.dead_failure(
             Outcome::LostRotation,
-            "lost_rotation",
+            Reason::LostRotation,
             crate::token::hints::lost_rotation(&self.cfg, gateway_status),
         ))
     }
@@ -517,7 +518,7 @@ impl Slot {
             return Ok(());
         }
         let mut f = self.failure_simple(
-            "refresh_in_flight_elsewhere",
+            Reason::RefreshInFlightElsewhere,
             "Another replica presented this refresh token moments ago and its answer may still arrive; waiting before checking whether it was spent.",
         );
         f.retry_after = Some(fence - age);
@@ -549,13 +550,17 @@ impl Slot {
     }
 
     /// The failure a dead mark in the store stands for.
-    pub(super) fn dead_on_disk(&self, reason: &str) -> Failure {
-        let outcome = if reason == "lost_rotation" {
+    pub(super) fn dead_on_disk(&self, reason: &Reason) -> Failure {
+        let outcome = if *reason == Reason::LostRotation {
             Outcome::LostRotation
         } else {
             Outcome::InvalidGrant
         };
-        self.dead_failure(outcome, reason, crate::token::hints::dead_on_disk(reason))
+        self.dead_failure(
+            outcome,
+            reason.clone(),
+            crate::token::hints::dead_on_disk(reason),
+        )
     }
 
     /// The store holds an older generation of a family than one already
@@ -564,7 +569,7 @@ impl Slot {
         tracing::error!(event = "store_rolled_back", credential = %self.name, family = %disk.family, generation = disk.generation, "The store holds an older generation than one already written");
         self.dead_failure(
             Outcome::InvalidGrant,
-            "store_rolled_back",
+            Reason::StoreRolledBack,
             format!("The store holds generation {} of this token family, but a newer generation was already written: the store was restored from an older backup or edited, and its refresh token is spent, so it is not presented (that would be a reuse); run `tokenproxy login` to start a new family.", disk.generation),
         )
     }
@@ -576,13 +581,13 @@ impl Slot {
         if seed_spent {
             self.dead_failure(
                 Outcome::InvalidGrant,
-                "seed_already_used",
+                Reason::SeedAlreadyUsed,
                 format!("The configured refresh_token was already consumed by this store for another token endpoint or client_id, and a consumed seed is never presented again; the store's family does not belong to {} and client {}. If the IdP did not change, restore the previous token_url/client_id; otherwise run `tokenproxy login` or set a new refresh_token.", self.token_url, self.cfg.client_id),
             )
         } else {
             self.dead_failure(
                 Outcome::InvalidGrant,
-                "no_refresh_token",
+                Reason::NoRefreshToken,
                 "There is no refresh token for this credential: run `tokenproxy login` or set refresh_token in the config.".into(),
             )
         }
@@ -594,14 +599,14 @@ impl Slot {
         self.cfg.connect_timeout + crate::token::GRANT_TIMEOUT + FENCE_MARGIN
     }
 
-    pub(super) fn dead_failure(&self, outcome: Outcome, reason: &str, hint: String) -> Failure {
+    pub(super) fn dead_failure(&self, outcome: Outcome, reason: Reason, hint: String) -> Failure {
         Failure {
             outcome,
-            reason: reason.to_owned(),
+            error: Some(reason.as_str().to_owned()),
+            reason,
             hint,
             retry_after: None,
             status: None,
-            error: Some(reason.to_owned()),
             error_description: None,
             at: self.clock.wall(),
         }
@@ -616,7 +621,7 @@ impl Slot {
         }
         Failure {
             outcome: Outcome::Transient,
-            reason: "store_unavailable".into(),
+            reason: Reason::StoreUnavailable,
             hint: match &self.kind {
                 // The cause (a path, a database user) goes to the log only:
                 // hints reach clients in 503 bodies.
@@ -625,7 +630,7 @@ impl Slot {
             },
             retry_after: None,
             status: None,
-            error: Some("store_unavailable".into()),
+            error: Some(Reason::StoreUnavailable.as_str().to_owned()),
             error_description: None,
             at: self.clock.wall(),
         }
@@ -686,7 +691,7 @@ impl Slot {
                 Ok(())
             }
             None => Err(self.failure_simple(
-                "store_changed",
+                Reason::StoreChanged,
                 "The stored record changed during the refresh; retrying.",
             )),
         }
@@ -706,7 +711,7 @@ impl Slot {
             .is_some_and(|t| t.usable(self.clock.wall(), Instant::now()));
         self.publish(Snapshot {
             token: token.map(Arc::new),
-            dead: dead.map(|d| Arc::new(self.dead_on_disk(&d.reason))),
+            dead: dead.map(|d| Arc::new(self.dead_on_disk(&Reason::parse(&d.reason)))),
         });
         usable && dead.is_none()
     }

@@ -243,5 +243,5 @@ async fn a_lost_answer_is_retried_only_inside_the_grace_window() {
     assert_eq!(p.len(), 2, "{p:?}");
     assert_eq!(rig.slot.state(), State::Dead);
     let dead = rig.slot.status().last_error.unwrap();
-    assert_eq!(dead.reason, "lost_rotation");
+    assert_eq!(dead.reason, crate::token::reason::Reason::LostRotation);
 }

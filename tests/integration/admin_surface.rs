@@ -447,7 +447,7 @@ async fn secrets_never_reach_error_bodies_the_status_page_or_metrics() {
 /// the error chain (those are in the log).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_store_is_not_described_in_client_error_bodies() {
-    use crate::harness::{get_ok, http, wait_for};
+    use crate::harness::{client, get_ok, wait_for};
     let stack = Stack::start(StackOpts::default()).await;
     let app = stack.app("max_backoff = \"1s\"\n").await;
     stack.wait_generation(1, Duration::from_secs(10)).await;
@@ -460,7 +460,7 @@ async fn a_broken_store_is_not_described_in_client_error_bodies() {
         "a 503 store_unavailable",
         Duration::from_secs(15),
         || async {
-            let g = get_ok(&http(), &url).await;
+            let g = get_ok(&client(), &url).await;
             (g.status == 503 && g.json()["reason"] == "store_unavailable").then_some(g)
         },
     )

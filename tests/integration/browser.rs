@@ -7,7 +7,7 @@
 //! script's `node_modules` are missing and `CI` is not set; under CI it must
 //! run (`tests/run.sh` installs chromium and runs `npm ci`).
 
-use crate::support::*;
+use crate::harness::*;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokenproxy::dev::{DevClient, IdpOptions};

@@ -184,7 +184,7 @@ async fn pg_without_sslmode_prefers_tls_and_falls_back_to_plaintext() {
     };
     let stack = Stack::start(StackOpts::default()).await;
     let dir = stack.dir.path();
-    let c = http();
+    let c = client();
     assert!(!tls.url().contains("sslmode"), "{}", tls.url());
     let (path, ports) = pg_config(&stack, &tls.url(), "prefer-tls");
     let r = ChildProxy::start(dir, "prefer-tls", &path, ports).await;
@@ -302,7 +302,7 @@ async fn a_tpv2_file_store_opens_and_its_next_write_uses_argon2id() {
     })
     .await;
     let dir = stack.dir.path();
-    let c = http();
+    let c = client();
     let raw = || std::fs::read_to_string(stack.store_path()).unwrap();
 
     // A plaintext store, then the same records sealed as tpv2 by hand.

@@ -69,7 +69,7 @@ pub fn metrics_table(text: &str) -> BTreeMap<String, String> {
 async fn metrics_table_matches_a_real_scrape() {
     let stack = Stack::start(StackOpts::default()).await;
     let app = stack.app("").await;
-    let c = http();
+    let c = client();
     // One request and one refresh, so per-route and per-credential families
     // have samples too.
     stack

@@ -2,7 +2,7 @@
 //! healthy and broken configs, checking each line names the cause and the
 //! fix, and that no refresh token is ever spent.
 
-use crate::support::*;
+use crate::harness::*;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use tokenproxy::dev::{DevClient, IdpOptions};

@@ -1,7 +1,7 @@
 //! Egress proxy: upstreams off loopback are reached through an HTTP CONNECT
 //! tunnel; loopback (here: the IdP) stays direct.
 
-use crate::support::{client, get, json, send};
+use crate::harness::{client, get, json, send};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokenproxy::app::App;

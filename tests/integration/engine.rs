@@ -16,7 +16,7 @@ async fn load_200_clients_five_lifetimes_no_reuse() {
     let stack = Stack::start(StackOpts::default()).await;
     let app = stack.app("").await;
     let url = format!("http://{}/api/load", app.proxy_addr.unwrap());
-    let c = http();
+    let c = client();
     // The first request may wait for the initial grant.
     let first = get_ok(&c, &url).await;
     assert_eq!(first.status, 200, "{}", first.text());
@@ -155,7 +155,7 @@ fn assert_logs_clean(stack: &Stack, children: &[&ChildProxy]) {
 async fn crash_with_held_rotation_goes_dead_lost_rotation() {
     let stack = Stack::start(StackOpts::default()).await;
     let (second, first, spent) = crash_during_held_rotation(&stack, "").await;
-    let c = http();
+    let c = client();
     let st = wait_state(&c, second.admin, "dead", S(10)).await;
     assert_eq!(st["last_error"]["reason"], "lost_rotation", "{st}");
     assert_eq!(st["last_error"]["outcome"], "lost_rotation", "{st}");
@@ -186,7 +186,7 @@ async fn crash_with_held_rotation_introspects_and_goes_dead() {
     let stack = Stack::start(StackOpts::default()).await;
     let extra = format!("introspection_url = \"{}\"", stack.idp.introspection_url());
     let (second, first, spent) = crash_during_held_rotation(&stack, &extra).await;
-    let c = http();
+    let c = client();
     let st = wait_state(&c, second.admin, "dead", S(10)).await;
     assert_eq!(st["last_error"]["reason"], "lost_rotation", "{st}");
     let hint = st["last_error"]["hint"].as_str().unwrap_or_default();
@@ -221,7 +221,7 @@ async fn crash_with_held_rotation_within_grace_retries() {
     // The stored access token may still serve for a moment; wait for the
     // retry's rotation, then for a request on the new token.
     stack.wait_generation(2, S(10)).await;
-    let c = http();
+    let c = client();
     let url = second.url("/api/after-crash");
     wait_for("a 200 after the grace retry", S(10), || async {
         try_get(&c, &url).await.ok().filter(|g| g.status == 200)
@@ -251,7 +251,7 @@ async fn reset_after_processing_goes_dead_lost_rotation() {
     let app = stack.app("").await;
     stack.wait_generation(1, S(10)).await;
     stack.idp.push_fault(Fault::ResetAfterProcessing);
-    let c = http();
+    let c = client();
     let admin = app.admin_addr.unwrap();
     let st = wait_state(&c, admin, "dead", S(10)).await;
     assert_eq!(st["last_error"]["reason"], "lost_rotation", "{st}");
@@ -290,7 +290,7 @@ async fn crash_after_store_write_needs_no_new_grant() {
     first.kill9();
     let grants = stack.refresh_grants();
     let second = ChildProxy::start(stack.dir.path(), "run2", &path, ports).await;
-    let c = http();
+    let c = client();
     let got = get_ok(&c, &second.url("/api/after-crash")).await;
     assert_eq!(got.status, 200, "{}", got.text());
     let st = credential_status(&c, second.admin).await.unwrap();
@@ -310,7 +310,7 @@ async fn two_processes_one_store_no_reuse() {
     let (path_b, ports_b) = child_config(&stack, "b", "");
     let a = ChildProxy::start(stack.dir.path(), "a", &path_a, ports_a).await;
     let b = ChildProxy::start(stack.dir.path(), "b", &path_b, ports_b).await;
-    let c = http();
+    let c = client();
     let run_for = S(10);
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -389,7 +389,7 @@ async fn idp_down_serves_valid_token_then_503_then_recovers() {
     let stack = Stack::start(StackOpts::default()).await;
     let app = stack.app("max_backoff = \"1s\"").await;
     let url = format!("http://{}/api/down", app.proxy_addr.unwrap());
-    let c = http();
+    let c = client();
     let g = stack.wait_generation(1, S(10)).await;
     // Stop right after a rotation so the token has its whole life ahead.
     stack.wait_generation(g + 1, S(10)).await;
@@ -553,7 +553,7 @@ async fn invalid_grant_dead_serves_until_expiry_then_revives_from_store() {
     .await;
     let (path, ports) = child_config(&stack, "proxy", "");
     let proxy = ChildProxy::start(stack.dir.path(), "run", &path, ports).await;
-    let c = http();
+    let c = client();
     let url = proxy.url("/api/ig");
     stack.wait_generation(1, S(10)).await;
     stack.idp.revoke_family_of(&stack.current_refresh_token());
@@ -664,7 +664,7 @@ async fn wall_clock_jump_past_expiry_never_injects_expired_token() {
         .await
         .unwrap();
     let url = format!("http://{}/api/suspend", app.proxy_addr.unwrap());
-    let c = http();
+    let c = client();
     let got = get_ok(&c, &url).await;
     assert_eq!(got.status, 200, "{}", got.text());
     stack.idp.stop().await;
@@ -703,7 +703,7 @@ async fn logs_and_outputs_never_contain_secrets() {
         .replace("level = \"info\"", "level = \"debug\"");
     std::fs::write(&path, text).unwrap();
     let proxy = ChildProxy::start(stack.dir.path(), "run", &path, ports).await;
-    let c = http();
+    let c = client();
     let mut outputs = Vec::new();
     stack.wait_generation(1, S(10)).await;
     let rec = stack.record().unwrap();
@@ -785,7 +785,7 @@ async fn reset_before_processing_with_introspection_retries() {
         2,
         "presented again only after introspection said it is active"
     );
-    let c = http();
+    let c = client();
     let got = get_ok(&c, &format!("http://{}/api/x", app.proxy_addr.unwrap())).await;
     assert_eq!(got.status, 200, "{}", got.text());
     stack.assert_no_reuse();
@@ -799,7 +799,7 @@ async fn requests_do_not_wait_for_a_proactive_refresh() {
     let stack = Stack::start(StackOpts::default()).await;
     let app = stack.app("").await;
     let url = format!("http://{}/api/steady", app.proxy_addr.unwrap());
-    let c = http();
+    let c = client();
     let g = stack.wait_generation(1, S(10)).await;
     stack.wait_generation(g + 1, S(10)).await;
     // The next refresh starts ~1 s before expiry and takes 700 ms.
@@ -835,7 +835,7 @@ async fn new_seed_in_config_revives_a_dead_credential() {
     let stack = Stack::start(StackOpts::default()).await;
     let (path, ports) = child_config(&stack, "proxy", "");
     let mut first = ChildProxy::start(stack.dir.path(), "run1", &path, ports).await;
-    let c = http();
+    let c = client();
     stack.wait_generation(1, S(10)).await;
     stack.idp.revoke_family_of(&stack.current_refresh_token());
     let dead = wait_state(&c, first.admin, "dead", S(6)).await;
@@ -883,7 +883,7 @@ async fn store_io_never_blocks_the_serving_thread() {
     let app = stack.app("").await;
     stack.wait_generation(1, S(10)).await;
     let url = format!("http://{}/api/x", app.proxy_addr.unwrap());
-    assert_eq!(get_ok(&http(), &url).await.status, 200);
+    assert_eq!(get_ok(&client(), &url).await.status, 200);
 
     let mut write_lock = stack.store_path().into_os_string();
     write_lock.push(".lock");
@@ -903,7 +903,7 @@ async fn store_io_never_blocks_the_serving_thread() {
     locked_rx.recv().unwrap();
     let admin = app.admin_addr.unwrap();
     let refresh = tokio::spawn(async move {
-        post_admin(&http(), admin, &format!("/credentials/{CRED}/refresh")).await
+        post_admin(&client(), admin, &format!("/credentials/{CRED}/refresh")).await
     });
     // Timed from a thread of its own: if the runtime's only thread is
     // stuck, nothing on it could measure that.

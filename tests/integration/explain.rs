@@ -89,7 +89,7 @@ async fn explains_a_revoked_refresh_token_from_real_logs() {
     stack.idp.revoke_family_of(&stack.seed);
     let (path, ports) = child_config(&stack, "proxy", "");
     let child = ChildProxy::start(stack.dir.path(), "run", &path, ports).await;
-    wait_state(&http(), child.admin, "dead", S(10)).await;
+    wait_state(&client(), child.admin, "dead", S(10)).await;
     let mut logs = std::fs::read(&child.stderr).unwrap();
     assert!(
         String::from_utf8_lossy(&logs).contains("token_refresh"),
@@ -163,7 +163,7 @@ async fn explains_rate_limit_then_gateway_lost_rotation() {
         headers: vec![("Retry-After".into(), "1".into())],
     });
     stack.idp.push_fault(Fault::LoseAnswer(502));
-    wait_state(&http(), child.admin, "dead", S(15)).await;
+    wait_state(&client(), child.admin, "dead", S(15)).await;
     let logs = std::fs::read(&child.stderr).unwrap();
 
     let (code, out, err) = explain(&[], &logs);
@@ -247,7 +247,7 @@ async fn explains_a_refresh_token_reused_by_a_second_replica() {
     let path_b = stack.dir.path().join("replica-b.toml");
     std::fs::write(&path_b, text).unwrap();
     let b = ChildProxy::start(stack.dir.path(), "b", &path_b, ports_b).await;
-    wait_state(&http(), b.admin, "dead", S(10)).await;
+    wait_state(&client(), b.admin, "dead", S(10)).await;
     assert!(stack.idp.reuse_count() >= 1, "the IdP saw the reuse");
 
     let mut logs = std::fs::read(&a.stderr).unwrap();

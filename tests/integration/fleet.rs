@@ -244,7 +244,7 @@ fn load(
     per_replica: usize,
     run_for: Duration,
 ) -> Vec<tokio::task::JoinHandle<(usize, Vec<String>)>> {
-    let c = http();
+    let c = client();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for r in replicas {
@@ -296,7 +296,7 @@ async fn fleet_three_replicas_refresh_once_per_expiry() {
     let Some(pg) = Pg::start() else { return };
     let stack = Stack::start(StackOpts::default()).await;
     let replicas = start_replicas(&stack, &pg, 3, "").await;
-    let c = http();
+    let c = client();
     for r in &replicas {
         let g = get_ok(&c, &r.url("/api/warmup")).await;
         assert_eq!(g.status, 200, "{}", g.text());
@@ -357,7 +357,7 @@ async fn fleet_survives_a_postgres_restart() {
     })
     .await;
     let replicas = start_replicas(&stack, &pg, 2, "max_backoff = \"1s\"").await;
-    let c = http();
+    let c = client();
     for r in &replicas {
         assert_eq!(get_ok(&c, &r.url("/api/warmup")).await.status, 200);
     }
@@ -430,7 +430,7 @@ async fn fleet_two_replicas_start_at_once_on_empty_database() {
         ChildProxy::start(dir, "a", &pa, ports_a),
         ChildProxy::start(dir, "b", &pb, ports_b)
     );
-    let c = http();
+    let c = client();
     for r in [&a, &b] {
         let g = get_ok(&c, &r.url("/api/x")).await;
         assert_eq!(g.status, 200, "{} {}", g.text(), r.output());
@@ -485,7 +485,7 @@ async fn fleet_kill9_of_lease_holder_goes_through_lost_rotation() {
     let killed_at = Instant::now();
     hold.release();
     let survivor = &replicas[1 - idx];
-    let c = http();
+    let c = client();
     let st = wait_state(&c, survivor.admin, "dead", S(60)).await;
     eprintln!(
         "kill -9: survivor dead after {:?}: {}",
@@ -515,7 +515,7 @@ async fn fleet_encrypted_columns_hold_no_token_in_clear() {
     );
     std::fs::write(&path, text).unwrap();
     let r = ChildProxy::start(stack.dir.path(), "enc", &path, ports).await;
-    let c = http();
+    let c = client();
     assert_eq!(get_ok(&c, &r.url("/api/x")).await.status, 200);
     pg.wait_generation(1, S(10)).await;
     let raw = pg.psql(&format!(
@@ -572,7 +572,7 @@ async fn store_migrate_moves_a_family_from_file_to_postgres() {
     ));
     assert_eq!(family, rec["family"].as_str().unwrap());
     let r = ChildProxy::start(stack.dir.path(), "pg", &pg_cfg, pg_ports).await;
-    let c = http();
+    let c = client();
     assert_eq!(get_ok(&c, &r.url("/api/x")).await.status, 200);
     let g = rec["generation"].as_u64().unwrap();
     pg.wait_generation(g + 2, S(10)).await;
@@ -690,7 +690,7 @@ async fn fleet_key_rotation_then_rekey() {
     })
     .await;
     let dir = stack.dir.path();
-    let c = http();
+    let c = client();
     let (a_cfg, a_ports) = keyed_replica(&stack, &pg, "key-a", KEY_A, &[]);
     let mut a = ChildProxy::start(dir, "key-a", &a_cfg, a_ports).await;
     let access = bearer(&get_ok(&c, &a.url("/api/x")).await);
@@ -780,7 +780,7 @@ async fn store_export_then_import_moves_a_family_without_a_grant() {
     })
     .await;
     let dir = stack.dir.path();
-    let c = http();
+    let c = client();
     let (file_cfg, ports) = child_config(&stack, "file", "");
     let mut old = ChildProxy::start(dir, "file", &file_cfg, ports).await;
     let access = bearer(&get_ok(&c, &old.url("/api/x")).await);
@@ -944,7 +944,7 @@ async fn fleet_tls_verified_with_sslrootcert() {
     };
     let (path, ports) = replica_config_url(&stack, &url("test-ca.pem"), "tls", "");
     let r = ChildProxy::start(dir, "tls", &path, ports).await;
-    let c = http();
+    let c = client();
     let g = get_ok(&c, &r.url("/api/x")).await;
     assert_eq!(g.status, 200, "{} {}", g.text(), r.output());
     let sessions = pg.psql(
@@ -980,7 +980,7 @@ async fn nudge_refresh(admin: std::net::SocketAddr) {
         .header(tokenproxy::admin::ADMIN_HEADER, "1")
         .body(http_body_util::Full::default())
         .unwrap();
-    let _ = tokio::time::timeout(Duration::from_millis(500), http().request(req)).await;
+    let _ = tokio::time::timeout(Duration::from_millis(500), client().request(req)).await;
 }
 
 /// The lease is a fence. Replica A's grant is delayed 15 s at the IdP while
@@ -1016,7 +1016,7 @@ async fn fleet_a_partitioned_holder_with_a_delayed_grant_is_never_overtaken() {
             let (b_path, b_ports) = replica_config(&stack, &pg, "b", &extra);
             let b = ChildProxy::start(stack.dir.path(), "b", &b_path, b_ports).await;
             wait_for("B adopted generation 1", S(10), || async {
-                credential_status(&http(), b.admin)
+                credential_status(&client(), b.admin)
                     .await
                     .filter(|s| s["generation"] == 1 && s["state"] == "fresh")
             })
@@ -1040,7 +1040,7 @@ async fn fleet_a_partitioned_holder_with_a_delayed_grant_is_never_overtaken() {
             pg.wait_generation(2, S(90)).await;
             for r in [&a, &b] {
                 let g = wait_for("a replica serves", S(90), || async {
-                    let g = get_ok(&http(), &r.url("/api/x")).await;
+                    let g = get_ok(&client(), &r.url("/api/x")).await;
                     (g.status == 200).then_some(g)
                 })
                 .await;
@@ -1070,7 +1070,7 @@ async fn two_replicas_on_generation_1(
     let (b_path, b_ports) = replica_config(stack, pg, "b", extra);
     let b = ChildProxy::start(stack.dir.path(), "b", &b_path, b_ports).await;
     wait_for("B adopted generation 1", S(10), || async {
-        credential_status(&http(), b.admin)
+        credential_status(&client(), b.admin)
             .await
             .filter(|s| s["generation"] == 1 && s["state"] == "fresh")
     })
@@ -1134,7 +1134,7 @@ async fn fleet_a_paused_holder_is_not_overtaken_mid_grant() {
             pg.wait_generation(2, S(60)).await;
             for r in [&a, &b] {
                 wait_for("a replica serves", S(60), || async {
-                    let g = get_ok(&http(), &r.url("/api/x")).await;
+                    let g = get_ok(&client(), &r.url("/api/x")).await;
                     (g.status == 200).then_some(())
                 })
                 .await;
@@ -1162,7 +1162,7 @@ async fn fleet_a_postgres_restart_mid_grant_loses_nothing() {
             pg.wait_generation(2, S(60)).await;
             for r in [&a, &b] {
                 let st = wait_for("a replica serves generation 2", S(60), || async {
-                    let st = credential_status(&http(), r.admin).await?;
+                    let st = credential_status(&client(), r.admin).await?;
                     (st["generation"] == 2 && st["state"] == "fresh").then_some(st)
                 })
                 .await;

@@ -4,7 +4,7 @@
 //! upstream answers exactly the bytes given; both the lean exchange (no
 //! request body) and hyper's (a body) are covered.
 
-use crate::support::*;
+use crate::harness::*;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

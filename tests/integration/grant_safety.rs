@@ -38,7 +38,7 @@ fn ca_file(stack: &Stack) -> String {
 }
 
 async fn status(app: &App) -> serde_json::Value {
-    credential_status(&http(), app.admin_addr.unwrap())
+    credential_status(&client(), app.admin_addr.unwrap())
         .await
         .unwrap_or_default()
 }
@@ -69,7 +69,7 @@ async fn a_stalled_tls_handshake_is_not_a_lost_rotation() {
         let rec = stack.record().expect("the seed's record");
         assert!(rec["dead"].is_null(), "{rec}");
         let metrics = get_ok(
-            &http(),
+            &client(),
             &format!("http://{}/metrics", app.admin_addr.unwrap()),
         )
         .await
@@ -80,7 +80,7 @@ async fn a_stalled_tls_handshake_is_not_a_lost_rotation() {
         front.set(Mode::Pass);
         stack.wait_generation(1, S(10)).await;
         let g = get_ok(
-            &http(),
+            &client(),
             &format!("http://{}/api/x", app.proxy_addr.unwrap()),
         )
         .await;
@@ -118,8 +118,8 @@ async fn a_gateway_502_after_the_rotation_is_never_retried_blindly() {
                 stack.wait_generation(1, S(10)).await;
                 gateway.set(Mode::Replace(502));
                 let admin = app.admin_addr.unwrap();
-                let _ = post_admin(&http(), admin, &format!("/credentials/{CRED}/refresh")).await;
-                let st = wait_state(&http(), admin, "dead", S(30)).await;
+                let _ = post_admin(&client(), admin, &format!("/credentials/{CRED}/refresh")).await;
+                let st = wait_state(&client(), admin, "dead", S(30)).await;
                 assert_eq!(gateway.replaced(), 1, "the IdP processed one grant");
                 assert_eq!(st["last_error"]["reason"], "lost_rotation", "{st}");
                 let hint = st["last_error"]["hint"].as_str().unwrap_or_default();
@@ -131,7 +131,7 @@ async fn a_gateway_502_after_the_rotation_is_never_retried_blindly() {
                     hint.contains("introspection_url") || hint.contains("reuse_grace"),
                     "hint names the setting: {hint}"
                 );
-                let metrics = get_ok(&http(), &format!("http://{admin}/metrics"))
+                let metrics = get_ok(&client(), &format!("http://{admin}/metrics"))
                     .await
                     .text();
                 assert!(
@@ -173,7 +173,7 @@ async fn a_gateway_502_before_the_idp_is_retried_after_introspection() {
                 headers: vec![],
             });
             let admin = app.admin_addr.unwrap();
-            let _ = post_admin(&http(), admin, &format!("/credentials/{CRED}/refresh")).await;
+            let _ = post_admin(&client(), admin, &format!("/credentials/{CRED}/refresh")).await;
             let st = wait_for("the 502", S(10), || async {
                 let st = status(&app).await;
                 (st["last_error"]["status"] == 502).then_some(st)
@@ -182,7 +182,7 @@ async fn a_gateway_502_before_the_idp_is_retried_after_introspection() {
             assert_ne!(st["state"], "dead", "{st}");
             // The token still works, so the next try waits for an asked refresh.
             tokio::time::sleep(Duration::from_millis(1500)).await;
-            let _ = post_admin(&http(), admin, &format!("/credentials/{CRED}/refresh")).await;
+            let _ = post_admin(&client(), admin, &format!("/credentials/{CRED}/refresh")).await;
             stack.wait_generation(2, S(10)).await;
             stack.assert_no_reuse();
             app.shutdown().await;
@@ -211,7 +211,7 @@ async fn sigterm_waits_for_the_grant_in_flight() {
             .push_fault(Fault::HoldAfterProcessing(hold.clone()));
         let admin = child.admin;
         let refresh = tokio::spawn(async move {
-            post_admin(&http(), admin, &format!("/credentials/{CRED}/refresh")).await
+            post_admin(&client(), admin, &format!("/credentials/{CRED}/refresh")).await
         });
         hold.reached().await;
         let pid = child.child.id().to_string();
@@ -239,11 +239,11 @@ async fn sigterm_waits_for_the_grant_in_flight() {
 
         let child = ChildProxy::start(stack.dir.path(), "drain2", &config, ports).await;
         let st = wait_for("status", S(5), || async {
-            credential_status(&http(), child.admin).await
+            credential_status(&client(), child.admin).await
         })
         .await;
         assert_eq!(st["state"], "fresh", "{st}");
-        let g = get_ok(&http(), &child.url("/api/x")).await;
+        let g = get_ok(&client(), &child.url("/api/x")).await;
         assert_eq!(g.status, 200, "{}", g.text());
         stack.assert_no_reuse();
     })
@@ -277,7 +277,7 @@ async fn a_respelled_token_url_never_represents_the_spent_seed() {
                 stack.idp.set_access_ttl(S(60));
                 let app = start_app(&stack, spelling, "").await;
                 let admin = app.admin_addr.unwrap();
-                let _ = post_admin(&http(), admin, &format!("/credentials/{CRED}/refresh")).await;
+                let _ = post_admin(&client(), admin, &format!("/credentials/{CRED}/refresh")).await;
                 stack.wait_generation(2 + i as u64, S(10)).await;
                 let st = status(&app).await;
                 assert_ne!(st["state"], "dead", "{spelling}: {st}");
@@ -317,7 +317,7 @@ async fn a_new_endpoint_with_the_spent_seed_is_dead_not_reused() {
             // The same IdP under another path: a different endpoint to us.
             let moved = stack.idp.token_url().replace("/token", "/oauth2/token");
             let app = start_app(&stack, &moved, "").await;
-            let st = wait_state(&http(), app.admin_addr.unwrap(), "dead", S(5)).await;
+            let st = wait_state(&client(), app.admin_addr.unwrap(), "dead", S(5)).await;
             assert_eq!(st["last_error"]["reason"], "seed_already_used", "{st}");
             assert_eq!(stack.refresh_grants(), 1, "only the first presentation");
             stack.assert_no_reuse();
@@ -416,7 +416,7 @@ async fn a_refusal_inside_the_grace_window_keeps_the_first_presentation_in_mind(
         "a_refusal_inside_the_grace_window_keeps_the_first_presentation_in_mind",
         || async {
             let (stack, app) = lost_then_refused("1500ms").await;
-            let st = wait_state(&http(), app.admin_addr.unwrap(), "dead", S(15)).await;
+            let st = wait_state(&client(), app.admin_addr.unwrap(), "dead", S(15)).await;
             assert_eq!(st["last_error"]["reason"], "lost_rotation", "{st}");
             tokio::time::sleep(S(1)).await;
             stack.assert_no_reuse();
@@ -444,7 +444,7 @@ async fn a_wall_clock_stepped_back_does_not_stretch_the_grace_window() {
                 .load()
                 .clock()
                 .rewind_wall(Duration::from_millis(2500));
-            let st = wait_state(&http(), app.admin_addr.unwrap(), "dead", S(15)).await;
+            let st = wait_state(&client(), app.admin_addr.unwrap(), "dead", S(15)).await;
             assert_eq!(st["last_error"]["reason"], "lost_rotation", "{st}");
             tokio::time::sleep(S(1)).await;
             stack.assert_no_reuse();
@@ -470,14 +470,14 @@ async fn a_store_restored_from_an_older_backup_is_never_presented() {
             let backup = std::fs::read(stack.store_path()).unwrap();
             stack.wait_generation(g + 2, S(10)).await;
             std::fs::write(stack.store_path(), &backup).unwrap();
-            let st = wait_state(&http(), app.admin_addr.unwrap(), "dead", S(10)).await;
+            let st = wait_state(&client(), app.admin_addr.unwrap(), "dead", S(10)).await;
             assert_eq!(st["last_error"]["reason"], "store_rolled_back", "{st}");
             app.shutdown().await;
             stack.assert_no_reuse();
 
             // A new process, the old backup still in place.
             let app = start_app(&stack, &stack.idp.token_url(), "max_backoff = \"1s\"\n").await;
-            let st = wait_state(&http(), app.admin_addr.unwrap(), "dead", S(5)).await;
+            let st = wait_state(&client(), app.admin_addr.unwrap(), "dead", S(5)).await;
             assert_eq!(st["last_error"]["reason"], "store_rolled_back", "{st}");
             tokio::time::sleep(S(2)).await;
             stack.assert_no_reuse();
@@ -532,7 +532,7 @@ async fn a_reload_that_changes_the_store_key_applies_everywhere_or_is_refused() 
                 !msg.contains(KEY_A) && !msg.contains(KEY_B),
                 "no key in the message: {msg}"
             );
-            let c = http();
+            let c = client();
             let url = format!("http://{}/api/x", app.proxy_addr.unwrap());
             assert_eq!(get_ok(&c, &url).await.status, 200, "the old config serves");
 
@@ -619,7 +619,7 @@ async fn an_unsaved_rotation_never_overwrites_a_login_that_landed_meanwhile() {
             .push_fault(Fault::HoldAfterProcessing(hold.clone()));
         let admin = app.admin_addr.unwrap();
         let refresh = tokio::spawn(async move {
-            post_admin(&http(), admin, &format!("/credentials/{CRED}/refresh")).await
+            post_admin(&client(), admin, &format!("/credentials/{CRED}/refresh")).await
         });
         hold.reached().await;
         // Writes fail from now on (the store-wide write lock is unusable);

@@ -2,7 +2,7 @@
 //! connection is cut) and the upstream sees nothing. The echo upstream's
 //! `requests()` count is the oracle: it counts every request head it got.
 
-use crate::support::*;
+use crate::harness::*;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -36,7 +36,7 @@ fn body(status: u16, body: String) -> Fault {
 /// response that is neither the upstream's 200 nor a proxy-made 503.
 fn poller(url: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<u16>> {
     tokio::spawn(async move {
-        let c = http();
+        let c = client();
         let mut seen = Vec::new();
         // Bounded: 2000 × ≥ 25 ms.
         for _ in 0..2000 {
@@ -101,7 +101,7 @@ async fn start_with(extra: &str, introspect: bool) -> Run {
 
 impl Run {
     async fn status(&self) -> serde_json::Value {
-        credential_status(&http(), self.app.live_admin())
+        credential_status(&client(), self.app.live_admin())
             .await
             .unwrap_or_default()
     }
@@ -419,7 +419,7 @@ async fn slow_idp_means_503_after_refresh_wait_then_recovery() {
     run.stack.idp.push_fault(Fault::Delay(S(6)));
     // The proactive refresh starts ~1 s before expiry and hangs 6 s.
     let url = format!("http://{}/api/slow", run.app.proxy_addr.unwrap());
-    let c = http();
+    let c = client();
     let got_503 = wait_for("a 503 while the IdP hangs", S(10), || async {
         let t0 = Instant::now();
         let g = try_get(&c, &url).await.ok()?;

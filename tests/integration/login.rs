@@ -3,7 +3,7 @@
 //! (cookies by hand) and through the `login` binary's loopback listener.
 //! Every failure names its cause, escaped, and no secret shows up.
 
-use crate::support::*;
+use crate::harness::*;
 use bytes::Bytes;
 use http::Response;
 use std::io::BufRead;
@@ -217,7 +217,7 @@ async fn admin_login_installs_a_family_and_rotation_continues() {
     assert_eq!(r.status(), 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(json(&body)["token_ok"], true);
     // 2 s tokens: the engine refreshes within the family by itself.
-    poll_until("a rotation", Duration::from_secs(8), || async {
+    wait_for("a rotation", Duration::from_secs(8), || async {
         let s = env.credential("rt").await;
         (s["generation"].as_u64() >= Some(1)).then_some(())
     })
@@ -598,7 +598,7 @@ async fn cli_login_through_the_loopback_listener() {
     env.start().await;
     let (r, _) = env.get("/rt/x").await;
     assert_eq!(r.status(), 200);
-    poll_until("a rotation", Duration::from_secs(8), || async {
+    wait_for("a rotation", Duration::from_secs(8), || async {
         let s = env.credential("rt").await;
         (s["generation"].as_u64() >= Some(1)).then_some(())
     })

@@ -23,5 +23,4 @@ mod proxy;
 mod reactive;
 mod reload;
 mod store_keys;
-mod support;
 mod tokens;

@@ -6,8 +6,8 @@
 //! The metrics registry is process-wide: every test here uses its own route
 //! and credential names, so series never collide with other tests.
 
+use crate::harness::*;
 use crate::harness::{self, ChildProxy, Stack, StackOpts};
-use crate::support::*;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
@@ -278,7 +278,7 @@ credential = "opsf"
     assert_eq!(s["last_error"]["outcome"], "config_error", "{s}");
 
     std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
-    poll_until(
+    wait_for(
         "the credential to recover",
         Duration::from_secs(6),
         || async {
@@ -451,7 +451,7 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
     .await;
     let (path, ports) = harness::child_config(&stack, "term", "");
     let mut child = ChildProxy::start(stack.dir.path(), "term", &path, ports).await;
-    let c = harness::http();
+    let c = harness::client();
     // Warm up: a token, and a pooled connection.
     assert_eq!(harness::get_ok(&c, &child.url("/api/x")).await.status, 200);
 
@@ -498,7 +498,7 @@ async fn sighup_applies_a_changed_route_and_keeps_the_old_config_when_broken() {
     .await;
     let (path, ports) = harness::child_config(&stack, "hup", "");
     let child = ChildProxy::start(stack.dir.path(), "hup", &path, ports).await;
-    let c = harness::http();
+    let c = harness::client();
     assert_eq!(harness::get_ok(&c, &child.url("/api/x")).await.status, 200);
 
     // Same length and the old mtime: the file watcher cannot see the change,
@@ -549,7 +549,7 @@ async fn sighup_applies_a_changed_route_and_keeps_the_old_config_when_broken() {
 /// `log.access = true`: one info line per request, path without its query.
 #[tokio::test]
 async fn access_log_lines_name_the_request_but_never_the_query() {
-    use crate::harness::{free_port, get_ok, http, ChildProxy, Stack, StackOpts};
+    use crate::harness::{client, free_port, get_ok, ChildProxy, Stack, StackOpts};
     let stack = Stack::start(StackOpts::default()).await;
     let ports = (free_port(), free_port());
     let text = stack
@@ -558,7 +558,7 @@ async fn access_log_lines_name_the_request_but_never_the_query() {
     let path = stack.dir.path().join("access.toml");
     std::fs::write(&path, text).unwrap();
     let proxy = ChildProxy::start(stack.dir.path(), "access", &path, ports).await;
-    let c = http();
+    let c = client();
     get_ok(&c, &proxy.url("/api/hello?access_token=query-secret")).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let line = loop {
@@ -588,7 +588,7 @@ async fn access_log_lines_name_the_request_but_never_the_query() {
 /// (`request_id` wherever a request caused the event).
 #[tokio::test]
 async fn a_refresh_caused_by_a_request_carries_its_request_id() {
-    use crate::harness::{free_port, get_ok, http, ChildProxy, Stack, StackOpts};
+    use crate::harness::{client, free_port, get_ok, ChildProxy, Stack, StackOpts};
     use http_body_util::{BodyExt, Full};
     let stack = Stack::start(StackOpts {
         access_ttl: std::time::Duration::from_secs(120),
@@ -599,7 +599,7 @@ async fn a_refresh_caused_by_a_request_carries_its_request_id() {
     let path = stack.dir.path().join("rid.toml");
     std::fs::write(&path, stack.toml(ports.0, ports.1, "")).unwrap();
     let proxy = ChildProxy::start(stack.dir.path(), "rid", &path, ports).await;
-    let c = http();
+    let c = client();
     let first = get_ok(&c, &proxy.url("/api/first")).await;
     assert_eq!(first.status, 200, "{}", first.text());
     let token = first.json()["headers"]["authorization"][0]
@@ -643,7 +643,7 @@ async fn a_refresh_caused_by_a_request_carries_its_request_id() {
 /// no series.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_token_lifetime_is_a_gauge_when_the_idp_sends_it() {
-    use crate::harness::{get_ok, http, wait_for};
+    use crate::harness::{client, get_ok, wait_for};
     let idp = tokenproxy::dev::DevIdp::start(
         "127.0.0.1:0".parse().unwrap(),
         tokenproxy::dev::IdpOptions {
@@ -672,7 +672,7 @@ async fn refresh_token_lifetime_is_a_gauge_when_the_idp_sends_it() {
     let app = tokenproxy::app::App::start(&cfg).await.unwrap();
     let url = format!("http://{}/metrics", app.admin_addr.unwrap());
     let line = wait_for("the gauge", Duration::from_secs(10), || async {
-        get_ok(&http(), &url)
+        get_ok(&client(), &url)
             .await
             .text()
             .lines()

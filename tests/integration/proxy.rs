@@ -1,6 +1,6 @@
 //! The data path end to end: a real client → the proxy → the echo upstream.
 
-use crate::support::*;
+use crate::harness::*;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};

@@ -1,7 +1,7 @@
 //! Reactive refresh (docs/architecture.md): an upstream 401 for a token the IdP revoked
 //! early costs one refresh, and the request is replayed once.
 
-use crate::support::{client, echoed, json, send};
+use crate::harness::{client, echoed, json, send};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;

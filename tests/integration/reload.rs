@@ -2,7 +2,7 @@
 //! rejected and the running config kept; a new seed revives a dead
 //! credential (seeds: docs/architecture.md).
 
-use crate::support::{client, get, send};
+use crate::harness::{client, get, send};
 use std::time::{Duration, Instant};
 use tokenproxy::app::App;
 use tokenproxy::dev::{DevIdp, EchoUpstream, IdpOptions};
@@ -124,14 +124,14 @@ async fn reload_applies_new_listener_tls_settings_to_new_connections() {
         .unwrap();
     let addr = app.proxy_addr.unwrap();
     let plain_request = "GET /api/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-    let answer = crate::support::raw(addr, plain_request).await;
+    let answer = crate::harness::raw(addr, plain_request).await;
     assert!(
         !answer.starts_with("HTTP/1.1 200"),
         "a TLS listener must not answer plain HTTP: {answer}"
     );
     std::fs::write(&path, &plain).unwrap();
     app.reload().await.unwrap();
-    let answer = crate::support::raw(addr, plain_request).await;
+    let answer = crate::harness::raw(addr, plain_request).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     app.shutdown().await;
 }

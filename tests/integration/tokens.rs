@@ -2,7 +2,7 @@
 //! rotation, reuse detection) and the echo upstream (accepts only the IdP's
 //! live tokens). Every test ends with `reuse_count() == 0`.
 
-use crate::support::*;
+use crate::harness::*;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 use tokenproxy::dev::{DevClient, Fault, IdpOptions};
@@ -254,7 +254,7 @@ async fn restart_reuses_the_stored_token_and_refreshes_with_the_latest() {
     assert_eq!(after["generation"], status["generation"]);
 
     // The next (proactive) refresh presents the latest refresh token.
-    poll_until("the proactive refresh", Duration::from_secs(8), || async {
+    wait_for("the proactive refresh", Duration::from_secs(8), || async {
         (env.idp.grant_count("refresh_token") >= 2).then_some(())
     })
     .await;

@@ -1,14 +1,10 @@
 //! Helpers for the token-engine scenarios: a dev IdP + echo upstream + temp
 //! store, configs written as TOML text, the proxy in-process or as a real
 //! `tokenproxy run` child (killed on drop, output captured to files), admin
-//! status, store reads and writes, and polling with deadlines.
+//! status, store reads and writes, and fault-scenario repetition.
 
-#![allow(dead_code)]
-
-use bytes::Bytes;
+use super::*;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use parking_lot::Mutex;
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -25,79 +21,6 @@ use tokenproxy::dev::{DevIdp, EchoUpstream, IdpOptions};
 pub const CLIENT_ID: &str = "demo-client";
 pub const CLIENT_SECRET: &str = "demo-secret-8f3a1c";
 pub const CRED: &str = "user";
-
-pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
-
-pub fn http() -> HttpClient {
-    Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(256)
-        .build_http()
-}
-
-/// A response as tests look at it.
-#[derive(Debug, Clone)]
-pub struct Got {
-    pub status: u16,
-    pub headers: http::HeaderMap,
-    pub body: Bytes,
-}
-
-impl Got {
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
-    }
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-pub async fn try_get(c: &HttpClient, url: &str) -> Result<Got, String> {
-    let req = http::Request::get(url).body(Full::default()).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(15), c.request(req))
-        .await
-        .map_err(|_| "timeout".to_owned())?
-        .map_err(|e| e.to_string())?;
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok(Got {
-        status: parts.status.as_u16(),
-        headers: parts.headers,
-        body,
-    })
-}
-
-pub async fn get_ok(c: &HttpClient, url: &str) -> Got {
-    try_get(c, url)
-        .await
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
-}
-
-/// Polls `f` every 50 ms until it yields `Some`, or panics after `within`.
-pub async fn wait_for<T, F, Fut>(what: &str, within: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out after {within:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A port free right now (bind 127.0.0.1:0 and drop).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The IdP, the upstream, a temp dir with the store, and every secret seen.
 pub struct Stack {
@@ -369,7 +292,7 @@ impl ChildProxy {
             stdout,
             stderr,
         };
-        let c = http();
+        let c = client();
         let admin = me.admin;
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {

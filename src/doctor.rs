@@ -5,7 +5,7 @@
 //! real client_credentials grant), the upstreams and the running proxy's
 //! admin API. Writes nothing but a probe file beside the store.
 
-use crate::config::{self, AuthMethod, Config, CredentialConfig, GrantType, StoreKind};
+use crate::config::{self, Config, CredentialConfig, GrantType, StoreKind};
 use crate::discovery::{self, Fetched};
 use crate::net::Unreachable;
 use crate::secret::Secret;
@@ -315,7 +315,11 @@ async fn check_credential(r: &mut Report, config: &Config, cred: &CredentialConf
                     resource: cred.resource.as_deref(),
                 },
             );
-            match send(&client, &req).await {
+            let answer = match req {
+                Ok(req) => send(&client, &req).await,
+                Err(e) => Err(e),
+            };
+            match answer {
                 Ok(set) => r.ok(format!(
                     "{n}: client_credentials grant works (token for {})",
                     set.expires_in
@@ -366,8 +370,11 @@ async fn check_client_auth(
 ) {
     let n = &cred.name;
     let dummy = Secret::new("tokenproxy-doctor-probe-not-a-token");
-    let req = grant::build_token_request(cred, url, &Grant::RefreshToken(&dummy));
-    match send(client, &req).await {
+    let answer = match grant::build_token_request(cred, url, &Grant::RefreshToken(&dummy)) {
+        Ok(req) => send(client, &req).await,
+        Err(e) => Err(e),
+    };
+    match answer {
         Ok(_) => r.add(
             Mark::Warn,
             format!("{n}: the token endpoint accepted a made-up refresh token"),
@@ -380,10 +387,6 @@ async fn check_client_auth(
             ))
         }
         Err(e) if e.code.as_deref() == Some("invalid_client") => {
-            let other = match cred.auth_method {
-                AuthMethod::ClientSecretBasic => "client_secret_post",
-                _ => "client_secret_basic",
-            };
             r.add(
                 Mark::Fail,
                 format!(
@@ -391,7 +394,7 @@ async fn check_client_auth(
                     describe(&e),
                     cred.auth_method.as_str()
                 ),
-                &format!("check client_id and client_secret, or try auth_method = \"{other}\""),
+                &crate::token::hints::invalid_client(cred),
             );
         }
         Err(e) if e.status == Some(404) => r.add(

@@ -5,6 +5,7 @@
 //! The proxy sees it only through [`RouteToken`]: a cheap clonable handle
 //! whose fast path is a lock-free read of a prebuilt `HeaderValue`.
 
+pub mod assertion;
 pub mod engine;
 pub mod grant;
 pub mod hints;
@@ -486,6 +487,8 @@ pub(crate) mod tests_support {
             ca_file: None,
             client_cert: None,
             client_key: None,
+            client_assertion: None,
+            client_assertion_aud: crate::config::AssertionAud::TokenEndpoint,
             refresh_before: None,
             refresh_wait: Duration::from_secs(10),
             max_backoff: Duration::from_secs(60),

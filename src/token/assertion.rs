@@ -244,7 +244,7 @@ pub fn load_key(
     };
     if let Some(cert_pem) = cert_pem {
         let cert = cert_for(&kind, &der, cert_pem)?;
-        key.x5t_s256 = Some(URL_SAFE_NO_PAD.encode(Sha256::digest(cert.as_ref())));
+        key.x5t_s256 = Some(cert_thumbprint(cert.as_ref()));
         key.x5t = Some(URL_SAFE_NO_PAD.encode(ring::digest::digest(
             &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
             cert.as_ref(),
@@ -291,6 +291,11 @@ fn cert_for(
     };
     verified.map_err(|_| CertError::WrongKey)?;
     Ok(der)
+}
+
+/// `x5t#S256` of a DER certificate (RFC 7515 §4.1.8): safe to print.
+pub fn cert_thumbprint(der: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(der))
 }
 
 fn jwk_thumbprint(kind: &KeyKind) -> String {

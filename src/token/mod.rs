@@ -189,7 +189,10 @@ impl Engine {
                 })
                 .cloned();
             let slot = match reused {
-                Some(s) => s,
+                Some(s) => {
+                    s.retry_config_error_now();
+                    s
+                }
                 None => {
                     let token_url = resolve_token_url(cred, egress.as_ref()).await?;
                     let s = build_slot(

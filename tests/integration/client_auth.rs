@@ -615,3 +615,98 @@ credential = "a"
     assert!(text.contains("p384.key is not an RSA"), "{text}");
     assert!(!text.contains("PRIVATE KEY"), "{text}");
 }
+
+/// `tokenproxy doctor -c FILE` off the runtime thread: exit code and output.
+async fn doctor(config: &Path) -> (i32, String) {
+    let config = config.to_path_buf();
+    let out = tokio::task::spawn_blocking(move || {
+        run_cli(&[Path::new("doctor"), Path::new("-c"), config.as_path()])
+    })
+    .await
+    .unwrap();
+    (out.code.unwrap_or(-1), out.text())
+}
+
+#[tokio::test]
+async fn doctor_proves_key_and_certificate_clients_without_spending_and_names_public_facts() {
+    let run = Run::new(
+        vec![
+            DevClient::private_key_jwt("pkj-rt", td::EC_PUBLIC),
+            DevClient::tls_client_auth("pki-client", td::MTLS_CA, "client.tokenproxy.test"),
+        ],
+        true,
+    )
+    .await;
+    let seed = run.idp.issue_refresh_token("pkj-rt", "alice");
+    let mtls_seed = run.idp.issue_refresh_token("pki-client", "bob");
+    let ports = (free_port(), free_port());
+    let config = run.dir.path().join("doctor.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[server]
+listen = "127.0.0.1:{}"
+[admin]
+listen = "127.0.0.1:{}"
+[store]
+path = "tokens.json"
+
+[credentials.rt]
+grant = "refresh_token"
+issuer = "{idp}"
+ca_file = "idp-ca.pem"
+client_id = "pkj-rt"
+auth_method = "private_key_jwt"
+client_assertion_key = "client-ec.key"
+client_assertion_kid = "ec-1"
+refresh_token = "{seed}"
+
+[credentials.pki]
+grant = "refresh_token"
+issuer = "{idp}"
+ca_file = "idp-ca.pem"
+client_id = "pki-client"
+auth_method = "tls_client_auth"
+client_cert = "mtls-client.pem"
+client_key = "mtls-client.key"
+refresh_token = "{mtls_seed}"
+
+[[routes]]
+path_prefix = "/rt/"
+upstream = "https://api.example/"
+credential = "rt"
+"#,
+            ports.0,
+            ports.1,
+            idp = run.idp.url(),
+        ),
+    )
+    .unwrap();
+    let (_, out) = doctor(&config).await;
+    let key =
+        tokenproxy::token::assertion::load_key(td::EC_KEY.as_bytes(), None, None, None).unwrap();
+    assert!(
+        out.contains("client authentication accepted (private_key_jwt"),
+        "{out}"
+    );
+    assert!(
+        out.contains("client authentication accepted (tls_client_auth"),
+        "{out}"
+    );
+    assert!(out.contains("kid ec-1"), "{out}");
+    assert!(out.contains(key.thumbprint()), "{out}");
+    assert!(
+        out.contains("auth_method private_key_jwt is supported"),
+        "{out}"
+    );
+    assert!(out.contains("x5t#S256"), "{out}");
+    // Nothing spent: the seeds were never presented as real grants.
+    for s in [&seed, &mtls_seed] {
+        assert!(run
+            .idp
+            .grants()
+            .iter()
+            .all(|g| g.refresh_token.as_deref() != Some(s)));
+    }
+    assert_clean(&[out], &[&seed, &mtls_seed]);
+}

@@ -204,15 +204,19 @@ fn client_assertion(
             "no key, file or secret configured".into(),
         )),
     };
-    made.map_err(|e| GrantError {
-        class: FailureClass::Config,
-        delivery: Delivery::NotSent,
-        status: None,
-        code: None,
-        description: None,
-        retry_after: None,
-        redirect_host: None,
-        message: e.to_string(),
+    made.map_err(|e| {
+        GrantError {
+            class: FailureClass::Config,
+            delivery: Delivery::NotSent,
+            status: None,
+            code: None,
+            description: None,
+            retry_after: None,
+            redirect_host: None,
+            message: "no client assertion for the token request".into(),
+            cause: None,
+        }
+        .caused_by(e)
     })
 }
 
@@ -1176,9 +1180,10 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.delivery, Delivery::NotSent);
         assert_eq!(e.class, FailureClass::Config);
-        assert!(e.message.contains(&path.display().to_string()), "{e}");
-        assert!(e.message.contains("expired"), "{e}");
-        assert!(!e.message.contains(&jwt));
+        let chain = crate::error_chain(&e);
+        assert!(chain.contains(&path.display().to_string()), "{chain}");
+        assert!(chain.contains("expired"), "{chain}");
+        assert!(!chain.contains(&jwt));
         // A fresh one written in its place is used at once.
         let exp = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)

@@ -73,7 +73,7 @@ pub fn for_grant_error(cfg: &CredentialConfig, e: &GrantError) -> String {
         FailureClass::Config if e.delivery == Delivery::NotSent && e.status.is_none() => {
             format!(
                 "tokenproxy could not authenticate the client ({}); fix the credential's {} and reload (a change to the file is picked up by itself).",
-                e.message,
+                crate::error_chain(e),
                 match cfg.client_assertion {
                     Some(AssertionSource::File(_)) => "client_assertion_file",
                     _ => "client authentication settings",

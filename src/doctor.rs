@@ -470,7 +470,7 @@ fn check_client_credential(r: &mut Report, cred: &CredentialConfig) {
                 .unwrap_or_default(),
         )),
         Some(AssertionSource::File(path)) => {
-            match crate::token::assertion::read_file(path, SystemTime::now()) {
+            match crate::assertion::read_file(path, SystemTime::now()) {
                 Ok(_) => r.ok(format!(
                     "{n}: client_assertion_file {} holds an unexpired JWT",
                     path.display()
@@ -491,7 +491,7 @@ fn check_client_credential(r: &mut Report, cred: &CredentialConfig) {
                 rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
                     .next()?
                     .ok()
-                    .map(|d| crate::token::assertion::cert_thumbprint(d.as_ref()))
+                    .map(|d| crate::assertion::cert_thumbprint(d.as_ref()))
             });
             match thumb {
                 Some(t) => r.ok(format!(

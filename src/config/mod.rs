@@ -199,7 +199,7 @@ pub enum AssertionSource {
     /// `client_assertion_key` (+ `_alg`, `_kid`, `_cert`): signed here per
     /// request. The file is watched; a change reloads the credential.
     Key {
-        key: crate::token::assertion::SigningKey,
+        key: crate::assertion::SigningKey,
         path: PathBuf,
         cert: Option<PathBuf>,
     },

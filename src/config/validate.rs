@@ -7,7 +7,7 @@ use super::locate::{key_path, line_col, Index};
 use super::raw::*;
 use super::units::{expand, parse_duration, parse_size};
 use super::*;
-use crate::token::assertion::{KeyError, LoadError};
+use crate::assertion::{KeyError, LoadError};
 use http::HeaderValue;
 use std::collections::HashMap;
 use std::path::Path;
@@ -985,8 +985,7 @@ fn client_assertion(
                 },
                 None => None,
             };
-            match crate::token::assertion::load_key(&pem, alg.as_deref(), kid, cert_pem.as_deref())
-            {
+            match crate::assertion::load_key(&pem, alg.as_deref(), kid, cert_pem.as_deref()) {
                 Ok(key) => (Some(AssertionSource::Key { key, path, cert }), aud),
                 Err(LoadError::Key(
                     e @ (KeyError::AlgMismatch { .. } | KeyError::UnknownAlg(_)),

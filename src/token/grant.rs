@@ -6,7 +6,7 @@
 //! Classifies every failure so the engine can, and says whether the request
 //! may have reached the IdP (the lost-rotation rules depend on it).
 
-use super::assertion;
+use crate::assertion;
 use crate::config::{AssertionAud, AssertionSource, AuthMethod, CredentialConfig};
 use crate::egress::EgressConnector;
 use crate::secret::Secret;

@@ -5,7 +5,6 @@
 //! The proxy sees it only through [`RouteToken`]: a cheap clonable handle
 //! whose fast path is a lock-free read of a prebuilt `HeaderValue`.
 
-pub mod assertion;
 pub mod engine;
 pub mod grant;
 pub mod hints;

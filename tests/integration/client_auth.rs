@@ -683,8 +683,7 @@ credential = "rt"
     )
     .unwrap();
     let (_, out) = doctor(&config).await;
-    let key =
-        tokenproxy::token::assertion::load_key(td::EC_KEY.as_bytes(), None, None, None).unwrap();
+    let key = tokenproxy::assertion::load_key(td::EC_KEY.as_bytes(), None, None, None).unwrap();
     assert!(
         out.contains("client authentication accepted (private_key_jwt"),
         "{out}"

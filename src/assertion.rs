@@ -440,15 +440,15 @@ mod tests {
     use super::*;
     use jsonwebtoken::{DecodingKey, Validation};
 
-    const RSA: &str = include_str!("../dev/testdata/client-rsa.key");
-    const RSA_PUB: &str = include_str!("../dev/testdata/client-rsa.pub");
-    const RSA_CERT: &str = include_str!("../dev/testdata/client-rsa.pem");
-    const EC: &str = include_str!("../dev/testdata/client-ec.key");
-    const EC_PUB: &str = include_str!("../dev/testdata/client-ec.pub");
-    const EC384: &str = include_str!("../dev/testdata/client-ec384.key");
-    const ENCRYPTED: &str = include_str!("../dev/testdata/client-encrypted.key");
-    const MTLS_CERT: &str = include_str!("../dev/testdata/mtls-client.pem");
-    const MTLS_KEY: &str = include_str!("../dev/testdata/mtls-client.key");
+    const RSA: &str = include_str!("dev/testdata/client-rsa.key");
+    const RSA_PUB: &str = include_str!("dev/testdata/client-rsa.pub");
+    const RSA_CERT: &str = include_str!("dev/testdata/client-rsa.pem");
+    const EC: &str = include_str!("dev/testdata/client-ec.key");
+    const EC_PUB: &str = include_str!("dev/testdata/client-ec.pub");
+    const EC384: &str = include_str!("dev/testdata/client-ec384.key");
+    const ENCRYPTED: &str = include_str!("dev/testdata/client-encrypted.key");
+    const MTLS_CERT: &str = include_str!("dev/testdata/mtls-client.pem");
+    const MTLS_KEY: &str = include_str!("dev/testdata/mtls-client.key");
 
     fn verify(token: &str, alg: Algorithm, key: &DecodingKey) -> serde_json::Value {
         let mut v = Validation::new(alg);

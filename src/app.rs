@@ -245,6 +245,16 @@ fn watched_files(config: &Config) -> Vec<PathBuf> {
     for c in config.credentials.values() {
         files.extend(c.client_secret_file.clone());
         files.extend(c.refresh_token_file.clone());
+        match &c.client_assertion {
+            Some(crate::config::AssertionSource::Key { path, cert, .. }) => {
+                files.push(path.clone());
+                files.extend(cert.clone());
+            }
+            // Read per request anyway; watched so a dead credential retries
+            // as soon as a renewed token lands.
+            Some(crate::config::AssertionSource::File(path)) => files.push(path.clone()),
+            None => {}
+        }
     }
     files
 }

@@ -24,6 +24,9 @@ pub struct Metadata {
     pub grant_types_supported: Option<Vec<String>>,
     pub token_endpoint_auth_methods_supported: Option<Vec<String>>,
     pub code_challenge_methods_supported: Option<Vec<String>>,
+    /// `mtls_endpoint_aliases.token_endpoint` (RFC 8705 §5): where clients
+    /// authenticating with a certificate send token requests.
+    pub mtls_token_endpoint: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -220,6 +223,11 @@ pub fn parse_metadata(url: &str, body: &[u8], issuer: &str) -> Result<Metadata, 
         grant_types_supported: list("grant_types_supported"),
         token_endpoint_auth_methods_supported: list("token_endpoint_auth_methods_supported"),
         code_challenge_methods_supported: list("code_challenge_methods_supported"),
+        mtls_token_endpoint: m
+            .get("mtls_endpoint_aliases")
+            .and_then(|a| a.get("token_endpoint"))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned),
     })
 }
 
@@ -270,6 +278,15 @@ pub async fn endpoints(
     };
     let token = match &cred.token_url {
         Some(t) => t.clone(),
+        // RFC 8705 §5: certificate-bound clients use the aliases.
+        None if cred.auth_method.is_mtls() && md.mtls_token_endpoint.is_some() => {
+            parse("token_endpoint", md.mtls_token_endpoint.clone())?.ok_or(
+                DiscoveryError::Missing {
+                    url: md.url.clone(),
+                    field: "token_endpoint",
+                },
+            )?
+        }
         None => {
             parse("token_endpoint", md.token_endpoint.clone())?.ok_or(DiscoveryError::Missing {
                 url: md.url.clone(),
@@ -293,6 +310,13 @@ mod tests {
         let body = br#"{"issuer":"https://a.example","token_endpoint":"https://a.example/t"}"#;
         let md = parse_metadata("u", body, "https://a.example/").unwrap();
         assert_eq!(md.token_endpoint.as_deref(), Some("https://a.example/t"));
+        assert_eq!(md.mtls_token_endpoint, None);
+        let body = br#"{"issuer":"https://a.example","mtls_endpoint_aliases":{"token_endpoint":"https://mtls.a.example/t"}}"#;
+        let md = parse_metadata("u", body, "https://a.example").unwrap();
+        assert_eq!(
+            md.mtls_token_endpoint.as_deref(),
+            Some("https://mtls.a.example/t")
+        );
         let e = parse_metadata("u", body, "https://b.example").unwrap_err();
         assert!(e.to_string().contains("must be equal"), "{e}");
         assert!(parse_metadata("u", b"[]", "x").is_err());

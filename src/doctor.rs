@@ -5,7 +5,7 @@
 //! real client_credentials grant), the upstreams and the running proxy's
 //! admin API. Writes nothing but a probe file beside the store.
 
-use crate::config::{self, AuthMethod, Config, CredentialConfig, GrantType, StoreKind};
+use crate::config::{self, AssertionSource, Config, CredentialConfig, GrantType, StoreKind};
 use crate::discovery::{self, Fetched};
 use crate::net::Unreachable;
 use crate::secret::Secret;
@@ -267,6 +267,7 @@ async fn check_credential(r: &mut Report, config: &Config, cred: &CredentialConf
             return;
         }
     };
+    check_client_credential(r, cred);
     let mut token_url = cred.token_url.clone();
     let mut authorize_url = cred.authorize_url.clone();
     if let Some(issuer) = &cred.issuer {
@@ -275,7 +276,11 @@ async fn check_credential(r: &mut Report, config: &Config, cred: &CredentialConf
                 r.ok(format!("{n}: metadata at {} names issuer {}", md.url, md.issuer));
                 check_metadata(r, cred, &md);
                 if token_url.is_none() {
-                    token_url = md.token_endpoint.as_deref().and_then(|u| u.parse().ok());
+                    // RFC 8705 §5: certificate-bound clients use the alias.
+                    let alias = md.mtls_token_endpoint.as_deref().filter(|_| cred.auth_method.is_mtls());
+                    token_url = alias
+                        .or(md.token_endpoint.as_deref())
+                        .and_then(|u| u.parse().ok());
                 }
                 if authorize_url.is_none() {
                     authorize_url = md
@@ -315,7 +320,11 @@ async fn check_credential(r: &mut Report, config: &Config, cred: &CredentialConf
                     resource: cred.resource.as_deref(),
                 },
             );
-            match send(&client, &req).await {
+            let answer = match req {
+                Ok(req) => send(&client, &req).await,
+                Err(e) => Err(e),
+            };
+            match answer {
                 Ok(set) => r.ok(format!(
                     "{n}: client_credentials grant works (token for {})",
                     set.expires_in
@@ -366,8 +375,11 @@ async fn check_client_auth(
 ) {
     let n = &cred.name;
     let dummy = Secret::new("tokenproxy-doctor-probe-not-a-token");
-    let req = grant::build_token_request(cred, url, &Grant::RefreshToken(&dummy));
-    match send(client, &req).await {
+    let answer = match grant::build_token_request(cred, url, &Grant::RefreshToken(&dummy)) {
+        Ok(req) => send(client, &req).await,
+        Err(e) => Err(e),
+    };
+    match answer {
         Ok(_) => r.add(
             Mark::Warn,
             format!("{n}: the token endpoint accepted a made-up refresh token"),
@@ -380,10 +392,6 @@ async fn check_client_auth(
             ))
         }
         Err(e) if e.code.as_deref() == Some("invalid_client") => {
-            let other = match cred.auth_method {
-                AuthMethod::ClientSecretBasic => "client_secret_post",
-                _ => "client_secret_basic",
-            };
             r.add(
                 Mark::Fail,
                 format!(
@@ -391,7 +399,7 @@ async fn check_client_auth(
                     describe(&e),
                     cred.auth_method.as_str()
                 ),
-                &format!("check client_id and client_secret, or try auth_method = \"{other}\""),
+                &crate::token::hints::invalid_client(cred),
             );
         }
         Err(e) if e.status == Some(404) => r.add(
@@ -445,10 +453,74 @@ async fn check_stored(r: &mut Report, config: &Config, cred: &CredentialConfig, 
     }
 }
 
+/// What the client authenticates with, named by public facts only: a key's
+/// alg, kid and JWK thumbprint, a certificate's SHA-256 thumbprint, an
+/// assertion file's expiry (never the key, the token or the secret).
+fn check_client_credential(r: &mut Report, cred: &CredentialConfig) {
+    let n = &cred.name;
+    match &cred.client_assertion {
+        Some(AssertionSource::Key { key, path, .. }) => r.ok(format!(
+            "{n}: client_assertion_key {} signs {} (kid {}, JWK thumbprint {}{})",
+            path.display(),
+            key.alg(),
+            key.kid().unwrap_or("not set"),
+            key.thumbprint(),
+            key.cert_thumbprint()
+                .map(|t| format!(", certificate x5t#S256 {t}"))
+                .unwrap_or_default(),
+        )),
+        Some(AssertionSource::File(path)) => {
+            match crate::assertion::read_file(path, SystemTime::now()) {
+                Ok(_) => r.ok(format!(
+                    "{n}: client_assertion_file {} holds an unexpired JWT",
+                    path.display()
+                )),
+                Err(e) => r.add(
+                    Mark::Fail,
+                    format!("{n}: {e}"),
+                    "check the projected service-account token volume (path, audience, expirationSeconds)",
+                ),
+            }
+        }
+        None => {}
+    }
+    if cred.auth_method.is_mtls() {
+        if let Some(cert) = &cred.client_cert {
+            let thumb = std::fs::read(cert).ok().and_then(|pem| {
+                use rustls::pki_types::pem::PemObject;
+                rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+                    .next()?
+                    .ok()
+                    .map(|d| crate::assertion::cert_thumbprint(d.as_ref()))
+            });
+            match thumb {
+                Some(t) => r.ok(format!(
+                    "{n}: {} with client_cert {} (x5t#S256 {t})",
+                    cred.auth_method.as_str(),
+                    cert.display()
+                )),
+                None => r.add(
+                    Mark::Fail,
+                    format!(
+                        "{n}: client_cert {} holds no readable certificate",
+                        cert.display()
+                    ),
+                    "set client_cert to the PEM certificate registered at the IdP",
+                ),
+            }
+        }
+    }
+}
+
 fn check_metadata(r: &mut Report, cred: &CredentialConfig, md: &discovery::Metadata) {
     let n = &cred.name;
     let same = |a: &str, b: &str| a.trim_end_matches('/') == b.trim_end_matches('/');
-    if let (Some(cfg), Some(meta)) = (&cred.token_url, &md.token_endpoint) {
+    let meta_token = md
+        .mtls_token_endpoint
+        .as_ref()
+        .filter(|_| cred.auth_method.is_mtls())
+        .or(md.token_endpoint.as_ref());
+    if let (Some(cfg), Some(meta)) = (&cred.token_url, meta_token) {
         if !same(&cfg.to_string(), meta) {
             r.add(
                 Mark::Fail,

@@ -8,6 +8,8 @@
 //!   status, refresh, reload, the login endpoints' door).
 //! - `admin_client`: the one client of a running proxy's admin API (`status`,
 //!   `doctor`, `login`), sending `admin.token`.
+//! - [`assertion`]: client assertions (RFC 7523): signing keys proven at
+//!   load, per-request JWTs, federated token files.
 //! - [`app`]: the composition root: builds and binds everything, returns
 //!   the running [`app::App`].
 //! - [`cli`]: argument parsing and the commands' wiring.
@@ -37,6 +39,7 @@
 pub mod admin;
 mod admin_client;
 pub mod app;
+pub mod assertion;
 pub mod cli;
 pub mod config;
 pub(crate) mod demo;

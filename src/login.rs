@@ -522,7 +522,7 @@ fn code_cause(desc: &str, sent: &Sent) -> Option<&'static str> {
 fn other_method(m: AuthMethod) -> &'static str {
     match m {
         AuthMethod::ClientSecretBasic => "client_secret_post",
-        AuthMethod::ClientSecretPost | AuthMethod::None => "client_secret_basic",
+        _ => "client_secret_basic",
     }
 }
 
@@ -618,8 +618,11 @@ pub(crate) async fn exchange(
         },
     );
     let sent_wall = SystemTime::now();
-    let outcome = match client.send(&req).await {
-        Ok(raw) => parse_token_response(&raw, SystemTime::now()),
+    let outcome = match req {
+        Ok(req) => match client.send(&req).await {
+            Ok(raw) => parse_token_response(&raw, SystemTime::now()),
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
     let set = outcome.map_err(|error| {

@@ -138,21 +138,84 @@ impl GrantType {
     }
 }
 
+/// How the client authenticates at the token endpoint (RFC 6749 §2.3,
+/// RFC 7523 §2.2, RFC 8705 §2; docs/client-authentication.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMethod {
     ClientSecretBasic,
     ClientSecretPost,
     None,
+    PrivateKeyJwt,
+    ClientSecretJwt,
+    TlsClientAuth,
+    SelfSignedTlsClientAuth,
 }
 
 impl AuthMethod {
+    pub const ALL: [AuthMethod; 7] = [
+        AuthMethod::ClientSecretBasic,
+        AuthMethod::ClientSecretPost,
+        AuthMethod::None,
+        AuthMethod::PrivateKeyJwt,
+        AuthMethod::ClientSecretJwt,
+        AuthMethod::TlsClientAuth,
+        AuthMethod::SelfSignedTlsClientAuth,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             AuthMethod::ClientSecretBasic => "client_secret_basic",
             AuthMethod::ClientSecretPost => "client_secret_post",
             AuthMethod::None => "none",
+            AuthMethod::PrivateKeyJwt => "private_key_jwt",
+            AuthMethod::ClientSecretJwt => "client_secret_jwt",
+            AuthMethod::TlsClientAuth => "tls_client_auth",
+            AuthMethod::SelfSignedTlsClientAuth => "self_signed_tls_client_auth",
         }
     }
+
+    /// RFC 8705 §2: the TLS client certificate is the credential.
+    pub fn is_mtls(self) -> bool {
+        matches!(
+            self,
+            AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth
+        )
+    }
+
+    /// Whether the method sends `client_secret` (or signs with it).
+    pub fn uses_secret(self) -> bool {
+        matches!(
+            self,
+            AuthMethod::ClientSecretBasic
+                | AuthMethod::ClientSecretPost
+                | AuthMethod::ClientSecretJwt
+        )
+    }
+}
+
+/// Where a `private_key_jwt` assertion comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AssertionSource {
+    /// `client_assertion_key` (+ `_alg`, `_kid`, `_cert`): signed here per
+    /// request. The file is watched; a change reloads the credential.
+    Key {
+        key: crate::assertion::SigningKey,
+        path: PathBuf,
+        cert: Option<PathBuf>,
+    },
+    /// `client_assertion_file`: a JWT someone else signs and rotates,
+    /// read for each token request.
+    File(PathBuf),
+}
+
+/// The `aud` of an assertion tokenproxy signs (`client_assertion_aud`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AssertionAud {
+    /// The token endpoint URL (default; what Entra and Okta require).
+    TokenEndpoint,
+    /// The credential's `issuer` (FAPI 2.0, the RFC 7523 update).
+    Issuer,
+    Url(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -184,6 +247,10 @@ pub struct CredentialConfig {
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+    /// `private_key_jwt` only.
+    pub client_assertion: Option<AssertionSource>,
+    /// `private_key_jwt` and `client_secret_jwt`.
+    pub client_assertion_aud: AssertionAud,
     /// None: DESIGN.md's default (max(30s, 10% of lifetime), ≤ half).
     pub refresh_before: Option<Duration>,
     /// Default 10s.

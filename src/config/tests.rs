@@ -440,9 +440,17 @@ fn credential_rules() {
 
     let t = format!("{CRED}auth_method = \"private_key_jwt\"\n{ROUTE}");
     let e = err_at(&t, "credentials.github.auth_method", "auth_method");
-    assert!(e.message.contains("not supported yet"), "{e}");
+    assert!(e.message.contains("client_assertion_key"), "{e}");
+    let e = err_at(&t, "credentials.github.client_secret", "client_secret");
+    assert!(e.message.contains("never sends it"), "{e}");
     let t = format!("{CRED}auth_method = \"client_secret_jwt\"\n{ROUTE}");
-    err_at(&t, "credentials.github.auth_method", "auth_method");
+    ok(&t);
+    let t = format!("{CRED}auth_method = \"tls_client_auth\"\n{ROUTE}");
+    let e = err_at(&t, "credentials.github.auth_method", "auth_method");
+    assert!(e.message.contains("client_cert and client_key"), "{e}");
+    let t = format!("{CRED}auth_method = \"private_key_jwt_x\"\n{ROUTE}");
+    let e = err_at(&t, "credentials.github.auth_method", "auth_method");
+    assert!(e.message.contains("\"self_signed_tls_client_auth\""), "{e}");
 
     // basic/post need a secret.
     let t = with("").replace(
@@ -682,6 +690,127 @@ fn env_expansion() {
     assert!(e.message.contains("NOT_SET_ANYWHERE"), "{e}");
     // The column of the value as written, not of its expansion.
     assert_eq!(e.col, line_col_of(&t, "\"${NOT_SET"));
+}
+
+/// A credential using `private_key_jwt` with files from src/dev/testdata.
+fn pkjwt(dir: &Path, keys: &str) -> String {
+    for f in [
+        "client-rsa.key",
+        "client-rsa.pem",
+        "client-ec.key",
+        "client-ec384.key",
+        "client-encrypted.key",
+        "mtls-client.pem",
+    ] {
+        let from = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/dev/testdata")
+            .join(f);
+        std::fs::copy(from, dir.join(f)).expect("copy testdata");
+    }
+    with("").replace(
+        "client_secret = \"${GITHUB_CLIENT_SECRET}\"\n",
+        &format!("auth_method = \"private_key_jwt\"\n{keys}"),
+    )
+}
+
+#[test]
+fn client_assertion_keys_are_proven_at_load() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = dir.path().join("proxy.toml");
+    let load = |keys: &str| parse_at(&pkjwt(dir.path(), keys), &source);
+    let c = load("client_assertion_key = \"client-rsa.key\"\nclient_assertion_cert = \"client-rsa.pem\"\nclient_assertion_kid = \"k1\"\nclient_assertion_alg = \"PS256\"\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let gh = &c.credentials["github"];
+    assert_eq!(gh.auth_method, AuthMethod::PrivateKeyJwt);
+    let Some(AssertionSource::Key { key, .. }) = &gh.client_assertion else {
+        panic!("{:?}", gh.client_assertion)
+    };
+    assert_eq!((key.alg(), key.kid()), ("PS256", Some("k1")));
+    assert!(key.cert_thumbprint().is_some());
+    assert!(!c.summary().contains("PRIVATE KEY"));
+
+    // Each unusable key is an error at its own line, naming the file.
+    let located = |keys: &str, key: &str, needle: &str, want: &str| {
+        let t = pkjwt(dir.path(), keys);
+        let all = parse_at(&t, &source).expect_err(keys).0;
+        let e = all
+            .iter()
+            .find(|e| e.key == format!("credentials.github.{key}"))
+            .unwrap_or_else(|| panic!("no error for {key}: {}", ConfigErrors(all.clone())));
+        assert_eq!(e.line, line_of(&t, needle), "{e}");
+        assert!(e.message.contains(want), "{e}");
+        assert_eq!(e.file, source);
+    };
+    located(
+        "client_assertion_key = \"client-encrypted.key\"\n",
+        "client_assertion_key",
+        "client_assertion_key",
+        "encrypted",
+    );
+    located(
+        "client_assertion_key = \"client-ec384.key\"\n",
+        "client_assertion_key",
+        "client_assertion_key",
+        "client-ec384.key is not an RSA",
+    );
+    located(
+        "client_assertion_key = \"client-rsa.pem\"\n",
+        "client_assertion_key",
+        "client_assertion_key",
+        "holds no PEM private key",
+    );
+    located(
+        "client_assertion_key = \"missing.key\"\n",
+        "client_assertion_key",
+        "client_assertion_key",
+        "cannot read",
+    );
+    located(
+        "client_assertion_key = \"client-ec.key\"\nclient_assertion_alg = \"RS256\"\n",
+        "client_assertion_alg",
+        "client_assertion_alg",
+        "does not fit this P-256 key",
+    );
+    located(
+        "client_assertion_key = \"client-rsa.key\"\nclient_assertion_cert = \"mtls-client.pem\"\n",
+        "client_assertion_cert",
+        "client_assertion_cert",
+        "does not belong",
+    );
+    located(
+        "client_assertion_file = \"token\"\nclient_assertion_kid = \"k\"\n",
+        "client_assertion_kid",
+        "client_assertion_kid",
+        "only used with client_assertion_key",
+    );
+    located(
+        "client_assertion_key = \"client-ec.key\"\nclient_assertion_file = \"token\"\n",
+        "client_assertion_file",
+        "client_assertion_file",
+        "use one or the other",
+    );
+    located(
+        "client_assertion_key = \"client-ec.key\"\nclient_assertion_aud = \"issuer\"\n",
+        "client_assertion_aud",
+        "client_assertion_aud",
+        "no issuer",
+    );
+
+    // The file is read per request, not at load: a missing one is no error yet.
+    let c = load("client_assertion_file = \"/var/run/secrets/tokens/idp\"\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(
+        c.credentials["github"].client_assertion,
+        Some(AssertionSource::File(_))
+    ));
+    // The assertion keys belong to private_key_jwt.
+    let t = format!("{CRED}client_assertion_key = \"x\"\n{ROUTE}");
+    let e = err_at(
+        &t,
+        "credentials.github.client_assertion_key",
+        "client_assertion_key",
+    );
+    assert!(e.message.contains("only used with"), "{e}");
 }
 
 #[test]

@@ -7,6 +7,7 @@ use super::locate::{key_path, line_col, Index};
 use super::raw::*;
 use super::units::{expand, parse_duration, parse_size};
 use super::*;
+use crate::assertion::{KeyError, LoadError};
 use http::HeaderValue;
 use std::collections::HashMap;
 use std::path::Path;
@@ -33,6 +34,8 @@ const RESERVED_PARAMS: &[&str] = &[
     "refresh_token",
     "client_id",
     "client_secret",
+    "client_assertion",
+    "client_assertion_type",
     "code",
     "code_verifier",
     "redirect_uri",
@@ -666,23 +669,18 @@ fn credential(name: &str, r: &RawCredential, cx: &mut Ctx<'_>) -> Option<Credent
     };
 
     let auth_method = match cx.str(&p("auth_method"), r.auth_method.as_ref()).as_deref() {
-        None | Some("client_secret_basic") => AuthMethod::ClientSecretBasic,
-        Some("client_secret_post") => AuthMethod::ClientSecretPost,
-        Some("none") => AuthMethod::None,
-        Some(m @ ("private_key_jwt" | "tls_client_auth")) => {
-            cx.err(&p("auth_method"), format!("{m:?} is not supported yet; expected \"client_secret_basic\", \"client_secret_post\" or \"none\""));
-            AuthMethod::ClientSecretBasic
-        }
-        Some(other) => {
-            cx.err(
-                &p("auth_method"),
-                one_of(
-                    other,
-                    "\"client_secret_basic\", \"client_secret_post\" or \"none\"",
-                ),
-            );
-            AuthMethod::ClientSecretBasic
-        }
+        None => AuthMethod::ClientSecretBasic,
+        Some(m) => match AuthMethod::ALL.iter().find(|a| a.as_str() == m) {
+            Some(a) => *a,
+            None => {
+                let names: Vec<String> = AuthMethod::ALL
+                    .iter()
+                    .map(|a| format!("{:?}", a.as_str()))
+                    .collect();
+                cx.err(&p("auth_method"), one_of(m, &names.join(", ")));
+                AuthMethod::ClientSecretBasic
+            }
+        },
     };
 
     let token_url = cx.url(&p("token_url"), r.token_url.as_ref(), UrlRule::Endpoint);
@@ -726,19 +724,27 @@ fn credential(name: &str, r: &RawCredential, cx: &mut Ctx<'_>) -> Option<Credent
         client_secret = s;
     }
     let has_secret = r.client_secret.is_some() || r.client_secret_file.is_some();
-    match auth_method {
-        AuthMethod::ClientSecretBasic | AuthMethod::ClientSecretPost if !has_secret => cx.err(
+    if auth_method.uses_secret() && !has_secret {
+        cx.err(
             &p("client_secret"),
             format!(
                 "missing; auth_method = \"{}\" needs client_secret or client_secret_file (auth_method = \"none\" for a public client)",
                 auth_method.as_str()
             ),
-        ),
-        AuthMethod::None if has_secret => cx.err(
-            &p("client_secret"),
-            "is set but auth_method = \"none\" never sends it; remove it or choose client_secret_basic/client_secret_post",
-        ),
-        _ => {}
+        );
+    } else if !auth_method.uses_secret() && has_secret {
+        let key = if r.client_secret.is_some() {
+            "client_secret"
+        } else {
+            "client_secret_file"
+        };
+        cx.err(
+            &p(key),
+            format!(
+                "is set but auth_method = \"{}\" never sends it; remove it or choose client_secret_basic/client_secret_post",
+                auth_method.as_str()
+            ),
+        );
     }
 
     // Refresh-token seed: inline or from a file, not both.
@@ -799,6 +805,17 @@ fn credential(name: &str, r: &RawCredential, cx: &mut Ctx<'_>) -> Option<Credent
         r.client_key.is_some(),
     );
 
+    if auth_method.is_mtls() && (r.client_cert.is_none() || r.client_key.is_none()) {
+        cx.err(
+            &p("auth_method"),
+            format!(
+                "\"{}\" authenticates with the TLS client certificate: set client_cert and client_key",
+                auth_method.as_str()
+            ),
+        );
+    }
+    let (client_assertion, client_assertion_aud) = client_assertion(cx, &base, r, auth_method);
+
     let c = CredentialConfig {
         name: name.to_owned(),
         grant: grant.unwrap_or(GrantType::RefreshToken),
@@ -821,6 +838,8 @@ fn credential(name: &str, r: &RawCredential, cx: &mut Ctx<'_>) -> Option<Credent
         ca_file: cx.path(&p("ca_file"), r.ca_file.as_ref()),
         client_cert,
         client_key,
+        client_assertion,
+        client_assertion_aud,
         refresh_before: cx.opt_duration(&p("refresh_before"), r.refresh_before.as_ref()),
         refresh_wait: cx.duration(
             &p("refresh_wait"),
@@ -844,6 +863,157 @@ fn credential(name: &str, r: &RawCredential, cx: &mut Ctx<'_>) -> Option<Credent
         ),
     };
     (cx.errors.len() == before).then_some(c)
+}
+
+/// `client_assertion_*` (docs/client-authentication.md): a key that cannot
+/// sign is an error here, at the key's line, not at the first refresh.
+fn client_assertion(
+    cx: &mut Ctx<'_>,
+    base: &str,
+    r: &RawCredential,
+    method: AuthMethod,
+) -> (Option<AssertionSource>, AssertionAud) {
+    let p = |k: &str| format!("{base}.{k}");
+    let jwt = matches!(
+        method,
+        AuthMethod::PrivateKeyJwt | AuthMethod::ClientSecretJwt
+    );
+    let key_only = [
+        ("client_assertion_key", r.client_assertion_key.is_some()),
+        ("client_assertion_alg", r.client_assertion_alg.is_some()),
+        ("client_assertion_kid", r.client_assertion_kid.is_some()),
+        ("client_assertion_cert", r.client_assertion_cert.is_some()),
+        ("client_assertion_file", r.client_assertion_file.is_some()),
+    ];
+    if method != AuthMethod::PrivateKeyJwt {
+        for (k, set) in key_only {
+            if set {
+                cx.err(&p(k), "is only used with auth_method = \"private_key_jwt\"");
+            }
+        }
+    }
+    let aud = match cx
+        .str(&p("client_assertion_aud"), r.client_assertion_aud.as_ref())
+        .as_deref()
+    {
+        _ if !jwt && r.client_assertion_aud.is_some() => {
+            cx.err(
+                &p("client_assertion_aud"),
+                "is only used with auth_method = \"private_key_jwt\" or \"client_secret_jwt\"",
+            );
+            AssertionAud::TokenEndpoint
+        }
+        None | Some("token_endpoint") => AssertionAud::TokenEndpoint,
+        Some("issuer") => {
+            if r.issuer.is_none() {
+                cx.err(
+                    &p("client_assertion_aud"),
+                    "is \"issuer\" but the credential has no issuer; set issuer or give the audience URL",
+                );
+            }
+            AssertionAud::Issuer
+        }
+        Some(url) => match cx.url(
+            &p("client_assertion_aud"),
+            r.client_assertion_aud.as_ref(),
+            UrlRule::Any,
+        ) {
+            Some(_) => AssertionAud::Url(url.to_owned()),
+            None => AssertionAud::TokenEndpoint,
+        },
+    };
+    if method != AuthMethod::PrivateKeyJwt {
+        return (None, aud);
+    }
+    match (&r.client_assertion_key, &r.client_assertion_file) {
+        (Some(_), Some(_)) => {
+            cx.err(
+                &p("client_assertion_file"),
+                "client_assertion_key is also set; use one or the other",
+            );
+            (None, aud)
+        }
+        (None, None) => {
+            cx.err(
+                &p("auth_method"),
+                "\"private_key_jwt\" needs client_assertion_key = \"PATH\" (a PKCS#8 PEM key) or client_assertion_file = \"PATH\" (a JWT signed by someone else)",
+            );
+            (None, aud)
+        }
+        (None, Some(f)) => {
+            for (k, set) in &key_only[1..4] {
+                if *set {
+                    cx.err(
+                        &p(k),
+                        "is only used with client_assertion_key (a client_assertion_file token comes signed)",
+                    );
+                }
+            }
+            let path = cx.path(&p("client_assertion_file"), Some(f));
+            (path.map(AssertionSource::File), aud)
+        }
+        (Some(k), None) => {
+            let Some(path) = cx.path(&p("client_assertion_key"), Some(k)) else {
+                return (None, aud);
+            };
+            let cert = cx.path(
+                &p("client_assertion_cert"),
+                r.client_assertion_cert.as_ref(),
+            );
+            let alg = cx.str(&p("client_assertion_alg"), r.client_assertion_alg.as_ref());
+            let kid = cx.str(&p("client_assertion_kid"), r.client_assertion_kid.as_ref());
+            let pem = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) => {
+                    cx.err(
+                        &p("client_assertion_key"),
+                        format!("cannot read {}: {e}", path.display()),
+                    );
+                    return (None, aud);
+                }
+            };
+            let cert_pem = match &cert {
+                Some(c) => match std::fs::read(c) {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        cx.err(
+                            &p("client_assertion_cert"),
+                            format!("cannot read {}: {e}", c.display()),
+                        );
+                        return (None, aud);
+                    }
+                },
+                None => None,
+            };
+            match crate::assertion::load_key(&pem, alg.as_deref(), kid, cert_pem.as_deref()) {
+                Ok(key) => (Some(AssertionSource::Key { key, path, cert }), aud),
+                Err(LoadError::Key(
+                    e @ (KeyError::AlgMismatch { .. } | KeyError::UnknownAlg(_)),
+                )) if r.client_assertion_alg.is_some() => {
+                    cx.err(
+                        &p("client_assertion_alg"),
+                        format!("{e} ({})", path.display()),
+                    );
+                    (None, aud)
+                }
+                Err(LoadError::Key(e)) => {
+                    cx.err(
+                        &p("client_assertion_key"),
+                        format!("{} {e}", path.display()),
+                    );
+                    (None, aud)
+                }
+                Err(LoadError::Cert(e)) => {
+                    let shown = cert
+                        .as_ref()
+                        .map(|c| c.display().to_string())
+                        .unwrap_or_default();
+                    cx.err(&p("client_assertion_cert"), format!("{shown} {e}"));
+                    (None, aud)
+                }
+            }
+        }
+    }
 }
 
 /// Scopes go on the wire space-separated: one cannot contain a space.

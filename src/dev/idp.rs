@@ -13,7 +13,7 @@
 //! well defined even when requests race.
 
 use super::echo::TokenCheck;
-use super::serve::{full, ConnKill, DevBody, Handler, Server};
+use super::serve::{full, ConnKill, DevBody, Handler, PeerCerts, Server};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use bytes::Bytes;
@@ -80,6 +80,28 @@ pub struct DevClient {
     pub redirect_uris: Vec<String>,
     /// `None`: any scope.
     pub allowed_scopes: Option<Vec<String>>,
+    /// `private_key_jwt`: the PEM public key (or certificate) that verifies
+    /// its assertions (RFC 7523 §3, checked strictly: signature, iss = sub =
+    /// client_id, aud, exp at most 60 s after iat, a jti never seen before).
+    pub assertion_key_pem: Option<String>,
+    /// `private_key_jwt` with a token someone else issued (workload identity
+    /// federation): iss, sub and aud it must carry instead. Such a token is
+    /// presented until it expires, so its jti may repeat, as at Entra.
+    pub federated: Option<Federated>,
+    /// `tls_client_auth` (RFC 8705 §2.1): the certificate must chain to this
+    /// CA (PEM) and hold this DNS name.
+    pub tls_client_auth: Option<(String, String)>,
+    /// `self_signed_tls_client_auth` (RFC 8705 §2.2): the registered
+    /// certificate (PEM), compared byte for byte.
+    pub self_signed_cert_pem: Option<String>,
+}
+
+/// What a federated assertion must say (see [`DevClient::federated`]).
+#[derive(Clone, Debug)]
+pub struct Federated {
+    pub issuer: String,
+    pub subject: String,
+    pub audience: String,
 }
 
 impl DevClient {
@@ -92,7 +114,57 @@ impl DevClient {
             auth_method: None,
             redirect_uris: Vec::new(),
             allowed_scopes: None,
+            assertion_key_pem: None,
+            federated: None,
+            tls_client_auth: None,
+            self_signed_cert_pem: None,
         }
+    }
+
+    /// A `private_key_jwt` client whose assertions `public_pem` verifies.
+    pub fn private_key_jwt(client_id: &str, public_pem: &str) -> DevClient {
+        DevClient {
+            client_secret: None,
+            auth_method: Some("private_key_jwt".into()),
+            assertion_key_pem: Some(public_pem.to_owned()),
+            ..DevClient::confidential(client_id, "")
+        }
+    }
+
+    /// A `client_secret_jwt` client (HS256 keyed with `secret`).
+    pub fn client_secret_jwt(client_id: &str, secret: &str) -> DevClient {
+        DevClient {
+            auth_method: Some("client_secret_jwt".into()),
+            ..DevClient::confidential(client_id, secret)
+        }
+    }
+
+    /// A `tls_client_auth` client: a certificate from `ca_pem` for `dns_name`.
+    pub fn tls_client_auth(client_id: &str, ca_pem: &str, dns_name: &str) -> DevClient {
+        DevClient {
+            client_secret: None,
+            auth_method: Some("tls_client_auth".into()),
+            tls_client_auth: Some((ca_pem.to_owned(), dns_name.to_owned())),
+            ..DevClient::confidential(client_id, "")
+        }
+    }
+
+    /// A `self_signed_tls_client_auth` client presenting `cert_pem`.
+    pub fn self_signed_tls_client_auth(client_id: &str, cert_pem: &str) -> DevClient {
+        DevClient {
+            client_secret: None,
+            auth_method: Some("self_signed_tls_client_auth".into()),
+            self_signed_cert_pem: Some(cert_pem.to_owned()),
+            ..DevClient::confidential(client_id, "")
+        }
+    }
+
+    /// Confidential without a shared secret: it may use client_credentials.
+    fn confidential_kind(&self) -> bool {
+        self.client_secret.is_some()
+            || self.assertion_key_pem.is_some()
+            || self.tls_client_auth.is_some()
+            || self.self_signed_cert_pem.is_some()
     }
 
     /// A public client (PKCE, auth method `none`).
@@ -102,7 +174,7 @@ impl DevClient {
             client_secret: None,
             auth_method: None,
             redirect_uris: redirect_uris.iter().map(|s| s.to_string()).collect(),
-            allowed_scopes: None,
+            ..DevClient::confidential(client_id, "")
         }
     }
 }
@@ -258,6 +330,8 @@ struct IdpInner {
 struct Shared {
     url: RwLock<String>,
     state: Mutex<State>,
+    /// Serves `/mtls/token` and advertises it in `mtls_endpoint_aliases`.
+    mtls: bool,
 }
 
 struct AccessToken {
@@ -305,6 +379,8 @@ struct State {
     faults: VecDeque<Fault>,
     grants: Vec<GrantRecord>,
     reuse_count: usize,
+    /// Assertion jtis seen, with their exp (kept a minute past it).
+    seen_jti: HashMap<String, u64>,
 }
 
 /// An RFC 6749 §5.2 error.
@@ -389,6 +465,8 @@ struct ClientAuth {
     client_id: Option<String>,
     method: &'static str,
     result: Result<DevClient, OAuthError>,
+    /// An assertion's jti and exp, to refuse a replay (RFC 7523 §3 item 7).
+    jti: Option<(String, u64)>,
 }
 
 impl ClientAuth {
@@ -400,14 +478,34 @@ impl ClientAuth {
     }
 }
 
-fn authenticate(clients: &[DevClient], form: &Form, authorization: Option<&str>) -> ClientAuth {
+/// RFC 7521 §4.2 / RFC 7523 §2.2.
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// The mTLS alias of `/token` (RFC 8705 §5), served when the IdP runs mTLS.
+const MTLS_TOKEN_PATH: &str = "/mtls/token";
+
+fn authenticate(clients: &[DevClient], p: &Posted, issuer: &str) -> ClientAuth {
+    let form = &p.form;
+    let authorization = p.authorization.as_deref();
     let fail = |client_id: Option<String>, code, msg: &str| ClientAuth {
         client_id,
         method: "invalid",
         result: Err(err(code, msg)),
+        jti: None,
     };
     let body_id = param(form, "client_id").map(str::to_owned);
     let body_secret = param(form, "client_secret").map(str::to_owned);
+    let assertion = param(form, "client_assertion");
+    if assertion.is_some() || param(form, "client_assertion_type").is_some() {
+        // RFC 6749 §2.3: a client MUST NOT use more than one method.
+        if authorization.is_some() || body_secret.is_some() {
+            return fail(
+                body_id,
+                "invalid_request",
+                "more than one client authentication method",
+            );
+        }
+        return assertion_auth(clients, p, issuer);
+    }
     let basic = match authorization {
         Some(h) => match parse_basic(h) {
             Some(pair) => Some(pair),
@@ -446,6 +544,11 @@ fn authenticate(clients: &[DevClient], form: &Form, authorization: Option<&str>)
     let Some(client) = clients.iter().find(|c| c.client_id == id) else {
         return fail(Some(id), "invalid_client", "unknown client");
     };
+    if method == "none"
+        && (client.tls_client_auth.is_some() || client.self_signed_cert_pem.is_some())
+    {
+        return tls_auth(client, p);
+    }
     let secret_ok = match (&client.client_secret, &secret) {
         (Some(expected), Some(given)) => expected == given,
         (None, None) => true,
@@ -472,6 +575,225 @@ fn authenticate(clients: &[DevClient], form: &Form, authorization: Option<&str>)
         client_id: Some(id),
         method,
         result: Ok(client.clone()),
+        jti: None,
+    }
+}
+
+/// RFC 8705 §2: the client certificate of this TLS connection.
+fn tls_auth(client: &DevClient, p: &Posted) -> ClientAuth {
+    let id = Some(client.client_id.clone());
+    let (method, checked) = match (&client.tls_client_auth, &client.self_signed_cert_pem) {
+        (Some((ca, name)), _) => ("tls_client_auth", check_pki_cert(p, ca, name)),
+        (None, Some(cert)) => ("self_signed_tls_client_auth", check_self_signed(p, cert)),
+        (None, None) => ("invalid", Err("no certificate registered".to_owned())),
+    };
+    let checked = checked.and_then(|()| {
+        // The alias is where the IdP asks for certificates (RFC 8705 §5).
+        if p.mtls_alias_served && p.path == "/token" {
+            Err(format!(
+                "{method} is served at the mtls_endpoint_aliases token endpoint"
+            ))
+        } else {
+            Ok(())
+        }
+    });
+    match checked {
+        Ok(()) => ClientAuth {
+            client_id: id,
+            method,
+            result: Ok(client.clone()),
+            jti: None,
+        },
+        Err(msg) => ClientAuth {
+            client_id: id,
+            method: "invalid",
+            result: Err(err("invalid_client", msg)),
+            jti: None,
+        },
+    }
+}
+
+fn leaf(p: &Posted) -> Result<&rustls::pki_types::CertificateDer<'static>, String> {
+    p.peer
+        .as_ref()
+        .and_then(|c| c.0.first())
+        .ok_or_else(|| "no client certificate in the TLS handshake".to_owned())
+}
+
+fn check_pki_cert(p: &Posted, ca_pem: &str, name: &str) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    let leaf = leaf(p)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()).flatten() {
+        let _ = roots.add(c);
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .map_err(|e| format!("client CA: {e}"))?;
+    let intermediates = p.peer.as_ref().map_or(&[][..], |c| &c.0[1..]);
+    verifier
+        .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+        .map_err(|e| format!("client certificate not trusted: {e}"))?;
+    let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("{e:?}"))?;
+    let server_name = rustls::pki_types::ServerName::try_from(name.to_owned())
+        .map_err(|e| format!("registered name: {e}"))?;
+    ee.verify_is_valid_for_subject_name(&server_name)
+        .map_err(|_| format!("client certificate is not for {name}"))
+}
+
+fn check_self_signed(p: &Posted, cert_pem: &str) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    let leaf = leaf(p)?;
+    let registered = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| format!("registered certificate: {e}"))?;
+    if registered.as_ref() == leaf.as_ref() {
+        Ok(())
+    } else {
+        Err("client certificate is not the registered one".into())
+    }
+}
+
+/// RFC 7523 §3 with RFC 7521 §5.2's rules, strictly: `private_key_jwt`
+/// (a registered public key) and `client_secret_jwt` (HS256, the secret).
+fn assertion_auth(clients: &[DevClient], p: &Posted, issuer: &str) -> ClientAuth {
+    let form = &p.form;
+    let body_id = param(form, "client_id").map(str::to_owned);
+    let fail = |client_id: Option<String>, code, msg: String| ClientAuth {
+        client_id,
+        method: "invalid",
+        result: Err(err(code, msg)),
+        jti: None,
+    };
+    if param(form, "client_assertion_type") != Some(JWT_BEARER) {
+        return fail(
+            body_id,
+            "invalid_request",
+            format!("client_assertion_type must be {JWT_BEARER}"),
+        );
+    }
+    let Some(jwt) = param(form, "client_assertion") else {
+        return fail(
+            body_id,
+            "invalid_request",
+            "client_assertion is missing".into(),
+        );
+    };
+    let Ok(header) = jsonwebtoken::decode_header(jwt) else {
+        return fail(
+            body_id,
+            "invalid_client",
+            "client_assertion is not a JWT".into(),
+        );
+    };
+    // Which client: the body's client_id, else the unverified sub.
+    let unverified_sub = jwt
+        .split('.')
+        .nth(1)
+        .and_then(|c| URL_SAFE_NO_PAD.decode(c).ok())
+        .and_then(|c| serde_json::from_slice::<Value>(&c).ok())
+        .and_then(|c| c.get("sub").and_then(Value::as_str).map(str::to_owned));
+    let Some(id) = body_id.clone().or(unverified_sub) else {
+        return fail(None, "invalid_client", "no client_id and no sub".into());
+    };
+    let Some(client) = clients.iter().find(|c| c.client_id == id) else {
+        return fail(Some(id), "invalid_client", "unknown client".into());
+    };
+    use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+    let (method, key) = match (&client.assertion_key_pem, &client.client_secret, header.alg) {
+        (Some(pem), _, Algorithm::RS256 | Algorithm::PS256) => {
+            ("private_key_jwt", DecodingKey::from_rsa_pem(pem.as_bytes()))
+        }
+        (Some(pem), _, Algorithm::ES256) => {
+            ("private_key_jwt", DecodingKey::from_ec_pem(pem.as_bytes()))
+        }
+        (None, Some(secret), Algorithm::HS256) if !secret.is_empty() => (
+            "client_secret_jwt",
+            Ok(DecodingKey::from_secret(secret.as_bytes())),
+        ),
+        (_, _, alg) => {
+            return fail(
+                Some(id),
+                "invalid_client",
+                format!("assertion algorithm {alg:?} is not registered for this client"),
+            )
+        }
+    };
+    if let Some(required) = &client.auth_method {
+        if required != method {
+            return fail(
+                Some(id),
+                "invalid_client",
+                format!("this client must authenticate with {required}"),
+            );
+        }
+    }
+    let Ok(key) = key else {
+        return fail(Some(id), "server_error", "registered key unreadable".into());
+    };
+    let endpoint = format!("{issuer}{}", p.path);
+    let (want_iss, want_sub, auds) = match &client.federated {
+        Some(f) => (
+            f.issuer.clone(),
+            f.subject.clone(),
+            vec![f.audience.clone()],
+        ),
+        None => (id.clone(), id.clone(), vec![endpoint, issuer.to_owned()]),
+    };
+    let mut v = Validation::new(header.alg);
+    v.leeway = 5;
+    v.set_audience(&auds);
+    v.set_issuer(&[&want_iss]);
+    v.sub = Some(want_sub);
+    v.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
+    let claims = match jsonwebtoken::decode::<Value>(jwt, &key, &v) {
+        Ok(d) => d.claims,
+        Err(e) => {
+            let why = match e.kind() {
+                jsonwebtoken::errors::ErrorKind::InvalidSignature => "bad signature".to_owned(),
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => "assertion expired".to_owned(),
+                jsonwebtoken::errors::ErrorKind::InvalidAudience => "wrong aud".to_owned(),
+                jsonwebtoken::errors::ErrorKind::InvalidIssuer => "wrong iss".to_owned(),
+                jsonwebtoken::errors::ErrorKind::InvalidSubject => "wrong sub".to_owned(),
+                other => format!("invalid assertion ({other:?})"),
+            };
+            return fail(Some(id), "invalid_client", why);
+        }
+    };
+    let now = unix_now();
+    let exp = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+    if client.federated.is_none() {
+        let Some(iat) = claims.get("iat").and_then(Value::as_u64) else {
+            return fail(Some(id), "invalid_client", "assertion has no iat".into());
+        };
+        if iat > now + 5 {
+            return fail(
+                Some(id),
+                "invalid_client",
+                "assertion iat is in the future".into(),
+            );
+        }
+        if exp.saturating_sub(iat) > 60 {
+            return fail(
+                Some(id),
+                "invalid_client",
+                "assertion lives longer than 60 s".into(),
+            );
+        }
+    }
+    let jti = match claims.get("jti").and_then(Value::as_str) {
+        Some(j) if !j.is_empty() => j.to_owned(),
+        _ if client.federated.is_some() => String::new(),
+        _ => return fail(Some(id), "invalid_client", "assertion has no jti".into()),
+    };
+    ClientAuth {
+        client_id: Some(id),
+        method,
+        result: Ok(client.clone()),
+        // A federated token is presented until it expires: no replay rule.
+        jti: (client.federated.is_none()).then_some((jti, exp)),
     }
 }
 
@@ -521,6 +843,7 @@ impl State {
             faults: VecDeque::new(),
             grants: Vec::new(),
             reuse_count: 0,
+            seen_jti: HashMap::new(),
         }
     }
 
@@ -638,7 +961,7 @@ impl State {
             None => Err(err("invalid_request", "grant_type is missing")),
             Some("client_credentials") => {
                 // RFC 6749 §4.4: confidential clients only.
-                if client.client_secret.is_none() {
+                if !client.confidential_kind() {
                     return Err(err(
                         "unauthorized_client",
                         "a public client cannot use client_credentials",
@@ -900,14 +1223,33 @@ fn html(status: StatusCode, message: &str) -> Response<DevBody> {
 impl DevIdp {
     /// Binds `addr` (use `127.0.0.1:0` in tests) and serves in spawned tasks.
     pub async fn start(addr: SocketAddr, opts: IdpOptions) -> io::Result<DevIdp> {
+        Self::start_inner(addr, opts, None).await
+    }
+
+    /// Over TLS with [`super::tls::test_server_config_mtls`]: asks for client
+    /// certificates (RFC 8705), serves the mTLS alias `/mtls/token` and
+    /// advertises it in `mtls_endpoint_aliases`; certificate-authenticated
+    /// clients are accepted only there.
+    pub async fn start_mtls(addr: SocketAddr, opts: IdpOptions) -> io::Result<DevIdp> {
+        let tls = tokio_rustls::TlsAcceptor::from(super::tls::test_server_config_mtls());
+        Self::start_inner(addr, opts, Some(tls)).await
+    }
+
+    async fn start_inner(
+        addr: SocketAddr,
+        opts: IdpOptions,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> io::Result<DevIdp> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let shared = Arc::new(Shared {
             url: RwLock::new(String::new()),
             state: Mutex::new(State::new(opts)),
+            mtls: tls.is_some(),
         });
         let handler_shared = shared.clone();
         let handler: Handler = Arc::new(move |req| Box::pin(handle(handler_shared.clone(), req)));
-        let server = Server::bind(addr, handler, None).await?;
-        *shared.url.write() = format!("http://{}", server.addr());
+        let server = Server::bind(addr, handler, tls).await?;
+        *shared.url.write() = format!("{scheme}://{}", server.addr());
         Ok(DevIdp {
             inner: Arc::new(IdpInner { server, shared }),
         })
@@ -1065,11 +1407,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<DevBody
     let path = req.uri().path().to_owned();
     match path.as_str() {
         "/token" => token_endpoint(shared, req).await,
+        MTLS_TOKEN_PATH if shared.mtls => token_endpoint(shared, req).await,
         "/authorize" => authorize(&shared, &req),
         "/introspect" => introspect(shared, req).await,
         "/revoke" => revoke(shared, req).await,
         "/.well-known/oauth-authorization-server" | "/.well-known/openid-configuration" => {
-            metadata(&shared.url.read())
+            metadata(&shared.url.read(), shared.mtls)
         }
         _ => json_response(
             StatusCode::NOT_FOUND,
@@ -1082,12 +1425,20 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<DevBody
 struct Posted {
     form: Form,
     authorization: Option<String>,
+    /// The request path: an assertion's `aud` may name the endpoint.
+    path: String,
+    /// The TLS client certificate chain, when one was presented.
+    peer: Option<PeerCerts>,
+    /// Whether this IdP advertises `mtls_endpoint_aliases`.
+    mtls_alias_served: bool,
 }
 
-async fn read_post(req: Request<Incoming>) -> Result<Posted, OAuthError> {
+async fn read_post(req: Request<Incoming>, mtls: bool) -> Result<Posted, OAuthError> {
     if req.method() != Method::POST {
         return Err(err("invalid_request", "use POST"));
     }
+    let path = req.uri().path().to_owned();
+    let peer = req.extensions().get::<PeerCerts>().cloned();
     let form_type = req
         .headers()
         .get(http::header::CONTENT_TYPE)
@@ -1116,12 +1467,15 @@ async fn read_post(req: Request<Incoming>) -> Result<Posted, OAuthError> {
     Ok(Posted {
         form: parse_form(&body),
         authorization,
+        path,
+        peer,
+        mtls_alias_served: mtls,
     })
 }
 
 async fn token_endpoint(shared: Arc<Shared>, req: Request<Incoming>) -> Response<DevBody> {
     let kill = req.extensions().get::<ConnKill>().cloned();
-    let posted = read_post(req).await;
+    let posted = read_post(req, shared.mtls).await;
     let issuer = shared.url.read().clone();
     let fault = shared.state.lock().faults.pop_front();
 
@@ -1163,7 +1517,7 @@ async fn token_endpoint(shared: Arc<Shared>, req: Request<Incoming>) -> Response
         {
             let mut st = shared.state.lock();
             let mut record = match &posted {
-                Ok(p) => describe(&st, p),
+                Ok(p) => describe(&st, p, &issuer),
                 Err(_) => blank_record(),
             };
             record.outcome = "fault".into();
@@ -1183,8 +1537,17 @@ async fn token_endpoint(shared: Arc<Shared>, req: Request<Incoming>) -> Response
         let mut st = shared.state.lock();
         let (mut record, result) = match posted {
             Ok(p) => {
-                let mut record = describe(&st, &p);
-                let auth = authenticate(&st.opts.clients, &p.form, p.authorization.as_deref());
+                let mut record = describe(&st, &p, &issuer);
+                let mut auth = authenticate(&st.opts.clients, &p, &issuer);
+                if let Some((jti, exp)) = auth.jti.take() {
+                    let now = unix_now();
+                    st.seen_jti.retain(|_, e| *e + 60 >= now);
+                    if st.seen_jti.insert(jti, exp).is_some() {
+                        auth.method = "invalid";
+                        auth.result = Err(err("invalid_client", "assertion jti replayed"));
+                        record.client_auth = "invalid".into();
+                    }
+                }
                 let result = st.process(&p.form, auth, &mut record, &issuer);
                 (record, result)
             }
@@ -1246,8 +1609,8 @@ fn blank_record() -> GrantRecord {
 }
 
 /// The record of a request before (or without) processing it.
-fn describe(st: &State, p: &Posted) -> GrantRecord {
-    let auth = authenticate(&st.opts.clients, &p.form, p.authorization.as_deref());
+fn describe(st: &State, p: &Posted, issuer: &str) -> GrantRecord {
+    let auth = authenticate(&st.opts.clients, p, issuer);
     let refresh_token = param(&p.form, "refresh_token").map(str::to_owned);
     GrantRecord {
         at: SystemTime::now(),
@@ -1349,12 +1712,12 @@ fn authorize(shared: &Shared, req: &Request<Incoming>) -> Response<DevBody> {
 /// RFC 7662. Client authentication required; spent refresh tokens are
 /// inactive.
 async fn introspect(shared: Arc<Shared>, req: Request<Incoming>) -> Response<DevBody> {
-    let p = match read_post(req).await {
+    let p = match read_post(req, shared.mtls).await {
         Ok(p) => p,
         Err(e) => return error_response(&e),
     };
     let st = shared.state.lock();
-    if let Err(e) = authenticate(&st.opts.clients, &p.form, p.authorization.as_deref()).result {
+    if let Err(e) = authenticate(&st.opts.clients, &p, &shared.url.read()).result {
         return error_response(&e);
     }
     let Some(token) = param(&p.form, "token") else {
@@ -1392,12 +1755,12 @@ async fn introspect(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Dev
 
 /// RFC 7009. A refresh token revokes its whole family (§2.1 allows it).
 async fn revoke(shared: Arc<Shared>, req: Request<Incoming>) -> Response<DevBody> {
-    let p = match read_post(req).await {
+    let p = match read_post(req, shared.mtls).await {
         Ok(p) => p,
         Err(e) => return error_response(&e),
     };
     let mut st = shared.state.lock();
-    let client = match authenticate(&st.opts.clients, &p.form, p.authorization.as_deref()).result {
+    let client = match authenticate(&st.opts.clients, &p, &shared.url.read()).result {
         Ok(c) => c,
         Err(e) => return error_response(&e),
     };
@@ -1432,10 +1795,8 @@ async fn revoke(shared: Arc<Shared>, req: Request<Incoming>) -> Response<DevBody
 }
 
 /// RFC 8414 metadata (also served as OpenID discovery).
-fn metadata(issuer: &str) -> Response<DevBody> {
-    json_response(
-        StatusCode::OK,
-        &json!({
+fn metadata(issuer: &str, mtls: bool) -> Response<DevBody> {
+    let mut md = json!({
             "issuer": issuer,
             "authorization_endpoint": format!("{issuer}/authorize"),
             "token_endpoint": format!("{issuer}/token"),
@@ -1445,7 +1806,9 @@ fn metadata(issuer: &str) -> Response<DevBody> {
             "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
             "code_challenge_methods_supported": ["S256"],
             "token_endpoint_auth_methods_supported":
-                ["client_secret_basic", "client_secret_post", "none"],
+                ["client_secret_basic", "client_secret_post", "none", "private_key_jwt",
+                 "client_secret_jwt", "tls_client_auth", "self_signed_tls_client_auth"],
+            "token_endpoint_auth_signing_alg_values_supported": ["RS256", "PS256", "ES256", "HS256"],
             "introspection_endpoint_auth_methods_supported":
                 ["client_secret_basic", "client_secret_post"],
             "revocation_endpoint_auth_methods_supported":
@@ -1453,6 +1816,10 @@ fn metadata(issuer: &str) -> Response<DevBody> {
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": ["none"],
             "authorization_response_iss_parameter_supported": true,
-        }),
-    )
+    });
+    if mtls {
+        md["mtls_endpoint_aliases"] =
+            json!({ "token_endpoint": format!("{issuer}{MTLS_TOKEN_PATH}") });
+    }
+    json_response(StatusCode::OK, &md)
 }

@@ -58,6 +58,11 @@ impl ConnKill {
     }
 }
 
+/// The client certificate chain of a TLS connection, leaf first, put into
+/// each request's extensions (RFC 8705 client authentication).
+#[derive(Clone, Debug)]
+pub(crate) struct PeerCerts(pub(crate) Arc<Vec<rustls::pki_types::CertificateDer<'static>>>);
+
 /// A body fed from a channel: lets handlers stream chunks and trailers
 /// without pulling in a `Stream` dependency.
 pub(crate) struct ChanBody(pub(crate) mpsc::Receiver<Result<Frame<Bytes>, io::Error>>);
@@ -204,10 +209,13 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             match task_shared.tls.clone() {
                 Some(acceptor) => {
                     if let Ok(tls) = acceptor.accept(stream).await {
-                        serve_conn(tls, &task_shared).await;
+                        let peer = tls.get_ref().1.peer_certificates().map(|c| {
+                            PeerCerts(Arc::new(c.iter().map(|d| d.clone().into_owned()).collect()))
+                        });
+                        serve_conn(tls, &task_shared, peer).await;
                     }
                 }
-                None => serve_conn(stream, &task_shared).await,
+                None => serve_conn(stream, &task_shared, None).await,
             }
             task_shared.conns.lock().remove(&id);
         });
@@ -215,7 +223,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-async fn serve_conn<S>(stream: S, shared: &Shared)
+async fn serve_conn<S>(stream: S, shared: &Shared, peer: Option<PeerCerts>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -224,6 +232,9 @@ where
     let conn_kill = ConnKill(kill.clone());
     let service = service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(conn_kill.clone());
+        if let Some(peer) = &peer {
+            req.extensions_mut().insert(peer.clone());
+        }
         let fut = handler(req);
         async move { Ok::<_, Infallible>(fut.await) }
     });

@@ -6,7 +6,8 @@
 //! Classifies every failure so the engine can, and says whether the request
 //! may have reached the IdP (the lost-rotation rules depend on it).
 
-use crate::config::{AuthMethod, CredentialConfig};
+use crate::assertion;
+use crate::config::{AssertionAud, AssertionSource, AuthMethod, CredentialConfig};
 use crate::egress::EgressConnector;
 use crate::secret::Secret;
 use base64::Engine as _;
@@ -56,11 +57,13 @@ pub struct PreparedRequest {
 }
 
 /// Builds the token request for `grant` (RFC 6749 §4.4.2, §6, §4.1.3).
+/// Fails before anything is sent when no client assertion can be made
+/// (docs/client-authentication.md).
 pub fn build_token_request(
     cred: &CredentialConfig,
     token_url: &Uri,
     grant: &Grant<'_>,
-) -> PreparedRequest {
+) -> Result<PreparedRequest, GrantError> {
     let mut form = form_urlencoded::Serializer::new(String::new());
     form.append_pair("grant_type", grant.grant_type());
     match grant {
@@ -98,7 +101,7 @@ pub fn build_token_request(
         form.append_pair(k, v);
     }
     let mut headers = HeaderMap::new();
-    apply_client_auth(cred, &mut form, &mut headers);
+    apply_client_auth(cred, token_url, &mut form, &mut headers)?;
     headers.insert(
         CONTENT_TYPE,
         HeaderValue::from_static("application/x-www-form-urlencoded"),
@@ -108,11 +111,11 @@ pub fn build_token_request(
         http::header::USER_AGENT,
         HeaderValue::from_static(USER_AGENT),
     );
-    PreparedRequest {
+    Ok(PreparedRequest {
         uri: token_url.clone(),
         headers,
         body: Secret::new(form.finish()),
-    }
+    })
 }
 
 /// Builds an RFC 7662 introspection request for a refresh token.
@@ -120,29 +123,30 @@ pub fn build_introspection_request(
     cred: &CredentialConfig,
     url: &Uri,
     token: &Secret,
-) -> PreparedRequest {
+) -> Result<PreparedRequest, GrantError> {
     let mut form = form_urlencoded::Serializer::new(String::new());
     form.append_pair("token", token.expose());
     form.append_pair("token_type_hint", "refresh_token");
     let mut headers = HeaderMap::new();
-    apply_client_auth(cred, &mut form, &mut headers);
+    apply_client_auth(cred, url, &mut form, &mut headers)?;
     headers.insert(
         CONTENT_TYPE,
         HeaderValue::from_static("application/x-www-form-urlencoded"),
     );
     headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
-    PreparedRequest {
+    Ok(PreparedRequest {
         uri: url.clone(),
         headers,
         body: Secret::new(form.finish()),
-    }
+    })
 }
 
 fn apply_client_auth(
     cred: &CredentialConfig,
+    endpoint: &Uri,
     form: &mut form_urlencoded::Serializer<'_, String>,
     headers: &mut HeaderMap,
-) {
+) -> Result<(), GrantError> {
     let secret = cred
         .client_secret
         .as_ref()
@@ -156,10 +160,64 @@ fn apply_client_auth(
             form.append_pair("client_id", &cred.client_id);
             form.append_pair("client_secret", secret);
         }
-        AuthMethod::None => {
+        // RFC 8705 §2: the TLS handshake authenticates; the body names the client.
+        AuthMethod::None | AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth => {
             form.append_pair("client_id", &cred.client_id);
         }
+        AuthMethod::PrivateKeyJwt | AuthMethod::ClientSecretJwt => {
+            let jwt = client_assertion(cred, endpoint, SystemTime::now())?;
+            // RFC 7523 §3.1 makes client_id optional; send it, as most IdPs want.
+            form.append_pair("client_id", &cred.client_id);
+            form.append_pair("client_assertion_type", assertion::ASSERTION_TYPE);
+            form.append_pair("client_assertion", jwt.expose());
+        }
     }
+    Ok(())
+}
+
+/// A fresh assertion for one request to `endpoint` (RFC 7523 §3: `aud`
+/// names the server; by default the endpoint itself).
+fn client_assertion(
+    cred: &CredentialConfig,
+    endpoint: &Uri,
+    now: SystemTime,
+) -> Result<Secret, GrantError> {
+    let aud = match &cred.client_assertion_aud {
+        AssertionAud::TokenEndpoint => endpoint.to_string(),
+        // The configured issuer, which discovery checked (RFC 8414 §3.3).
+        AssertionAud::Issuer => cred.issuer.as_ref().map_or_else(
+            || endpoint.to_string(),
+            |i| i.to_string().trim_end_matches('/').to_owned(),
+        ),
+        AssertionAud::Url(u) => u.clone(),
+    };
+    let claims = assertion::Claims::new(&cred.client_id, &aud, now);
+    let made = match (
+        &cred.auth_method,
+        &cred.client_assertion,
+        &cred.client_secret,
+    ) {
+        (AuthMethod::ClientSecretJwt, _, Some(secret)) => assertion::sign_hs256(secret, &claims),
+        (_, Some(AssertionSource::Key { key, .. }), _) => assertion::sign(key, &claims),
+        (_, Some(AssertionSource::File(path)), _) => assertion::read_file(path, now),
+        _ => Err(assertion::AssertionError::Sign(
+            "no key, file or secret configured".into(),
+        )),
+    };
+    made.map_err(|e| {
+        GrantError {
+            class: FailureClass::Config,
+            delivery: Delivery::NotSent,
+            status: None,
+            code: None,
+            description: None,
+            retry_after: None,
+            redirect_host: None,
+            message: "no client assertion for the token request".into(),
+            cause: None,
+        }
+        .caused_by(e)
+    })
 }
 
 /// RFC 6749 §2.3.1: id and secret are form-urlencoded before base64.
@@ -938,7 +996,8 @@ mod tests {
             &c,
             &"http://127.0.0.1:1/token".parse().unwrap(),
             &Grant::RefreshToken(&rt),
-        );
+        )
+        .unwrap();
         let body = req.body.expose();
         assert!(body.contains("grant_type=refresh_token"));
         assert!(body.contains("refresh_token=rt-1"));
@@ -959,11 +1018,192 @@ mod tests {
                 scopes: &scopes,
                 resource: Some("https://api/"),
             },
-        );
+        )
+        .unwrap();
         let body = req.body.expose();
         assert!(body.contains("scope=read+write"), "{body}");
         assert!(body.contains("resource=https%3A%2F%2Fapi%2F"), "{body}");
         assert!(req.headers.get(AUTHORIZATION).is_some());
+    }
+
+    fn form_of(req: &PreparedRequest) -> Vec<(String, String)> {
+        form_urlencoded::parse(req.body.expose().as_bytes())
+            .into_owned()
+            .collect()
+    }
+
+    fn get<'a>(form: &'a [(String, String)], k: &str) -> Option<&'a str> {
+        form.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
+    }
+
+    fn jwt_parts(jwt: &str) -> (serde_json::Value, serde_json::Value) {
+        let p: Vec<&str> = jwt.split('.').collect();
+        let d = |s: &str| {
+            serde_json::from_slice(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(s)
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        (d(p[0]), d(p[1]))
+    }
+
+    fn key_cred(aud: AssertionAud) -> CredentialConfig {
+        let mut c = cred(AuthMethod::PrivateKeyJwt);
+        c.client_secret = None;
+        c.client_assertion = Some(AssertionSource::Key {
+            key: assertion::load_key(
+                include_bytes!("../dev/testdata/client-ec.key"),
+                None,
+                Some("kid-1".into()),
+                None,
+            )
+            .unwrap(),
+            path: "client-ec.key".into(),
+            cert: None,
+        });
+        c.client_assertion_aud = aud;
+        c.issuer = Some("https://idp.example/".parse().unwrap());
+        c
+    }
+
+    #[test]
+    fn private_key_jwt_sends_a_fresh_assertion_and_no_secret() {
+        let url: Uri = "https://idp.example/oauth2/token".parse().unwrap();
+        let rt = Secret::new("rt-1");
+        let c = key_cred(AssertionAud::TokenEndpoint);
+        let a = build_token_request(&c, &url, &Grant::RefreshToken(&rt)).unwrap();
+        let b = build_token_request(&c, &url, &Grant::RefreshToken(&rt)).unwrap();
+        let (fa, fb) = (form_of(&a), form_of(&b));
+        assert_eq!(
+            get(&fa, "client_assertion_type"),
+            Some(assertion::ASSERTION_TYPE)
+        );
+        assert_eq!(get(&fa, "client_id"), Some("client"));
+        assert!(get(&fa, "client_secret").is_none());
+        assert!(a.headers.get(AUTHORIZATION).is_none());
+        let (h, claims) = jwt_parts(get(&fa, "client_assertion").unwrap());
+        assert_eq!(h["alg"], "ES256");
+        assert_eq!(h["kid"], "kid-1");
+        assert_eq!(claims["iss"], "client");
+        assert_eq!(claims["sub"], "client");
+        assert_eq!(claims["aud"], "https://idp.example/oauth2/token");
+        assert!(claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap() <= 60);
+        let (_, claims_b) = jwt_parts(get(&fb, "client_assertion").unwrap());
+        assert_ne!(claims["jti"], claims_b["jti"], "a jti per request");
+        assert!(!format!("{a:?}").contains(get(&fa, "client_assertion").unwrap()));
+    }
+
+    #[test]
+    fn assertion_audience_follows_client_assertion_aud() {
+        let url: Uri = "https://idp.example/oauth2/token".parse().unwrap();
+        let rt = Secret::new("rt-1");
+        for (aud, want) in [
+            (AssertionAud::Issuer, "https://idp.example"),
+            (
+                AssertionAud::Url("https://login.example/aud".into()),
+                "https://login.example/aud",
+            ),
+        ] {
+            let req = build_token_request(&key_cred(aud), &url, &Grant::RefreshToken(&rt)).unwrap();
+            let (_, claims) = jwt_parts(get(&form_of(&req), "client_assertion").unwrap());
+            assert_eq!(claims["aud"], want);
+        }
+    }
+
+    #[test]
+    fn client_secret_jwt_signs_with_the_secret_and_never_sends_it() {
+        let url: Uri = "https://idp.example/token".parse().unwrap();
+        let c = cred(AuthMethod::ClientSecretJwt);
+        let req = build_token_request(
+            &c,
+            &url,
+            &Grant::ClientCredentials {
+                scopes: &[],
+                resource: None,
+            },
+        )
+        .unwrap();
+        let form = form_of(&req);
+        assert!(!req.body.expose().contains("sec%26ret"));
+        let jwt = get(&form, "client_assertion").unwrap();
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+        v.set_audience(&["https://idp.example/token"]);
+        jsonwebtoken::decode::<serde_json::Value>(
+            jwt,
+            &jsonwebtoken::DecodingKey::from_secret(b"sec&ret"),
+            &v,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn tls_client_auth_sends_the_client_id_only() {
+        for m in [
+            AuthMethod::TlsClientAuth,
+            AuthMethod::SelfSignedTlsClientAuth,
+        ] {
+            let mut c = cred(m);
+            c.client_secret = None;
+            let rt = Secret::new("rt-1");
+            let req = build_token_request(
+                &c,
+                &"https://idp.example/token".parse().unwrap(),
+                &Grant::RefreshToken(&rt),
+            )
+            .unwrap();
+            let form = form_of(&req);
+            assert_eq!(get(&form, "client_id"), Some("client"));
+            assert!(get(&form, "client_secret").is_none());
+            assert!(get(&form, "client_assertion").is_none());
+            assert!(req.headers.get(AUTHORIZATION).is_none());
+        }
+    }
+
+    #[test]
+    fn an_expired_assertion_file_fails_before_sending_and_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"exp":1000}"#);
+        let jwt = format!("eyJhbGciOiJSUzI1NiJ9.{claims}.c2lnbmF0dXJl");
+        std::fs::write(&path, &jwt).unwrap();
+        let mut c = cred(AuthMethod::PrivateKeyJwt);
+        c.client_secret = None;
+        c.client_assertion = Some(AssertionSource::File(path.clone()));
+        let rt = Secret::new("rt-1");
+        let e = build_token_request(
+            &c,
+            &"https://idp.example/token".parse().unwrap(),
+            &Grant::RefreshToken(&rt),
+        )
+        .unwrap_err();
+        assert_eq!(e.delivery, Delivery::NotSent);
+        assert_eq!(e.class, FailureClass::Config);
+        let chain = crate::error_chain(&e);
+        assert!(chain.contains(&path.display().to_string()), "{chain}");
+        assert!(chain.contains("expired"), "{chain}");
+        assert!(!chain.contains(&jwt));
+        // A fresh one written in its place is used at once.
+        let exp = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        let claims =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(r#"{{"exp":{exp}}}"#));
+        let fresh = format!("eyJhbGciOiJSUzI1NiJ9.{claims}.c2lnbmF0dXJl");
+        std::fs::write(&path, format!("{fresh}\n")).unwrap();
+        let req = build_token_request(
+            &c,
+            &"https://idp.example/token".parse().unwrap(),
+            &Grant::RefreshToken(&rt),
+        )
+        .unwrap();
+        assert_eq!(
+            get(&form_of(&req), "client_assertion"),
+            Some(fresh.as_str())
+        );
     }
 
     #[test]

@@ -1,9 +1,52 @@
 //! One-sentence hints: the likely cause of a grant failure and the fix.
 //! Built from codes, statuses and config, never from secrets.
 
-use super::grant::{FailureClass, GrantError};
+use super::grant::{Delivery, FailureClass, GrantError};
 use super::reason::Reason;
-use crate::config::{AuthMethod, CredentialConfig, GrantType};
+use crate::config::{AssertionSource, AuthMethod, CredentialConfig, GrantType};
+
+/// What to check when the IdP answers `invalid_client`: names the settings
+/// of the configured method (docs/client-authentication.md).
+pub fn invalid_client(cfg: &CredentialConfig) -> String {
+    let m = cfg.auth_method.as_str();
+    match (cfg.auth_method, &cfg.client_assertion) {
+        (AuthMethod::PrivateKeyJwt, Some(AssertionSource::Key { key, path, .. })) => format!(
+            "The IdP rejected the client assertion: check that the public key of client_assertion_key {} (JWK thumbprint {}{}) is registered for client_id {:?}, that the IdP accepts {} (client_assertion_alg), and whether it wants client_assertion_aud = \"issuer\".",
+            path.display(),
+            key.thumbprint(),
+            key.kid().map(|k| format!(", kid {k}")).unwrap_or_default(),
+            cfg.client_id,
+            key.alg(),
+        ),
+        (AuthMethod::PrivateKeyJwt, Some(AssertionSource::File(path))) => format!(
+            "The IdP rejected the token in client_assertion_file {} as a client assertion: check the federated credential registered for client_id {:?} (the token's issuer, subject and audience).",
+            path.display(),
+            cfg.client_id,
+        ),
+        (AuthMethod::ClientSecretJwt, _) => format!(
+            "The IdP rejected the client assertion: check client_id and client_secret (the HS256 key), and whether the IdP wants client_assertion_aud = \"issuer\" (auth_method = \"{m}\")."
+        ),
+        (AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth, _) => format!(
+            "The IdP rejected the TLS client certificate: check that client_cert {} is the one registered for client_id {:?} ({}), and that the token endpoint is the IdP's mTLS endpoint (mtls_endpoint_aliases).",
+            cfg.client_cert.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            cfg.client_id,
+            if cfg.auth_method == AuthMethod::TlsClientAuth {
+                "its subject, for tls_client_auth"
+            } else {
+                "the certificate itself, for self_signed_tls_client_auth"
+            },
+        ),
+        _ => {
+            let other = match cfg.auth_method {
+                AuthMethod::ClientSecretBasic => "client_secret_post",
+                _ => "client_secret_basic",
+            };
+            format!(
+                "The IdP rejected the client credentials: check client_id and client_secret, and whether the IdP expects auth_method = \"{other}\" instead of \"{m}\"."
+            )
+        }
+    }
+}
 
 pub fn for_grant_error(cfg: &CredentialConfig, e: &GrantError) -> String {
     let desc = e.description.as_deref().unwrap_or("").to_ascii_lowercase();
@@ -26,18 +69,19 @@ pub fn for_grant_error(cfg: &CredentialConfig, e: &GrantError) -> String {
                 "The refresh token was revoked, expired or already used at the IdP; run `tokenproxy login` (or set a new refresh_token seed) to start a new family.".into()
             }
         }
+        // Nothing was sent: the request could not be made here.
+        FailureClass::Config if e.delivery == Delivery::NotSent && e.status.is_none() => {
+            format!(
+                "tokenproxy could not authenticate the client ({}); fix the credential's {} and reload (a change to the file is picked up by itself).",
+                crate::error_chain(e),
+                match cfg.client_assertion {
+                    Some(AssertionSource::File(_)) => "client_assertion_file",
+                    _ => "client authentication settings",
+                }
+            )
+        }
         FailureClass::Config => match code {
-            "invalid_client" => {
-                let other = match cfg.auth_method {
-                    AuthMethod::ClientSecretBasic => "client_secret_post",
-                    AuthMethod::ClientSecretPost => "client_secret_basic",
-                    AuthMethod::None => "client_secret_basic",
-                };
-                format!(
-                    "The IdP rejected the client credentials: check client_id and client_secret, and whether the IdP expects auth_method = \"{other}\" instead of \"{}\".",
-                    cfg.auth_method.as_str()
-                )
-            }
+            "invalid_client" => invalid_client(cfg),
             "invalid_scope" => "The IdP does not allow the requested scopes for this client; fix `scopes` (or the route's scopes) to what the client is granted.".into(),
             "unauthorized_client" | "unsupported_grant_type" => format!(
                 "This client is not allowed to use the {} grant at the IdP; enable the grant for the client or change `grant`.",

@@ -188,7 +188,10 @@ impl Engine {
                 })
                 .cloned();
             let slot = match reused {
-                Some(s) => s,
+                Some(s) => {
+                    s.retry_config_error_now();
+                    s
+                }
                 None => {
                     let token_url = resolve_token_url(cred, egress.as_ref()).await?;
                     let s = build_slot(
@@ -486,6 +489,8 @@ pub(crate) mod tests_support {
             ca_file: None,
             client_cert: None,
             client_key: None,
+            client_assertion: None,
+            client_assertion_aud: crate::config::AssertionAud::TokenEndpoint,
             refresh_before: None,
             refresh_wait: Duration::from_secs(10),
             max_backoff: Duration::from_secs(60),

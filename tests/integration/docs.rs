@@ -455,8 +455,21 @@ fn toml_snippets_pass_check() {
                 let Some((key, value)) = line.split_once('=') else {
                     continue;
                 };
-                let value = value.trim().trim_matches('"');
-                if key.trim().ends_with("_file") && !value.starts_with('/') {
+                let value = value
+                    .split('#')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .trim_matches('"');
+                // A key `check` proves able to sign: a real one (the dev IdP's test key).
+                let key_file = match key.trim() {
+                    "client_assertion_key" => Some(tokenproxy::dev::tls::testdata::RSA_KEY),
+                    "client_assertion_cert" => Some(tokenproxy::dev::tls::testdata::RSA_CERT),
+                    _ => None,
+                };
+                if let (Some(pem), false) = (key_file, value.starts_with('/')) {
+                    std::fs::write(dir.path().join(value), pem).unwrap();
+                } else if key.trim().ends_with("_file") && !value.starts_with('/') {
                     let p = dir.path().join(value);
                     std::fs::create_dir_all(p.parent().unwrap()).unwrap();
                     std::fs::write(p, "dummy-file-secret\n").unwrap();

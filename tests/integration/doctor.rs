@@ -242,8 +242,9 @@ async fn wrong_secrets_are_named() {
     let l = line(&out, "rt: the IdP rejected the client");
     assert!(l.starts_with('✗'), "{l}");
     assert!(l.contains("auth_method = \"client_secret_basic\""), "{l}");
+    // The same hint the engine gives (token::hints::invalid_client).
     assert!(
-        l.contains("try auth_method = \"client_secret_post\""),
+        l.contains("expects auth_method = \"client_secret_post\""),
         "{l}"
     );
     let l = line(&out, "cc: client_credentials grant failed");

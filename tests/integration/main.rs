@@ -4,6 +4,7 @@ mod admin_surface;
 mod alerts;
 mod browser;
 mod cli;
+mod client_auth;
 mod defaults;
 mod docs;
 mod doctor;

@@ -345,6 +345,23 @@ impl Slot {
         self.shutdown.cancel();
     }
 
+    /// A reload triggered by a changed config or secret file retries a
+    /// credential dead of a config error at once (docs/architecture.md,
+    /// "Failure classes"), even when its config compares equal: a file read
+    /// per request (`client_assertion_file`) is not part of the config.
+    pub fn retry_config_error_now(&self) {
+        let dead_of_config = self
+            .snapshot
+            .load()
+            .dead
+            .as_ref()
+            .is_some_and(|d| d.outcome == Outcome::ConfigError);
+        if dead_of_config {
+            self.control.lock().next_attempt = Some(Instant::now());
+            self.changed.notify_one();
+        }
+    }
+
     pub fn store_key(&self) -> Option<&str> {
         match &self.kind {
             SlotKind::Refresh { store_key, .. } => Some(store_key),

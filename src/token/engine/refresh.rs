@@ -55,7 +55,8 @@ impl Slot {
             &self.cfg,
             &self.token_url,
             &Grant::ClientCredentials { scopes, resource },
-        );
+        )
+        .map_err(|e| self.classify(&e, ev))?;
         let sent_wall = self.clock.wall();
         let sent_mono = Instant::now();
         let set = self
@@ -271,14 +272,16 @@ impl Slot {
             Err(e) => return Err(self.store_failure(&e)),
         }
 
-        let req = grant::build_token_request(
+        // A request that cannot be built (no client assertion) goes down the
+        // not-sent path below: nothing was presented.
+        let built = grant::build_token_request(
             &self.cfg,
             &self.token_url,
             &Grant::RefreshToken(&refresh_token),
         );
         let sent_wall = self.clock.wall();
         let sent_mono = Instant::now();
-        {
+        if built.is_ok() {
             let mut c = self.control.lock();
             let same = c
                 .presented
@@ -288,11 +291,14 @@ impl Slot {
                 c.presented = Some((rec.family.clone(), rec.generation, sent_mono));
             }
         }
-        let answer = self.client.send(&req).await.and_then(|raw| {
-            ev.status = Some(raw.status.as_u16());
-            self.check_skew(&raw.headers, sent_wall);
-            grant::parse_token_response(&raw, sent_wall)
-        });
+        let answer = match built {
+            Ok(req) => self.client.send(&req).await.and_then(|raw| {
+                ev.status = Some(raw.status.as_u16());
+                self.check_skew(&raw.headers, sent_wall);
+                grant::parse_token_response(&raw, sent_wall)
+            }),
+            Err(e) => Err(e),
+        };
         match answer {
             Ok(set) => {
                 let lifetime = self.lifetime(&set);
@@ -442,13 +448,11 @@ impl Slot {
         // The intent of the presentation in question (written before it).
         let intent = rec.intent.clone();
         if let Some(url) = &self.cfg.introspection_url {
-            let req = grant::build_introspection_request(&self.cfg, url, refresh_token);
-            match self
-                .client
-                .send(&req)
-                .await
-                .and_then(|r| grant::parse_introspection(&r))
-            {
+            let answer = match grant::build_introspection_request(&self.cfg, url, refresh_token) {
+                Ok(req) => self.client.send(&req).await,
+                Err(e) => Err(e),
+            };
+            match answer.and_then(|r| grant::parse_introspection(&r)) {
                 Ok(true) => {
                     rec.intent = None;
                     return Ok(());

@@ -75,7 +75,7 @@ impl Run {
 }
 
 async fn status(p: &ChildProxy, name: &str) -> serde_json::Value {
-    let all = get_ok(&http(), &format!("http://{}/credentials", p.admin))
+    let all = get_ok(&client(), &format!("http://{}/credentials", p.admin))
         .await
         .json();
     all.as_array()
@@ -102,7 +102,7 @@ fn refusal(p: &ChildProxy, name: &str) -> String {
 
 /// Everything the proxy printed or serves about itself.
 async fn outputs(p: &ChildProxy) -> Vec<String> {
-    let c = http();
+    let c = client();
     let mut out = vec![p.output()];
     for path in ["/credentials", "/metrics", "/"] {
         if let Ok(g) = try_get(&c, &format!("http://{}{path}", p.admin)).await {
@@ -131,7 +131,7 @@ fn assert_clean(outputs: &[String], secrets: &[&str]) {
 }
 
 async fn through(p: &ChildProxy, name: &str) {
-    let g = get_ok(&http(), &p.url(&format!("/{name}/x"))).await;
+    let g = get_ok(&client(), &p.url(&format!("/{name}/x"))).await;
     assert_eq!(g.json()["token_ok"], true, "{}", g.text());
 }
 
@@ -251,7 +251,7 @@ client_assertion_aud = "https://elsewhere.example/token"
             .iter()
             .all(|(a, _)| a == "invalid"));
     }
-    let g = try_get(&http(), &p.url("/key/x")).await.unwrap();
+    let g = try_get(&client(), &p.url("/key/x")).await.unwrap();
     assert_eq!(g.status, 503, "{}", g.text());
     assert_clean(&outputs(&p).await, &[]);
 }

@@ -128,7 +128,7 @@ pub(crate) async fn handle_with_body(
     match (method.as_str(), path.as_str()) {
         ("GET" | "HEAD", "/healthz") => return text(StatusCode::OK, "ok\n"),
         ("GET" | "HEAD", "/readyz") => return readyz(live),
-        ("GET", "/metrics") => return metrics_page(live),
+        ("GET", "/metrics") => return metrics_page(live, wants_openmetrics(&req)),
         _ => {}
     }
     if !loopback && !token_ok {
@@ -351,7 +351,17 @@ fn readyz(live: &Live) -> AdminResponse {
     text(StatusCode::OK, "ready\n")
 }
 
-fn metrics_page(live: &Live) -> AdminResponse {
+/// Prometheus asks for OpenMetrics; scrapers that do not (older agents,
+/// `promtool check metrics`) get the classic text format.
+fn wants_openmetrics<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
+}
+
+fn metrics_page(live: &Live, openmetrics: bool) -> AdminResponse {
     let m = metrics();
     m.clear_credential_gauges();
     for s in live.engine.load().status() {
@@ -363,11 +373,20 @@ fn metrics_page(live: &Live) -> AdminResponse {
             m.set_refresh_expires_in(&s.credential, left);
         }
     }
-    let mut r = Response::new(Full::new(Bytes::from(m.encode())));
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-    );
+    let (body, content_type) = if openmetrics {
+        (
+            m.encode(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+    } else {
+        (
+            crate::metrics::to_text_format(&m.encode()),
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 

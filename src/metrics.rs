@@ -282,7 +282,7 @@ impl Metrics {
         self.refresh_expires_in.clear();
     }
 
-    /// The Prometheus text exposition.
+    /// The OpenMetrics exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -371,8 +371,55 @@ fn unix_secs(t: SystemTime) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// OpenMetrics text as the classic Prometheus text format (0.0.4): a
+/// counter's HELP and TYPE name its `_total` samples, and there is no
+/// `# EOF` or `# UNIT`. Label values are escaped alike in both formats.
+pub fn to_text_format(openmetrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(name) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|rest| rest.strip_suffix(" counter"))
+        {
+            counters.insert(name.to_owned());
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find(|p| line.starts_with(p));
+        match meta {
+            Some(prefix) => {
+                let rest = &line[prefix.len()..];
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) {
+                    out.push_str(&format!("{prefix}{name}_total {tail}"));
+                } else {
+                    out.push_str(line);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_text_format_names_counters_by_their_samples() {
+        let om = "# HELP tokenproxy_requests Requests.\n# TYPE tokenproxy_requests counter\ntokenproxy_requests_total{route=\"/a/\"} 2\n# HELP tokenproxy_up Up.\n# TYPE tokenproxy_up gauge\ntokenproxy_up 1\n# EOF\n";
+        assert_eq!(
+            super::to_text_format(om),
+            "# HELP tokenproxy_requests_total Requests.\n# TYPE tokenproxy_requests_total counter\ntokenproxy_requests_total{route=\"/a/\"} 2\n# HELP tokenproxy_up Up.\n# TYPE tokenproxy_up gauge\ntokenproxy_up 1\n"
+        );
+    }
     use super::*;
 
     #[test]

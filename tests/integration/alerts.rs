@@ -4,6 +4,7 @@
 
 use crate::docs::{anchors, metrics_table, root, METRICS_PAGE};
 use std::process::Command;
+use std::time::Duration;
 
 fn rules_dir() -> std::path::PathBuf {
     root().join("deploy/prometheus")
@@ -87,4 +88,68 @@ fn alerts_use_real_series_and_real_runbooks() {
         series >= 5 && runbooks >= 5,
         "{series} series, {runbooks} runbooks"
     );
+}
+
+/// What a running proxy exposes parses and lints clean in Prometheus's own
+/// checker, after a refresh and a proxied request filled the series.
+#[tokio::test]
+async fn a_real_scrape_passes_promtool_check_metrics() {
+    use crate::harness::*;
+    let Some(bin) = promtool() else { return };
+    let stack = Stack::start(StackOpts::default()).await;
+    let app = stack.app("").await;
+    stack.wait_generation(1, Duration::from_secs(10)).await;
+    let c = client();
+    let proxied = get_ok(&c, &format!("http://{}/api/x", app.proxy_addr.unwrap())).await;
+    assert_eq!(proxied.status, 200, "{}", proxied.text());
+    let url = format!("http://{}/metrics", app.admin_addr.unwrap());
+    let got = get_ok(&c, &url).await;
+    assert_eq!(
+        got.headers["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let scrape = got.text();
+    // Prometheus itself asks for OpenMetrics, and gets it.
+    let req = http::Request::get(&url)
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )
+        .body(Default::default())
+        .unwrap();
+    let (resp, body) = send(&c, req).await;
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text"),
+        "{resp:?}"
+    );
+    assert!(String::from_utf8_lossy(&body).ends_with("# EOF\n"));
+    assert!(
+        scrape.contains("tokenproxy_token_refresh_total"),
+        "{scrape}"
+    );
+    let mut child = Command::new(bin)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(scrape.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    app.shutdown().await;
 }

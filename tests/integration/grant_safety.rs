@@ -174,11 +174,18 @@ async fn a_gateway_502_before_the_idp_is_retried_after_introspection() {
             });
             let admin = app.admin_addr.unwrap();
             let _ = post_admin(&client(), admin, &format!("/credentials/{CRED}/refresh")).await;
-            let st = wait_for("the 502", S(10), || async {
-                let st = status(&app).await;
-                (st["last_error"]["status"] == 502).then_some(st)
+            // The counter, not last_error: a later introspection may replace
+            // the error the status shows, and under load the poll can miss it.
+            wait_for("the 502", S(10), || async {
+                let metrics = get_ok(&client(), &format!("http://{admin}/metrics"))
+                    .await
+                    .text();
+                metrics
+                    .contains("tokenproxy_token_endpoint_failures_total{credential=\"user\",class=\"gateway_5xx\"} 1")
+                    .then_some(())
             })
             .await;
+            let st = status(&app).await;
             assert_ne!(st["state"], "dead", "{st}");
             // The token still works, so the next try waits for an asked refresh.
             tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -147,7 +147,11 @@ async fn metrics_count_known_traffic() {
     assert!(v(r#"tokenproxy_token_last_success_timestamp_seconds{credential="opsmok"}"#) > 1e9);
     assert!(v(r#"tokenproxy_credential_state_since_timestamp_seconds{credential="opsmok"}"#) > 1e9);
     assert!(m.contains("tokenproxy_store_write_failures_total"), "{m}");
-    assert!(m.contains("# EOF"), "OpenMetrics text ends with # EOF");
+    // Without `Accept: application/openmetrics-text`, the classic format.
+    assert!(
+        m.contains("# TYPE tokenproxy_store_write_failures_total counter") && !m.contains("# EOF"),
+        "{m}"
+    );
 
     // An upstream 401 with a live token: counted once, answered 401.
     let (resp, _) = env.get("/opsm-ok/status/401").await;

@@ -205,18 +205,8 @@ fn client_assertion(
         )),
     };
     made.map_err(|e| {
-        GrantError {
-            class: FailureClass::Config,
-            delivery: Delivery::NotSent,
-            status: None,
-            code: None,
-            description: None,
-            retry_after: None,
-            redirect_host: None,
-            message: "no client assertion for the token request".into(),
-            cause: None,
-        }
-        .caused_by(e)
+        GrantError::config_not_sent("no client assertion for the token request".into())
+            .caused_by(e)
     })
 }
 
@@ -338,6 +328,14 @@ impl GrantError {
             redirect_host: None,
             message: message.into(),
             cause: None,
+        }
+    }
+
+    /// A request that cannot be built or sent as configured: nothing left.
+    pub(crate) fn config_not_sent(message: String) -> Self {
+        GrantError {
+            class: FailureClass::Config,
+            ..GrantError::transient(Delivery::NotSent, None, message)
         }
     }
 
@@ -832,17 +830,7 @@ impl GrantClient {
         if let Some(script) = &self.scripted {
             return script.exchange(req).await;
         }
-        let not_sent = |message: String| GrantError {
-            class: FailureClass::Config,
-            delivery: Delivery::NotSent,
-            status: None,
-            code: None,
-            description: None,
-            retry_after: None,
-            redirect_host: None,
-            message,
-            cause: None,
-        };
+        let not_sent = GrantError::config_not_sent;
         let authority = req
             .uri
             .authority()

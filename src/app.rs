@@ -174,7 +174,8 @@ impl App {
         // A grant cut off by exit may have rotated the refresh token
         // without its answer being saved: wait for it, bounded, alongside
         // the requests' drain (the two windows overlap, not add up).
-        let drain = self.live.engine.load().drain().clone();
+        let engine = self.live.engine.load_full();
+        let (drain, bound) = (engine.drain().clone(), engine.drain_bound());
         let refreshes = async {
             if drain.in_flight() > 0 {
                 tracing::info!(
@@ -182,7 +183,6 @@ impl App {
                     refreshes = drain.in_flight(),
                     "Waiting for refreshes in flight to finish and be saved"
                 );
-                let bound = crate::token::GRANT_TIMEOUT + crate::token::grant::CONNECT_TIMEOUT;
                 if !drain.wait(bound).await {
                     tracing::warn!(
                         event = "shutdown_drain_timeout",

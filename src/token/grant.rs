@@ -205,8 +205,7 @@ fn client_assertion(
         )),
     };
     made.map_err(|e| {
-        GrantError::config_not_sent("no client assertion for the token request".into())
-            .caused_by(e)
+        GrantError::config_not_sent("no client assertion for the token request".into()).caused_by(e)
     })
 }
 

@@ -259,6 +259,18 @@ impl Engine {
     pub fn drain(&self) -> &Arc<engine::Drain> {
         &self.drain
     }
+
+    /// How long shutdown waits for refreshes in flight: as long as the
+    /// slowest credential's grant may take (its own connect_timeout, then
+    /// the grant timeout). Cut shorter, an exit could land after the IdP
+    /// rotated and before the answer was saved.
+    pub fn drain_bound(&self) -> Duration {
+        self.slots
+            .values()
+            .map(|s| s.grant_fence())
+            .max()
+            .unwrap_or(GRANT_TIMEOUT + grant::CONNECT_TIMEOUT)
+    }
 }
 
 fn slot_key(config: &Config, route: &RouteConfig) -> SlotKey {
@@ -457,6 +469,45 @@ impl RouteToken {
                 Ok(injected)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn shutdown_waits_as_long_as_the_slowest_credential_may_take() {
+        let text = r#"
+[server]
+listen = "127.0.0.1:0"
+[credentials.quick]
+grant = "client_credentials"
+token_url = "http://127.0.0.1:1/token"
+client_id = "a"
+client_secret = "s"
+connect_timeout = "2s"
+[credentials.slow]
+grant = "client_credentials"
+token_url = "http://127.0.0.1:1/token"
+client_id = "b"
+client_secret = "s"
+connect_timeout = "60s"
+[[routes]]
+path_prefix = "/q/"
+upstream = "http://127.0.0.1:2"
+credential = "quick"
+[[routes]]
+path_prefix = "/s/"
+upstream = "http://127.0.0.1:2"
+credential = "slow"
+"#;
+        let config = crate::config::parse(text, std::path::Path::new("t.toml"), &|_| None).unwrap();
+        let shutdown = CancellationToken::new();
+        let engine = Engine::start(&config, shutdown.clone()).await.unwrap();
+        // 60 s to connect, 30 s for the answer, 5 s to save it.
+        assert_eq!(engine.drain_bound(), Duration::from_secs(95));
+        shutdown.cancel();
     }
 }
 

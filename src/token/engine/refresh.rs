@@ -599,7 +599,7 @@ impl Slot {
 
     /// How long a grant may be in flight once its intent is written: the
     /// fleet lease is extended to cover it (docs/architecture.md, "Fleet").
-    pub(super) fn grant_fence(&self) -> Duration {
+    pub(crate) fn grant_fence(&self) -> Duration {
         self.cfg.connect_timeout + crate::token::GRANT_TIMEOUT + FENCE_MARGIN
     }
 

@@ -245,3 +245,30 @@ async fn a_lost_answer_is_retried_only_inside_the_grace_window() {
     let dead = rig.slot.status().last_error.unwrap();
     assert_eq!(dead.reason, crate::token::reason::Reason::LostRotation);
 }
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_holds_off_the_next_request_up_to_max_backoff() {
+    // Asked for 30 s with room to honour it: nothing before then.
+    let replies = vec![
+        Reply::Ok(60),
+        Reply::Status(429, r#"{"error":"slow_down"}"#, Some("30")),
+    ];
+    let rig = start(ScriptedIdp::new(3600, replies), |c| c.max_backoff = S(120)).await;
+    run_for(S(100)).await;
+    let at = rig.idp.requests.lock().clone();
+    assert_eq!(at.len(), 3, "{at:?}");
+    let gap = at[2] - at[1];
+    assert!(gap >= S(30) && gap <= S(31), "retried after {gap:?}");
+    assert_eq!(rig.slot.state(), State::Fresh);
+
+    // Asked for a day: max_backoff caps it.
+    let replies = vec![
+        Reply::Ok(60),
+        Reply::Status(429, r#"{"error":"slow_down"}"#, Some("86400")),
+    ];
+    let rig = start(ScriptedIdp::new(3600, replies), |c| c.max_backoff = S(4)).await;
+    run_for(S(100)).await;
+    let at = rig.idp.requests.lock().clone();
+    assert_eq!(at.len(), 3, "{at:?}");
+    assert!(at[2] - at[1] <= Duration::from_millis(4100), "{at:?}");
+}

@@ -294,13 +294,12 @@ impl Metrics {
         let label = RouteLabel {
             route: route.to_owned(),
         };
-        // Exported (at 0) though the proxy does not count replays yet.
-        drop(self.replays.get_or_create(&label));
         RouteMetrics {
             route: route.to_owned(),
             common: Default::default(),
             duration: self.request_duration.get_or_create(&label).clone(),
             upstream_401: self.upstream_401.get_or_create(&label).clone(),
+            replays: self.replays.get_or_create(&label).clone(),
             stats: self.route_stats(route),
         }
     }
@@ -326,6 +325,7 @@ pub struct RouteMetrics {
     common: [std::sync::OnceLock<Counter>; 12],
     duration: Histogram,
     upstream_401: Counter,
+    replays: Counter,
     stats: Arc<RouteStats>,
 }
 
@@ -362,6 +362,11 @@ impl RouteMetrics {
 
     pub fn upstream_rejected(&self) {
         self.upstream_401.inc();
+    }
+
+    /// A request sent again with a refreshed token.
+    pub fn replayed(&self) {
+        self.replays.inc();
     }
 }
 

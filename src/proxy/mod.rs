@@ -514,6 +514,7 @@ impl Proxy {
                         request_id = rid,
                         "Replaying with a refreshed token"
                     );
+                    route.metrics.replayed();
                     replayed = true;
                     continue;
                 }

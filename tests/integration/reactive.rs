@@ -1,7 +1,7 @@
 //! Reactive refresh (docs/architecture.md): an upstream 401 for a token the IdP revoked
 //! early costs one refresh, and the request is replayed once.
 
-use crate::harness::{client, echoed, json, send};
+use crate::harness::{client, echoed, get_ok, json, send};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
@@ -66,6 +66,17 @@ credential = "user"
 }
 
 impl Env {
+    async fn replays(&self) -> f64 {
+        let admin = self.app.as_ref().unwrap().admin_addr.unwrap();
+        let scrape = get_ok(&client(), &format!("http://{admin}/metrics"))
+            .await
+            .text();
+        scrape
+            .lines()
+            .find_map(|l| l.strip_prefix(r#"tokenproxy_replays_total{route="/api/"} "#))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    }
+
     fn url(&self, path: &str) -> String {
         format!(
             "http://{}{path}",
@@ -96,6 +107,7 @@ async fn revoked_token_costs_one_refresh_and_the_request_is_replayed() {
     assert_eq!(resp.status(), 200);
     let first_token = bearer(&json(&body));
     let grants_before = env.idp.grant_count("refresh_token");
+    let replays_before = env.replays().await;
 
     env.idp.revoke_access_token(&first_token);
     // 50 concurrent POSTs, all starting with the revoked token.
@@ -118,6 +130,13 @@ async fn revoked_token_costs_one_refresh_and_the_request_is_replayed() {
         env.idp.grant_count("refresh_token"),
         grants_before + 1,
         "a burst of 401s costs exactly one refresh"
+    );
+    // Those that met the revoked token were replayed (the rest started
+    // after the refresh). Other tests share the registry and the label.
+    let replayed = env.replays().await - replays_before;
+    assert!(
+        (1.0..=50.0).contains(&replayed),
+        "tokenproxy_replays_total grew by {replayed}"
     );
     assert_eq!(env.idp.reuse_count(), 0);
     env.app.take().unwrap().shutdown().await;

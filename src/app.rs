@@ -290,6 +290,7 @@ async fn watch_files(live: Arc<Live>, shutdown: CancellationToken) {
             event = "config_changed",
             "Config or secret file changed; reloading"
         );
+        // A rejected reload logs itself and keeps the running config.
         let _ = live.reload().await;
         files = watched_files(&live.config.load());
         last = stamp(&files);

@@ -128,6 +128,7 @@ rotating the refresh token. Ctrl-C stops everything.
         admin = admin_addr,
     );
     while let crate::process::Signal::Reload = crate::process::wait_for_signal().await {
+        // A rejected reload logs itself and keeps the running config.
         let _ = app.reload().await;
     }
     app.shutdown().await;

@@ -406,6 +406,9 @@ impl Slot {
                             reason: failure.reason.as_str().to_owned(),
                         });
                         let id = (rec.family.clone(), rec.generation);
+                        // Unsaved, the mark still holds in memory, and the
+                        // store keeps the intent: a restart goes through the
+                        // lost-rotation checks, never presents blindly.
                         let _ = self
                             .write_record(store, lock, &rec, Some((&id.0, id.1)), None)
                             .await;
@@ -423,6 +426,8 @@ impl Slot {
                         // it in case clearing the durable intent fails.
                         self.control.lock().unspent_intent = rec.intent.take();
                         let id = (rec.family.clone(), rec.generation);
+                        // Unsaved, the intent stays on disk and
+                        // unspent_intent says it was not spent.
                         let _ = self
                             .write_record(store, lock, &rec, Some((&id.0, id.1)), None)
                             .await;
@@ -480,6 +485,8 @@ impl Slot {
             reason: Reason::LostRotation.as_str().to_owned(),
         });
         let id = (rec.family.clone(), rec.generation);
+        // Unsaved, the intent stays on disk: a restart reaches this same
+        // verdict, so dropping the error loses nothing.
         let _ = self
             .write_record(store, lock, rec, Some((&id.0, id.1)), None)
             .await;

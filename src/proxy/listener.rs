@@ -27,7 +27,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -180,27 +180,9 @@ pub async fn serve_with_permits(
     let graceful = GracefulShutdown::new();
     let builder = Arc::new(http_builder(proxy.max_header_bytes, proxy.max_headers));
 
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            a = accept(&listener) => a,
-        };
-        let (io, remote_ip) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(listener = local.as_str(), error = %e, "Accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    while let Some((permit, io, remote_ip)) =
+        next_connection(&listener, &permits, &shutdown, &local).await
+    {
         // The current proxy's TLS acceptor: a reload rotates certificates
         // for new connections without touching open ones.
         let tls = shared.load().tls.clone();
@@ -302,26 +284,9 @@ pub(crate) async fn serve_guarded<H, Fut>(
     let permits = Arc::new(Semaphore::new(guards.max_connections.max(1)));
     let builder = Arc::new(http_builder(guards.max_header_bytes, guards.max_headers));
     let graceful = GracefulShutdown::new();
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = accept(&listener) => a,
-        };
-        let (io, remote_ip) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(listener = local.as_str(), error = %e, "Accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    while let Some((permit, io, remote_ip)) =
+        next_connection(&listener, &permits, &shutdown, &local).await
+    {
         // A unix socket is as local as loopback.
         let is_local = remote_ip.is_none_or(crate::net::is_loopback_ip);
         let handler = handler.clone();
@@ -345,6 +310,33 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 enum Accepted {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
+}
+
+/// A connection slot and the next connection, or `None` at shutdown.
+async fn next_connection(
+    listener: &Listener,
+    permits: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+    local: &str,
+) -> Option<(OwnedSemaphorePermit, Accepted, Option<IpAddr>)> {
+    let permit = tokio::select! {
+        _ = shutdown.cancelled() => return None,
+        p = permits.clone().acquire_owned() => p.ok()?,
+    };
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            a = accept(listener) => a,
+        };
+        match accepted {
+            Ok((io, remote_ip)) => return Some((permit, io, remote_ip)),
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(listener = local, error = %e, "Accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 async fn accept(l: &Listener) -> std::io::Result<(Accepted, Option<IpAddr>)> {

@@ -187,6 +187,22 @@ pub(crate) async fn handle_with_body(
         {
             return refresh(live, name).await;
         }
+        if let Some(name) = path
+            .strip_prefix("/credentials/")
+            .and_then(|p| p.strip_suffix("/device"))
+        {
+            let Some(slot) = live.engine.load().slot(name).cloned() else {
+                return json(
+                    StatusCode::NOT_FOUND,
+                    serde_json::json!({"error": "no_such_credential"}),
+                );
+            };
+            let force = form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+                .any(|(k, v)| k == "force" && matches!(&*v, "1" | "true" | "yes"));
+            let (status, body) =
+                crate::device::admin_start(&config, slot, &live.logins.devices, force).await;
+            return json(status, body);
+        }
         return json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": "not_found"}),
@@ -202,7 +218,11 @@ pub(crate) async fn handle_with_body(
     match path.as_str() {
         "/" => status_page(live),
         "/credentials" => {
-            let all: Vec<_> = engine.status().iter().map(status_json).collect();
+            let all: Vec<_> = engine
+                .status()
+                .iter()
+                .map(|s| with_device(live, s))
+                .collect();
             json(StatusCode::OK, serde_json::Value::Array(all))
         }
         p => match p.strip_prefix("/credentials/") {
@@ -211,7 +231,7 @@ pub(crate) async fn handle_with_body(
                     .status()
                     .iter()
                     .filter(|s| s.credential == name)
-                    .map(status_json)
+                    .map(|s| with_device(live, s))
                     .collect();
                 match found.len() {
                     0 => json(
@@ -453,6 +473,16 @@ pub(crate) fn status_json(s: &SlotStatus) -> serde_json::Value {
     })
 }
 
+/// [`status_json`] plus the credential's device login, pending or failed
+/// (user code and link, or the failure; never the device code).
+fn with_device(live: &Live, s: &SlotStatus) -> serde_json::Value {
+    let mut v = status_json(s);
+    if let Some(d) = live.logins.devices.status_json(&s.credential) {
+        v["device_login"] = d;
+    }
+    v
+}
+
 fn json(status: StatusCode, body: serde_json::Value) -> AdminResponse {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
@@ -498,7 +528,7 @@ fn status_page(live: &Live) -> AdminResponse {
     h.push_str("<meta name=viewport content=\"width=device-width\"><title>tokenproxy status</title><style>");
     h.push_str("body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin-bottom:2em}");
     h.push_str("th,td{border:1px solid #ccc;padding:.35em .6em;text-align:left;vertical-align:top}th{background:#f3f3f3;white-space:nowrap}td.state,td.num{white-space:nowrap}td.num{font-variant-numeric:tabular-nums}");
-    h.push_str(".fresh{color:#176a1f;background:#e6f4e7;font-weight:600}.refreshing{color:#1f4f8a;background:#e5eef9;font-weight:600}.expired{color:#a35b00;background:#fdf0dc;font-weight:600}.dead{color:#fff;background:#b3261e;font-weight:600}.badge{padding:.05em .45em;border-radius:3px}.login{margin-left:.4em}");
+    h.push_str(".fresh{color:#176a1f;background:#e6f4e7;font-weight:600}.refreshing{color:#1f4f8a;background:#e5eef9;font-weight:600}.expired{color:#a35b00;background:#fdf0dc;font-weight:600}.dead{color:#fff;background:#b3261e;font-weight:600}.badge{padding:.05em .45em;border-radius:3px}.login{margin-left:.4em}.device{margin-top:.3em}.user-code{font:600 120% ui-monospace,monospace;letter-spacing:.08em}");
     h.push_str(".hint{color:#555;font-size:90%}</style></head><body><h1>tokenproxy</h1>");
     let _ = write!(
         h,
@@ -525,7 +555,7 @@ fn status_page(live: &Live) -> AdminResponse {
             ),
             None => "—".into(),
         };
-        let login = if s.state == State::Dead && s.grant_type == "refresh_token" {
+        let mut login = if s.state == State::Dead && s.grant_type == "refresh_token" {
             format!(
                 " <a class=login href=\"/login/{0}\">log in</a>",
                 escape(&s.credential)
@@ -533,6 +563,23 @@ fn status_page(live: &Live) -> AdminResponse {
         } else {
             String::new()
         };
+        // A pending device login: what a person types on a phone. The
+        // device code never reaches this page.
+        if let Some((p, left)) = live.logins.devices.pending(&s.credential) {
+            let link = p
+                .verification_uri_complete
+                .as_deref()
+                .unwrap_or(&p.verification_uri);
+            let _ = write!(
+                login,
+                "<div class=device>Device login pending: open <a href=\"{href}\">{uri}</a> and enter <b class=user-code>{code}</b> (<span class=countdown data-expires=\"{exp}\">{left}s</span> left)</div>",
+                href = escape(link),
+                uri = escape(&p.verification_uri),
+                code = escape(&p.user_code),
+                exp = now + left.as_secs(),
+                left = left.as_secs(),
+            );
+        }
         let _ = write!(
             h,
             "<tr data-credential=\"{name}\" data-state=\"{state}\"><td>{name}<td>{grant}<td class=state><span class=\"badge {state}\">{state}</span> since {since}{login}<td class=num>{expires}<td class=num>{generation}<td>{last}<td>{error}</tr>",

@@ -82,9 +82,25 @@ impl AdminClient {
     /// `GET base+path` with the admin token: the status and the body, or
     /// why there was no answer (never the token).
     pub(crate) async fn get(&self, path: &str) -> Result<(StatusCode, Bytes), String> {
+        self.send(http::Method::GET, path).await
+    }
+
+    /// `POST base+path` with the admin token and the admin header (the
+    /// mutating endpoints' rule), no body.
+    pub(crate) async fn post(&self, path: &str) -> Result<(StatusCode, Bytes), String> {
+        self.send(http::Method::POST, path).await
+    }
+
+    async fn send(&self, method: http::Method, path: &str) -> Result<(StatusCode, Bytes), String> {
         let url = format!("{}{path}", self.base);
-        let mut req = Request::get(&url)
-            .header(header::ACCEPT, "application/json")
+        let mut builder = Request::builder()
+            .method(method.clone())
+            .uri(&url)
+            .header(header::ACCEPT, "application/json");
+        if method == http::Method::POST {
+            builder = builder.header(crate::admin::ADMIN_HEADER, "1");
+        }
+        let mut req = builder
             .body(Empty::new())
             .map_err(|e| format!("{url}: {e}"))?;
         if let Some(t) = &self.token {

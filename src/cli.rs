@@ -35,8 +35,9 @@ enum Command {
         #[arg(short, long, env = "TOKENPROXY_CONFIG", value_name = "FILE")]
         config: PathBuf,
     },
-    /// Get the first refresh token: authorization code + PKCE in a browser,
-    /// stored as a new token family (through the running proxy when it is up).
+    /// Get the first refresh token: authorization code + PKCE in a browser
+    /// (or the device grant with --device), stored as a new token family
+    /// (through the running proxy when it is up).
     Login {
         #[arg(short, long, env = "TOKENPROXY_CONFIG", value_name = "FILE")]
         config: PathBuf,
@@ -55,6 +56,10 @@ enum Command {
         /// The running proxy's admin API (default: from the config).
         #[arg(long, value_name = "URL")]
         admin: Option<String>,
+        /// Use the device grant (RFC 8628): print a code to enter on any
+        /// device with a browser (a phone), then poll until it is approved.
+        #[arg(long, conflicts_with = "no_listen")]
+        device: bool,
     },
     /// Check config, secrets, store, IdP endpoints, TLS, metadata, clock and
     /// upstreams; never spends a refresh token.
@@ -210,6 +215,7 @@ pub fn main() -> ExitCode {
             open,
             no_listen,
             admin,
+            device,
         } => {
             let cfg = match load_or_report(&config) {
                 Ok(c) => c,
@@ -222,6 +228,7 @@ pub fn main() -> ExitCode {
                 open,
                 no_listen,
                 admin,
+                device,
             };
             run_blocking(async move { ExitCode::from(crate::login::run_cli(&cfg, args).await) })
         }

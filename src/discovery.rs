@@ -27,6 +27,8 @@ pub struct Metadata {
     /// `mtls_endpoint_aliases.token_endpoint` (RFC 8705 §5): where clients
     /// authenticating with a certificate send token requests.
     pub mtls_token_endpoint: Option<String>,
+    /// RFC 8628 §4: where `tokenproxy login --device` starts.
+    pub device_authorization_endpoint: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -228,6 +230,7 @@ pub fn parse_metadata(url: &str, body: &[u8], issuer: &str) -> Result<Metadata, 
             .and_then(|a| a.get("token_endpoint"))
             .and_then(|v| v.as_str())
             .map(str::to_owned),
+        device_authorization_endpoint: s("device_authorization_endpoint"),
     })
 }
 
@@ -237,12 +240,47 @@ pub async fn endpoints(
     cred: &CredentialConfig,
     egress: Option<&Uri>,
 ) -> Result<(Uri, Option<Uri>), DiscoveryError> {
-    if let (Some(t), Some(a)) = (&cred.token_url, &cred.authorize_url) {
-        return Ok((t.clone(), Some(a.clone())));
+    let (token, authorize, _) = resolve(cred, egress, false).await?;
+    Ok((token, authorize))
+}
+
+/// The token and device authorization endpoints (RFC 8628 §3.1), as
+/// configured, else from discovery (docs/device-login.md).
+pub async fn device_endpoints(
+    cred: &CredentialConfig,
+    egress: Option<&Uri>,
+) -> Result<(Uri, Option<Uri>), DiscoveryError> {
+    let (token, _, device) = resolve(cred, egress, true).await?;
+    Ok((token, device))
+}
+
+/// Configured endpoints, the missing ones from discovery. `device`: whether
+/// the device endpoint (rather than the authorize one) decides that
+/// discovery is needed.
+async fn resolve(
+    cred: &CredentialConfig,
+    egress: Option<&Uri>,
+    device: bool,
+) -> Result<(Uri, Option<Uri>, Option<Uri>), DiscoveryError> {
+    let other = if device {
+        &cred.device_authorization_url
+    } else {
+        &cred.authorize_url
+    };
+    if let (Some(t), Some(_)) = (&cred.token_url, other) {
+        return Ok((
+            t.clone(),
+            cred.authorize_url.clone(),
+            cred.device_authorization_url.clone(),
+        ));
     }
     let Some(issuer) = &cred.issuer else {
         return match &cred.token_url {
-            Some(t) => Ok((t.clone(), cred.authorize_url.clone())),
+            Some(t) => Ok((
+                t.clone(),
+                cred.authorize_url.clone(),
+                cred.device_authorization_url.clone(),
+            )),
             None => Err(DiscoveryError::Missing {
                 url: "the config".into(),
                 field: "token_url (or issuer)",
@@ -256,6 +294,7 @@ pub async fn endpoints(
             url: md.url.clone(),
             field: match field {
                 "token_endpoint" => "a valid token_endpoint",
+                "device_authorization_endpoint" => "a valid device_authorization_endpoint",
                 _ => "a valid authorization_endpoint",
             },
         })?;
@@ -296,9 +335,18 @@ pub async fn endpoints(
     };
     let authorize = match &cred.authorize_url {
         Some(a) => Some(a.clone()),
+        None if device => None,
         None => parse("authorization_endpoint", md.authorization_endpoint.clone())?,
     };
-    Ok((token, authorize))
+    let device_url = match &cred.device_authorization_url {
+        Some(d) => Some(d.clone()),
+        None if !device => None,
+        None => parse(
+            "device_authorization_endpoint",
+            md.device_authorization_endpoint.clone(),
+        )?,
+    };
+    Ok((token, authorize, device_url))
 }
 
 #[cfg(test)]

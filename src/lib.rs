@@ -15,6 +15,8 @@
 //! - [`cli`]: argument parsing and the commands' wiring.
 //! - [`config`]: raw TOML, validation, secret sources. Binds nothing.
 //! - `demo`: `tokenproxy demo`, the self-contained playground.
+//! - [`device`]: device login (RFC 8628): `login --device` and the admin
+//!   `POST /credentials/<name>/device`, polling and installing.
 //! - [`dev`]: a local IdP with strict rotation and an echo upstream, used by
 //!   `demo` and by every test.
 //! - [`discovery`]: RFC 8414 / OpenID metadata and one-off HTTPS fetches.
@@ -44,6 +46,7 @@ pub mod cli;
 pub mod config;
 pub(crate) mod demo;
 pub mod dev;
+pub mod device;
 pub mod discovery;
 pub(crate) mod doctor;
 pub(crate) mod egress;

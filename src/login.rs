@@ -243,6 +243,8 @@ pub struct AdminLogins {
     /// Public for tests that age a state.
     pub states: PendingStates,
     confirms: ConfirmTokens,
+    /// Device logins this process polls for (`POST /credentials/<name>/device`).
+    pub devices: crate::device::DeviceLogins,
 }
 
 /// What the admin login endpoints see of the running proxy (loaded once
@@ -432,6 +434,28 @@ pub(crate) enum LoginError {
     NoRefreshToken(String),
     #[error("{0}")]
     Install(#[from] InstallError),
+    #[error("the device login expired before it was approved (its code was valid for {})", humantime::format_duration(*.0))]
+    DeviceExpired(Duration),
+    #[error("{}", explain_device(.what, .error, .hint))]
+    Device {
+        what: &'static str,
+        error: GrantError,
+        hint: String,
+    },
+}
+
+fn explain_device(what: &str, e: &GrantError, hint: &str) -> String {
+    let desc = e
+        .description
+        .as_deref()
+        .map(|d| format!(" ({d})"))
+        .unwrap_or_default();
+    let hint = if hint.is_empty() {
+        String::new()
+    } else {
+        format!(". {hint}")
+    };
+    format!("{what} failed: {}{desc}{hint}", crate::error_chain(e))
 }
 
 fn desc(d: &Option<String>) -> String {
@@ -457,6 +481,8 @@ impl LoginError {
             LoginError::NoRefreshToken(_) => "no_refresh_token",
             LoginError::Install(InstallError::FamilyStillWorks(..)) => "family_still_works",
             LoginError::Install(_) => "install_failed",
+            LoginError::DeviceExpired(_) => "device_expired",
+            LoginError::Device { .. } => "device_failed",
         }
     }
 
@@ -479,6 +505,7 @@ impl LoginError {
                 "Pass --force (or open /login/NAME?force=1) to replace the working family.".into()
             }
             LoginError::Listen { .. } => "Is a proxy already running there? Then `login` goes through its admin API; or pass --no-listen.".into(),
+            LoginError::DeviceExpired(_) => "Start a new one (`tokenproxy login --device -c FILE NAME` or POST /credentials/NAME/device) and enter its code before it expires.".into(),
             _ => String::new(),
         }
     }
@@ -673,20 +700,7 @@ pub(crate) struct Target {
 
 /// Looks up `name` and resolves its endpoints (discovery when needed).
 pub(crate) async fn target(config: &Config, name: &str) -> Result<Target, LoginError> {
-    let cred = config.credentials.get(name).cloned().ok_or_else(|| {
-        let known: Vec<&str> = config.credentials.keys().map(String::as_str).collect();
-        LoginError::Setup(format!(
-            "no credential named {name:?} in {} (known: {})",
-            config.source.display(),
-            known.join(", ")
-        ))
-    })?;
-    if cred.grant != GrantType::RefreshToken {
-        return Err(LoginError::Setup(format!(
-            "credential {name} uses grant = \"{}\": login is for refresh_token credentials (client_credentials needs no login)",
-            cred.grant.as_str()
-        )));
-    }
+    let cred = refresh_credential(config, name)?;
     let egress = crate::egress::proxy_from(config.server.egress_proxy.as_ref());
     let (token_url, authorize_url) = crate::discovery::endpoints(&cred, egress.as_ref())
         .await
@@ -704,6 +718,29 @@ pub(crate) async fn target(config: &Config, name: &str) -> Result<Target, LoginE
         token_url,
         authorize_url,
     })
+}
+
+/// `name`'s config if it is a refresh_token credential (the only kind a
+/// login is for).
+pub(crate) fn refresh_credential(
+    config: &Config,
+    name: &str,
+) -> Result<Arc<CredentialConfig>, LoginError> {
+    let cred = config.credentials.get(name).cloned().ok_or_else(|| {
+        let known: Vec<&str> = config.credentials.keys().map(String::as_str).collect();
+        LoginError::Setup(format!(
+            "no credential named {name:?} in {} (known: {})",
+            config.source.display(),
+            known.join(", ")
+        ))
+    })?;
+    if cred.grant != GrantType::RefreshToken {
+        return Err(LoginError::Setup(format!(
+            "credential {name} uses grant = \"{}\": login is for refresh_token credentials (client_credentials needs no login)",
+            cred.grant.as_str()
+        )));
+    }
+    Ok(cred)
 }
 
 /// Checks the callback: IdP error, state, issuer, code. Consumes the state.
@@ -851,7 +888,7 @@ pub(crate) fn error_page(credential: Option<&str>, e: &LoginError) -> Response<F
     page(status, &title, &[message, e.fix()])
 }
 
-fn log_failure(credential: Option<&str>, e: &LoginError) {
+pub(crate) fn log_failure(credential: Option<&str>, e: &LoginError) {
     tracing::warn!(
         event = "login_failed",
         credential = credential.unwrap_or(""),
@@ -1360,10 +1397,15 @@ pub(crate) struct CliArgs {
     pub open: bool,
     pub no_listen: bool,
     pub admin: Option<String>,
+    /// The device grant (RFC 8628) instead of a browser redirect.
+    pub device: bool,
 }
 
 /// The admin API's view of `name`'s token family (None: no family yet).
-async fn admin_family(admin: &AdminClient, name: &str) -> Result<Option<String>, String> {
+pub(crate) async fn admin_family(
+    admin: &AdminClient,
+    name: &str,
+) -> Result<Option<String>, String> {
     let base = admin.base();
     let (status, body) = admin
         .get(&format!("/credentials/{name}"))
@@ -1433,6 +1475,31 @@ pub(crate) async fn run_cli(config: &Config, args: CliArgs) -> u8 {
             admin.as_ref().map_or("?", |a| a.base())
         );
         return EXIT_FAILURE;
+    }
+    if args.device {
+        if let (true, Some(admin)) = (up, &admin) {
+            return crate::device::via_admin(admin, name, args.force).await;
+        }
+        let announce = |p: &crate::device::Prompt| {
+            println!("{}", p.text(name));
+            if args.open {
+                open_browser(
+                    p.verification_uri_complete
+                        .as_deref()
+                        .unwrap_or(&p.verification_uri),
+                );
+            }
+        };
+        return match crate::device::run_local(config, name, args.force, announce).await {
+            Ok(done) => {
+                println!("{}", done.message());
+                0
+            }
+            Err(e) => {
+                log_failure(Some(name), &e);
+                fail(&e)
+            }
+        };
     }
     if let (true, Some(admin)) = (up, admin) {
         return via_admin(config, &admin, &args).await;

@@ -225,6 +225,9 @@ pub struct CredentialConfig {
     /// Required unless `issuer` is set (discovery fills it then).
     pub token_url: Option<Uri>,
     pub authorize_url: Option<Uri>,
+    /// RFC 8628 device authorization endpoint (`tokenproxy login --device`);
+    /// from discovery when unset.
+    pub device_authorization_url: Option<Uri>,
     pub redirect_uri: Option<String>,
     pub client_id: String,
     /// From `client_secret` or `client_secret_file`.

@@ -71,6 +71,7 @@ pub struct RawCredential {
     pub grant: Option<String>,
     pub token_url: Option<String>,
     pub authorize_url: Option<String>,
+    pub device_authorization_url: Option<String>,
     pub redirect_uri: Option<String>,
     pub client_id: Option<String>,
     pub client_secret: Option<String>,

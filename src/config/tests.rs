@@ -135,6 +135,7 @@ fn example_documents_every_key() {
         "grant",
         "token_url",
         "authorize_url",
+        "device_authorization_url",
         "redirect_uri",
         "client_id",
         "client_secret",
@@ -338,7 +339,12 @@ fn url_rules() {
         "https://github.com/login/oauth/access_token",
         "http://127.0.0.2:9/token",
     ));
-    for key in ["authorize_url", "introspection_url", "issuer"] {
+    for key in [
+        "authorize_url",
+        "device_authorization_url",
+        "introspection_url",
+        "issuer",
+    ] {
         let t = format!("{CRED}{key} = \"http://idp.example.com/x\"\n{ROUTE}");
         err_at(
             &t,

@@ -689,6 +689,11 @@ fn credential(name: &str, r: &RawCredential, cx: &mut Ctx<'_>) -> Option<Credent
         r.authorize_url.as_ref(),
         UrlRule::Endpoint,
     );
+    let device_authorization_url = cx.url(
+        &p("device_authorization_url"),
+        r.device_authorization_url.as_ref(),
+        UrlRule::Endpoint,
+    );
     let introspection_url = cx.url(
         &p("introspection_url"),
         r.introspection_url.as_ref(),
@@ -821,6 +826,7 @@ fn credential(name: &str, r: &RawCredential, cx: &mut Ctx<'_>) -> Option<Credent
         grant: grant.unwrap_or(GrantType::RefreshToken),
         token_url,
         authorize_url,
+        device_authorization_url,
         redirect_uri,
         client_id,
         client_secret,

@@ -5,8 +5,10 @@
 //! request, and every `/token` request is recorded before it is answered.
 //!
 //! Endpoints: `POST /token`, `GET /authorize` (auto-approves, PKCE S256
-//! required), `POST /introspect` (RFC 7662), `POST /revoke` (RFC 7009) and
-//! RFC 8414 metadata under `/.well-known/`.
+//! required), `POST /device` and `GET /device/verify` (RFC 8628; the page
+//! approves the user code it is given, or denies it with `deny=1`),
+//! `POST /introspect` (RFC 7662), `POST /revoke` (RFC 7009) and RFC 8414
+//! metadata under `/.well-known/`.
 //!
 //! All state sits behind one sync mutex that is never held across an await:
 //! each grant is decided atomically, which is what makes "presented twice"
@@ -52,6 +54,11 @@ pub struct IdpOptions {
     /// How long a spent refresh token still works (and is not reuse). 0: a
     /// spent token is invalid at once.
     pub reuse_grace: Duration,
+    /// Device grant (RFC 8628): the polling `interval` it names, enforced
+    /// (a faster poll earns `slow_down` and 5 s more). Default 5 s.
+    pub device_interval: Duration,
+    /// How long a device code lives (`expires_in`). Default 600 s.
+    pub device_ttl: Duration,
     pub clients: Vec<DevClient>,
 }
 
@@ -63,6 +70,8 @@ impl Default for IdpOptions {
             code_ttl: Duration::from_secs(60),
             rotate_refresh_tokens: true,
             reuse_grace: Duration::ZERO,
+            device_interval: Duration::from_secs(5),
+            device_ttl: Duration::from_secs(600),
             clients: vec![DevClient::confidential("demo-client", "demo-secret")],
         }
     }
@@ -369,8 +378,35 @@ struct AuthCode {
     family: Option<u64>,
 }
 
+/// A device authorization (RFC 8628 §3.2), keyed by its device code.
+struct DeviceGrant {
+    client_id: String,
+    user_code: String,
+    scope: Option<String>,
+    expires_at: Instant,
+    /// Grows by 5 s with each slow_down (§3.5).
+    interval: Duration,
+    last_poll: Option<Instant>,
+    /// A test asked for one slow_down on the next poll.
+    slow_down_next: bool,
+    status: DeviceStatus,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum DeviceStatus {
+    Pending,
+    Approved(String),
+    Denied,
+    /// Redeemed into this family: a second redemption is refused.
+    Redeemed(u64),
+}
+
+/// RFC 8628 §3.4.
+const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+
 struct State {
     opts: IdpOptions,
+    devices: HashMap<String, DeviceGrant>,
     access: HashMap<String, AccessToken>,
     refresh: HashMap<String, RefreshToken>,
     codes: HashMap<String, AuthCode>,
@@ -835,6 +871,7 @@ impl State {
     fn new(opts: IdpOptions) -> State {
         State {
             opts,
+            devices: HashMap::new(),
             access: HashMap::new(),
             refresh: HashMap::new(),
             codes: HashMap::new(),
@@ -979,6 +1016,7 @@ impl State {
             }
             Some("refresh_token") => self.refresh_grant(form, &client, record),
             Some("authorization_code") => self.code_grant(form, &client, record, issuer),
+            Some(DEVICE_CODE_GRANT) => self.device_grant(form, &client, record, issuer),
             Some(other) => Err(err(
                 "unsupported_grant_type",
                 format!("grant_type {other:?} is not supported"),
@@ -1128,6 +1166,85 @@ impl State {
         }
         body.insert("id_token".into(), json!(unsigned_jwt(&claims)));
         Ok(body)
+    }
+
+    /// RFC 8628 §3.4-3.5, strictly: a poll before `interval` has passed
+    /// since the last one is `slow_down` (and the interval grows by 5 s);
+    /// a redeemed device code is refused.
+    fn device_grant(
+        &mut self,
+        form: &Form,
+        client: &DevClient,
+        record: &mut GrantRecord,
+        issuer: &str,
+    ) -> Result<Map<String, Value>, OAuthError> {
+        let code = param(form, "device_code")
+            .ok_or_else(|| err("invalid_request", "device_code is missing"))?;
+        let now = Instant::now();
+        let Some(d) = self.devices.get_mut(code) else {
+            return Err(err("invalid_grant", "unknown device code"));
+        };
+        if d.client_id != client.client_id {
+            return Err(err("invalid_grant", "device code issued to another client"));
+        }
+        if let DeviceStatus::Redeemed(family) = d.status {
+            record.family = Some(family);
+            return Err(err("invalid_grant", "device code already used"));
+        }
+        if now >= d.expires_at {
+            return Err(err("expired_token", "the device code expired"));
+        }
+        // Arrival to arrival; a little slack for the scheduler.
+        let too_fast = d
+            .last_poll
+            .is_some_and(|at| now + Duration::from_millis(20) < at + d.interval);
+        d.last_poll = Some(now);
+        if too_fast || std::mem::take(&mut d.slow_down_next) {
+            d.interval += Duration::from_secs(5);
+            return Err(err("slow_down", "polled faster than the interval"));
+        }
+        let subject = match &d.status {
+            DeviceStatus::Pending => return Err(err("authorization_pending", "not approved yet")),
+            DeviceStatus::Denied => return Err(err("access_denied", "the user declined")),
+            DeviceStatus::Approved(subject) => subject.clone(),
+            DeviceStatus::Redeemed(_) => unreachable!("handled above"),
+        };
+        let scope = d.scope.clone();
+        let family = self.new_family();
+        if let Some(d) = self.devices.get_mut(code) {
+            d.status = DeviceStatus::Redeemed(family);
+        }
+        record.family = Some(family);
+        record.scope = scope.clone();
+        let mut body = self.token_response(
+            &client.client_id,
+            &subject,
+            scope.as_deref(),
+            Some(family),
+            true,
+        );
+        let now = unix_now();
+        let claims = json!({
+            "iss": issuer, "sub": subject, "aud": client.client_id,
+            "iat": now, "exp": now + secs(self.opts.access_ttl),
+        });
+        body.insert("id_token".into(), json!(unsigned_jwt(&claims)));
+        Ok(body)
+    }
+
+    /// Sets a pending device login's status by its user code.
+    fn decide_device(&mut self, user_code: &str, status: DeviceStatus) -> bool {
+        match self
+            .devices
+            .values_mut()
+            .find(|d| d.user_code == user_code && d.status == DeviceStatus::Pending)
+        {
+            Some(d) => {
+                d.status = status;
+                true
+            }
+            None => false,
+        }
     }
 
     fn refresh_active(&self, rt: &RefreshToken, now: Instant) -> bool {
@@ -1395,6 +1512,47 @@ impl DevIdp {
     pub fn pending_faults(&self) -> usize {
         self.state().faults.len()
     }
+
+    pub fn device_url(&self) -> String {
+        format!("{}/device", self.url())
+    }
+
+    /// Approves a pending device login (as `subject`); false when no
+    /// pending login has this user code.
+    pub fn approve_device(&self, user_code: &str, subject: &str) -> bool {
+        self.state()
+            .decide_device(user_code, DeviceStatus::Approved(subject.to_owned()))
+    }
+
+    /// Declines a pending device login: its next poll gets `access_denied`.
+    pub fn deny_device(&self, user_code: &str) -> bool {
+        self.state().decide_device(user_code, DeviceStatus::Denied)
+    }
+
+    /// Ends a device login's lifetime now: its next poll gets `expired_token`.
+    pub fn expire_device(&self, user_code: &str) {
+        let now = Instant::now();
+        for d in self.state().devices.values_mut() {
+            if d.user_code == user_code {
+                d.expires_at = now;
+            }
+        }
+    }
+
+    /// The next poll of this device login gets `slow_down` (and the
+    /// interval it enforces grows by 5 s, as for a real one).
+    pub fn slow_down_device(&self, user_code: &str) {
+        for d in self.state().devices.values_mut() {
+            if d.user_code == user_code {
+                d.slow_down_next = true;
+            }
+        }
+    }
+
+    /// Every device code issued (tests check none leaks).
+    pub fn device_codes(&self) -> Vec<String> {
+        self.state().devices.keys().cloned().collect()
+    }
 }
 
 fn access_valid(st: &State, token: &str) -> bool {
@@ -1409,6 +1567,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<DevBody
         "/token" => token_endpoint(shared, req).await,
         MTLS_TOKEN_PATH if shared.mtls => token_endpoint(shared, req).await,
         "/authorize" => authorize(&shared, &req),
+        "/device" => device_authorization(shared, req).await,
+        "/device/verify" => device_verify(&shared, &req),
         "/introspect" => introspect(shared, req).await,
         "/revoke" => revoke(shared, req).await,
         "/.well-known/oauth-authorization-server" | "/.well-known/openid-configuration" => {
@@ -1629,6 +1789,117 @@ fn describe(st: &State, p: &Posted, issuer: &str) -> GrantRecord {
     }
 }
 
+/// RFC 8628 §3.1-3.2: client authentication as at `/token` (assertion jtis
+/// included), scope checked, a new device code and user code.
+async fn device_authorization(shared: Arc<Shared>, req: Request<Incoming>) -> Response<DevBody> {
+    let p = match read_post(req, shared.mtls).await {
+        Ok(p) => p,
+        Err(e) => return error_response(&e),
+    };
+    let issuer = shared.url.read().clone();
+    let mut st = shared.state.lock();
+    if let Some(name) = duplicate(&p.form) {
+        return error_response(&err(
+            "invalid_request",
+            format!("parameter {name} repeated"),
+        ));
+    }
+    let mut auth = authenticate(&st.opts.clients, &p, &issuer);
+    if let Some((jti, exp)) = auth.jti.take() {
+        let now = unix_now();
+        st.seen_jti.retain(|_, e| *e + 60 >= now);
+        if st.seen_jti.insert(jti, exp).is_some() {
+            auth.result = Err(err("invalid_client", "assertion jti replayed"));
+        }
+    }
+    let client = match auth.result {
+        Ok(c) => c,
+        Err(e) => return error_response(&e),
+    };
+    let scope = match check_scope(&client, param(&p.form, "scope")) {
+        Ok(s) => s,
+        Err(e) => return error_response(&e),
+    };
+    let device_code = random("dc_");
+    // RFC 8628 §6.1: short, case-insensitive, no vowels or look-alikes.
+    let user_code: String = {
+        use rand::seq::SliceRandom;
+        let alphabet = b"BCDFGHJKLMNPQRSTVWXZ";
+        let mut rng = rand::thread_rng();
+        let pick: Vec<u8> = (0..8)
+            .filter_map(|_| alphabet.choose(&mut rng).copied())
+            .collect();
+        format!(
+            "{}-{}",
+            String::from_utf8_lossy(&pick[..4]),
+            String::from_utf8_lossy(&pick[4..])
+        )
+    };
+    let ttl = st.opts.device_ttl;
+    let interval = st.opts.device_interval;
+    st.devices.insert(
+        device_code.clone(),
+        DeviceGrant {
+            client_id: client.client_id.clone(),
+            user_code: user_code.clone(),
+            scope,
+            expires_at: Instant::now() + ttl,
+            interval,
+            last_poll: None,
+            slow_down_next: false,
+            status: DeviceStatus::Pending,
+        },
+    );
+    let verify = format!("{issuer}/device/verify");
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "device_code": device_code,
+            "user_code": user_code,
+            "verification_uri": verify,
+            "verification_uri_complete": format!("{verify}?user_code={user_code}"),
+            "expires_in": secs(ttl),
+            "interval": secs(interval),
+        }),
+    )
+}
+
+/// The page a person opens: `?user_code=X` approves that login (as
+/// `login_hint`, else dev-user), with `deny=1` declines it; without a code,
+/// a form asks for one.
+fn device_verify(shared: &Shared, req: &Request<Incoming>) -> Response<DevBody> {
+    let q: Form = parse_form(req.uri().query().unwrap_or("").as_bytes());
+    let Some(code) = param(&q, "user_code") else {
+        let mut resp = html(StatusCode::OK, "Enter the code shown on your device.");
+        *resp.body_mut() = full(
+            "<!doctype html><title>dev IdP</title><form method=get>\
+             <label>Code <input name=user_code autofocus></label> <button>Approve</button></form>\n"
+                .to_owned(),
+        );
+        return resp;
+    };
+    let code = code.trim().to_ascii_uppercase();
+    let deny = param(&q, "deny").is_some();
+    let subject = param(&q, "login_hint").unwrap_or("dev-user").to_owned();
+    let status = if deny {
+        DeviceStatus::Denied
+    } else {
+        DeviceStatus::Approved(subject)
+    };
+    if shared.state.lock().decide_device(&code, status) {
+        html(
+            StatusCode::OK,
+            if deny {
+                "Declined. You can close this page."
+            } else {
+                "Approved. You can close this page; the device finishes the login."
+            },
+        )
+    } else {
+        html(StatusCode::BAD_REQUEST, "unknown, used or expired code")
+    }
+}
+
 /// Auto-approving authorization endpoint (RFC 6749 §4.1.1, RFC 7636).
 fn authorize(shared: &Shared, req: &Request<Incoming>) -> Response<DevBody> {
     if req.method() != Method::GET {
@@ -1803,7 +2074,9 @@ fn metadata(issuer: &str, mtls: bool) -> Response<DevBody> {
             "introspection_endpoint": format!("{issuer}/introspect"),
             "revocation_endpoint": format!("{issuer}/revoke"),
             "response_types_supported": ["code"],
-            "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
+            "device_authorization_endpoint": format!("{issuer}/device"),
+            "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials",
+                "urn:ietf:params:oauth:grant-type:device_code"],
             "code_challenge_methods_supported": ["S256"],
             "token_endpoint_auth_methods_supported":
                 ["client_secret_basic", "client_secret_post", "none", "private_key_jwt",

@@ -35,6 +35,8 @@ pub enum Grant<'a> {
         redirect_uri: &'a str,
         verifier: &'a Secret,
     },
+    /// RFC 8628 §3.4: the device code a device authorization returned.
+    DeviceCode(&'a Secret),
 }
 
 impl Grant<'_> {
@@ -43,9 +45,13 @@ impl Grant<'_> {
             Grant::RefreshToken(_) => "refresh_token",
             Grant::ClientCredentials { .. } => "client_credentials",
             Grant::AuthorizationCode { .. } => "authorization_code",
+            Grant::DeviceCode(_) => DEVICE_CODE_GRANT,
         }
     }
 }
+
+/// RFC 8628 §3.4.
+pub const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 
 /// A request ready to send: pure data.
 #[derive(Debug)]
@@ -88,6 +94,9 @@ pub fn build_token_request(
             form.append_pair("redirect_uri", redirect_uri);
             form.append_pair("code_verifier", verifier.expose());
         }
+        Grant::DeviceCode(device_code) => {
+            form.append_pair("device_code", device_code.expose());
+        }
     }
     if let Some(a) = &cred.audience {
         form.append_pair("audience", a);
@@ -115,6 +124,120 @@ pub fn build_token_request(
         uri: token_url.clone(),
         headers,
         body: Secret::new(form.finish()),
+    })
+}
+
+/// Builds the device authorization request (RFC 8628 §3.1): the client
+/// authenticates as at the token endpoint; `scope` from `scopes`.
+pub fn build_device_authorization_request(
+    cred: &CredentialConfig,
+    url: &Uri,
+) -> Result<PreparedRequest, GrantError> {
+    let mut form = form_urlencoded::Serializer::new(String::new());
+    if !cred.scopes.is_empty() {
+        form.append_pair("scope", &cred.scopes.join(" "));
+    }
+    if let Some(a) = &cred.audience {
+        form.append_pair("audience", a);
+    }
+    if let Some(r) = &cred.resource {
+        form.append_pair("resource", r);
+    }
+    let mut headers = HeaderMap::new();
+    apply_client_auth(cred, url, &mut form, &mut headers)?;
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-www-form-urlencoded"),
+    );
+    headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+    headers.insert(
+        http::header::USER_AGENT,
+        HeaderValue::from_static(USER_AGENT),
+    );
+    Ok(PreparedRequest {
+        uri: url.clone(),
+        headers,
+        body: Secret::new(form.finish()),
+    })
+}
+
+/// A device authorization response (RFC 8628 §3.2). Only `device_code` is
+/// secret: the user code and the links are for people.
+#[derive(Debug, Clone)]
+pub struct DeviceAuthorization {
+    pub device_code: Secret,
+    pub user_code: String,
+    pub verification_uri: String,
+    pub verification_uri_complete: Option<String>,
+    pub expires_in: Duration,
+    /// None: the RFC's default, 5 s.
+    pub interval: Option<Duration>,
+}
+
+/// Parses a device authorization answer: an OAuth error is classified as
+/// a token endpoint's would be; a 2xx must carry device_code, user_code,
+/// verification_uri and expires_in.
+pub fn parse_device_authorization(resp: &RawResponse) -> Result<DeviceAuthorization, GrantError> {
+    let fields = parse_body(&resp.headers, &resp.body);
+    let status = resp.status;
+    let has_error = fields
+        .as_ref()
+        .is_some_and(|f| f.get_str("error").is_some());
+    if has_error || !status.is_success() {
+        // The same classification as a token response (no token involved).
+        let mut e = match parse_token_response(resp, SystemTime::now()) {
+            Err(e) => e,
+            Ok(_) => GrantError::transient(
+                Delivery::Answered,
+                Some(status.as_u16()),
+                "device authorization endpoint answered an error",
+            ),
+        };
+        e.message = e
+            .message
+            .replace("token endpoint", "device authorization endpoint");
+        return Err(e);
+    }
+    let unusable = |what: &str| GrantError {
+        class: FailureClass::Config,
+        delivery: Delivery::Answered,
+        status: Some(status.as_u16()),
+        code: None,
+        description: None,
+        retry_after: None,
+        redirect_host: None,
+        message: format!("device authorization response {what}"),
+        cause: None,
+    };
+    let Some(f) = fields else {
+        return Err(unusable("is neither JSON nor form-encoded"));
+    };
+    let text = |k: &str| f.get_str(k).filter(|v| !v.is_empty());
+    // Shown as links to people: web addresses only (no `javascript:`).
+    let web = |v: &&str| {
+        let l = v.to_ascii_lowercase();
+        (l.starts_with("https://") || l.starts_with("http://")) && v.parse::<Uri>().is_ok()
+    };
+    let device_code = text("device_code").ok_or_else(|| unusable("has no device_code"))?;
+    let user_code = text("user_code").ok_or_else(|| unusable("has no user_code"))?;
+    // Google spells it verification_url.
+    let verification_uri = text("verification_uri")
+        .or_else(|| text("verification_url"))
+        .filter(web)
+        .ok_or_else(|| unusable("has no http(s) verification_uri"))?;
+    let expires_in = f
+        .get_secs("expires_in")
+        .ok_or_else(|| unusable("has no usable expires_in"))?;
+    Ok(DeviceAuthorization {
+        device_code: Secret::new(device_code),
+        user_code: sanitize(user_code, 64),
+        verification_uri: sanitize(verification_uri, 512),
+        verification_uri_complete: text("verification_uri_complete")
+            .or_else(|| text("verification_url_complete"))
+            .filter(web)
+            .map(|v| sanitize(v, 1024)),
+        expires_in,
+        interval: f.get_secs("interval"),
     })
 }
 

@@ -523,6 +523,7 @@ pub(crate) mod tests_support {
             grant: GrantType::RefreshToken,
             token_url: Some(token_url.parse().unwrap()),
             authorize_url: None,
+            device_authorization_url: None,
             redirect_uri: None,
             client_id: "client".into(),
             client_secret: Some(Secret::new("sec&ret")),

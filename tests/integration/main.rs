@@ -6,6 +6,7 @@ mod browser;
 mod cli;
 mod client_auth;
 mod defaults;
+mod device;
 mod docs;
 mod doctor;
 mod egress;

@@ -359,6 +359,13 @@ mod tests {
         let md = parse_metadata("u", body, "https://a.example/").unwrap();
         assert_eq!(md.token_endpoint.as_deref(), Some("https://a.example/t"));
         assert_eq!(md.mtls_token_endpoint, None);
+        assert_eq!(md.device_authorization_endpoint, None);
+        let body = br#"{"issuer":"https://a.example","device_authorization_endpoint":"https://a.example/device"}"#;
+        let md = parse_metadata("u", body, "https://a.example").unwrap();
+        assert_eq!(
+            md.device_authorization_endpoint.as_deref(),
+            Some("https://a.example/device")
+        );
         let body = br#"{"issuer":"https://a.example","mtls_endpoint_aliases":{"token_endpoint":"https://mtls.a.example/t"}}"#;
         let md = parse_metadata("u", body, "https://a.example").unwrap();
         assert_eq!(

@@ -1317,6 +1317,47 @@ mod tests {
     }
 
     #[test]
+    fn device_authorization_answers_parse_strictly() {
+        let ok = raw(
+            200,
+            "application/json",
+            r#"{"device_code":"dc-1","user_code":"WDJB-MJHT","verification_url":"https://www.google.com/device","expires_in":"1800"}"#,
+        );
+        let a = parse_device_authorization(&ok).unwrap();
+        assert_eq!(a.device_code.expose(), "dc-1");
+        assert_eq!(a.verification_uri, "https://www.google.com/device");
+        assert_eq!(a.expires_in, Duration::from_secs(1800));
+        assert_eq!(a.interval, None, "the caller defaults to 5 s");
+        assert!(
+            !format!("{a:?}").contains("dc-1"),
+            "Debug redacts the device code"
+        );
+        let js = raw(
+            200,
+            "application/json",
+            r#"{"device_code":"dc-1","user_code":"X","verification_uri":"javascript:alert(1)","expires_in":60}"#,
+        );
+        assert!(
+            parse_device_authorization(&js).is_err(),
+            "a link people click must be a web address"
+        );
+        let no_code = raw(
+            200,
+            "application/json",
+            r#"{"user_code":"X","verification_uri":"https://a/","expires_in":60}"#,
+        );
+        let e = parse_device_authorization(&no_code).unwrap_err();
+        assert!(e.message.contains("no device_code"), "{e}");
+        let refused = raw(401, "application/json", r#"{"error":"invalid_client"}"#);
+        let e = parse_device_authorization(&refused).unwrap_err();
+        assert_eq!(
+            (e.class, e.code.as_deref()),
+            (FailureClass::Config, Some("invalid_client"))
+        );
+        assert!(e.message.contains("device authorization endpoint"), "{e}");
+    }
+
+    #[test]
     fn parses_json_success() {
         let t = parse_token_response(
             &raw(200, "application/json", r#"{"access_token":"at","token_type":"bearer","expires_in":"3600","refresh_token":"rt2"}"#),

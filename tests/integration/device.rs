@@ -503,3 +503,70 @@ async fn dev_idp_device_grant_is_strict() {
     let (r, _) = send(&env.client, req).await;
     assert_eq!(r.status(), 401);
 }
+
+/// With `issuer` only, discovery names the device endpoint; a
+/// `client_credentials` credential and a credential without any device
+/// endpoint are refused with the fix.
+#[tokio::test]
+async fn the_admin_endpoint_finds_the_device_endpoint_by_discovery() {
+    let mut env = env_with(options(5)).await;
+    env.start_with(&format!(
+        r#"
+[credentials.rt]
+grant = "refresh_token"
+issuer = "@IDP@"
+client_id = "{CLIENT}"
+client_secret = "${{DEVICE_SECRET}}"
+scopes = ["offline_access"]
+
+[credentials.nodevice]
+grant = "refresh_token"
+token_url = "@TOKEN_URL@"
+client_id = "{CLIENT}-2"
+client_secret = "x"
+
+[credentials.m2m]
+grant = "client_credentials"
+token_url = "@TOKEN_URL@"
+client_id = "{CLIENT}"
+client_secret = "${{DEVICE_SECRET}}"
+
+[[routes]]
+path_prefix = "/rt/"
+upstream = "@ECHO@"
+credential = "rt"
+
+[[routes]]
+path_prefix = "/m2m/"
+upstream = "@ECHO@"
+credential = "m2m"
+"#
+    ))
+    .await;
+    let admin = env.app().admin_addr.unwrap();
+    let r = post_admin(&env.client, admin, "/credentials/rt/device").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["verification_uri"],
+        format!("{}/device/verify", env.idp.url())
+    );
+    assert_eq!(r.json()["interval"], 5);
+    let r = post_admin(&env.client, admin, "/credentials/nodevice/device").await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(
+        r.text().contains("no device_authorization_url"),
+        "{}",
+        r.text()
+    );
+    let r = post_admin(&env.client, admin, "/credentials/m2m/device").await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(
+        r.text().contains("client_credentials needs no login"),
+        "{}",
+        r.text()
+    );
+    let all = get_ok(&env.client, &format!("http://{admin}/credentials"))
+        .await
+        .text();
+    assert_no_secrets(&[all], &secrets(&env));
+}

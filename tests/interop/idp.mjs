@@ -6,8 +6,11 @@
 // Standalone: node idp.mjs <idp-port> [<upstream-port>] [<redirect_uri>]
 // prints `READY <port>` when listening. run.mjs imports startIdp() instead,
 // so it can count the provider's events.
+import crypto from 'node:crypto';
+import fs from 'node:fs';
 import http from 'node:http';
-import { pathToFileURL } from 'node:url';
+import path from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import Provider, { errors } from 'oidc-provider';
 
 export const ACCESS_TTL = 4; // seconds: a rotation every couple of seconds
@@ -17,12 +20,22 @@ export const CLIENTS = {
   machine: { id: 'tokenproxy-m2m', secret: 'interop-m2m-secret-0123456789' },
   probe: { id: 'interop-probe', secret: 'interop-probe-secret-0123456789' },
   upstream: { id: 'interop-upstream', secret: 'interop-upstream-secret-012345' },
+  // private_key_jwt (RFC 7523): no secret; the provider holds the public
+  // half of pkjwt-ec.key (a P-256 test key made for this suite).
+  pkjwt: { id: 'tokenproxy-pkjwt' },
 };
+export const PKJWT_KEY = path.join(path.dirname(fileURLToPath(import.meta.url)), 'pkjwt-ec.key');
+
+function publicJwk(keyFile) {
+  const jwk = crypto.createPublicKey(fs.readFileSync(keyFile)).export({ format: 'jwk' });
+  return { ...jwk, use: 'sig', alg: 'ES256' };
+}
 
 // Events the driver reads: grants by type, refresh-token reuse rejections.
 export function newStats() {
   return {
     grants: {}, // grant_type -> successes
+    byClient: {}, // client_id -> grant_type -> successes
     errors: [], // {grant_type, error, description, client}
     reuses: 0, // "refresh token already used" (a rotated token presented again)
     revokedGrants: 0,
@@ -60,6 +73,16 @@ export async function startIdp({ port, redirectUris, stats = newStats(), log = (
         response_types: [],
         redirect_uris: [],
         scope: 'api:read',
+      },
+      {
+        // tokenproxy's private_key_jwt credential (ES256 assertions), bootstrapped by login.
+        client_id: CLIENTS.pkjwt.id,
+        token_endpoint_auth_method: 'private_key_jwt',
+        token_endpoint_auth_signing_alg: 'ES256',
+        jwks: { keys: [publicJwk(PKJWT_KEY)] },
+        grant_types: ['authorization_code', 'refresh_token'],
+        response_types: ['code'],
+        redirect_uris: redirectUris,
       },
       {
         // The upstream resource server: introspection only.
@@ -116,6 +139,9 @@ export async function startIdp({ port, redirectUris, stats = newStats(), log = (
   provider.on('grant.success', (ctx) => {
     const gt = ctx.oidc.params.grant_type;
     stats.grants[gt] = (stats.grants[gt] || 0) + 1;
+    const cid = ctx.oidc.client?.clientId;
+    stats.byClient[cid] ??= {};
+    stats.byClient[cid][gt] = (stats.byClient[cid][gt] || 0) + 1;
     log(`grant.success ${gt} client=${ctx.oidc.client?.clientId}`);
   });
   provider.on('grant.error', (ctx, err) => {

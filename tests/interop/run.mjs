@@ -4,7 +4,9 @@
 //   provider self-check (PKCE required; a reused refresh token is rejected),
 //   `tokenproxy login` driven over HTTP (the provider's login and consent forms),
 //   `tokenproxy run` with concurrent clients across >= 5 rotations, a restart
-//   in the middle, client_credentials with a resource indicator,
+//   in the middle, a private_key_jwt client (logged in the same way) refreshed
+//   across rotations with kill -9 restarts, client_credentials with a
+//   resource indicator,
 //   `tokenproxy doctor` against the discovery document, then the provider
 //   revoking the grant -> credential dead (invalid_grant) and 503.
 // Prints `INTEROP: grants=.. rotations=.. reuses=.. requests=.. failures=..`
@@ -16,7 +18,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { CLIENTS, RESOURCE, newStats, startIdp, startUpstream } from './idp.mjs';
+import { CLIENTS, PKJWT_KEY, RESOURCE, newStats, startIdp, startUpstream } from './idp.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const ROOT = path.resolve(HERE, '..', '..');
@@ -25,6 +27,9 @@ const VERBOSE = process.env.INTEROP_VERBOSE === '1';
 const WORKERS = 6;
 const ROTATIONS_BEFORE_RESTART = 3;
 const ROTATIONS_TOTAL = 6;
+// private_key_jwt: rotations before each of two kill -9s, and in all.
+const PKJWT_KILLS_AT = [2, 4];
+const PKJWT_ROTATIONS_TOTAL = 6;
 
 const t0 = Date.now();
 const say = (m) => console.log(`[interop +${((Date.now() - t0) / 1000).toFixed(1)}s] ${m}`);
@@ -267,6 +272,9 @@ async function main() {
   ];
   const redirectUri = `http://127.0.0.1:${adminPort}/callback`;
   const stats = newStats();
+  // Per client: the private_key_jwt credential rotates alongside.
+  const rotations = () => stats.byClient[CLIENTS.user.id]?.refresh_token || 0;
+  const pkRotations = () => stats.byClient[CLIENTS.pkjwt.id]?.refresh_token || 0;
   const idpLog = fs.createWriteStream(path.join(TMP, 'idp.log'));
   const log = (l) => {
     idpLog.write(`${new Date().toISOString()} ${l}\n`);
@@ -315,6 +323,21 @@ auth_method = "client_secret_post"
 scopes = ["api:read"]
 resource = "${RESOURCE}"
 
+[credentials.pkjwt]
+grant = "refresh_token"
+issuer = "${issuer}"
+client_id = "${CLIENTS.pkjwt.id}"
+auth_method = "private_key_jwt"
+client_assertion_key = "${PKJWT_KEY}"
+scopes = ["openid", "offline_access"]
+redirect_uri = "${redirectUri}"
+introspection_url = "${issuer}/token/introspection"
+
+[[routes]]
+path_prefix = "/pkjwt/"
+upstream = "http://127.0.0.1:${upPort}/"
+credential = "pkjwt"
+
 [[routes]]
 path_prefix = "/user/"
 upstream = "http://127.0.0.1:${upPort}/"
@@ -341,8 +364,9 @@ credential = "machine"
 
   // ---- login (authorization code + PKCE), no browser
   let family;
-  const login = async () => {
-    const child = spawnTp(['login', '-c', cfg, 'user'], 'login');
+  let pkjwtFamily;
+  const login = async (name = 'user') => {
+    const child = spawnTp(['login', '-c', cfg, name], `login-${name}`);
     try {
       const url = await waitFor(
         'the authorization URL on stdout',
@@ -354,7 +378,9 @@ credential = "machine"
       );
       const au = new URL(url);
       check(au.searchParams.get('code_challenge_method') === 'S256', `no S256 PKCE in ${url}`);
-      const grantsBefore = stats.grants.authorization_code || 0;
+      const clientId = name === 'user' ? CLIENTS.user.id : CLIENTS.pkjwt.id;
+      check(au.searchParams.get('client_id') === clientId, `client_id in ${url}`);
+      const grantsBefore = stats.byClient[clientId]?.authorization_code || 0;
       const callback = await browse(url, redirectUri, jar);
       check(new URL(callback).searchParams.get('code'), `no code in the callback ${callback}`);
       // The last hop: the browser lands on tokenproxy's own callback listener.
@@ -376,10 +402,11 @@ credential = "machine"
         page.status === 200 && code === 0,
         `sent ${url}; callback answered ${page.status}; login exited ${code}: ${tail(child.logPath, 3)}`,
       );
-      check((stats.grants.authorization_code || 0) === grantsBefore + 1, 'no authorization_code grant at the provider');
+      check((stats.byClient[clientId]?.authorization_code || 0) === grantsBefore + 1, 'no authorization_code grant at the provider');
       const store = JSON.parse(fs.readFileSync(storePath, 'utf8'));
-      check(store.credentials?.user?.refresh_token, `no refresh token in the store: ${Object.keys(store)}`);
-      family = store.credentials.user.family;
+      check(store.credentials?.[name]?.refresh_token, `no refresh token in the store: ${Object.keys(store)}`);
+      if (name === 'user') family = store.credentials.user.family;
+      else pkjwtFamily = store.credentials[name].family;
     } finally {
       if (child.exitCode === null) {
         child.kill('SIGTERM');
@@ -394,6 +421,10 @@ credential = "machine"
     return true;
   });
   if (!loggedIn) return finish();
+  const pkjwtLoggedIn = await step('login a private_key_jwt client (ES256 assertions) the same way', async () => {
+    await login('pkjwt');
+    return true;
+  });
 
   // ---- run, concurrent clients across rotations, restart in the middle
   let run;
@@ -415,7 +446,6 @@ credential = "machine"
   };
   const verifyUser = (b) =>
     b.client_id !== CLIENTS.user.id ? `token of client ${b.client_id}` : b.sub !== 'alice' ? `sub ${b.sub}` : undefined;
-  const rotations = () => stats.grants.refresh_token || 0;
 
   if (!(await step('run: start', async () => { await startRun('run1'); return true; }))) return finish();
   await step(`run: ${WORKERS} concurrent clients until ${ROTATIONS_BEFORE_RESTART} rotations`, async () => {
@@ -444,6 +474,34 @@ credential = "machine"
     check(s.generation >= ROTATIONS_TOTAL - 1, `generation ${s.generation} after ${rotations()} rotations`);
     say(`  user: state=${s.state} family=${s.family} generation=${s.generation}; rotations=${rotations()}`);
   });
+
+  const verifyPk = (b) =>
+    b.client_id !== CLIENTS.pkjwt.id ? `token of client ${b.client_id}` : b.sub !== 'alice' ? `sub ${b.sub}` : undefined;
+  if (pkjwtLoggedIn) {
+    await step(`private_key_jwt: ${PKJWT_ROTATIONS_TOTAL} rotations, kill -9 after ${PKJWT_KILLS_AT.join(' and ')}`, async () => {
+      // It has rotated in the background since its login; count from here.
+      const base = pkRotations();
+      for (const [i, at] of PKJWT_KILLS_AT.entries()) {
+        await load(proxy, '/pkjwt/', () => pkRotations() >= base + at, 45000, verifyPk);
+        // Just after a rotation: the new token is durable before it is served.
+        await sleep(300);
+        const before = await admin(adminBase, '/credentials/pkjwt');
+        run.kill('SIGKILL');
+        await run.exited;
+        await startRun(`run-kill${i + 1}`);
+        const after = (await admin(adminBase, '/credentials/pkjwt')).body;
+        check(after.family === before.body.family, `family ${before.body.family} -> ${after.family}`);
+        check(after.generation >= before.body.generation, `generation ${before.body.generation} -> ${after.generation}`);
+        say(`  pkjwt after kill -9 #${i + 1}: state=${after.state} generation=${after.generation}; rotations=${pkRotations()}`);
+      }
+      await load(proxy, '/pkjwt/', () => pkRotations() >= base + PKJWT_ROTATIONS_TOTAL, 45000, verifyPk);
+      const s = (await admin(adminBase, '/credentials/pkjwt')).body;
+      check(s.family === pkjwtFamily, `family changed: ${pkjwtFamily} -> ${s.family}`);
+      check(s.generation >= base + PKJWT_ROTATIONS_TOTAL - 1, `generation ${s.generation} after ${pkRotations()} rotations`);
+      const errs = stats.errors.filter((e) => e.client === CLIENTS.pkjwt.id);
+      check(errs.length === 0, `token endpoint errors for the private_key_jwt client: ${JSON.stringify(errs)}`);
+    });
+  }
 
   await step('client_credentials with resource (client_secret_post)', async () => {
     const rs = await Promise.all(Array.from({ length: 8 }, (_, i) => proxied(proxy, `/machine/echo?i=${i}`)));
@@ -482,7 +540,7 @@ credential = "machine"
     // doctor probes client authentication with a made-up refresh token.
     const other = stats.errors.filter(
       (e, i) =>
-        e.client === CLIENTS.user.id &&
+        (e.client === CLIENTS.user.id || e.client === CLIENTS.pkjwt.id) &&
         !(i >= errorsBeforeDoctor && e.detail === 'refresh token not found'),
     );
     check(stats.reuses === 0, `provider rejected ${stats.reuses} reused refresh token(s)`);
@@ -573,7 +631,7 @@ credential = "machine"
   }
   say(`provider grants by type ${JSON.stringify(stats.grants)}; upstream served ${up.stats.served}, rejected ${up.stats.rejected}`);
   console.log(
-    `INTEROP: grants=${grants} rotations=${rotations()} reuses=${reusesBeforeRevocation} requests=${requests} failures=${total}`,
+    `INTEROP: grants=${grants} rotations=${rotations()} private_key_jwt_rotations=${pkRotations()} reuses=${reusesBeforeRevocation} requests=${requests} failures=${total}`,
   );
   console.log(`interop: ${stepsPassed} passed, ${failures.length} failed`);
   if (!total && !process.env.INTEROP_KEEP) fs.rmSync(TMP, { recursive: true, force: true });
@@ -582,10 +640,10 @@ credential = "machine"
 }
 
 const hardTimeout = setTimeout(() => {
-  console.log(`INTEROP: aborted after 180 s; logs in ${TMP}`);
+  console.log(`INTEROP: aborted after 240 s; logs in ${TMP}`);
   for (const c of children) c.kill('SIGKILL');
   process.exit(2);
-}, 180000);
+}, 240000);
 hardTimeout.unref();
 
 main()

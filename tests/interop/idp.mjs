@@ -23,6 +23,8 @@ export const CLIENTS = {
   // private_key_jwt (RFC 7523): no secret; the provider holds the public
   // half of pkjwt-ec.key (a P-256 test key made for this suite).
   pkjwt: { id: 'tokenproxy-pkjwt' },
+  // The device grant (RFC 8628), bootstrapped by `tokenproxy login --device`.
+  device: { id: 'tokenproxy-device', secret: 'interop-device-secret-0123456789' },
 };
 export const PKJWT_KEY = path.join(path.dirname(fileURLToPath(import.meta.url)), 'pkjwt-ec.key');
 
@@ -39,6 +41,7 @@ export function newStats() {
     errors: [], // {grant_type, error, description, client}
     reuses: 0, // "refresh token already used" (a rotated token presented again)
     revokedGrants: 0,
+    deviceCodes: [], // issued device codes: no output may contain one
   };
 }
 
@@ -85,6 +88,15 @@ export async function startIdp({ port, redirectUris, stats = newStats(), log = (
         redirect_uris: redirectUris,
       },
       {
+        // tokenproxy's device-grant credential (client_secret_basic).
+        client_id: CLIENTS.device.id,
+        client_secret: CLIENTS.device.secret,
+        token_endpoint_auth_method: 'client_secret_basic',
+        grant_types: ['urn:ietf:params:oauth:grant-type:device_code', 'refresh_token'],
+        response_types: [],
+        redirect_uris: [],
+      },
+      {
         // The upstream resource server: introspection only.
         client_id: CLIENTS.upstream.id,
         client_secret: CLIENTS.upstream.secret,
@@ -117,6 +129,7 @@ export async function startIdp({ port, redirectUris, stats = newStats(), log = (
       introspection: { enabled: true },
       revocation: { enabled: true },
       clientCredentials: { enabled: true },
+      deviceFlow: { enabled: true },
       resourceIndicators: {
         enabled: true,
         defaultResource: async (ctx, client, oneOf) => (oneOf ? oneOf[0] : undefined),
@@ -157,6 +170,9 @@ export async function startIdp({ port, redirectUris, stats = newStats(), log = (
       stats.reuses += 1;
     }
     log(`grant.error ${JSON.stringify(e)}`);
+  });
+  provider.on('device_authorization.success', (ctx, body) => {
+    stats.deviceCodes.push(body.device_code);
   });
   provider.on('grant.revoked', () => {
     stats.revokedGrants += 1;

@@ -6,7 +6,8 @@
 //   `tokenproxy run` with concurrent clients across >= 5 rotations, a restart
 //   in the middle, a private_key_jwt client (logged in the same way) refreshed
 //   across rotations with kill -9 restarts, client_credentials with a
-//   resource indicator,
+//   resource indicator, a device-grant client (`login --device`, endpoints by
+//   discovery, approved through the provider's pages) refreshed as well,
 //   `tokenproxy doctor` against the discovery document, then the provider
 //   revoking the grant -> credential dead (invalid_grant) and 503.
 // Prints `INTEROP: grants=.. rotations=.. reuses=.. requests=.. failures=..`
@@ -156,12 +157,13 @@ function parseForm(html, base) {
 
 // Follows redirects by hand and submits the provider's login and consent
 // forms, until the browser would go to a URL starting with `stopPrefix`.
-async function browse(startUrl, stopPrefix, jar, user = 'alice') {
+// With `doneRe`, a page without a form matching it ends the walk too.
+async function browse(startUrl, stopPrefix, jar, user = 'alice', doneRe = undefined) {
   let url = startUrl;
   let body;
   const trail = [];
   for (let i = 0; i < 20; i += 1) {
-    if (url.startsWith(stopPrefix)) return url;
+    if (stopPrefix && url.startsWith(stopPrefix)) return url;
     const res = await fetch(url, {
       method: body ? 'POST' : 'GET',
       body,
@@ -181,6 +183,7 @@ async function browse(startUrl, stopPrefix, jar, user = 'alice') {
     }
     const html = await res.text();
     const form = res.status === 200 ? parseForm(html, url) : undefined;
+    if (!form && doneRe && res.status === 200 && doneRe.test(html)) return url;
     if (!form) throw new Error(`no form at ${url} (${res.status}): ${html.slice(0, 300)} [${trail.join(', ')}]`);
     if ('login' in form.fields) form.fields.login = user;
     if ('password' in form.fields) form.fields.password = 'any-password';
@@ -275,6 +278,7 @@ async function main() {
   // Per client: the private_key_jwt credential rotates alongside.
   const rotations = () => stats.byClient[CLIENTS.user.id]?.refresh_token || 0;
   const pkRotations = () => stats.byClient[CLIENTS.pkjwt.id]?.refresh_token || 0;
+  const deviceRotations = () => stats.byClient[CLIENTS.device.id]?.refresh_token || 0;
   const idpLog = fs.createWriteStream(path.join(TMP, 'idp.log'));
   const log = (l) => {
     idpLog.write(`${new Date().toISOString()} ${l}\n`);
@@ -333,6 +337,19 @@ scopes = ["openid", "offline_access"]
 redirect_uri = "${redirectUri}"
 introspection_url = "${issuer}/token/introspection"
 
+[credentials.device]
+grant = "refresh_token"
+issuer = "${issuer}"
+client_id = "${CLIENTS.device.id}"
+client_secret = "\${INTEROP_DEVICE_SECRET}"
+scopes = ["openid", "offline_access"]
+introspection_url = "${issuer}/token/introspection"
+
+[[routes]]
+path_prefix = "/device/"
+upstream = "http://127.0.0.1:${upPort}/"
+credential = "device"
+
 [[routes]]
 path_prefix = "/pkjwt/"
 upstream = "http://127.0.0.1:${upPort}/"
@@ -352,6 +369,7 @@ credential = "machine"
   writeConfig();
   process.env.INTEROP_USER_SECRET = CLIENTS.user.secret;
   process.env.INTEROP_M2M_SECRET = CLIENTS.machine.secret;
+  process.env.INTEROP_DEVICE_SECRET = CLIENTS.device.secret;
   const storePath = path.join(TMP, 'tokens.json');
   const jar = new Jar();
   let reusesBeforeRevocation = 0;
@@ -423,6 +441,42 @@ credential = "machine"
   if (!loggedIn) return finish();
   const pkjwtLoggedIn = await step('login a private_key_jwt client (ES256 assertions) the same way', async () => {
     await login('pkjwt');
+    return true;
+  });
+
+  // ---- the device grant: no redirect, a code entered on "another device"
+  const deviceGrant = 'urn:ietf:params:oauth:grant-type:device_code';
+  let deviceFamily;
+  const deviceLoggedIn = await step('device login: tokenproxy login --device, approved in the provider pages', async () => {
+    const child = spawnTp(['login', '--device', '-c', cfg, 'device'], 'login-device');
+    try {
+      const { userCode, complete } = await waitFor(
+        'the user code and link on stdout',
+        () => {
+          const c = /^Code: (\S+)$/m.exec(child.out);
+          const l = /(http:\/\/127\.0\.0\.1:\d+\/device\?user_code=\S+)/.exec(child.out);
+          return c && l && { userCode: c[1], complete: l[1] };
+        },
+        15000,
+      );
+      check(complete.includes(encodeURIComponent(userCode)) || complete.includes(userCode), `${complete} vs ${userCode}`);
+      await browse(complete, undefined, new Jar(), 'alice', /Sign-in Success/);
+      // The provider names no interval: tokenproxy polls every 5 s.
+      const { code } = await Promise.race([child.exited, sleep(20000).then(() => ({ code: 'timeout' }))]);
+      check(code === 0, `login --device exited ${code}: ${tail(child.logPath, 5)}`);
+      check(/Logged in as alice/.test(child.out), `stdout: ${child.out}`);
+      check((stats.byClient[CLIENTS.device.id]?.[deviceGrant] || 0) === 1, `device_code grants ${JSON.stringify(stats.byClient)}`);
+      const store = JSON.parse(fs.readFileSync(storePath, 'utf8'));
+      check(store.credentials?.device?.refresh_token, 'no refresh token in the store');
+      deviceFamily = store.credentials.device.family;
+      const early = stats.errors.filter((e) => e.client === CLIENTS.device.id && e.error !== 'authorization_pending');
+      check(early.length === 0, `device errors other than authorization_pending: ${JSON.stringify(early)}`);
+    } finally {
+      if (child.exitCode === null) {
+        child.kill('SIGTERM');
+        await child.exited;
+      }
+    }
     return true;
   });
 
@@ -503,6 +557,25 @@ credential = "machine"
     });
   }
 
+  if (deviceLoggedIn) {
+    await step('device-grant credential: refreshed across the restarts, same family', async () => {
+      const verifyDevice = (b) =>
+        b.client_id !== CLIENTS.device.id ? `token of client ${b.client_id}` : b.sub !== 'alice' ? `sub ${b.sub}` : undefined;
+      const base = deviceRotations();
+      await load(proxy, '/device/', () => deviceRotations() >= base + 2, 45000, verifyDevice);
+      const s = (await admin(adminBase, '/credentials/device')).body;
+      check(s.family === deviceFamily, `family changed: ${deviceFamily} -> ${s.family}`);
+      check(deviceRotations() >= 4, `only ${deviceRotations()} rotations across the restarts`);
+      const errs = stats.errors.filter((e) => e.client === CLIENTS.device.id && e.error !== 'authorization_pending');
+      check(errs.length === 0, `token endpoint errors for the device client: ${JSON.stringify(errs)}`);
+      // The device code is a secret: in no output of any tokenproxy process.
+      for (const f of fs.readdirSync(TMP).filter((n) => n.endsWith('.log') && n !== 'idp.log')) {
+        const text = fs.readFileSync(path.join(TMP, f), 'utf8');
+        for (const dc of stats.deviceCodes) check(!text.includes(dc), `${f} contains a device code`);
+      }
+    });
+  }
+
   await step('client_credentials with resource (client_secret_post)', async () => {
     const rs = await Promise.all(Array.from({ length: 8 }, (_, i) => proxied(proxy, `/machine/echo?i=${i}`)));
     for (const r of rs) {
@@ -540,7 +613,7 @@ credential = "machine"
     // doctor probes client authentication with a made-up refresh token.
     const other = stats.errors.filter(
       (e, i) =>
-        (e.client === CLIENTS.user.id || e.client === CLIENTS.pkjwt.id) &&
+        (e.client === CLIENTS.user.id || e.client === CLIENTS.pkjwt.id || (e.client === CLIENTS.device.id && e.error !== 'authorization_pending')) &&
         !(i >= errorsBeforeDoctor && e.detail === 'refresh token not found'),
     );
     check(stats.reuses === 0, `provider rejected ${stats.reuses} reused refresh token(s)`);
@@ -631,7 +704,7 @@ credential = "machine"
   }
   say(`provider grants by type ${JSON.stringify(stats.grants)}; upstream served ${up.stats.served}, rejected ${up.stats.rejected}`);
   console.log(
-    `INTEROP: grants=${grants} rotations=${rotations()} private_key_jwt_rotations=${pkRotations()} reuses=${reusesBeforeRevocation} requests=${requests} failures=${total}`,
+    `INTEROP: grants=${grants} rotations=${rotations()} private_key_jwt_rotations=${pkRotations()} device_rotations=${deviceRotations()} reuses=${reusesBeforeRevocation} requests=${requests} failures=${total}`,
   );
   console.log(`interop: ${stepsPassed} passed, ${failures.length} failed`);
   if (!total && !process.env.INTEROP_KEEP) fs.rmSync(TMP, { recursive: true, force: true });

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
-pub const ADMIN_HEADER: &str = "x-tokenproxy-admin";
+pub use crate::admin_client::ADMIN_HEADER;
 
 type AdminResponse = Response<Full<Bytes>>;
 
@@ -200,7 +200,7 @@ pub(crate) async fn handle_with_body(
             let force = form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
                 .any(|(k, v)| k == "force" && matches!(&*v, "1" | "true" | "yes"));
             let (status, body) =
-                crate::device::admin_start(&config, slot, &live.logins.devices, force).await;
+                crate::device::admin_start(&config, slot, &live.devices, force).await;
             return json(status, body);
         }
         return json(
@@ -477,7 +477,7 @@ pub(crate) fn status_json(s: &SlotStatus) -> serde_json::Value {
 /// (user code and link, or the failure; never the device code).
 fn with_device(live: &Live, s: &SlotStatus) -> serde_json::Value {
     let mut v = status_json(s);
-    if let Some(d) = live.logins.devices.status_json(&s.credential) {
+    if let Some(d) = live.devices.status_json(&s.credential) {
         v["device_login"] = d;
     }
     v
@@ -565,7 +565,7 @@ fn status_page(live: &Live) -> AdminResponse {
         };
         // A pending device login: what a person types on a phone. The
         // device code never reaches this page.
-        if let Some((p, left)) = live.logins.devices.pending(&s.credential) {
+        if let Some((p, left)) = live.devices.pending(&s.credential) {
             let link = p
                 .verification_uri_complete
                 .as_deref()

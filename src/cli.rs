@@ -222,13 +222,19 @@ pub fn main() -> ExitCode {
                 Err(code) => return code,
             };
             crate::telemetry::init(cfg.log.format, &cfg.log.level);
+            if device {
+                return run_blocking(async move {
+                    let code =
+                        crate::device::run_cli(&cfg, &name, force, open, admin.as_deref()).await;
+                    ExitCode::from(code)
+                });
+            }
             let args = crate::login::CliArgs {
                 name,
                 force,
                 open,
                 no_listen,
                 admin,
-                device,
             };
             run_blocking(async move { ExitCode::from(crate::login::run_cli(&cfg, args).await) })
         }

@@ -453,6 +453,42 @@ pub(crate) async fn admin_start(
     (StatusCode::OK, prompt.json(&name, expires_in))
 }
 
+/// `tokenproxy login --device`: through the running proxy's admin API when
+/// it answers, else here. Returns the exit code (0, 64 setup, 1 otherwise).
+pub(crate) async fn run_cli(
+    config: &Config,
+    name: &str,
+    force: bool,
+    open: bool,
+    admin: Option<&str>,
+) -> u8 {
+    match crate::login::running_admin(config, admin).await {
+        Ok(Some(admin)) => return via_admin(&admin, name, force).await,
+        Ok(None) => {}
+        Err(code) => return code,
+    }
+    let announce = |p: &Prompt| {
+        println!("{}", p.text(name));
+        if open {
+            crate::login::open_browser(
+                p.verification_uri_complete
+                    .as_deref()
+                    .unwrap_or(&p.verification_uri),
+            );
+        }
+    };
+    match run_local(config, name, force, announce).await {
+        Ok(done) => {
+            println!("{}", done.message());
+            0
+        }
+        Err(e) => {
+            crate::login::log_failure(Some(name), &e);
+            crate::login::report(&e)
+        }
+    }
+}
+
 /// `tokenproxy login --device` through the running proxy's admin API.
 pub(crate) async fn via_admin(admin: &AdminClient, name: &str, force: bool) -> u8 {
     let base = admin.base().to_owned();

@@ -277,6 +277,15 @@ pub(crate) const ENTRIES: &[Entry] = &[
         did: "Installed nothing; the credential keeps its previous state.",
         fix: "Read the error of the login_failed line, then run `tokenproxy login -c FILE {credential}` again (add --force to replace a family that still works).",
     },
+    Entry {
+        anchor: "device-login-expired-or-failed",
+        title: "Device login expired or failed",
+        keys: &["device_expired", "device_failed"],
+        severity: Severity::Warning,
+        cause: "`tokenproxy login --device` (or POST /credentials/NAME/device) did not complete: nobody entered the user code before it expired, or the device authorization or a poll was refused (the client is not allowed the device grant, a wrong client secret or key, a device code already used).",
+        did: "Installed nothing; the credential keeps its previous state.",
+        fix: "Read the error of the login_failed line; allow the device grant for this client at the IdP if it was refused, then run `tokenproxy login --device -c FILE {credential}` again and enter the code before it expires.",
+    },
 ];
 
 /// The entries a `reason`, `outcome`, code, event or anchor names.

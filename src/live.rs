@@ -47,6 +47,8 @@ pub struct Live {
     pub ready: ReadyCache,
     /// The admin listener's browser logins in progress.
     pub logins: crate::login::AdminLogins,
+    /// Device logins this process polls for (`POST /credentials/<name>/device`).
+    pub devices: crate::device::DeviceLogins,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
 }
@@ -59,6 +61,7 @@ impl Live {
             proxy: Arc::new(ArcSwap::new(proxy)),
             ready: Default::default(),
             logins: Default::default(),
+            devices: Default::default(),
             reloading: tokio::sync::Mutex::new(()),
         }
     }

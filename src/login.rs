@@ -243,8 +243,6 @@ pub struct AdminLogins {
     /// Public for tests that age a state.
     pub states: PendingStates,
     confirms: ConfirmTokens,
-    /// Device logins this process polls for (`POST /credentials/<name>/device`).
-    pub devices: crate::device::DeviceLogins,
 }
 
 /// What the admin login endpoints see of the running proxy (loaded once
@@ -1397,8 +1395,6 @@ pub(crate) struct CliArgs {
     pub open: bool,
     pub no_listen: bool,
     pub admin: Option<String>,
-    /// The device grant (RFC 8628) instead of a browser redirect.
-    pub device: bool,
 }
 
 /// The admin API's view of `name`'s token family (None: no family yet).
@@ -1431,7 +1427,7 @@ pub(crate) async fn admin_family(
     Ok(v["family"].as_str().map(str::to_owned))
 }
 
-fn open_browser(url: &str) {
+pub(crate) fn open_browser(url: &str) {
     for cmd in ["xdg-open", "open"] {
         let spawned = std::process::Command::new(cmd)
             .arg(url)
@@ -1450,58 +1446,11 @@ fn open_browser(url: &str) {
 /// code: 0, 64 for config/usage, 1 otherwise.
 pub(crate) async fn run_cli(config: &Config, args: CliArgs) -> u8 {
     let name = args.name.as_str();
-    let fail = |e: &LoginError| {
-        eprintln!("tokenproxy login: {}", crate::error_chain(e));
-        let fix = e.fix();
-        if !fix.is_empty() {
-            eprintln!("{fix}");
-        }
-        match e {
-            LoginError::Setup(_) | LoginError::Tls(_) => EXIT_USAGE,
-            _ => EXIT_FAILURE,
-        }
+    let admin = match running_admin(config, args.admin.as_deref()).await {
+        Ok(a) => a,
+        Err(code) => return code,
     };
-    let admin = AdminClient::new(config, args.admin.as_deref());
-    let up = match &admin {
-        Some(a) => a
-            .get("/healthz")
-            .await
-            .is_ok_and(|(status, _)| status.is_success()),
-        None => false,
-    };
-    if args.admin.is_some() && !up {
-        eprintln!(
-            "tokenproxy login: the admin API at {} does not answer /healthz",
-            admin.as_ref().map_or("?", |a| a.base())
-        );
-        return EXIT_FAILURE;
-    }
-    if args.device {
-        if let (true, Some(admin)) = (up, &admin) {
-            return crate::device::via_admin(admin, name, args.force).await;
-        }
-        let announce = |p: &crate::device::Prompt| {
-            println!("{}", p.text(name));
-            if args.open {
-                open_browser(
-                    p.verification_uri_complete
-                        .as_deref()
-                        .unwrap_or(&p.verification_uri),
-                );
-            }
-        };
-        return match crate::device::run_local(config, name, args.force, announce).await {
-            Ok(done) => {
-                println!("{}", done.message());
-                0
-            }
-            Err(e) => {
-                log_failure(Some(name), &e);
-                fail(&e)
-            }
-        };
-    }
-    if let (true, Some(admin)) = (up, admin) {
+    if let Some(admin) = admin {
         return via_admin(config, &admin, &args).await;
     }
     let announce = |url: &str| {
@@ -1530,8 +1479,45 @@ pub(crate) async fn run_cli(config: &Config, args: CliArgs) -> u8 {
             println!("{}", done.message());
             0
         }
-        Err(e) => fail(&e),
+        Err(e) => report(&e),
     }
+}
+
+/// Prints a failed login's cause and fix; returns the exit code.
+pub(crate) fn report(e: &LoginError) -> u8 {
+    eprintln!("tokenproxy login: {}", crate::error_chain(e));
+    let fix = e.fix();
+    if !fix.is_empty() {
+        eprintln!("{fix}");
+    }
+    match e {
+        LoginError::Setup(_) | LoginError::Tls(_) => EXIT_USAGE,
+        _ => EXIT_FAILURE,
+    }
+}
+
+/// The running proxy's admin API when it answers `/healthz`; an explicit
+/// `--admin` that does not answer is an error (exit 1), not a fallback.
+pub(crate) async fn running_admin(
+    config: &Config,
+    explicit: Option<&str>,
+) -> Result<Option<AdminClient>, u8> {
+    let admin = AdminClient::new(config, explicit);
+    let up = match &admin {
+        Some(a) => a
+            .get("/healthz")
+            .await
+            .is_ok_and(|(status, _)| status.is_success()),
+        None => false,
+    };
+    if explicit.is_some() && !up {
+        eprintln!(
+            "tokenproxy login: the admin API at {} does not answer /healthz",
+            admin.as_ref().map_or("?", |a| a.base())
+        );
+        return Err(EXIT_FAILURE);
+    }
+    Ok(admin.filter(|_| up))
 }
 
 async fn via_admin(config: &Config, admin: &AdminClient, args: &CliArgs) -> u8 {

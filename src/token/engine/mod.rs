@@ -639,7 +639,24 @@ impl Slot {
                         &mut rand::thread_rng(),
                     ),
                 };
+                // A rate limit says when asking again makes sense: no token
+                // request before then (docs/tokens-and-rotation.md).
+                let limited = match (f.status, f.retry_after) {
+                    (Some(429), Some(d)) => Some(d.min(schedule::RATE_LIMIT_CAP)),
+                    _ => None,
+                };
+                let wait = limited.map_or(wait, |d| wait.max(d));
                 c.next_attempt = Some(Instant::now() + wait);
+                if let Some(d) = limited {
+                    let until = self.clock.wall() + wait;
+                    tracing::warn!(
+                        event = "rate_limited",
+                        credential = %self.name,
+                        retry_after_s = d.as_secs(),
+                        until = crate::token::store::unix_ms(until) / 1000,
+                        "Token endpoint rate limit; no token request until then"
+                    );
+                }
             }
         }
     }
@@ -672,6 +689,10 @@ impl Slot {
                 .and_then(|r| r.refresh_token.as_ref())
                 .map(Secret::fingerprint),
             store_up: self.store().map(|_| !c.store_down),
+            next_attempt_at: c
+                .next_attempt
+                .and_then(|t| t.checked_duration_since(Instant::now()))
+                .map(|left| wall + left),
             refresh_expires_in: rec.and_then(|r| r.refresh_expires_at_ms).map(|at| {
                 store::from_unix_ms(at)
                     .duration_since(wall)
@@ -706,8 +727,10 @@ pub struct SlotStatus {
     /// refresh_token slots: whether the last store read succeeded.
     pub store_up: Option<bool>,
     /// When the IdP said how long the refresh token itself lives
-    /// (`refresh_token_expires_in`): the time left.
+    /// (`refresh_token_expires_in` and its vendor spellings): the time left.
     pub refresh_expires_in: Option<Duration>,
+    /// No token request before this (backoff or a rate limit).
+    pub next_attempt_at: Option<SystemTime>,
 }
 
 impl Slot {

@@ -8,8 +8,6 @@
 //! fact that could not be checked against the vendor's own page is left out
 //! rather than guessed (the row's `notes` say what to set by hand).
 
-use crate::config::AuthMethod;
-
 /// A value a provider's URLs are templated with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Param {
@@ -65,8 +63,10 @@ pub struct Profile {
     /// `None`: not verified; the credential must set `token_url` or `issuer`.
     pub token_url: Option<&'static str>,
     pub authorize_url: Option<&'static str>,
-    /// `None`: the engine's default (`client_secret_basic`).
-    pub auth_method: Option<AuthMethod>,
+    /// An `auth_method` value; `None`: the engine's default
+    /// (`client_secret_basic`). A name, not the config's enum, so that
+    /// `config` may use this module without a cycle.
+    pub auth_method: Option<&'static str>,
     /// Sent on the authorization request by `login`.
     pub login_params: &'static [(&'static str, &'static str)],
     /// Send `scope` again on every refresh.
@@ -161,7 +161,7 @@ pub const PROFILES: &[Profile] = &[
         params: &[],
         token_url: Some("https://github.com/login/oauth/access_token"),
         authorize_url: None,
-        auth_method: Some(AuthMethod::ClientSecretPost),
+        auth_method: Some("client_secret_post"),
         login_params: &[],
         scope_on_refresh: false,
         rotation: Rotation::Always,
@@ -349,7 +349,7 @@ pub const PROFILES: &[Profile] = &[
         params: &[],
         token_url: Some("https://api.hubapi.com/oauth/v1/token"),
         authorize_url: None,
-        auth_method: Some(AuthMethod::ClientSecretPost),
+        auth_method: Some("client_secret_post"),
         login_params: &[],
         scope_on_refresh: false,
         rotation: Rotation::Unverified,
@@ -538,9 +538,7 @@ pub fn show(p: &Profile) -> String {
     let _ = writeln!(
         s,
         "  auth_method:        {}",
-        p.auth_method
-            .unwrap_or(AuthMethod::ClientSecretBasic)
-            .as_str()
+        p.auth_method.unwrap_or("client_secret_basic")
     );
     if !p.login_params.is_empty() {
         let lp: Vec<String> = p

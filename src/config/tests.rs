@@ -1186,3 +1186,16 @@ fn provider_errors_name_the_line() {
         .token_url
         .is_none());
 }
+
+#[test]
+fn every_profile_auth_method_is_a_known_method() {
+    for p in crate::providers::PROFILES {
+        if let Some(m) = p.auth_method {
+            assert!(
+                AuthMethod::ALL.iter().any(|a| a.as_str() == m),
+                "{}: {m}",
+                p.name
+            );
+        }
+    }
+}

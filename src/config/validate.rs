@@ -674,6 +674,7 @@ fn credential(name: &str, r: &RawCredential, cx: &mut Ctx<'_>) -> Option<Credent
         None => profile
             .as_ref()
             .and_then(|f| f.profile.auth_method)
+            .and_then(|m| AuthMethod::ALL.into_iter().find(|a| a.as_str() == m))
             .unwrap_or(AuthMethod::ClientSecretBasic),
         Some(m) => match AuthMethod::ALL.iter().find(|a| a.as_str() == m) {
             Some(a) => *a,

@@ -47,12 +47,6 @@ pub fn backoff(
         .max(floor.unwrap_or_default().min(cap))
 }
 
-/// The longest a rate limit (`429` with `Retry-After` or
-/// `X-RateLimit-Reset`) holds token requests back: past `max_backoff`,
-/// since asking earlier only earns another 429, but bounded against an
-/// absurd reset time.
-pub const RATE_LIMIT_CAP: Duration = Duration::from_secs(3600);
-
 /// Delay before retrying a configuration error (every 5 minutes).
 pub const CONFIG_ERROR_RETRY: Duration = Duration::from_secs(300);
 

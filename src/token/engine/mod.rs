@@ -639,16 +639,19 @@ impl Slot {
                         &mut rand::thread_rng(),
                     ),
                 };
-                // A rate limit says when asking again makes sense: no token
-                // request before then (docs/tokens-and-rotation.md).
+                // A rate limit says when asking again makes sense: none
+                // before then, up to max_backoff (a day-long one must not
+                // park the credential); the log and `/credentials`
+                // (`next_attempt_at`) say until when.
                 let limited = match (f.status, f.retry_after) {
-                    (Some(429), Some(d)) => Some(d.min(schedule::RATE_LIMIT_CAP)),
+                    (Some(429), Some(d)) => Some(d),
                     _ => None,
                 };
-                let wait = limited.map_or(wait, |d| wait.max(d));
                 c.next_attempt = Some(Instant::now() + wait);
                 if let Some(d) = limited {
                     let until = self.clock.wall() + wait;
+                    // retry_after_s is what the IdP asked; until is what
+                    // tokenproxy does (capped at max_backoff).
                     tracing::warn!(
                         event = "rate_limited",
                         credential = %self.name,

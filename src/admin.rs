@@ -470,6 +470,7 @@ pub(crate) fn status_json(s: &SlotStatus) -> serde_json::Value {
             "at": secs_since_epoch(Some(f.at)),
         })),
         "refresh_token_fp": s.refresh_token_fp,
+        "next_attempt_at": secs_since_epoch(s.next_attempt_at),
     })
 }
 

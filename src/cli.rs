@@ -87,6 +87,12 @@ enum Command {
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         format: String,
     },
+    /// List the provider profiles, or show one's effective settings, the
+    /// notes a user must know and the vendor pages (docs/providers.md).
+    Providers {
+        #[command(subcommand)]
+        action: Option<ProvidersAction>,
+    },
     /// Token-store maintenance.
     Store {
         #[command(subcommand)]
@@ -104,6 +110,16 @@ enum Command {
         /// Access-token lifetime at the demo IdP.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         token_ttl: std::time::Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProvidersAction {
+    /// Print one profile: what `provider = "NAME"` fills, the notes and the
+    /// vendor documentation it was taken from.
+    Show {
+        /// The provider's name, as `tokenproxy providers` lists it.
+        name: String,
     },
 }
 
@@ -276,6 +292,25 @@ pub fn main() -> ExitCode {
             admin,
             token_ttl,
         } => run_blocking(crate::demo::run(listen, admin, token_ttl)),
+        Command::Providers { action } => match action {
+            None => {
+                print!("{}", crate::providers::list());
+                ExitCode::SUCCESS
+            }
+            Some(ProvidersAction::Show { name }) => match crate::providers::find(&name) {
+                Some(p) => {
+                    print!("{}", crate::providers::show(p));
+                    ExitCode::SUCCESS
+                }
+                None => {
+                    eprintln!(
+                        "unknown provider {name:?}; expected one of: {}",
+                        crate::providers::names().join(", ")
+                    );
+                    ExitCode::from(EXIT_USAGE)
+                }
+            },
+        },
         Command::Store {
             action:
                 StoreAction::Migrate {

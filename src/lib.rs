@@ -56,6 +56,7 @@ pub mod login;
 pub(crate) mod metrics;
 pub(crate) mod net;
 pub(crate) mod process;
+pub mod providers;
 pub mod proxy;
 pub mod secret;
 pub(crate) mod telemetry;

@@ -327,8 +327,9 @@ pub(crate) fn authorization_url(
     let has_prompt = authorize_url
         .query()
         .is_some_and(|q| q.split('&').any(|p| p.starts_with("prompt=")));
+    let google = authorize_url.host() == Some("accounts.google.com");
     // Google issues a refresh token only for offline access on a fresh consent.
-    if authorize_url.host() == Some("accounts.google.com") {
+    if google {
         q.append_pair("access_type", "offline");
         if !has_prompt {
             q.append_pair("prompt", "consent");
@@ -337,6 +338,20 @@ pub(crate) fn authorization_url(
         // OpenID Connect Core §11: offline_access is honoured only with
         // prompt=consent; without it providers drop the scope silently.
         q.append_pair("prompt", "consent");
+    }
+    // The provider profile's (docs/providers.md), unless already sent above
+    // or written into authorize_url.
+    let in_url = |k: &str| {
+        authorize_url
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p.split('=').next() == Some(k)))
+    };
+    for (k, v) in &cred.login_params {
+        let sent = (google && (k == "access_type" || k == "prompt"))
+            || (k == "prompt" && cred.scopes.iter().any(|s| s == "offline_access"));
+        if !sent && !in_url(k) {
+            q.append_pair(k, v);
+        }
     }
     let base = authorize_url.to_string();
     let sep = if base.contains('?') { '&' } else { '?' };

@@ -264,6 +264,14 @@ pub struct CredentialConfig {
     pub default_lifetime: Duration,
     /// DNS, TCP, egress CONNECT and TLS to the token endpoint. Default 10s.
     pub connect_timeout: Duration,
+    /// Send `scopes` again on every refresh (Microsoft requires it).
+    /// Default false, or the provider profile's.
+    pub scope_on_refresh: bool,
+    /// The provider profile that filled unset keys (docs/providers.md).
+    pub provider: Option<&'static crate::providers::Profile>,
+    /// Extra authorization-request parameters from the profile (Google's
+    /// `access_type=offline`), sent by `login`.
+    pub login_params: Vec<(String, String)>,
 }
 
 /// `format = "Bearer {token}"`, split around the one `{token}`.

@@ -100,6 +100,11 @@ pub struct RawCredential {
     pub max_backoff: Option<String>,
     pub default_lifetime: Option<String>,
     pub connect_timeout: Option<String>,
+    pub provider: Option<String>,
+    pub tenant: Option<String>,
+    pub domain: Option<String>,
+    pub realm: Option<String>,
+    pub scope_on_refresh: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

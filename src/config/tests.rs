@@ -1116,3 +1116,92 @@ mod proptests {
         }
     }
 }
+
+#[test]
+fn provider_fills_unset_keys_and_explicit_keys_win() {
+    let base =
+        "[credentials.gh]\ngrant = \"refresh_token\"\nclient_id = \"c\"\nclient_secret = \"s\"\n";
+    let c = ok(&format!("{base}provider = \"github\"\n"));
+    let gh = &c.credentials["gh"];
+    assert_eq!(
+        gh.token_url.as_ref().unwrap().to_string(),
+        "https://github.com/login/oauth/access_token"
+    );
+    assert_eq!(gh.auth_method, AuthMethod::ClientSecretPost);
+    assert_eq!(gh.default_lifetime, Duration::from_secs(28_800));
+    assert_eq!(gh.provider.unwrap().name, "github");
+    // Explicit keys win: a local token endpoint, another auth method.
+    let c = ok(&format!(
+        "{base}provider = \"github\"\ntoken_url = \"http://127.0.0.1:9/token\"\nauth_method = \"client_secret_basic\"\ndefault_lifetime = \"5m\"\n"
+    ));
+    let gh = &c.credentials["gh"];
+    assert_eq!(
+        gh.token_url.as_ref().unwrap().to_string(),
+        "http://127.0.0.1:9/token"
+    );
+    assert_eq!(gh.auth_method, AuthMethod::ClientSecretBasic);
+    assert_eq!(gh.default_lifetime, Duration::from_secs(300));
+    // Microsoft: templated with tenant; scope on refresh.
+    let c = ok(&format!(
+        "{base}provider = \"microsoft\"\ntenant = \"contoso.onmicrosoft.com\"\n"
+    ));
+    let ms = &c.credentials["gh"];
+    assert_eq!(
+        ms.token_url.as_ref().unwrap().to_string(),
+        "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+    );
+    assert!(ms.scope_on_refresh);
+    let c = ok(&format!(
+        "{base}provider = \"microsoft\"\ntenant = \"common\"\nscope_on_refresh = false\n"
+    ));
+    assert!(!c.credentials["gh"].scope_on_refresh);
+    // Google: login parameters.
+    let c = ok(&format!("{base}provider = \"google\"\n"));
+    assert!(c.credentials["gh"]
+        .login_params
+        .contains(&("access_type".into(), "offline".into())));
+}
+
+#[test]
+fn provider_errors_name_the_line() {
+    let base =
+        "[credentials.ms]\ngrant = \"refresh_token\"\nclient_id = \"c\"\nclient_secret = \"s\"\n";
+    let text = format!("{base}provider = \"microsoft\"\n");
+    let e = err_at(&text, "credentials.ms.provider", "provider =");
+    assert!(e.message.contains("tenant"), "{e}");
+    let text = format!("{base}provider = \"gitlab\"\n");
+    let e = err_at(&text, "credentials.ms.provider", "provider =");
+    assert!(
+        e.message.contains("github") && e.message.contains("linkedin"),
+        "{e}"
+    );
+    let text = format!("{base}provider = \"github\"\ntenant = \"x\"\n");
+    err_at(&text, "credentials.ms.tenant", "tenant =");
+    let text = format!("{base}tenant = \"x\"\ntoken_url = \"https://a.example/t\"\n");
+    err_at(&text, "credentials.ms.tenant", "tenant =");
+    let text = format!("{base}provider = \"microsoft\"\ntenant = \"a/b\"\n");
+    err_at(&text, "credentials.ms.tenant", "tenant =");
+    // A profile that does not know its endpoint says what to set.
+    let text = format!("{base}provider = \"okta\"\n");
+    let e = err_at(&text, "credentials.ms.provider", "provider =");
+    assert!(e.message.contains("token_url"), "{e}");
+    assert!(ok(&format!(
+        "{base}provider = \"okta\"\nissuer = \"https://dev-1.okta.com/oauth2/default\"\n"
+    ))
+    .credentials["ms"]
+        .token_url
+        .is_none());
+}
+
+#[test]
+fn every_profile_auth_method_is_a_known_method() {
+    for p in crate::providers::PROFILES {
+        if let Some(m) = p.auth_method {
+            assert!(
+                AuthMethod::ALL.iter().any(|a| a.as_str() == m),
+                "{}: {m}",
+                p.name
+            );
+        }
+    }
+}

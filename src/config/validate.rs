@@ -639,6 +639,8 @@ fn credential(name: &str, r: &RawCredential, cx: &mut Ctx<'_>) -> Option<Credent
         cx.err(&base, format!("credential name {name:?} is not valid; expected letters, digits, '_' and '-' (it appears in URLs and metrics)"));
     }
 
+    let profile = provider(cx, &base, r);
+
     let grant = match cx.str(&p("grant"), r.grant.as_ref()).as_deref() {
         Some("refresh_token") => Some(GrantType::RefreshToken),
         Some("client_credentials") => Some(GrantType::ClientCredentials),
@@ -669,7 +671,11 @@ fn credential(name: &str, r: &RawCredential, cx: &mut Ctx<'_>) -> Option<Credent
     };
 
     let auth_method = match cx.str(&p("auth_method"), r.auth_method.as_ref()).as_deref() {
-        None => AuthMethod::ClientSecretBasic,
+        None => profile
+            .as_ref()
+            .and_then(|f| f.profile.auth_method)
+            .and_then(|m| AuthMethod::ALL.into_iter().find(|a| a.as_str() == m))
+            .unwrap_or(AuthMethod::ClientSecretBasic),
         Some(m) => match AuthMethod::ALL.iter().find(|a| a.as_str() == m) {
             Some(a) => *a,
             None => {
@@ -683,10 +689,26 @@ fn credential(name: &str, r: &RawCredential, cx: &mut Ctx<'_>) -> Option<Credent
         },
     };
 
-    let token_url = cx.url(&p("token_url"), r.token_url.as_ref(), UrlRule::Endpoint);
+    // Explicit keys win over the profile (docs/providers.md).
+    let filled = |own: Option<&String>, from: Option<&String>| own.or(from).cloned();
+    let token_url = cx.url(
+        &p("token_url"),
+        filled(
+            r.token_url.as_ref(),
+            profile.as_ref().and_then(|f| f.token_url.as_ref()),
+        )
+        .as_ref()
+        .filter(|_| r.token_url.is_some() || r.issuer.is_none()),
+        UrlRule::Endpoint,
+    );
     let authorize_url = cx.url(
         &p("authorize_url"),
-        r.authorize_url.as_ref(),
+        filled(
+            r.authorize_url.as_ref(),
+            profile.as_ref().and_then(|f| f.authorize_url.as_ref()),
+        )
+        .as_ref()
+        .filter(|_| r.authorize_url.is_some() || r.issuer.is_none()),
         UrlRule::Endpoint,
     );
     let device_authorization_url = cx.url(
@@ -700,11 +722,22 @@ fn credential(name: &str, r: &RawCredential, cx: &mut Ctx<'_>) -> Option<Credent
         UrlRule::Endpoint,
     );
     let issuer = cx.url(&p("issuer"), r.issuer.as_ref(), UrlRule::Endpoint);
-    if r.token_url.is_none() && r.issuer.is_none() {
-        cx.err(
-            &p("token_url"),
-            "missing; expected token_url = \"https://...\" (or issuer, for discovery)",
-        );
+    if token_url.is_none() && r.token_url.is_none() && r.issuer.is_none() {
+        match &profile {
+            // A templated URL whose tenant/domain/realm is missing: already reported.
+            Some(f) if f.profile.token_url.is_some() => {}
+            Some(f) => cx.err(
+                &p("provider"),
+                format!(
+                    "the {} profile does not know the token endpoint; set token_url = \"https://...\" (or issuer, for discovery); see `tokenproxy providers show {}`",
+                    f.profile.name, f.profile.name
+                ),
+            ),
+            None => cx.err(
+                &p("token_url"),
+                "missing; expected token_url = \"https://...\" (or issuer, for discovery)",
+            ),
+        }
     }
     let redirect_uri = cx
         .url(&p("redirect_uri"), r.redirect_uri.as_ref(), UrlRule::Any)
@@ -840,7 +873,13 @@ fn credential(name: &str, r: &RawCredential, cx: &mut Ctx<'_>) -> Option<Credent
         resource: cx.str(&p("resource"), r.resource.as_ref()),
         extra_params,
         introspection_url,
-        reuse_grace: cx.duration(&p("reuse_grace"), r.reuse_grace.as_ref(), Duration::ZERO),
+        reuse_grace: cx.duration(
+            &p("reuse_grace"),
+            r.reuse_grace.as_ref(),
+            profile.as_ref().map_or(Duration::ZERO, |f| {
+                Duration::from_secs(f.profile.reuse_grace_secs)
+            }),
+        ),
         ca_file: cx.path(&p("ca_file"), r.ca_file.as_ref()),
         client_cert,
         client_key,
@@ -860,15 +899,134 @@ fn credential(name: &str, r: &RawCredential, cx: &mut Ctx<'_>) -> Option<Credent
         default_lifetime: cx.positive_duration(
             &p("default_lifetime"),
             r.default_lifetime.as_ref(),
-            Duration::from_secs(3600),
+            Duration::from_secs(
+                profile
+                    .as_ref()
+                    .and_then(|f| f.profile.default_lifetime_secs)
+                    .unwrap_or(3600),
+            ),
         ),
         connect_timeout: cx.positive_duration(
             &p("connect_timeout"),
             r.connect_timeout.as_ref(),
             super::TOKEN_CONNECT_TIMEOUT,
         ),
+        scope_on_refresh: r
+            .scope_on_refresh
+            .unwrap_or(profile.as_ref().is_some_and(|f| f.profile.scope_on_refresh)),
+        provider: profile.as_ref().map(|f| f.profile),
+        login_params: profile.as_ref().map_or_else(Vec::new, |f| {
+            f.profile
+                .login_params
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        }),
     };
     (cx.errors.len() == before).then_some(c)
+}
+
+/// A provider profile with its URLs expanded (docs/providers.md).
+struct Filled {
+    profile: &'static crate::providers::Profile,
+    token_url: Option<String>,
+    authorize_url: Option<String>,
+}
+
+/// `provider`, `tenant`, `domain`, `realm`: the profile, its URLs filled;
+/// errors for an unknown name, a missing value the URLs need, or a value
+/// no URL uses.
+fn provider(cx: &mut Ctx<'_>, base: &str, r: &RawCredential) -> Option<Filled> {
+    use crate::providers::{self, Param};
+    let p = |k: &str| format!("{base}.{k}");
+    let mut values: Vec<(Param, Option<String>)> = Vec::new();
+    for (param, raw) in [
+        (Param::Tenant, &r.tenant),
+        (Param::Domain, &r.domain),
+        (Param::Realm, &r.realm),
+    ] {
+        let v = cx.str(&p(param.key()), raw.as_ref());
+        if let Some(v) = &v {
+            // It goes into a URL: one path segment or host, nothing else.
+            let ok = !v.is_empty()
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b));
+            if !ok {
+                cx.err(
+                    &p(param.key()),
+                    format!("{v:?} is not valid; expected letters, digits, '-', '.', '_' or ':' (it is put into the provider's URLs)"),
+                );
+                continue;
+            }
+        }
+        values.push((param, v));
+    }
+    let value = |param: Param| {
+        values
+            .iter()
+            .find(|(x, _)| *x == param)
+            .and_then(|(_, v)| v.clone())
+    };
+    let Some(name) = cx.str(&p("provider"), r.provider.as_ref()) else {
+        for (param, raw) in [
+            (Param::Tenant, &r.tenant),
+            (Param::Domain, &r.domain),
+            (Param::Realm, &r.realm),
+        ] {
+            if raw.is_some() {
+                cx.err(
+                    &p(param.key()),
+                    "is only used with a provider whose URLs need it (see `tokenproxy providers`)",
+                );
+            }
+        }
+        return None;
+    };
+    let Some(profile) = providers::find(&name) else {
+        cx.err(
+            &p("provider"),
+            format!(
+                "{name:?} is not a known provider; expected one of: {}",
+                providers::names().join(", ")
+            ),
+        );
+        return None;
+    };
+    for param in [Param::Tenant, Param::Domain, Param::Realm] {
+        let raw = match param {
+            Param::Tenant => &r.tenant,
+            Param::Domain => &r.domain,
+            Param::Realm => &r.realm,
+        };
+        if profile.params.contains(&param) {
+            if raw.is_none() {
+                cx.err(
+                    &p("provider"),
+                    format!(
+                        "provider \"{}\" needs {} = \"...\" (its URLs are templated with {{{}}})",
+                        profile.name,
+                        param.key(),
+                        param.key()
+                    ),
+                );
+            }
+        } else if raw.is_some() {
+            cx.err(
+                &p(param.key()),
+                format!(
+                    "provider \"{}\" does not use {}; remove it",
+                    profile.name,
+                    param.key()
+                ),
+            );
+        }
+    }
+    let expand = |t: Option<&str>| t.and_then(|t| profile.expand(t, &value));
+    Some(Filled {
+        profile,
+        token_url: expand(profile.token_url),
+        authorize_url: expand(profile.authorize_url),
+    })
 }
 
 /// `client_assertion_*` (docs/client-authentication.md): a key that cannot

@@ -60,6 +60,26 @@ pub struct IdpOptions {
     /// How long a device code lives (`expires_in`). Default 600 s.
     pub device_ttl: Duration,
     pub clients: Vec<DevClient>,
+    /// How errors (and a few success details) are spelt, as a vendor
+    /// documents them (docs/providers.md). Default: RFC 6749.
+    pub dialect: Dialect,
+}
+
+/// A provider's documented wire shapes, for end-to-end tests of profiles.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Dialect {
+    #[default]
+    Rfc,
+    /// Errors as HTTP 200, form-encoded, `bad_refresh_token`.
+    Github,
+    /// HTTP 200 `{"ok": false, "error": "invalid_refresh_token"}`; `ok: true`
+    /// on success.
+    Slack,
+    /// 400 `{"status": "BAD_REFRESH_TOKEN", "message": ...}`, no `error`.
+    Hubspot,
+    /// AADSTS codes in `error_description` and `error_codes`; a refresh
+    /// without `scope` is refused (AADSTS900144).
+    Microsoft,
 }
 
 impl Default for IdpOptions {
@@ -73,6 +93,7 @@ impl Default for IdpOptions {
             device_interval: Duration::from_secs(5),
             device_ttl: Duration::from_secs(600),
             clients: vec![DevClient::confidential("demo-client", "demo-secret")],
+            dialect: Dialect::Rfc,
         }
     }
 }
@@ -1032,6 +1053,12 @@ impl State {
     ) -> Result<Map<String, Value>, OAuthError> {
         let presented = param(form, "refresh_token")
             .ok_or_else(|| err("invalid_request", "refresh_token is missing"))?;
+        if self.opts.dialect == Dialect::Microsoft && param(form, "scope").is_none() {
+            return Err(err(
+                "invalid_request",
+                "AADSTS900144: The request body must contain the following parameter: 'scope'.",
+            ));
+        }
         let now = Instant::now();
         let grace = self.opts.reuse_grace;
         let Some(rt) = self.refresh.get(presented) else {
@@ -1722,27 +1749,78 @@ async fn token_endpoint(shared: Arc<Shared>, req: Request<Incoming>) -> Response
         result
     };
 
+    let dialect = shared.state.lock().opts.dialect;
     match fault {
         Some(Fault::ResetAfterProcessing) => kill_or_500(kill).await,
         Some(Fault::HoldAfterProcessing(hold)) => {
             hold.hold().await;
-            respond(outcome, false)
+            respond_as(dialect, outcome, false)
         }
-        Some(Fault::FormEncoded) => respond(outcome, true),
+        Some(Fault::FormEncoded) => respond_as(dialect, outcome, true),
         Some(Fault::LoseAnswer(status)) => raw_response(
             status,
             "<html><body><h1>Bad Gateway</h1></body></html>",
             "text/html",
         ),
-        _ => respond(outcome, false),
+        _ => respond_as(dialect, outcome, false),
     }
 }
 
-fn respond(outcome: Result<Map<String, Value>, OAuthError>, form: bool) -> Response<DevBody> {
-    match (outcome, form) {
-        (Ok(body), false) => json_response(StatusCode::OK, &Value::Object(body)),
-        (Ok(body), true) => form_response(&body),
-        (Err(e), _) => error_response(&e),
+/// The answer in `dialect`'s documented shapes (docs/providers.md).
+fn respond_as(
+    dialect: Dialect,
+    outcome: Result<Map<String, Value>, OAuthError>,
+    form: bool,
+) -> Response<DevBody> {
+    let grant_dead = |e: &OAuthError| e.code == "invalid_grant";
+    match (dialect, outcome, form) {
+        (Dialect::Slack, Ok(mut body), _) => {
+            body.insert("ok".into(), json!(true));
+            json_response(StatusCode::OK, &Value::Object(body))
+        }
+        (_, Ok(body), false) => json_response(StatusCode::OK, &Value::Object(body)),
+        (_, Ok(body), true) => form_response(&body),
+        (Dialect::Github, Err(e), _) => {
+            let code = if grant_dead(&e) {
+                "bad_refresh_token"
+            } else {
+                e.code
+            };
+            let mut m = Map::new();
+            m.insert("error".into(), json!(code));
+            m.insert("error_description".into(), json!(e.description));
+            let mut resp = form_response(&m);
+            *resp.status_mut() = StatusCode::OK;
+            resp
+        }
+        (Dialect::Slack, Err(e), _) => {
+            let code = if grant_dead(&e) {
+                "invalid_refresh_token"
+            } else {
+                e.code
+            };
+            json_response(StatusCode::OK, &json!({"ok": false, "error": code}))
+        }
+        (Dialect::Hubspot, Err(e), _) => {
+            let status = if grant_dead(&e) {
+                "BAD_REFRESH_TOKEN".to_owned()
+            } else {
+                e.code.to_ascii_uppercase()
+            };
+            json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({"status": status, "message": e.description, "correlationId": "dev"}),
+            )
+        }
+        (Dialect::Microsoft, Err(e), _) if grant_dead(&e) => json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({
+                "error": "invalid_grant",
+                "error_description": format!("AADSTS700082: The refresh token has expired due to inactivity. ({})", e.description),
+                "error_codes": [700082],
+            }),
+        ),
+        (_, Err(e), _) => error_response(&e),
     }
 }
 

@@ -39,7 +39,7 @@ mod serve;
 pub mod tls;
 
 pub use echo::{EchoUpstream, TokenCheck};
-pub use idp::{DevClient, DevIdp, Fault, Federated, GrantRecord, Hold, IdpOptions};
+pub use idp::{DevClient, DevIdp, Dialect, Fault, Federated, GrantRecord, Hold, IdpOptions};
 
 #[cfg(test)]
 mod tests;

@@ -75,7 +75,11 @@ pub fn build_token_request(
     match grant {
         Grant::RefreshToken(rt) => {
             form.append_pair("refresh_token", rt.expose());
-            // RFC 6749 §6: scope is optional on refresh and must not widen.
+            // RFC 6749 §6: scope is optional on refresh and must not widen;
+            // some IdPs (Microsoft) require it (`scope_on_refresh`).
+            if cred.scope_on_refresh && !cred.scopes.is_empty() {
+                form.append_pair("scope", &cred.scopes.join(" "));
+            }
         }
         Grant::ClientCredentials { scopes, resource } => {
             if !scopes.is_empty() {
@@ -200,14 +204,11 @@ pub fn parse_device_authorization(resp: &RawResponse) -> Result<DeviceAuthorizat
     }
     let unusable = |what: &str| GrantError {
         class: FailureClass::Config,
-        delivery: Delivery::Answered,
-        status: Some(status.as_u16()),
-        code: None,
-        description: None,
-        retry_after: None,
-        redirect_host: None,
-        message: format!("device authorization response {what}"),
-        cause: None,
+        ..GrantError::transient(
+            Delivery::Answered,
+            Some(status.as_u16()),
+            format!("device authorization response {what}"),
+        )
     };
     let Some(f) = fields else {
         return Err(unusable("is neither JSON nor form-encoded"));
@@ -428,6 +429,9 @@ pub struct GrantError {
     pub retry_after: Option<Duration>,
     /// Where a 3xx pointed (host only).
     pub redirect_host: Option<String>,
+    /// A vendor's own code found beside (or instead of) the OAuth one, such
+    /// as Microsoft's `AADSTS70008` (docs/providers.md).
+    pub vendor_code: Option<String>,
     pub message: String,
     /// Shared so that waiters behind a failed attempt get the same error.
     #[source]
@@ -448,6 +452,7 @@ impl GrantError {
             description: None,
             retry_after: None,
             redirect_host: None,
+            vendor_code: None,
             message: message.into(),
             cause: None,
         }
@@ -498,7 +503,9 @@ pub struct RawResponse {
 const ROTATION_UNKNOWN: Delivery = Delivery::MaybeSent;
 
 /// Parses a token endpoint answer. Any body with an `error` member is an error
-/// whatever the status; JSON and form-encoded bodies are both understood.
+/// whatever the status, and so are `ok: false` (Slack) and a vendor's error
+/// shape without `error` (HubSpot's `status`); JSON and form-encoded bodies
+/// are both understood (docs/providers.md, "Error vocabularies").
 pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<TokenSet, GrantError> {
     let status = resp.status;
     if status.is_redirection() {
@@ -524,42 +531,42 @@ pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<Token
                     .unwrap_or_default()
             ),
             redirect_host: host,
+            vendor_code: None,
         });
     }
     let fields = parse_body(&resp.headers, &resp.body);
     let retry_after = parse_retry_after(&resp.headers, now);
-    if let Some(fields) = &fields {
-        if let Some(code) = fields.get_str("error") {
-            let code = sanitize(code, 64);
-            let description = fields
-                .get_str("error_description")
-                .map(|d| sanitize(d, 4000));
-            let parsed = OAuthCode::parse(&code);
-            let class = match parsed {
-                OAuthCode::InvalidGrant => FailureClass::InvalidGrant,
+    if let Some(v) = fields.as_ref().and_then(|f| vendor_error(f, status)) {
+        let code = sanitize(&v.code, 64);
+        let parsed = match v.class {
+            Some(_) => None,
+            None => Some(OAuthCode::parse(&code)),
+        };
+        let class = v.class.unwrap_or(match parsed {
+            Some(OAuthCode::InvalidGrant) => FailureClass::InvalidGrant,
+            Some(
                 OAuthCode::InvalidClient
                 | OAuthCode::UnauthorizedClient
                 | OAuthCode::UnsupportedGrantType
                 | OAuthCode::InvalidScope
-                | OAuthCode::InvalidRequest => FailureClass::Config,
-                OAuthCode::TemporarilyUnavailable => FailureClass::Transient,
-                OAuthCode::Other(_) if status.is_server_error() || status.as_u16() == 429 => {
-                    FailureClass::Transient
-                }
-                OAuthCode::Other(_) => FailureClass::Config,
-            };
-            return Err(GrantError {
-                cause: None,
-                class,
-                delivery: Delivery::Answered,
-                status: Some(status.as_u16()),
-                message: format!("token endpoint answered {} {code}", status.as_u16()),
-                code: Some(code),
-                description,
-                retry_after,
-                redirect_host: None,
-            });
-        }
+                | OAuthCode::InvalidRequest,
+            ) => FailureClass::Config,
+            Some(OAuthCode::TemporarilyUnavailable) => FailureClass::Transient,
+            _ if status.is_server_error() || status.as_u16() == 429 => FailureClass::Transient,
+            _ => FailureClass::Config,
+        });
+        return Err(GrantError {
+            cause: None,
+            class,
+            delivery: Delivery::Answered,
+            status: Some(status.as_u16()),
+            message: format!("token endpoint answered {} {code}", status.as_u16()),
+            code: Some(code),
+            description: v.description.map(|d| sanitize(&d, 4000)),
+            retry_after,
+            redirect_host: None,
+            vendor_code: v.vendor_code.map(|c| sanitize(&c, 32)),
+        });
     }
     if matches!(status.as_u16(), 429 | 503) {
         // Load shed or no healthy backend: the grant was refused, not run.
@@ -596,6 +603,7 @@ pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<Token
             description: None,
             retry_after,
             redirect_host: None,
+            vendor_code: None,
             message: format!(
                 "token endpoint answered {} without an OAuth error",
                 status.as_u16()
@@ -634,6 +642,7 @@ pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<Token
                 description: None,
                 retry_after: None,
                 redirect_host: None,
+                vendor_code: None,
                 message: format!(
                     "token_type {:?} is not Bearer (DPoP or MAC tokens are not supported)",
                     sanitize(tt, 32)
@@ -666,9 +675,116 @@ pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<Token
             .get_str("refresh_token")
             .filter(|t| !t.is_empty())
             .map(Secret::new),
-        refresh_token_expires_in: fields.get_secs("refresh_token_expires_in"),
+        // The standard-looking name, Intuit's, then Keycloak's (0 there means
+        // "no expiry" and is ignored like any zero).
+        refresh_token_expires_in: REFRESH_LIFETIME_KEYS
+            .iter()
+            .find_map(|k| fields.get_secs(k)),
         scope: fields.get_str("scope").map(|s| sanitize(s, 512)),
         subject,
+    })
+}
+
+/// Where token responses say how long the refresh token itself lives.
+pub const REFRESH_LIFETIME_KEYS: [&str; 3] = [
+    "refresh_token_expires_in",
+    "x_refresh_token_expires_in",
+    "refresh_expires_in",
+];
+
+/// An error found in a token-endpoint body, before classification.
+struct VendorError {
+    code: String,
+    description: Option<String>,
+    /// Set when a vendor code decides the class; else the OAuth code does.
+    class: Option<FailureClass>,
+    vendor_code: Option<String>,
+}
+
+/// Vendor codes and the class each means. Codes are compared
+/// case-insensitively (HubSpot sends `BAD_REFRESH_TOKEN`).
+const VENDOR_CODES: &[(&str, FailureClass)] = &[
+    // GitHub: https://docs.github.com/en/apps/creating-github-apps/authenticating-with-a-github-app/refreshing-user-access-tokens
+    ("bad_refresh_token", FailureClass::InvalidGrant),
+    // Slack's oauth.v2.access: https://docs.slack.dev/reference/methods/oauth.v2.access
+    ("invalid_refresh_token", FailureClass::InvalidGrant),
+    ("invalid_client_id", FailureClass::Config),
+    ("bad_client_secret", FailureClass::Config),
+];
+
+/// Microsoft Entra codes (`error_codes`, or `AADSTSnnn:` in the
+/// description) that decide the class whatever the OAuth code says.
+const AADSTS_CODES: &[(u64, FailureClass)] = &[
+    (70008, FailureClass::InvalidGrant), // refresh token expired (inactivity)
+    (700082, FailureClass::InvalidGrant), // refresh token expired (inactivity)
+    (50173, FailureClass::InvalidGrant), // grant expired: credentials changed or revoked
+    (7000215, FailureClass::Config),     // invalid client secret
+];
+
+fn vendor_class(code: &str) -> Option<FailureClass> {
+    VENDOR_CODES
+        .iter()
+        .find(|(c, _)| c.eq_ignore_ascii_case(code))
+        .map(|(_, class)| *class)
+}
+
+/// The first AADSTS code we know, from `error_codes` or the description.
+fn aadsts(fields: &Fields, description: Option<&str>) -> Option<(u64, FailureClass)> {
+    let mut found: Vec<u64> = fields.get_u64_list("error_codes");
+    if let Some(d) = description {
+        let mut rest = d;
+        while let Some(i) = rest.find("AADSTS") {
+            rest = &rest[i + 6..];
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            if let Ok(n) = digits.parse() {
+                found.push(n);
+            }
+        }
+    }
+    found
+        .into_iter()
+        .find_map(|n| AADSTS_CODES.iter().find(|(c, _)| *c == n).copied())
+}
+
+/// Finds an error in a body: RFC 6749 §5.2's `error` whatever the status;
+/// `ok: false` (Slack answers 200); a vendor shape without `error`
+/// (HubSpot's `status`/`message`) on a 4xx, or with a known vendor code
+/// on any status. A body with none of these is not an error here.
+fn vendor_error(fields: &Fields, status: StatusCode) -> Option<VendorError> {
+    let not_ok = fields.get_bool("ok") == Some(false);
+    let (code, description) = match fields.get_str("error") {
+        Some(code) => (
+            code.to_owned(),
+            fields.get_str("error_description").map(str::to_owned),
+        ),
+        None => {
+            let vendor = fields
+                .get_str("status")
+                .or_else(|| fields.get_str("code"))
+                .filter(|c| !c.trim().is_empty() && c.len() <= 64);
+            let message = fields.get_str("message").map(str::to_owned);
+            match vendor {
+                // Not on a 5xx: a gateway's own page may hide a rotation
+                // (docs/architecture.md, "Lost rotation").
+                Some(c) if status.is_client_error() || vendor_class(c).is_some() => {
+                    (c.to_owned(), message)
+                }
+                _ if not_ok && !status.is_server_error() => ("ok_false".to_owned(), message),
+                _ => return None,
+            }
+        }
+    };
+    let mut class = vendor_class(&code);
+    let mut vendor_code = class.map(|_| code.clone());
+    if let Some((n, c)) = aadsts(fields, description.as_deref()) {
+        class = Some(c);
+        vendor_code = Some(format!("AADSTS{n}"));
+    }
+    Some(VendorError {
+        code,
+        description,
+        class,
+        vendor_code,
     })
 }
 
@@ -719,6 +835,18 @@ impl Fields {
         (1.0..=315_360_000.0)
             .contains(&n)
             .then(|| Duration::from_secs(n as u64))
+    }
+
+    /// A JSON list of non-negative integers (Microsoft's `error_codes`).
+    fn get_u64_list(&self, key: &str) -> Vec<u64> {
+        match self {
+            Fields::Json(m) => m
+                .get(key)
+                .and_then(|v| v.as_array())
+                .map(|a| a.iter().filter_map(serde_json::Value::as_u64).collect())
+                .unwrap_or_default(),
+            Fields::Form(_) => Vec::new(),
+        }
     }
 
     fn get_bool(&self, key: &str) -> Option<bool> {
@@ -1406,6 +1534,214 @@ mod tests {
     }
 
     #[test]
+    fn slack_ok_false_is_an_error_classified_by_its_code() {
+        // https://docs.slack.dev/reference/methods/oauth.v2.access answers 200.
+        let now = SystemTime::now();
+        let e = parse_token_response(
+            &raw(
+                200,
+                "application/json",
+                r#"{"ok":false,"error":"invalid_refresh_token"}"#,
+            ),
+            now,
+        )
+        .unwrap_err();
+        assert_eq!(e.class, FailureClass::InvalidGrant);
+        assert_eq!(e.delivery, Delivery::Answered);
+        assert_eq!(e.vendor_code.as_deref(), Some("invalid_refresh_token"));
+        let e = parse_token_response(
+            &raw(
+                200,
+                "application/json",
+                r#"{"ok":false,"error":"bad_client_secret"}"#,
+            ),
+            now,
+        )
+        .unwrap_err();
+        assert_eq!(e.class, FailureClass::Config);
+        // ok:false wins over an access_token in the same body.
+        let e = parse_token_response(
+            &raw(
+                200,
+                "application/json",
+                r#"{"ok":false,"access_token":"a"}"#,
+            ),
+            now,
+        )
+        .unwrap_err();
+        assert_eq!(e.code.as_deref(), Some("ok_false"));
+        // ok:true with a token is a success.
+        let t = parse_token_response(
+            &raw(
+                200,
+                "application/json",
+                r#"{"ok":true,"access_token":"xoxe.xoxb-1","token_type":"bot","expires_in":43200}"#,
+            ),
+            now,
+        );
+        // Slack's token_type "bot" is not Bearer: a clear config error, not a success.
+        assert_eq!(t.unwrap_err().class, FailureClass::Config);
+    }
+
+    #[test]
+    fn github_200_form_error_without_json_maps_to_invalid_grant() {
+        let e = parse_token_response(
+            &raw(
+                200,
+                "application/x-www-form-urlencoded",
+                "error=bad_refresh_token&error_description=The+refresh+token+passed+is+incorrect+or+expired.",
+            ),
+            SystemTime::now(),
+        )
+        .unwrap_err();
+        assert_eq!(e.class, FailureClass::InvalidGrant);
+        assert_eq!(e.delivery, Delivery::Answered);
+        assert_eq!(e.vendor_code.as_deref(), Some("bad_refresh_token"));
+    }
+
+    #[test]
+    fn hubspot_status_without_error_field_is_classified() {
+        let now = SystemTime::now();
+        let e = parse_token_response(
+            &raw(400, "application/json", r#"{"status":"BAD_REFRESH_TOKEN","message":"missing or invalid refresh token","correlationId":"x"}"#),
+            now,
+        )
+        .unwrap_err();
+        assert_eq!(e.class, FailureClass::InvalidGrant);
+        assert_eq!(e.code.as_deref(), Some("BAD_REFRESH_TOKEN"));
+        assert_eq!(
+            e.description.as_deref(),
+            Some("missing or invalid refresh token")
+        );
+        // An unknown vendor status on a 4xx is a refusal of the config kind.
+        let e = parse_token_response(
+            &raw(
+                400,
+                "application/json",
+                r#"{"status":"BAD_CLIENT_ID","message":"x"}"#,
+            ),
+            now,
+        )
+        .unwrap_err();
+        assert_eq!(e.class, FailureClass::Config);
+        // On a 5xx a vendor shape does not hide the gateway rule.
+        let e = parse_token_response(
+            &raw(
+                500,
+                "application/json",
+                r#"{"status":"error","message":"internal"}"#,
+            ),
+            now,
+        )
+        .unwrap_err();
+        assert_eq!(e.delivery, Delivery::MaybeSent);
+        // A 2xx with a status member and a token is still a success.
+        assert!(parse_token_response(
+            &raw(
+                200,
+                "application/json",
+                r#"{"status":"ok","access_token":"a"}"#
+            ),
+            now,
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn forbidden_with_an_oauth_error_is_classified_like_400() {
+        let e = parse_token_response(
+            &raw(403, "application/json", r#"{"error":"invalid_grant","error_description":"Unknown or invalid refresh token."}"#),
+            SystemTime::now(),
+        )
+        .unwrap_err();
+        assert_eq!(e.class, FailureClass::InvalidGrant);
+        assert_eq!(e.delivery, Delivery::Answered);
+    }
+
+    #[test]
+    fn microsoft_aadsts_codes_decide_the_class() {
+        let now = SystemTime::now();
+        let c = |b: &str| parse_token_response(&raw(400, "application/json", b), now).unwrap_err();
+        for (body, class, vendor) in [
+            (
+                r#"{"error":"invalid_grant","error_description":"AADSTS700082: The refresh token has expired due to inactivity.","error_codes":[700082]}"#,
+                FailureClass::InvalidGrant,
+                "AADSTS700082",
+            ),
+            (
+                r#"{"error":"invalid_grant","error_description":"AADSTS70008: The provided authorization code or refresh token has expired."}"#,
+                FailureClass::InvalidGrant,
+                "AADSTS70008",
+            ),
+            (
+                r#"{"error":"invalid_grant","error_codes":[50173]}"#,
+                FailureClass::InvalidGrant,
+                "AADSTS50173",
+            ),
+            (
+                r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided.","error_codes":[7000215]}"#,
+                FailureClass::Config,
+                "AADSTS7000215",
+            ),
+            // A vendor code beats a misleading OAuth one.
+            (
+                r#"{"error":"invalid_request","error_codes":[700082]}"#,
+                FailureClass::InvalidGrant,
+                "AADSTS700082",
+            ),
+        ] {
+            let e = c(body);
+            assert_eq!(e.class, class, "{body}");
+            assert_eq!(e.vendor_code.as_deref(), Some(vendor), "{body}");
+        }
+        // An unknown AADSTS code leaves the OAuth code in charge.
+        let e = c(r#"{"error":"invalid_scope","error_codes":[70011]}"#);
+        assert_eq!(e.class, FailureClass::Config);
+        assert_eq!(e.vendor_code, None);
+    }
+
+    #[test]
+    fn vendor_refresh_token_lifetimes_are_recorded() {
+        let now = SystemTime::now();
+        for key in REFRESH_LIFETIME_KEYS {
+            let body = format!(r#"{{"access_token":"a","expires_in":3600,"{key}":8726400}}"#);
+            let t = parse_token_response(&raw(200, "application/json", &body), now).unwrap();
+            assert_eq!(
+                t.refresh_token_expires_in,
+                Some(Duration::from_secs(8_726_400)),
+                "{key}"
+            );
+        }
+        // Keycloak's 0 (an offline token without expiry) is no lifetime.
+        let t = parse_token_response(
+            &raw(
+                200,
+                "application/json",
+                r#"{"access_token":"a","refresh_expires_in":0}"#,
+            ),
+            now,
+        )
+        .unwrap();
+        assert_eq!(t.refresh_token_expires_in, None);
+    }
+
+    #[test]
+    fn scope_is_sent_on_refresh_only_when_configured() {
+        let mut c = cred(AuthMethod::ClientSecretBasic);
+        c.scopes = vec!["offline_access".into(), "User.Read".into()];
+        let rt = Secret::new("rt-1");
+        let url: Uri = "http://127.0.0.1:1/token".parse().unwrap();
+        let req = build_token_request(&c, &url, &Grant::RefreshToken(&rt)).unwrap();
+        assert!(get(&form_of(&req), "scope").is_none());
+        c.scope_on_refresh = true;
+        let req = build_token_request(&c, &url, &Grant::RefreshToken(&rt)).unwrap();
+        assert_eq!(
+            get(&form_of(&req), "scope"),
+            Some("offline_access User.Read")
+        );
+    }
+
+    #[test]
     fn classes_follow_the_design() {
         let now = SystemTime::now();
         let c = |s, b: &str| parse_token_response(&raw(s, "application/json", b), now).unwrap_err();
@@ -1612,6 +1948,10 @@ mod proptests {
             Just("\"Bearer\"".to_owned()),
             Just("\"DPoP\"".to_owned()),
             Just("\"invalid_grant\"".to_owned()),
+            Just("false".to_owned()),
+            Just("true".to_owned()),
+            Just("\"BAD_REFRESH_TOKEN\"".to_owned()),
+            Just("[700082]".to_owned()),
             Just("\"a.eyJleHAiOjEsImlhdCI6Mn0.c\"".to_owned()),
             Just("{}".to_owned()),
             Just("[]".to_owned()),
@@ -1631,6 +1971,11 @@ mod proptests {
             Just("id_token"),
             Just("error"),
             Just("error_description"),
+            Just("ok"),
+            Just("status"),
+            Just("message"),
+            Just("error_codes"),
+            Just("refresh_expires_in"),
             Just("other"),
         ]
     }
@@ -1651,6 +1996,42 @@ mod proptests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// An error shape is never taken as success: a body with an `error`
+        /// member, `ok: false`, or a known vendor code in `status` fails,
+        /// whatever else it carries.
+        #[test]
+        fn error_shapes_never_succeed(
+            status in prop_oneof![Just(200u16), Just(201), Just(400), Just(401), Just(403)],
+            shape in prop_oneof![
+                Just(r#""error":"x""#),
+                Just(r#""ok":false"#),
+                Just(r#""status":"BAD_REFRESH_TOKEN""#),
+                Just(r#""status":"bad_refresh_token""#),
+            ],
+            kv in proptest::collection::vec((key(), json_value()), 0..5),
+        ) {
+            let mut members: Vec<String> = vec![
+                shape.to_owned(),
+                r#""access_token":"tok""#.to_owned(),
+                r#""token_type":"Bearer""#.to_owned(),
+            ];
+            // Later duplicates would override the shape: keep other keys only.
+            members.extend(
+                kv.iter()
+                    .filter(|(k, _)| !matches!(*k, "error" | "ok" | "status" | "access_token" | "token_type"))
+                    .map(|(k, v)| format!("\"{k}\":{v}")),
+            );
+            let body = format!("{{{}}}", members.join(","));
+            let mut headers = HeaderMap::new();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            let resp = RawResponse {
+                status: StatusCode::from_u16(status).unwrap(),
+                headers,
+                body: Bytes::from(body.clone()),
+            };
+            prop_assert!(parse_token_response(&resp, SystemTime::now()).is_err(), "{}", body);
+        }
 
         /// Never panics; never Ok without a non-empty, header-safe token;
         /// lifetimes are sane when present.

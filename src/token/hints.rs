@@ -54,6 +54,9 @@ pub fn for_grant_error(cfg: &CredentialConfig, e: &GrantError) -> String {
     if let Some(host) = &e.redirect_host {
         return format!("The token endpoint redirected to {host}: token_url is probably wrong (a login page or an old path); set token_url to the final endpoint.");
     }
+    if let Some(h) = vendor(cfg, e) {
+        return h;
+    }
     match e.class {
         FailureClass::InvalidGrant => {
             if cfg.grant == GrantType::ClientCredentials {
@@ -104,6 +107,46 @@ pub fn for_grant_error(cfg: &CredentialConfig, e: &GrantError) -> String {
             }
         }
     }
+}
+
+/// A hint in the provider's own terms, for the vendor codes the engine
+/// recognises (docs/providers.md, "Error vocabularies").
+fn vendor(cfg: &CredentialConfig, e: &GrantError) -> Option<String> {
+    let code = e.vendor_code.as_deref()?;
+    let login = "run `tokenproxy login` to start a new family";
+    Some(match code.to_ascii_lowercase().as_str() {
+        "aadsts70008" | "aadsts700082" => format!(
+            "Microsoft says the refresh token expired from inactivity ({code}); {login} (a credential refreshed at least every 90 days does not hit this)."
+        ),
+        "aadsts50173" => format!(
+            "Microsoft revoked the grant ({code}): the user's password or credentials changed, or an admin revoked sessions; {login}."
+        ),
+        "aadsts7000215" => format!(
+            "Microsoft rejected the client secret ({code}): set client_secret to the secret's Value (not its Secret ID) and check it has not expired in the app registration."
+        ),
+        "bad_refresh_token" => format!(
+            "{} says the refresh token is bad: it expired, was revoked (the app uninstalled or the authorization removed) or was already used{}; {login}.",
+            provider_name(cfg, "The IdP"),
+            if cfg.provider.is_some_and(|p| p.name == "github") {
+                ", or the app's expiring user tokens setting changed"
+            } else {
+                ""
+            }
+        ),
+        "invalid_refresh_token" => format!(
+            "{} says the refresh token is invalid (revoked, already used, or the app was reinstalled); {login}.",
+            provider_name(cfg, "The IdP")
+        ),
+        "invalid_client_id" | "bad_client_secret" => format!(
+            "{} rejected the client ({code}): check client_id and client_secret against the app's credentials.",
+            provider_name(cfg, "The IdP")
+        ),
+        _ => return None,
+    })
+}
+
+fn provider_name(cfg: &CredentialConfig, default: &'static str) -> &'static str {
+    cfg.provider.map_or(default, |p| p.display)
 }
 
 fn code_or_status(e: &GrantError) -> String {

@@ -548,6 +548,9 @@ pub(crate) mod tests_support {
             max_backoff: Duration::from_secs(60),
             default_lifetime: Duration::from_secs(3600),
             connect_timeout: super::grant::CONNECT_TIMEOUT,
+            scope_on_refresh: false,
+            provider: None,
+            login_params: vec![],
         }
     }
 }

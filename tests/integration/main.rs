@@ -21,6 +21,7 @@ mod hostile;
 mod idp_faults;
 mod login;
 mod ops;
+mod providers;
 mod proxy;
 mod reactive;
 mod reload;

@@ -639,7 +639,27 @@ impl Slot {
                         &mut rand::thread_rng(),
                     ),
                 };
+                // A rate limit says when asking again makes sense: none
+                // before then, up to max_backoff (a day-long one must not
+                // park the credential); the log and `/credentials`
+                // (`next_attempt_at`) say until when.
+                let limited = match (f.status, f.retry_after) {
+                    (Some(429), Some(d)) => Some(d),
+                    _ => None,
+                };
                 c.next_attempt = Some(Instant::now() + wait);
+                if let Some(d) = limited {
+                    let until = self.clock.wall() + wait;
+                    // retry_after_s is what the IdP asked; until is what
+                    // tokenproxy does (capped at max_backoff).
+                    tracing::warn!(
+                        event = "rate_limited",
+                        credential = %self.name,
+                        retry_after_s = d.as_secs(),
+                        until = crate::token::store::unix_ms(until) / 1000,
+                        "Token endpoint rate limit; no token request until then"
+                    );
+                }
             }
         }
     }
@@ -672,6 +692,10 @@ impl Slot {
                 .and_then(|r| r.refresh_token.as_ref())
                 .map(Secret::fingerprint),
             store_up: self.store().map(|_| !c.store_down),
+            next_attempt_at: c
+                .next_attempt
+                .and_then(|t| t.checked_duration_since(Instant::now()))
+                .map(|left| wall + left),
             refresh_expires_in: rec.and_then(|r| r.refresh_expires_at_ms).map(|at| {
                 store::from_unix_ms(at)
                     .duration_since(wall)
@@ -706,8 +730,10 @@ pub struct SlotStatus {
     /// refresh_token slots: whether the last store read succeeded.
     pub store_up: Option<bool>,
     /// When the IdP said how long the refresh token itself lives
-    /// (`refresh_token_expires_in`): the time left.
+    /// (`refresh_token_expires_in` and its vendor spellings): the time left.
     pub refresh_expires_in: Option<Duration>,
+    /// No token request before this (backoff or a rate limit).
+    pub next_attempt_at: Option<SystemTime>,
 }
 
 impl Slot {

@@ -272,3 +272,26 @@ async fn retry_after_holds_off_the_next_request_up_to_max_backoff() {
     assert_eq!(at.len(), 3, "{at:?}");
     assert!(at[2] - at[1] <= Duration::from_millis(4100), "{at:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_rate_limit_shows_until_when_in_the_status() {
+    let replies = vec![
+        Reply::Ok(60),
+        Reply::Status(429, r#"{"error":"slow_down"}"#, Some("30")),
+    ];
+    let rig = start(ScriptedIdp::new(3600, replies), |c| c.max_backoff = S(120)).await;
+    // The first refresh is due 30 s in; the 429 answers it.
+    run_for(S(45)).await;
+    assert_eq!(rig.idp.requests.lock().len(), 2);
+    let next = rig
+        .slot
+        .status()
+        .next_attempt_at
+        .expect("next_attempt_at while rate limited");
+    let left = next
+        .duration_since(rig.slot.clock.wall())
+        .unwrap_or_default();
+    assert!(left > S(10) && left <= S(30), "{left:?}");
+    run_for(S(60)).await;
+    assert_eq!(rig.slot.status().next_attempt_at, None);
+}

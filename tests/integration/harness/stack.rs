@@ -37,6 +37,8 @@ pub struct StackOpts {
     pub idp_reuse_grace: Duration,
     /// Upstream accepts any token (to see what a dead credential injects).
     pub permissive_echo: bool,
+    /// The IdP's wire shapes (a provider's, for profile tests).
+    pub dialect: tokenproxy::dev::Dialect,
 }
 
 impl Default for StackOpts {
@@ -45,6 +47,7 @@ impl Default for StackOpts {
             access_ttl: Duration::from_secs(2),
             idp_reuse_grace: Duration::ZERO,
             permissive_echo: false,
+            dialect: tokenproxy::dev::Dialect::Rfc,
         }
     }
 }
@@ -57,6 +60,7 @@ impl Stack {
             IdpOptions {
                 access_ttl: o.access_ttl,
                 reuse_grace: o.idp_reuse_grace,
+                dialect: o.dialect,
                 clients: vec![tokenproxy::dev::DevClient::confidential(
                     CLIENT_ID,
                     CLIENT_SECRET,

@@ -44,6 +44,10 @@ const CHANNEL: &str = "tokenproxy_credentials";
 /// `pg_advisory_xact_lock` key for migrations ("tokenpxy" in ASCII).
 const MIGRATION_LOCK: i64 = 0x746f_6b65_6e70_7879;
 const MAX_IDLE: usize = 4;
+/// Connections in use at once: with many credentials a start-up or a poll
+/// round must queue for a few connections, not open one each (the server
+/// refuses clients past its `max_connections`).
+const MAX_IN_USE: usize = 8;
 /// How old the shared view of every row's version may be for a change
 /// poll: one query per this, whatever the number of credentials.
 const VERSIONS_FRESH: Duration = Duration::from_secs(1);
@@ -80,18 +84,24 @@ struct Inner {
     keys: Option<Keyring>,
     /// Idle connections. A sync mutex: never held across an await.
     idle: Mutex<Vec<Client>>,
+    /// A permit per connection in use (`MAX_IN_USE`); never held across
+    /// anything but one statement's round trip, so waiting is short.
+    in_use: Arc<tokio::sync::Semaphore>,
     /// One counter per credential, bumped on every NOTIFY for it.
     watchers: Mutex<HashMap<String, watch::Sender<u64>>>,
     /// Every row's version (`xmin`, new with each committed change) and
     /// when it was queried. An async mutex, held across the query, so the
     /// polls of a round wait for one query instead of sending their own.
-    versions: tokio::sync::Mutex<Option<(Instant, Arc<HashMap<String, String>>)>>,
+    versions: tokio::sync::Mutex<Option<(Instant, Versions)>>,
     /// Per credential, the record a poll last read in full, with the row
     /// version and the NOTIFY counter it was read at. A sync mutex, never
     /// held across an await.
     polled: Mutex<HashMap<String, Polled>>,
     stop: CancellationToken,
 }
+
+/// Row version by credential name.
+type Versions = Arc<HashMap<String, String>>;
 
 struct Polled {
     version: Option<String>,
@@ -148,6 +158,7 @@ impl PgStore {
                 tls,
                 keys,
                 idle: Mutex::new(Vec::new()),
+                in_use: Arc::new(tokio::sync::Semaphore::new(MAX_IN_USE)),
                 watchers: Mutex::new(HashMap::new()),
                 versions: tokio::sync::Mutex::new(None),
                 polled: Mutex::new(HashMap::new()),
@@ -185,6 +196,10 @@ impl PgStore {
 
     /// A pooled connection; returned to the pool when dropped while open.
     async fn client(&self) -> Result<Pooled, StoreError> {
+        let permit = tokio::time::timeout(OP_TIMEOUT, self.inner.in_use.clone().acquire_owned())
+            .await
+            .map_err(|_| StoreError::DbTimeout)?
+            .expect("never closed");
         let reused = {
             let mut idle = self.inner.idle.lock();
             idle.retain(|c| !c.is_closed());
@@ -198,6 +213,7 @@ impl PgStore {
             client: Some(client),
             inner: Arc::downgrade(&self.inner),
             broken: Default::default(),
+            _permit: permit,
         })
     }
 
@@ -356,7 +372,7 @@ impl PgStore {
     }
 
     /// Every row's version, queried at most once per `VERSIONS_FRESH`.
-    async fn versions(&self) -> Result<Arc<HashMap<String, String>>, StoreError> {
+    async fn versions(&self) -> Result<Versions, StoreError> {
         let mut v = self.inner.versions.lock().await;
         if let Some((at, map)) = &*v {
             if at.elapsed() < VERSIONS_FRESH {
@@ -368,8 +384,7 @@ impl PgStore {
         let rows = c
             .timed(c.query("SELECT name, xmin::text FROM tokenproxy_credentials", &[]))
             .await?;
-        let map: Arc<HashMap<String, String>> =
-            Arc::new(rows.iter().map(|r| (r.get(0), r.get(1))).collect());
+        let map: Versions = Arc::new(rows.iter().map(|r| (r.get(0), r.get(1))).collect());
         *v = Some((at, map.clone()));
         Ok(map)
     }
@@ -716,6 +731,8 @@ struct Pooled {
     /// A statement timed out: the connection may be hung (a partition sends
     /// no FIN), so it is not returned to the pool.
     broken: std::sync::atomic::AtomicBool,
+    /// Released after the connection went back to the pool.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Pooled {

@@ -273,8 +273,9 @@ pub struct FileStore {
 
 /// The last version of the file seen, and the gate that makes one loader
 /// at a time look at the file (the others then find its result). Both sync
-/// mutexes on the blocking pool: `loading` is held across file I/O, `last`
-/// never is, so a poll answered from memory never waits for a disk.
+/// mutexes on the blocking pool: `loading` is held across a read of the
+/// file (never a write), `last` across no I/O, so a poll answered from
+/// memory never waits for a disk.
 #[derive(Default)]
 struct SnapshotCell {
     last: parking_lot::Mutex<Option<Snapshot>>,
@@ -450,12 +451,15 @@ impl FileStore {
         Ok(self.load(None)?.get(name).cloned())
     }
 
-    /// From the snapshot when it was confirmed within `POLL_FRESH`.
+    /// From the snapshot when it was confirmed within `POLL_FRESH`, or is
+    /// being confirmed right now (the polls of a round then do not queue a
+    /// blocking task each behind that one).
     fn poll_cached(&self, name: &str, now: Instant) -> Option<Option<Record>> {
         let last = self.snapshot.last.lock();
         let s = last.as_ref()?;
-        (now.saturating_duration_since(s.checked) <= POLL_FRESH)
-            .then(|| s.credentials.get(name).cloned())
+        (now.saturating_duration_since(s.checked) <= POLL_FRESH
+            || self.snapshot.loading.is_locked())
+        .then(|| s.credentials.get(name).cloned())
     }
 
     fn poll_blocking(&self, name: &str) -> Result<Option<Record>, StoreError> {
@@ -640,9 +644,11 @@ impl FileStore {
             }),
         }
         .map_err(to_io)?;
-        let _one = self.snapshot.loading.lock();
         let now = Instant::now();
         let written = write_atomic(&self.path, &bytes);
+        // Not across the write: readers wait for a disk only when they must
+        // read the file themselves.
+        let _one = self.snapshot.loading.lock();
         *self.snapshot.last.lock() = match &written {
             // Just written, so never settled: the next load compares bytes.
             Ok(meta) => Some(Snapshot {

@@ -3,13 +3,13 @@
 //! default 1,10,200,1000) and each store (file; postgres when its binaries
 //! are installed), a fresh tokenproxy (one worker, pinned) with N
 //! `refresh_token` credentials (1-hour tokens from a local dev IdP) and N
-//! routes, one per credential. Measured, as process CPU time (schedstat)
-//! so that other load on the machine does not count:
+//! routes, one per credential. Measured, as process CPU time (utime +
+//! stime) so that other load on the machine does not count:
 //!
 //! - start-up: seconds until every credential made its one grant;
 //! - idle CPU, % of a core over `BENCH_SCALE_IDLE` seconds (default 20)
 //!   with every token fresh: the store's change polls;
-//! - per refresh (40 forced through the admin API, one at a time): CPU
+//! - per refresh (200 forced through the admin API, one at a time): CPU
 //!   and bytes written beyond the idle rates (`wchar` of /proc/PID/io:
 //!   every write syscall, file and socket; and `write_bytes`, what reached
 //!   the storage layer);
@@ -17,7 +17,7 @@
 //!   keep-alive connection, beyond the idle rate;
 //! - RSS with everything fresh, and per credential against N = 1.
 
-use crate::common::{cpu_ns, env_or, free_port, median_min_max, rss_kib};
+use crate::common::{env_or, free_port, median_min_max, rss_kib};
 use crate::load::read_response;
 use crate::report::mmm;
 use crate::scenarios::Ctx;
@@ -32,9 +32,9 @@ use std::time::{Duration, Instant};
 use tokenproxy::dev::{DevClient, DevIdp, IdpOptions};
 
 /// Refreshes forced per run.
-const REFRESHES: usize = 40;
+const REFRESHES: usize = 200;
 /// Requests per route-lookup measurement.
-const REQUESTS: usize = 3000;
+const REQUESTS: usize = 20_000;
 
 /// One run of one (store, N).
 #[derive(Clone, Debug, Default)]
@@ -288,6 +288,22 @@ fn one_run(
         },
         (!warn.is_empty()).then(|| warn.join("; ")),
     )
+}
+
+/// utime + stime of `pids` in ns (/proc/PID/stat: unlike schedstat per
+/// thread, it keeps the time of threads that exited, such as idle blocking
+/// pool threads). Clock ticks (10 ms): windows and counts are sized for it.
+fn cpu_ns(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|s| {
+            // Fields after the parenthesised command name; utime, stime are 14, 15.
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum::<u64>()
+        * 10_000_000
 }
 
 /// (wchar, write_bytes) summed over `pids`.

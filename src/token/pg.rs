@@ -44,6 +44,13 @@ const CHANNEL: &str = "tokenproxy_credentials";
 /// `pg_advisory_xact_lock` key for migrations ("tokenpxy" in ASCII).
 const MIGRATION_LOCK: i64 = 0x746f_6b65_6e70_7879;
 const MAX_IDLE: usize = 4;
+/// Connections in use at once: with many credentials a start-up or a poll
+/// round must queue for a few connections, not open one each (the server
+/// refuses clients past its `max_connections`).
+const MAX_IN_USE: usize = 8;
+/// How old the shared view of every row's version may be for a change
+/// poll: one query per this, whatever the number of credentials.
+const VERSIONS_FRESH: Duration = Duration::from_secs(1);
 
 /// Versioned migrations; index + 1 is the schema version.
 const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS tokenproxy_credentials (
@@ -77,9 +84,29 @@ struct Inner {
     keys: Option<Keyring>,
     /// Idle connections. A sync mutex: never held across an await.
     idle: Mutex<Vec<Client>>,
+    /// A permit per connection in use (`MAX_IN_USE`); never held across
+    /// anything but one statement's round trip, so waiting is short.
+    in_use: Arc<tokio::sync::Semaphore>,
     /// One counter per credential, bumped on every NOTIFY for it.
     watchers: Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// Every row's version (`xmin`, new with each committed change) and
+    /// when it was queried. An async mutex, held across the query, so the
+    /// polls of a round wait for one query instead of sending their own.
+    versions: tokio::sync::Mutex<Option<(Instant, Versions)>>,
+    /// Per credential, the record a poll last read in full, with the row
+    /// version and the NOTIFY counter it was read at. A sync mutex, never
+    /// held across an await.
+    polled: Mutex<HashMap<String, Polled>>,
     stop: CancellationToken,
+}
+
+/// Row version by credential name.
+type Versions = Arc<HashMap<String, String>>;
+
+struct Polled {
+    version: Option<String>,
+    notified: u64,
+    record: Option<Record>,
 }
 
 impl Drop for Inner {
@@ -131,7 +158,10 @@ impl PgStore {
                 tls,
                 keys,
                 idle: Mutex::new(Vec::new()),
+                in_use: Arc::new(tokio::sync::Semaphore::new(MAX_IN_USE)),
                 watchers: Mutex::new(HashMap::new()),
+                versions: tokio::sync::Mutex::new(None),
+                polled: Mutex::new(HashMap::new()),
                 stop: CancellationToken::new(),
             }),
         };
@@ -166,6 +196,10 @@ impl PgStore {
 
     /// A pooled connection; returned to the pool when dropped while open.
     async fn client(&self) -> Result<Pooled, StoreError> {
+        let permit = tokio::time::timeout(OP_TIMEOUT, self.inner.in_use.clone().acquire_owned())
+            .await
+            .map_err(|_| StoreError::DbTimeout)?
+            .expect("never closed");
         let reused = {
             let mut idle = self.inner.idle.lock();
             idle.retain(|c| !c.is_closed());
@@ -179,6 +213,7 @@ impl PgStore {
             client: Some(client),
             inner: Arc::downgrade(&self.inner),
             broken: Default::default(),
+            _permit: permit,
         })
     }
 
@@ -301,18 +336,84 @@ impl PgStore {
     }
 
     pub async fn read(&self, name: &str) -> Result<Option<Record>, StoreError> {
+        Ok(self.read_versioned(name).await?.0)
+    }
+
+    /// As [`PgStore::read`] when the row changed since this credential's
+    /// last poll (by the row versions of one query for every row, at most
+    /// `VERSIONS_FRESH` old, and by NOTIFY), else the record that poll read.
+    pub async fn poll(&self, name: &str) -> Result<Option<Record>, StoreError> {
+        let notified = self.notified(name);
+        let version = self.versions().await?.get(name).cloned();
+        if let Some(p) = self.inner.polled.lock().get(name) {
+            if p.version == version && p.notified == notified {
+                return Ok(p.record.clone());
+            }
+        }
+        let (record, version) = self.read_versioned(name).await?;
+        self.inner.polled.lock().insert(
+            name.to_owned(),
+            Polled {
+                version,
+                notified,
+                record: record.clone(),
+            },
+        );
+        Ok(record)
+    }
+
+    /// NOTIFYs seen for `name` so far (0 without a watcher).
+    fn notified(&self, name: &str) -> u64 {
+        self.inner
+            .watchers
+            .lock()
+            .get(name)
+            .map_or(0, |tx| *tx.borrow())
+    }
+
+    /// Every row's version, queried at most once per `VERSIONS_FRESH`.
+    async fn versions(&self) -> Result<Versions, StoreError> {
+        let mut v = self.inner.versions.lock().await;
+        if let Some((at, map)) = &*v {
+            if at.elapsed() < VERSIONS_FRESH {
+                return Ok(map.clone());
+            }
+        }
+        let at = Instant::now();
+        let c = self.client().await?;
+        let rows = c
+            .timed(c.query("SELECT name, xmin::text FROM tokenproxy_credentials", &[]))
+            .await?;
+        let map: Versions = Arc::new(rows.iter().map(|r| (r.get(0), r.get(1))).collect());
+        *v = Some((at, map.clone()));
+        Ok(map)
+    }
+
+    /// The record (`None` without one) and the row's version (`None`
+    /// without a row).
+    async fn read_versioned(
+        &self,
+        name: &str,
+    ) -> Result<(Option<Record>, Option<String>), StoreError> {
         let c = self.client().await?;
         let row = c
             .timed(c.query_opt(
                 "SELECT token_url, client_id, family, generation, refresh_token, access_token,
                     access_expires_at_ms, access_issued_at_ms, refresh_expires_at_ms,
                     seeds_seen, dead, lease_intent,
-                    (extract(epoch FROM updated_at) * 1000)::bigint
-             FROM tokenproxy_credentials WHERE name = $1 AND family IS NOT NULL",
+                    (extract(epoch FROM updated_at) * 1000)::bigint, xmin::text
+             FROM tokenproxy_credentials WHERE name = $1",
                 &[&name],
             ))
             .await?;
-        let Some(row) = row else { return Ok(None) };
+        let Some(row) = row else {
+            return Ok((None, None));
+        };
+        let version: Option<String> = row.get(13);
+        if row.get::<_, Option<String>>(2).is_none() {
+            // A lease claimed before any record was written.
+            return Ok((None, version));
+        }
         let corrupt = |what: &str| StoreError::Column {
             name: name.to_owned(),
             message: what.to_owned(),
@@ -325,7 +426,7 @@ impl PgStore {
         };
         let dead: Option<String> = row.get(10);
         let intent: Option<String> = row.get(11);
-        Ok(Some(Record {
+        let record = Record {
             token_url: row.get::<_, Option<String>>(0).unwrap_or_default(),
             client_id: row.get::<_, Option<String>>(1).unwrap_or_default(),
             family: row.get(2),
@@ -345,7 +446,8 @@ impl PgStore {
                 .transpose()
                 .map_err(|_| corrupt("lease_intent is not valid JSON"))?,
             updated_at_ms: row.get::<_, Option<i64>>(12).unwrap_or(0) as u64,
-        }))
+        };
+        Ok((Some(record), version))
     }
 
     /// Replaces the record only if the row still holds `prev` (the identity
@@ -629,6 +731,8 @@ struct Pooled {
     /// A statement timed out: the connection may be hung (a partition sends
     /// no FIN), so it is not returned to the pool.
     broken: std::sync::atomic::AtomicBool,
+    /// Released after the connection went back to the pool.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Pooled {

@@ -10,6 +10,12 @@
 //!
 //! With `store.encryption_key` the file holds the credentials sealed as one
 //! value (see `seal`); `rekey` reseals everything under the current key.
+//!
+//! Every clone of a store shares one parsed snapshot of the file, checked
+//! against the file's stamp (inode, size, mtime, ctime) before use, and by
+//! content while a change could still hide behind an unchanged stamp: with
+//! many credentials, a change poll or a write costs a `stat`, not a parse
+//! and an unseal of every credential.
 
 use super::pg::{PgLease, PgStore};
 pub use super::record::{
@@ -24,7 +30,20 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::time::Instant;
+
+/// A change poll may answer from a snapshot confirmed this recently; reads
+/// (before a spend, under the credential's lock) always look at the file.
+const POLL_FRESH: Duration = Duration::from_millis(500);
+
+/// [`StoreFile`] unsealed, for writing without a copy of every record.
+#[derive(Serialize)]
+struct StoreFileRef<'a> {
+    version: u32,
+    credentials: &'a BTreeMap<String, Record>,
+}
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct StoreFile {
@@ -144,11 +163,28 @@ impl Store {
         match self {
             Store::File(f) => {
                 // Off the calling thread: it may also serve proxy traffic,
-                // and the read unseals the whole file.
+                // and a changed file is parsed and unsealed whole.
                 let (f, name) = (f.clone(), name.to_owned());
                 blocking(move || f.read(&name)).await
             }
             Store::Postgres(p) => p.read(name).await,
+        }
+    }
+
+    /// The credential's record for a periodic change check: possibly a
+    /// moment old (a file snapshot confirmed within `POLL_FRESH`; on
+    /// postgres, one query for every credential per poll round). Never the
+    /// read before a spend: that is [`Store::read`].
+    pub async fn poll(&self, name: &str) -> Result<Option<Record>, StoreError> {
+        match self {
+            Store::File(f) => {
+                if let Some(hit) = f.poll_cached(name, Instant::now()) {
+                    return Ok(hit);
+                }
+                let (f, name) = (f.clone(), name.to_owned());
+                blocking(move || f.poll_blocking(&name)).await
+            }
+            Store::Postgres(p) => p.poll(name).await,
         }
     }
 
@@ -227,11 +263,77 @@ impl Store {
     }
 }
 
-/// The file store. Cheap to clone.
+/// The file store. Cheap to clone; clones share the snapshot.
 #[derive(Clone)]
 pub struct FileStore {
     path: PathBuf,
     keys: Option<Keyring>,
+    snapshot: Arc<SnapshotCell>,
+}
+
+/// The last version of the file seen, and the gate that makes one loader
+/// at a time look at the file (the others then find its result). Both sync
+/// mutexes on the blocking pool: `loading` is held across a read of the
+/// file (never a write), `last` across no I/O, so a poll answered from
+/// memory never waits for a disk.
+#[derive(Default)]
+struct SnapshotCell {
+    last: parking_lot::Mutex<Option<Snapshot>>,
+    loading: parking_lot::Mutex<()>,
+}
+
+#[derive(Clone)]
+struct Snapshot {
+    /// `None`: no file.
+    stamp: Option<Stamp>,
+    credentials: Arc<BTreeMap<String, Record>>,
+    /// The file's bytes while a change could still leave `stamp` as it
+    /// was (see [`Stamp::settled`]); `None` once it cannot.
+    bytes: Option<Arc<[u8]>>,
+    /// When the file was last confirmed to hold `credentials`.
+    checked: Instant,
+}
+
+/// What tells one version of the file from another without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(m: &fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+
+    /// Whether every later change must show in the stamp. Timestamps come
+    /// from a coarse clock (a kernel tick; whole seconds on some file
+    /// systems), so a rewrite in the same tick can leave all of it as it
+    /// was; an inode number is reused once freed; mtime can be set back.
+    /// ctime cannot be set: once it is older than the moment the content was
+    /// confirmed (`seen`) by more than a tick, any change after that moment
+    /// gets a later one.
+    fn settled(&self, seen: SystemTime) -> bool {
+        let tick = if self.ctime.1 == 0 {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_millis(100)
+        };
+        let ctime = u64::try_from(self.ctime.0)
+            .ok()
+            .and_then(|s| UNIX_EPOCH.checked_add(Duration::new(s, self.ctime.1 as u32)));
+        ctime.is_some_and(|c| c + tick < seen)
+    }
 }
 
 impl std::fmt::Debug for FileStore {
@@ -300,8 +402,9 @@ impl FileStore {
         let store = FileStore {
             path: path.to_owned(),
             keys,
+            snapshot: Arc::default(),
         };
-        store.read_all()?;
+        store.load(None)?;
         Ok(store)
     }
 
@@ -343,30 +446,119 @@ impl FileStore {
             .map(|file| CredentialLock { file })
     }
 
-    /// The credential's record, if any.
+    /// The credential's record as the file holds it now.
     pub fn read(&self, name: &str) -> Result<Option<Record>, StoreError> {
-        Ok(self.read_all()?.credentials.remove(name))
+        Ok(self.load(None)?.get(name).cloned())
     }
 
-    fn read_all(&self) -> Result<StoreFile, StoreError> {
-        match fs::read(&self.path) {
-            Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => Ok(StoreFile::default()),
-            Ok(bytes) => {
-                let mut file: StoreFile =
-                    serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
-                        path: self.path.clone(),
-                        source,
-                    })?;
-                if let Some(sealed) = file.sealed.take() {
-                    file.credentials = self.unseal(&sealed)?;
+    /// From the snapshot when it was confirmed within `POLL_FRESH`, or is
+    /// being confirmed right now (the polls of a round then do not queue a
+    /// blocking task each behind that one).
+    fn poll_cached(&self, name: &str, now: Instant) -> Option<Option<Record>> {
+        let last = self.snapshot.last.lock();
+        let s = last.as_ref()?;
+        (now.saturating_duration_since(s.checked) <= POLL_FRESH
+            || self.snapshot.loading.is_locked())
+        .then(|| s.credentials.get(name).cloned())
+    }
+
+    fn poll_blocking(&self, name: &str) -> Result<Option<Record>, StoreError> {
+        Ok(self.load(Some(POLL_FRESH))?.get(name).cloned())
+    }
+
+    /// Every credential as the file holds them: the snapshot when a
+    /// confirmation within `max_age` will do or the file is unchanged, else
+    /// a read and a parse (one for every caller waiting meanwhile).
+    fn load(&self, max_age: Option<Duration>) -> Result<Arc<BTreeMap<String, Record>>, StoreError> {
+        let _one = self.snapshot.loading.lock();
+        let now = Instant::now();
+        if let Some(age) = max_age {
+            if let Some(s) = &*self.snapshot.last.lock() {
+                if now.saturating_duration_since(s.checked) <= age {
+                    return Ok(s.credentials.clone());
                 }
-                Ok(file)
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(StoreFile::default()),
-            Err(source) => Err(StoreError::Read {
+        }
+        let read_err = |source| StoreError::Read {
+            path: self.path.clone(),
+            source,
+        };
+        // Taken before the file is looked at: whatever it then holds was
+        // there at this moment or later.
+        let seen = SystemTime::now();
+        let mut file = match File::open(&self.path) {
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(read_err(e)),
+        };
+        // From the open file, so stamp and bytes are of one inode.
+        let stamp = match &file {
+            Some(f) => Some(Stamp::of(&f.metadata().map_err(read_err)?)),
+            None => None,
+        };
+        let settled = stamp.is_none_or(|s| s.settled(seen));
+        let last = self.snapshot.last.lock().clone();
+        let same = last.filter(|s| s.stamp == stamp);
+        if let Some(s) = &same {
+            if s.bytes.is_none() {
+                return Ok(self.confirm(s, None, now));
+            }
+        }
+        let mut bytes = Vec::new();
+        if let Some(f) = &mut file {
+            io::Read::read_to_end(f, &mut bytes).map_err(read_err)?;
+        }
+        if let Some(s) = same.filter(|s| s.bytes.as_deref() == Some(&bytes[..])) {
+            let keep = (!settled).then_some(s.bytes.clone()).flatten();
+            return Ok(self.confirm(&s, Some(keep), now));
+        }
+        let credentials = match self.parse(&bytes) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                // Never answer from an older version of an unreadable file.
+                *self.snapshot.last.lock() = None;
+                return Err(e);
+            }
+        };
+        *self.snapshot.last.lock() = Some(Snapshot {
+            stamp,
+            credentials: credentials.clone(),
+            bytes: (!settled).then(|| bytes.into()),
+            checked: now,
+        });
+        Ok(credentials)
+    }
+
+    /// Notes that the file still holds `s` (and, when `bytes` is given,
+    /// whether a same-stamp change is still possible).
+    fn confirm(
+        &self,
+        s: &Snapshot,
+        bytes: Option<Option<Arc<[u8]>>>,
+        now: Instant,
+    ) -> Arc<BTreeMap<String, Record>> {
+        let mut last = self.snapshot.last.lock();
+        if let Some(l) = last.as_mut().filter(|l| l.stamp == s.stamp) {
+            l.checked = now;
+            if let Some(b) = bytes {
+                l.bytes = b;
+            }
+        }
+        s.credentials.clone()
+    }
+
+    fn parse(&self, bytes: &[u8]) -> Result<BTreeMap<String, Record>, StoreError> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(BTreeMap::new());
+        }
+        let file: StoreFile =
+            serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
                 path: self.path.clone(),
                 source,
-            }),
+            })?;
+        match &file.sealed {
+            Some(sealed) => self.unseal(sealed),
+            None => Ok(file.credentials),
         }
     }
 
@@ -387,16 +579,17 @@ impl FileStore {
         fenced: bool,
     ) -> Result<(), StoreError> {
         let _guard = lock_file(&self.write_lock_path())?;
-        let mut all = self.read_all()?;
-        if fenced && all.credentials.get(name).map(Record::identity) != prev {
+        let current = self.load(None)?;
+        if fenced && current.get(name).map(Record::identity) != prev {
             return Err(StoreError::Fenced {
                 name: name.to_owned(),
             });
         }
         let mut record = record.clone();
         record.updated_at_ms = unix_ms(SystemTime::now());
-        all.credentials.insert(name.to_owned(), record);
-        self.write_all(all)
+        let mut credentials = Arc::unwrap_or_clone(current);
+        credentials.insert(name.to_owned(), record);
+        self.write_all(credentials)
     }
 
     /// Rewrites the whole file under the current key, under the same lock
@@ -413,8 +606,8 @@ impl FileStore {
             .as_ref()
             .and_then(|f| f.sealed.as_deref())
             .is_some_and(|s| keys.is_current(s));
-        let all = self.read_all()?;
-        let names: Vec<String> = all.credentials.keys().cloned().collect();
+        let all = Arc::unwrap_or_clone(self.load(None)?);
+        let names: Vec<String> = all.keys().cloned().collect();
         let mut done = Rekeyed {
             key_id: keys.current_id().to_owned(),
             ..Rekeyed::default()
@@ -429,21 +622,44 @@ impl FileStore {
         Ok(done)
     }
 
-    /// Durably replaces the file with `all`, sealed when there is a key.
-    /// Call with the write lock held.
-    fn write_all(&self, mut all: StoreFile) -> Result<(), StoreError> {
-        all.version = 1;
+    /// Durably replaces the file with `credentials`, sealed when there is a
+    /// key, and makes them the snapshot. Call with the write lock held.
+    fn write_all(&self, credentials: BTreeMap<String, Record>) -> Result<(), StoreError> {
         let to_io = |e: serde_json::Error| StoreError::Write {
             path: self.path.clone(),
             source: io::Error::other(e),
         };
-        if let Some(keys) = &self.keys {
-            let plain = serde_json::to_vec(&all.credentials).map_err(to_io)?;
-            all.credentials.clear();
-            all.sealed = Some(keys.seal(&plain));
+        let bytes = match &self.keys {
+            Some(keys) => {
+                let plain = serde_json::to_vec(&credentials).map_err(to_io)?;
+                serde_json::to_vec_pretty(&StoreFile {
+                    version: 1,
+                    credentials: BTreeMap::new(),
+                    sealed: Some(keys.seal(&plain)),
+                })
+            }
+            None => serde_json::to_vec_pretty(&StoreFileRef {
+                version: 1,
+                credentials: &credentials,
+            }),
         }
-        let bytes = serde_json::to_vec_pretty(&all).map_err(to_io)?;
-        write_atomic(&self.path, &bytes).map_err(|source| StoreError::Write {
+        .map_err(to_io)?;
+        let now = Instant::now();
+        let written = write_atomic(&self.path, &bytes);
+        // Not across the write: readers wait for a disk only when they must
+        // read the file themselves.
+        let _one = self.snapshot.loading.lock();
+        *self.snapshot.last.lock() = match &written {
+            // Just written, so never settled: the next load compares bytes.
+            Ok(meta) => Some(Snapshot {
+                stamp: Some(Stamp::of(meta)),
+                credentials: Arc::new(credentials),
+                bytes: Some(bytes.into()),
+                checked: now,
+            }),
+            Err(_) => None,
+        };
+        written.map(drop).map_err(|source| StoreError::Write {
             path: self.path.clone(),
             source,
         })
@@ -494,8 +710,9 @@ fn lock_file(path: &Path) -> Result<File, StoreError> {
 }
 
 /// Temp file in the same directory, fsync, rename over, fsync the directory:
-/// a crash leaves either the old or the new file, never a torn one.
-fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// a crash leaves either the old or the new file, never a torn one. Returns
+/// the new file's metadata as of after the rename (which changes its ctime).
+fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<fs::Metadata> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),
@@ -518,7 +735,8 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
-        File::open(&dir)?.sync_all()
+        File::open(&dir)?.sync_all()?;
+        f.metadata()
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -701,6 +919,113 @@ mod tests {
         store.write("b", &record("f2", 1)).unwrap();
         assert!(fs::read_to_string(&path).unwrap().contains("\"tpv3:"));
         assert_eq!(store.read("a").unwrap().unwrap().generation, 5);
+    }
+
+    /// Rewrites the store file in place (same inode, same size) with the
+    /// generation of `name` bumped from `from` to `from + 1`, and sets the
+    /// mtime back: a change only ctime or the content can tell.
+    fn rewrite_in_place_keeping_size_and_mtime(path: &Path, from: u64) {
+        let text = fs::read_to_string(path).unwrap();
+        let (old, new) = (
+            format!("\"generation\": {from},"),
+            format!("\"generation\": {},", from + 1),
+        );
+        assert_eq!(old.len(), new.len());
+        assert!(text.contains(&old), "{text}");
+        let mtime = fs::metadata(path).unwrap().modified().unwrap();
+        let mut f = OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all(text.replacen(&old, &new, 1).as_bytes())
+            .unwrap();
+        f.set_times(fs::FileTimes::new().set_modified(mtime))
+            .unwrap();
+        drop(f);
+        let after = fs::metadata(path).unwrap();
+        assert_eq!(after.modified().unwrap(), mtime);
+        assert_eq!(after.len(), text.len() as u64);
+    }
+
+    #[test]
+    fn a_rewrite_keeping_inode_size_and_mtime_is_seen_by_reads_and_polls() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let store = FileStore::open(&path).unwrap();
+        store.write("a", &record("f1", 1)).unwrap();
+        store.write("b", &record("f2", 5)).unwrap();
+        assert_eq!(store.read("a").unwrap().unwrap().generation, 1);
+        rewrite_in_place_keeping_size_and_mtime(&path, 1);
+        // A poll may answer from a snapshot confirmed a moment ago ...
+        let later = Instant::now() + POLL_FRESH + Duration::from_millis(1);
+        assert_eq!(store.poll_cached("a", later), None, "stale by then");
+        // ... but once that moment has passed it looks at the file.
+        store.snapshot.last.lock().as_mut().unwrap().checked -= POLL_FRESH * 2;
+        assert_eq!(store.poll_blocking("a").unwrap().unwrap().generation, 2);
+        // A read (before a spend) always looks.
+        rewrite_in_place_keeping_size_and_mtime(&path, 2);
+        assert_eq!(store.read("a").unwrap().unwrap().generation, 3);
+        assert_eq!(store.read("b").unwrap().unwrap().generation, 5);
+    }
+
+    #[test]
+    fn a_change_behind_an_unchanged_stamp_is_found_by_content_until_the_stamp_settles() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let store = FileStore::open(&path).unwrap();
+        store.write("a", &record("f1", 1)).unwrap();
+        assert_eq!(store.read("a").unwrap().unwrap().generation, 1);
+        rewrite_in_place_keeping_size_and_mtime(&path, 1);
+        // As if the rewrite had landed within the same clock tick: even
+        // its ctime is the one the snapshot holds.
+        let now = Stamp::of(&fs::metadata(&path).unwrap());
+        store.snapshot.last.lock().as_mut().unwrap().stamp = Some(now);
+        assert_eq!(store.read("a").unwrap().unwrap().generation, 2);
+    }
+
+    #[test]
+    fn a_stamp_settles_once_its_ctime_is_a_tick_older_than_the_read() {
+        let stamp = |secs: i64, nanos: i64| Stamp {
+            dev: 1,
+            ino: 2,
+            len: 3,
+            mtime: (secs, nanos),
+            ctime: (secs, nanos),
+        };
+        let at = |secs: u64, millis: u64| UNIX_EPOCH + Duration::from_millis(secs * 1000 + millis);
+        assert!(stamp(100, 500_000_000).settled(at(100, 700)));
+        assert!(!stamp(100, 500_000_000).settled(at(100, 550)));
+        // Whole seconds: perhaps a file system that keeps no more.
+        assert!(!stamp(100, 0).settled(at(101, 500)));
+        assert!(stamp(100, 0).settled(at(102, 500)));
+        // A clock set back: never settled.
+        assert!(!stamp(100, 500_000_000).settled(at(90, 0)));
+    }
+
+    #[test]
+    fn another_writers_replacement_is_seen_and_an_unchanged_file_is_not_parsed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let mine = FileStore::open(&path).unwrap();
+        // Another process: its own snapshot.
+        let other = FileStore::open(&path).unwrap();
+        mine.write("a", &record("f1", 1)).unwrap();
+        other.write("a", &record("f1", 2)).unwrap();
+        assert_eq!(mine.read("a").unwrap().unwrap().generation, 2);
+        other.write("b", &record("f2", 1)).unwrap();
+        mine.snapshot.last.lock().as_mut().unwrap().checked -= POLL_FRESH * 2;
+        assert_eq!(mine.poll_blocking("b").unwrap().unwrap().family, "f2");
+        // Unchanged since: the same parsed map answers.
+        let before = mine.load(None).unwrap();
+        assert!(Arc::ptr_eq(&before, &mine.load(None).unwrap()));
+    }
+
+    #[test]
+    fn an_unreadable_file_is_an_error_not_the_last_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let store = FileStore::open(&path).unwrap();
+        store.write("a", &record("f1", 1)).unwrap();
+        fs::write(&path, b"{ not json").unwrap();
+        assert!(matches!(store.read("a"), Err(StoreError::Corrupt { .. })));
+        store.write("a", &record("f1", 2)).unwrap_err();
     }
 
     #[tokio::test]

@@ -193,7 +193,7 @@ pub fn idle_connections(port: u16, path: &str, n: usize) -> (Vec<TcpStream>, usi
 }
 
 /// Reads one response with a `Content-Length` body; its status.
-fn read_response(s: &mut TcpStream) -> Option<u16> {
+pub fn read_response(s: &mut TcpStream) -> Option<u16> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {

@@ -9,7 +9,8 @@
 //! `cargo bench --bench proxy` (installs nginx, haproxy, wrk and h2load with
 //! apt when missing). `BENCH_REPS`, `BENCH_SECONDS` change the defaults (3 × 5 s);
 //! `BENCH_SCENARIOS=small64,fixed1k,…` picks a subset (default: all, see
-//! [`scenarios::ALL`]).
+//! [`scenarios::ALL`]). `BENCH_TOKENPROXY=<path>` runs another tokenproxy
+//! binary (a baseline build) under the same harness.
 //! Pinning as on a 2-core machine: the load generator on CPU 0; upstream and
 //! the proxy under test on CPU 1; tokenproxy with one worker thread against
 //! one nginx worker and haproxy `nbthread 1` (except `default2`, which pins
@@ -18,6 +19,7 @@
 mod common;
 mod load;
 mod report;
+mod scale;
 mod scenarios;
 mod servers;
 mod upstream;
@@ -49,10 +51,13 @@ fn main() {
             std::process::exit(2);
         }
     }
-    need("nginx", "nginx-light");
-    need("haproxy", "haproxy");
-    need("wrk", "wrk");
-    need("h2load", "nghttp2-client");
+    // `scale` drives its own requests: no load generator, no other proxy.
+    if selected.iter().any(|s| s != "scale") {
+        need("nginx", "nginx-light");
+        need("haproxy", "haproxy");
+        need("wrk", "wrk");
+        need("h2load", "nghttp2-client");
+    }
     let reps: usize = env_or("BENCH_REPS", 3usize).max(1);
     let seconds: u64 = env_or("BENCH_SECONDS", 5u64).max(1);
     let dir = tempfile::tempdir().unwrap();
@@ -219,5 +224,53 @@ fn targets(f: &Findings) -> String {
                 )
             }),
     );
-    format!("\n### targets (issue 8)\n\n{}\n", lines.join("\n"))
+    scale_targets(&f.scale, &mut push);
+    format!(
+        "\n### targets (issue 8, issue 18)\n\n{}\n",
+        lines.join("\n")
+    )
+}
+
+/// Issue 18, target 4: at N = 1,000 against N = 1, per store.
+fn scale_targets(s: &scale::ScaleFindings, push: &mut impl FnMut(String, Option<(bool, String)>)) {
+    for store in ["file", "postgres"] {
+        let at = |n, f| s.median(store, n, f);
+        push(
+            format!("{store}: idle CPU with 1,000 fresh credentials < 1 % of a core"),
+            at(1000, |r| r.idle_pct).map(|v| (v < 1.0, format!("{v:.2} %"))),
+        );
+        let flat = |what: &str, f: fn(&scale::Run) -> f64, unit: &str| {
+            (
+                format!("{store}: {what} at N = 1,000 ≤ 1.2× N = 1"),
+                at(1000, f).zip(at(1, f)).map(|(big, one)| {
+                    (
+                        big <= 1.2 * one,
+                        format!("{:.2}× ({} vs {} {unit})", big / one, num(big), num(one)),
+                    )
+                }),
+            )
+        };
+        for (what, f, unit) in [
+            (
+                "CPU per refresh",
+                (|r: &scale::Run| r.refresh_cpu_us) as fn(&_) -> f64,
+                "µs",
+            ),
+            ("bytes written per refresh", |r| r.refresh_wchar, "B"),
+            (
+                "CPU per request on the last route",
+                |r| r.route_cpu_us,
+                "µs",
+            ),
+        ] {
+            let (w, v) = flat(what, f, unit);
+            push(w, v);
+        }
+        if let Some((one, big)) = at(1, |r| r.rss_kib).zip(at(1000, |r| r.rss_kib)) {
+            push(
+                format!("{store}: memory per credential (reported)"),
+                Some((true, format!("{:.1} KiB", (big - one) / 999.0))),
+            );
+        }
+    }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use tokenproxy::dev::{DevIdp, IdpOptions};
 
 /// Every scenario, in run order: (name, what it measures).
-pub const ALL: [(&str, &str); 10] = [
+pub const ALL: [(&str, &str); 11] = [
     ("small64", "2 B bodies, 64 connections, wrk closed loop"),
     ("body16k", "16 KiB bodies, 64 connections, wrk closed loop"),
     ("small1", "2 B bodies, 1 connection, wrk closed loop"),
@@ -46,6 +46,10 @@ pub const ALL: [(&str, &str); 10] = [
         "default2",
         "default runtime (2 worker threads) vs nginx 2 workers and haproxy 2 threads, nothing pinned, 2 B, 64 connections",
     ),
+    (
+        "scale",
+        "N refresh_token credentials and N routes (file store, postgres when installed): idle CPU, CPU and bytes per refresh, route lookup, RSS per credential",
+    ),
 ];
 
 /// Where the bench runs: shared by every scenario.
@@ -68,6 +72,7 @@ pub struct Findings {
     pub refresh: Option<(f64, f64)>,
     /// Median KiB per idle connection: (tokenproxy, nginx).
     pub idle: Option<(f64, f64)>,
+    pub scale: crate::scale::ScaleFindings,
 }
 
 #[derive(Clone)]
@@ -291,6 +296,7 @@ impl Ctx {
             }),
             "refresh" => return self.refresh(findings),
             "idle1000" => return self.idle1000(findings),
+            "scale" => return crate::scale::scale(self, &mut findings.scale),
             other => panic!("unknown scenario {other}"),
         };
         let out = table.render(reps);

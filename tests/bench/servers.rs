@@ -129,15 +129,18 @@ pub fn start_tokenproxy(dir: &Path, o: TpOpts<'_>) -> Proxy {
     if let Some(ca) = &o.ca_file {
         let _ = writeln!(cfg, "ca_file = \"{}\"", ca.display());
     }
+    launch_tokenproxy(dir, port, &cfg, o.cpus)
+}
+
+/// Runs `tokenproxy run` on `cfg` (which listens on `port`) and waits for
+/// the port.
+pub fn launch_tokenproxy(dir: &Path, port: u16, cfg: &str, cpus: Option<&str>) -> Proxy {
     let path = dir.join(format!("tp-{port}.toml"));
     std::fs::write(&path, cfg).unwrap();
     let log = dir.join(format!("tp-{port}.log"));
-    let child = spawn(
-        o.cpus,
-        env!("CARGO_BIN_EXE_tokenproxy"),
-        &["run", "-c", path.to_str().unwrap()],
-        &log,
-    );
+    let exe = std::env::var("BENCH_TOKENPROXY")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_tokenproxy").to_owned());
+    let child = spawn(cpus, &exe, &["run", "-c", path.to_str().unwrap()], &log);
     let proxy = Proxy {
         child,
         port,

@@ -11,7 +11,7 @@ impl Slot {
         let SlotKind::Refresh { store, .. } = &self.kind else {
             return;
         };
-        let disk = match self.read_record(store).await {
+        let disk = match self.poll_record(store).await {
             Ok(d) => {
                 let mut c = self.control.lock();
                 if std::mem::take(&mut c.store_down) {
@@ -50,6 +50,17 @@ impl Slot {
                 c.consecutive_failures = 0;
             }
         }
+    }
+
+    /// As `read_record`, but from [`Store::poll`]: possibly a moment old,
+    /// which a change check can afford and a spend cannot.
+    async fn poll_record(&self, store: &Store) -> Result<Option<Record>, Failure> {
+        let rec = store
+            .poll(&self.name)
+            .await
+            .map_err(|e| self.store_failure(&e))?;
+        let url = self.token_url.to_string();
+        Ok(rec.filter(|r| r.matches(&url, &self.cfg.client_id)))
     }
 
     /// Retries a failed store write; true once durable.

@@ -165,7 +165,7 @@ impl Store {
                 // Off the calling thread: it may also serve proxy traffic,
                 // and a changed file is parsed and unsealed whole.
                 let (f, name) = (f.clone(), name.to_owned());
-                blocking(move || f.read(&name)).await
+                f.clone().blocking(move || f.read(&name)).await
             }
             Store::Postgres(p) => p.read(name).await,
         }
@@ -182,7 +182,7 @@ impl Store {
                     return Ok(hit);
                 }
                 let (f, name) = (f.clone(), name.to_owned());
-                blocking(move || f.poll_blocking(&name)).await
+                f.clone().blocking(move || f.poll_blocking(&name)).await
             }
             Store::Postgres(p) => p.poll(name).await,
         }
@@ -202,15 +202,16 @@ impl Store {
                 // held by another process, and the write fsyncs.
                 let (f, name, rec) = (f.clone(), name.to_owned(), rec.clone());
                 let prev = prev.map(|(fam, g)| (fam.to_owned(), g));
-                blocking(move || {
-                    f.write_fenced(
-                        &name,
-                        &rec,
-                        prev.as_ref().map(|(fam, g)| (fam.as_str(), *g)),
-                        true,
-                    )
-                })
-                .await
+                f.clone()
+                    .blocking(move || {
+                        f.write_fenced(
+                            &name,
+                            &rec,
+                            prev.as_ref().map(|(fam, g)| (fam.as_str(), *g)),
+                            true,
+                        )
+                    })
+                    .await
             }
             Store::Postgres(p) => p.write(name, rec, prev).await,
         }
@@ -269,7 +270,14 @@ pub struct FileStore {
     path: PathBuf,
     keys: Option<Keyring>,
     snapshot: Arc<SnapshotCell>,
+    /// Bounds the store's reads and writes on the blocking pool: a thousand
+    /// credentials starting at once would otherwise each hold a copy of the
+    /// whole file on a thread of their own.
+    io_gate: Arc<tokio::sync::Semaphore>,
 }
+
+/// Reads and writes of one file store in flight at once.
+const IO_PERMITS: usize = 4;
 
 /// The last version of the file seen, and the gate that makes one loader
 /// at a time look at the file (the others then find its result). Both sync
@@ -403,6 +411,7 @@ impl FileStore {
             path: path.to_owned(),
             keys,
             snapshot: Arc::default(),
+            io_gate: Arc::new(tokio::sync::Semaphore::new(IO_PERMITS)),
         };
         store.load(None)?;
         Ok(store)
@@ -678,16 +687,28 @@ impl FileStore {
     }
 }
 
-/// Runs blocking store I/O on tokio's blocking pool.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| StoreError::Write {
-            path: PathBuf::new(),
-            source: io::Error::other(e),
-        })?
+impl FileStore {
+    /// Runs blocking store I/O on tokio's blocking pool, at most
+    /// [`IO_PERMITS`] at a time. Nothing waiting for a permit holds a lock.
+    async fn blocking<T: Send + 'static>(
+        self,
+        work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let _permit = self
+            .io_gate
+            .acquire_owned()
+            .await
+            .map_err(|e| StoreError::Write {
+                path: self.path.clone(),
+                source: io::Error::other(e),
+            })?;
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| StoreError::Write {
+                path: self.path.clone(),
+                source: io::Error::other(e),
+            })?
+    }
 }
 
 fn lock_file(path: &Path) -> Result<File, StoreError> {

@@ -166,23 +166,33 @@ async fn a_gateway_502_before_the_idp_is_retried_after_introspection() {
             );
             let app = start_app(&stack, &stack.idp.token_url(), &extra).await;
             stack.wait_generation(1, S(10)).await;
+            let admin = app.admin_addr.unwrap();
+            // The counter, not last_error: a later introspection may replace
+            // the error the status shows. The registry is process-wide, and
+            // other tests' credentials are also named "user": count the rise.
+            let gateway_5xx = || async {
+                let metrics = get_ok(&client(), &format!("http://{admin}/metrics"))
+                    .await
+                    .text();
+                metrics
+                    .lines()
+                    .find_map(|l| {
+                        l.strip_prefix(
+                            "tokenproxy_token_endpoint_failures_total{credential=\"user\",class=\"gateway_5xx\"} ",
+                        )
+                    })
+                    .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
+            };
+            let before = gateway_5xx().await;
             stack.idp.push_fault(Fault::Status {
                 status: 502,
                 body: "<html>bad gateway</html>".into(),
                 content_type: "text/html",
                 headers: vec![],
             });
-            let admin = app.admin_addr.unwrap();
             let _ = post_admin(&client(), admin, &format!("/credentials/{CRED}/refresh")).await;
-            // The counter, not last_error: a later introspection may replace
-            // the error the status shows, and under load the poll can miss it.
             wait_for("the 502", S(10), || async {
-                let metrics = get_ok(&client(), &format!("http://{admin}/metrics"))
-                    .await
-                    .text();
-                metrics
-                    .contains("tokenproxy_token_endpoint_failures_total{credential=\"user\",class=\"gateway_5xx\"} 1")
-                    .then_some(())
+                (gateway_5xx().await > before).then_some(())
             })
             .await;
             let st = status(&app).await;

@@ -535,18 +535,8 @@ pub(crate) async fn via_admin(admin: &AdminClient, name: &str, force: bool) -> u
     let deadline = Instant::now() + prompt.expires_in + Duration::from_secs(5);
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        match crate::login::admin_family(admin, name).await {
-            Ok(Some(f)) if Some(&f) != before.as_ref() => {
-                println!(
-                    "Logged in: credential {name} now has a new token family {f} (generation 0)."
-                );
-                return 0;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                eprintln!("tokenproxy login: {e}");
-                return EXIT_FAILURE;
-            }
+        if let Some(code) = crate::login::landed(admin, name, before.as_deref()).await {
+            return code;
         }
         if let Ok((_, body)) = admin.get(&format!("/credentials/{encoded}")).await {
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();

@@ -1413,6 +1413,22 @@ pub(crate) struct CliArgs {
 }
 
 /// The admin API's view of `name`'s token family (None: no family yet).
+/// Whether the running proxy now holds a family other than `before`:
+/// the exit code once it does (or once the admin API fails), else `None`.
+pub(crate) async fn landed(admin: &AdminClient, name: &str, before: Option<&str>) -> Option<u8> {
+    match admin_family(admin, name).await {
+        Ok(Some(f)) if Some(f.as_str()) != before => {
+            println!("Logged in: credential {name} now has a new token family {f} (generation 0).");
+            Some(0)
+        }
+        Ok(_) => None,
+        Err(e) => {
+            eprintln!("tokenproxy login: {e}");
+            Some(EXIT_FAILURE)
+        }
+    }
+}
+
 pub(crate) async fn admin_family(
     admin: &AdminClient,
     name: &str,
@@ -1563,18 +1579,8 @@ async fn via_admin(config: &Config, admin: &AdminClient, args: &CliArgs) -> u8 {
     let deadline = Instant::now() + STATE_TTL;
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        match admin_family(admin, name).await {
-            Ok(Some(f)) if Some(&f) != before.as_ref() => {
-                println!(
-                    "Logged in: credential {name} now has a new token family {f} (generation 0)."
-                );
-                return 0;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                eprintln!("tokenproxy login: {e}");
-                return EXIT_FAILURE;
-            }
+        if let Some(code) = landed(admin, name, before.as_deref()).await {
+            return code;
         }
     }
     eprintln!("tokenproxy login: no login finished within 10 minutes; the result page in the browser says why");

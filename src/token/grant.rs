@@ -113,8 +113,18 @@ pub fn build_token_request(
     for (k, v) in &cred.extra_params {
         form.append_pair(k, v);
     }
+    form_post(cred, token_url, form)
+}
+
+/// The form POST to an endpoint of the authorization server, with the
+/// credential's client authentication.
+fn form_post(
+    cred: &CredentialConfig,
+    url: &Uri,
+    mut form: form_urlencoded::Serializer<'_, String>,
+) -> Result<PreparedRequest, GrantError> {
     let mut headers = HeaderMap::new();
-    apply_client_auth(cred, token_url, &mut form, &mut headers)?;
+    apply_client_auth(cred, url, &mut form, &mut headers)?;
     headers.insert(
         CONTENT_TYPE,
         HeaderValue::from_static("application/x-www-form-urlencoded"),
@@ -125,7 +135,7 @@ pub fn build_token_request(
         HeaderValue::from_static(USER_AGENT),
     );
     Ok(PreparedRequest {
-        uri: token_url.clone(),
+        uri: url.clone(),
         headers,
         body: Secret::new(form.finish()),
     })
@@ -147,22 +157,7 @@ pub fn build_device_authorization_request(
     if let Some(r) = &cred.resource {
         form.append_pair("resource", r);
     }
-    let mut headers = HeaderMap::new();
-    apply_client_auth(cred, url, &mut form, &mut headers)?;
-    headers.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/x-www-form-urlencoded"),
-    );
-    headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
-    headers.insert(
-        http::header::USER_AGENT,
-        HeaderValue::from_static(USER_AGENT),
-    );
-    Ok(PreparedRequest {
-        uri: url.clone(),
-        headers,
-        body: Secret::new(form.finish()),
-    })
+    form_post(cred, url, form)
 }
 
 /// A device authorization response (RFC 8628 §3.2). Only `device_code` is
@@ -251,18 +246,7 @@ pub fn build_introspection_request(
     let mut form = form_urlencoded::Serializer::new(String::new());
     form.append_pair("token", token.expose());
     form.append_pair("token_type_hint", "refresh_token");
-    let mut headers = HeaderMap::new();
-    apply_client_auth(cred, url, &mut form, &mut headers)?;
-    headers.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/x-www-form-urlencoded"),
-    );
-    headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
-    Ok(PreparedRequest {
-        uri: url.clone(),
-        headers,
-        body: Secret::new(form.finish()),
-    })
+    form_post(cred, url, form)
 }
 
 fn apply_client_auth(

@@ -152,8 +152,9 @@ fn check_store(r: &mut Report, path: &Path) {
             "check the path and the permissions of its directory",
         ),
     }
-    match FileStore::open(path) {
-        Ok(_) => r.ok(format!("store {shown} readable")),
+    check_records_dir(r, path);
+    match FileStore::open(path).and_then(|s| s.verify()) {
+        Ok(n) => r.ok(format!("store {shown} readable ({n} credentials)")),
         Err(e) => r.add(
             Mark::Fail,
             format!("store {shown} unreadable: {}", crate::error_chain(&e)),
@@ -176,6 +177,47 @@ fn check_store(r: &mut Report, path: &Path) {
             format!("store directory {} is not writable: {e}", dir.display()),
             "make the directory exist and be writable by tokenproxy's user, or change store.path",
         ),
+    }
+}
+
+/// The records beside the manifest (`<store.path>.d/`): the directory and
+/// every file in it private to tokenproxy's user.
+fn check_records_dir(r: &mut Report, path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut dir = path.as_os_str().to_owned();
+    dir.push(".d");
+    let dir = std::path::PathBuf::from(dir);
+    let Ok(m) = std::fs::metadata(&dir) else {
+        return;
+    };
+    let mode = m.permissions().mode() & 0o777;
+    let shown = dir.display();
+    if mode & 0o077 != 0 {
+        r.add(
+            Mark::Fail,
+            format!("store records {shown} have mode {mode:04o}: other users can list them"),
+            &format!("chmod 700 {shown}"),
+        );
+    }
+    let open: Vec<String> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.metadata()
+                .is_ok_and(|m| m.permissions().mode() & 0o077 != 0)
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if !open.is_empty() {
+        r.add(
+            Mark::Fail,
+            format!(
+                "store records {} in {shown} can be read by other users",
+                open.join(", ")
+            ),
+            &format!("chmod 600 {shown}/*"),
+        );
     }
 }
 

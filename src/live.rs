@@ -180,8 +180,10 @@ pub struct ReadyCache {
     last_ok: parking_lot::Mutex<Option<(StoreStamp, Arc<crate::config::Config>)>>,
 }
 
-/// What a stat says of the store file (None: absent, which reads as empty).
-type StoreStamp = Option<(u64, Option<SystemTime>, u64, u64)>;
+/// What a stat says of the store file (None: absent, which reads as empty),
+/// and of its records directory (every write renames a file into it).
+type StoreStamp = (FileStamp, FileStamp);
+type FileStamp = Option<(u64, Option<SystemTime>, u64, u64)>;
 
 impl ReadyCache {
     pub fn store_reads(&self) -> u64 {
@@ -194,19 +196,27 @@ impl ReadyCache {
         config: &Arc<crate::config::Config>,
     ) -> Option<crate::token::store::StoreError> {
         use std::os::unix::fs::MetadataExt;
-        let stamp: Option<StoreStamp> = match std::fs::metadata(&config.store.path) {
-            Ok(m) if m.is_file() => Some(Some((m.len(), m.modified().ok(), m.ino(), m.dev()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(None),
-            // A directory or an error: read it and say why.
-            _ => None,
+        let stat = |path: &std::path::Path, file: bool| -> Option<FileStamp> {
+            match std::fs::metadata(path) {
+                Ok(m) if m.is_file() == file => {
+                    Some(Some((m.len(), m.modified().ok(), m.ino(), m.dev())))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(None),
+                // The wrong kind or an error: read it and say why.
+                _ => None,
+            }
         };
+        let mut records = config.store.path.clone().into_os_string();
+        records.push(".d");
+        let stamp: Option<StoreStamp> =
+            stat(&config.store.path, true).zip(stat(std::path::Path::new(&records), false));
         if let (Some(stamp), Some((seen, cfg))) = (&stamp, &*self.last_ok.lock()) {
             if stamp == seen && Arc::ptr_eq(cfg, config) {
                 return None;
             }
         }
         self.reads.fetch_add(1, Ordering::Relaxed);
-        match FileStore::open_config(&config.store) {
+        match FileStore::probe(&config.store) {
             Ok(_) => {
                 *self.last_ok.lock() = stamp.map(|s| (s, config.clone()));
                 None

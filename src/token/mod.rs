@@ -6,6 +6,7 @@
 //! whose fast path is a lock-free read of a prebuilt `HeaderValue`.
 
 pub mod engine;
+pub mod file_store;
 pub mod grant;
 pub mod hints;
 pub mod pg;

@@ -91,6 +91,14 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("token store {path} was written by a newer tokenproxy (layout {found}; this one knows up to {known}): upgrade tokenproxy")]
+    LayoutTooNew {
+        path: PathBuf,
+        found: u32,
+        known: u32,
+    },
+    #[error("token store file {path} holds credential {name:?}, not the one its name says (move it back or away)")]
+    Misfiled { path: PathBuf, name: String },
     #[error("cannot write token store {path}")]
     Write {
         path: PathBuf,

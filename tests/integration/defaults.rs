@@ -303,16 +303,18 @@ async fn a_tpv2_file_store_opens_and_its_next_write_uses_argon2id() {
     .await;
     let dir = stack.dir.path();
     let c = client();
-    let raw = || std::fs::read_to_string(stack.store_path()).unwrap();
+    let raw = || std::fs::read_to_string(stack.record_path()).unwrap();
 
     // A plaintext store, then the same records sealed as tpv2 by hand.
     let (plain_cfg, plain_ports) = child_config(&stack, "plain", "");
     let mut plain = ChildProxy::start(dir, "plain", &plain_cfg, plain_ports).await;
     let access = bearer(&get_ok(&c, &plain.url("/api/x")).await);
     plain.kill9();
+    // As a tokenproxy of that time wrote it: every record in the one file.
     let file: serde_json::Value = serde_json::from_str(&raw()).unwrap();
-    let creds = serde_json::to_vec(&file["credentials"]).unwrap();
+    let creds = serde_json::to_vec(&serde_json::json!({ CRED: file["record"] })).unwrap();
     let v2 = seal_tpv2(KEY, &creds);
+    std::fs::remove_file(stack.record_path()).unwrap();
     std::fs::write(
         stack.store_path(),
         serde_json::json!({"version": 1, "sealed": v2}).to_string(),

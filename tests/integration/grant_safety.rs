@@ -484,9 +484,9 @@ async fn a_store_restored_from_an_older_backup_is_never_presented() {
             let stack = Stack::start(StackOpts::default()).await;
             let app = start_app(&stack, &stack.idp.token_url(), "max_backoff = \"1s\"\n").await;
             let g = stack.wait_generation(1, S(10)).await;
-            let backup = std::fs::read(stack.store_path()).unwrap();
+            let backup = std::fs::read(stack.record_path()).unwrap();
             stack.wait_generation(g + 2, S(10)).await;
-            std::fs::write(stack.store_path(), &backup).unwrap();
+            std::fs::write(stack.record_path(), &backup).unwrap();
             let st = wait_state(&client(), app.admin_addr.unwrap(), "dead", S(10)).await;
             assert_eq!(st["last_error"]["reason"], "store_rolled_back", "{st}");
             app.shutdown().await;
@@ -526,7 +526,7 @@ async fn a_reload_that_changes_the_store_key_applies_everywhere_or_is_refused() 
             let mut cfg = tokenproxy::config::load(&path).expect("config loads");
             cfg.admin.listen = tokenproxy::config::ListenAddr::Tcp("127.0.0.1:0".parse().unwrap());
             let app = App::start(&cfg).await.expect("app starts");
-            let raw = || std::fs::read_to_string(stack.store_path()).unwrap();
+            let raw = || std::fs::read_to_string(stack.record_path()).unwrap();
             // A passphrase's key id depends on the salt in the store.
             let kid_a = wait_for("a sealed generation", S(10), || async {
                 let text = raw();

@@ -33,7 +33,7 @@ async fn file_store_key_rotation_then_rekey() {
     .await;
     let dir = stack.dir.path();
     let c = client();
-    let raw = || std::fs::read_to_string(stack.store_path()).unwrap();
+    let raw = || std::fs::read_to_string(stack.record_path()).unwrap();
 
     let (a_cfg, a_ports) = keyed_config(&stack, "key-a", KEY_A, &[]);
     let mut a = ChildProxy::start(dir, "key-a", &a_cfg, a_ports).await;

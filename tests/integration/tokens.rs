@@ -293,10 +293,10 @@ async fn consumed_seed_still_in_config_is_never_presented_again() {
             .as_str()
             .unwrap()
             .to_owned();
-        let mut store = env.store();
-        store["credentials"]["rt"]["access_token"] = serde_json::Value::Null;
-        store["credentials"]["rt"]["access_expires_at_ms"] = serde_json::Value::Null;
-        std::fs::write(env.store_path(), store.to_string()).unwrap();
+        let mut rec = env.stored("rt");
+        rec["access_token"] = serde_json::Value::Null;
+        rec["access_expires_at_ms"] = serde_json::Value::Null;
+        env.replace_stored("rt", rec);
         env.start().await;
         ok(&env, "/rt/a").await;
         assert_eq!(env.presented(&latest), 1, "round {round}");

@@ -371,6 +371,14 @@ credential = "machine"
   process.env.INTEROP_M2M_SECRET = CLIENTS.machine.secret;
   process.env.INTEROP_DEVICE_SECRET = CLIENTS.device.secret;
   const storePath = path.join(TMP, 'tokens.json');
+  // The file store keeps one file per credential in <store.path>.d/.
+  const stored = (name) => {
+    try {
+      return JSON.parse(fs.readFileSync(path.join(`${storePath}.d`, `${name}.json`), 'utf8')).record;
+    } catch {
+      return undefined;
+    }
+  };
   const jar = new Jar();
   let reusesBeforeRevocation = 0;
 
@@ -421,10 +429,10 @@ credential = "machine"
         `sent ${url}; callback answered ${page.status}; login exited ${code}: ${tail(child.logPath, 3)}`,
       );
       check((stats.byClient[clientId]?.authorization_code || 0) === grantsBefore + 1, 'no authorization_code grant at the provider');
-      const store = JSON.parse(fs.readFileSync(storePath, 'utf8'));
-      check(store.credentials?.[name]?.refresh_token, `no refresh token in the store: ${Object.keys(store)}`);
-      if (name === 'user') family = store.credentials.user.family;
-      else pkjwtFamily = store.credentials[name].family;
+      const rec = stored(name);
+      check(rec?.refresh_token, `no refresh token in the store for ${name}`);
+      if (name === 'user') family = rec.family;
+      else pkjwtFamily = rec.family;
     } finally {
       if (child.exitCode === null) {
         child.kill('SIGTERM');
@@ -466,9 +474,9 @@ credential = "machine"
       check(code === 0, `login --device exited ${code}: ${tail(child.logPath, 5)}`);
       check(/Logged in as alice/.test(child.out), `stdout: ${child.out}`);
       check((stats.byClient[CLIENTS.device.id]?.[deviceGrant] || 0) === 1, `device_code grants ${JSON.stringify(stats.byClient)}`);
-      const store = JSON.parse(fs.readFileSync(storePath, 'utf8'));
-      check(store.credentials?.device?.refresh_token, 'no refresh token in the store');
-      deviceFamily = store.credentials.device.family;
+      const rec = stored('device');
+      check(rec?.refresh_token, 'no refresh token in the store');
+      deviceFamily = rec.family;
       const early = stats.errors.filter((e) => e.client === CLIENTS.device.id && e.error !== 'authorization_pending');
       check(early.length === 0, `device errors other than authorization_pending: ${JSON.stringify(early)}`);
     } finally {
@@ -622,8 +630,7 @@ credential = "machine"
 
   // ---- the provider revokes the grant
   await step('revocation: credential dead with the invalid_grant hint, 503 credential_unavailable', async () => {
-    const store = JSON.parse(fs.readFileSync(storePath, 'utf8'));
-    const rt = store.credentials.user.refresh_token;
+    const rt = stored('user').refresh_token;
     const r = await fetch(`${issuer}/token/revocation`, {
       method: 'POST',
       headers: { authorization: basicAuth(CLIENTS.user), 'content-type': 'application/x-www-form-urlencoded' },

@@ -112,8 +112,14 @@ impl Slot {
             _ = tokio::time::sleep(start_jitter) => {}
             _ = self.shutdown.cancelled() => return,
         }
-        let poll_every = Duration::from_secs(2);
         let mut changes = self.store().and_then(|s| s.changes(&self.name));
+        // A file store's sweep wakes us when another process writes, so a
+        // poll is only a safety net there; with a thousand credentials,
+        // polls every 2 s were most of an idle proxy's work.
+        let poll_every = match (self.store(), &changes) {
+            (Some(Store::File(_)), Some(_)) => Duration::from_secs(30),
+            _ => Duration::from_secs(2),
+        };
         loop {
             if !self.retry_unsaved().await {
                 if self.sleep_or_shutdown(Duration::from_secs(1)).await {
@@ -186,8 +192,7 @@ impl Slot {
     }
 }
 
-/// Resolves when the store reports a write by someone else; never for a
-/// file store (its changes are found by the periodic re-read).
+/// Resolves when the store reports a write by someone else.
 async fn store_changed(rx: &mut Option<watch::Receiver<u64>>) {
     match rx {
         Some(r) => {

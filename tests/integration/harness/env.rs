@@ -157,14 +157,14 @@ impl TestEnv {
         .await
     }
 
-    /// The store file as JSON.
-    pub fn store(&self) -> serde_json::Value {
-        json(&std::fs::read(self.store_path()).expect("store file exists"))
+    /// A credential's record in the store (null when it has none).
+    pub fn stored(&self, name: &str) -> serde_json::Value {
+        super::stored_record(&self.store_path(), name)
     }
 
-    /// A credential's record in the store.
-    pub fn stored(&self, name: &str) -> serde_json::Value {
-        self.store()["credentials"][name].clone()
+    /// Replaces a credential's record in the store, as an operator would.
+    pub fn replace_stored(&self, name: &str, rec: serde_json::Value) {
+        super::replace_record(&self.store_path(), name, rec)
     }
 
     /// How many times the IdP was presented this refresh token.

@@ -119,6 +119,32 @@ pub async fn send(c: &HttpClient, req: Request<Full<Bytes>>) -> (Response<()>, B
     (Response::from_parts(parts, ()), bytes)
 }
 
+/// A credential's file in a file store (`<store.path>.d/<name>.json`).
+pub fn record_file(store: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let mut dir = store.as_os_str().to_owned();
+    dir.push(".d");
+    std::path::PathBuf::from(dir).join(format!("{name}.json"))
+}
+
+/// A credential's record as its file holds it (unsealed stores only), or null.
+pub fn stored_record(store: &std::path::Path, name: &str) -> serde_json::Value {
+    match std::fs::read(record_file(store, name)) {
+        Ok(b) => json(&b)["record"].clone(),
+        Err(_) => serde_json::Value::Null,
+    }
+}
+
+/// Replaces a credential's record file atomically (temp + rename), as an
+/// operator or another process would.
+pub fn replace_record(store: &std::path::Path, name: &str, rec: serde_json::Value) {
+    let path = record_file(store, name);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let file = serde_json::json!({"version": 2, "credential": name, "record": rec});
+    let tmp = path.with_extension("operator-tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&file).unwrap()).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+}
+
 pub fn json(b: &[u8]) -> serde_json::Value {
     serde_json::from_slice(b)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(b)))

@@ -149,9 +149,7 @@ credential = "{CRED}"
 
     /// The store's record for the credential (raw JSON), noting its secrets.
     pub fn record(&self) -> Option<serde_json::Value> {
-        let bytes = std::fs::read(self.store_path()).ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-        let rec = v["credentials"][CRED].clone();
+        let rec = super::stored_record(&self.store_path(), CRED);
         if rec.is_null() {
             return None;
         }
@@ -188,13 +186,12 @@ credential = "{CRED}"
     /// Replaces the credential's record with `rec`, atomically (temp+rename),
     /// as an operator or a login flow would.
     pub fn write_record(&self, rec: serde_json::Value) {
-        let path = self.store_path();
-        let mut all: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        all["credentials"][CRED] = rec;
-        let tmp = self.dir.path().join(".tokens.json.operator.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&all).unwrap()).unwrap();
-        std::fs::rename(&tmp, &path).unwrap();
+        super::replace_record(&self.store_path(), CRED, rec)
+    }
+
+    /// The credential's record file (`<store>.d/<name>.json`).
+    pub fn record_path(&self) -> PathBuf {
+        super::record_file(&self.store_path(), CRED)
     }
 
     /// Refresh tokens presented at the IdP, oldest first.

@@ -629,6 +629,9 @@ fn check_metadata(r: &mut Report, cred: &CredentialConfig, md: &discovery::Metad
             &format!("set auth_method to one of: {}", methods.join(", ")),
         );
     }
+    if let Some(cfg) = &cred.device_authorization_url {
+        check_device_metadata(r, n, &cfg.to_string(), md, &grants);
+    }
     if cred.grant == GrantType::RefreshToken {
         match &md.code_challenge_methods_supported {
             Some(m) if m.iter().any(|x| x == "S256") => r.ok(format!("{n}: PKCE S256 supported")),
@@ -646,6 +649,41 @@ fn check_metadata(r: &mut Report, cred: &CredentialConfig, md: &discovery::Metad
                 "login sends S256 anyway; if it fails, enable PKCE at the IdP",
             ),
         }
+    }
+}
+
+/// `device_authorization_url` (login --device) against RFC 8628 §4 metadata.
+fn check_device_metadata(
+    r: &mut Report,
+    n: &str,
+    cfg: &str,
+    md: &discovery::Metadata,
+    grants: &[String],
+) {
+    let same = |a: &str, b: &str| a.trim_end_matches('/') == b.trim_end_matches('/');
+    match &md.device_authorization_endpoint {
+        Some(meta) if same(cfg, meta) => {
+            r.ok(format!("{n}: device_authorization_url matches the metadata"))
+        }
+        Some(meta) => r.add(
+            Mark::Fail,
+            format!("{n}: device_authorization_url {cfg} differs from the metadata's device_authorization_endpoint {meta}"),
+            "set device_authorization_url to the metadata's value, or remove it to use discovery",
+        ),
+        None => r.add(
+            Mark::Warn,
+            format!("{n}: the metadata has no device_authorization_endpoint"),
+            "check that the IdP offers the device grant (RFC 8628) for this client",
+        ),
+    }
+    if grants.iter().any(|g| g == grant::DEVICE_CODE_GRANT) {
+        r.ok(format!("{n}: the IdP supports the device_code grant"));
+    } else {
+        r.add(
+            Mark::Warn,
+            format!("{n}: the metadata's grant_types_supported lacks the device_code grant"),
+            "enable the device authorization grant for the client at the IdP (login --device needs it)",
+        );
     }
 }
 

@@ -67,62 +67,134 @@ fn check_dot_segment(decoded: &[u8]) -> Result<(), &'static str> {
     Ok(())
 }
 
-#[derive(Debug)]
-struct Entry {
-    /// With trailing `/`.
-    prefix: String,
-    host: Option<String>,
-    index: usize,
+/// The routes of one `path_prefix`, host-specific ones first, then config
+/// order.
+#[derive(Debug, Default)]
+struct Candidates {
+    routes: Vec<(Option<String>, usize)>,
 }
 
-/// Routes ordered for first-match: longest prefix first, and for equal
-/// prefixes the host-specific route before the catch-all.
+/// Routes by prefix: a request looks up each of its path's segment
+/// boundaries, longest first, so the cost grows with the path's depth, not
+/// with the number of routes.
 #[derive(Debug)]
 pub(crate) struct Router {
-    entries: Vec<Entry>,
+    /// Keyed by the prefix without its trailing `/` (`/` is ""), so that a
+    /// request's path can be looked up by slices of it, with no copy.
+    by_prefix: std::collections::HashMap<String, Candidates>,
 }
 
 impl Router {
     /// `routes`: `(path_prefix, host)` in config order; indexes refer to it.
+    /// Every prefix ends with `/` (the config normalises them).
     pub(crate) fn new<'a>(routes: impl IntoIterator<Item = (&'a str, Option<&'a str>)>) -> Self {
-        let mut entries: Vec<Entry> = routes
-            .into_iter()
-            .enumerate()
-            .map(|(index, (prefix, host))| Entry {
-                prefix: prefix.to_owned(),
-                host: host.map(str::to_ascii_lowercase),
-                index,
-            })
-            .collect();
-        // Stable: ties keep config order.
-        entries.sort_by(|a, b| {
-            b.prefix
-                .len()
-                .cmp(&a.prefix.len())
-                .then(b.host.is_some().cmp(&a.host.is_some()))
-        });
-        Router { entries }
+        let mut by_prefix: std::collections::HashMap<String, Candidates> = Default::default();
+        for (index, (prefix, host)) in routes.into_iter().enumerate() {
+            let key = prefix.strip_suffix('/').unwrap_or(prefix);
+            by_prefix
+                .entry(key.to_owned())
+                .or_default()
+                .routes
+                .push((host.map(str::to_ascii_lowercase), index));
+        }
+        for c in by_prefix.values_mut() {
+            // Stable: ties keep config order.
+            c.routes.sort_by_key(|(host, _)| host.is_none());
+        }
+        Router { by_prefix }
     }
 
     /// `host` is lower-cased without port; `path` passed [`check_path`].
+    /// The route with the longest prefix on a segment boundary whose host
+    /// matches: `/github/` takes `/github`, `/github/` and `/github/x`,
+    /// never `/githubx`.
     pub(crate) fn find(&self, host: &str, path: &str) -> Option<usize> {
-        self.entries
-            .iter()
-            .find(|e| {
-                e.host.as_deref().is_none_or(|h| h == host) && prefix_matches(&e.prefix, path)
-            })
-            .map(|e| e.index)
+        let in_prefix = |key: &str| {
+            self.by_prefix
+                .get(key)?
+                .routes
+                .iter()
+                .find(|(h, _)| h.as_deref().is_none_or(|h| h == host))
+                .map(|(_, i)| *i)
+        };
+        let bytes = path.as_bytes();
+        // `/github` is `/github/`'s own path; then every `/`, from the end.
+        let whole = (!path.ends_with('/')).then_some(path.len());
+        whole
+            .into_iter()
+            .chain((0..bytes.len()).rev().filter(|&k| bytes[k] == b'/'))
+            .find_map(|k| in_prefix(&path[..k]))
     }
-}
-
-/// `/github/` matches `/github`, `/github/` and `/github/x`, never `/githubx`.
-fn prefix_matches(prefix: &str, path: &str) -> bool {
-    path.starts_with(prefix) || path == &prefix[..prefix.len() - 1]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// The router before the prefix index: a scan of every route, longest
+    /// prefix first, host-specific first on a tie, then config order.
+    fn find_by_scan(routes: &[(&str, Option<&str>)], host: &str, path: &str) -> Option<usize> {
+        let mut order: Vec<usize> = (0..routes.len()).collect();
+        order.sort_by(|&a, &b| {
+            let (pa, ha) = routes[a];
+            let (pb, hb) = routes[b];
+            pb.len()
+                .cmp(&pa.len())
+                .then(hb.is_some().cmp(&ha.is_some()))
+        });
+        order.into_iter().find(|&i| {
+            let (prefix, h) = routes[i];
+            h.is_none_or(|h| h.eq_ignore_ascii_case(host))
+                && (path.starts_with(prefix) || path == &prefix[..prefix.len() - 1])
+        })
+    }
+
+    fn segment() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("a".to_owned()),
+            Just("b".to_owned()),
+            Just("ab".to_owned()),
+            Just("a.b".to_owned())
+        ]
+    }
+
+    fn prefix() -> impl Strategy<Value = String> {
+        proptest::collection::vec(segment(), 0..4).prop_map(|s| {
+            let mut p = String::from("/");
+            for seg in s {
+                p.push_str(&seg);
+                p.push('/');
+            }
+            p
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn the_index_picks_what_a_scan_of_every_route_picks(
+            routes in proptest::collection::vec(
+                (prefix(), proptest::option::of(prop_oneof![Just("x.test"), Just("Y.test")])),
+                0..12,
+            ),
+            path in proptest::collection::vec(segment(), 0..5),
+            trailing in any::<bool>(),
+            host in prop_oneof![Just("x.test"), Just("y.test"), Just("z.test")],
+        ) {
+            let mut p = String::new();
+            for seg in &path {
+                p.push('/');
+                p.push_str(seg);
+            }
+            if trailing || p.is_empty() {
+                p.push('/');
+            }
+            let table: Vec<(&str, Option<&str>)> =
+                routes.iter().map(|(p, h)| (p.as_str(), *h)).collect();
+            let router = Router::new(table.iter().copied());
+            prop_assert_eq!(router.find(host, &p), find_by_scan(&table, host, &p), "{} {}", host, p);
+        }
+    }
 
     #[test]
     fn safe_paths_pass() {

@@ -473,3 +473,34 @@ async fn expired_certificate_is_named() {
     let l = line(&out, "cc: token endpoint");
     assert!(l.starts_with('✗') && l.contains("expired"), "{l}");
 }
+
+#[tokio::test]
+async fn a_device_authorization_url_is_checked_against_the_metadata() {
+    let (env, seed) = env(
+        RT_SECRET,
+        CC_SECRET,
+        "device_authorization_url = \"@IDP@/device\"\n",
+    )
+    .await;
+    let (_, out) = doctor(&env, &["rt"]).await;
+    let l = line(&out, "device_authorization_url matches");
+    assert!(l.starts_with('✓'), "{l}\n{out}");
+    let l = line(&out, "device_code grant");
+    assert!(l.starts_with('✓'), "{l}\n{out}");
+    assert_clean(&env, &out, &seed);
+
+    let (env, seed) = self::env(
+        RT_SECRET,
+        CC_SECRET,
+        "device_authorization_url = \"@IDP@/device-elsewhere\"\n",
+    )
+    .await;
+    let (code, out) = doctor(&env, &["rt"]).await;
+    assert_eq!(code, 1, "{out}");
+    let l = line(&out, "device_authorization_url");
+    assert!(
+        l.starts_with('✗') && l.contains("differs") && l.contains("fix:"),
+        "{l}\n{out}"
+    );
+    assert_clean(&env, &out, &seed);
+}

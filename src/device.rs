@@ -87,11 +87,53 @@ impl Prompt {
                 "\nOr open this link, which carries the code:\n\n  {c}\n"
             ));
         }
-        s.push_str(&format!(
+        s.push_str(&self.waiting());
+        s
+    }
+
+    fn waiting(&self) -> String {
+        format!(
             "\nWaiting for approval (the code expires in {})...",
             humantime::format_duration(Duration::from_secs(self.expires_in.as_secs()))
-        ));
-        s
+        )
+    }
+}
+
+impl Prompt {
+    /// The link as a QR code in block characters, for a phone's camera:
+    /// the link that carries the code when there is one.
+    pub(crate) fn qr(&self) -> Option<String> {
+        let link = self
+            .verification_uri_complete
+            .as_deref()
+            .unwrap_or(&self.verification_uri);
+        let code = qrcode::QrCode::with_error_correction_level(link, qrcode::EcLevel::L).ok()?;
+        Some(
+            code.render::<qrcode::render::unicode::Dense1x2>()
+                // Light modules dark on a dark terminal would not scan.
+                .dark_color(qrcode::render::unicode::Dense1x2::Light)
+                .light_color(qrcode::render::unicode::Dense1x2::Dark)
+                .quiet_zone(true)
+                .build(),
+        )
+    }
+
+    /// What the CLI prints: the text, and on a terminal the QR code.
+    fn print(&self, name: &str) {
+        let text = self.text(name);
+        match std::io::IsTerminal::is_terminal(&std::io::stdout())
+            .then(|| self.qr())
+            .flatten()
+        {
+            Some(qr) => {
+                let body = text.strip_suffix(&self.waiting()).unwrap_or(&text);
+                println!(
+                    "{body}\nOr scan this with a phone:\n\n{qr}\n{}",
+                    self.waiting()
+                );
+            }
+            None => println!("{text}"),
+        }
     }
 }
 
@@ -468,7 +510,7 @@ pub(crate) async fn run_cli(
         Err(code) => return code,
     }
     let announce = |p: &Prompt| {
-        println!("{}", p.text(name));
+        p.print(name);
         if open {
             crate::login::open_browser(
                 p.verification_uri_complete
@@ -528,10 +570,8 @@ pub(crate) async fn via_admin(admin: &AdminClient, name: &str, force: bool) -> u
             };
         }
     };
-    println!(
-        "tokenproxy is running (admin API {base}); it polls and stores the login itself.\n{}",
-        prompt.text(name)
-    );
+    println!("tokenproxy is running (admin API {base}); it polls and stores the login itself.");
+    prompt.print(name);
     let deadline = Instant::now() + prompt.expires_in + Duration::from_secs(5);
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -744,5 +784,39 @@ mod tests {
         let v = Prompt::of(&a).json("github", S(900));
         assert!(!v.to_string().contains("dc-SECRET"), "{v}");
         assert_eq!(Prompt::from_json(&v).unwrap().user_code, "WDJB-MJHT");
+    }
+
+    #[test]
+    fn the_qr_code_carries_the_link_with_the_code_when_there_is_one() {
+        let mut a = auth(900, None);
+        let plain = Prompt::of(&a).qr().unwrap();
+        a.verification_uri_complete = Some("https://idp.example/device?user_code=WDJB-MJHT".into());
+        let complete = Prompt::of(&a).qr().unwrap();
+        assert_ne!(plain, complete);
+        let render = |link: &str| {
+            let code =
+                qrcode::QrCode::with_error_correction_level(link, qrcode::EcLevel::L).unwrap();
+            let width = code.width() + 8; // 4 modules of quiet zone each side
+            (width, code.to_colors())
+        };
+        let (width, modules) = render("https://idp.example/device?user_code=WDJB-MJHT");
+        let lines: Vec<&str> = complete.lines().collect();
+        assert_eq!(lines.len(), width.div_ceil(2), "{complete}");
+        assert!(
+            lines.iter().all(|l| l.chars().count() == width),
+            "{complete}"
+        );
+        // Two rows per line; a dark module is blank, a light one a block
+        // (readable on a dark terminal). The quiet zone is light; the
+        // finder pattern's corner (rows 4-5 here) dark.
+        assert!(
+            lines[..2].iter().all(|l| l.chars().all(|c| c == '█')),
+            "{complete}"
+        );
+        assert_eq!(
+            (modules[0], modules[width - 8]),
+            (qrcode::Color::Dark, qrcode::Color::Dark)
+        );
+        assert_eq!(lines[2].chars().nth(4), Some(' '), "{complete}");
     }
 }

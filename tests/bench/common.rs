@@ -38,13 +38,14 @@ pub fn wait_port(port: u16) {
     }
 }
 
-/// On-CPU nanoseconds of every thread of `pids` (schedstat).
+/// On-CPU nanoseconds of every thread of `pids`, exited ones included.
 pub fn cpu_ns(pids: &[u32]) -> u64 {
     let mut total = 0;
     for pid in pids {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
             continue;
         };
+        let mut live_ticks = 0;
         for t in tasks.flatten() {
             if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
                 total += s
@@ -53,9 +54,30 @@ pub fn cpu_ns(pids: &[u32]) -> u64 {
                     .and_then(|v| v.parse::<u64>().ok())
                     .unwrap_or(0);
             }
+            live_ticks += stat_ticks(&t.path().join("stat")).unwrap_or(0);
         }
+        // Threads that exited (tokio's idle blocking threads do) have no
+        // schedstat left; the process's own stat still counts their time,
+        // in clock ticks.
+        let all_ticks = stat_ticks(std::path::Path::new(&format!("/proc/{pid}/stat"))).unwrap_or(0);
+        total += all_ticks.saturating_sub(live_ticks) * NS_PER_TICK;
     }
     total
+}
+
+/// USER_HZ: what Linux reports CPU times of /proc/*/stat in, on every
+/// architecture it runs benchmarks on.
+const NS_PER_TICK: u64 = 10_000_000;
+
+/// utime + stime of a /proc stat file, in clock ticks.
+fn stat_ticks(path: &std::path::Path) -> Option<u64> {
+    let s = std::fs::read_to_string(path).ok()?;
+    // The command name (field 2) may hold spaces: count from its `)`.
+    let rest = &s[s.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
 }
 
 /// Sum over `pids` of a `kB` field of /proc/<pid>/status (`VmHWM`, `VmRSS`).

@@ -9,6 +9,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import http from 'node:http';
+import https from 'node:https';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import Provider, { errors } from 'oidc-provider';
@@ -23,6 +24,10 @@ export const CLIENTS = {
   // private_key_jwt (RFC 7523): no secret; the provider holds the public
   // half of pkjwt-ec.key (a P-256 test key made for this suite).
   pkjwt: { id: 'tokenproxy-pkjwt' },
+  // tls_client_auth (RFC 8705 §2.1): no secret; a client certificate from
+  // the suite's CA with this subject, presented on the provider's TLS
+  // listener (the metadata's mtls_endpoint_aliases).
+  mtls: { id: 'tokenproxy-mtls', subject: 'CN=tokenproxy-mtls' },
   // The device grant (RFC 8628), bootstrapped by `tokenproxy login --device`.
   device: { id: 'tokenproxy-device', secret: 'interop-device-secret-0123456789' },
 };
@@ -45,9 +50,34 @@ export function newStats() {
   };
 }
 
-export async function startIdp({ port, redirectUris, stats = newStats(), log = () => {} }) {
+// The client certificate of a request on the TLS listener (none on plain HTTP).
+function peerCertificate(ctx) {
+  const raw = ctx.socket.getPeerCertificate?.()?.raw;
+  return raw ? new crypto.X509Certificate(raw) : undefined;
+}
+
+// `mtls`: { port, key, cert, ca } for the TLS listener that asks for client
+// certificates, verified against `ca`.
+export async function startIdp({ port, redirectUris, mtls, stats = newStats(), log = () => {} }) {
   const issuer = `http://127.0.0.1:${port}`;
+  const mtlsBase = mtls && `https://127.0.0.1:${mtls.port}`;
   const provider = new Provider(issuer, {
+    clientAuthMethods: [
+      'client_secret_basic',
+      'client_secret_post',
+      'private_key_jwt',
+      'none',
+      ...(mtls ? ['tls_client_auth'] : []),
+    ],
+    ...(mtls && {
+      discovery: {
+        mtls_endpoint_aliases: {
+          token_endpoint: `${mtlsBase}/token`,
+          introspection_endpoint: `${mtlsBase}/token/introspection`,
+          revocation_endpoint: `${mtlsBase}/token/revocation`,
+        },
+      },
+    }),
     clients: [
       {
         // tokenproxy's refresh_token credential, bootstrapped by `tokenproxy login`.
@@ -87,6 +117,19 @@ export async function startIdp({ port, redirectUris, stats = newStats(), log = (
         response_types: ['code'],
         redirect_uris: redirectUris,
       },
+      ...(mtls
+        ? [
+            {
+              // tokenproxy's tls_client_auth credential, bootstrapped by login.
+              client_id: CLIENTS.mtls.id,
+              token_endpoint_auth_method: 'tls_client_auth',
+              tls_client_auth_subject_dn: CLIENTS.mtls.subject,
+              grant_types: ['authorization_code', 'refresh_token'],
+              response_types: ['code'],
+              redirect_uris: redirectUris,
+            },
+          ]
+        : []),
       {
         // tokenproxy's device-grant credential (client_secret_basic).
         client_id: CLIENTS.device.id,
@@ -130,6 +173,15 @@ export async function startIdp({ port, redirectUris, stats = newStats(), log = (
       revocation: { enabled: true },
       clientCredentials: { enabled: true },
       deviceFlow: { enabled: true },
+      mTLS: {
+        enabled: Boolean(mtls),
+        tlsClientAuth: Boolean(mtls),
+        getCertificate: peerCertificate,
+        // The TLS listener verified the chain against the suite's CA.
+        certificateAuthorized: (ctx) => ctx.socket.authorized === true,
+        certificateSubjectMatches: (ctx, property, expected) =>
+          property === 'tls_client_auth_subject_dn' && peerCertificate(ctx)?.subject === expected,
+      },
       resourceIndicators: {
         enabled: true,
         defaultResource: async (ctx, client, oneOf) => (oneOf ? oneOf[0] : undefined),
@@ -184,7 +236,20 @@ export async function startIdp({ port, redirectUris, stats = newStats(), log = (
     server.once('error', reject);
     server.listen(port, '127.0.0.1', resolve);
   });
-  return { provider, server, issuer, stats };
+  let tlsServer;
+  if (mtls) {
+    // Asks every client for a certificate; oidc-provider decides (a client
+    // without one is refused at client authentication, not in the handshake).
+    tlsServer = https.createServer(
+      { key: mtls.key, cert: mtls.cert, ca: mtls.ca, requestCert: true, rejectUnauthorized: false },
+      provider.callback(),
+    );
+    await new Promise((resolve, reject) => {
+      tlsServer.once('error', reject);
+      tlsServer.listen(mtls.port, '127.0.0.1', resolve);
+    });
+  }
+  return { provider, server, tlsServer, issuer, stats };
 }
 
 // The resource server: each request's bearer token is introspected at the

@@ -5,16 +5,19 @@
 //   `tokenproxy login` driven over HTTP (the provider's login and consent forms),
 //   `tokenproxy run` with concurrent clients across >= 5 rotations, a restart
 //   in the middle, a private_key_jwt client (logged in the same way) refreshed
-//   across rotations with kill -9 restarts, client_credentials with a
+//   across rotations with kill -9 restarts, a tls_client_auth client (the
+//   provider's TLS listener, by mtls_endpoint_aliases) the same way,
+//   client_credentials with a
 //   resource indicator, a device-grant client (`login --device`, endpoints by
 //   discovery, approved through the provider's pages) refreshed as well,
 //   `tokenproxy doctor` against the discovery document, then the provider
 //   revoking the grant -> credential dead (invalid_grant) and 503.
 // Prints `INTEROP: grants=.. rotations=.. reuses=.. requests=.. failures=..`
 // and exits non-zero on any failure.
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import https from 'node:https';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -28,7 +31,8 @@ const VERBOSE = process.env.INTEROP_VERBOSE === '1';
 const WORKERS = 6;
 const ROTATIONS_BEFORE_RESTART = 3;
 const ROTATIONS_TOTAL = 6;
-// private_key_jwt: rotations before each of two kill -9s, and in all.
+// private_key_jwt and tls_client_auth: rotations before each of two
+// kill -9s, and in all.
 const PKJWT_KILLS_AT = [2, 4];
 const PKJWT_ROTATIONS_TOTAL = 6;
 
@@ -263,28 +267,55 @@ async function load(base, prefix, until, timeoutMs, verify) {
   return sent;
 }
 
+// A CA, a server certificate for 127.0.0.1 and a client certificate with
+// `subject`, made with the openssl command line (PEM files in `dir`).
+function makeCertificates(dir, subject) {
+  const f = (n) => path.join(dir, n);
+  const openssl = (...args) => execFileSync('openssl', args, { stdio: 'pipe' });
+  const key = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes'];
+  openssl('req', '-x509', ...key, '-keyout', f('ca.key'), '-out', f('ca.pem'), '-days', '2', '-subj', '/CN=tokenproxy interop CA');
+  const leaf = (name, subj, ext) => {
+    fs.writeFileSync(f(`${name}.ext`), `basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n${ext}\n`);
+    openssl('req', ...key, '-keyout', f(`${name}.key`), '-out', f(`${name}.csr`), '-subj', subj);
+    openssl('x509', '-req', '-in', f(`${name}.csr`), '-CA', f('ca.pem'), '-CAkey', f('ca.key'), '-CAcreateserial',
+      '-out', f(`${name}.pem`), '-days', '2', '-extfile', f(`${name}.ext`));
+  };
+  leaf('server', '/CN=127.0.0.1', 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth');
+  leaf('client', `/${subject}`, 'extendedKeyUsage=clientAuth');
+  return { ca: f('ca.pem'), serverKey: f('server.key'), serverCert: f('server.pem'), clientKey: f('client.key'), clientCert: f('client.pem') };
+}
+
 // ---------------------------------------------------------------------- main
 
 async function main() {
   check(fs.existsSync(BIN), `${BIN} not found: run cargo build first`);
-  const [idpPort, upPort, proxyPort, adminPort] = [
+  const [idpPort, upPort, proxyPort, adminPort, mtlsPort] = [
+    await freePort(),
     await freePort(),
     await freePort(),
     await freePort(),
     await freePort(),
   ];
+  const certs = makeCertificates(TMP, CLIENTS.mtls.subject);
   const redirectUri = `http://127.0.0.1:${adminPort}/callback`;
   const stats = newStats();
   // Per client: the private_key_jwt credential rotates alongside.
   const rotations = () => stats.byClient[CLIENTS.user.id]?.refresh_token || 0;
   const pkRotations = () => stats.byClient[CLIENTS.pkjwt.id]?.refresh_token || 0;
   const deviceRotations = () => stats.byClient[CLIENTS.device.id]?.refresh_token || 0;
+  const mtlsRotations = () => stats.byClient[CLIENTS.mtls.id]?.refresh_token || 0;
   const idpLog = fs.createWriteStream(path.join(TMP, 'idp.log'));
   const log = (l) => {
     idpLog.write(`${new Date().toISOString()} ${l}\n`);
     if (VERBOSE) say(`  idp: ${l}`);
   };
-  const idp = await startIdp({ port: idpPort, redirectUris: [redirectUri], stats, log });
+  const mtls = {
+    port: mtlsPort,
+    key: fs.readFileSync(certs.serverKey),
+    cert: fs.readFileSync(certs.serverCert),
+    ca: fs.readFileSync(certs.ca),
+  };
+  const idp = await startIdp({ port: idpPort, redirectUris: [redirectUri], mtls, stats, log });
   const up = await startUpstream({ port: upPort, issuer: idp.issuer, log });
   const { issuer } = idp;
   const proxy = `http://127.0.0.1:${proxyPort}`;
@@ -337,6 +368,18 @@ scopes = ["openid", "offline_access"]
 redirect_uri = "${redirectUri}"
 introspection_url = "${issuer}/token/introspection"
 
+[credentials.mtls]
+grant = "refresh_token"
+issuer = "${issuer}"
+client_id = "${CLIENTS.mtls.id}"
+auth_method = "tls_client_auth"
+client_cert = "${certs.clientCert}"
+client_key = "${certs.clientKey}"
+ca_file = "${certs.ca}"
+scopes = ["openid", "offline_access"]
+redirect_uri = "${redirectUri}"
+introspection_url = "https://127.0.0.1:${mtlsPort}/token/introspection"
+
 [credentials.device]
 grant = "refresh_token"
 issuer = "${issuer}"
@@ -349,6 +392,11 @@ introspection_url = "${issuer}/token/introspection"
 path_prefix = "/device/"
 upstream = "http://127.0.0.1:${upPort}/"
 credential = "device"
+
+[[routes]]
+path_prefix = "/mtls/"
+upstream = "http://127.0.0.1:${upPort}/"
+credential = "mtls"
 
 [[routes]]
 path_prefix = "/pkjwt/"
@@ -390,7 +438,9 @@ credential = "machine"
 
   // ---- login (authorization code + PKCE), no browser
   let family;
-  let pkjwtFamily;
+  const families = {};
+  // Errors the driver's own probes caused, not tokenproxy.
+  const driverErrors = new Set();
   const login = async (name = 'user') => {
     const child = spawnTp(['login', '-c', cfg, name], `login-${name}`);
     try {
@@ -404,7 +454,7 @@ credential = "machine"
       );
       const au = new URL(url);
       check(au.searchParams.get('code_challenge_method') === 'S256', `no S256 PKCE in ${url}`);
-      const clientId = name === 'user' ? CLIENTS.user.id : CLIENTS.pkjwt.id;
+      const clientId = CLIENTS[name].id;
       check(au.searchParams.get('client_id') === clientId, `client_id in ${url}`);
       const grantsBefore = stats.byClient[clientId]?.authorization_code || 0;
       const callback = await browse(url, redirectUri, jar);
@@ -432,7 +482,7 @@ credential = "machine"
       const rec = stored(name);
       check(rec?.refresh_token, `no refresh token in the store for ${name}`);
       if (name === 'user') family = rec.family;
-      else pkjwtFamily = rec.family;
+      else families[name] = rec.family;
     } finally {
       if (child.exitCode === null) {
         child.kill('SIGTERM');
@@ -449,6 +499,31 @@ credential = "machine"
   if (!loggedIn) return finish();
   const pkjwtLoggedIn = await step('login a private_key_jwt client (ES256 assertions) the same way', async () => {
     await login('pkjwt');
+    return true;
+  });
+  const mtlsLoggedIn = await step('login a tls_client_auth client (certificate on the provider\'s TLS listener, found by mtls_endpoint_aliases)', async () => {
+    await login('mtls');
+    // The provider does check: the same client without its certificate is refused.
+    const refused = await new Promise((resolve, reject) => {
+      const req = https.request(
+        `https://127.0.0.1:${mtlsPort}/token`,
+        { method: 'POST', ca: mtls.ca, headers: { 'content-type': 'application/x-www-form-urlencoded' } },
+        (res) => {
+          let body = '';
+          res.on('data', (d) => { body += d; });
+          res.on('end', () => resolve({ status: res.statusCode, body: JSON.parse(body) }));
+        },
+      );
+      req.on('error', reject);
+      req.end(new URLSearchParams({ grant_type: 'refresh_token', refresh_token: 'not-a-token', client_id: CLIENTS.mtls.id }).toString());
+    });
+    check(
+      refused.status === 401 && refused.body.error === 'invalid_client',
+      `without a client certificate: ${refused.status} ${JSON.stringify(refused.body)}`,
+    );
+    const probe = stats.errors.at(-1);
+    check(probe?.detail === 'client certificate was not provided', `the provider's reason: ${JSON.stringify(probe)}`);
+    driverErrors.add(probe);
     return true;
   });
 
@@ -537,32 +612,39 @@ credential = "machine"
     say(`  user: state=${s.state} family=${s.family} generation=${s.generation}; rotations=${rotations()}`);
   });
 
-  const verifyPk = (b) =>
-    b.client_id !== CLIENTS.pkjwt.id ? `token of client ${b.client_id}` : b.sub !== 'alice' ? `sub ${b.sub}` : undefined;
+  // Rotations with two kill -9 restarts in between, for a credential that
+  // has rotated in the background since its login.
+  const rotateAcrossKills = async (name, rotationsOf) => {
+    const clientId = CLIENTS[name].id;
+    const verify = (b) => (b.client_id !== clientId ? `token of client ${b.client_id}` : b.sub !== 'alice' ? `sub ${b.sub}` : undefined);
+    const base = rotationsOf();
+    for (const [i, at] of PKJWT_KILLS_AT.entries()) {
+      await load(proxy, `/${name}/`, () => rotationsOf() >= base + at, 45000, verify);
+      // Just after a rotation: the new token is durable before it is served.
+      await sleep(300);
+      const before = await admin(adminBase, `/credentials/${name}`);
+      run.kill('SIGKILL');
+      await run.exited;
+      await startRun(`run-${name}-kill${i + 1}`);
+      const after = (await admin(adminBase, `/credentials/${name}`)).body;
+      check(after.family === before.body.family, `family ${before.body.family} -> ${after.family}`);
+      check(after.generation >= before.body.generation, `generation ${before.body.generation} -> ${after.generation}`);
+      say(`  ${name} after kill -9 #${i + 1}: state=${after.state} generation=${after.generation}; rotations=${rotationsOf()}`);
+    }
+    await load(proxy, `/${name}/`, () => rotationsOf() >= base + PKJWT_ROTATIONS_TOTAL, 45000, verify);
+    const s = (await admin(adminBase, `/credentials/${name}`)).body;
+    check(s.family === families[name], `family changed: ${families[name]} -> ${s.family}`);
+    check(s.generation >= base + PKJWT_ROTATIONS_TOTAL - 1, `generation ${s.generation} after ${rotationsOf()} rotations`);
+    const errs = stats.errors.filter((e) => e.client === clientId && !driverErrors.has(e));
+    check(errs.length === 0, `token endpoint errors for ${clientId}: ${JSON.stringify(errs)}`);
+  };
   if (pkjwtLoggedIn) {
-    await step(`private_key_jwt: ${PKJWT_ROTATIONS_TOTAL} rotations, kill -9 after ${PKJWT_KILLS_AT.join(' and ')}`, async () => {
-      // It has rotated in the background since its login; count from here.
-      const base = pkRotations();
-      for (const [i, at] of PKJWT_KILLS_AT.entries()) {
-        await load(proxy, '/pkjwt/', () => pkRotations() >= base + at, 45000, verifyPk);
-        // Just after a rotation: the new token is durable before it is served.
-        await sleep(300);
-        const before = await admin(adminBase, '/credentials/pkjwt');
-        run.kill('SIGKILL');
-        await run.exited;
-        await startRun(`run-kill${i + 1}`);
-        const after = (await admin(adminBase, '/credentials/pkjwt')).body;
-        check(after.family === before.body.family, `family ${before.body.family} -> ${after.family}`);
-        check(after.generation >= before.body.generation, `generation ${before.body.generation} -> ${after.generation}`);
-        say(`  pkjwt after kill -9 #${i + 1}: state=${after.state} generation=${after.generation}; rotations=${pkRotations()}`);
-      }
-      await load(proxy, '/pkjwt/', () => pkRotations() >= base + PKJWT_ROTATIONS_TOTAL, 45000, verifyPk);
-      const s = (await admin(adminBase, '/credentials/pkjwt')).body;
-      check(s.family === pkjwtFamily, `family changed: ${pkjwtFamily} -> ${s.family}`);
-      check(s.generation >= base + PKJWT_ROTATIONS_TOTAL - 1, `generation ${s.generation} after ${pkRotations()} rotations`);
-      const errs = stats.errors.filter((e) => e.client === CLIENTS.pkjwt.id);
-      check(errs.length === 0, `token endpoint errors for the private_key_jwt client: ${JSON.stringify(errs)}`);
-    });
+    await step(`private_key_jwt: ${PKJWT_ROTATIONS_TOTAL} rotations, kill -9 after ${PKJWT_KILLS_AT.join(' and ')}`, () =>
+      rotateAcrossKills('pkjwt', pkRotations));
+  }
+  if (mtlsLoggedIn) {
+    await step(`tls_client_auth: ${PKJWT_ROTATIONS_TOTAL} rotations, kill -9 after ${PKJWT_KILLS_AT.join(' and ')}`, () =>
+      rotateAcrossKills('mtls', mtlsRotations));
   }
 
   if (deviceLoggedIn) {
@@ -621,7 +703,8 @@ credential = "machine"
     // doctor probes client authentication with a made-up refresh token.
     const other = stats.errors.filter(
       (e, i) =>
-        (e.client === CLIENTS.user.id || e.client === CLIENTS.pkjwt.id || (e.client === CLIENTS.device.id && e.error !== 'authorization_pending')) &&
+        !driverErrors.has(e) &&
+        (e.client === CLIENTS.user.id || e.client === CLIENTS.pkjwt.id || e.client === CLIENTS.mtls.id || (e.client === CLIENTS.device.id && e.error !== 'authorization_pending')) &&
         !(i >= errorsBeforeDoctor && e.detail === 'refresh token not found'),
     );
     check(stats.reuses === 0, `provider rejected ${stats.reuses} reused refresh token(s)`);
@@ -699,6 +782,7 @@ credential = "machine"
   function finish() {
   for (const c of children) c.kill('SIGKILL');
   idp.server.close();
+  idp.tlsServer?.close();
   up.server.close();
   idpLog.end();
 
@@ -711,7 +795,7 @@ credential = "machine"
   }
   say(`provider grants by type ${JSON.stringify(stats.grants)}; upstream served ${up.stats.served}, rejected ${up.stats.rejected}`);
   console.log(
-    `INTEROP: grants=${grants} rotations=${rotations()} private_key_jwt_rotations=${pkRotations()} device_rotations=${deviceRotations()} reuses=${reusesBeforeRevocation} requests=${requests} failures=${total}`,
+    `INTEROP: grants=${grants} rotations=${rotations()} private_key_jwt_rotations=${pkRotations()} tls_client_auth_rotations=${mtlsRotations()} device_rotations=${deviceRotations()} reuses=${reusesBeforeRevocation} requests=${requests} failures=${total}`,
   );
   console.log(`interop: ${stepsPassed} passed, ${failures.length} failed`);
   if (!total && !process.env.INTEROP_KEEP) fs.rmSync(TMP, { recursive: true, force: true });

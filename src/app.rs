@@ -255,6 +255,9 @@ fn watched_files(config: &Config) -> Vec<PathBuf> {
             Some(crate::config::AssertionSource::File(path)) => files.push(path.clone()),
             None => {}
         }
+        if let Some(crate::config::DpopSource::File { path, .. }) = &c.dpop {
+            files.push(path.clone());
+        }
     }
     files
 }

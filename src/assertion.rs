@@ -153,26 +153,7 @@ pub fn load_key(
     kid: Option<String>,
     cert_pem: Option<&[u8]>,
 ) -> Result<SigningKey, LoadError> {
-    let text = String::from_utf8_lossy(key_pem);
-    if text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
-        return Err(KeyError::Encrypted.into());
-    }
-    let mut pkcs8 = None;
-    for item in <(SectionKind, Vec<u8>)>::pem_slice_iter(key_pem) {
-        match item {
-            Ok((SectionKind::PrivateKey, der)) => {
-                pkcs8 = Some(der);
-                break;
-            }
-            Ok((SectionKind::RsaPrivateKey, _)) => {
-                return Err(KeyError::NotPkcs8("PKCS#1 RSA").into())
-            }
-            Ok((SectionKind::EcPrivateKey, _)) => return Err(KeyError::NotPkcs8("SEC1 EC").into()),
-            Ok(_) => {}
-            Err(_) => return Err(KeyError::NoKey.into()),
-        }
-    }
-    let der = pkcs8.ok_or(KeyError::NoKey)?;
+    let der = pkcs8_der(key_pem)?;
     let rng = ring::rand::SystemRandom::new();
     let kind = match signature::RsaKeyPair::from_pkcs8(&der) {
         Ok(k) => KeyKind::Rsa(k),
@@ -253,6 +234,24 @@ pub fn load_key(
     }
     key.digest = digest.finalize().into();
     Ok(key)
+}
+
+/// The one unencrypted PKCS#8 section of a PEM file (also `dpop_key`'s).
+pub(crate) fn pkcs8_der(key_pem: &[u8]) -> Result<Vec<u8>, KeyError> {
+    let text = String::from_utf8_lossy(key_pem);
+    if text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
+        return Err(KeyError::Encrypted);
+    }
+    for item in <(SectionKind, Vec<u8>)>::pem_slice_iter(key_pem) {
+        match item {
+            Ok((SectionKind::PrivateKey, der)) => return Ok(der),
+            Ok((SectionKind::RsaPrivateKey, _)) => return Err(KeyError::NotPkcs8("PKCS#1 RSA")),
+            Ok((SectionKind::EcPrivateKey, _)) => return Err(KeyError::NotPkcs8("SEC1 EC")),
+            Ok(_) => {}
+            Err(_) => return Err(KeyError::NoKey),
+        }
+    }
+    Err(KeyError::NoKey)
 }
 
 /// The first certificate in `cert_pem`, once it has verified a signature

@@ -211,6 +211,9 @@ pub(crate) async fn poll(
 ) -> Result<(TokenSet, SystemTime), LoginError> {
     let deadline = issued + auth.expires_in;
     let mut interval = auth.interval.unwrap_or(DEFAULT_INTERVAL);
+    // One key for every poll: the answer that issues tokens binds them to it.
+    let dpop = grant::LoginDpop::for_credential(cred)
+        .map_err(|e| failed(cred, "polling the token endpoint", e, None))?;
     loop {
         let next = Instant::now() + interval;
         if next >= deadline {
@@ -219,11 +222,16 @@ pub(crate) async fn poll(
             return Err(LoginError::DeviceExpired(auth.expires_in));
         }
         tokio::time::sleep_until(next).await;
-        let req = build_token_request(cred, token_url, &Grant::DeviceCode(&auth.device_code))
-            .map_err(|e| failed(cred, "polling the token endpoint", e, None))?;
+        let poll = Grant::DeviceCode(&auth.device_code);
+        let build = || build_token_request(cred, token_url, &poll);
+        let req = build().map_err(|e| failed(cred, "polling the token endpoint", e, None))?;
         let sent_wall = SystemTime::now();
-        let answer = match client.send(&req).await {
-            Ok(raw) => parse_token_response(&raw, SystemTime::now()),
+        let proven = dpop.as_ref().map(|d| d.proven());
+        let answer = match client.send_proven(req, proven.as_ref(), &build).await {
+            Ok(raw) => parse_token_response(&raw, SystemTime::now()).map(|mut set| {
+                set.dpop_key = dpop.as_ref().and_then(|d| d.stored.clone());
+                set
+            }),
             Err(e) => Err(e),
         };
         let e = match answer {

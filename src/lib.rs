@@ -49,6 +49,7 @@ pub mod dev;
 pub mod device;
 pub mod discovery;
 pub(crate) mod doctor;
+pub mod dpop;
 pub(crate) mod egress;
 pub(crate) mod explain;
 pub(crate) mod live;

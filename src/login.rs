@@ -648,22 +648,30 @@ pub(crate) async fn exchange(
     pending: &Pending,
     code_age: Duration,
 ) -> Result<(TokenSet, SystemTime), LoginError> {
-    let req = build_token_request(
-        cred,
-        token_url,
-        &Grant::AuthorizationCode {
-            code,
-            redirect_uri: &pending.redirect_uri,
-            verifier: &pending.verifier,
-        },
-    );
+    let grant = Grant::AuthorizationCode {
+        code,
+        redirect_uri: &pending.redirect_uri,
+        verifier: &pending.verifier,
+    };
+    let build = || build_token_request(cred, token_url, &grant);
     let sent_wall = SystemTime::now();
-    let outcome = match req {
-        Ok(req) => match client.send(&req).await {
-            Ok(raw) => parse_token_response(&raw, SystemTime::now()),
-            Err(e) => Err(e),
-        },
-        Err(e) => Err(e),
+    // A DPoP nonce retry sends the code twice; the IdP refused the first
+    // before redeeming it (RFC 9449 §8).
+    let outcome = match (
+        build(),
+        crate::token::grant::LoginDpop::for_credential(cred),
+    ) {
+        (Ok(req), Ok(dpop)) => {
+            let proven = dpop.as_ref().map(|d| d.proven());
+            match client.send_proven(req, proven.as_ref(), &build).await {
+                Ok(raw) => parse_token_response(&raw, SystemTime::now()).map(|mut set| {
+                    set.dpop_key = dpop.and_then(|d| d.stored);
+                    set
+                }),
+                Err(e) => Err(e),
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => Err(e),
     };
     let set = outcome.map_err(|error| {
         let hint = crate::token::hints::for_grant_error(cred, &error);

@@ -77,6 +77,7 @@ pub struct Metrics {
     store_up: Family<CredLabel, Gauge>,
     upstream_401: Family<RouteLabel, Counter>,
     replays: Family<RouteLabel, Counter>,
+    dpop_nonce_unreplayed: Family<RouteLabel, Counter>,
     /// For the status page: totals per route, kept across reloads.
     route_stats: parking_lot::Mutex<std::collections::HashMap<String, Arc<RouteStats>>>,
 }
@@ -115,6 +116,7 @@ impl Metrics {
             store_up: Family::default(),
             upstream_401: Family::default(),
             replays: Family::default(),
+            dpop_nonce_unreplayed: Family::default(),
             route_stats: Default::default(),
             registry: Registry::default(),
         };
@@ -187,6 +189,11 @@ impl Metrics {
             "replays",
             "Requests replayed after a reactive refresh, by route",
             m.replays.clone(),
+        );
+        registry.register(
+            "dpop_nonce_unreplayed",
+            "Upstream DPoP nonce challenges answered to the client because the request body could not be sent again, by route",
+            m.dpop_nonce_unreplayed.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -300,6 +307,7 @@ impl Metrics {
             duration: self.request_duration.get_or_create(&label).clone(),
             upstream_401: self.upstream_401.get_or_create(&label).clone(),
             replays: self.replays.get_or_create(&label).clone(),
+            dpop_nonce_unreplayed: self.dpop_nonce_unreplayed.get_or_create(&label).clone(),
             stats: self.route_stats(route),
         }
     }
@@ -326,6 +334,7 @@ pub struct RouteMetrics {
     duration: Histogram,
     upstream_401: Counter,
     replays: Counter,
+    dpop_nonce_unreplayed: Counter,
     stats: Arc<RouteStats>,
 }
 
@@ -367,6 +376,12 @@ impl RouteMetrics {
     /// A request sent again with a refreshed token.
     pub fn replayed(&self) {
         self.replays.inc();
+    }
+
+    /// An upstream's DPoP nonce challenge went back to the client: the
+    /// body was streamed, so the request could not be sent again.
+    pub fn dpop_nonce_unreplayed(&self) {
+        self.dpop_nonce_unreplayed.inc();
     }
 }
 

@@ -208,6 +208,19 @@ pub enum AssertionSource {
     File(PathBuf),
 }
 
+/// Which key DPoP proofs are signed with (docs/dpop.md).
+#[derive(Debug, Clone, PartialEq)]
+pub enum DpopSource {
+    /// A P-256 key generated once and kept in the store with the token set
+    /// (in memory only for client_credentials, whose tokens are too).
+    Generated,
+    /// `dpop_key`: loaded and proven at config load; the file is watched.
+    File {
+        key: std::sync::Arc<crate::dpop::DpopKey>,
+        path: PathBuf,
+    },
+}
+
 /// The `aud` of an assertion tokenproxy signs (`client_assertion_aud`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AssertionAud {
@@ -254,6 +267,8 @@ pub struct CredentialConfig {
     pub client_assertion: Option<AssertionSource>,
     /// `private_key_jwt` and `client_secret_jwt`.
     pub client_assertion_aud: AssertionAud,
+    /// `dpop = true` (RFC 9449): tokens bound to this key.
+    pub dpop: Option<DpopSource>,
     /// None: DESIGN.md's default (max(30s, 10% of lifetime), ≤ half).
     pub refresh_before: Option<Duration>,
     /// Default 10s.

@@ -95,6 +95,8 @@ pub struct RawCredential {
     pub client_assertion_cert: Option<String>,
     pub client_assertion_aud: Option<String>,
     pub client_assertion_file: Option<String>,
+    pub dpop: Option<bool>,
+    pub dpop_key: Option<String>,
     pub refresh_before: Option<String>,
     pub refresh_wait: Option<String>,
     pub max_backoff: Option<String>,

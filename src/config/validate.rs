@@ -853,6 +853,7 @@ fn credential(name: &str, r: &RawCredential, cx: &mut Ctx<'_>) -> Option<Credent
         );
     }
     let (client_assertion, client_assertion_aud) = client_assertion(cx, &base, r, auth_method);
+    let dpop = dpop(cx, &base, r);
 
     let c = CredentialConfig {
         name: name.to_owned(),
@@ -885,6 +886,7 @@ fn credential(name: &str, r: &RawCredential, cx: &mut Ctx<'_>) -> Option<Credent
         client_key,
         client_assertion,
         client_assertion_aud,
+        dpop,
         refresh_before: cx.opt_duration(&p("refresh_before"), r.refresh_before.as_ref()),
         refresh_wait: cx.duration(
             &p("refresh_wait"),
@@ -1176,6 +1178,42 @@ fn client_assertion(
                     (None, aud)
                 }
             }
+        }
+    }
+}
+
+/// `dpop` and `dpop_key` (docs/dpop.md): a key that cannot sign is an
+/// error here, at the key's line.
+fn dpop(cx: &mut Ctx<'_>, base: &str, r: &RawCredential) -> Option<DpopSource> {
+    let p = |k: &str| format!("{base}.{k}");
+    if r.dpop != Some(true) {
+        if r.dpop_key.is_some() {
+            cx.err(&p("dpop_key"), "is only used with dpop = true");
+        }
+        return None;
+    }
+    let Some(k) = &r.dpop_key else {
+        return Some(DpopSource::Generated);
+    };
+    let path = cx.path(&p("dpop_key"), Some(k))?;
+    let pem = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) => {
+            cx.err(
+                &p("dpop_key"),
+                format!("cannot read {}: {e}", path.display()),
+            );
+            return None;
+        }
+    };
+    match crate::dpop::DpopKey::from_pem(&pem) {
+        Ok(key) => Some(DpopSource::File {
+            key: Arc::new(key),
+            path,
+        }),
+        Err(e) => {
+            cx.err(&p("dpop_key"), format!("{} {e}", path.display()));
+            None
         }
     }
 }

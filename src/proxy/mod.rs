@@ -402,6 +402,18 @@ impl Proxy {
         h.insert(X_REQUEST_ID.clone(), request_id.clone());
         // Replaces every client-sent value of the header.
         h.insert(route.header.clone(), injected.value.clone());
+        // RFC 9449 §7: a bound token goes with a proof for this request;
+        // the upstream URI is kept for the proof of a retry.
+        let dpop_uri = match &injected.dpop {
+            Some(d) => {
+                h.insert(
+                    &crate::dpop::DPOP,
+                    dpop_proof(d, &parts.method, &uri, route.token.credential())?,
+                );
+                Some(uri.clone())
+            }
+            None => None,
+        };
 
         let has_body = !body.is_end_stream();
         parts.uri = uri;
@@ -418,7 +430,7 @@ impl Proxy {
         // Content-Length are buffered so the request can be replayed once
         // with a new token.
         let replayable = !upgrade
-            && !route.refresh_on.is_empty()
+            && (!route.refresh_on.is_empty() || injected.dpop.is_some())
             && route
                 .replay_max_body
                 .is_some_and(|max| replayable_body(&parts.headers, has_body, max));
@@ -471,9 +483,30 @@ impl Proxy {
         // One await site for every attempt: the send future is the largest
         // part of a request's state, and each site would hold its own copy.
         let mut attempt = Request::from_parts(parts, out_body);
-        let (mut retried, mut replayed) = (false, false);
+        let (mut retried, mut replayed, mut nonce_retried) = (false, false, false);
         let mut resp = loop {
             let e = match tokio::time::timeout_at(deadline, pool.send(&mut attempt)).await {
+                Ok(Ok(r)) if dpop_nonce_challenge(&injected, dpop_uri.as_ref(), &r) => {
+                    // RFC 9449 §9: the upstream wants a nonce (now learnt);
+                    // one retry with it when the body can be sent again.
+                    let (Some(d), Some(u), Some(bytes), false) =
+                        (&injected.dpop, &dpop_uri, &buffered, nonce_retried)
+                    else {
+                        route.metrics.dpop_nonce_unreplayed();
+                        break r;
+                    };
+                    if !kept {
+                        let Some(saved) = &saved else {
+                            route.metrics.dpop_nonce_unreplayed();
+                            break r;
+                        };
+                        attempt = rebuild(saved, body::full(bytes.clone()));
+                    }
+                    let proof = dpop_proof(d, attempt.method(), u, route.token.credential())?;
+                    attempt.headers_mut().insert(&crate::dpop::DPOP, proof);
+                    nonce_retried = true;
+                    continue;
+                }
                 Ok(Ok(r)) if replayed => break r,
                 Ok(Ok(r)) => {
                     if !route.refresh_on.contains(&r.status()) {
@@ -505,6 +538,10 @@ impl Proxy {
                             break r;
                         };
                         attempt = rebuild(saved, body::full(bytes.clone()));
+                    }
+                    if let (Some(d), Some(u)) = (&fresh.dpop, &dpop_uri) {
+                        let proof = dpop_proof(d, attempt.method(), u, route.token.credential())?;
+                        attempt.headers_mut().insert(&crate::dpop::DPOP, proof);
                     }
                     attempt
                         .headers_mut()
@@ -610,6 +647,38 @@ fn original_host<B>(req: &Request<B>) -> Option<HeaderValue> {
 
 /// Only bodies of a known, small length are buffered for a replay: never
 /// chunked bodies, gRPC or `Expect: 100-continue`.
+/// A DPoP proof for one upstream request; a key that cannot sign leaves
+/// the request unsent, like a missing token.
+fn dpop_proof(
+    d: &crate::token::InjectedDpop,
+    method: &Method,
+    uri: &http::Uri,
+    credential: &str,
+) -> Result<HeaderValue, ProxyError> {
+    d.proof(method, uri).map_err(|_| {
+        ProxyError::CredentialUnavailable(crate::token::CredentialUnavailable {
+            credential: credential.to_owned(),
+            reason: crate::token::reason::Reason::NoToken,
+            hint: "The DPoP key could not sign a proof for this request.".into(),
+            retry_after: None,
+        })
+    })
+}
+
+/// Learns the upstream's nonce from any answer to a DPoP request; true
+/// when the answer asks for one (RFC 9449 §9).
+fn dpop_nonce_challenge<B>(
+    injected: &crate::token::Injected,
+    uri: Option<&http::Uri>,
+    resp: &Response<B>,
+) -> bool {
+    let (Some(d), Some(uri)) = (&injected.dpop, uri) else {
+        return false;
+    };
+    d.nonces.learn(uri, resp.headers())
+        && crate::dpop::upstream_wants_nonce(resp.status(), resp.headers())
+}
+
 fn replayable_body(h: &HeaderMap, has_body: bool, max: u64) -> bool {
     if !has_body {
         return true;

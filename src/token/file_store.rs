@@ -970,6 +970,7 @@ mod tests {
             intent: None,
             dead: None,
             updated_at_ms: 0,
+            dpop_key: None,
         }
     }
 

@@ -341,6 +341,12 @@ pub struct TokenSet {
     pub scope: Option<String>,
     /// From the id_token's `sub`, when one came back.
     pub subject: Option<String>,
+    /// `token_type` was `DPoP` (RFC 9449 §5): the token is bound to the
+    /// key that signed the request's proof.
+    pub dpop_bound: bool,
+    /// The generated DPoP key the request was proven with, to be stored
+    /// with the token set (login and device login set it).
+    pub dpop_key: Option<Secret>,
 }
 
 /// The RFC 6749 §5.2 error codes, plus vendors' spellings of invalid_grant.
@@ -368,7 +374,8 @@ impl OAuthCode {
             "unauthorized_client" => OAuthCode::UnauthorizedClient,
             "unsupported_grant_type" => OAuthCode::UnsupportedGrantType,
             "invalid_scope" => OAuthCode::InvalidScope,
-            "temporarily_unavailable" | "server_error" | "slow_down" => {
+            // A second use_dpop_nonce: the nonce is learnt, retry later.
+            "temporarily_unavailable" | "server_error" | "slow_down" | "use_dpop_nonce" => {
                 OAuthCode::TemporarilyUnavailable
             }
             other => OAuthCode::Other(other.to_owned()),
@@ -469,6 +476,58 @@ impl GrantError {
             (Delivery::MaybeSent, Some(_)) => "unusable_answer",
             (Delivery::Answered, _) if self.class == FailureClass::Transient => "refused",
             (Delivery::Answered, _) => "rejected",
+        }
+    }
+}
+
+/// What a DPoP credential's token requests are proven with.
+pub struct TokenEndpointDpop<'a> {
+    pub key: &'a crate::dpop::DpopKey,
+    pub nonces: &'a crate::dpop::Nonces,
+}
+
+/// The DPoP key a login (code or device) proves with: `dpop_key`'s, or a
+/// new generated one, returned with its stored form so the new family
+/// keeps it (docs/dpop.md). `None` without `dpop`.
+pub struct LoginDpop {
+    pub key: crate::dpop::DpopKey,
+    pub stored: Option<Secret>,
+    pub nonces: crate::dpop::Nonces,
+}
+
+impl LoginDpop {
+    pub fn for_credential(cred: &CredentialConfig) -> Result<Option<LoginDpop>, GrantError> {
+        let (key, stored) = match &cred.dpop {
+            None => return Ok(None),
+            Some(crate::config::DpopSource::File { path, .. }) => {
+                // The config holds it behind an Arc; a login is one-off.
+                let pem = std::fs::read(path).map_err(|e| {
+                    GrantError::config_not_sent(format!("cannot read dpop_key {}", path.display()))
+                        .caused_by(e)
+                })?;
+                let key = crate::dpop::DpopKey::from_pem(&pem).map_err(|e| {
+                    GrantError::config_not_sent(format!("dpop_key {}", path.display())).caused_by(e)
+                })?;
+                (key, None)
+            }
+            Some(crate::config::DpopSource::Generated) => {
+                let (key, stored) = crate::dpop::DpopKey::generate().map_err(|e| {
+                    GrantError::config_not_sent("cannot generate a DPoP key".into()).caused_by(e)
+                })?;
+                (key, Some(stored))
+            }
+        };
+        Ok(Some(LoginDpop {
+            key,
+            stored,
+            nonces: Default::default(),
+        }))
+    }
+
+    pub fn proven(&self) -> TokenEndpointDpop<'_> {
+        TokenEndpointDpop {
+            key: &self.key,
+            nonces: &self.nonces,
         }
     }
 }
@@ -615,8 +674,9 @@ pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<Token
             "access_token contains bytes that cannot go in a header",
         ));
     }
-    if let Some(tt) = fields.get_str("token_type") {
-        if !tt.eq_ignore_ascii_case("bearer") {
+    let token_type = fields.get_str("token_type");
+    if let Some(tt) = token_type {
+        if !tt.eq_ignore_ascii_case("bearer") && !tt.eq_ignore_ascii_case("dpop") {
             return Err(GrantError {
                 cause: None,
                 class: FailureClass::Config,
@@ -628,7 +688,7 @@ pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<Token
                 redirect_host: None,
                 vendor_code: None,
                 message: format!(
-                    "token_type {:?} is not Bearer (DPoP or MAC tokens are not supported)",
+                    "token_type {:?} is neither Bearer nor DPoP (MAC tokens are not supported)",
                     sanitize(tt, 32)
                 ),
             });
@@ -666,6 +726,8 @@ pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<Token
             .find_map(|k| fields.get_secs(k)),
         scope: fields.get_str("scope").map(|s| sanitize(s, 512)),
         subject,
+        dpop_bound: token_type.is_some_and(|t| t.eq_ignore_ascii_case("dpop")),
+        dpop_key: None,
     })
 }
 
@@ -1057,6 +1119,45 @@ impl GrantClient {
         let mut c = Self::new(tls, Duration::from_secs(30), None);
         c.scripted = Some(script);
         c
+    }
+
+    /// Sends a token-endpoint request; with `dpop`, with a proof, and
+    /// once more with the nonce when the IdP asks for one (RFC 9449 §8).
+    /// That first answer refused the request before looking at the grant,
+    /// so the retry presents nothing twice: to the engine it is one
+    /// presentation. `rebuild` makes the request again (a client assertion
+    /// must not be sent twice with the same `jti`).
+    pub async fn send_proven(
+        &self,
+        mut req: PreparedRequest,
+        dpop: Option<&TokenEndpointDpop<'_>>,
+        rebuild: &(dyn Fn() -> Result<PreparedRequest, GrantError> + Sync),
+    ) -> Result<RawResponse, GrantError> {
+        let Some(d) = dpop else {
+            return self.send(&req).await;
+        };
+        let mut retried = false;
+        loop {
+            let nonce = d.nonces.get(&req.uri);
+            let proof = d
+                .key
+                .proof_header("POST", &crate::dpop::htu(&req.uri), None, nonce.as_deref())
+                .map_err(|e| {
+                    GrantError::config_not_sent("no DPoP proof for the token request".into())
+                        .caused_by(e)
+                })?;
+            req.headers.insert(&crate::dpop::DPOP, proof);
+            let resp = self.send(&req).await?;
+            d.nonces.learn(&req.uri, &resp.headers);
+            if !retried
+                && crate::dpop::token_endpoint_wants_nonce(resp.status, &resp.headers, &resp.body)
+            {
+                retried = true;
+                req = rebuild()?;
+                continue;
+            }
+            return Ok(resp);
+        }
     }
 
     /// Sends `req`; reads at most [`MAX_RESPONSE_BYTES`]. Never follows redirects.
@@ -1752,7 +1853,7 @@ mod tests {
             FailureClass::Transient
         );
         assert_eq!(
-            c(200, r#"{"access_token":"a","token_type":"DPoP"}"#).class,
+            c(200, r#"{"access_token":"a","token_type":"MAC"}"#).class,
             FailureClass::Config
         );
         let mut r = raw(302, "text/html", "");

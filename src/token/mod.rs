@@ -48,6 +48,33 @@ pub struct CredentialUnavailable {
 pub struct Injected {
     pub value: HeaderValue,
     pub tag: u64,
+    /// Set when the token is DPoP-bound: each request needs its own proof.
+    pub dpop: Option<Arc<InjectedDpop>>,
+}
+
+/// What a proof for a DPoP-bound token needs, built once per token.
+pub struct InjectedDpop {
+    pub key: Arc<crate::dpop::DpopKey>,
+    /// `ath`: the token's SHA-256, base64url.
+    pub ath: String,
+    pub nonces: Arc<crate::dpop::Nonces>,
+}
+
+impl InjectedDpop {
+    /// A fresh proof for one upstream request (RFC 9449 §7.1).
+    pub fn proof(
+        &self,
+        method: &http::Method,
+        uri: &Uri,
+    ) -> Result<HeaderValue, crate::dpop::ProofError> {
+        let nonce = self.nonces.get(uri);
+        self.key.proof_header(
+            method.as_str(),
+            &crate::dpop::htu(uri),
+            Some(&self.ath),
+            nonce.as_deref(),
+        )
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -389,7 +416,11 @@ impl RouteToken {
         RouteToken {
             inner: Arc::new(RouteTokenInner::Fixed {
                 credential: credential.to_owned(),
-                injected: Injected { value, tag: 0 },
+                injected: Injected {
+                    value,
+                    tag: 0,
+                    dpop: None,
+                },
             }),
         }
     }
@@ -448,12 +479,24 @@ impl RouteToken {
                         return Ok(Injected::clone(c));
                     }
                 }
+                let dpop = token.dpop.as_ref().zip(slot.dpop.as_ref()).map(|(key, d)| {
+                    Arc::new(InjectedDpop {
+                        key: key.clone(),
+                        ath: crate::dpop::ath(token.access.expose()),
+                        nonces: d.nonces.clone(),
+                    })
+                });
+                // RFC 9449 §7.1: a bound token goes in the DPoP scheme.
+                let (prefix, suffix) = match &dpop {
+                    Some(_) => ("DPoP ", ""),
+                    None => (format.prefix.as_str(), format.suffix.as_str()),
+                };
                 let mut raw = String::with_capacity(
-                    format.prefix.len() + token.access.expose().len() + format.suffix.len(),
+                    prefix.len() + token.access.expose().len() + suffix.len(),
                 );
-                raw.push_str(&format.prefix);
+                raw.push_str(prefix);
                 raw.push_str(token.access.expose());
-                raw.push_str(&format.suffix);
+                raw.push_str(suffix);
                 let mut value = HeaderValue::from_str(&raw).map_err(|_| CredentialUnavailable {
                     credential: slot.name.clone(),
                     reason: reason::Reason::TokenNotAHeader,
@@ -465,6 +508,7 @@ impl RouteToken {
                 let injected = Injected {
                     value,
                     tag: token.tag,
+                    dpop,
                 };
                 cached.store(Some(Arc::new(injected.clone())));
                 Ok(injected)
@@ -544,6 +588,7 @@ pub(crate) mod tests_support {
             client_key: None,
             client_assertion: None,
             client_assertion_aud: crate::config::AssertionAud::TokenEndpoint,
+            dpop: None,
             refresh_before: None,
             refresh_wait: Duration::from_secs(10),
             max_backoff: Duration::from_secs(60),

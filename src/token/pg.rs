@@ -53,7 +53,8 @@ const MAX_IN_USE: usize = 8;
 const VERSIONS_FRESH: Duration = Duration::from_secs(1);
 
 /// Versioned migrations; index + 1 is the schema version.
-const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS tokenproxy_credentials (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS tokenproxy_credentials (
         name text PRIMARY KEY,
         token_url text,
         client_id text,
@@ -70,7 +71,11 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS tokenproxy_credentials
         lease_holder text,
         lease_until timestamptz,
         updated_at timestamptz NOT NULL DEFAULT now()
-    )"];
+    )",
+    // The generated DPoP key kept with the token set (docs/dpop.md),
+    // sealed like the tokens.
+    "ALTER TABLE tokenproxy_credentials ADD COLUMN IF NOT EXISTS dpop_key text",
+];
 
 /// The postgres store. Cheap to clone; the pool and the listener are shared.
 #[derive(Clone)]
@@ -401,7 +406,7 @@ impl PgStore {
                 "SELECT token_url, client_id, family, generation, refresh_token, access_token,
                     access_expires_at_ms, access_issued_at_ms, refresh_expires_at_ms,
                     seeds_seen, dead, lease_intent,
-                    (extract(epoch FROM updated_at) * 1000)::bigint, xmin::text
+                    (extract(epoch FROM updated_at) * 1000)::bigint, xmin::text, dpop_key
              FROM tokenproxy_credentials WHERE name = $1",
                 &[&name],
             ))
@@ -446,6 +451,7 @@ impl PgStore {
                 .transpose()
                 .map_err(|_| corrupt("lease_intent is not valid JSON"))?,
             updated_at_ms: row.get::<_, Option<i64>>(12).unwrap_or(0) as u64,
+            dpop_key: token(row.get(14))?,
         };
         Ok((Some(record), version))
     }
@@ -487,6 +493,7 @@ impl PgStore {
         let c = self.client().await?;
         let refresh = rec.refresh_token.as_ref().map(|s| self.seal(s));
         let access = rec.access_token.as_ref().map(|s| self.seal(s));
+        let dpop_key = rec.dpop_key.as_ref().map(|s| self.seal(s));
         let generation = rec.generation as i64;
         let ms = |v: Option<u64>| v.map(|v| v as i64);
         let (aexp, aiss, rexp) = (
@@ -508,8 +515,8 @@ impl PgStore {
         let hold_secs = lease.and_then(|l| l.1).map(|d| d.as_secs_f64());
         // $1..$13 are the record's columns; $14, $15 the fence (update
         // only); $16 the lease holder that must still hold it, $17 how long
-        // the lease must last from now.
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 17] = [
+        // the lease must last from now; $18 the record's dpop_key.
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 18] = [
             &name,
             &rec.token_url,
             &rec.client_id,
@@ -527,6 +534,7 @@ impl PgStore {
             &prev_generation,
             &holder,
             &hold_secs,
+            &dpop_key,
         ];
         let updated = c
             .timed(c.query(
@@ -535,6 +543,7 @@ impl PgStore {
                  generation = $5, refresh_token = $6, access_token = $7,
                  access_expires_at_ms = $8, access_issued_at_ms = $9, refresh_expires_at_ms = $10,
                  seeds_seen = $11, dead = $12, lease_intent = $13, updated_at = now(),
+                 dpop_key = $18,
                  lease_until = CASE WHEN $17::float8 IS NULL THEN lease_until
                    ELSE greatest(lease_until, now() + make_interval(secs => $17::float8)) END
                WHERE name = $1 AND family IS NOT DISTINCT FROM $14
@@ -554,12 +563,13 @@ impl PgStore {
                     "WITH w AS (
                    INSERT INTO tokenproxy_credentials (name, token_url, client_id, family,
                      generation, refresh_token, access_token, access_expires_at_ms,
-                     access_issued_at_ms, refresh_expires_at_ms, seeds_seen, dead, lease_intent)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                     access_issued_at_ms, refresh_expires_at_ms, seeds_seen, dead, lease_intent,
+                     dpop_key)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
                    ON CONFLICT (name) DO NOTHING RETURNING name)
                  SELECT pg_notify('tokenproxy_credentials', name) FROM w",
                     // The same columns, without the fence.
-                    &params[..13],
+                    &[&params[..13], &params[17..]].concat(),
                 ))
                 .await?;
             if !inserted.is_empty() {
@@ -607,18 +617,18 @@ impl PgStore {
             let c = self.client().await?;
             let Some(row) = c
                 .timed(c.query_opt(
-                    "SELECT refresh_token, access_token FROM tokenproxy_credentials WHERE name = $1",
+                    "SELECT refresh_token, access_token, dpop_key FROM tokenproxy_credentials WHERE name = $1",
                     &[&name],
                 ))
                 .await?
             else {
                 return Ok(false);
             };
-            let old: [Option<String>; 2] = [row.get(0), row.get(1)];
+            let old: [Option<String>; 3] = [row.get(0), row.get(1), row.get(2)];
             if old.iter().flatten().all(|v| keys.is_current(v)) {
                 return Ok(false);
             }
-            let mut new: [Option<String>; 2] = [None, None];
+            let mut new: [Option<String>; 3] = [None, None, None];
             for (slot, v) in new.iter_mut().zip(&old) {
                 if let Some(v) = v {
                     *slot = Some(keys.seal(self.unseal(name, v)?.expose().as_bytes()));
@@ -627,10 +637,12 @@ impl PgStore {
             // No NOTIFY: the tokens, family and generation are unchanged.
             let n = c
                 .timed(c.execute(
-                    "UPDATE tokenproxy_credentials SET refresh_token = $2, access_token = $3
+                    "UPDATE tokenproxy_credentials SET refresh_token = $2, access_token = $3,
+                       dpop_key = $6
                      WHERE name = $1 AND refresh_token IS NOT DISTINCT FROM $4
-                       AND access_token IS NOT DISTINCT FROM $5",
-                    &[&name, &new[0], &new[1], &old[0], &old[1]],
+                       AND access_token IS NOT DISTINCT FROM $5
+                       AND dpop_key IS NOT DISTINCT FROM $7",
+                    &[&name, &new[0], &new[1], &old[0], &old[1], &new[2], &old[2]],
                 ))
                 .await?;
             if n == 1 {

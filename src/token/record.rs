@@ -41,6 +41,11 @@ pub struct Record {
     pub dead: Option<DeadMark>,
     #[serde(default)]
     pub updated_at_ms: u64,
+    /// The generated DPoP key (PKCS#8, base64url) the token set is bound
+    /// to (docs/dpop.md); `None` without `dpop` or with `dpop_key`. A
+    /// secret: sealed with the rest when the store is encrypted.
+    #[serde(with = "opt_secret", default, skip_serializing_if = "Option::is_none")]
+    pub dpop_key: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -435,7 +435,11 @@ async fn fleet_two_replicas_start_at_once_on_empty_database() {
         let g = get_ok(&c, &r.url("/api/x")).await;
         assert_eq!(g.status, 200, "{} {}", g.text(), r.output());
     }
-    assert_eq!(pg.psql("SELECT count(*) FROM tokenproxy_schema"), "1");
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM tokenproxy_schema"),
+        "2",
+        "one row per migration"
+    );
     assert_eq!(stack.refresh_grants(), 1, "one grant for the fleet");
     stack.assert_no_reuse();
 }
@@ -614,6 +618,7 @@ async fn pg_store_fences_writes_and_serialises_leases() {
         intent: None,
         dead: None,
         updated_at_ms: 0,
+        dpop_key: None,
     };
     store.write("x", &rec("f", 0), None).await.unwrap();
     assert!(matches!(

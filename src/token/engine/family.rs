@@ -47,6 +47,8 @@ impl Slot {
                     intent: None,
                     dead: None,
                     updated_at_ms: 0,
+                    // A new family may keep the key (docs/dpop.md).
+                    dpop_key: rec.as_ref().and_then(|r| r.dpop_key.clone()),
                 };
                 store
                     .write_held(&lock, &self.name, &new, prev, None)
@@ -163,6 +165,7 @@ pub async fn install_family(
         intent: None,
         dead: None,
         updated_at_ms: 0,
+        dpop_key: set.dpop_key.clone(),
     };
     store
         .write_held(

@@ -28,7 +28,8 @@ use super::grant::{self, Delivery, FailureClass, Grant, GrantClient, GrantError,
 use super::reason::Reason;
 use super::schedule;
 use super::store::{self, Intent, Record, Store, StoreError, StoreLock};
-use crate::config::{CredentialConfig, GrantType};
+use crate::config::{CredentialConfig, DpopSource, GrantType};
+use crate::dpop::{DpopKey, Nonces};
 use crate::secret::Secret;
 use crate::token::CredentialUnavailable;
 use arc_swap::ArcSwap;
@@ -124,6 +125,9 @@ pub struct Token {
     pub lifetime: Duration,
     pub family: String,
     pub generation: u64,
+    /// The DPoP key the token is bound to (RFC 9449 §6): requests carrying
+    /// it need a proof signed with this key.
+    pub dpop: Option<Arc<DpopKey>>,
 }
 
 impl Token {
@@ -147,7 +151,13 @@ impl Token {
             lifetime,
             family,
             generation,
+            dpop: None,
         }
+    }
+
+    fn bound_to(mut self, key: Option<Arc<DpopKey>>) -> Token {
+        self.dpop = key;
+        self
     }
 
     /// Usable only while both deadlines are ahead.
@@ -294,6 +304,65 @@ pub enum SlotKind {
     },
 }
 
+/// A DPoP credential's keys and nonces (docs/dpop.md).
+pub struct SlotDpop {
+    source: DpopSource,
+    /// Server nonces by origin: the token endpoint's and the upstreams'.
+    pub nonces: Arc<Nonces>,
+    /// The last key parsed from a record (by its fingerprint), or the
+    /// in-memory key of a client_credentials slot. A sync mutex, never
+    /// held across an await.
+    cached: Mutex<Option<(String, Arc<DpopKey>)>>,
+}
+
+impl SlotDpop {
+    fn new(source: DpopSource) -> SlotDpop {
+        SlotDpop {
+            source,
+            nonces: Arc::default(),
+            cached: Mutex::new(None),
+        }
+    }
+
+    /// The key for a token set whose record holds `stored`: `dpop_key`'s
+    /// when configured, else the stored generated one.
+    fn key_for(&self, stored: Option<&Secret>) -> Option<Arc<DpopKey>> {
+        if let DpopSource::File { key, .. } = &self.source {
+            return Some(key.clone());
+        }
+        let stored = stored?;
+        let fp = stored.fingerprint();
+        let mut c = self.cached.lock();
+        if let Some((f, k)) = &*c {
+            if *f == fp {
+                return Some(k.clone());
+            }
+        }
+        let key = Arc::new(DpopKey::from_stored(stored).ok()?);
+        *c = Some((fp, key.clone()));
+        Some(key)
+    }
+
+    /// For tokens never stored (client_credentials): one key per process.
+    fn in_memory(&self) -> Option<Arc<DpopKey>> {
+        if let DpopSource::File { key, .. } = &self.source {
+            return Some(key.clone());
+        }
+        let mut c = self.cached.lock();
+        if let Some((_, k)) = &*c {
+            return Some(k.clone());
+        }
+        let (key, _) = DpopKey::generate().ok()?;
+        let key = Arc::new(key);
+        *c = Some((String::new(), key.clone()));
+        Some(key)
+    }
+
+    fn generates(&self) -> bool {
+        self.source == DpopSource::Generated
+    }
+}
+
 /// One token's engine.
 pub struct Slot {
     pub name: String,
@@ -311,6 +380,8 @@ pub struct Slot {
     /// The engine's runtime: refreshes run there, not on the proxy worker
     /// thread whose request asked for one.
     runtime: Option<tokio::runtime::Handle>,
+    /// `dpop = true` only.
+    pub dpop: Option<SlotDpop>,
 }
 
 impl Slot {
@@ -323,6 +394,7 @@ impl Slot {
         shutdown: CancellationToken,
         drain: Arc<Drain>,
     ) -> Arc<Slot> {
+        let dpop = cfg.dpop.clone().map(SlotDpop::new);
         Arc::new(Slot {
             name: cfg.name.clone(),
             cfg,
@@ -336,6 +408,7 @@ impl Slot {
             shutdown,
             drain,
             runtime: tokio::runtime::Handle::try_current().ok(),
+            dpop,
         })
     }
 

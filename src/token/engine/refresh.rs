@@ -51,17 +51,16 @@ impl Slot {
         resource: Option<&str>,
         ev: &mut RefreshEvent,
     ) -> Result<(), Failure> {
-        let req = grant::build_token_request(
-            &self.cfg,
-            &self.token_url,
-            &Grant::ClientCredentials { scopes, resource },
-        )
-        .map_err(|e| self.classify(&e, ev))?;
+        let grant = Grant::ClientCredentials { scopes, resource };
+        let build = || grant::build_token_request(&self.cfg, &self.token_url, &grant);
+        let req = build().map_err(|e| self.classify(&e, ev))?;
+        let key = self.dpop.as_ref().and_then(SlotDpop::in_memory);
+        let proven = self.proven(key.as_deref());
         let sent_wall = self.clock.wall();
         let sent_mono = Instant::now();
         let set = self
             .client
-            .send(&req)
+            .send_proven(req, proven.as_ref(), &build)
             .await
             .and_then(|raw| {
                 ev.status = Some(raw.status.as_u16());
@@ -71,18 +70,55 @@ impl Slot {
             .map_err(|e| self.classify(&e, ev))?;
         let lifetime = self.lifetime(&set);
         ev.ok(lifetime, false);
+        let bound = self.bound_key(&set, key);
         self.publish(Snapshot {
-            token: Some(Arc::new(Token::new(
-                set.access_token,
-                sent_wall,
-                sent_mono,
-                lifetime,
-                String::new(),
-                0,
-            ))),
+            token: Some(Arc::new(
+                Token::new(
+                    set.access_token,
+                    sent_wall,
+                    sent_mono,
+                    lifetime,
+                    String::new(),
+                    0,
+                )
+                .bound_to(bound),
+            )),
             dead: None,
         });
         Ok(())
+    }
+
+    /// What a token request is proven with, for a DPoP credential.
+    pub(super) fn proven<'a>(
+        &'a self,
+        key: Option<&'a crate::dpop::DpopKey>,
+    ) -> Option<grant::TokenEndpointDpop<'a>> {
+        Some(grant::TokenEndpointDpop {
+            key: key?,
+            nonces: &self.dpop.as_ref()?.nonces,
+        })
+    }
+
+    /// The key a new token is bound to. RFC 9449 §5: an IdP that ignores
+    /// the proof answers `token_type: Bearer`; the token is then used as a
+    /// bearer token (refusing it would throw away a rotation the IdP
+    /// already made), and the operator is told.
+    pub(super) fn bound_key(
+        &self,
+        set: &TokenSet,
+        key: Option<Arc<crate::dpop::DpopKey>>,
+    ) -> Option<Arc<crate::dpop::DpopKey>> {
+        let key = key?;
+        if set.dpop_bound {
+            return Some(key);
+        }
+        tracing::warn!(
+            event = "dpop_not_bound",
+            credential = %self.name,
+            hint = "The IdP answered token_type Bearer to a DPoP request: the token is not bound to the key and is sent as a bearer token. Enable DPoP for this client at the IdP, or remove dpop = true.",
+            "Token is not DPoP-bound"
+        );
+        None
     }
 
     pub(super) fn lifetime(&self, set: &TokenSet) -> Duration {
@@ -257,6 +293,22 @@ impl Slot {
             }
         }
 
+        // A generated DPoP key is stored with the intent, before its first
+        // use: a restart or another replica proves with the same key.
+        if self.dpop.as_ref().is_some_and(SlotDpop::generates) && rec.dpop_key.is_none() {
+            match crate::dpop::DpopKey::generate() {
+                Ok((_, stored)) => rec.dpop_key = Some(stored),
+                Err(e) => {
+                    let e = GrantError::config_not_sent("cannot generate a DPoP key".into())
+                        .caused_by(e);
+                    return Err(self.classify(&e, ev));
+                }
+            }
+        }
+        let dpop_key = self
+            .dpop
+            .as_ref()
+            .and_then(|d| d.key_for(rec.dpop_key.as_ref()));
         rec.intent = Some(Intent {
             family: rec.family.clone(),
             generation: rec.generation,
@@ -274,11 +326,10 @@ impl Slot {
 
         // A request that cannot be built (no client assertion) goes down the
         // not-sent path below: nothing was presented.
-        let built = grant::build_token_request(
-            &self.cfg,
-            &self.token_url,
-            &Grant::RefreshToken(&refresh_token),
-        );
+        let grant = Grant::RefreshToken(&refresh_token);
+        let build = || grant::build_token_request(&self.cfg, &self.token_url, &grant);
+        let built = build();
+        let proven = self.proven(dpop_key.as_deref());
         let sent_wall = self.clock.wall();
         let sent_mono = Instant::now();
         if built.is_ok() {
@@ -292,11 +343,15 @@ impl Slot {
             }
         }
         let answer = match built {
-            Ok(req) => self.client.send(&req).await.and_then(|raw| {
-                ev.status = Some(raw.status.as_u16());
-                self.check_skew(&raw.headers, sent_wall);
-                grant::parse_token_response(&raw, sent_wall)
-            }),
+            Ok(req) => self
+                .client
+                .send_proven(req, proven.as_ref(), &build)
+                .await
+                .and_then(|raw| {
+                    ev.status = Some(raw.status.as_u16());
+                    self.check_skew(&raw.headers, sent_wall);
+                    grant::parse_token_response(&raw, sent_wall)
+                }),
             Err(e) => Err(e),
         };
         match answer {
@@ -356,6 +411,7 @@ impl Slot {
                     crate::metrics::metrics().store_write_failed();
                     self.control.lock().unsaved = Some(next.clone());
                 }
+                let bound = self.bound_key(&set, dpop_key.clone());
                 let token = Token::new(
                     set.access_token,
                     sent_wall,
@@ -363,7 +419,8 @@ impl Slot {
                     lifetime,
                     next.family.clone(),
                     next.generation,
-                );
+                )
+                .bound_to(bound);
                 self.control.lock().record = Some(next);
                 self.publish(Snapshot {
                     token: Some(Arc::new(token)),
@@ -740,14 +797,23 @@ impl Slot {
         if age >= lifetime {
             return None;
         }
-        Some(Token::new(
-            access,
-            issued,
-            sent_mono,
-            lifetime,
-            rec.family.clone(),
-            rec.generation,
-        ))
+        // A stored token of a DPoP credential counts as bound to the
+        // record's key (docs/dpop.md).
+        let key = self
+            .dpop
+            .as_ref()
+            .and_then(|d| d.key_for(rec.dpop_key.as_ref()));
+        Some(
+            Token::new(
+                access,
+                issued,
+                sent_mono,
+                lifetime,
+                rec.family.clone(),
+                rec.generation,
+            )
+            .bound_to(key),
+        )
     }
 
     pub(super) fn warn_refresh_expiry(&self, rec: &Record) {

@@ -1205,3 +1205,63 @@ fn every_profile_auth_method_is_a_known_method() {
         }
     }
 }
+
+#[test]
+fn dpop_keys_are_proven_at_load_and_errors_name_file_and_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = dir.path().join("proxy.toml");
+    for f in [
+        "dpop-p256.key",
+        "dpop-ed25519.key",
+        "client-ec384.key",
+        "client-rsa.key",
+    ] {
+        let from = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/dev/testdata")
+            .join(f);
+        std::fs::copy(from, dir.path().join(f)).expect("copy testdata");
+    }
+    let text = |keys: &str| {
+        with("").replace(
+            "client_secret = \"${GITHUB_CLIENT_SECRET}\"\n",
+            &format!("client_secret = \"s\"\n{keys}"),
+        )
+    };
+    let c = parse_at(&text("dpop = true\n"), &source).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.credentials["github"].dpop, Some(DpopSource::Generated));
+    for (file, alg) in [("dpop-p256.key", "ES256"), ("dpop-ed25519.key", "EdDSA")] {
+        let c = parse_at(
+            &text(&format!("dpop = true\ndpop_key = \"{file}\"\n")),
+            &source,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let Some(DpopSource::File { key, .. }) = &c.credentials["github"].dpop else {
+            panic!("{:?}", c.credentials["github"].dpop)
+        };
+        assert_eq!(key.alg(), alg);
+        assert!(!c.summary().contains("PRIVATE KEY"));
+    }
+    let located = |keys: &str, want: &str| {
+        let t = text(keys);
+        let all = parse_at(&t, &source).expect_err(keys).0;
+        let e = all
+            .iter()
+            .find(|e| e.key == "credentials.github.dpop_key")
+            .unwrap_or_else(|| panic!("no error: {}", ConfigErrors(all.clone())));
+        assert_eq!(e.line, line_of(&t, "dpop_key"), "{e}");
+        assert!(e.message.contains(want), "{e}");
+    };
+    located(
+        "dpop = true\ndpop_key = \"client-ec384.key\"\n",
+        "client-ec384.key is not a P-256 or Ed25519 key",
+    );
+    located(
+        "dpop = true\ndpop_key = \"client-rsa.key\"\n",
+        "client-rsa.key is not a P-256",
+    );
+    located("dpop = true\ndpop_key = \"missing.key\"\n", "cannot read");
+    located(
+        "dpop_key = \"dpop-p256.key\"\n",
+        "only used with dpop = true",
+    );
+}

@@ -19,6 +19,13 @@
 //! | `…/set-header/{name}/{value}` | echo plus that response header |
 //!
 //! Any path with a `public` segment (`/public/...`) skips the token check.
+//!
+//! With [`EchoUpstream::set_dpop`], a DPoP-bound token (RFC 9449 §7) must
+//! come as `Authorization: DPoP <token>` with one valid proof for this
+//! request: signature, `htm`, `htu`, `iat`, a new `jti`, `ath` of the token,
+//! the key it is bound to, and the nonce when one is demanded
+//! ([`EchoUpstream::set_dpop_nonce`]). Refusals are 401s whose
+//! `WWW-Authenticate` carries the reason.
 //! Stands alone: it must not depend on the token, proxy or config modules.
 
 use super::serve::{empty, full, ChanBody, DevBody, Handler, RepeatBody, Server};
@@ -44,6 +51,10 @@ use tokio_rustls::TlsAcceptor;
 /// [`crate::dev::DevIdp::token_check`]).
 pub type TokenCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
+/// The DPoP key (`jkt`) a token is bound to, `None` for a bearer token
+/// (e.g. the dev IdP's [`crate::dev::DevIdp::dpop_binding`]).
+pub type DpopBinding = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 /// A running echo upstream. Cheap to clone.
 #[derive(Clone)]
 pub struct EchoUpstream {
@@ -62,6 +73,12 @@ struct EchoState {
     unauthorized: AtomicUsize,
     // Filled in after binding (port 0); read by `/redirect`.
     url: parking_lot::RwLock<String>,
+    dpop: parking_lot::RwLock<Option<DpopBinding>>,
+    /// Demanded in every proof when set (RFC 9449 §9).
+    dpop_nonce: parking_lot::RwLock<Option<String>>,
+    /// Proof jtis seen, with their iat.
+    seen_jti: parking_lot::Mutex<std::collections::HashMap<String, u64>>,
+    nonce_challenges: AtomicUsize,
 }
 
 const CHUNK: usize = 64 * 1024;
@@ -100,6 +117,10 @@ impl EchoUpstream {
             requests: AtomicUsize::new(0),
             unauthorized: AtomicUsize::new(0),
             url: parking_lot::RwLock::new(String::new()),
+            dpop: Default::default(),
+            dpop_nonce: Default::default(),
+            seen_jti: Default::default(),
+            nonce_challenges: AtomicUsize::new(0),
         });
         let handler_state = state.clone();
         let handler: Handler = Arc::new(move |req| Box::pin(handle(handler_state.clone(), req)));
@@ -137,6 +158,21 @@ impl EchoUpstream {
     /// Requests that came without a valid token (each answered 401).
     pub fn unauthorized(&self) -> usize {
         self.inner.state.unauthorized.load(Ordering::Relaxed)
+    }
+
+    /// Verifies DPoP from now on: `binding` says which tokens are bound.
+    pub fn set_dpop(&self, binding: DpopBinding) {
+        *self.inner.state.dpop.write() = Some(binding);
+    }
+
+    /// Demands `nonce` in every proof (`None`: no nonce).
+    pub fn set_dpop_nonce(&self, nonce: Option<&str>) {
+        *self.inner.state.dpop_nonce.write() = nonce.map(str::to_owned);
+    }
+
+    /// 401 `use_dpop_nonce` answers so far.
+    pub fn nonce_challenges(&self) -> usize {
+        self.inner.state.nonce_challenges.load(Ordering::Relaxed)
     }
 }
 
@@ -194,13 +230,105 @@ fn json_response(status: StatusCode, body: &impl Serialize) -> Response<DevBody>
     resp
 }
 
-/// Extracts the token from `Bearer <t>` or `token <t>` (GitHub style).
+/// Extracts the token from `Bearer <t>`, `token <t>` (GitHub style) or
+/// `DPoP <t>`.
 fn presented_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim();
-    let known = scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token");
+    let known = scheme.eq_ignore_ascii_case("bearer")
+        || scheme.eq_ignore_ascii_case("token")
+        || scheme.eq_ignore_ascii_case("dpop");
     (known && !token.is_empty()).then_some(token)
+}
+
+/// A DPoP refusal: the `WWW-Authenticate` value, and whether to send the
+/// nonce.
+struct DpopRefusal {
+    challenge: String,
+    nonce: bool,
+}
+
+fn refuse(error: &str, description: &str) -> DpopRefusal {
+    DpopRefusal {
+        challenge: format!(
+            "DPoP algs=\"ES256 EdDSA\", error=\"{error}\", error_description=\"{description}\""
+        ),
+        nonce: false,
+    }
+}
+
+/// RFC 9449 §7: whether `token` comes with what its binding needs. `Ok`
+/// for a bearer token the binding does not cover.
+fn check_dpop(
+    state: &EchoState,
+    req: &Request<Incoming>,
+    token: &str,
+) -> Result<Option<String>, DpopRefusal> {
+    let Some(binding) = state.dpop.read().clone() else {
+        return Ok(None);
+    };
+    let scheme_dpop = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.len() > 5 && v[..5].eq_ignore_ascii_case("dpop "));
+    let bound = binding(token);
+    if bound.is_none() && !scheme_dpop {
+        return Ok(None);
+    }
+    if !scheme_dpop {
+        return Err(DpopRefusal {
+            challenge: "Bearer error=\"invalid_token\", error_description=\"DPoP-bound token presented as a bearer token\"".into(),
+            nonce: false,
+        });
+    }
+    let proofs: Vec<&HeaderValue> = req.headers().get_all("dpop").iter().collect();
+    let [proof] = proofs.as_slice() else {
+        return Err(refuse(
+            "invalid_dpop_proof",
+            "exactly one DPoP proof is required",
+        ));
+    };
+    let proof = proof
+        .to_str()
+        .map_err(|_| refuse("invalid_dpop_proof", "DPoP proof is not text"))?;
+    let htu = format!("{}{}", state.url.read(), req.uri().path());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let v = crate::dpop::verify(proof, req.method().as_str(), &htu, now)
+        .map_err(|m| refuse("invalid_dpop_proof", &m))?;
+    if v.ath.as_deref() != Some(crate::dpop::ath(token).as_str()) {
+        return Err(refuse(
+            "invalid_dpop_proof",
+            "DPoP proof ath does not match the access token",
+        ));
+    }
+    if bound.as_deref() != Some(v.jkt.as_str()) {
+        return Err(refuse(
+            "invalid_token",
+            "the access token is not bound to the DPoP proof's key",
+        ));
+    }
+    if let Some(n) = &*state.dpop_nonce.read() {
+        if v.nonce.as_deref() != Some(n) {
+            return Err(DpopRefusal {
+                nonce: true,
+                ..refuse(
+                    "use_dpop_nonce",
+                    "Resource server requires nonce in DPoP proof",
+                )
+            });
+        }
+    }
+    let mut seen = state.seen_jti.lock();
+    seen.retain(|_, iat| *iat + 2 * crate::dpop::IAT_WINDOW_SECS >= now);
+    if seen.insert(v.jti, v.iat).is_some() {
+        return Err(refuse("invalid_dpop_proof", "DPoP proof jti replayed"));
+    }
+    Ok(Some(v.jkt))
 }
 
 async fn handle(state: Arc<EchoState>, req: Request<Incoming>) -> Response<DevBody> {
@@ -209,6 +337,27 @@ async fn handle(state: Arc<EchoState>, req: Request<Incoming>) -> Response<DevBo
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let public = segments.contains(&"public");
     let token_ok = presented_token(req.headers()).is_some_and(|t| (state.check)(t));
+    if !public && token_ok {
+        let token = presented_token(req.headers()).unwrap_or("");
+        if let Err(r) = check_dpop(&state, &req, token) {
+            state.unauthorized.fetch_add(1, Ordering::Relaxed);
+            let mut resp = json_response(
+                StatusCode::UNAUTHORIZED,
+                &serde_json::json!({"error": "dpop", "error_description": r.challenge}),
+            );
+            if let Ok(v) = HeaderValue::from_str(&r.challenge) {
+                resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
+            }
+            let nonce = state.dpop_nonce.read().clone();
+            if let (true, Some(n)) = (r.nonce, nonce) {
+                state.nonce_challenges.fetch_add(1, Ordering::Relaxed);
+                if let Ok(v) = HeaderValue::from_str(&n) {
+                    resp.headers_mut().insert("dpop-nonce", v);
+                }
+            }
+            return resp;
+        }
+    }
     if !public && !token_ok {
         state.unauthorized.fetch_add(1, Ordering::Relaxed);
         let mut resp = json_response(

@@ -124,6 +124,8 @@ pub struct DevClient {
     /// `self_signed_tls_client_auth` (RFC 8705 §2.2): the registered
     /// certificate (PEM), compared byte for byte.
     pub self_signed_cert_pem: Option<String>,
+    /// RFC 9449: every token request must carry a DPoP proof.
+    pub dpop_required: bool,
 }
 
 /// What a federated assertion must say (see [`DevClient::federated`]).
@@ -148,6 +150,7 @@ impl DevClient {
             federated: None,
             tls_client_auth: None,
             self_signed_cert_pem: None,
+            dpop_required: false,
         }
     }
 
@@ -344,6 +347,8 @@ pub struct GrantRecord {
     /// The fault applied to this request, if any (`reset_after_processing`
     /// etc.); the grant was processed unless `outcome` is `fault`.
     pub fault: Option<&'static str>,
+    /// The thumbprint of the DPoP proof's key, when a valid proof came.
+    pub dpop_jkt: Option<String>,
 }
 
 /// The running IdP. Cheap to clone; all clones share state.
@@ -373,6 +378,8 @@ struct AccessToken {
     exp_unix: u64,
     iat_unix: u64,
     revoked: bool,
+    /// RFC 9449 §6: the key the token is bound to (`cnf.jkt`).
+    jkt: Option<String>,
 }
 
 struct RefreshToken {
@@ -385,6 +392,9 @@ struct RefreshToken {
     iat_unix: u64,
     spent_at: Option<Instant>,
     revoked: bool,
+    /// RFC 9449 §5: a refresh token issued with a proof works only with
+    /// proofs of the same key.
+    jkt: Option<String>,
 }
 
 struct AuthCode {
@@ -438,6 +448,13 @@ struct State {
     reuse_count: usize,
     /// Assertion jtis seen, with their exp (kept a minute past it).
     seen_jti: HashMap<String, u64>,
+    /// DPoP proof jtis seen, with their iat (kept past the iat window).
+    seen_proof_jti: HashMap<String, u64>,
+    /// When set, every DPoP proof must carry this nonce (RFC 9449 §8).
+    dpop_nonce: Option<String>,
+    /// The key of the valid proof of the request being processed: set and
+    /// cleared under the state lock, around one `process`.
+    proof_jkt: Option<String>,
 }
 
 /// An RFC 6749 §5.2 error.
@@ -902,6 +919,9 @@ impl State {
             grants: Vec::new(),
             reuse_count: 0,
             seen_jti: HashMap::new(),
+            seen_proof_jti: HashMap::new(),
+            dpop_nonce: None,
+            proof_jkt: None,
         }
     }
 
@@ -921,6 +941,7 @@ impl State {
         let token = random("at_");
         let ttl = self.opts.access_ttl;
         let now_unix = unix_now();
+        let jkt = self.proof_jkt.clone();
         self.access.insert(
             token.clone(),
             AccessToken {
@@ -932,6 +953,7 @@ impl State {
                 exp_unix: now_unix + secs(ttl),
                 iat_unix: now_unix,
                 revoked: false,
+                jkt,
             },
         );
         (token, secs(ttl))
@@ -947,6 +969,7 @@ impl State {
         let token = random("rt_");
         let ttl = self.opts.refresh_ttl;
         let now_unix = unix_now();
+        let jkt = self.proof_jkt.clone();
         self.refresh.insert(
             token.clone(),
             RefreshToken {
@@ -959,6 +982,7 @@ impl State {
                 iat_unix: now_unix,
                 spent_at: None,
                 revoked: false,
+                jkt,
             },
         );
         token
@@ -989,7 +1013,13 @@ impl State {
         let (access, expires_in) = self.mint_access(client_id, subject, scope, family);
         let mut body = Map::new();
         body.insert("access_token".into(), json!(access));
-        body.insert("token_type".into(), json!("Bearer"));
+        // RFC 9449 §5.
+        let token_type = if self.proof_jkt.is_some() {
+            "DPoP"
+        } else {
+            "Bearer"
+        };
+        body.insert("token_type".into(), json!(token_type));
         body.insert("expires_in".into(), json!(expires_in));
         if let Some(scope) = scope {
             body.insert("scope".into(), json!(scope));
@@ -1015,6 +1045,12 @@ impl State {
             return Err(err("invalid_request", format!("parameter {name} repeated")));
         }
         let client = auth.result?;
+        if client.dpop_required && self.proof_jkt.is_none() {
+            return Err(err(
+                "invalid_dpop_proof",
+                "this client must send a DPoP proof",
+            ));
+        }
         match param(form, "grant_type") {
             None => Err(err("invalid_request", "grant_type is missing")),
             Some("client_credentials") => {
@@ -1069,6 +1105,13 @@ impl State {
             return Err(err(
                 "invalid_grant",
                 "refresh token issued to another client",
+            ));
+        }
+        if rt.jkt.is_some() && rt.jkt != self.proof_jkt {
+            // RFC 9449 §5: only the key it was issued to may present it.
+            return Err(err(
+                "invalid_grant",
+                "DPoP-bound refresh token presented with another key or without a proof",
             ));
         }
         let family = rt.family;
@@ -1486,6 +1529,31 @@ impl DevIdp {
             .count()
     }
 
+    /// Nonce mode (RFC 9449 §8): from now on every DPoP proof must carry
+    /// `nonce`; `None` turns it off.
+    pub fn set_dpop_nonce(&self, nonce: Option<&str>) {
+        self.state().dpop_nonce = nonce.map(str::to_owned);
+    }
+
+    /// The DPoP key (`jkt`) an access token issued here is bound to.
+    pub fn access_token_jkt(&self, token: &str) -> Option<String> {
+        self.state().access.get(token).and_then(|a| a.jkt.clone())
+    }
+
+    /// For [`crate::dev::EchoUpstream::set_dpop`]: a token's binding, as
+    /// the IdP's introspection (`cnf.jkt`) would tell a resource server.
+    pub fn dpop_binding(&self) -> super::echo::DpopBinding {
+        let shared = self.inner.shared.clone();
+        Arc::new(move |t: &str| {
+            shared
+                .state
+                .lock()
+                .access
+                .get(t)
+                .and_then(|a| a.jkt.clone())
+        })
+    }
+
     /// A check for [`crate::dev::EchoUpstream`] backed by this IdP.
     pub fn token_check(&self) -> TokenCheck {
         let shared = self.inner.shared.clone();
@@ -1618,6 +1686,8 @@ struct Posted {
     peer: Option<PeerCerts>,
     /// Whether this IdP advertises `mtls_endpoint_aliases`.
     mtls_alias_served: bool,
+    /// Every `DPoP` header value (RFC 9449 §4.3: there must be at most one).
+    dpop: Vec<String>,
 }
 
 async fn read_post(req: Request<Incoming>, mtls: bool) -> Result<Posted, OAuthError> {
@@ -1640,6 +1710,12 @@ async fn read_post(req: Request<Incoming>, mtls: bool) -> Result<Posted, OAuthEr
         .headers()
         .get(http::header::AUTHORIZATION)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let dpop = req
+        .headers()
+        .get_all("dpop")
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
     let body = Limited::new(req.into_body(), 1 << 20)
         .collect()
         .await
@@ -1657,6 +1733,7 @@ async fn read_post(req: Request<Incoming>, mtls: bool) -> Result<Posted, OAuthEr
         path,
         peer,
         mtls_alias_served: mtls,
+        dpop,
     })
 }
 
@@ -1725,6 +1802,28 @@ async fn token_endpoint(shared: Arc<Shared>, req: Request<Incoming>) -> Response
         let (mut record, result) = match posted {
             Ok(p) => {
                 let mut record = describe(&st, &p, &issuer);
+                // RFC 9449 §4.3 and §8: the proof is checked before the
+                // client or the grant, so a refused proof spends nothing.
+                let proof = check_proof(&mut st, &p, &issuer);
+                if let Err((e, _)) = &proof {
+                    record.outcome = e.code.into();
+                    record.fault = fault.as_ref().map(Fault::name);
+                    st.grants.push(record);
+                    let nonce = st.dpop_nonce.clone();
+                    drop(st);
+                    let Err((e, with_nonce)) = proof else {
+                        unreachable!()
+                    };
+                    let mut resp = error_response(&e);
+                    if let (true, Some(n)) = (with_nonce, nonce) {
+                        if let Ok(v) = HeaderValue::from_str(&n) {
+                            resp.headers_mut().insert("dpop-nonce", v);
+                        }
+                    }
+                    return resp;
+                }
+                record.dpop_jkt = proof.ok().flatten();
+                st.proof_jkt = record.dpop_jkt.clone();
                 let mut auth = authenticate(&st.opts.clients, &p, &issuer);
                 if let Some((jti, exp)) = auth.jti.take() {
                     let now = unix_now();
@@ -1736,6 +1835,7 @@ async fn token_endpoint(shared: Arc<Shared>, req: Request<Incoming>) -> Response
                     }
                 }
                 let result = st.process(&p.form, auth, &mut record, &issuer);
+                st.proof_jkt = None;
                 (record, result)
             }
             Err(e) => (blank_record(), Err(e)),
@@ -1843,7 +1943,50 @@ fn blank_record() -> GrantRecord {
         resource: None,
         outcome: String::new(),
         fault: None,
+        dpop_jkt: None,
     }
+}
+
+/// RFC 9449 §4.3, strictly: at most one proof; when there is one, it
+/// verifies for `POST` to this endpoint, its jti is new, and it carries
+/// the current nonce when nonces are on. `Ok(Some(jkt))` for a valid
+/// proof, `Ok(None)` without one; an error says whether to send the nonce.
+fn check_proof(
+    st: &mut State,
+    p: &Posted,
+    issuer: &str,
+) -> Result<Option<String>, (OAuthError, bool)> {
+    let proof = match p.dpop.as_slice() {
+        [] => return Ok(None),
+        [one] => one,
+        _ => {
+            return Err((
+                err("invalid_dpop_proof", "more than one DPoP header"),
+                false,
+            ))
+        }
+    };
+    let htu = format!("{issuer}{}", p.path);
+    let now = unix_now();
+    let v = crate::dpop::verify(proof, "POST", &htu, now)
+        .map_err(|m| (err("invalid_dpop_proof", m), false))?;
+    if let Some(n) = &st.dpop_nonce {
+        if v.nonce.as_deref() != Some(n) {
+            return Err((
+                err(
+                    "use_dpop_nonce",
+                    "Authorization server requires nonce in DPoP proof",
+                ),
+                true,
+            ));
+        }
+    }
+    st.seen_proof_jti
+        .retain(|_, iat| *iat + 2 * crate::dpop::IAT_WINDOW_SECS >= now);
+    if st.seen_proof_jti.insert(v.jti, v.iat).is_some() {
+        return Err((err("invalid_dpop_proof", "DPoP proof jti replayed"), false));
+    }
+    Ok(Some(v.jkt))
 }
 
 /// The record of a request before (or without) processing it.
@@ -1864,6 +2007,7 @@ fn describe(st: &State, p: &Posted, issuer: &str) -> GrantRecord {
         resource: param(&p.form, "resource").map(str::to_owned),
         outcome: String::new(),
         fault: None,
+        dpop_jkt: None,
     }
 }
 
@@ -2081,6 +2225,11 @@ async fn introspect(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Dev
                 "active": true, "token_type": "Bearer", "client_id": at.client_id,
                 "sub": at.subject, "exp": at.exp_unix, "iat": at.iat_unix, "iss": issuer,
             });
+            if let Some(jkt) = &at.jkt {
+                // RFC 9449 §6.2.
+                body["token_type"] = json!("DPoP");
+                body["cnf"] = json!({ "jkt": jkt });
+            }
             if let Some(scope) = &at.scope {
                 body["scope"] = json!(scope);
             }
@@ -2160,6 +2309,7 @@ fn metadata(issuer: &str, mtls: bool) -> Response<DevBody> {
                 ["client_secret_basic", "client_secret_post", "none", "private_key_jwt",
                  "client_secret_jwt", "tls_client_auth", "self_signed_tls_client_auth"],
             "token_endpoint_auth_signing_alg_values_supported": ["RS256", "PS256", "ES256", "HS256"],
+            "dpop_signing_alg_values_supported": ["ES256", "EdDSA"],
             "introspection_endpoint_auth_methods_supported":
                 ["client_secret_basic", "client_secret_post"],
             "revocation_endpoint_auth_methods_supported":

@@ -38,7 +38,7 @@ mod idp;
 mod serve;
 pub mod tls;
 
-pub use echo::{EchoUpstream, TokenCheck};
+pub use echo::{DpopBinding, EchoUpstream, TokenCheck};
 pub use idp::{DevClient, DevIdp, Dialect, Fault, Federated, GrantRecord, Hold, IdpOptions};
 
 #[cfg(test)]

@@ -853,3 +853,184 @@ async fn authorize_errors_and_code_expiry() {
         .unwrap()
         .contains("expired"));
 }
+
+fn dpop_key(pem: &str) -> crate::dpop::DpopKey {
+    crate::dpop::DpopKey::from_pem(pem.as_bytes()).unwrap()
+}
+
+const DPOP_P256: &str = include_str!("testdata/dpop-p256.key");
+const DPOP_ED25519: &str = include_str!("testdata/dpop-ed25519.key");
+
+async fn refresh_with_proof(idp: &DevIdp, rt: &str, proof: Option<&str>) -> Reply {
+    let mut req = form_request(
+        &idp.token_url(),
+        &[("grant_type", "refresh_token"), ("refresh_token", rt)],
+        demo_auth(),
+    );
+    if let Some(p) = proof {
+        req.headers_mut().insert("dpop", p.parse().unwrap());
+    }
+    send(req).await
+}
+
+fn token_proof(idp: &DevIdp, key: &crate::dpop::DpopKey, nonce: Option<&str>) -> String {
+    key.proof(
+        "POST",
+        &idp.token_url(),
+        None,
+        nonce,
+        std::time::SystemTime::now(),
+    )
+    .unwrap()
+    .expose()
+    .to_owned()
+}
+
+#[tokio::test]
+async fn idp_binds_tokens_to_the_proof_key_and_refuses_each_bad_proof() {
+    let idp = demo_idp(IdpOptions::default()).await;
+    let key = dpop_key(DPOP_P256);
+    let other = dpop_key(DPOP_ED25519);
+    let rt0 = idp.issue_refresh_token("demo-client", "alice");
+
+    // A valid proof: DPoP tokens bound to the key, shown by introspection.
+    let proof = token_proof(&idp, &key, None);
+    let r = refresh_with_proof(&idp, &rt0, Some(&proof)).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let j = r.json();
+    assert_eq!(j["token_type"], "DPoP");
+    let at = j["access_token"].as_str().unwrap().to_owned();
+    let rt1 = j["refresh_token"].as_str().unwrap().to_owned();
+    let i = introspect(&idp, &at).await;
+    assert_eq!(i["token_type"], "DPoP");
+    assert_eq!(i["cnf"]["jkt"], key.thumbprint());
+    assert_eq!(
+        idp.grants().last().unwrap().dpop_jkt.as_deref(),
+        Some(key.thumbprint())
+    );
+
+    // The same proof again: its jti was used.
+    let r = refresh_with_proof(&idp, &rt1, Some(&proof)).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"], "invalid_dpop_proof");
+    assert!(r.json()["error_description"]
+        .as_str()
+        .unwrap()
+        .contains("jti replayed"));
+
+    // A proof for another URL.
+    let wrong_htu = key
+        .proof(
+            "POST",
+            &format!("{}/elsewhere", idp.url()),
+            None,
+            None,
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+    let r = refresh_with_proof(&idp, &rt1, Some(wrong_htu.expose())).await;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("htu"),
+        "{}",
+        r.json()
+    );
+
+    // The bound refresh token with another key, and without a proof.
+    let r = refresh_with_proof(&idp, &rt1, Some(&token_proof(&idp, &other, None))).await;
+    assert_eq!(r.json()["error"], "invalid_grant");
+    assert!(r.json()["error_description"]
+        .as_str()
+        .unwrap()
+        .contains("another key"));
+    let r = refresh_with_proof(&idp, &rt1, None).await;
+    assert_eq!(r.json()["error"], "invalid_grant");
+    assert_eq!(idp.reuse_count(), 0, "refused proofs spent nothing");
+
+    // Nonce mode: a proof without the nonce is told it, then accepted.
+    idp.set_dpop_nonce(Some("n-1"));
+    let r = refresh_with_proof(&idp, &rt1, Some(&token_proof(&idp, &key, None))).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"], "use_dpop_nonce");
+    assert_eq!(r.headers["dpop-nonce"], "n-1");
+    let r = refresh_with_proof(&idp, &rt1, Some(&token_proof(&idp, &key, Some("n-1")))).await;
+    assert_eq!(r.status, 200, "{}", r.json());
+    assert_eq!(idp.reuse_count(), 0);
+}
+
+#[tokio::test]
+async fn idp_can_require_dpop_of_a_client() {
+    let mut client = DevClient::confidential("demo-client", "demo-secret");
+    client.dpop_required = true;
+    let idp = demo_idp(IdpOptions {
+        clients: vec![client],
+        ..IdpOptions::default()
+    })
+    .await;
+    let rt0 = idp.issue_refresh_token("demo-client", "alice");
+    let r = refresh_with_proof(&idp, &rt0, None).await;
+    assert_eq!(r.json()["error"], "invalid_dpop_proof");
+    let key = dpop_key(DPOP_P256);
+    let r = refresh_with_proof(&idp, &rt0, Some(&token_proof(&idp, &key, None))).await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn echo_verifies_dpop_proofs_their_ath_binding_and_nonce() {
+    let idp = demo_idp(IdpOptions::default()).await;
+    let key = dpop_key(DPOP_P256);
+    let rt0 = idp.issue_refresh_token("demo-client", "alice");
+    let r = refresh_with_proof(&idp, &rt0, Some(&token_proof(&idp, &key, None))).await;
+    let at = r.json()["access_token"].as_str().unwrap().to_owned();
+    let echo = EchoUpstream::start(local(), idp.token_check())
+        .await
+        .unwrap();
+    echo.set_dpop(idp.dpop_binding());
+    let url = format!("{}/v1/items?page=2", echo.url());
+    let call = |scheme: &str, proof: Option<String>| {
+        let mut req = http::Request::get(&url).header("authorization", format!("{scheme} {at}"));
+        if let Some(p) = proof {
+            req = req.header("dpop", p);
+        }
+        send(req.body(Full::default()).unwrap())
+    };
+    let proof = |k: &crate::dpop::DpopKey, ath: &str, nonce: Option<&str>| {
+        k.proof("GET", &url, Some(ath), nonce, std::time::SystemTime::now())
+            .unwrap()
+            .expose()
+            .to_owned()
+    };
+    let ath = crate::dpop::ath(&at);
+    let challenge = |r: &Reply| r.headers["www-authenticate"].to_str().unwrap().to_owned();
+
+    let r = call("Bearer", None).await;
+    assert_eq!(r.status, 401);
+    assert!(challenge(&r).contains("presented as a bearer token"));
+    let r = call("DPoP", None).await;
+    assert!(
+        challenge(&r).contains("exactly one DPoP proof"),
+        "{}",
+        challenge(&r)
+    );
+    let r = call("DPoP", Some(proof(&key, "wrong-ath", None))).await;
+    assert!(challenge(&r).contains("ath"), "{}", challenge(&r));
+    let r = call("DPoP", Some(proof(&dpop_key(DPOP_ED25519), &ath, None))).await;
+    assert!(challenge(&r).contains("not bound"), "{}", challenge(&r));
+    let good = proof(&key, &ath, None);
+    let r = call("DPoP", Some(good.clone())).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = call("DPoP", Some(good)).await;
+    assert!(challenge(&r).contains("jti replayed"), "{}", challenge(&r));
+
+    echo.set_dpop_nonce(Some("rs-n"));
+    let r = call("DPoP", Some(proof(&key, &ath, None))).await;
+    assert_eq!(r.status, 401);
+    assert!(challenge(&r).contains("use_dpop_nonce"));
+    assert_eq!(r.headers["dpop-nonce"], "rs-n");
+    assert_eq!(echo.nonce_challenges(), 1);
+    let r = call("DPoP", Some(proof(&key, &ath, Some("rs-n")))).await;
+    assert_eq!(r.status, 200);
+}

@@ -9,6 +9,7 @@ mod defaults;
 mod device;
 mod docs;
 mod doctor;
+mod dpop;
 mod egress;
 mod engine;
 mod explain;

@@ -29,6 +29,8 @@ pub struct Metadata {
     pub mtls_token_endpoint: Option<String>,
     /// RFC 8628 §4: where `tokenproxy login --device` starts.
     pub device_authorization_endpoint: Option<String>,
+    /// RFC 9449 §5.1: the proof algorithms the IdP accepts.
+    pub dpop_signing_alg_values_supported: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -231,6 +233,7 @@ pub fn parse_metadata(url: &str, body: &[u8], issuer: &str) -> Result<Metadata, 
             .and_then(|v| v.as_str())
             .map(str::to_owned),
         device_authorization_endpoint: s("device_authorization_endpoint"),
+        dpop_signing_alg_values_supported: list("dpop_signing_alg_values_supported"),
     })
 }
 

@@ -5,7 +5,9 @@
 //! real client_credentials grant), the upstreams and the running proxy's
 //! admin API. Writes nothing but a probe file beside the store.
 
-use crate::config::{self, AssertionSource, Config, CredentialConfig, GrantType, StoreKind};
+use crate::config::{
+    self, AssertionSource, Config, CredentialConfig, DpopSource, GrantType, StoreKind,
+};
 use crate::discovery::{self, Fetched};
 use crate::net::Unreachable;
 use crate::secret::Secret;
@@ -526,6 +528,14 @@ fn check_client_credential(r: &mut Report, cred: &CredentialConfig) {
         }
         None => {}
     }
+    if let Some(DpopSource::File { key, path }) = &cred.dpop {
+        r.ok(format!(
+            "{n}: dpop_key {} signs {} proofs (JWK thumbprint {})",
+            path.display(),
+            key.alg(),
+            key.thumbprint()
+        ));
+    }
     if cred.auth_method.is_mtls() {
         if let Some(cert) = &cred.client_cert {
             let thumb = std::fs::read(cert).ok().and_then(|pem| {
@@ -631,6 +641,34 @@ fn check_metadata(r: &mut Report, cred: &CredentialConfig, md: &discovery::Metad
     }
     if let Some(cfg) = &cred.device_authorization_url {
         check_device_metadata(r, n, &cfg.to_string(), md, &grants);
+    }
+    if let Some(source) = &cred.dpop {
+        // RFC 9449 §5.1: absent means the IdP does not say it does DPoP.
+        let alg = match source {
+            DpopSource::File { key, .. } => key.alg(),
+            DpopSource::Generated => crate::dpop::DEFAULT_ALG,
+        };
+        match &md.dpop_signing_alg_values_supported {
+            Some(algs) if algs.iter().any(|a| a == alg) => {
+                r.ok(format!("{n}: the IdP accepts DPoP proofs signed {alg}"))
+            }
+            Some(algs) => r.add(
+                Mark::Warn,
+                format!(
+                    "{n}: dpop_signing_alg_values_supported ({}) lacks {alg}, the DPoP key's algorithm",
+                    algs.join(", ")
+                ),
+                &format!(
+                    "set dpop_key to a key of one of: {} (P-256 for ES256, Ed25519 for EdDSA)",
+                    algs.join(", ")
+                ),
+            ),
+            None => r.add(
+                Mark::Warn,
+                format!("{n}: the metadata has no dpop_signing_alg_values_supported; the IdP may not support DPoP"),
+                "check that the IdP issues DPoP-bound tokens to this client, or remove dpop = true",
+            ),
+        }
     }
     if cred.grant == GrantType::RefreshToken {
         match &md.code_challenge_methods_supported {

@@ -504,3 +504,36 @@ async fn a_device_authorization_url_is_checked_against_the_metadata() {
     );
     assert_clean(&env, &out, &seed);
 }
+
+#[tokio::test]
+async fn dpop_algorithm_is_checked_against_the_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("dpop.key");
+    std::fs::write(
+        &key,
+        include_str!("../../src/dev/testdata/dpop-ed25519.key"),
+    )
+    .unwrap();
+    let (env, seed) = env(
+        RT_SECRET,
+        CC_SECRET,
+        &format!("dpop = true\ndpop_key = \"{}\"", key.display()),
+    )
+    .await;
+    let (code, out) = doctor(&env, &["rt"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        line(&out, "rt: the IdP accepts DPoP proofs signed EdDSA").starts_with('✓'),
+        "{out}"
+    );
+    let want = tokenproxy::dpop::DpopKey::from_pem(
+        include_str!("../../src/dev/testdata/dpop-ed25519.key").as_bytes(),
+    )
+    .unwrap();
+    let l = line(&out, "dpop_key");
+    assert!(
+        l.contains(want.thumbprint()) && !l.contains("PRIVATE"),
+        "{l}"
+    );
+    assert_clean(&env, &out, &seed);
+}

@@ -178,9 +178,16 @@ async fn token_endpoint_nonce_costs_one_retry_and_no_lost_rotation() {
             .any(|e| e["outcome"] == "lost_rotation" || e["reason"] == "lost_rotation"),
         "a nonce refusal is not a lost rotation"
     );
-    assert!(events
+    let refreshes: Vec<&serde_json::Value> = events
         .iter()
-        .any(|e| e["event"] == "token_refresh" && e["outcome"] == "ok"));
+        .filter(|e| e["event"] == "token_refresh")
+        .collect();
+    assert!(
+        refreshes
+            .iter()
+            .all(|e| e["outcome"] == "ok" && e["attempt"] == 1),
+        "the nonce retry is inside one attempt, not a failed one: {refreshes:?}"
+    );
 }
 
 fn post(uri: &str, body: &'static str) -> Request<Full<Bytes>> {

@@ -1179,3 +1179,62 @@ async fn fleet_a_postgres_restart_mid_grant_loses_nothing() {
     )
     .await;
 }
+
+/// DPoP in fleet mode: the generated key is kept (sealed) in the row, so
+/// both replicas, and a replica started after both were killed, prove
+/// with one key (docs/dpop.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_replicas_share_one_sealed_dpop_key() {
+    let Some(pg) = Pg::start() else { return };
+    let stack = Stack::start(StackOpts::default()).await;
+    stack.echo.set_dpop(stack.idp.dpop_binding());
+    let sealed = |name: &str| {
+        let (path, ports) = replica_config(&stack, &pg, name, "dpop = true");
+        let text = std::fs::read_to_string(&path).unwrap().replace(
+            "kind = \"postgres\"",
+            "kind = \"postgres\"\nencryption_key = \"correct horse battery staple\"",
+        );
+        std::fs::write(&path, text).unwrap();
+        (path, ports)
+    };
+    let (pa, ports_a) = sealed("a");
+    let (pb, ports_b) = sealed("b");
+    let dir = stack.dir.path();
+    let (mut a, mut b) = tokio::join!(
+        ChildProxy::start(dir, "a", &pa, ports_a),
+        ChildProxy::start(dir, "b", &pb, ports_b)
+    );
+    let c = client();
+    for r in [&a, &b] {
+        let g = get_ok(&c, &r.url("/api/x")).await;
+        assert_eq!(g.status, 200, "{} {}", g.text(), r.output());
+    }
+    pg.wait_generation(2, S(15)).await;
+    let key = pg.psql(&format!(
+        "SELECT dpop_key FROM tokenproxy_credentials WHERE name = '{CRED}'"
+    ));
+    assert!(key.starts_with("tpv3:"), "the key is sealed: {key}");
+    let jkts = || -> std::collections::BTreeSet<String> {
+        stack
+            .idp
+            .grants()
+            .into_iter()
+            .filter(|g| g.outcome == "ok")
+            .filter_map(|g| g.dpop_jkt)
+            .collect()
+    };
+    assert_eq!(jkts().len(), 1, "one key for the fleet: {:?}", jkts());
+    a.kill9();
+    b.kill9();
+    let generation = pg.generation().unwrap_or(0);
+    let (pc, ports_c) = sealed("c");
+    let _c = ChildProxy::start(dir, "c", &pc, ports_c).await;
+    pg.wait_generation(generation + 1, S(15)).await;
+    assert_eq!(
+        jkts().len(),
+        1,
+        "the same key after a restart: {:?}",
+        jkts()
+    );
+    stack.assert_no_reuse();
+}

@@ -1,7 +1,8 @@
 // The interop identity provider: oidc-provider (a certified OpenID Provider,
 // pinned in package.json) with the configuration tokenproxy is proven
 // against, plus `upstream`, a resource server that accepts a bearer token
-// only after introspecting it at the provider.
+// only after introspecting it at the provider, and a DPoP-bound token only
+// with a valid proof signed by the key its introspection names (`cnf.jkt`).
 //
 // Standalone: node idp.mjs <idp-port> [<upstream-port>] [<redirect_uri>]
 // prints `READY <port>` when listening. run.mjs imports startIdp() instead,
@@ -30,6 +31,9 @@ export const CLIENTS = {
   mtls: { id: 'tokenproxy-mtls', subject: 'CN=tokenproxy-mtls' },
   // The device grant (RFC 8628), bootstrapped by `tokenproxy login --device`.
   device: { id: 'tokenproxy-device', secret: 'interop-device-secret-0123456789' },
+  // DPoP (RFC 9449): a public client, so the provider binds its refresh
+  // tokens to the key too; every proof must carry the provider's nonce.
+  dpop: { id: 'tokenproxy-dpop' },
 };
 export const PKJWT_KEY = path.join(path.dirname(fileURLToPath(import.meta.url)), 'pkjwt-ec.key');
 
@@ -140,6 +144,15 @@ export async function startIdp({ port, redirectUris, mtls, stats = newStats(), l
         redirect_uris: [],
       },
       {
+        // tokenproxy's DPoP credential (auth method none, bound tokens).
+        client_id: CLIENTS.dpop.id,
+        token_endpoint_auth_method: 'none',
+        dpop_bound_access_tokens: true,
+        grant_types: ['authorization_code', 'refresh_token'],
+        response_types: ['code'],
+        redirect_uris: redirectUris,
+      },
+      {
         // The upstream resource server: introspection only.
         client_id: CLIENTS.upstream.id,
         client_secret: CLIENTS.upstream.secret,
@@ -182,6 +195,9 @@ export async function startIdp({ port, redirectUris, mtls, stats = newStats(), l
         certificateSubjectMatches: (ctx, property, expected) =>
           property === 'tls_client_auth_subject_dn' && peerCertificate(ctx)?.subject === expected,
       },
+      // Nonces on every proof: each token request of a DPoP client first
+      // meets use_dpop_nonce unless it already holds a current nonce.
+      dPoP: { enabled: true, nonceSecret: crypto.randomBytes(32), requireNonce: () => true },
       resourceIndicators: {
         enabled: true,
         defaultResource: async (ctx, client, oneOf) => (oneOf ? oneOf[0] : undefined),
@@ -252,10 +268,45 @@ export async function startIdp({ port, redirectUris, mtls, stats = newStats(), l
   return { provider, server, tlsServer, issuer, stats };
 }
 
+const b64urlJson = (s) => JSON.parse(Buffer.from(s, 'base64url').toString('utf8'));
+
+// A DPoP proof for this request (RFC 9449 §4.3, §7.1), checked with node's
+// own crypto: undefined when valid, else why not.
+function checkProof(req, token, jkt, seenJti) {
+  const proofs = req.headersDistinct?.dpop ?? (req.headers.dpop ? [req.headers.dpop] : []);
+  if (proofs.length !== 1) return 'exactly one DPoP proof is required';
+  const [h, p, sig] = proofs[0].split('.');
+  let header;
+  let claims;
+  try {
+    header = b64urlJson(h);
+    claims = b64urlJson(p);
+  } catch {
+    return 'DPoP proof is not a JWT';
+  }
+  if (header.typ !== 'dpop+jwt') return 'typ';
+  if (header.alg !== 'ES256' || header.jwk?.kty !== 'EC' || header.jwk.d) return 'alg or jwk';
+  const { crv, kty, x, y } = header.jwk;
+  const thumb = crypto.createHash('sha256').update(JSON.stringify({ crv, kty, x, y })).digest('base64url');
+  if (thumb !== jkt) return 'the proof key is not the one the token is bound to';
+  const key = crypto.createPublicKey({ key: header.jwk, format: 'jwk' });
+  const ok = crypto.verify('sha256', Buffer.from(`${h}.${p}`), { key, dsaEncoding: 'ieee-p1363' }, Buffer.from(sig, 'base64url'));
+  if (!ok) return 'signature';
+  const htu = `http://${req.headers.host}${req.url.split('?')[0]}`;
+  if (claims.htm !== req.method || claims.htu !== htu) return `htm/htu ${claims.htm} ${claims.htu}`;
+  const ath = crypto.createHash('sha256').update(token).digest('base64url');
+  if (claims.ath !== ath) return 'ath';
+  if (Math.abs(claims.iat - Date.now() / 1000) > 60) return 'iat';
+  if (!claims.jti || seenJti.has(claims.jti)) return 'jti missing or replayed';
+  seenJti.add(claims.jti);
+  return undefined;
+}
+
 // The resource server: each request's bearer token is introspected at the
 // provider; unknown, revoked or expired tokens get 401 invalid_token.
 export async function startUpstream({ port, issuer, log = () => {} }) {
-  const stats = { served: 0, rejected: 0 };
+  const stats = { served: 0, rejected: 0, dpopServed: 0, dpopRejected: [] };
+  const seenJti = new Set();
   const basic = Buffer.from(
     `${encodeURIComponent(CLIENTS.upstream.id)}:${encodeURIComponent(CLIENTS.upstream.secret)}`,
   ).toString('base64');
@@ -265,7 +316,7 @@ export async function startUpstream({ port, issuer, log = () => {} }) {
       res.end(JSON.stringify(body));
     };
     try {
-      const m = /^Bearer ([\x21-\x7e]+)$/.exec(req.headers.authorization || '');
+      const m = /^(Bearer|DPoP) ([\x21-\x7e]+)$/.exec(req.headers.authorization || '');
       if (!m) {
         stats.rejected += 1;
         return send(401, { error: 'invalid_request' }, { 'www-authenticate': 'Bearer' });
@@ -276,7 +327,7 @@ export async function startUpstream({ port, issuer, log = () => {} }) {
           authorization: `Basic ${basic}`,
           'content-type': 'application/x-www-form-urlencoded',
         },
-        body: new URLSearchParams({ token: m[1], token_type_hint: 'access_token' }),
+        body: new URLSearchParams({ token: m[2], token_type_hint: 'access_token' }),
       });
       const info = await r.json();
       const now = Math.floor(Date.now() / 1000);
@@ -288,6 +339,22 @@ export async function startUpstream({ port, issuer, log = () => {} }) {
           { error: 'invalid_token' },
           { 'www-authenticate': 'Bearer error="invalid_token", error_description="token is not active"' },
         );
+      }
+      // RFC 9449 §7: a bound token needs the DPoP scheme and a proof of
+      // this request signed with the bound key.
+      const jkt = info.cnf?.jkt;
+      if (jkt || m[1] === 'DPoP') {
+        const why = jkt ? checkProof(req, m[2], jkt, seenJti) : 'DPoP scheme for an unbound token';
+        const bad = m[1] !== 'DPoP' ? 'DPoP-bound token sent as a bearer token' : why;
+        if (bad) {
+          stats.rejected += 1;
+          stats.dpopRejected.push(bad);
+          log(`upstream: 401 for ${req.url}: ${bad}`);
+          return send(401, { error: 'invalid_dpop_proof', error_description: bad }, {
+            'www-authenticate': `DPoP error="invalid_dpop_proof", error_description="${bad}"`,
+          });
+        }
+        stats.dpopServed += 1;
       }
       stats.served += 1;
       return send(200, {

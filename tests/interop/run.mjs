@@ -7,7 +7,8 @@
 //   in the middle, a private_key_jwt client (logged in the same way) refreshed
 //   across rotations with kill -9 restarts, a tls_client_auth client (the
 //   provider's TLS listener, by mtls_endpoint_aliases) the same way,
-//   client_credentials with a
+//   a DPoP-bound public client (its key kept in the store, the provider's
+//   nonces) the same way, client_credentials with a
 //   resource indicator, a device-grant client (`login --device`, endpoints by
 //   discovery, approved through the provider's pages) refreshed as well,
 //   `tokenproxy doctor` against the discovery document, then the provider
@@ -35,6 +36,9 @@ const ROTATIONS_TOTAL = 6;
 // kill -9s, and in all.
 const PKJWT_KILLS_AT = [2, 4];
 const PKJWT_ROTATIONS_TOTAL = 6;
+// DPoP: the same, for the DPoP-bound public client.
+const DPOP_KILLS_AT = [2, 4];
+const DPOP_ROTATIONS_TOTAL = 6;
 
 const t0 = Date.now();
 const say = (m) => console.log(`[interop +${((Date.now() - t0) / 1000).toFixed(1)}s] ${m}`);
@@ -304,6 +308,7 @@ async function main() {
   const pkRotations = () => stats.byClient[CLIENTS.pkjwt.id]?.refresh_token || 0;
   const deviceRotations = () => stats.byClient[CLIENTS.device.id]?.refresh_token || 0;
   const mtlsRotations = () => stats.byClient[CLIENTS.mtls.id]?.refresh_token || 0;
+  const dpopRotations = () => stats.byClient[CLIENTS.dpop.id]?.refresh_token || 0;
   const idpLog = fs.createWriteStream(path.join(TMP, 'idp.log'));
   const log = (l) => {
     idpLog.write(`${new Date().toISOString()} ${l}\n`);
@@ -387,6 +392,20 @@ client_id = "${CLIENTS.device.id}"
 client_secret = "\${INTEROP_DEVICE_SECRET}"
 scopes = ["openid", "offline_access"]
 introspection_url = "${issuer}/token/introspection"
+
+[credentials.dpop]
+grant = "refresh_token"
+issuer = "${issuer}"
+client_id = "${CLIENTS.dpop.id}"
+auth_method = "none"
+dpop = true
+scopes = ["openid", "offline_access"]
+redirect_uri = "${redirectUri}"
+
+[[routes]]
+path_prefix = "/dpop/"
+upstream = "http://127.0.0.1:${upPort}/"
+credential = "dpop"
 
 [[routes]]
 path_prefix = "/device/"
@@ -527,6 +546,12 @@ credential = "machine"
     return true;
   });
 
+  const dpopLoggedIn = await step('login a DPoP-bound public client (proofs with the provider nonce) the same way', async () => {
+    await login('dpop');
+    check(stored('dpop')?.dpop_key, 'the generated DPoP key is not in the store');
+    return true;
+  });
+
   // ---- the device grant: no redirect, a code entered on "another device"
   const deviceGrant = 'urn:ietf:params:oauth:grant-type:device_code';
   let deviceFamily;
@@ -647,6 +672,35 @@ credential = "machine"
       rotateAcrossKills('mtls', mtlsRotations));
   }
 
+  // use_dpop_nonce is the provider asking for its nonce: one retry, not a failure.
+  const dpopErrors = () => stats.errors.filter((e) => e.client === CLIENTS.dpop.id && e.error !== 'use_dpop_nonce');
+  if (dpopLoggedIn) {
+    await step(`DPoP: ${DPOP_ROTATIONS_TOTAL} rotations of a key-bound refresh token, kill -9 after ${DPOP_KILLS_AT.join(' and ')}`, async () => {
+      const verifyDpop = (b) =>
+        b.client_id !== CLIENTS.dpop.id ? `token of client ${b.client_id}` : b.sub !== 'alice' ? `sub ${b.sub}` : undefined;
+      const base = dpopRotations();
+      const servedBefore = up.stats.dpopServed;
+      for (const [i, at] of DPOP_KILLS_AT.entries()) {
+        await load(proxy, '/dpop/', () => dpopRotations() >= base + at, 45000, verifyDpop);
+        await sleep(300);
+        const before = await admin(adminBase, '/credentials/dpop');
+        run.kill('SIGKILL');
+        await run.exited;
+        await startRun(`run-dpop-kill${i + 1}`);
+        const after = (await admin(adminBase, '/credentials/dpop')).body;
+        check(after.family === before.body.family, `family ${before.body.family} -> ${after.family}`);
+        say(`  dpop after kill -9 #${i + 1}: state=${after.state} generation=${after.generation}; rotations=${dpopRotations()}`);
+      }
+      await load(proxy, '/dpop/', () => dpopRotations() >= base + DPOP_ROTATIONS_TOTAL, 45000, verifyDpop);
+      const s = (await admin(adminBase, '/credentials/dpop')).body;
+      check(s.family === families.dpop, `family changed: ${families.dpop} -> ${s.family}`);
+      check(up.stats.dpopServed > servedBefore, 'the upstream verified no DPoP proof');
+      check(up.stats.dpopRejected.length === 0, `upstream DPoP refusals: ${JSON.stringify(up.stats.dpopRejected.slice(0, 5))}`);
+      check(dpopErrors().length === 0, `token endpoint errors for the DPoP client: ${JSON.stringify(dpopErrors())}`);
+      say(`  dpop: nonce challenges at the token endpoint ${stats.errors.filter((e) => e.client === CLIENTS.dpop.id).length}`);
+    });
+  }
+
   if (deviceLoggedIn) {
     await step('device-grant credential: refreshed across the restarts, same family', async () => {
       const verifyDevice = (b) =>
@@ -704,7 +758,7 @@ credential = "machine"
     const other = stats.errors.filter(
       (e, i) =>
         !driverErrors.has(e) &&
-        (e.client === CLIENTS.user.id || e.client === CLIENTS.pkjwt.id || e.client === CLIENTS.mtls.id || (e.client === CLIENTS.device.id && e.error !== 'authorization_pending')) &&
+        (e.client === CLIENTS.user.id || e.client === CLIENTS.pkjwt.id || e.client === CLIENTS.mtls.id || (e.client === CLIENTS.device.id && e.error !== 'authorization_pending') || (e.client === CLIENTS.dpop.id && e.error !== 'use_dpop_nonce')) &&
         !(i >= errorsBeforeDoctor && e.detail === 'refresh token not found'),
     );
     check(stats.reuses === 0, `provider rejected ${stats.reuses} reused refresh token(s)`);
@@ -795,7 +849,7 @@ credential = "machine"
   }
   say(`provider grants by type ${JSON.stringify(stats.grants)}; upstream served ${up.stats.served}, rejected ${up.stats.rejected}`);
   console.log(
-    `INTEROP: grants=${grants} rotations=${rotations()} private_key_jwt_rotations=${pkRotations()} tls_client_auth_rotations=${mtlsRotations()} device_rotations=${deviceRotations()} reuses=${reusesBeforeRevocation} requests=${requests} failures=${total}`,
+    `INTEROP: grants=${grants} rotations=${rotations()} private_key_jwt_rotations=${pkRotations()} tls_client_auth_rotations=${mtlsRotations()} device_rotations=${deviceRotations()} dpop_rotations=${dpopRotations()} reuses=${reusesBeforeRevocation} requests=${requests} failures=${total}`,
   );
   console.log(`interop: ${stepsPassed} passed, ${failures.length} failed`);
   if (!total && !process.env.INTEROP_KEEP) fs.rmSync(TMP, { recursive: true, force: true });

@@ -7,8 +7,8 @@ use crate::common::{percentile, rss_kib, Sample};
 use crate::load::{h2load, idle_connections, wrk, Spinners};
 use crate::report::{mmm, Table};
 use crate::servers::{
-    start_haproxy, start_nginx, start_tokenproxy, test_ca_file, HaproxyOpts, NginxOpts, Proxy,
-    TpOpts,
+    start_haproxy, start_nginx, start_tokenproxy, start_tokenproxy_with, test_ca_file, HaproxyOpts,
+    NginxOpts, Proxy, TpOpts,
 };
 use crate::upstream::{start_upstream, Upstream, UpstreamOpts};
 use std::fmt::Write as _;
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use tokenproxy::dev::{DevIdp, IdpOptions};
 
 /// Every scenario, in run order: (name, what it measures).
-pub const ALL: [(&str, &str); 11] = [
+pub const ALL: [(&str, &str); 12] = [
     ("small64", "2 B bodies, 64 connections, wrk closed loop"),
     ("body16k", "16 KiB bodies, 64 connections, wrk closed loop"),
     ("small1", "2 B bodies, 1 connection, wrk closed loop"),
@@ -45,6 +45,10 @@ pub const ALL: [(&str, &str); 11] = [
     (
         "default2",
         "default runtime (2 worker threads) vs nginx 2 workers and haproxy 2 threads, nothing pinned, 2 B, 64 connections",
+    ),
+    (
+        "dpop",
+        "DPoP (RFC 9449): a proof signed per request vs the bearer path, 2 B, 64 connections; and the signing cost per proof",
     ),
     (
         "scale",
@@ -294,6 +298,7 @@ impl Ctx {
                     wrk64,
                 )
             }),
+            "dpop" => self.dpop(),
             "refresh" => return self.refresh(findings),
             "idle1000" => return self.idle1000(findings),
             "scale" => return crate::scale::scale(self, &mut findings.scale),
@@ -302,6 +307,72 @@ impl Ctx {
         let out = table.render(reps);
         findings.tables.push((name.to_owned(), table));
         out
+    }
+
+    /// The same credential and upstream through two tokenproxies, one with
+    /// `dpop = true` (an ES256 proof signed for every request), interleaved
+    /// like `compare`; the note gives the signing cost alone.
+    fn dpop(&self) -> Table {
+        let upstream = start_upstream(UpstreamOpts {
+            body_len: 2,
+            tls: false,
+            h2c: false,
+            check: None,
+            cpus: "1",
+        });
+        let token_url = self.idp.token_url();
+        let opts = || TpOpts {
+            upstream: format!("http://{}/", upstream.addr),
+            worker_threads: Some(1),
+            ca_file: None,
+            token_url: &token_url,
+            cpus: Some("1"),
+        };
+        let bearer = start_tokenproxy(&self.dir, opts());
+        let dpop = start_tokenproxy_with(&self.dir, opts(), "dpop = true");
+        let load = Load::Wrk { conns: 64 };
+        let targets = [
+            ("direct", format!("http://{}/direct", upstream.addr), vec![]),
+            ("tokenproxy", bearer.url("/api/x"), bearer.pids()),
+            ("tokenproxy+dpop", dpop.url("/api/x"), dpop.pids()),
+        ];
+        for (_, url, _) in &targets[1..] {
+            self.run_load(&load, url, 1, Some("0"), &[]);
+        }
+        let n = targets.len();
+        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); n];
+        for rep in 0..self.reps {
+            for k in 0..n {
+                let i = (rep + k) % n;
+                let (_, url, pids) = &targets[i];
+                samples[i].push(self.run_load(&load, url, self.seconds, Some("0"), pids));
+            }
+        }
+        let mut notes = Vec::new();
+        // The proof alone, on this thread: what each DPoP request adds.
+        let (key, _) = tokenproxy::dpop::DpopKey::generate().unwrap();
+        let ath = tokenproxy::dpop::ath("an-access-token");
+        let rounds = 2000u32;
+        let started = Instant::now();
+        for _ in 0..rounds {
+            let p = key.proof_header("GET", "http://127.0.0.1:1/x", Some(&ath), None);
+            std::hint::black_box(p.unwrap());
+        }
+        notes.push(format!(
+            "one ES256 proof (claims, signature, header value) takes {:.1} µs on the bench thread",
+            started.elapsed().as_secs_f64() * 1e6 / f64::from(rounds)
+        ));
+        self.log_notes(
+            &[("tokenproxy", &bearer), ("tokenproxy+dpop", &dpop)],
+            &mut notes,
+        );
+        bearer.stop();
+        dpop.stop();
+        Table {
+            title: "dpop: 2 B, 64 conns, bearer vs a DPoP proof per request".into(),
+            targets: targets.iter().map(|(n, _, _)| *n).zip(samples).collect(),
+            notes,
+        }
     }
 
     /// Access tokens live 2 s (refreshed about 1 s before expiry) while

@@ -104,6 +104,11 @@ pub struct TpOpts<'a> {
 }
 
 pub fn start_tokenproxy(dir: &Path, o: TpOpts<'_>) -> Proxy {
+    start_tokenproxy_with(dir, o, "")
+}
+
+/// As [`start_tokenproxy`], with `credential_extra` lines in the credential.
+pub fn start_tokenproxy_with(dir: &Path, o: TpOpts<'_>, credential_extra: &str) -> Proxy {
     let port = free_port();
     let admin_port = free_port();
     let mut cfg = String::new();
@@ -118,7 +123,7 @@ pub fn start_tokenproxy(dir: &Path, o: TpOpts<'_>) -> Proxy {
     );
     let _ = writeln!(
         cfg,
-        "[store]\nkind = \"file\"\npath = \"tokens-{port}.json\"\n[credentials.svc]\ngrant = \"client_credentials\"\ntoken_url = \"{}\"\nclient_id = \"demo-client\"\nclient_secret = \"demo-secret\"",
+        "[store]\nkind = \"file\"\npath = \"tokens-{port}.json\"\n[credentials.svc]\ngrant = \"client_credentials\"\ntoken_url = \"{}\"\nclient_id = \"demo-client\"\nclient_secret = \"demo-secret\"\n{credential_extra}",
         o.token_url
     );
     let _ = writeln!(

@@ -81,7 +81,11 @@ pub fn start_upstream(opts: UpstreamOpts) -> Upstream {
                         let bearer = req
                             .headers()
                             .get(http::header::AUTHORIZATION)
-                            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+                            .and_then(|v| {
+                                let v = v.as_bytes();
+                                v.strip_prefix(b"Bearer ")
+                                    .or_else(|| v.strip_prefix(b"DPoP "))
+                            })
                             .filter(|t| !t.is_empty());
                         if bearer.is_none() && req.uri().path() != "/direct" {
                             no_bearer.fetch_add(1, Ordering::Relaxed);

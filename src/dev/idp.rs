@@ -1804,25 +1804,25 @@ async fn token_endpoint(shared: Arc<Shared>, req: Request<Incoming>) -> Response
                 let mut record = describe(&st, &p, &issuer);
                 // RFC 9449 §4.3 and §8: the proof is checked before the
                 // client or the grant, so a refused proof spends nothing.
-                let proof = check_proof(&mut st, &p, &issuer);
-                if let Err((e, _)) = &proof {
-                    record.outcome = e.code.into();
-                    record.fault = fault.as_ref().map(Fault::name);
-                    st.grants.push(record);
-                    let nonce = st.dpop_nonce.clone();
-                    drop(st);
-                    let Err((e, with_nonce)) = proof else {
-                        unreachable!()
-                    };
-                    let mut resp = error_response(&e);
-                    if let (true, Some(n)) = (with_nonce, nonce) {
-                        if let Ok(v) = HeaderValue::from_str(&n) {
+                match check_proof(&mut st, &p, &issuer) {
+                    Ok(jkt) => record.dpop_jkt = jkt,
+                    Err((e, with_nonce)) => {
+                        record.outcome = e.code.into();
+                        st.grants.push(record);
+                        // Nothing was processed: a scripted fault waits
+                        // for the request that is.
+                        if let Some(f) = fault.clone() {
+                            st.faults.push_front(f);
+                        }
+                        let nonce = st.dpop_nonce.clone().filter(|_| with_nonce);
+                        drop(st);
+                        let mut resp = error_response(&e);
+                        if let Some(v) = nonce.and_then(|n| HeaderValue::from_str(&n).ok()) {
                             resp.headers_mut().insert("dpop-nonce", v);
                         }
+                        return resp;
                     }
-                    return resp;
                 }
-                record.dpop_jkt = proof.ok().flatten();
                 st.proof_jkt = record.dpop_jkt.clone();
                 let mut auth = authenticate(&st.opts.clients, &p, &issuer);
                 if let Some((jti, exp)) = auth.jti.take() {

@@ -539,9 +539,15 @@ impl Proxy {
                         };
                         attempt = rebuild(saved, body::full(bytes.clone()));
                     }
-                    if let (Some(d), Some(u)) = (&fresh.dpop, &dpop_uri) {
-                        let proof = dpop_proof(d, attempt.method(), u, route.token.credential())?;
-                        attempt.headers_mut().insert(&crate::dpop::DPOP, proof);
+                    match (&fresh.dpop, &dpop_uri) {
+                        (Some(d), Some(u)) => {
+                            let proof =
+                                dpop_proof(d, attempt.method(), u, route.token.credential())?;
+                            attempt.headers_mut().insert(&crate::dpop::DPOP, proof);
+                        }
+                        // A bearer token now: no proof goes with it.
+                        (None, Some(_)) => drop(attempt.headers_mut().remove(&crate::dpop::DPOP)),
+                        _ => {}
                     }
                     attempt
                         .headers_mut()
@@ -645,8 +651,6 @@ fn original_host<B>(req: &Request<B>) -> Option<HeaderValue> {
     }
 }
 
-/// Only bodies of a known, small length are buffered for a replay: never
-/// chunked bodies, gRPC or `Expect: 100-continue`.
 /// A DPoP proof for one upstream request; a key that cannot sign leaves
 /// the request unsent, like a missing token.
 fn dpop_proof(
@@ -679,6 +683,8 @@ fn dpop_nonce_challenge<B>(
         && crate::dpop::upstream_wants_nonce(resp.status(), resp.headers())
 }
 
+/// Only bodies of a known, small length are buffered for a replay: never
+/// chunked bodies, gRPC or `Expect: 100-continue`.
 fn replayable_body(h: &HeaderMap, has_body: bool, max: u64) -> bool {
     if !has_body {
         return true;

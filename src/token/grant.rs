@@ -1872,7 +1872,7 @@ mod tests {
         for body in [
             "<html>",
             r#"{"token_type":"bearer"}"#,
-            r#"{"access_token":"a","token_type":"DPoP"}"#,
+            r#"{"access_token":"a","token_type":"MAC"}"#,
         ] {
             let e = parse_token_response(&raw(200, "application/json", body), now).unwrap_err();
             assert_eq!(e.delivery, Delivery::MaybeSent, "{body}");

@@ -309,6 +309,13 @@ impl Slot {
             .dpop
             .as_ref()
             .and_then(|d| d.key_for(rec.dpop_key.as_ref()));
+        if self.dpop.is_some() && dpop_key.is_none() {
+            // Never a proofless request from a DPoP credential.
+            let e = GrantError::config_not_sent(
+                "the DPoP key stored with the token set cannot be read".into(),
+            );
+            return Err(self.classify(&e, ev));
+        }
         rec.intent = Some(Intent {
             family: rec.family.clone(),
             generation: rec.generation,

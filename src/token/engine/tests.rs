@@ -20,6 +20,8 @@ enum Reply {
     Status(u16, &'static str, Option<&'static str>),
     /// The grant runs (the token is spent) and the answer is lost.
     Lost,
+    /// RFC 9449 §8: 400 use_dpop_nonce with this nonce, the grant not run.
+    Nonce(&'static str),
 }
 
 /// One presentation at the scripted IdP.
@@ -38,6 +40,8 @@ struct ScriptedIdp {
     /// When every request arrived, refused or not.
     requests: Mutex<Vec<Duration>>,
     issued: std::sync::atomic::AtomicU64,
+    /// Each request's DPoP proof, if any.
+    proofs: Mutex<Vec<Option<String>>>,
 }
 
 impl ScriptedIdp {
@@ -49,6 +53,7 @@ impl ScriptedIdp {
             presented: Mutex::new(Vec::new()),
             requests: Mutex::new(Vec::new()),
             issued: Default::default(),
+            proofs: Mutex::new(Vec::new()),
         })
     }
 
@@ -62,9 +67,14 @@ impl ScriptedIdp {
             .map(|(_, v)| v.into_owned())
             .unwrap_or_default();
         self.requests.lock().push(self.start.elapsed());
+        self.proofs.lock().push(
+            req.headers
+                .get("dpop")
+                .map(|v| v.to_str().unwrap().to_owned()),
+        );
         let reply = self.replies.lock().pop_front();
         let reply = reply.unwrap_or(Reply::Ok(self.default_lifetime));
-        if !matches!(reply, Reply::Status(..)) {
+        if !matches!(reply, Reply::Status(..) | Reply::Nonce(_)) {
             self.presented.lock().push(Presented {
                 at: self.start.elapsed(),
                 refresh_token: token,
@@ -100,6 +110,13 @@ impl ScriptedIdp {
                 )
             }
             Reply::Status(status, body, retry_after) => json(status, body.into(), retry_after),
+            Reply::Nonce(nonce) => {
+                json(400, r#"{"error":"use_dpop_nonce"}"#.into(), None).map(|mut r| {
+                    r.headers
+                        .insert("dpop-nonce", http::HeaderValue::from_static(nonce));
+                    r
+                })
+            }
             Reply::Lost => {
                 self.issued.fetch_add(1, Ordering::SeqCst);
                 Err(GrantError::transient(
@@ -294,4 +311,62 @@ async fn a_rate_limit_shows_until_when_in_the_status() {
     assert!(left > S(10) && left <= S(30), "{left:?}");
     run_for(S(60)).await;
     assert_eq!(rig.slot.status().next_attempt_at, None);
+}
+
+fn proof_claims(proof: &str) -> serde_json::Value {
+    use base64::Engine as _;
+    let claims = proof.split('.').nth(1).unwrap();
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(claims)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dpop_nonce_costs_one_retry_inside_one_attempt() {
+    let idp = ScriptedIdp::new(600, vec![Reply::Nonce("n-1"), Reply::Ok(600)]);
+    let rig = start(idp, |c| c.dpop = Some(crate::config::DpopSource::Generated)).await;
+    run_for(S(5)).await;
+    assert_eq!(rig.idp.presented().len(), 1, "the refusal spent nothing");
+    let proofs = rig.idp.proofs.lock().clone();
+    assert_eq!(proofs.len(), 2, "one retry");
+    let first = proof_claims(proofs[0].as_deref().expect("a proof"));
+    let second = proof_claims(proofs[1].as_deref().expect("a proof"));
+    assert_eq!(first.get("nonce"), None);
+    assert_eq!(second["nonce"], "n-1");
+    assert_ne!(first["jti"], second["jti"]);
+    assert_eq!(rig.slot.state(), State::Fresh);
+    let c = rig.slot.control.lock();
+    assert_eq!(c.consecutive_failures, 0, "not a failed attempt");
+    let rec = c.record.as_ref().unwrap();
+    assert!(rec.intent.is_none() && rec.dpop_key.is_some(), "{rec:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bearer_answer_to_a_dpop_request_is_used_as_bearer_and_the_key_kept() {
+    // The scripted IdP answers token_type Bearer.
+    let idp = ScriptedIdp::new(600, vec![]);
+    let rig = start(idp, |c| c.dpop = Some(crate::config::DpopSource::Generated)).await;
+    run_for(S(700)).await;
+    assert_eq!(rig.idp.presented().len(), 2);
+    assert!(
+        rig.idp.proofs.lock().iter().all(Option::is_some),
+        "every request proven"
+    );
+    let token = rig.slot.usable_token().expect("a token");
+    assert!(token.dpop.is_none(), "not bound: sent as a bearer token");
+    // Both refreshes proved with the one stored key.
+    let jkts: std::collections::BTreeSet<String> = rig
+        .idp
+        .proofs
+        .lock()
+        .iter()
+        .map(|p| {
+            let h = p.as_deref().unwrap().split('.').next().unwrap().to_owned();
+            h
+        })
+        .collect();
+    assert_eq!(jkts.len(), 1, "one key (the proof header names it)");
 }

@@ -316,3 +316,36 @@ async fn refusals_carry_their_messages() {
     );
     stack.assert_no_reuse();
 }
+
+/// With `store.encryption_key` the generated key is sealed with the rest
+/// of the record: its file holds no key (and no field name) in clear, and
+/// a restart opens it and proves with the same key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_generated_key_is_sealed_in_an_encrypted_file_store() {
+    let stack = Stack::start(StackOpts::default()).await;
+    dpop_stack_echo(&stack);
+    let (path, ports) = child_config(&stack, "sealed", "dpop = true");
+    let text = with_store_keys(
+        &std::fs::read_to_string(&path).unwrap(),
+        "dpop sealing key",
+        &[],
+    );
+    std::fs::write(&path, text).unwrap();
+    let mut first = ChildProxy::start(stack.dir.path(), "sealed1", &path, ports).await;
+    let c = client();
+    let got = get_ok(&c, &first.url("/api/x")).await;
+    assert_eq!(got.status, 200, "{} {}", got.text(), first.output());
+    let jkt = last_ok_jkt(&stack).expect("a proof");
+    let raw = std::fs::read_to_string(stack.record_path()).unwrap();
+    assert!(raw.contains("tpv3:"), "sealed: {raw}");
+    assert!(!raw.contains("dpop_key"), "the key is not in clear: {raw}");
+    first.kill9();
+    let generation = stack.idp.grant_count("refresh_token");
+    let _second = ChildProxy::start(stack.dir.path(), "sealed2", &path, ports).await;
+    wait_for("a refresh after the restart", S(10), || async {
+        (stack.idp.grant_count("refresh_token") > generation).then_some(())
+    })
+    .await;
+    assert_eq!(last_ok_jkt(&stack).as_deref(), Some(jkt.as_str()));
+    stack.assert_no_reuse();
+}

@@ -228,10 +228,12 @@ pub(crate) async fn poll(
         let sent_wall = SystemTime::now();
         let proven = dpop.as_ref().map(|d| d.proven());
         let answer = match client.send_proven(req, proven.as_ref(), &build).await {
-            Ok(raw) => parse_token_response(&raw, SystemTime::now()).map(|mut set| {
-                set.dpop_key = dpop.as_ref().and_then(|d| d.stored.clone());
-                set
-            }),
+            Ok(raw) => parse_token_response(&raw, SystemTime::now())
+                .and_then(|set| grant::check_token_type(set, dpop.is_some()))
+                .map(|mut set| {
+                    set.dpop_key = dpop.as_ref().and_then(|d| d.stored.clone());
+                    set
+                }),
             Err(e) => Err(e),
         };
         let e = match answer {

@@ -664,10 +664,12 @@ pub(crate) async fn exchange(
         (Ok(req), Ok(dpop)) => {
             let proven = dpop.as_ref().map(|d| d.proven());
             match client.send_proven(req, proven.as_ref(), &build).await {
-                Ok(raw) => parse_token_response(&raw, SystemTime::now()).map(|mut set| {
-                    set.dpop_key = dpop.and_then(|d| d.stored);
-                    set
-                }),
+                Ok(raw) => parse_token_response(&raw, SystemTime::now())
+                    .and_then(|set| crate::token::grant::check_token_type(set, dpop.is_some()))
+                    .map(|mut set| {
+                        set.dpop_key = dpop.and_then(|d| d.stored);
+                        set
+                    }),
                 Err(e) => Err(e),
             }
         }

@@ -731,6 +731,23 @@ pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<Token
     })
 }
 
+/// A `DPoP` token answers a DPoP proof (RFC 9449 §5); to a request without
+/// one it is a token this credential cannot present: a configuration
+/// error, found after the IdP may have rotated (as any unusable 2xx).
+pub fn check_token_type(set: TokenSet, proven: bool) -> Result<TokenSet, GrantError> {
+    if !set.dpop_bound || proven {
+        return Ok(set);
+    }
+    Err(GrantError {
+        class: FailureClass::Config,
+        ..GrantError::transient(
+            ROTATION_UNKNOWN,
+            Some(200),
+            "token_type \"DPoP\" but the request carried no DPoP proof (set dpop = true for this credential)",
+        )
+    })
+}
+
 /// Where token responses say how long the refresh token itself lives.
 pub const REFRESH_LIFETIME_KEYS: [&str; 3] = [
     "refresh_token_expires_in",
@@ -1824,6 +1841,30 @@ mod tests {
             get(&form_of(&req), "scope"),
             Some("offline_access User.Read")
         );
+    }
+
+    #[test]
+    fn a_dpop_token_needs_a_proven_request() {
+        let now = SystemTime::now();
+        let r = raw(
+            200,
+            "application/json",
+            r#"{"access_token":"a","token_type":"DPoP","refresh_token":"r"}"#,
+        );
+        let set = parse_token_response(&r, now).unwrap();
+        assert!(set.dpop_bound);
+        assert!(check_token_type(set.clone(), true).is_ok());
+        let e = check_token_type(set, false).unwrap_err();
+        assert_eq!(e.class, FailureClass::Config);
+        // The IdP answered 2xx: it may have rotated.
+        assert_eq!(e.delivery, Delivery::MaybeSent);
+        let bearer = raw(
+            200,
+            "application/json",
+            r#"{"access_token":"a","token_type":"Bearer"}"#,
+        );
+        let set = parse_token_response(&bearer, now).unwrap();
+        assert!(!set.dpop_bound && check_token_type(set, false).is_ok());
     }
 
     #[test]

@@ -170,7 +170,11 @@ async fn token_endpoint_nonce_costs_one_retry_and_no_lost_rotation() {
     );
     stack.assert_no_reuse();
     let st = credential_status(&c, proxy.admin).await.unwrap();
-    assert_eq!(st["state"], "fresh", "{st}");
+    // 2-second tokens: it may be refreshing again right now.
+    assert!(
+        st["state"] == "fresh" || st["state"] == "refreshing",
+        "{st}"
+    );
     let events = proxy.log_events();
     assert!(
         !events

@@ -67,6 +67,7 @@ impl Slot {
                 self.check_skew(&raw.headers, sent_wall);
                 grant::parse_token_response(&raw, sent_wall)
             })
+            .and_then(|set| grant::check_token_type(set, proven.is_some()))
             .map_err(|e| self.classify(&e, ev))?;
         let lifetime = self.lifetime(&set);
         ev.ok(lifetime, false);
@@ -358,7 +359,8 @@ impl Slot {
                     ev.status = Some(raw.status.as_u16());
                     self.check_skew(&raw.headers, sent_wall);
                     grant::parse_token_response(&raw, sent_wall)
-                }),
+                })
+                .and_then(|set| grant::check_token_type(set, proven.is_some())),
             Err(e) => Err(e),
         };
         match answer {

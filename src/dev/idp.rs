@@ -1508,6 +1508,19 @@ impl DevIdp {
         self.state().mint_access(client_id, client_id, None, None).0
     }
 
+    /// As [`DevIdp::issue_access_token`], valid for `ttl` rather than the
+    /// IdP's `access_ttl`: a token a scripted answer hands out that must
+    /// outlive a slow test.
+    pub fn issue_access_token_lasting(&self, client_id: &str, ttl: Duration) -> String {
+        let mut state = self.state();
+        let token = state.mint_access(client_id, client_id, None, None).0;
+        if let Some(t) = state.access.get_mut(&token) {
+            t.expires_at = Instant::now() + ttl;
+            t.exp_unix = t.iat_unix + secs(ttl);
+        }
+        token
+    }
+
     /// Every `/token` request so far, oldest first.
     pub fn grants(&self) -> Vec<GrantRecord> {
         self.state().grants.clone()

@@ -388,7 +388,11 @@ async fn odd_expires_in_values_are_sane() {
         ("null", 30),
     ] {
         let run = start("default_lifetime = \"30s\"").await;
-        let at = run.stack.idp.issue_access_token(CLIENT_ID);
+        // Valid at the IdP for longer than the check below can take on a
+        // loaded machine (the IdP's own tokens last 2 s): an upstream 401
+        // would start a reactive refresh, and the state would read
+        // `refreshing`.
+        let at = run.stack.idp.issue_access_token_lasting(CLIENT_ID, S(120));
         // Unprocessed by the IdP: the refresh token is not spent, so the
         // engine keeping the current one is right.
         run.stack.idp.push_fault(body(

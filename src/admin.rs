@@ -609,7 +609,7 @@ fn status_page(live: &Live) -> AdminResponse {
             "<tr data-route=\"{prefix}\"><td>{prefix}{host}<td>{upstream}<td>{cred}<td class=num>{requests}<td class=num>{e5}<td class=num>{ep}<td class=num>{last}</tr>",
             prefix = escape(&r.path_prefix),
             host = r.host.as_deref().map(|h| format!(" (host {})", escape(h))).unwrap_or_default(),
-            upstream = escape(&r.upstream.to_string()),
+            upstream = escape(&r.upstream_display()),
             cred = escape(&r.credential),
             e5 = rate(st.server_errors.load(Ordering::Relaxed)),
             ep = rate(st.proxy_errors.load(Ordering::Relaxed)),

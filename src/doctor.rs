@@ -749,6 +749,14 @@ async fn check_upstreams(r: &mut Report, config: &Config, name: Option<&str>) {
         if name.is_some_and(|n| n != route.credential) {
             continue;
         }
+        if let Some(field) = route.upstream_from {
+            r.ok(format!(
+                "route {}: upstream comes from {} of the token response (checked when it arrives)",
+                route.path_prefix,
+                field.placeholder()
+            ));
+            continue;
+        }
         let key = (route.upstream.to_string(), route.ca_file.clone());
         if seen.contains(&key) {
             continue;

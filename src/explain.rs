@@ -278,6 +278,15 @@ pub(crate) const ENTRIES: &[Entry] = &[
         fix: "Check the token endpoint's response with the IdP (a proxy or gateway in front of it may be mangling the body), then refresh: `curl -X POST ADMIN/credentials/{credential}/refresh`.",
     },
     Entry {
+        anchor: "route-upstream-value-missing",
+        title: "Route upstream value missing",
+        keys: &["token_field_missing", "token_field_rejected"],
+        severity: Severity::Warning,
+        cause: "The route's upstream comes from the token response (`{token.instance_url}`), and no response has sent a valid value yet: the field was absent, or it was not a bare https origin (http only on loopback), so it was not trusted with the traffic.",
+        did: "Kept the grant and the token; answered 503 on this route until a token response sends a valid value, and logged token_field_rejected for a value that failed its check.",
+        fix: "Check that the provider sends the value (Salesforce: instance_url) and that it is an https origin, then refresh: `curl -X POST ADMIN/credentials/{credential}/refresh` (or `tokenproxy login` again).",
+    },
+    Entry {
         anchor: "shutting-down",
         title: "Shutting down",
         keys: &["shutting_down"],

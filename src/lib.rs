@@ -37,6 +37,8 @@
 //! - [`tls`]: rustls client configs and certificate and key loading.
 //! - [`token`]: the engine (snapshot, single flight, schedule, state), the
 //!   grant client and the store.
+//! - [`token_fields`]: token-response values routes may use
+//!   (`{token.instance_url}`) and the check each must pass.
 
 pub mod admin;
 mod admin_client;
@@ -63,6 +65,7 @@ pub mod secret;
 pub(crate) mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod token_fields;
 
 /// An error and all its causes, `: `-separated. hyper's Display hides the
 /// cause, so logs and messages use this.

@@ -78,6 +78,8 @@ pub struct Profile {
     pub reuse_grace_secs: u64,
     /// The documented access-token lifetime, for answers without `expires_in`.
     pub default_lifetime_secs: Option<u64>,
+    /// Token-response values routes may use as `{token.NAME}`.
+    pub token_fields: &'static [&'static str],
     /// How the provider reports failures (what the engine recognises).
     pub errors: &'static str,
     /// What a user must know.
@@ -119,6 +121,7 @@ pub const PROFILES: &[Profile] = &[
         rotation: Rotation::Unverified,
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
+        token_fields: &[],
         errors: "RFC 6749 JSON errors; a revoked or expired grant is invalid_grant.",
         notes: &[
             "A refresh token comes back only with access_type=offline and prompt=consent (login sends both).",
@@ -142,6 +145,7 @@ pub const PROFILES: &[Profile] = &[
         rotation: Rotation::Unverified,
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
+        token_fields: &[],
         errors: "invalid_grant/invalid_client with AADSTS codes in error_codes and error_description: AADSTS70008 and AADSTS700082 (refresh token expired from inactivity), AADSTS50173 (grant revoked: credentials changed), AADSTS7000215 (invalid client secret).",
         notes: &[
             "Add offline_access to scopes, or no refresh token is issued.",
@@ -167,6 +171,7 @@ pub const PROFILES: &[Profile] = &[
         rotation: Rotation::Always,
         reuse_grace_secs: 0,
         default_lifetime_secs: Some(28_800),
+        token_fields: &[],
         errors: "Errors come with HTTP 200: error=bad_refresh_token (form-encoded unless JSON is asked for; tokenproxy asks). refresh_token_expires_in is sent.",
         notes: &[
             "The GitHub App must use user access tokens that expire (\"User-to-server token expiration\" under Optional features), or no refresh token is issued.",
@@ -187,6 +192,7 @@ pub const PROFILES: &[Profile] = &[
         rotation: Rotation::AppSetting,
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
+        token_fields: &[],
         errors: "RFC 6749 JSON errors; rate limits answer 429 with x-rate-limit-reset (epoch seconds), which tokenproxy honours.",
         notes: &[
             "Set issuer to your authorization server (discovery fills the endpoints).",
@@ -208,6 +214,7 @@ pub const PROFILES: &[Profile] = &[
         rotation: Rotation::AppSetting,
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
+        token_fields: &[],
         errors: "RFC 6749 JSON errors; an unknown or rotated-out refresh token is 403 invalid_grant \"Unknown or invalid refresh token.\"",
         notes: &[
             "Set issuer to https://<your tenant domain>/ (discovery fills the endpoints).",
@@ -231,6 +238,7 @@ pub const PROFILES: &[Profile] = &[
         rotation: Rotation::AppSetting,
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
+        token_fields: &[],
         errors: "RFC 6749 JSON errors; refresh_expires_in says when the refresh token (the session) expires, and is recorded like refresh_token_expires_in.",
         notes: &[
             "A refresh token dies with its session: after SSO Session Idle (30 minutes by default) without a refresh, or SSO Session Max; ask for offline_access for an offline session instead.",
@@ -254,6 +262,7 @@ pub const PROFILES: &[Profile] = &[
         rotation: Rotation::AppSetting,
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
+        token_fields: &[],
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Set issuer to the user pool's issuer (discovery fills the endpoints).",
@@ -273,12 +282,13 @@ pub const PROFILES: &[Profile] = &[
         rotation: Rotation::AppSetting,
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
+        token_fields: &["instance_url"],
         errors: "RFC 6749 JSON errors. Token responses carry no expires_in: the access token lives as long as the org's session timeout.",
         notes: &[
             "Set token_url to your login host's /services/oauth2/token.",
             "No expires_in: set default_lifetime to the connected app's session timeout (or rely on refresh_on = [401]).",
             "Refresh token rotation is a connected-app setting; with it on, the previous refresh token is invalidated at once.",
-            "The API host is the response's instance_url, which routes cannot use yet: set the route's upstream to your instance.",
+            "The API host is the response's instance_url: route with upstream = \"{token.instance_url}/services/data/\" (it must be an https origin; until a grant has sent one, the route answers 503).",
         ],
         docs: &[
             "https://help.salesforce.com/s/articleView?id=sf.remoteaccess_oauth_refresh_token_flow.htm",
@@ -297,6 +307,7 @@ pub const PROFILES: &[Profile] = &[
         rotation: Rotation::Always,
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
+        token_fields: &[],
         errors: "HTTP 200 with {\"ok\": false, \"error\": \"...\"}: invalid_refresh_token, invalid_client_id, bad_client_secret.",
         notes: &[
             "Token rotation must be enabled for the app, or Slack issues no refresh token; access tokens then expire every 12 hours.",
@@ -319,6 +330,7 @@ pub const PROFILES: &[Profile] = &[
         rotation: Rotation::Always,
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
+        token_fields: &[],
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Add offline_access to scopes, or no refresh token is issued.",
@@ -339,6 +351,7 @@ pub const PROFILES: &[Profile] = &[
         rotation: Rotation::Unverified,
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
+        token_fields: &[],
         errors: "RFC 6749 JSON errors.",
         notes: &["Nothing about Xero's token endpoint, rotation or grace could be checked against Xero's own pages here: set token_url and authorize_url from Xero's developer documentation, keep reuse_grace 0, and add offline_access to scopes."],
         docs: &["https://developer.xero.com/documentation/guides/oauth2/auth-flow/"],
@@ -355,6 +368,7 @@ pub const PROFILES: &[Profile] = &[
         rotation: Rotation::Unverified,
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
+        token_fields: &[],
         errors: "Errors have no `error` member: {\"status\": \"BAD_REFRESH_TOKEN\", \"message\": \"...\"} (tokenproxy reads status as the code).",
         notes: &[
             "client_id and client_secret go in the form body.",
@@ -377,6 +391,7 @@ pub const PROFILES: &[Profile] = &[
         rotation: Rotation::Unverified,
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
+        token_fields: &[],
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Access tokens live one hour. Server-to-Server OAuth apps get no refresh token: use grant = \"client_credentials\" only where Zoom documents it.",
@@ -399,6 +414,7 @@ pub const PROFILES: &[Profile] = &[
         rotation: Rotation::Unverified,
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
+        token_fields: &[],
         errors: "RFC 6749 JSON errors; x_refresh_token_expires_in says how long the refresh token lives, and is recorded like refresh_token_expires_in.",
         notes: &[
             "Set token_url and authorize_url from Intuit's OAuth 2.0 documentation (not verified here).",
@@ -418,6 +434,7 @@ pub const PROFILES: &[Profile] = &[
         rotation: Rotation::Unverified,
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
+        token_fields: &[],
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Access tokens are short-lived; a refresh token is issued only for token_access_type=offline (login sends it).",
@@ -437,6 +454,7 @@ pub const PROFILES: &[Profile] = &[
         rotation: Rotation::Always,
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
+        token_fields: &[],
         errors: "RFC 6749 JSON errors; an expired refresh token is invalid_grant \"Refresh token has expired\".",
         notes: &[
             "A refresh token is valid for 60 days and for one use: each refresh returns a new one.",
@@ -456,6 +474,7 @@ pub const PROFILES: &[Profile] = &[
         rotation: Rotation::Unverified,
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
+        token_fields: &[],
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Refresh tokens expire 6 months after the user's authorization; refreshing does not extend that (invalid_grant then: run `tokenproxy login`).",
@@ -475,6 +494,7 @@ pub const PROFILES: &[Profile] = &[
         rotation: Rotation::Unverified,
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
+        token_fields: &[],
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Programmatic refresh tokens are issued only to approved Marketing Developer Platform partners.",
@@ -559,6 +579,14 @@ pub fn show(p: &Profile) -> String {
             let _ = writeln!(s, "  default_lifetime:   (tokenproxy's default, 1h)");
         }
     }
+    if !p.token_fields.is_empty() {
+        let f: Vec<String> = p
+            .token_fields
+            .iter()
+            .map(|f| format!("{{token.{f}}}"))
+            .collect();
+        let _ = writeln!(s, "  route values:       {}", f.join(", "));
+    }
     let _ = writeln!(s, "  errors:             {}", p.errors);
     s.push_str("\nNotes:\n");
     for n in p.notes {
@@ -592,6 +620,13 @@ mod tests {
                     let used = url.contains(&format!("{{{}}}", param.key()));
                     assert_eq!(used, p.params.contains(&param), "{}: {url}", p.name);
                 }
+            }
+            for f in p.token_fields {
+                assert!(
+                    crate::token_fields::TokenField::parse(f).is_some(),
+                    "{}: {f}",
+                    p.name
+                );
             }
             // A reuse window tokenproxy trusts must be the vendor's fixed one.
             if p.reuse_grace_secs > 0 {

@@ -311,8 +311,13 @@ pub struct RouteConfig {
     pub path_prefix: String,
     /// Lower-cased, without port.
     pub host: Option<String>,
-    /// http or https, with authority; its path is the base path requests go under.
+    /// http or https, with authority; its path is the base path requests go
+    /// under. With `upstream_from`: the path only (the origin comes from
+    /// the token response).
     pub upstream: Uri,
+    /// `upstream = "{token.NAME}/path"`: the origin is that value of the
+    /// credential's latest token response.
+    pub upstream_from: Option<crate::token_fields::TokenField>,
     pub credential: String,
     /// Default true.
     pub strip_prefix: bool,
@@ -339,6 +344,16 @@ pub struct RouteConfig {
     pub ca_file: Option<PathBuf>,
     /// Default false.
     pub allow_plaintext: bool,
+}
+
+impl RouteConfig {
+    /// The upstream as configured, without `user:password@`.
+    pub fn upstream_display(&self) -> String {
+        match self.upstream_from {
+            Some(f) => format!("{{token.{}}}{}", f.as_str(), self.upstream.path()),
+            None => redact_userinfo(&self.upstream),
+        }
+    }
 }
 
 /// One configuration error, located in the file.
@@ -676,7 +691,7 @@ impl Config {
                 "route {}{} -> {} (credential {}, header {}, strip_prefix {})",
                 r.path_prefix,
                 host,
-                redact_userinfo(&r.upstream),
+                r.upstream_display(),
                 r.credential,
                 r.header,
                 r.strip_prefix,

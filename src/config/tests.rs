@@ -364,6 +364,61 @@ fn url_rules() {
 }
 
 #[test]
+fn upstreams_from_token_values() {
+    let sf = r#"
+[credentials.sf]
+grant = "client_credentials"
+provider = "salesforce"
+token_url = "https://login.salesforce.com/services/oauth2/token"
+client_id = "c"
+client_secret = "s"
+"#;
+    let route = |cred: &str, upstream: &str| {
+        format!("[[routes]]\npath_prefix = \"/x/\"\ncredential = \"{cred}\"\nupstream = \"{upstream}\"\n")
+    };
+    let c = ok(&format!(
+        "{sf}{}",
+        route("sf", "{token.instance_url}/services/data/")
+    ));
+    let r = &c.routes[0];
+    assert_eq!(
+        r.upstream_from,
+        Some(crate::token_fields::TokenField::InstanceUrl)
+    );
+    assert_eq!(r.upstream.path(), "/services/data/");
+    assert_eq!(r.upstream_display(), "{token.instance_url}/services/data/");
+    // Without a profile, what the IdP sends is the user's call.
+    ok(&with(&route("github", "{token.instance_url}")));
+    for (upstream, needle) in [
+        (
+            "{token.api_host}/x/",
+            "unknown token value {token.api_host}",
+        ),
+        (
+            "https://{token.instance_url}/x/",
+            "must be written {token.NAME} at the start",
+        ),
+        ("{token.instance_url}?q=1", "only a path may follow"),
+        ("{token.instance_url}x.example/", "only a path may follow"),
+        ("{token.instance_url", "at the start"),
+    ] {
+        let t = format!("{sf}{}", route("sf", upstream));
+        let e = err_at(&t, "routes[0].upstream", "upstream =");
+        assert!(e.message.contains(needle), "{upstream}: {e}");
+    }
+    // A profile that sends no such value.
+    let t = format!(
+        "{}{}",
+        sf.replace("salesforce", "github")
+            .replace("[credentials.sf]", "[credentials.gh]"),
+        route("gh", "{token.instance_url}/x/")
+    );
+    let e = err_at(&t, "routes[0].upstream", "upstream =");
+    assert!(e.message.contains("provider = \"github\""), "{e}");
+    assert!(e.message.contains("only salesforce"), "{e}");
+}
+
+#[test]
 fn header_and_format_rules() {
     for (extra, key, needle) in [
         ("header = \"Bad Header\"", "routes[0].header", "header ="),

@@ -1319,16 +1319,30 @@ fn routes(
         }
 
         let allow_plaintext = r.allow_plaintext.unwrap_or(false);
-        let upstream = if r.upstream.is_none() {
-            cx.err(
-                &p("upstream"),
-                "missing; expected an http(s) URL such as \"https://api.github.com/\"",
-            );
-            None
-        } else {
-            cx.url(&p("upstream"), r.upstream.as_ref(), UrlRule::Any)
+        let template = r
+            .upstream
+            .as_deref()
+            .filter(|u| u.contains("{token"))
+            .map(|u| token_template(u.trim()));
+        let (upstream, upstream_from) = match template {
+            Some(Ok((field, path))) => (Some(path), Some(field)),
+            Some(Err(m)) => {
+                cx.err(&p("upstream"), m);
+                (None, None)
+            }
+            None if r.upstream.is_none() => {
+                cx.err(
+                    &p("upstream"),
+                    "missing; expected an http(s) URL such as \"https://api.github.com/\"",
+                );
+                (None, None)
+            }
+            None => (
+                cx.url(&p("upstream"), r.upstream.as_ref(), UrlRule::Any),
+                None,
+            ),
         };
-        if let Some(u) = &upstream {
+        if let Some(u) = upstream.as_ref().filter(|_| upstream_from.is_none()) {
             if u.authority().is_some_and(|a| a.as_str().contains('@')) {
                 // It would reach the upstream's Host header, logs and pages.
                 cx.err(
@@ -1373,6 +1387,32 @@ fn routes(
                     None
                 }
             });
+
+        if let (Some(field), Some(cred)) = (
+            upstream_from,
+            credential.as_deref().and_then(|n| creds.get(n)),
+        ) {
+            // Without a profile, what the IdP sends is the user's call.
+            if let Some(profile) = cred.provider {
+                if !profile.token_fields.contains(&field.as_str()) {
+                    let senders: Vec<&str> = crate::providers::PROFILES
+                        .iter()
+                        .filter(|p| p.token_fields.contains(&field.as_str()))
+                        .map(|p| p.name)
+                        .collect();
+                    cx.err(
+                        &p("upstream"),
+                        format!(
+                            "credential {:?} (provider = {:?}) sends no {} in its token responses; of the profiles, only {} do",
+                            cred.name,
+                            profile.name,
+                            field.as_str(),
+                            senders.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
 
         let header = match cx.str(&p("header"), r.header.as_ref()) {
             None => http::header::AUTHORIZATION,
@@ -1440,6 +1480,7 @@ fn routes(
             path_prefix: path_prefix.unwrap_or_default(),
             host,
             upstream: upstream.unwrap_or_else(|| Uri::from_static("http://invalid/")),
+            upstream_from,
             credential: credential.unwrap_or_default(),
             strip_prefix: r.strip_prefix.unwrap_or(true),
             header,
@@ -1470,6 +1511,41 @@ fn routes(
         });
     }
     out
+}
+
+/// `"{token.instance_url}/services/data/"` → the field and the path after
+/// it. The value must begin the URL: a response may name the origin, never
+/// a part of a path or a query.
+fn token_template(u: &str) -> Result<(crate::token_fields::TokenField, Uri), String> {
+    use crate::token_fields::TokenField;
+    let known = TokenField::ALL
+        .iter()
+        .map(|f| format!("{{token.{}}}", f.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let Some((name, path)) = u
+        .strip_prefix("{token.")
+        .and_then(|rest| rest.split_once('}'))
+    else {
+        return Err(format!(
+            "{u:?}: a token value must be written {{token.NAME}} at the start of upstream (known: {known})"
+        ));
+    };
+    let Some(field) = TokenField::parse(name) else {
+        return Err(format!(
+            "{u:?}: unknown token value {{token.{name}}} (known: {known})"
+        ));
+    };
+    let path = if path.is_empty() { "/" } else { path };
+    if !path.starts_with('/') || path.contains(['{', '}', '?', '#']) {
+        return Err(format!(
+            "{u:?}: after {{token.{name}}} only a path may follow, such as \"/services/data/\""
+        ));
+    }
+    match path.parse::<Uri>() {
+        Ok(p) if p.scheme().is_none() && p.authority().is_none() => Ok((field, p)),
+        _ => Err(format!("{u:?}: {path:?} is not a valid path")),
+    }
 }
 
 /// `"Bearer {token}"` → prefix/suffix; exactly one `{token}`, and the rest

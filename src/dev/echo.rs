@@ -79,6 +79,9 @@ struct EchoState {
     /// Proof jtis seen, with their iat.
     seen_jti: parking_lot::Mutex<std::collections::HashMap<String, u64>>,
     nonce_challenges: AtomicUsize,
+    /// GitHub's 401: `{"message": "Bad credentials"}`, no `WWW-Authenticate`
+    /// error, so nothing says the token is invalid rather than unfit.
+    bare_401: std::sync::atomic::AtomicBool,
 }
 
 const CHUNK: usize = 64 * 1024;
@@ -113,6 +116,7 @@ impl EchoUpstream {
         scheme: &str,
     ) -> io::Result<EchoUpstream> {
         let state = Arc::new(EchoState {
+            bare_401: Default::default(),
             check,
             requests: AtomicUsize::new(0),
             unauthorized: AtomicUsize::new(0),
@@ -148,6 +152,11 @@ impl EchoUpstream {
     /// Connections accepted so far: how well the proxy reuses them.
     pub fn connections(&self) -> u64 {
         self.inner.server.connections()
+    }
+
+    /// Answer 401s as GitHub does (see `EchoState::bare_401`).
+    pub fn set_bare_401(&self, on: bool) {
+        self.inner.state.bare_401.store(on, Ordering::Relaxed);
     }
 
     /// Requests received so far (all paths, including rejected ones).
@@ -360,6 +369,12 @@ async fn handle(state: Arc<EchoState>, req: Request<Incoming>) -> Response<DevBo
     }
     if !public && !token_ok {
         state.unauthorized.fetch_add(1, Ordering::Relaxed);
+        if state.bare_401.load(Ordering::Relaxed) {
+            return json_response(
+                StatusCode::UNAUTHORIZED,
+                &serde_json::json!({"message": "Bad credentials"}),
+            );
+        }
         let mut resp = json_response(
             StatusCode::UNAUTHORIZED,
             &serde_json::json!({

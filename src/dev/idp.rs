@@ -63,6 +63,13 @@ pub struct IdpOptions {
     /// How errors (and a few success details) are spelt, as a vendor
     /// documents them (docs/providers.md). Default: RFC 6749.
     pub dialect: Dialect,
+    /// GitHub: a refresh revokes the family's earlier access tokens at once.
+    pub kill_previous_access: bool,
+    /// Salesforce: token responses carry no `expires_in` (the access token
+    /// still expires after `access_ttl`).
+    pub omit_expires_in: bool,
+    /// Salesforce: sent as `instance_url` in every token response.
+    pub instance_url: Option<String>,
 }
 
 /// A provider's documented wire shapes, for end-to-end tests of profiles.
@@ -94,6 +101,9 @@ impl Default for IdpOptions {
             device_ttl: Duration::from_secs(600),
             clients: vec![DevClient::confidential("demo-client", "demo-secret")],
             dialect: Dialect::Rfc,
+            kill_previous_access: false,
+            omit_expires_in: false,
+            instance_url: None,
         }
     }
 }
@@ -1020,7 +1030,12 @@ impl State {
             "Bearer"
         };
         body.insert("token_type".into(), json!(token_type));
-        body.insert("expires_in".into(), json!(expires_in));
+        if !self.opts.omit_expires_in {
+            body.insert("expires_in".into(), json!(expires_in));
+        }
+        if let Some(url) = &self.opts.instance_url {
+            body.insert("instance_url".into(), json!(url));
+        }
         if let Some(scope) = scope {
             body.insert("scope".into(), json!(scope));
         }
@@ -1160,6 +1175,13 @@ impl State {
             if let Some(rt) = self.refresh.get_mut(presented) {
                 // Keep the first spend time: grace runs from the rotation.
                 rt.spent_at.get_or_insert(now);
+            }
+        }
+        if self.opts.kill_previous_access {
+            for at in self.access.values_mut() {
+                if at.family == Some(family) {
+                    at.revoked = true;
+                }
             }
         }
         Ok(self.token_response(
@@ -1603,6 +1625,11 @@ impl DevIdp {
     }
 
     /// Lifetime of access tokens issued from now on.
+    /// Salesforce: the `instance_url` later token responses carry.
+    pub fn set_instance_url(&self, url: Option<String>) {
+        self.state().opts.instance_url = url;
+    }
+
     pub fn set_access_ttl(&self, d: Duration) {
         self.state().opts.access_ttl = d;
     }

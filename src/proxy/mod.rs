@@ -62,20 +62,120 @@ struct Route {
     label: String,
     token: RouteToken,
     header: HeaderName,
-    upstream: Upstream,
-    rewriter: LinkRewriter,
+    target: Target,
     upgrades: bool,
     response_timeout: Duration,
     idle_timeout: Duration,
-    pool: Arc<Pool>,
-    /// HTTP/1.1-only twin of `pool` for upgrades (`upgrades = true` only).
-    upgrade_pool: Option<Arc<Pool>>,
     /// Upstream statuses that mean "token rejected" (`refresh_on`).
     refresh_on: Vec<StatusCode>,
     /// Replay once after a reactive refresh; bodies up to this size are
     /// buffered for it (None: replay off).
     replay_max_body: Option<u64>,
     metrics: crate::metrics::RouteMetrics,
+}
+
+/// Where a route's requests go, with the clients that take them there.
+struct Dest {
+    upstream: Upstream,
+    rewriter: LinkRewriter,
+    pool: Arc<Pool>,
+    /// HTTP/1.1-only twin of `pool` for upgrades (`upgrades = true` only).
+    upgrade_pool: Option<Arc<Pool>>,
+}
+
+// The common static destination stays inline (no indirection per request);
+// the rare token-value one is boxed.
+#[allow(clippy::large_enum_variant)]
+enum Target {
+    /// Built once per config.
+    Static(Dest),
+    /// `upstream = "{token.NAME}/path"`: built once per value.
+    FromToken(Box<FromToken>),
+}
+
+/// Builds (or shares) the pool for an upstream's origin.
+type PoolFor<'a> = dyn FnMut(ClientKey, &http::Uri) -> Result<Arc<Pool>, ProxyBuildError> + 'a;
+
+/// A destination that follows a value of the credential's token responses
+/// (checked by `token::fields`). The value changes rarely (Salesforce: an
+/// org migration), so the last one built is kept, and a request whose token
+/// carries it costs one `ArcSwap` load and a string compare.
+struct FromToken {
+    field: crate::token_fields::TokenField,
+    /// The configured path the requests go under.
+    path: String,
+    connector: HttpsConnect,
+    upgrade_connector: Option<HttpsConnect>,
+    workers: usize,
+    prefix: String,
+    strip_prefix: bool,
+    current: arc_swap::ArcSwapOption<(Arc<str>, Arc<Dest>)>,
+}
+
+impl FromToken {
+    fn dest(&self, origin: &Arc<str>) -> Option<Arc<Dest>> {
+        if let Some(cur) = &*self.current.load() {
+            if cur.0 == *origin {
+                return Some(cur.1.clone());
+            }
+        }
+        // Two requests may build at once: one wins, the other's serves once.
+        let uri: http::Uri = format!("{origin}{}", self.path).parse().ok()?;
+        let upstream = Upstream::new(&uri, &self.prefix, self.strip_prefix)?;
+        let (scheme, authority) = (uri.scheme()?.clone(), uri.authority()?.clone());
+        let pool = |c: &HttpsConnect, lean: bool| {
+            Arc::new(Pool::new(
+                c.clone(),
+                scheme.clone(),
+                authority.clone(),
+                self.workers,
+                lean,
+            ))
+        };
+        let dest = Arc::new(Dest {
+            rewriter: LinkRewriter::new(&uri, &upstream.base, &self.prefix, self.strip_prefix),
+            upstream,
+            pool: pool(&self.connector, true),
+            upgrade_pool: self.upgrade_connector.as_ref().map(|c| pool(c, false)),
+        });
+        tracing::info!(
+            event = "upstream_from_token",
+            route = self.prefix.as_str(),
+            field = self.field.as_str(),
+            upstream = &**origin,
+            "Route upstream set from the token response"
+        );
+        self.current
+            .store(Some(Arc::new((origin.clone(), dest.clone()))));
+        Some(dest)
+    }
+}
+
+/// A route's destination for one request: borrowed, or held while a
+/// token-value destination may be replaced.
+enum DestRef<'a> {
+    Borrowed(&'a Dest),
+    Held(Arc<Dest>),
+}
+
+impl std::ops::Deref for DestRef<'_> {
+    type Target = Dest;
+    fn deref(&self) -> &Dest {
+        match self {
+            DestRef::Borrowed(d) => d,
+            DestRef::Held(d) => d,
+        }
+    }
+}
+
+impl Route {
+    /// The upstream host for logs (the token value's name when it varies).
+    fn upstream_host(&self) -> &str {
+        match &self.target {
+            Target::Static(d) => d.upstream.host_header.to_str().unwrap_or(""),
+            Target::FromToken(f) => f.field.placeholder(),
+        }
+    }
 }
 
 /// All routes, clients and settings of the data path. Built once per config.
@@ -181,43 +281,43 @@ impl Proxy {
 
         let mut routes = Vec::with_capacity(config.routes.len());
         for (i, rc) in config.routes.iter().enumerate() {
-            let upstream = Upstream::new(&rc.upstream, &rc.path_prefix, rc.strip_prefix)
-                // Validated config guarantees scheme and authority.
-                .ok_or_else(|| ProxyBuildError::Upstream {
-                    route: rc.path_prefix.clone(),
-                })?;
             let key = ClientKey {
                 ca_file: rc.ca_file.clone(),
                 connect_timeout: rc.connect_timeout,
                 h1_only: false,
             };
-            let upgrade_pool = if rc.upgrades {
-                Some(pool_for(
-                    ClientKey {
-                        h1_only: true,
-                        ..key.clone()
+            let target = if let Some(field) = rc.upstream_from {
+                Target::FromToken(Box::new(FromToken {
+                    field,
+                    path: rc.upstream.path().to_owned(),
+                    connector: forward::build_connector(&key, egress.as_ref())?,
+                    upgrade_connector: if rc.upgrades {
+                        Some(forward::build_connector(
+                            &ClientKey {
+                                h1_only: true,
+                                ..key.clone()
+                            },
+                            egress.as_ref(),
+                        )?)
+                    } else {
+                        None
                     },
-                    &rc.upstream,
-                )?)
+                    workers: config.server.worker_threads,
+                    prefix: rc.path_prefix.clone(),
+                    strip_prefix: rc.strip_prefix,
+                    current: arc_swap::ArcSwapOption::empty(),
+                }))
             } else {
-                None
+                Target::Static(Self::static_dest(rc, key, &mut pool_for)?)
             };
             routes.push(Route {
                 label: rc.path_prefix.clone(),
                 token: token_for_route(i, rc),
                 header: rc.header.clone(),
-                rewriter: LinkRewriter::new(
-                    &rc.upstream,
-                    &upstream.base,
-                    &rc.path_prefix,
-                    rc.strip_prefix,
-                ),
-                upstream,
+                target,
                 upgrades: rc.upgrades,
                 response_timeout: rc.response_timeout,
                 idle_timeout: rc.idle_timeout,
-                pool: pool_for(key, &rc.upstream)?,
-                upgrade_pool,
                 refresh_on: rc
                     .refresh_on
                     .iter()
@@ -227,7 +327,44 @@ impl Proxy {
                 metrics: crate::metrics::metrics().route(&rc.path_prefix),
             });
         }
+        Self::finish(config, routes)
+    }
 
+    fn static_dest(
+        rc: &RouteConfig,
+        key: ClientKey,
+        pool_for: &mut PoolFor<'_>,
+    ) -> Result<Dest, ProxyBuildError> {
+        let upstream = Upstream::new(&rc.upstream, &rc.path_prefix, rc.strip_prefix)
+            // Validated config guarantees scheme and authority.
+            .ok_or_else(|| ProxyBuildError::Upstream {
+                route: rc.path_prefix.clone(),
+            })?;
+        let upgrade_pool = if rc.upgrades {
+            Some(pool_for(
+                ClientKey {
+                    h1_only: true,
+                    ..key.clone()
+                },
+                &rc.upstream,
+            )?)
+        } else {
+            None
+        };
+        Ok(Dest {
+            rewriter: LinkRewriter::new(
+                &rc.upstream,
+                &upstream.base,
+                &rc.path_prefix,
+                rc.strip_prefix,
+            ),
+            upstream,
+            pool: pool_for(key, &rc.upstream)?,
+            upgrade_pool,
+        })
+    }
+
+    fn finish(config: &Config, routes: Vec<Route>) -> Result<Arc<Proxy>, ProxyBuildError> {
         let router = router::Router::new(
             config
                 .routes
@@ -294,9 +431,7 @@ impl Proxy {
             status = resp.status().as_u16(),
             duration_ms = start.elapsed().as_millis() as u64,
             request_id = request_id.to_str().unwrap_or(""),
-            upstream = route
-                .and_then(|r| r.upstream.host_header.to_str().ok())
-                .unwrap_or(""),
+            upstream = route.map_or("", Route::upstream_host),
             "Request served"
         );
         if let Some(path) = path {
@@ -372,10 +507,15 @@ impl Proxy {
         if upgrade && !route.upgrades {
             return Err(ProxyError::UpgradeNotEnabled);
         }
-        let uri = route
-            .upstream
-            .uri(path, req.uri().query())
-            .map_err(|_| ProxyError::BadRequest("malformed request target"))?;
+        let bad_target = |_| ProxyError::BadRequest("malformed request target");
+        let static_uri = match &route.target {
+            Target::Static(d) => Some(
+                d.upstream
+                    .uri(path, req.uri().query())
+                    .map_err(bad_target)?,
+            ),
+            Target::FromToken(_) => None,
+        };
 
         // Nothing goes upstream without its token.
         let injected = route
@@ -383,6 +523,30 @@ impl Proxy {
             .get_for(request_id.to_str().ok())
             .await
             .map_err(ProxyError::CredentialUnavailable)?;
+        let dest = match &route.target {
+            Target::Static(d) => DestRef::Borrowed(d),
+            Target::FromToken(f) => DestRef::Held(
+                injected
+                    .origin
+                    .as_ref()
+                    .and_then(|o| f.dest(o))
+                    .ok_or_else(|| {
+                        ProxyError::CredentialUnavailable(
+                            crate::token::CredentialUnavailable::field_missing(
+                                route.token.credential(),
+                                f.field,
+                            ),
+                        )
+                    })?,
+            ),
+        };
+        let uri = match static_uri {
+            Some(u) => u,
+            None => dest
+                .upstream
+                .uri(path, req.uri().query())
+                .map_err(bad_target)?,
+        };
 
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -390,7 +554,7 @@ impl Proxy {
         headers::strip_hop_by_hop(h, upgrade);
         // Room for what follows at once, instead of a rehash per insert.
         h.reserve(6);
-        h.insert(HOST, route.upstream.host_header.clone());
+        h.insert(HOST, dest.upstream.host_header.clone());
         if let Some(peer) = &conn.forwarded_for {
             append_forwarded_for(h, peer);
         }
@@ -418,13 +582,13 @@ impl Proxy {
         let has_body = !body.is_end_stream();
         parts.uri = uri;
         parts.version = Version::HTTP_11;
-        let pool = match (&route.upgrade_pool, upgrade) {
+        let pool = match (&dest.upgrade_pool, upgrade) {
             (Some(p), true) => p,
-            _ => &route.pool,
+            _ => &dest.pool,
         };
         let deadline = Instant::now() + route.response_timeout;
         let rid = request_id.to_str().unwrap_or("");
-        let upstream_host = route.upstream.host_header.to_str().unwrap_or("");
+        let upstream_host = dest.upstream.host_header.to_str().unwrap_or("");
 
         // Reactive refresh (docs/architecture.md): small bodies with a
         // Content-Length are buffered so the request can be replayed once
@@ -527,7 +691,7 @@ impl Proxy {
                     // any method may be replayed, once.
                     let fresh = route
                         .token
-                        .get_for(Some(rid))
+                        .replacement(&injected, Some(rid))
                         .await
                         .map_err(ProxyError::CredentialUnavailable)?;
                     if fresh.tag == injected.tag {
@@ -615,12 +779,7 @@ impl Proxy {
         // Only the proxy says a response is its own error.
         parts.headers.remove(&error::X_TOKENPROXY_ERROR);
         parts.version = Version::HTTP_11;
-        rewrite_links(
-            &mut parts.headers,
-            &route.rewriter,
-            &original_host,
-            conn.tls,
-        );
+        rewrite_links(&mut parts.headers, &dest.rewriter, &original_host, conn.tls);
         Ok(Response::from_parts(
             parts,
             IdleTimeout::new(body, route.idle_timeout).boxed(),
@@ -777,6 +936,7 @@ mod tests {
             path_prefix: prefix.to_owned(),
             host: None,
             upstream: upstream.parse().unwrap(),
+            upstream_from: None,
             credential: "test".to_owned(),
             strip_prefix: true,
             header: http::header::AUTHORIZATION,

@@ -966,6 +966,7 @@ mod tests {
             access_expires_at_ms: None,
             access_issued_at_ms: None,
             refresh_expires_at_ms: None,
+            token_fields: Default::default(),
             seeds_seen: vec![],
             intent: None,
             dead: None,

@@ -347,6 +347,10 @@ pub struct TokenSet {
     /// The generated DPoP key the request was proven with, to be stored
     /// with the token set (login and device login set it).
     pub dpop_key: Option<Secret>,
+    /// Values routes may use (`{token.instance_url}`), each checked.
+    pub fields: crate::token_fields::Fields,
+    /// Values the response sent that failed their check, and why.
+    pub rejected_fields: Vec<(crate::token_fields::TokenField, &'static str)>,
 }
 
 /// The RFC 6749 §5.2 error codes, plus vendors' spellings of invalid_grant.
@@ -711,6 +715,18 @@ pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<Token
                 .and_then(|s| s.as_str())
                 .map(|s| sanitize(s, 128))
         });
+    let mut values = crate::token_fields::Fields::new();
+    let mut rejected_fields = Vec::new();
+    for f in crate::token_fields::TokenField::ALL {
+        if let Some(v) = fields.get_str(f.as_str()) {
+            match f.check(v) {
+                Ok(v) => {
+                    values.insert(f.as_str().to_owned(), v);
+                }
+                Err(why) => rejected_fields.push((f, why)),
+            }
+        }
+    }
     Ok(TokenSet {
         access_token: Secret::new(access),
         expires_in,
@@ -728,6 +744,8 @@ pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<Token
         subject,
         dpop_bound: token_type.is_some_and(|t| t.eq_ignore_ascii_case("dpop")),
         dpop_key: None,
+        fields: values,
+        rejected_fields,
     })
 }
 

@@ -18,6 +18,7 @@ pub mod store;
 pub mod transfer;
 
 use crate::config::{Config, CredentialConfig, GrantType, RouteConfig, StoreKind, TokenFormat};
+use crate::token_fields as fields;
 use arc_swap::ArcSwapOption;
 use engine::{Clock, Slot, SlotKind, SlotStatus};
 use http::{HeaderValue, Uri};
@@ -42,12 +43,32 @@ pub struct CredentialUnavailable {
     pub retry_after: Option<Duration>,
 }
 
+impl CredentialUnavailable {
+    /// A route whose upstream is `{token.NAME}` before any valid token
+    /// response has sent that value.
+    pub fn field_missing(credential: &str, field: fields::TokenField) -> CredentialUnavailable {
+        CredentialUnavailable {
+            credential: credential.to_owned(),
+            reason: reason::Reason::TokenFieldMissing,
+            hint: format!(
+                "This route's upstream is {}, and no token response has sent a valid {} yet (an https origin); see the token_field_rejected log event, or run `tokenproxy login` again.",
+                field.placeholder(),
+                field.as_str()
+            ),
+            retry_after: None,
+        }
+    }
+}
+
 /// The header value to inject, plus a tag identifying which token it carries
 /// (a hash, never the token), for reactive refresh.
 #[derive(Clone)]
 pub struct Injected {
     pub value: HeaderValue,
     pub tag: u64,
+    /// The route's `{token.NAME}` value from this token's response (a
+    /// checked origin), when the route's upstream uses one.
+    pub origin: Option<Arc<str>>,
     /// Set when the token is DPoP-bound: each request needs its own proof.
     pub dpop: Option<Arc<InjectedDpop>>,
 }
@@ -262,7 +283,7 @@ impl Engine {
     /// The handle a route injects from.
     pub fn route_token(&self, config: &Config, route: &RouteConfig) -> Option<RouteToken> {
         let slot = self.slots.get(&slot_key(config, route))?.clone();
-        Some(RouteToken::new(slot, &route.format))
+        Some(RouteToken::new(slot, &route.format, route.upstream_from))
     }
 
     /// The refresh_token slot of credential `name` (login, manual refresh).
@@ -394,17 +415,20 @@ enum RouteTokenInner {
     Live {
         slot: Arc<Slot>,
         format: TokenFormat,
+        /// The response value the route's upstream comes from.
+        field: Option<fields::TokenField>,
         /// The header value for the current token, built once per token.
         cached: ArcSwapOption<Injected>,
     },
 }
 
 impl RouteToken {
-    fn new(slot: Arc<Slot>, format: &TokenFormat) -> RouteToken {
+    fn new(slot: Arc<Slot>, format: &TokenFormat, field: Option<fields::TokenField>) -> RouteToken {
         RouteToken {
             inner: Arc::new(RouteTokenInner::Live {
                 slot,
                 format: format.clone(),
+                field,
                 cached: ArcSwapOption::empty(),
             }),
         }
@@ -420,6 +444,7 @@ impl RouteToken {
                     value,
                     tag: 0,
                     dpop: None,
+                    origin: None,
                 },
             }),
         }
@@ -455,6 +480,19 @@ impl RouteToken {
         slot.rejected(injected.tag, says_invalid, request_id)
     }
 
+    /// The token to replay a rejected request with: the current one, once a
+    /// refresh in flight that may replace `rejected` has settled.
+    pub async fn replacement(
+        &self,
+        rejected: &Injected,
+        request_id: Option<&str>,
+    ) -> Result<Injected, CredentialUnavailable> {
+        if let RouteTokenInner::Live { slot, .. } = &*self.inner {
+            slot.wait_replaced(rejected.tag).await;
+        }
+        self.get_for(request_id).await
+    }
+
     /// The current token's header value. Ready at once when a usable token is
     /// cached; otherwise waits for the single-flight refresh (bounded by the
     /// credential's `refresh_wait`). A refresh this request starts is logged
@@ -468,6 +506,7 @@ impl RouteToken {
             RouteTokenInner::Live {
                 slot,
                 format,
+                field,
                 cached,
             } => {
                 let token = match slot.usable_token() {
@@ -509,6 +548,9 @@ impl RouteToken {
                     value,
                     tag: token.tag,
                     dpop,
+                    origin: field
+                        .and_then(|f| token.fields.get(f.as_str()))
+                        .map(|v| Arc::from(v.as_str())),
                 };
                 cached.store(Some(Arc::new(injected.clone())));
                 Ok(injected)

@@ -75,6 +75,8 @@ const MIGRATIONS: &[&str] = &[
     // The generated DPoP key kept with the token set (docs/dpop.md),
     // sealed like the tokens.
     "ALTER TABLE tokenproxy_credentials ADD COLUMN IF NOT EXISTS dpop_key text",
+    // Checked token-response values routes use (`{token.instance_url}`), JSON.
+    "ALTER TABLE tokenproxy_credentials ADD COLUMN IF NOT EXISTS token_fields text",
 ];
 
 /// The postgres store. Cheap to clone; the pool and the listener are shared.
@@ -406,7 +408,8 @@ impl PgStore {
                 "SELECT token_url, client_id, family, generation, refresh_token, access_token,
                     access_expires_at_ms, access_issued_at_ms, refresh_expires_at_ms,
                     seeds_seen, dead, lease_intent,
-                    (extract(epoch FROM updated_at) * 1000)::bigint, xmin::text, dpop_key
+                    (extract(epoch FROM updated_at) * 1000)::bigint, xmin::text, dpop_key,
+                    token_fields
              FROM tokenproxy_credentials WHERE name = $1",
                 &[&name],
             ))
@@ -452,6 +455,12 @@ impl PgStore {
                 .map_err(|_| corrupt("lease_intent is not valid JSON"))?,
             updated_at_ms: row.get::<_, Option<i64>>(12).unwrap_or(0) as u64,
             dpop_key: token(row.get(14))?,
+            token_fields: row
+                .get::<_, Option<String>>(15)
+                .map(|f| serde_json::from_str(&f))
+                .transpose()
+                .map_err(|_| corrupt("token_fields is not valid JSON"))?
+                .unwrap_or_default(),
         };
         Ok((Some(record), version))
     }
@@ -509,14 +518,17 @@ impl PgStore {
             .intent
             .as_ref()
             .map(|i| serde_json::to_string(i).unwrap_or_default());
+        let fields = (!rec.token_fields.is_empty())
+            .then(|| serde_json::to_string(&rec.token_fields).unwrap_or_default());
         let prev_family = prev.map(|p| p.0);
         let prev_generation = prev.map(|p| p.1 as i64);
         let holder = lease.map(|l| l.0);
         let hold_secs = lease.and_then(|l| l.1).map(|d| d.as_secs_f64());
         // $1..$13 are the record's columns; $14, $15 the fence (update
         // only); $16 the lease holder that must still hold it, $17 how long
-        // the lease must last from now; $18 the record's dpop_key.
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 18] = [
+        // the lease must last from now; $18 the record's dpop_key; $19 the
+        // token fields.
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 19] = [
             &name,
             &rec.token_url,
             &rec.client_id,
@@ -535,6 +547,7 @@ impl PgStore {
             &holder,
             &hold_secs,
             &dpop_key,
+            &fields,
         ];
         let updated = c
             .timed(c.query(
@@ -543,7 +556,7 @@ impl PgStore {
                  generation = $5, refresh_token = $6, access_token = $7,
                  access_expires_at_ms = $8, access_issued_at_ms = $9, refresh_expires_at_ms = $10,
                  seeds_seen = $11, dead = $12, lease_intent = $13, updated_at = now(),
-                 dpop_key = $18,
+                 dpop_key = $18, token_fields = $19,
                  lease_until = CASE WHEN $17::float8 IS NULL THEN lease_until
                    ELSE greatest(lease_until, now() + make_interval(secs => $17::float8)) END
                WHERE name = $1 AND family IS NOT DISTINCT FROM $14
@@ -564,8 +577,8 @@ impl PgStore {
                    INSERT INTO tokenproxy_credentials (name, token_url, client_id, family,
                      generation, refresh_token, access_token, access_expires_at_ms,
                      access_issued_at_ms, refresh_expires_at_ms, seeds_seen, dead, lease_intent,
-                     dpop_key)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                     dpop_key, token_fields)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
                    ON CONFLICT (name) DO NOTHING RETURNING name)
                  SELECT pg_notify('tokenproxy_credentials', name) FROM w",
                     // The same columns, without the fence.

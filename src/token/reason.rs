@@ -23,6 +23,9 @@ pub enum Reason {
     StoreUnavailable,
     StoreWriteFailed,
     TokenNotAHeader,
+    /// The route's upstream comes from a token-response value
+    /// (`{token.instance_url}`) that no valid response has sent yet.
+    TokenFieldMissing,
     /// A failure without an OAuth code, named after its outcome.
     Unexplained(Outcome),
     /// The IdP's OAuth `error` code (sanitized), e.g. `invalid_grant`.
@@ -31,7 +34,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason the engine makes itself (not the IdP's codes).
-    pub const ENGINE: [Reason; 15] = [
+    pub const ENGINE: [Reason; 16] = [
         Reason::Backoff,
         Reason::LostRotation,
         Reason::LostRotationUnverified,
@@ -47,6 +50,7 @@ impl Reason {
         Reason::StoreUnavailable,
         Reason::StoreWriteFailed,
         Reason::TokenNotAHeader,
+        Reason::TokenFieldMissing,
     ];
 
     pub fn as_str(&self) -> &str {
@@ -66,6 +70,7 @@ impl Reason {
             Reason::StoreUnavailable => "store_unavailable",
             Reason::StoreWriteFailed => "store_write_failed",
             Reason::TokenNotAHeader => "token_not_a_header",
+            Reason::TokenFieldMissing => "token_field_missing",
             Reason::Unexplained(o) => o.as_str(),
             Reason::Idp(code) => code,
         }

@@ -30,6 +30,10 @@ pub struct Record {
     pub access_issued_at_ms: Option<u64>,
     #[serde(default)]
     pub refresh_expires_at_ms: Option<u64>,
+    /// Checked values of the latest token response that routes may use
+    /// (`{token.instance_url}`), so a restart knows them before a refresh.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub token_fields: crate::token_fields::Fields,
     /// Fingerprints of every config seed this store has consumed.
     #[serde(default)]
     pub seeds_seen: Vec<String>,

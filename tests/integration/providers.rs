@@ -14,9 +14,14 @@ use tokenproxy::dev::Dialect;
 
 const S: fn(u64) -> Duration = Duration::from_secs;
 
-/// Clients polling `/api/x` until stopped; every answer must be the
-/// upstream's 200 with a valid token.
-fn clients(url: String, stop: Arc<AtomicBool>, n: usize) -> Vec<tokio::task::JoinHandle<usize>> {
+/// Clients polling `path` until stopped; every answer must be the
+/// upstream's 200 with a valid token, at `expect_path` when given.
+fn clients(
+    url: String,
+    expect_path: Option<&'static str>,
+    stop: Arc<AtomicBool>,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<usize>> {
     (0..n)
         .map(|_| {
             let (url, stop) = (url.clone(), stop.clone());
@@ -30,6 +35,9 @@ fn clients(url: String, stop: Arc<AtomicBool>, n: usize) -> Vec<tokio::task::Joi
                     let g = get_ok(&c, &url).await;
                     assert_eq!(g.status, 200, "a failed request: {}", g.text());
                     assert_eq!(g.json()["token_ok"], true, "{}", g.text());
+                    if let Some(p) = expect_path {
+                        assert_eq!(g.json()["path"], p, "{}", g.text());
+                    }
                     ok += 1;
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
@@ -39,12 +47,40 @@ fn clients(url: String, stop: Arc<AtomicBool>, n: usize) -> Vec<tokio::task::Joi
         .collect()
 }
 
-async fn serve_until_generation(stack: &Stack, extra: &str, generations: u64) {
+/// One provider's end-to-end run: the IdP's mode, the credential's keys,
+/// and where clients send their requests.
+struct Case {
+    dialect: Dialect,
+    /// GitHub: a rotation kills the previous access token at once.
+    github_rotation: bool,
+    /// Salesforce: no `expires_in`, the API host in `instance_url`.
+    salesforce: bool,
+    extra: &'static str,
+    extra_routes: &'static str,
+    /// Requests go to this path on the proxy...
+    path: &'static str,
+    /// ... and reach this one at the upstream.
+    upstream_path: Option<&'static str>,
+    hint_has: &'static str,
+}
+
+const CASE: Case = Case {
+    dialect: Dialect::Rfc,
+    github_rotation: false,
+    salesforce: false,
+    extra: "",
+    extra_routes: "",
+    path: "/api/x",
+    upstream_path: None,
+    hint_has: "",
+};
+
+async fn serve_until_generation(stack: &Stack, case: &Case, extra: &str, generations: u64) {
     let app = stack.app(extra).await;
     let start = stack.wait_generation(1, S(10)).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let url = format!("http://{}/api/x", app.proxy_addr.unwrap());
-    let running = clients(url, stop.clone(), 4);
+    let url = format!("http://{}{}", app.proxy_addr.unwrap(), case.path);
+    let running = clients(url, case.upstream_path, stop.clone(), 4);
     stack.wait_generation(start + generations, S(30)).await;
     stop.store(true, Ordering::Relaxed);
     for c in running {
@@ -53,16 +89,22 @@ async fn serve_until_generation(stack: &Stack, extra: &str, generations: u64) {
     app.shutdown().await;
 }
 
-async fn profile_end_to_end(dialect: Dialect, extra: &str, hint_has: &str) {
+async fn run_case(case: Case) {
     let stack = Stack::start(StackOpts {
-        dialect,
+        dialect: case.dialect,
+        github_rotation: case.github_rotation,
+        omit_expires_in: case.salesforce,
+        extra_routes: case.extra_routes.to_owned(),
         ..StackOpts::default()
     })
     .await;
-    let extra = format!("{extra}\nmax_backoff = \"1s\"\n");
+    if case.salesforce {
+        stack.idp.set_instance_url(Some(stack.echo.url()));
+    }
+    let extra = format!("{}\nmax_backoff = \"1s\"\n", case.extra);
     // Rotations, a restart on the same store, more rotations.
-    serve_until_generation(&stack, &extra, 3).await;
-    serve_until_generation(&stack, &extra, 2).await;
+    serve_until_generation(&stack, &case, &extra, 3).await;
+    serve_until_generation(&stack, &case, &extra, 2).await;
     stack.assert_no_reuse();
 
     // Revoked at the IdP: dead once, in the provider's terms, no storm.
@@ -77,13 +119,21 @@ async fn profile_end_to_end(dialect: Dialect, extra: &str, hint_has: &str) {
     })
     .await;
     let hint = st["last_error"]["hint"].as_str().unwrap_or_default();
-    assert!(hint.contains(hint_has), "hint {hint:?} lacks {hint_has:?}");
+    assert!(
+        hint.contains(case.hint_has),
+        "hint {hint:?} lacks {:?}",
+        case.hint_has
+    );
     assert!(hint.contains("tokenproxy login"), "{hint}");
     let after = stack.refresh_grants();
     // Requests keep coming; the dead grant is not presented again.
     let c = client();
     for _ in 0..20 {
-        let _ = get_ok(&c, &format!("http://{}/api/x", app.proxy_addr.unwrap())).await;
+        let _ = get_ok(
+            &c,
+            &format!("http://{}{}", app.proxy_addr.unwrap(), case.path),
+        )
+        .await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(stack.refresh_grants(), after, "a dead grant was retried");
@@ -92,9 +142,26 @@ async fn profile_end_to_end(dialect: Dialect, extra: &str, hint_has: &str) {
     app.shutdown().await;
 }
 
+async fn profile_end_to_end(dialect: Dialect, extra: &'static str, hint_has: &'static str) {
+    run_case(Case {
+        dialect,
+        extra,
+        hint_has,
+        ..CASE
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn github_200_form_errors() {
-    profile_end_to_end(Dialect::Github, "provider = \"github\"", "GitHub").await;
+async fn github_200_form_errors_and_rotation_killing_the_previous_token() {
+    run_case(Case {
+        dialect: Dialect::Github,
+        github_rotation: true,
+        extra: "provider = \"github\"",
+        hint_has: "GitHub",
+        ..CASE
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,4 +182,139 @@ async fn microsoft_aadsts_codes_and_scope_on_refresh() {
         "AADSTS700082",
     )
     .await;
+}
+
+const SF_ROUTE: &str = r#"
+[[routes]]
+path_prefix = "/sf/"
+upstream = "{token.instance_url}/services/data/"
+credential = "user"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn salesforce_instance_url_and_no_expires_in() {
+    run_case(Case {
+        salesforce: true,
+        extra: "provider = \"salesforce\"\ndefault_lifetime = \"2s\"",
+        extra_routes: SF_ROUTE,
+        path: "/sf/x",
+        upstream_path: Some("/services/data/x"),
+        hint_has: "revoked",
+        ..CASE
+    })
+    .await;
+}
+
+/// `{token.instance_url}`: 503 `credential_unavailable` until a response
+/// has sent a valid value; a value that is not an https (or loopback)
+/// origin steers nothing; the value survives a restart in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_url_routes_wait_for_a_valid_value_and_survive_a_restart() {
+    let stack = Stack::start(StackOpts {
+        omit_expires_in: true,
+        extra_routes: SF_ROUTE.to_owned(),
+        ..StackOpts::default()
+    })
+    .await;
+    let extra = "provider = \"salesforce\"\ndefault_lifetime = \"2s\"\nmax_backoff = \"1s\"";
+    let c = client();
+
+    // No value yet: 503, with the reason and no secret.
+    let app = stack.app(extra).await;
+    let url = format!("http://{}/sf/x", app.proxy_addr.unwrap());
+    let g = get_ok(&c, &url).await;
+    assert_eq!(g.status, 503, "{}", g.text());
+    assert_eq!(g.json()["error"], "credential_unavailable", "{}", g.text());
+    assert_eq!(g.json()["reason"], "token_field_missing", "{}", g.text());
+    let refused = g.text();
+    // The credential itself is fine.
+    let g = get_ok(&c, &format!("http://{}/api/x", app.proxy_addr.unwrap())).await;
+    assert_eq!(g.status, 200, "{}", g.text());
+
+    // A value that would send the token elsewhere in clear: never used.
+    stack
+        .idp
+        .set_instance_url(Some("http://upstream.example.com".into()));
+    let at = stack.generation().unwrap();
+    stack.wait_generation(at + 1, S(10)).await;
+    let g = get_ok(&c, &url).await;
+    assert_eq!(g.status, 503, "{}", g.text());
+    assert_eq!(g.json()["reason"], "token_field_missing", "{}", g.text());
+
+    // A valid one: used from the next rotation on.
+    stack.idp.set_instance_url(Some(stack.echo.url()));
+    let at = stack.generation().unwrap();
+    stack.wait_generation(at + 1, S(10)).await;
+    let g = get_ok(&c, &url).await;
+    assert_eq!(g.status, 200, "{}", g.text());
+    assert_eq!(g.json()["path"], "/services/data/x");
+    let rec = stack.record().unwrap();
+    assert_eq!(rec["token_fields"]["instance_url"], stack.echo.url());
+    app.shutdown().await;
+
+    // After a restart, responses no longer carry it: the stored value serves.
+    stack.idp.set_instance_url(None);
+    let app = stack.app(extra).await;
+    let url = format!("http://{}/sf/x", app.proxy_addr.unwrap());
+    let g = get_ok(&c, &url).await;
+    assert_eq!(g.status, 200, "{}", g.text());
+    let at = stack.generation().unwrap();
+    stack.wait_generation(at + 1, S(10)).await;
+    let g = get_ok(&c, &url).await;
+    assert_eq!(g.status, 200, "{}", g.text());
+    let st = credential_status(&c, app.admin_addr.unwrap())
+        .await
+        .unwrap();
+    assert_no_secrets(&[st.to_string(), refused], &stack.secrets());
+    stack.assert_no_reuse();
+    app.shutdown().await;
+}
+
+/// GitHub: a rotation kills the previous access token at once. A request
+/// that carried it while the refresh was in flight gets a 401 the client
+/// never sees: it is replayed with the new token, without another refresh,
+/// and twice in a row (the reactive limit is not spent on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn github_replays_a_401_for_a_token_the_rotation_in_flight_killed() {
+    let stack = Stack::start(StackOpts {
+        dialect: Dialect::Github,
+        github_rotation: true,
+        access_ttl: S(4),
+        ..StackOpts::default()
+    })
+    .await;
+    let app = stack.app("provider = \"github\"").await;
+    let url = format!("http://{}/api/x", app.proxy_addr.unwrap());
+    let c = client();
+    let g = get_ok(&c, &url).await;
+    assert_eq!(g.status, 200, "{}", g.text());
+    for round in 0..2 {
+        let grants = stack.refresh_grants();
+        let hold = tokenproxy::dev::Hold::new();
+        stack
+            .idp
+            .push_fault(tokenproxy::dev::Fault::HoldAfterProcessing(hold.clone()));
+        // The proactive refresh rotates at the IdP and is held there.
+        hold.reached().await;
+        let unauthorized = stack.echo.unauthorized();
+        let req = tokio::spawn({
+            let (c, url) = (c.clone(), url.clone());
+            async move { get_ok(&c, &url).await }
+        });
+        wait_for("the upstream refused the killed token", S(5), || async {
+            (stack.echo.unauthorized() > unauthorized).then_some(())
+        })
+        .await;
+        hold.release();
+        let g = req.await.unwrap();
+        assert_eq!(g.status, 200, "round {round}: {}", g.text());
+        assert_eq!(g.json()["token_ok"], true);
+        assert_eq!(
+            stack.refresh_grants(),
+            grants + 1,
+            "round {round}: one refresh"
+        );
+    }
+    stack.assert_no_reuse();
+    app.shutdown().await;
 }

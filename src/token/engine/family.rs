@@ -43,6 +43,7 @@ impl Slot {
                     access_expires_at_ms: None,
                     access_issued_at_ms: None,
                     refresh_expires_at_ms: None,
+                    token_fields: Default::default(),
                     seeds_seen,
                     intent: None,
                     dead: None,
@@ -161,6 +162,7 @@ pub async fn install_family(
         refresh_expires_at_ms: set
             .refresh_token_expires_in
             .map(|d| store::unix_ms(sent_wall + d)),
+        token_fields: set.fields.clone(),
         seeds_seen,
         intent: None,
         dead: None,

@@ -128,6 +128,8 @@ pub struct Token {
     /// The DPoP key the token is bound to (RFC 9449 §6): requests carrying
     /// it need a proof signed with this key.
     pub dpop: Option<Arc<DpopKey>>,
+    /// Checked token-response values routes may use (`{token.NAME}`).
+    pub fields: crate::token_fields::Fields,
 }
 
 impl Token {
@@ -152,11 +154,17 @@ impl Token {
             family,
             generation,
             dpop: None,
+            fields: Default::default(),
         }
     }
 
     fn bound_to(mut self, key: Option<Arc<DpopKey>>) -> Token {
         self.dpop = key;
+        self
+    }
+
+    fn with_fields(mut self, fields: crate::token_fields::Fields) -> Token {
+        self.fields = fields;
         self
     }
 
@@ -496,6 +504,14 @@ impl Slot {
             // Already replaced: the burst's later 401s cost nothing.
             return true;
         }
+        if self.control.lock().inflight.is_some() {
+            // The refresh in flight may have replaced it at the IdP already
+            // (GitHub kills the previous access token at once): its result
+            // is the replacement, so this is no reason to refresh again, nor
+            // a use of the reactive limit. The replay waits for it
+            // ([`Slot::wait_replaced`]).
+            return true;
+        }
         let age = current.lifetime.saturating_sub(
             current
                 .expires_mono
@@ -532,6 +548,25 @@ impl Slot {
             return false;
         }
         true
+    }
+
+    /// Waits (up to `refresh_wait`) for the refresh in flight when the
+    /// current token is still the one tagged `tag`: a replay after a
+    /// rejection must carry its result.
+    pub async fn wait_replaced(&self, tag: u64) {
+        let inflight = {
+            let c = self.control.lock();
+            c.inflight.clone()
+        };
+        let still = self
+            .snapshot
+            .load()
+            .token
+            .as_ref()
+            .is_some_and(|t| t.tag == tag);
+        if let (true, Some(mut rx)) = (still, inflight) {
+            let _ = tokio::time::timeout(self.cfg.refresh_wait, rx.wait_for(Option::is_some)).await;
+        }
     }
 
     /// A usable token right now, if there is one.

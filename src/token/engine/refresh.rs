@@ -72,6 +72,18 @@ impl Slot {
         let lifetime = self.lifetime(&set);
         ev.ok(lifetime, false);
         let bound = self.bound_key(&set, key);
+        self.note_rejected_fields(&set);
+        let previous = self
+            .snapshot
+            .load()
+            .token
+            .as_ref()
+            .map(|t| t.fields.clone());
+        let fields = crate::token_fields::merge(
+            &previous.unwrap_or_default(),
+            &set.fields,
+            &set.rejected_fields,
+        );
         self.publish(Snapshot {
             token: Some(Arc::new(
                 Token::new(
@@ -82,7 +94,8 @@ impl Slot {
                     String::new(),
                     0,
                 )
-                .bound_to(bound),
+                .bound_to(bound)
+                .with_fields(fields),
             )),
             dead: None,
         });
@@ -384,6 +397,12 @@ impl Slot {
                     } else {
                         rec.refresh_expires_at_ms
                     });
+                self.note_rejected_fields(&set);
+                next.token_fields = crate::token_fields::merge(
+                    &rec.token_fields,
+                    &set.fields,
+                    &set.rejected_fields,
+                );
                 next.intent = None;
                 next.dead = None;
                 ev.set_identity(&next);
@@ -429,7 +448,8 @@ impl Slot {
                     next.family.clone(),
                     next.generation,
                 )
-                .bound_to(bound);
+                .bound_to(bound)
+                .with_fields(next.token_fields.clone());
                 self.control.lock().record = Some(next);
                 self.publish(Snapshot {
                     token: Some(Arc::new(token)),
@@ -821,8 +841,25 @@ impl Slot {
                 rec.family.clone(),
                 rec.generation,
             )
-            .bound_to(key),
+            .bound_to(key)
+            .with_fields(rec.token_fields.clone()),
         )
+    }
+
+    /// A token-response value that failed its check steers nothing; the
+    /// grant itself stands (docs/routing.md, "Upstreams from the token
+    /// response").
+    fn note_rejected_fields(&self, set: &TokenSet) {
+        for (field, why) in &set.rejected_fields {
+            tracing::error!(
+                event = "token_field_rejected",
+                credential = %self.name,
+                field = field.as_str(),
+                error = *why,
+                hint = "Routes that use this value answer 503 until a token response carries a valid one.",
+                "Token response value rejected"
+            );
+        }
     }
 
     pub(super) fn warn_refresh_expiry(&self, rec: &Record) {

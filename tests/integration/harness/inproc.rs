@@ -25,6 +25,7 @@ pub fn route(prefix: &str, upstream: &str) -> RouteConfig {
         path_prefix: prefix.to_owned(),
         host: None,
         upstream: upstream.parse().expect("upstream URL"),
+        upstream_from: None,
         credential: "test".to_owned(),
         strip_prefix: true,
         header: HeaderName::from_static("authorization"),

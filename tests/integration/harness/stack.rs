@@ -30,6 +30,8 @@ pub struct Stack {
     pub seed: String,
     /// Every token and secret the test came across (for log checks).
     pub secrets: Mutex<BTreeSet<String>>,
+    /// Appended to the config after the `/api/` route.
+    pub extra_routes: String,
 }
 
 pub struct StackOpts {
@@ -39,6 +41,13 @@ pub struct StackOpts {
     pub permissive_echo: bool,
     /// The IdP's wire shapes (a provider's, for profile tests).
     pub dialect: tokenproxy::dev::Dialect,
+    /// GitHub: a rotation kills the previous access token at once, and the
+    /// upstream's 401 does not say `invalid_token`.
+    pub github_rotation: bool,
+    /// Salesforce: no `expires_in`.
+    pub omit_expires_in: bool,
+    /// More `[[routes]]` tables for the config.
+    pub extra_routes: String,
 }
 
 impl Default for StackOpts {
@@ -48,6 +57,9 @@ impl Default for StackOpts {
             idp_reuse_grace: Duration::ZERO,
             permissive_echo: false,
             dialect: tokenproxy::dev::Dialect::Rfc,
+            github_rotation: false,
+            omit_expires_in: false,
+            extra_routes: String::new(),
         }
     }
 }
@@ -61,6 +73,8 @@ impl Stack {
                 access_ttl: o.access_ttl,
                 reuse_grace: o.idp_reuse_grace,
                 dialect: o.dialect,
+                kill_previous_access: o.github_rotation,
+                omit_expires_in: o.omit_expires_in,
                 clients: vec![tokenproxy::dev::DevClient::confidential(
                     CLIENT_ID,
                     CLIENT_SECRET,
@@ -78,6 +92,7 @@ impl Stack {
         let echo = EchoUpstream::start(local, check)
             .await
             .expect("echo starts");
+        echo.set_bare_401(o.github_rotation);
         let seed = idp.issue_refresh_token(CLIENT_ID, "alice");
         let secrets = Mutex::new(BTreeSet::from([seed.clone(), CLIENT_SECRET.to_owned()]));
         Stack {
@@ -86,6 +101,7 @@ impl Stack {
             dir: tempfile::tempdir().unwrap(),
             seed,
             secrets,
+            extra_routes: o.extra_routes,
         }
     }
 
@@ -124,7 +140,9 @@ refresh_wait = "2s"
 path_prefix = "/api/"
 upstream = "{echo}/"
 credential = "{CRED}"
+{extra_routes}
 "#,
+            extra_routes = self.extra_routes,
             store = self.store_path().display(),
             token_url = self.idp.token_url(),
             seed = self.seed,

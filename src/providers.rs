@@ -53,6 +53,27 @@ impl Rotation {
     }
 }
 
+/// How the refresh token's own lifetime (`refresh_expires_in` and its
+/// spellings) runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshLifetime {
+    /// Each refresh starts it again (a session idle timeout): the engine
+    /// refreshes before it runs out even when no request needs a token.
+    Idle,
+    /// Counts from the login whatever is refreshed: refreshing early
+    /// would not help.
+    Absolute,
+}
+
+impl RefreshLifetime {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefreshLifetime::Idle => "idle",
+            RefreshLifetime::Absolute => "absolute",
+        }
+    }
+}
+
 /// One provider's row.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Profile {
@@ -80,6 +101,8 @@ pub struct Profile {
     pub default_lifetime_secs: Option<u64>,
     /// Token-response values routes may use as `{token.NAME}`.
     pub token_fields: &'static [&'static str],
+    /// `None`: the engine's default (idle).
+    pub refresh_token_lifetime: Option<RefreshLifetime>,
     /// How the provider reports failures (what the engine recognises).
     pub errors: &'static str,
     /// What a user must know.
@@ -122,6 +145,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        refresh_token_lifetime: None,
         errors: "RFC 6749 JSON errors; a revoked or expired grant is invalid_grant.",
         notes: &[
             "A refresh token comes back only with access_type=offline and prompt=consent (login sends both).",
@@ -146,6 +170,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        refresh_token_lifetime: None,
         errors: "invalid_grant/invalid_client with AADSTS codes in error_codes and error_description: AADSTS70008 and AADSTS700082 (refresh token expired from inactivity), AADSTS50173 (grant revoked: credentials changed), AADSTS7000215 (invalid client secret).",
         notes: &[
             "Add offline_access to scopes, or no refresh token is issued.",
@@ -172,6 +197,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: Some(28_800),
         token_fields: &[],
+        refresh_token_lifetime: None,
         errors: "Errors come with HTTP 200: error=bad_refresh_token (form-encoded unless JSON is asked for; tokenproxy asks). refresh_token_expires_in is sent.",
         notes: &[
             "The GitHub App must use user access tokens that expire (\"User-to-server token expiration\" under Optional features), or no refresh token is issued.",
@@ -193,6 +219,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        refresh_token_lifetime: None,
         errors: "RFC 6749 JSON errors; rate limits answer 429 with x-rate-limit-reset (epoch seconds), which tokenproxy honours.",
         notes: &[
             "Set issuer to your authorization server (discovery fills the endpoints).",
@@ -215,6 +242,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        refresh_token_lifetime: None,
         errors: "RFC 6749 JSON errors; an unknown or rotated-out refresh token is 403 invalid_grant \"Unknown or invalid refresh token.\"",
         notes: &[
             "Set issuer to https://<your tenant domain>/ (discovery fills the endpoints).",
@@ -239,6 +267,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        refresh_token_lifetime: Some(RefreshLifetime::Idle),
         errors: "RFC 6749 JSON errors; refresh_expires_in says when the refresh token (the session) expires, and is recorded like refresh_token_expires_in.",
         notes: &[
             "A refresh token dies with its session: after SSO Session Idle (30 minutes by default) without a refresh, or SSO Session Max; ask for offline_access for an offline session instead.",
@@ -263,6 +292,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        refresh_token_lifetime: None,
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Set issuer to the user pool's issuer (discovery fills the endpoints).",
@@ -283,6 +313,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &["instance_url"],
+        refresh_token_lifetime: None,
         errors: "RFC 6749 JSON errors. Token responses carry no expires_in: the access token lives as long as the org's session timeout.",
         notes: &[
             "Set token_url to your login host's /services/oauth2/token.",
@@ -308,6 +339,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        refresh_token_lifetime: None,
         errors: "HTTP 200 with {\"ok\": false, \"error\": \"...\"}: invalid_refresh_token, invalid_client_id, bad_client_secret.",
         notes: &[
             "Token rotation must be enabled for the app, or Slack issues no refresh token; access tokens then expire every 12 hours.",
@@ -331,6 +363,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        refresh_token_lifetime: None,
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Add offline_access to scopes, or no refresh token is issued.",
@@ -352,6 +385,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        refresh_token_lifetime: None,
         errors: "RFC 6749 JSON errors.",
         notes: &["Nothing about Xero's token endpoint, rotation or grace could be checked against Xero's own pages here: set token_url and authorize_url from Xero's developer documentation, keep reuse_grace 0, and add offline_access to scopes."],
         docs: &["https://developer.xero.com/documentation/guides/oauth2/auth-flow/"],
@@ -369,6 +403,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        refresh_token_lifetime: None,
         errors: "Errors have no `error` member: {\"status\": \"BAD_REFRESH_TOKEN\", \"message\": \"...\"} (tokenproxy reads status as the code).",
         notes: &[
             "client_id and client_secret go in the form body.",
@@ -392,6 +427,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        refresh_token_lifetime: None,
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Access tokens live one hour. Server-to-Server OAuth apps get no refresh token: use grant = \"client_credentials\" only where Zoom documents it.",
@@ -415,6 +451,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        refresh_token_lifetime: None,
         errors: "RFC 6749 JSON errors; x_refresh_token_expires_in says how long the refresh token lives, and is recorded like refresh_token_expires_in.",
         notes: &[
             "Set token_url and authorize_url from Intuit's OAuth 2.0 documentation (not verified here).",
@@ -435,6 +472,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        refresh_token_lifetime: None,
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Access tokens are short-lived; a refresh token is issued only for token_access_type=offline (login sends it).",
@@ -455,6 +493,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        refresh_token_lifetime: None,
         errors: "RFC 6749 JSON errors; an expired refresh token is invalid_grant \"Refresh token has expired\".",
         notes: &[
             "A refresh token is valid for 60 days and for one use: each refresh returns a new one.",
@@ -475,6 +514,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        refresh_token_lifetime: Some(RefreshLifetime::Absolute),
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Refresh tokens expire 6 months after the user's authorization; refreshing does not extend that (invalid_grant then: run `tokenproxy login`).",
@@ -495,6 +535,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        refresh_token_lifetime: Some(RefreshLifetime::Absolute),
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Programmatic refresh tokens are issued only to approved Marketing Developer Platform partners.",
@@ -570,6 +611,9 @@ pub fn show(p: &Profile) -> String {
     }
     let _ = writeln!(s, "  scope_on_refresh:   {}", p.scope_on_refresh);
     let _ = writeln!(s, "  rotation:           {}", p.rotation.as_str());
+    if let Some(l) = p.refresh_token_lifetime {
+        let _ = writeln!(s, "  refresh_token_lifetime: {}", l.as_str());
+    }
     let _ = writeln!(s, "  reuse_grace:        {}s", p.reuse_grace_secs);
     match p.default_lifetime_secs {
         Some(d) => {

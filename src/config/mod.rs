@@ -282,6 +282,9 @@ pub struct CredentialConfig {
     /// Send `scopes` again on every refresh (Microsoft requires it).
     /// Default false, or the provider profile's.
     pub scope_on_refresh: bool,
+    /// Whether a refresh restarts the refresh token's own lifetime (then
+    /// the engine keeps it alive). Default idle, or the profile's.
+    pub refresh_token_lifetime: crate::providers::RefreshLifetime,
     /// The provider profile that filled unset keys (docs/providers.md).
     pub provider: Option<&'static crate::providers::Profile>,
     /// Extra authorization-request parameters from the profile (Google's

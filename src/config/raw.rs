@@ -107,6 +107,7 @@ pub struct RawCredential {
     pub domain: Option<String>,
     pub realm: Option<String>,
     pub scope_on_refresh: Option<bool>,
+    pub refresh_token_lifetime: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

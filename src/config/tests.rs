@@ -419,6 +419,43 @@ client_secret = "s"
 }
 
 #[test]
+fn refresh_token_lifetime_from_profile_or_config() {
+    use crate::providers::RefreshLifetime;
+    let c = ok(&with(""));
+    assert_eq!(
+        c.credentials["github"].refresh_token_lifetime,
+        RefreshLifetime::Idle
+    );
+    let spotify = with("").replace(
+        "grant = \"refresh_token\"\n",
+        "grant = \"refresh_token\"\nprovider = \"spotify\"\n",
+    );
+    let c = ok(&spotify);
+    assert_eq!(
+        c.credentials["github"].refresh_token_lifetime,
+        RefreshLifetime::Absolute
+    );
+    let c = ok(&spotify.replace(
+        "provider = \"spotify\"\n",
+        "provider = \"spotify\"\nrefresh_token_lifetime = \"idle\"\n",
+    ));
+    assert_eq!(
+        c.credentials["github"].refresh_token_lifetime,
+        RefreshLifetime::Idle
+    );
+    let t = with("").replace(
+        "grant = \"refresh_token\"\n",
+        "grant = \"refresh_token\"\nrefresh_token_lifetime = \"sliding\"\n",
+    );
+    let e = err_at(
+        &t,
+        "credentials.github.refresh_token_lifetime",
+        "refresh_token_lifetime",
+    );
+    assert!(e.message.contains("\"idle\" or \"absolute\""), "{e}");
+}
+
+#[test]
 fn header_and_format_rules() {
     for (extra, key, needle) in [
         ("header = \"Bad Header\"", "routes[0].header", "header ="),

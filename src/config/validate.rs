@@ -913,6 +913,27 @@ fn credential(name: &str, r: &RawCredential, cx: &mut Ctx<'_>) -> Option<Credent
             r.connect_timeout.as_ref(),
             super::TOKEN_CONNECT_TIMEOUT,
         ),
+        refresh_token_lifetime: match cx
+            .str(
+                &p("refresh_token_lifetime"),
+                r.refresh_token_lifetime.as_ref(),
+            )
+            .as_deref()
+        {
+            None => profile
+                .as_ref()
+                .and_then(|f| f.profile.refresh_token_lifetime)
+                .unwrap_or(crate::providers::RefreshLifetime::Idle),
+            Some("idle") => crate::providers::RefreshLifetime::Idle,
+            Some("absolute") => crate::providers::RefreshLifetime::Absolute,
+            Some(other) => {
+                cx.err(
+                    &p("refresh_token_lifetime"),
+                    format!("{other:?} is not a refresh token lifetime; expected \"idle\" or \"absolute\""),
+                );
+                crate::providers::RefreshLifetime::Idle
+            }
+        },
         scope_on_refresh: r
             .scope_on_refresh
             .unwrap_or(profile.as_ref().is_some_and(|f| f.profile.scope_on_refresh)),

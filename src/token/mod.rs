@@ -637,6 +637,7 @@ pub(crate) mod tests_support {
             default_lifetime: Duration::from_secs(3600),
             connect_timeout: super::grant::CONNECT_TIMEOUT,
             scope_on_refresh: false,
+            refresh_token_lifetime: crate::providers::RefreshLifetime::Idle,
             provider: None,
             login_params: vec![],
         }

@@ -47,6 +47,19 @@ pub fn backoff(
         .max(floor.unwrap_or_default().min(cap))
 }
 
+/// A refresh token's idle window shorter than this is not kept alive: near
+/// an absolute cap (Keycloak's SSO Session Max shrinks `refresh_expires_in`)
+/// keep-alive refreshes would otherwise come ever closer together.
+pub const KEEP_ALIVE_MIN_WINDOW: Duration = Duration::from_secs(120);
+
+/// How long after the last refresh to refresh again only to keep an
+/// idle-expiring refresh token alive: `refresh_before` of its window ahead
+/// of the deadline. `window` runs from that refresh to the deadline; None
+/// when it is too short to plan with ([`KEEP_ALIVE_MIN_WINDOW`]).
+pub fn keep_alive_after(window: Duration) -> Option<Duration> {
+    (window >= KEEP_ALIVE_MIN_WINDOW).then(|| window - refresh_before(window, None))
+}
+
 /// Delay before retrying a configuration error (every 5 minutes).
 pub const CONFIG_ERROR_RETRY: Duration = Duration::from_secs(300);
 
@@ -56,6 +69,17 @@ mod tests {
     use rand::SeedableRng;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn keep_alive_comes_a_tenth_of_the_idle_window_early() {
+        // Keycloak's default SSO Session Idle: 30 minutes → 27.
+        assert_eq!(keep_alive_after(S(1800)), Some(S(1620)));
+        // 5 minutes: the 30 s floor.
+        assert_eq!(keep_alive_after(S(300)), Some(S(270)));
+        assert_eq!(keep_alive_after(S(120)), Some(S(90)));
+        // Too short a window (an absolute cap close by): none.
+        assert_eq!(keep_alive_after(S(119)), None);
+    }
 
     #[test]
     fn refresh_before_matches_the_design_examples() {

@@ -145,6 +145,9 @@ impl Slot {
                     }
                     None => now,
                 };
+                let by_expiry = self
+                    .keep_alive_due(now, &mut rng)
+                    .map_or(by_expiry, |k| k.min(by_expiry));
                 backoff_until.map_or(by_expiry, |b| b.max(by_expiry))
             };
             let wake = due.min(now + poll_every);
@@ -181,6 +184,27 @@ impl Slot {
                 }
             }
         }
+    }
+
+    /// When to refresh only so that an idle-expiring refresh token (Keycloak's
+    /// `refresh_expires_in`, a session idle timeout) does not run out while
+    /// no request needs a token; None for an absolute lifetime (refreshing
+    /// would not extend it) or when the IdP said nothing.
+    fn keep_alive_due(&self, now: Instant, rng: &mut impl rand::Rng) -> Option<Instant> {
+        if self.cfg.refresh_token_lifetime != crate::providers::RefreshLifetime::Idle {
+            return None;
+        }
+        let (deadline, refreshed) = {
+            let c = self.control.lock();
+            let rec = c.record.as_ref()?;
+            (rec.refresh_expires_at_ms?, rec.access_issued_at_ms?)
+        };
+        let window = Duration::from_millis(deadline.checked_sub(refreshed)?);
+        let after = schedule::keep_alive_after(window)?;
+        let at = store::from_unix_ms(refreshed) + after;
+        let wall = self.clock.wall();
+        let left = at.duration_since(wall).unwrap_or_default();
+        Some(now + left.saturating_sub(schedule::jitter(window - after, rng)))
     }
 
     /// True when shutting down.

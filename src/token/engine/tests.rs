@@ -16,6 +16,9 @@ const S: fn(u64) -> Duration = Duration::from_secs;
 enum Reply {
     /// A rotation: a new access and refresh token living this long.
     Ok(u64),
+    /// A rotation whose access token lives `.0` and whose refresh token
+    /// idles out after `.1` (Keycloak's `refresh_expires_in`).
+    OkIdle(u64, u64),
     /// This status and body, the grant not run.
     Status(u16, &'static str, Option<&'static str>),
     /// The grant runs (the token is spent) and the answer is lost.
@@ -105,6 +108,16 @@ impl ScriptedIdp {
                     200,
                     format!(
                         r#"{{"access_token":"at-{n}","token_type":"Bearer","expires_in":{lifetime},"refresh_token":"rt-{n}"}}"#
+                    ),
+                    None,
+                )
+            }
+            Reply::OkIdle(lifetime, idle) => {
+                let n = self.issued.fetch_add(1, Ordering::SeqCst) + 1;
+                json(
+                    200,
+                    format!(
+                        r#"{{"access_token":"at-{n}","token_type":"Bearer","expires_in":{lifetime},"refresh_expires_in":{idle},"refresh_token":"rt-{n}"}}"#
                     ),
                     None,
                 )
@@ -369,4 +382,38 @@ async fn a_bearer_answer_to_a_dpop_request_is_used_as_bearer_and_the_key_kept() 
         })
         .collect();
     assert_eq!(jkts.len(), 1, "one key (the proof header names it)");
+}
+
+/// Keycloak: the refresh token dies after 30 idle minutes, the access token
+/// lives an hour. With no request at all, the refresher refreshes before the
+/// idle deadline (27 minutes in), each refresh starting the window again.
+#[tokio::test(start_paused = true)]
+async fn an_idle_expiring_refresh_token_is_kept_alive_without_traffic() {
+    let idp = ScriptedIdp::new(3600, (0..6).map(|_| Reply::OkIdle(3600, 1800)).collect());
+    let rig = start(idp, |_| {}).await;
+    run_for(S(3700)).await;
+    let p = rig.idp.presented();
+    // The seed, then one refresh per idle window, never past its deadline.
+    assert!(p.len() >= 3, "{p:?}");
+    for w in p.windows(2) {
+        let gap = w[1].at - w[0].at;
+        assert!(gap < S(1800), "the refresh token idled out: {p:?}");
+        assert!(gap >= S(1620 - 20), "refreshed too early: {p:?}");
+    }
+    assert_eq!(rig.slot.state(), State::Fresh);
+}
+
+/// An absolute lifetime (Spotify, LinkedIn, or `refresh_token_lifetime =
+/// "absolute"`): refreshing early would not extend it, so only the access
+/// token's own schedule refreshes.
+#[tokio::test(start_paused = true)]
+async fn an_absolute_refresh_token_lifetime_is_not_kept_alive() {
+    let idp = ScriptedIdp::new(3600, (0..6).map(|_| Reply::OkIdle(3600, 1800)).collect());
+    let rig = start(idp, |c| {
+        c.refresh_token_lifetime = crate::providers::RefreshLifetime::Absolute
+    })
+    .await;
+    run_for(S(3000)).await;
+    let p = rig.idp.presented();
+    assert_eq!(p.len(), 1, "only the seed: {p:?}");
 }

@@ -287,6 +287,15 @@ pub(crate) const ENTRIES: &[Entry] = &[
         fix: "Check that the provider sends the value (Salesforce: instance_url) and that it is an https origin, then refresh: `curl -X POST ADMIN/credentials/{credential}/refresh` (or `tokenproxy login` again).",
     },
     Entry {
+        anchor: "access-token-lifetime-unknown",
+        title: "Access token lifetime unknown",
+        keys: &["lifetime_introspection_failed"],
+        severity: Severity::Warning,
+        cause: "The token response had no `expires_in` and the access token is not a JWT, and the introspection endpoint (`introspection_url`) could not be asked or did not answer with an `exp`.",
+        did: "Kept the rotation and the new token (introspection is asked only once the rotation is saved), and assumed `default_lifetime`; a 401 from the upstream still refreshes early.",
+        fix: "Check `introspection_url` and that this client may introspect its own tokens at the IdP; or set `default_lifetime` to the IdP's access-token lifetime (Salesforce: the session timeout).",
+    },
+    Entry {
         anchor: "shutting-down",
         title: "Shutting down",
         keys: &["shutting_down"],

@@ -243,9 +243,28 @@ pub fn build_introspection_request(
     url: &Uri,
     token: &Secret,
 ) -> Result<PreparedRequest, GrantError> {
+    introspection_request(cred, url, token, "refresh_token")
+}
+
+/// Builds an RFC 7662 introspection request for an access token: its `exp`
+/// is the lifetime a token response without `expires_in` did not say.
+pub fn build_access_introspection_request(
+    cred: &CredentialConfig,
+    url: &Uri,
+    token: &Secret,
+) -> Result<PreparedRequest, GrantError> {
+    introspection_request(cred, url, token, "access_token")
+}
+
+fn introspection_request(
+    cred: &CredentialConfig,
+    url: &Uri,
+    token: &Secret,
+    hint: &str,
+) -> Result<PreparedRequest, GrantError> {
     let mut form = form_urlencoded::Serializer::new(String::new());
     form.append_pair("token", token.expose());
-    form.append_pair("token_type_hint", "refresh_token");
+    form.append_pair("token_type_hint", hint);
     form_post(cred, url, form)
 }
 
@@ -886,6 +905,27 @@ pub fn parse_introspection(resp: &RawResponse) -> Result<bool, GrantError> {
             "introspection response has no boolean `active`",
         )),
     }
+}
+
+/// The lifetime RFC 7662 gives an active token: its `exp` (epoch seconds)
+/// from `sent`. None when inactive, without `exp`, or already past it.
+pub fn parse_introspection_lifetime(
+    resp: &RawResponse,
+    sent: SystemTime,
+) -> Result<Option<Duration>, GrantError> {
+    if !parse_introspection(resp)? {
+        return Ok(None);
+    }
+    let exp = parse_body(&resp.headers, &resp.body).and_then(|f| match f {
+        Fields::Json(m) => m.get("exp")?.as_u64(),
+        Fields::Form(_) => f.get_str("exp")?.parse().ok(),
+    });
+    Ok(exp.and_then(|e| {
+        (SystemTime::UNIX_EPOCH + Duration::from_secs(e))
+            .duration_since(sent)
+            .ok()
+            .filter(|d| !d.is_zero())
+    }))
 }
 
 /// A flat view of a JSON object or a form body.
@@ -2041,6 +2081,29 @@ mod tests {
                 .unwrap();
             assert_eq!(t.expires_in, None, "{bad}");
         }
+    }
+
+    #[test]
+    fn introspection_gives_an_access_token_its_lifetime() {
+        let sent = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let r = raw(200, "application/json", r#"{"active":true,"exp":1000900}"#);
+        assert_eq!(
+            parse_introspection_lifetime(&r, sent).unwrap(),
+            Some(Duration::from_secs(900))
+        );
+        for body in [
+            r#"{"active":false}"#,
+            r#"{"active":true}"#,
+            r#"{"active":true,"exp":999000}"#,
+        ] {
+            let r = raw(200, "application/json", body);
+            assert_eq!(
+                parse_introspection_lifetime(&r, sent).unwrap(),
+                None,
+                "{body}"
+            );
+        }
+        assert!(parse_introspection_lifetime(&raw(500, "text/plain", "x"), sent).is_err());
     }
 
     #[test]

@@ -101,11 +101,23 @@ async fn run_case(case: Case) {
     if case.salesforce {
         stack.idp.set_instance_url(Some(stack.echo.url()));
     }
-    let extra = format!("{}\nmax_backoff = \"1s\"\n", case.extra);
+    let extra = format!(
+        "{}\nmax_backoff = \"1s\"\n",
+        case.extra
+            .replace("{introspection}", &stack.idp.introspection_url())
+    );
     // Rotations, a restart on the same store, more rotations.
     serve_until_generation(&stack, &case, &extra, 3).await;
     serve_until_generation(&stack, &case, &extra, 2).await;
     stack.assert_no_reuse();
+    if case.salesforce {
+        // No expires_in: the lifetime came from introspection (2 s), not
+        // the 1 h default.
+        let rec = stack.record().unwrap();
+        let lifetime = rec["access_expires_at_ms"].as_u64().unwrap()
+            - rec["access_issued_at_ms"].as_u64().unwrap();
+        assert!(lifetime <= 2_000, "stored lifetime {lifetime} ms");
+    }
 
     // Revoked at the IdP: dead once, in the provider's terms, no storm.
     let app = stack.app(&extra).await;
@@ -192,10 +204,10 @@ credential = "user"
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn salesforce_instance_url_and_no_expires_in() {
+async fn salesforce_instance_url_and_a_lifetime_from_introspection() {
     run_case(Case {
         salesforce: true,
-        extra: "provider = \"salesforce\"\ndefault_lifetime = \"2s\"",
+        extra: "provider = \"salesforce\"\nintrospection_url = \"{introspection}\"",
         extra_routes: SF_ROUTE,
         path: "/sf/x",
         upstream_path: Some("/services/data/x"),

@@ -69,7 +69,10 @@ impl Slot {
             })
             .and_then(|set| grant::check_token_type(set, proven.is_some()))
             .map_err(|e| self.classify(&e, ev))?;
-        let lifetime = self.lifetime(&set);
+        let lifetime = match self.introspected_lifetime(&set, sent_wall).await {
+            Some(l) => l,
+            None => self.lifetime(&set),
+        };
         ev.ok(lifetime, false);
         let bound = self.bound_key(&set, key);
         self.note_rejected_fields(&set);
@@ -133,6 +136,40 @@ impl Slot {
             "Token is not DPoP-bound"
         );
         None
+    }
+
+    /// RFC 7662 on a new access token whose response said nothing of its
+    /// lifetime (no `expires_in`, not a JWT; Salesforce), when
+    /// `introspection_url` is set. None: use `default_lifetime`. A failure
+    /// here never fails the grant it follows.
+    pub(super) async fn introspected_lifetime(
+        &self,
+        set: &TokenSet,
+        sent_wall: SystemTime,
+    ) -> Option<Duration> {
+        if set.expires_in.is_some() {
+            return None;
+        }
+        let url = self.cfg.introspection_url.as_ref()?;
+        let answer =
+            match grant::build_access_introspection_request(&self.cfg, url, &set.access_token) {
+                Ok(req) => self.client.send(&req).await,
+                Err(e) => Err(e),
+            };
+        match answer.and_then(|r| grant::parse_introspection_lifetime(&r, sent_wall)) {
+            Ok(Some(l)) => Some(l),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(
+                    event = "lifetime_introspection_failed",
+                    credential = %self.name,
+                    error = %crate::error_chain(&e),
+                    hint = "The token response had no expires_in and introspection did not say when the access token expires; default_lifetime is assumed.",
+                    "Access token lifetime unknown"
+                );
+                None
+            }
+        }
     }
 
     pub(super) fn lifetime(&self, set: &TokenSet) -> Duration {
@@ -440,6 +477,22 @@ impl Slot {
                     self.control.lock().unsaved = Some(next.clone());
                 }
                 let bound = self.bound_key(&set, dpop_key.clone());
+                // Asked only once the rotation is durable: a lost answer
+                // here must not keep the new refresh token from the store.
+                let mut lifetime = lifetime;
+                if let Some(l) = self.introspected_lifetime(&set, sent_wall).await {
+                    lifetime = l;
+                    next.access_expires_at_ms = Some(store::unix_ms(sent_wall + l));
+                    let saved = self.control.lock().unsaved.is_none();
+                    if saved {
+                        // Best effort: the stored expiry only times a
+                        // restart's first refresh (a 401 refreshes anyway).
+                        let id = (next.family.clone(), next.generation);
+                        let _ = self
+                            .write_record(store, lock, &next, Some((&id.0, id.1)), None)
+                            .await;
+                    }
+                }
                 let token = Token::new(
                     set.access_token,
                     sent_wall,

@@ -296,6 +296,15 @@ pub(crate) const ENTRIES: &[Entry] = &[
         fix: "Check `introspection_url` and that this client may introspect its own tokens at the IdP; or set `default_lifetime` to the IdP's access-token lifetime (Salesforce: the session timeout).",
     },
     Entry {
+        anchor: "unsupported-token-type",
+        title: "Unsupported token type",
+        keys: &["token_type_unsupported"],
+        severity: Severity::Dead,
+        cause: "The token endpoint answered a grant whose `token_type` is neither `Bearer` nor one of the credential's `token_types` (a DPoP, MAC or vendor type), so its access token is not injected.",
+        did: "Saved the rotated refresh token the answer carried (no rotation is lost), stored no access token, and marked the credential dead as a configuration error: retried every 5 minutes and at once on a config change.",
+        fix: "If the upstream takes that token as a bearer token, add the type to the credential's `token_types` and reload; otherwise fix the client at the IdP so it issues Bearer tokens.",
+    },
+    Entry {
         anchor: "shutting-down",
         title: "Shutting down",
         keys: &["shutting_down"],

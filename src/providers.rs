@@ -103,6 +103,9 @@ pub struct Profile {
     pub token_fields: &'static [&'static str],
     /// `None`: the engine's default (idle).
     pub refresh_token_lifetime: Option<RefreshLifetime>,
+    /// `token_type` values besides `Bearer` the provider documents for
+    /// tokens used as bearer tokens.
+    pub token_types: &'static [&'static str],
     /// How the provider reports failures (what the engine recognises).
     pub errors: &'static str,
     /// What a user must know.
@@ -146,6 +149,7 @@ pub const PROFILES: &[Profile] = &[
         default_lifetime_secs: None,
         token_fields: &[],
         refresh_token_lifetime: None,
+        token_types: &[],
         errors: "RFC 6749 JSON errors; a revoked or expired grant is invalid_grant.",
         notes: &[
             "A refresh token comes back only with access_type=offline and prompt=consent (login sends both).",
@@ -171,6 +175,7 @@ pub const PROFILES: &[Profile] = &[
         default_lifetime_secs: None,
         token_fields: &[],
         refresh_token_lifetime: None,
+        token_types: &[],
         errors: "invalid_grant/invalid_client with AADSTS codes in error_codes and error_description: AADSTS70008 and AADSTS700082 (refresh token expired from inactivity), AADSTS50173 (grant revoked: credentials changed), AADSTS7000215 (invalid client secret).",
         notes: &[
             "Add offline_access to scopes, or no refresh token is issued.",
@@ -198,6 +203,7 @@ pub const PROFILES: &[Profile] = &[
         default_lifetime_secs: Some(28_800),
         token_fields: &[],
         refresh_token_lifetime: None,
+        token_types: &[],
         errors: "Errors come with HTTP 200: error=bad_refresh_token (form-encoded unless JSON is asked for; tokenproxy asks). refresh_token_expires_in is sent.",
         notes: &[
             "The GitHub App must use user access tokens that expire (\"User-to-server token expiration\" under Optional features), or no refresh token is issued.",
@@ -220,6 +226,7 @@ pub const PROFILES: &[Profile] = &[
         default_lifetime_secs: None,
         token_fields: &[],
         refresh_token_lifetime: None,
+        token_types: &[],
         errors: "RFC 6749 JSON errors; rate limits answer 429 with x-rate-limit-reset (epoch seconds), which tokenproxy honours.",
         notes: &[
             "Set issuer to your authorization server (discovery fills the endpoints).",
@@ -243,6 +250,7 @@ pub const PROFILES: &[Profile] = &[
         default_lifetime_secs: None,
         token_fields: &[],
         refresh_token_lifetime: None,
+        token_types: &[],
         errors: "RFC 6749 JSON errors; an unknown or rotated-out refresh token is 403 invalid_grant \"Unknown or invalid refresh token.\"",
         notes: &[
             "Set issuer to https://<your tenant domain>/ (discovery fills the endpoints).",
@@ -268,6 +276,7 @@ pub const PROFILES: &[Profile] = &[
         default_lifetime_secs: None,
         token_fields: &[],
         refresh_token_lifetime: Some(RefreshLifetime::Idle),
+        token_types: &[],
         errors: "RFC 6749 JSON errors; refresh_expires_in says when the refresh token (the session) expires, and is recorded like refresh_token_expires_in.",
         notes: &[
             "A refresh token dies with its session: after SSO Session Idle (30 minutes by default) without a refresh, or SSO Session Max; ask for offline_access for an offline session instead.",
@@ -293,6 +302,7 @@ pub const PROFILES: &[Profile] = &[
         default_lifetime_secs: None,
         token_fields: &[],
         refresh_token_lifetime: None,
+        token_types: &[],
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Set issuer to the user pool's issuer (discovery fills the endpoints).",
@@ -314,6 +324,7 @@ pub const PROFILES: &[Profile] = &[
         default_lifetime_secs: None,
         token_fields: &["instance_url"],
         refresh_token_lifetime: None,
+        token_types: &[],
         errors: "RFC 6749 JSON errors. Token responses carry no expires_in: the access token lives as long as the org's session timeout.",
         notes: &[
             "Set token_url to your login host's /services/oauth2/token.",
@@ -340,6 +351,7 @@ pub const PROFILES: &[Profile] = &[
         default_lifetime_secs: None,
         token_fields: &[],
         refresh_token_lifetime: None,
+        token_types: &["bot", "user"],
         errors: "HTTP 200 with {\"ok\": false, \"error\": \"...\"}: invalid_refresh_token, invalid_client_id, bad_client_secret.",
         notes: &[
             "Token rotation must be enabled for the app, or Slack issues no refresh token; access tokens then expire every 12 hours.",
@@ -364,6 +376,7 @@ pub const PROFILES: &[Profile] = &[
         default_lifetime_secs: None,
         token_fields: &[],
         refresh_token_lifetime: None,
+        token_types: &[],
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Add offline_access to scopes, or no refresh token is issued.",
@@ -386,6 +399,7 @@ pub const PROFILES: &[Profile] = &[
         default_lifetime_secs: None,
         token_fields: &[],
         refresh_token_lifetime: None,
+        token_types: &[],
         errors: "RFC 6749 JSON errors.",
         notes: &["Nothing about Xero's token endpoint, rotation or grace could be checked against Xero's own pages here: set token_url and authorize_url from Xero's developer documentation, keep reuse_grace 0, and add offline_access to scopes."],
         docs: &["https://developer.xero.com/documentation/guides/oauth2/auth-flow/"],
@@ -404,6 +418,7 @@ pub const PROFILES: &[Profile] = &[
         default_lifetime_secs: None,
         token_fields: &[],
         refresh_token_lifetime: None,
+        token_types: &[],
         errors: "Errors have no `error` member: {\"status\": \"BAD_REFRESH_TOKEN\", \"message\": \"...\"} (tokenproxy reads status as the code).",
         notes: &[
             "client_id and client_secret go in the form body.",
@@ -428,6 +443,7 @@ pub const PROFILES: &[Profile] = &[
         default_lifetime_secs: None,
         token_fields: &[],
         refresh_token_lifetime: None,
+        token_types: &[],
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Access tokens live one hour. Server-to-Server OAuth apps get no refresh token: use grant = \"client_credentials\" only where Zoom documents it.",
@@ -452,6 +468,7 @@ pub const PROFILES: &[Profile] = &[
         default_lifetime_secs: None,
         token_fields: &[],
         refresh_token_lifetime: None,
+        token_types: &[],
         errors: "RFC 6749 JSON errors; x_refresh_token_expires_in says how long the refresh token lives, and is recorded like refresh_token_expires_in.",
         notes: &[
             "Set token_url and authorize_url from Intuit's OAuth 2.0 documentation (not verified here).",
@@ -473,6 +490,7 @@ pub const PROFILES: &[Profile] = &[
         default_lifetime_secs: None,
         token_fields: &[],
         refresh_token_lifetime: None,
+        token_types: &[],
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Access tokens are short-lived; a refresh token is issued only for token_access_type=offline (login sends it).",
@@ -494,6 +512,7 @@ pub const PROFILES: &[Profile] = &[
         default_lifetime_secs: None,
         token_fields: &[],
         refresh_token_lifetime: None,
+        token_types: &[],
         errors: "RFC 6749 JSON errors; an expired refresh token is invalid_grant \"Refresh token has expired\".",
         notes: &[
             "A refresh token is valid for 60 days and for one use: each refresh returns a new one.",
@@ -515,6 +534,7 @@ pub const PROFILES: &[Profile] = &[
         default_lifetime_secs: None,
         token_fields: &[],
         refresh_token_lifetime: Some(RefreshLifetime::Absolute),
+        token_types: &[],
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Refresh tokens expire 6 months after the user's authorization; refreshing does not extend that (invalid_grant then: run `tokenproxy login`).",
@@ -536,6 +556,7 @@ pub const PROFILES: &[Profile] = &[
         default_lifetime_secs: None,
         token_fields: &[],
         refresh_token_lifetime: Some(RefreshLifetime::Absolute),
+        token_types: &[],
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Programmatic refresh tokens are issued only to approved Marketing Developer Platform partners.",
@@ -611,6 +632,13 @@ pub fn show(p: &Profile) -> String {
     }
     let _ = writeln!(s, "  scope_on_refresh:   {}", p.scope_on_refresh);
     let _ = writeln!(s, "  rotation:           {}", p.rotation.as_str());
+    if !p.token_types.is_empty() {
+        let _ = writeln!(
+            s,
+            "  token_types:        Bearer, {}",
+            p.token_types.join(", ")
+        );
+    }
     if let Some(l) = p.refresh_token_lifetime {
         let _ = writeln!(s, "  refresh_token_lifetime: {}", l.as_str());
     }

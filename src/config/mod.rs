@@ -285,6 +285,9 @@ pub struct CredentialConfig {
     /// Whether a refresh restarts the refresh token's own lifetime (then
     /// the engine keeps it alive). Default idle, or the profile's.
     pub refresh_token_lifetime: crate::providers::RefreshLifetime,
+    /// `token_type` values injected besides `Bearer`, lower-cased. Default
+    /// the profile's (Slack: `bot`, `user`).
+    pub token_types: Vec<String>,
     /// The provider profile that filled unset keys (docs/providers.md).
     pub provider: Option<&'static crate::providers::Profile>,
     /// Extra authorization-request parameters from the profile (Google's

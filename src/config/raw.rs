@@ -108,6 +108,7 @@ pub struct RawCredential {
     pub realm: Option<String>,
     pub scope_on_refresh: Option<bool>,
     pub refresh_token_lifetime: Option<String>,
+    pub token_types: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

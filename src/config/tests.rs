@@ -453,6 +453,20 @@ fn refresh_token_lifetime_from_profile_or_config() {
         "refresh_token_lifetime",
     );
     assert!(e.message.contains("\"idle\" or \"absolute\""), "{e}");
+    // Slack's bearer tokens say "bot" or "user".
+    let slack = with("").replace(
+        "grant = \"refresh_token\"\n",
+        "grant = \"refresh_token\"\nprovider = \"slack\"\n",
+    );
+    assert_eq!(
+        ok(&slack).credentials["github"].token_types,
+        ["bot", "user"]
+    );
+    let own = slack.replace(
+        "provider = \"slack\"\n",
+        "provider = \"slack\"\ntoken_types = [\"N_A\"]\n",
+    );
+    assert_eq!(ok(&own).credentials["github"].token_types, ["n_a"]);
 }
 
 #[test]

@@ -934,6 +934,23 @@ fn credential(name: &str, r: &RawCredential, cx: &mut Ctx<'_>) -> Option<Credent
                 crate::providers::RefreshLifetime::Idle
             }
         },
+        token_types: cx
+            .strings(&p("token_types"), r.token_types.as_ref())
+            .unwrap_or_else(|| {
+                profile
+                    .as_ref()
+                    .map(|f| {
+                        f.profile
+                            .token_types
+                            .iter()
+                            .map(|t| (*t).to_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .into_iter()
+            .map(|t| t.to_ascii_lowercase())
+            .collect(),
         scope_on_refresh: r
             .scope_on_refresh
             .unwrap_or(profile.as_ref().is_some_and(|f| f.profile.scope_on_refresh)),

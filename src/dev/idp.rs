@@ -70,6 +70,8 @@ pub struct IdpOptions {
     pub omit_expires_in: bool,
     /// Salesforce: sent as `instance_url` in every token response.
     pub instance_url: Option<String>,
+    /// The `token_type` of token responses (Slack: `bot`). Default `Bearer`.
+    pub token_type: String,
 }
 
 /// A provider's documented wire shapes, for end-to-end tests of profiles.
@@ -104,6 +106,7 @@ impl Default for IdpOptions {
             kill_previous_access: false,
             omit_expires_in: false,
             instance_url: None,
+            token_type: "Bearer".into(),
         }
     }
 }
@@ -1027,7 +1030,7 @@ impl State {
         let token_type = if self.proof_jkt.is_some() {
             "DPoP"
         } else {
-            "Bearer"
+            self.opts.token_type.as_str()
         };
         body.insert("token_type".into(), json!(token_type));
         if !self.opts.omit_expires_in {
@@ -1628,6 +1631,11 @@ impl DevIdp {
     /// Salesforce: the `instance_url` later token responses carry.
     pub fn set_instance_url(&self, url: Option<String>) {
         self.state().opts.instance_url = url;
+    }
+
+    /// The `token_type` later token responses carry.
+    pub fn set_token_type(&self, t: &str) {
+        self.state().opts.token_type = t.to_owned();
     }
 
     pub fn set_access_ttl(&self, d: Duration) {

@@ -351,6 +351,8 @@ pub fn basic_auth(client_id: &str, secret: &str) -> HeaderValue {
 #[derive(Debug, Clone)]
 pub struct TokenSet {
     pub access_token: Secret,
+    /// As sent (sanitized); RFC 6749 §5.1 makes it required, some IdPs omit it.
+    pub token_type: Option<String>,
     /// When `expires_in` was missing: from a JWT's `exp - iat`, else None.
     pub expires_in: Option<Duration>,
     /// Whether `expires_in` came from the response itself.
@@ -698,25 +700,6 @@ pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<Token
         ));
     }
     let token_type = fields.get_str("token_type");
-    if let Some(tt) = token_type {
-        if !tt.eq_ignore_ascii_case("bearer") && !tt.eq_ignore_ascii_case("dpop") {
-            return Err(GrantError {
-                cause: None,
-                class: FailureClass::Config,
-                delivery: ROTATION_UNKNOWN,
-                status: Some(status.as_u16()),
-                code: None,
-                description: None,
-                retry_after: None,
-                redirect_host: None,
-                vendor_code: None,
-                message: format!(
-                    "token_type {:?} is neither Bearer nor DPoP (MAC tokens are not supported)",
-                    sanitize(tt, 32)
-                ),
-            });
-        }
-    }
     let expires_sent = fields.get_secs("expires_in");
     let jwt = jwt_claims(access);
     let expires_in = expires_sent.or_else(|| {
@@ -748,6 +731,9 @@ pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<Token
     }
     Ok(TokenSet {
         access_token: Secret::new(access),
+        // Which types a credential injects is the engine's call (its
+        // config); refusing here would lose the rotation this answer holds.
+        token_type: fields.get_str("token_type").map(|t| sanitize(t, 32)),
         expires_in,
         expires_in_sent: expires_sent.is_some(),
         refresh_token: fields
@@ -1739,8 +1725,9 @@ mod tests {
             ),
             now,
         );
-        // Slack's token_type "bot" is not Bearer: a clear config error, not a success.
-        assert_eq!(t.unwrap_err().class, FailureClass::Config);
+        // Slack's token_type "bot": whether it is injected is the
+        // credential's call (token_types), not the parser's.
+        assert_eq!(t.unwrap().token_type.as_deref(), Some("bot"));
     }
 
     #[test]
@@ -1951,10 +1938,17 @@ mod tests {
             c(200, r#"{"token_type":"bearer"}"#).class,
             FailureClass::Transient
         );
-        assert_eq!(
-            c(200, r#"{"access_token":"a","token_type":"MAC"}"#).class,
-            FailureClass::Config
-        );
+        // Any token_type parses: the engine decides what it injects.
+        let t = parse_token_response(
+            &raw(
+                200,
+                "application/json",
+                r#"{"access_token":"a","token_type":"bot"}"#,
+            ),
+            now,
+        )
+        .unwrap();
+        assert_eq!(t.token_type.as_deref(), Some("bot"));
         let mut r = raw(302, "text/html", "");
         r.headers.insert(
             LOCATION,
@@ -1968,11 +1962,7 @@ mod tests {
     #[test]
     fn unusable_2xx_may_hide_a_rotation_but_errors_do_not() {
         let now = SystemTime::now();
-        for body in [
-            "<html>",
-            r#"{"token_type":"bearer"}"#,
-            r#"{"access_token":"a","token_type":"MAC"}"#,
-        ] {
+        for body in ["<html>", r#"{"token_type":"bearer"}"#] {
             let e = parse_token_response(&raw(200, "application/json", body), now).unwrap_err();
             assert_eq!(e.delivery, Delivery::MaybeSent, "{body}");
         }

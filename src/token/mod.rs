@@ -638,6 +638,7 @@ pub(crate) mod tests_support {
             connect_timeout: super::grant::CONNECT_TIMEOUT,
             scope_on_refresh: false,
             refresh_token_lifetime: crate::providers::RefreshLifetime::Idle,
+            token_types: vec![],
             provider: None,
             login_params: vec![],
         }

@@ -26,6 +26,8 @@ pub enum Reason {
     /// The route's upstream comes from a token-response value
     /// (`{token.instance_url}`) that no valid response has sent yet.
     TokenFieldMissing,
+    /// The IdP issued a `token_type` this credential does not inject.
+    TokenTypeUnsupported,
     /// A failure without an OAuth code, named after its outcome.
     Unexplained(Outcome),
     /// The IdP's OAuth `error` code (sanitized), e.g. `invalid_grant`.
@@ -34,7 +36,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason the engine makes itself (not the IdP's codes).
-    pub const ENGINE: [Reason; 16] = [
+    pub const ENGINE: [Reason; 17] = [
         Reason::Backoff,
         Reason::LostRotation,
         Reason::LostRotationUnverified,
@@ -51,6 +53,7 @@ impl Reason {
         Reason::StoreWriteFailed,
         Reason::TokenNotAHeader,
         Reason::TokenFieldMissing,
+        Reason::TokenTypeUnsupported,
     ];
 
     pub fn as_str(&self) -> &str {
@@ -71,6 +74,7 @@ impl Reason {
             Reason::StoreWriteFailed => "store_write_failed",
             Reason::TokenNotAHeader => "token_not_a_header",
             Reason::TokenFieldMissing => "token_field_missing",
+            Reason::TokenTypeUnsupported => "token_type_unsupported",
             Reason::Unexplained(o) => o.as_str(),
             Reason::Idp(code) => code,
         }

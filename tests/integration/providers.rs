@@ -55,6 +55,8 @@ struct Case {
     github_rotation: bool,
     /// Salesforce: no `expires_in`, the API host in `instance_url`.
     salesforce: bool,
+    /// The IdP's `token_type` (Slack: `bot`).
+    token_type: Option<&'static str>,
     extra: &'static str,
     extra_routes: &'static str,
     /// Requests go to this path on the proxy...
@@ -68,6 +70,7 @@ const CASE: Case = Case {
     dialect: Dialect::Rfc,
     github_rotation: false,
     salesforce: false,
+    token_type: None,
     extra: "",
     extra_routes: "",
     path: "/api/x",
@@ -100,6 +103,9 @@ async fn run_case(case: Case) {
     .await;
     if case.salesforce {
         stack.idp.set_instance_url(Some(stack.echo.url()));
+    }
+    if let Some(t) = case.token_type {
+        stack.idp.set_token_type(t);
     }
     let extra = format!(
         "{}\nmax_backoff = \"1s\"\n",
@@ -177,8 +183,15 @@ async fn github_200_form_errors_and_rotation_killing_the_previous_token() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slack_ok_false() {
-    profile_end_to_end(Dialect::Slack, "provider = \"slack\"", "Slack").await;
+async fn slack_ok_false_and_bot_tokens() {
+    run_case(Case {
+        dialect: Dialect::Slack,
+        token_type: Some("bot"),
+        extra: "provider = \"slack\"",
+        hint_has: "Slack",
+        ..CASE
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,6 +340,51 @@ async fn github_replays_a_401_for_a_token_the_rotation_in_flight_killed() {
             "round {round}: one refresh"
         );
     }
+    stack.assert_no_reuse();
+    app.shutdown().await;
+}
+
+/// A `token_type` the credential does not inject is a configuration error
+/// that keeps the rotation it came with: the rotated refresh token is saved
+/// (no lost rotation, no reuse), and once the IdP issues Bearer tokens again
+/// a restart carries on with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unexpected_token_type_is_a_clear_error_and_keeps_the_rotation() {
+    let stack = Stack::start(StackOpts::default()).await;
+    let extra = "max_backoff = \"1s\"";
+    let app = stack.app(extra).await;
+    let c = client();
+    let url = format!("http://{}/api/x", app.proxy_addr.unwrap());
+    assert_eq!(get_ok(&c, &url).await.status, 200);
+    let at = stack.generation().unwrap();
+    stack.idp.set_token_type("mac");
+    let st = wait_for("dead of token_type_unsupported", S(10), || async {
+        let st = credential_status(&client(), app.admin_addr.unwrap()).await?;
+        (st["last_error"]["reason"] == "token_type_unsupported").then_some(st)
+    })
+    .await;
+    assert_eq!(st["last_error"]["outcome"], "config_error", "{st}");
+    let hint = st["last_error"]["hint"].as_str().unwrap();
+    assert!(
+        hint.contains("\"mac\"") && hint.contains("token_types"),
+        "{hint}"
+    );
+    // The rotation that answer carried is in the store.
+    let rec = stack.record().unwrap();
+    assert_eq!(rec["generation"], at + 1, "{rec}");
+    assert!(rec["intent"].is_null(), "{rec}");
+    assert!(rec["access_token"].is_null(), "{rec}");
+    let grants = stack.refresh_grants();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(stack.refresh_grants(), grants, "retried before 5 minutes");
+    assert_no_secrets(&[st.to_string()], &stack.secrets());
+    app.shutdown().await;
+
+    stack.idp.set_token_type("Bearer");
+    let app = stack.app(extra).await;
+    let url = format!("http://{}/api/x", app.proxy_addr.unwrap());
+    let g = get_ok(&c, &url).await;
+    assert_eq!(g.status, 200, "{}", g.text());
     stack.assert_no_reuse();
     app.shutdown().await;
 }

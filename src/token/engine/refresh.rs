@@ -69,6 +69,9 @@ impl Slot {
             })
             .and_then(|set| grant::check_token_type(set, proven.is_some()))
             .map_err(|e| self.classify(&e, ev))?;
+        if let Some(f) = self.unsupported_token_type(&set, ev) {
+            return Err(f);
+        }
         let lifetime = match self.introspected_lifetime(&set, sent_wall).await {
             Some(l) => l,
             None => self.lifetime(&set),
@@ -136,6 +139,45 @@ impl Slot {
             "Token is not DPoP-bound"
         );
         None
+    }
+
+    /// A `token_type` this credential does not inject (`Bearer`, and the
+    /// profile's or `token_types`): a configuration error, decided after the
+    /// answer was taken as a grant, so a rotation it carries is kept.
+    pub(super) fn unsupported_token_type(
+        &self,
+        set: &TokenSet,
+        ev: &mut RefreshEvent,
+    ) -> Option<Failure> {
+        let tt = set.token_type.as_deref()?;
+        // DPoP: bound to the proof's key (checked by grant::check_token_type).
+        if set.dpop_bound || tt.eq_ignore_ascii_case("bearer")
+            || self
+                .cfg
+                .token_types
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(tt))
+        {
+            return None;
+        }
+        ev.outcome = Outcome::ConfigError;
+        Some(Failure {
+            outcome: Outcome::ConfigError,
+            reason: Reason::TokenTypeUnsupported,
+            hint: format!(
+                "The IdP issued token_type {tt:?}, which this credential does not inject (Bearer{}); if the upstream takes it as a bearer token, add it to token_types, else this grant cannot be used here. A rotated refresh token was saved.",
+                self.cfg
+                    .token_types
+                    .iter()
+                    .map(|t| format!(", {t}"))
+                    .collect::<String>()
+            ),
+            retry_after: None,
+            status: ev.status,
+            error: None,
+            error_description: None,
+            at: self.clock.wall(),
+        })
     }
 
     /// RFC 7662 on a new access token whose response said nothing of its
@@ -417,6 +459,7 @@ impl Slot {
             Ok(set) => {
                 let lifetime = self.lifetime(&set);
                 let rotated = set.refresh_token.is_some();
+                let unsupported = self.unsupported_token_type(&set, ev);
                 let mut next = rec.clone();
                 next.generation += 1;
                 // RFC 6749 §6: no refresh_token in the answer keeps the old one.
@@ -426,6 +469,11 @@ impl Slot {
                 next.access_token = Some(set.access_token.clone());
                 next.access_issued_at_ms = Some(store::unix_ms(sent_wall));
                 next.access_expires_at_ms = Some(store::unix_ms(sent_wall + lifetime));
+                if unsupported.is_some() {
+                    // Never stored, so never injected after a restart.
+                    next.access_token = None;
+                    next.access_expires_at_ms = None;
+                }
                 next.refresh_expires_at_ms = set
                     .refresh_token_expires_in
                     .map(|d| store::unix_ms(sent_wall + d))
@@ -444,7 +492,9 @@ impl Slot {
                 next.dead = None;
                 ev.set_identity(&next);
                 ev.refresh_token_fp = next.refresh_token.as_ref().map(Secret::fingerprint);
-                ev.ok(lifetime, rotated);
+                if unsupported.is_none() {
+                    ev.ok(lifetime, rotated);
+                }
                 self.warn_refresh_expiry(&next);
                 // Durable before published (write-ahead): a crash after this
                 // line loses nothing.
@@ -475,6 +525,10 @@ impl Slot {
                     );
                     crate::metrics::metrics().store_write_failed();
                     self.control.lock().unsaved = Some(next.clone());
+                }
+                if let Some(f) = unsupported {
+                    self.control.lock().record = Some(next);
+                    return Err(f);
                 }
                 let bound = self.bound_key(&set, dpop_key.clone());
                 // Asked only once the rotation is durable: a lost answer

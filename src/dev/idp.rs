@@ -89,6 +89,9 @@ pub enum Dialect {
     /// AADSTS codes in `error_description` and `error_codes`; a refresh
     /// without `scope` is refused (AADSTS900144).
     Microsoft,
+    /// RFC 6749 errors; `refresh_ttl` is sent as `refresh_expires_in` (the
+    /// session's idle timeout: each refresh starts it again).
+    Keycloak,
 }
 
 impl Default for IdpOptions {
@@ -1046,7 +1049,11 @@ impl State {
             let refresh = self.mint_refresh(client_id, subject, scope, family);
             body.insert("refresh_token".into(), json!(refresh));
             if let Some(ttl) = self.opts.refresh_ttl {
-                body.insert("refresh_token_expires_in".into(), json!(secs(ttl)));
+                let key = match self.opts.dialect {
+                    Dialect::Keycloak => "refresh_expires_in",
+                    _ => "refresh_token_expires_in",
+                };
+                body.insert(key.into(), json!(secs(ttl)));
             }
         }
         body

@@ -57,6 +57,13 @@ struct Case {
     salesforce: bool,
     /// The IdP's `token_type` (Slack: `bot`).
     token_type: Option<&'static str>,
+    access_ttl: u64,
+    /// The refresh token's own lifetime, sent with each grant.
+    refresh_ttl: Option<u64>,
+    /// Okta: the first refresh after the restart is refused 429 with
+    /// `x-rate-limit-reset`; the next comes no earlier than that.
+    rate_limit: bool,
+    max_backoff: &'static str,
     extra: &'static str,
     extra_routes: &'static str,
     /// Requests go to this path on the proxy...
@@ -71,6 +78,10 @@ const CASE: Case = Case {
     github_rotation: false,
     salesforce: false,
     token_type: None,
+    access_ttl: 2,
+    refresh_ttl: None,
+    rate_limit: false,
+    max_backoff: "1s",
     extra: "",
     extra_routes: "",
     path: "/api/x",
@@ -98,6 +109,8 @@ async fn run_case(case: Case) {
         github_rotation: case.github_rotation,
         omit_expires_in: case.salesforce,
         extra_routes: case.extra_routes.to_owned(),
+        access_ttl: S(case.access_ttl),
+        refresh_ttl: case.refresh_ttl.map(S),
         ..StackOpts::default()
     })
     .await;
@@ -108,13 +121,48 @@ async fn run_case(case: Case) {
         stack.idp.set_token_type(t);
     }
     let extra = format!(
-        "{}\nmax_backoff = \"1s\"\n",
+        "{}\nmax_backoff = \"{}\"\n",
         case.extra
-            .replace("{introspection}", &stack.idp.introspection_url())
+            .replace("{introspection}", &stack.idp.introspection_url()),
+        case.max_backoff
     );
     // Rotations, a restart on the same store, more rotations.
     serve_until_generation(&stack, &case, &extra, 3).await;
+    let reset = case.rate_limit.then(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let reset = now + 2;
+        stack.idp.push_fault(tokenproxy::dev::Fault::Status {
+            status: 429,
+            body: r#"{"errorCode":"E0000047","errorSummary":"API call exceeded rate limit due to too many requests."}"#.into(),
+            content_type: "application/json",
+            headers: vec![("x-rate-limit-reset".into(), reset.to_string())],
+        });
+        reset
+    });
     serve_until_generation(&stack, &case, &extra, 2).await;
+    if let Some(reset) = reset {
+        let grants = stack.idp.grants();
+        let limited = grants
+            .iter()
+            .position(|g| g.fault == Some("status"))
+            .expect("the 429 was served");
+        let next = &grants[limited + 1];
+        let at = next.at.duration_since(std::time::UNIX_EPOCH).unwrap();
+        assert!(
+            at >= Duration::from_secs(reset),
+            "a token request {at:?} before x-rate-limit-reset {reset}"
+        );
+    }
+    if let Some(ttl) = case.refresh_ttl {
+        // Recorded from the vendor's spelling (Keycloak: refresh_expires_in).
+        let rec = stack.record().unwrap();
+        let left = rec["refresh_expires_at_ms"].as_u64().expect("recorded")
+            - rec["access_issued_at_ms"].as_u64().unwrap();
+        assert!(left.abs_diff(ttl * 1000) < 1000, "{rec}");
+    }
     stack.assert_no_reuse();
     if case.salesforce {
         // No expires_in: the lifetime came from introspection (2 s), not
@@ -206,6 +254,31 @@ async fn microsoft_aadsts_codes_and_scope_on_refresh() {
         "provider = \"microsoft\"\ntenant = \"common\"\nscopes = [\"offline_access\", \"User.Read\"]",
         "AADSTS700082",
     )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn okta_x_rate_limit_reset() {
+    run_case(Case {
+        access_ttl: 8,
+        rate_limit: true,
+        max_backoff: "10s",
+        extra: "provider = \"okta\"\nscopes = [\"offline_access\"]",
+        hint_has: "revoked",
+        ..CASE
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keycloak_refresh_expires_in() {
+    run_case(Case {
+        dialect: Dialect::Keycloak,
+        refresh_ttl: Some(1800),
+        extra: "provider = \"keycloak\"\ndomain = \"sso.example.com\"\nrealm = \"apps\"",
+        hint_has: "revoked",
+        ..CASE
+    })
     .await;
 }
 

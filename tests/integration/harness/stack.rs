@@ -48,6 +48,8 @@ pub struct StackOpts {
     pub omit_expires_in: bool,
     /// More `[[routes]]` tables for the config.
     pub extra_routes: String,
+    /// The refresh token's own lifetime at the IdP (sent with each grant).
+    pub refresh_ttl: Option<Duration>,
 }
 
 impl Default for StackOpts {
@@ -60,6 +62,7 @@ impl Default for StackOpts {
             github_rotation: false,
             omit_expires_in: false,
             extra_routes: String::new(),
+            refresh_ttl: None,
         }
     }
 }
@@ -74,6 +77,7 @@ impl Stack {
                 reuse_grace: o.idp_reuse_grace,
                 dialect: o.dialect,
                 kill_previous_access: o.github_rotation,
+                refresh_ttl: o.refresh_ttl,
                 omit_expires_in: o.omit_expires_in,
                 clients: vec![tokenproxy::dev::DevClient::confidential(
                     CLIENT_ID,

@@ -92,6 +92,11 @@ pub enum Dialect {
     /// RFC 6749 errors; `refresh_ttl` is sent as `refresh_expires_in` (the
     /// session's idle timeout: each refresh starts it again).
     Keycloak,
+    /// `refresh_ttl` is sent as `x_refresh_token_expires_in`.
+    Intuit,
+    /// An unknown or rotated-out refresh token is 403 `invalid_grant`
+    /// "Unknown or invalid refresh token."
+    Auth0,
 }
 
 impl Default for IdpOptions {
@@ -1051,6 +1056,7 @@ impl State {
             if let Some(ttl) = self.opts.refresh_ttl {
                 let key = match self.opts.dialect {
                     Dialect::Keycloak => "refresh_expires_in",
+                    Dialect::Intuit => "x_refresh_token_expires_in",
                     _ => "refresh_token_expires_in",
                 };
                 body.insert(key.into(), json!(secs(ttl)));
@@ -1974,6 +1980,10 @@ fn respond_as(
                 "error_description": format!("AADSTS700082: The refresh token has expired due to inactivity. ({})", e.description),
                 "error_codes": [700082],
             }),
+        ),
+        (Dialect::Auth0, Err(e), _) if grant_dead(&e) => json_response(
+            StatusCode::FORBIDDEN,
+            &json!({"error": "invalid_grant", "error_description": "Unknown or invalid refresh token."}),
         ),
         (_, Err(e), _) => error_response(&e),
     }

@@ -282,6 +282,29 @@ async fn keycloak_refresh_expires_in() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intuit_x_refresh_token_expires_in() {
+    run_case(Case {
+        dialect: Dialect::Intuit,
+        refresh_ttl: Some(8_640_000),
+        extra: "provider = \"intuit\"",
+        hint_has: "revoked",
+        ..CASE
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth0_403_invalid_grant() {
+    run_case(Case {
+        dialect: Dialect::Auth0,
+        extra: "provider = \"auth0\"\nscopes = [\"offline_access\"]",
+        hint_has: "tokenproxy login",
+        ..CASE
+    })
+    .await;
+}
+
 const SF_ROUTE: &str = r#"
 [[routes]]
 path_prefix = "/sf/"

@@ -312,6 +312,7 @@ async fn check_credential(r: &mut Report, config: &Config, cred: &CredentialConf
         }
     };
     check_client_credential(r, cred);
+    check_profile(r, cred, egress).await;
     let mut token_url = cred.token_url.clone();
     let mut authorize_url = cred.authorize_url.clone();
     if let Some(issuer) = &cred.issuer {
@@ -406,6 +407,77 @@ async fn check_credential(r: &mut Report, config: &Config, cred: &CredentialConf
             }
             check_stored(r, config, cred, &token_url).await;
         }
+    }
+}
+
+/// What the credential's provider profile knows to look for: the scope or
+/// login parameter without which no refresh token comes back, and a
+/// `domain` whose host does not resolve (a typo there otherwise shows only
+/// as an unreachable endpoint).
+async fn check_profile(r: &mut Report, cred: &CredentialConfig, egress: Option<&Uri>) {
+    let Some(p) = cred.provider else {
+        return;
+    };
+    let n = &cred.name;
+    if cred.grant == GrantType::RefreshToken {
+        if let Some(scope) = p.offline_scope {
+            if cred.scopes.iter().any(|s| s == scope) {
+                r.ok(format!("{n}: scopes include {scope} ({})", p.display));
+            } else {
+                r.add(
+                    Mark::Warn,
+                    format!(
+                        "{n}: scopes lack {scope}: {} issues no refresh token without it",
+                        p.display
+                    ),
+                    &format!("add \"{scope}\" to scopes, then run `tokenproxy login` again"),
+                );
+            }
+        }
+        for (k, v) in p.login_params {
+            if !cred.login_params.iter().any(|(ck, cv)| ck == k && cv == v) {
+                r.add(
+                    Mark::Warn,
+                    format!(
+                        "{n}: login does not send {k}={v}: {} issues no refresh token without it",
+                        p.display
+                    ),
+                    "remove the override of the profile's login parameters",
+                );
+            }
+        }
+    }
+    // Behind an egress proxy, the proxy resolves names.
+    if !p.params.contains(&crate::providers::Param::Domain) || egress.is_some() {
+        return;
+    }
+    let Some(host) = cred
+        .token_url
+        .as_ref()
+        .and_then(|u| u.host())
+        .map(str::to_owned)
+    else {
+        return;
+    };
+    let port = cred
+        .token_url
+        .as_ref()
+        .and_then(Uri::port_u16)
+        .unwrap_or(443);
+    let resolves = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .is_ok_and(|mut a| a.next().is_some());
+    if resolves {
+        r.ok(format!("{n}: domain {host} resolves"));
+    } else {
+        r.add(
+            Mark::Fail,
+            format!("{n}: domain {host} does not resolve"),
+            &format!(
+                "check domain (the {} server's host name) and DNS",
+                p.display
+            ),
+        );
     }
 }
 

@@ -106,6 +106,8 @@ pub struct Profile {
     /// `token_type` values besides `Bearer` the provider documents for
     /// tokens used as bearer tokens.
     pub token_types: &'static [&'static str],
+    /// A scope without which no refresh token is issued (`doctor` warns).
+    pub offline_scope: Option<&'static str>,
     /// How the provider reports failures (what the engine recognises).
     pub errors: &'static str,
     /// What a user must know.
@@ -150,6 +152,7 @@ pub const PROFILES: &[Profile] = &[
         token_fields: &[],
         refresh_token_lifetime: None,
         token_types: &[],
+        offline_scope: None,
         errors: "RFC 6749 JSON errors; a revoked or expired grant is invalid_grant.",
         notes: &[
             "A refresh token comes back only with access_type=offline and prompt=consent (login sends both).",
@@ -176,6 +179,7 @@ pub const PROFILES: &[Profile] = &[
         token_fields: &[],
         refresh_token_lifetime: None,
         token_types: &[],
+        offline_scope: Some("offline_access"),
         errors: "invalid_grant/invalid_client with AADSTS codes in error_codes and error_description: AADSTS70008 and AADSTS700082 (refresh token expired from inactivity), AADSTS50173 (grant revoked: credentials changed), AADSTS7000215 (invalid client secret).",
         notes: &[
             "Add offline_access to scopes, or no refresh token is issued.",
@@ -204,6 +208,7 @@ pub const PROFILES: &[Profile] = &[
         token_fields: &[],
         refresh_token_lifetime: None,
         token_types: &[],
+        offline_scope: None,
         errors: "Errors come with HTTP 200: error=bad_refresh_token (form-encoded unless JSON is asked for; tokenproxy asks). refresh_token_expires_in is sent.",
         notes: &[
             "The GitHub App must use user access tokens that expire (\"User-to-server token expiration\" under Optional features), or no refresh token is issued.",
@@ -227,6 +232,7 @@ pub const PROFILES: &[Profile] = &[
         token_fields: &[],
         refresh_token_lifetime: None,
         token_types: &[],
+        offline_scope: Some("offline_access"),
         errors: "RFC 6749 JSON errors; rate limits answer 429 with x-rate-limit-reset (epoch seconds), which tokenproxy honours.",
         notes: &[
             "Set issuer to your authorization server (discovery fills the endpoints).",
@@ -251,6 +257,7 @@ pub const PROFILES: &[Profile] = &[
         token_fields: &[],
         refresh_token_lifetime: None,
         token_types: &[],
+        offline_scope: Some("offline_access"),
         errors: "RFC 6749 JSON errors; an unknown or rotated-out refresh token is 403 invalid_grant \"Unknown or invalid refresh token.\"",
         notes: &[
             "Set issuer to https://<your tenant domain>/ (discovery fills the endpoints).",
@@ -277,6 +284,7 @@ pub const PROFILES: &[Profile] = &[
         token_fields: &[],
         refresh_token_lifetime: Some(RefreshLifetime::Idle),
         token_types: &[],
+        offline_scope: None,
         errors: "RFC 6749 JSON errors; refresh_expires_in says when the refresh token (the session) expires, and is recorded like refresh_token_expires_in.",
         notes: &[
             "A refresh token dies with its session: after SSO Session Idle (30 minutes by default) without a refresh, or SSO Session Max; ask for offline_access for an offline session instead.",
@@ -303,6 +311,7 @@ pub const PROFILES: &[Profile] = &[
         token_fields: &[],
         refresh_token_lifetime: None,
         token_types: &[],
+        offline_scope: None,
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Set issuer to the user pool's issuer (discovery fills the endpoints).",
@@ -325,6 +334,7 @@ pub const PROFILES: &[Profile] = &[
         token_fields: &["instance_url"],
         refresh_token_lifetime: None,
         token_types: &[],
+        offline_scope: None,
         errors: "RFC 6749 JSON errors. Token responses carry no expires_in: the access token lives as long as the org's session timeout.",
         notes: &[
             "Set token_url to your login host's /services/oauth2/token.",
@@ -352,6 +362,7 @@ pub const PROFILES: &[Profile] = &[
         token_fields: &[],
         refresh_token_lifetime: None,
         token_types: &["bot", "user"],
+        offline_scope: None,
         errors: "HTTP 200 with {\"ok\": false, \"error\": \"...\"}: invalid_refresh_token, invalid_client_id, bad_client_secret.",
         notes: &[
             "Token rotation must be enabled for the app, or Slack issues no refresh token; access tokens then expire every 12 hours.",
@@ -377,6 +388,7 @@ pub const PROFILES: &[Profile] = &[
         token_fields: &[],
         refresh_token_lifetime: None,
         token_types: &[],
+        offline_scope: Some("offline_access"),
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Add offline_access to scopes, or no refresh token is issued.",
@@ -400,6 +412,7 @@ pub const PROFILES: &[Profile] = &[
         token_fields: &[],
         refresh_token_lifetime: None,
         token_types: &[],
+        offline_scope: None,
         errors: "RFC 6749 JSON errors.",
         notes: &["Nothing about Xero's token endpoint, rotation or grace could be checked against Xero's own pages here: set token_url and authorize_url from Xero's developer documentation, keep reuse_grace 0, and add offline_access to scopes."],
         docs: &["https://developer.xero.com/documentation/guides/oauth2/auth-flow/"],
@@ -419,6 +432,7 @@ pub const PROFILES: &[Profile] = &[
         token_fields: &[],
         refresh_token_lifetime: None,
         token_types: &[],
+        offline_scope: None,
         errors: "Errors have no `error` member: {\"status\": \"BAD_REFRESH_TOKEN\", \"message\": \"...\"} (tokenproxy reads status as the code).",
         notes: &[
             "client_id and client_secret go in the form body.",
@@ -444,6 +458,7 @@ pub const PROFILES: &[Profile] = &[
         token_fields: &[],
         refresh_token_lifetime: None,
         token_types: &[],
+        offline_scope: None,
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Access tokens live one hour. Server-to-Server OAuth apps get no refresh token: use grant = \"client_credentials\" only where Zoom documents it.",
@@ -469,6 +484,7 @@ pub const PROFILES: &[Profile] = &[
         token_fields: &[],
         refresh_token_lifetime: None,
         token_types: &[],
+        offline_scope: None,
         errors: "RFC 6749 JSON errors; x_refresh_token_expires_in says how long the refresh token lives, and is recorded like refresh_token_expires_in.",
         notes: &[
             "Set token_url and authorize_url from Intuit's OAuth 2.0 documentation (not verified here).",
@@ -491,6 +507,7 @@ pub const PROFILES: &[Profile] = &[
         token_fields: &[],
         refresh_token_lifetime: None,
         token_types: &[],
+        offline_scope: None,
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Access tokens are short-lived; a refresh token is issued only for token_access_type=offline (login sends it).",
@@ -513,6 +530,7 @@ pub const PROFILES: &[Profile] = &[
         token_fields: &[],
         refresh_token_lifetime: None,
         token_types: &[],
+        offline_scope: None,
         errors: "RFC 6749 JSON errors; an expired refresh token is invalid_grant \"Refresh token has expired\".",
         notes: &[
             "A refresh token is valid for 60 days and for one use: each refresh returns a new one.",
@@ -535,6 +553,7 @@ pub const PROFILES: &[Profile] = &[
         token_fields: &[],
         refresh_token_lifetime: Some(RefreshLifetime::Absolute),
         token_types: &[],
+        offline_scope: None,
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Refresh tokens expire 6 months after the user's authorization; refreshing does not extend that (invalid_grant then: run `tokenproxy login`).",
@@ -557,6 +576,7 @@ pub const PROFILES: &[Profile] = &[
         token_fields: &[],
         refresh_token_lifetime: Some(RefreshLifetime::Absolute),
         token_types: &[],
+        offline_scope: None,
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Programmatic refresh tokens are issued only to approved Marketing Developer Platform partners.",

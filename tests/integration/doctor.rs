@@ -537,3 +537,46 @@ async fn dpop_algorithm_is_checked_against_the_metadata() {
     );
     assert_clean(&env, &out, &seed);
 }
+
+/// What a provider profile knows: Okta issues no refresh token without
+/// `offline_access`; a Keycloak `domain` that does not resolve is named as
+/// such, not only as an unreachable endpoint. Nothing is spent.
+#[tokio::test]
+async fn provider_profiles_warn_about_what_they_know() {
+    let (e, seed) = env(RT_SECRET, CC_SECRET, "provider = \"okta\"").await;
+    let (_, out) = doctor(&e, &["rt"]).await;
+    let l = line(&out, "rt: scopes lack offline_access");
+    assert!(l.starts_with('!'), "{l}");
+    assert!(l.contains("Okta") && l.contains("tokenproxy login"), "{l}");
+    assert_clean(&e, &out, &seed);
+
+    let (e, seed) = env(
+        RT_SECRET,
+        CC_SECRET,
+        "provider = \"okta\"\nscopes = [\"offline_access\"]",
+    )
+    .await;
+    let (_, out) = doctor(&e, &["rt"]).await;
+    assert!(line(&out, "rt: scopes include offline_access").starts_with('✓'));
+    assert_clean(&e, &out, &seed);
+
+    let (e, seed) = env(
+        RT_SECRET,
+        CC_SECRET,
+        "provider = \"keycloak\"\ndomain = \"no-such-host.invalid\"\nrealm = \"apps\"",
+    )
+    .await;
+    // The profile's token_url, not discovery: drop issuer.
+    let text: String = std::fs::read_to_string(e.config_path())
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("issuer = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(e.config_path(), text).unwrap();
+    let (code, out) = doctor(&e, &["rt"]).await;
+    assert_ne!(code, 0, "{out}");
+    let l = line(&out, "rt: domain no-such-host.invalid does not resolve");
+    assert!(l.starts_with('✗') && l.contains("check domain"), "{l}");
+    assert_clean(&e, &out, &seed);
+}

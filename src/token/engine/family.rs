@@ -156,7 +156,14 @@ pub async fn install_family(
         family: store::new_family(),
         generation: 0,
         refresh_token: Some(refresh_token),
-        access_token: Some(set.access_token.clone()),
+        // A type this credential does not inject is never stored: the first
+        // refresh then says why (token_type_unsupported).
+        access_token: (set.dpop_bound
+            || set
+                .token_type
+                .as_deref()
+                .is_none_or(|t| super::refresh::token_type_injected(cfg, t)))
+        .then(|| set.access_token.clone()),
         access_expires_at_ms: Some(store::unix_ms(sent_wall + lifetime)),
         access_issued_at_ms: Some(store::unix_ms(sent_wall)),
         refresh_expires_at_ms: set

@@ -151,13 +151,7 @@ impl Slot {
     ) -> Option<Failure> {
         let tt = set.token_type.as_deref()?;
         // DPoP: bound to the proof's key (checked by grant::check_token_type).
-        if set.dpop_bound || tt.eq_ignore_ascii_case("bearer")
-            || self
-                .cfg
-                .token_types
-                .iter()
-                .any(|t| t.eq_ignore_ascii_case(tt))
-        {
+        if set.dpop_bound || token_type_injected(&self.cfg, tt) {
             return None;
         }
         ev.outcome = Outcome::ConfigError;
@@ -985,6 +979,12 @@ impl Slot {
             }
         }
     }
+}
+
+/// Whether a `token_type` is one this credential injects: `Bearer`, or one
+/// of its `token_types` (the profile's: Slack's `bot` and `user`).
+pub(super) fn token_type_injected(cfg: &CredentialConfig, tt: &str) -> bool {
+    tt.eq_ignore_ascii_case("bearer") || cfg.token_types.iter().any(|t| t.eq_ignore_ascii_case(tt))
 }
 
 /// The fields of the one `token_refresh` event per attempt.

@@ -484,3 +484,46 @@ async fn an_unexpected_token_type_is_a_clear_error_and_keeps_the_rotation() {
     stack.assert_no_reuse();
     app.shutdown().await;
 }
+
+/// The log lines of token-response values, from a real process: the value
+/// that failed its check and the one that set the upstream are named, and
+/// no token or secret appears anywhere in the output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_url_log_events_name_the_value_and_no_secret() {
+    let stack = Stack::start(StackOpts {
+        omit_expires_in: true,
+        extra_routes: SF_ROUTE.to_owned(),
+        ..StackOpts::default()
+    })
+    .await;
+    stack
+        .idp
+        .set_instance_url(Some("http://upstream.example.com".into()));
+    let (path, ports) = child_config(
+        &stack,
+        "sf",
+        "provider = \"salesforce\"\ndefault_lifetime = \"2s\"",
+    );
+    let child = ChildProxy::start(stack.dir.path(), "sf", &path, ports).await;
+    let c = client();
+    let g = get_ok(&c, &child.url("/sf/x")).await;
+    assert_eq!(g.status, 503, "{}", g.text());
+    stack.idp.set_instance_url(Some(stack.echo.url()));
+    let at = stack.generation().unwrap();
+    stack.wait_generation(at + 1, S(10)).await;
+    let g = get_ok(&c, &child.url("/sf/x")).await;
+    assert_eq!(g.status, 200, "{}", g.text());
+    let events = child.log_events();
+    let rejected = events
+        .iter()
+        .find(|e| e["event"] == "token_field_rejected")
+        .unwrap_or_else(|| panic!("no token_field_rejected:\n{}", child.output()));
+    assert_eq!(rejected["field"], "instance_url");
+    assert_eq!(rejected["level"], "ERROR");
+    let set = events
+        .iter()
+        .find(|e| e["event"] == "upstream_from_token")
+        .unwrap_or_else(|| panic!("no upstream_from_token:\n{}", child.output()));
+    assert_eq!(set["upstream"], stack.echo.url());
+    assert_no_secrets(&[child.output()], &stack.secrets());
+}

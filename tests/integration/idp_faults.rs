@@ -387,7 +387,9 @@ async fn odd_expires_in_values_are_sane() {
         ("\"soon\"", 30),
         ("null", 30),
     ] {
-        let run = start("default_lifetime = \"30s\"").await;
+        // Without introspection_url: with one, the introspected exp would
+        // be the lifetime (docs/tokens-and-rotation.md, "Lifetimes").
+        let run = start_with("default_lifetime = \"30s\"", false).await;
         // Valid at the IdP for longer than the check below can take on a
         // loaded machine (the IdP's own tokens last 2 s): an upstream 401
         // would start a reactive refresh, and the state would read

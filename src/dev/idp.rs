@@ -72,6 +72,9 @@ pub struct IdpOptions {
     pub instance_url: Option<String>,
     /// The `token_type` of token responses (Slack: `bot`). Default `Bearer`.
     pub token_type: String,
+    /// Spotify, LinkedIn: `refresh_ttl` runs from the family's first token;
+    /// rotated tokens inherit its deadline (refreshing does not extend it).
+    pub refresh_absolute: bool,
 }
 
 /// A provider's documented wire shapes, for end-to-end tests of profiles.
@@ -115,6 +118,7 @@ impl Default for IdpOptions {
             omit_expires_in: false,
             instance_url: None,
             token_type: "Bearer".into(),
+            refresh_absolute: false,
         }
     }
 }
@@ -476,6 +480,8 @@ struct State {
     /// The key of the valid proof of the request being processed: set and
     /// cleared under the state lock, around one `process`.
     proof_jkt: Option<String>,
+    /// `refresh_absolute`: each family's refresh-token deadline.
+    family_deadline: HashMap<u64, (Instant, u64)>,
 }
 
 /// An RFC 6749 §5.2 error.
@@ -943,6 +949,7 @@ impl State {
             seen_proof_jti: HashMap::new(),
             dpop_nonce: None,
             proof_jkt: None,
+            family_deadline: HashMap::new(),
         }
     }
 
@@ -991,6 +998,10 @@ impl State {
         let ttl = self.opts.refresh_ttl;
         let now_unix = unix_now();
         let jkt = self.proof_jkt.clone();
+        let mut deadline = ttl.map(|t| (Instant::now() + t, now_unix + secs(t)));
+        if let (true, Some(d)) = (self.opts.refresh_absolute, deadline) {
+            deadline = Some(*self.family_deadline.entry(family).or_insert(d));
+        }
         self.refresh.insert(
             token.clone(),
             RefreshToken {
@@ -998,8 +1009,8 @@ impl State {
                 subject: subject.to_owned(),
                 scope: scope.map(str::to_owned),
                 family,
-                expires_at: ttl.map(|t| Instant::now() + t),
-                exp_unix: ttl.map(|t| now_unix + secs(t)),
+                expires_at: deadline.map(|d| d.0),
+                exp_unix: deadline.map(|d| d.1),
                 iat_unix: now_unix,
                 spent_at: None,
                 revoked: false,
@@ -1052,8 +1063,11 @@ impl State {
         }
         if let (true, Some(family)) = (with_refresh, family) {
             let refresh = self.mint_refresh(client_id, subject, scope, family);
+            let left = self.refresh.get(&refresh).and_then(|r| r.expires_at);
             body.insert("refresh_token".into(), json!(refresh));
-            if let Some(ttl) = self.opts.refresh_ttl {
+            if let Some(at) = left {
+                // Rounded: a just-minted token's full lifetime reads as such.
+                let ttl = at.saturating_duration_since(Instant::now()) + Duration::from_millis(500);
                 let key = match self.opts.dialect {
                     Dialect::Keycloak => "refresh_expires_in",
                     Dialect::Intuit => "x_refresh_token_expires_in",

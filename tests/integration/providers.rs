@@ -60,6 +60,8 @@ struct Case {
     access_ttl: u64,
     /// The refresh token's own lifetime, sent with each grant.
     refresh_ttl: Option<u64>,
+    /// ... counted from the login, not from each refresh.
+    refresh_absolute: bool,
     /// Okta: the first refresh after the restart is refused 429 with
     /// `x-rate-limit-reset`; the next comes no earlier than that.
     rate_limit: bool,
@@ -80,6 +82,7 @@ const CASE: Case = Case {
     token_type: None,
     access_ttl: 2,
     refresh_ttl: None,
+    refresh_absolute: false,
     rate_limit: false,
     max_backoff: "1s",
     extra: "",
@@ -111,6 +114,7 @@ async fn run_case(case: Case) {
         extra_routes: case.extra_routes.to_owned(),
         access_ttl: S(case.access_ttl),
         refresh_ttl: case.refresh_ttl.map(S),
+        refresh_absolute: case.refresh_absolute,
         ..StackOpts::default()
     })
     .await;
@@ -128,6 +132,8 @@ async fn run_case(case: Case) {
     );
     // Rotations, a restart on the same store, more rotations.
     serve_until_generation(&stack, &case, &extra, 3).await;
+    let refresh_deadline = |rec: serde_json::Value| rec["refresh_expires_at_ms"].as_u64();
+    let first_deadline = refresh_deadline(stack.record().unwrap());
     let reset = case.rate_limit.then(|| {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -156,12 +162,22 @@ async fn run_case(case: Case) {
             "a token request {at:?} before x-rate-limit-reset {reset}"
         );
     }
-    if let Some(ttl) = case.refresh_ttl {
-        // Recorded from the vendor's spelling (Keycloak: refresh_expires_in).
+    if let (Some(ttl), false) = (case.refresh_ttl, case.refresh_absolute) {
+        // Recorded from the vendor's spelling (Keycloak: refresh_expires_in),
+        // and moved on by every refresh.
         let rec = stack.record().unwrap();
         let left = rec["refresh_expires_at_ms"].as_u64().expect("recorded")
             - rec["access_issued_at_ms"].as_u64().unwrap();
         assert!(left.abs_diff(ttl * 1000) < 1000, "{rec}");
+    }
+    if case.refresh_absolute {
+        // Rotations did not extend it: the deadline stayed where it was.
+        let now = refresh_deadline(stack.record().unwrap()).expect("recorded");
+        let first = first_deadline.expect("recorded");
+        assert!(
+            now.abs_diff(first) < 1500,
+            "deadline moved {first} -> {now}"
+        );
     }
     stack.assert_no_reuse();
     if case.salesforce {
@@ -300,6 +316,30 @@ async fn auth0_403_invalid_grant() {
         dialect: Dialect::Auth0,
         extra: "provider = \"auth0\"\nscopes = [\"offline_access\"]",
         hint_has: "tokenproxy login",
+        ..CASE
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spotify_absolute_refresh_token_lifetime() {
+    run_case(Case {
+        refresh_ttl: Some(3600),
+        refresh_absolute: true,
+        extra: "provider = \"spotify\"",
+        hint_has: "revoked",
+        ..CASE
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linkedin_absolute_refresh_token_lifetime() {
+    run_case(Case {
+        refresh_ttl: Some(86_400),
+        refresh_absolute: true,
+        extra: "provider = \"linkedin\"",
+        hint_has: "revoked",
         ..CASE
     })
     .await;

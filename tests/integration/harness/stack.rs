@@ -50,6 +50,8 @@ pub struct StackOpts {
     pub extra_routes: String,
     /// The refresh token's own lifetime at the IdP (sent with each grant).
     pub refresh_ttl: Option<Duration>,
+    /// That lifetime runs from the family's first token (Spotify, LinkedIn).
+    pub refresh_absolute: bool,
 }
 
 impl Default for StackOpts {
@@ -63,6 +65,7 @@ impl Default for StackOpts {
             omit_expires_in: false,
             extra_routes: String::new(),
             refresh_ttl: None,
+            refresh_absolute: false,
         }
     }
 }
@@ -78,6 +81,7 @@ impl Stack {
                 dialect: o.dialect,
                 kill_previous_access: o.github_rotation,
                 refresh_ttl: o.refresh_ttl,
+                refresh_absolute: o.refresh_absolute,
                 omit_expires_in: o.omit_expires_in,
                 clients: vec![tokenproxy::dev::DevClient::confidential(
                     CLIENT_ID,

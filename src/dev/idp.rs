@@ -100,6 +100,8 @@ pub enum Dialect {
     /// An unknown or rotated-out refresh token is 403 `invalid_grant`
     /// "Unknown or invalid refresh token."
     Auth0,
+    /// A dead refresh token is `invalid_grant` "Refresh token has expired".
+    Box,
 }
 
 impl Default for IdpOptions {
@@ -1994,6 +1996,10 @@ fn respond_as(
                 "error_description": format!("AADSTS700082: The refresh token has expired due to inactivity. ({})", e.description),
                 "error_codes": [700082],
             }),
+        ),
+        (Dialect::Box, Err(e), _) if grant_dead(&e) => json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": "invalid_grant", "error_description": "Refresh token has expired"}),
         ),
         (Dialect::Auth0, Err(e), _) if grant_dead(&e) => json_response(
             StatusCode::FORBIDDEN,

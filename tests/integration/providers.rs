@@ -345,6 +345,17 @@ async fn linkedin_absolute_refresh_token_lifetime() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn box_refresh_token_has_expired() {
+    run_case(Case {
+        dialect: Dialect::Box,
+        extra: "provider = \"box\"",
+        hint_has: "expired at the IdP",
+        ..CASE
+    })
+    .await;
+}
+
 const SF_ROUTE: &str = r#"
 [[routes]]
 path_prefix = "/sf/"

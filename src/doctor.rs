@@ -518,6 +518,12 @@ async fn check_client_auth(
                 &crate::token::hints::invalid_client(cred),
             );
         }
+        // Microsoft: the tenant in the URL does not exist.
+        Err(e) if e.vendor_code.as_deref() == Some("AADSTS90002") => r.add(
+            Mark::Fail,
+            format!("{n}: the tenant in token_url is unknown ({})", describe(&e)),
+            &crate::token::hints::for_grant_error(cred, &e),
+        ),
         Err(e) if e.status == Some(404) => r.add(
             Mark::Fail,
             format!("{n}: token endpoint {url} answered 404 to a token request"),

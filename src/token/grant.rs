@@ -805,6 +805,7 @@ const AADSTS_CODES: &[(u64, FailureClass)] = &[
     (700082, FailureClass::InvalidGrant), // refresh token expired (inactivity)
     (50173, FailureClass::InvalidGrant), // grant expired: credentials changed or revoked
     (7000215, FailureClass::Config),     // invalid client secret
+    (90002, FailureClass::Config),       // tenant not found
 ];
 
 fn vendor_class(code: &str) -> Option<FailureClass> {
@@ -1829,6 +1830,11 @@ mod tests {
                 r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided.","error_codes":[7000215]}"#,
                 FailureClass::Config,
                 "AADSTS7000215",
+            ),
+            (
+                r#"{"error":"invalid_request","error_description":"AADSTS90002: Tenant 'contoso.example' not found.","error_codes":[90002]}"#,
+                FailureClass::Config,
+                "AADSTS90002",
             ),
             // A vendor code beats a misleading OAuth one.
             (

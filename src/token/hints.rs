@@ -121,6 +121,9 @@ fn vendor(cfg: &CredentialConfig, e: &GrantError) -> Option<String> {
         "aadsts50173" => format!(
             "Microsoft revoked the grant ({code}): the user's password or credentials changed, or an admin revoked sessions; {login}."
         ),
+        "aadsts90002" => format!(
+            "Microsoft does not know this tenant ({code}): set tenant to the directory's ID (a GUID), one of its verified domains, or common, organizations or consumers."
+        ),
         "aadsts7000215" => format!(
             "Microsoft rejected the client secret ({code}): set client_secret to the secret's Value (not its Secret ID) and check it has not expired in the app registration."
         ),

@@ -579,4 +579,21 @@ async fn provider_profiles_warn_about_what_they_know() {
     let l = line(&out, "rt: domain no-such-host.invalid does not resolve");
     assert!(l.starts_with('✗') && l.contains("check domain"), "{l}");
     assert_clean(&e, &out, &seed);
+
+    // Microsoft answers a tenant it does not know with AADSTS90002.
+    let (e, seed) = env(RT_SECRET, CC_SECRET, "").await;
+    // Every request to the token endpoint gets it (the reachability probe too).
+    for _ in 0..2 {
+        e.idp.push_fault(tokenproxy::dev::Fault::Status {
+            status: 400,
+            body: r#"{"error":"invalid_request","error_description":"AADSTS90002: Tenant 'contoso.example' not found.","error_codes":[90002]}"#.into(),
+            content_type: "application/json",
+            headers: vec![],
+        });
+    }
+    let (code, out) = doctor(&e, &["rt"]).await;
+    assert_ne!(code, 0, "{out}");
+    let l = line(&out, "rt: the tenant in token_url is unknown");
+    assert!(l.starts_with('✗') && l.contains("set tenant"), "{l}");
+    assert_clean(&e, &out, &seed);
 }

@@ -62,6 +62,8 @@ struct Case {
     refresh_ttl: Option<u64>,
     /// ... counted from the login, not from each refresh.
     refresh_absolute: bool,
+    /// false: the refresh token never changes (RFC 6749 §6: the old one is kept).
+    rotate: bool,
     /// Okta: the first refresh after the restart is refused 429 with
     /// `x-rate-limit-reset`; the next comes no earlier than that.
     rate_limit: bool,
@@ -83,6 +85,7 @@ const CASE: Case = Case {
     access_ttl: 2,
     refresh_ttl: None,
     refresh_absolute: false,
+    rotate: true,
     rate_limit: false,
     max_backoff: "1s",
     extra: "",
@@ -115,6 +118,7 @@ async fn run_case(case: Case) {
         access_ttl: S(case.access_ttl),
         refresh_ttl: case.refresh_ttl.map(S),
         refresh_absolute: case.refresh_absolute,
+        rotate_refresh_tokens: case.rotate,
         ..StackOpts::default()
     })
     .await;
@@ -169,6 +173,11 @@ async fn run_case(case: Case) {
         let left = rec["refresh_expires_at_ms"].as_u64().expect("recorded")
             - rec["access_issued_at_ms"].as_u64().unwrap();
         assert!(left.abs_diff(ttl * 1000) < 1000, "{rec}");
+    }
+    if !case.rotate {
+        // Generations moved on with the one refresh token the login gave.
+        assert!(stack.generation().unwrap() >= 5);
+        assert_eq!(stack.current_refresh_token(), stack.seed);
     }
     if case.refresh_absolute {
         // Rotations did not extend it: the deadline stayed where it was.
@@ -354,6 +363,31 @@ async fn box_refresh_token_has_expired() {
         ..CASE
     })
     .await;
+}
+
+/// Providers whose refreshes answer in RFC 6749's shapes, each with its
+/// documented rotation: Google, Dropbox and Cognito (rotation off, its
+/// default) keep one refresh token; Atlassian and Zoom rotate on every use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc_shaped_profiles_with_their_rotation() {
+    for (extra, rotate) in [
+        ("provider = \"google\"", false),
+        ("provider = \"dropbox\"", false),
+        ("provider = \"cognito\"", false),
+        (
+            "provider = \"atlassian\"\nscopes = [\"offline_access\"]",
+            true,
+        ),
+        ("provider = \"zoom\"", true),
+    ] {
+        run_case(Case {
+            rotate,
+            extra,
+            hint_has: "revoked",
+            ..CASE
+        })
+        .await;
+    }
 }
 
 const SF_ROUTE: &str = r#"

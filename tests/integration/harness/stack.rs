@@ -52,6 +52,8 @@ pub struct StackOpts {
     pub refresh_ttl: Option<Duration>,
     /// That lifetime runs from the family's first token (Spotify, LinkedIn).
     pub refresh_absolute: bool,
+    /// false: refreshes return no new refresh token (Google, Dropbox).
+    pub rotate_refresh_tokens: bool,
 }
 
 impl Default for StackOpts {
@@ -66,6 +68,7 @@ impl Default for StackOpts {
             extra_routes: String::new(),
             refresh_ttl: None,
             refresh_absolute: false,
+            rotate_refresh_tokens: true,
         }
     }
 }
@@ -82,6 +85,7 @@ impl Stack {
                 kill_previous_access: o.github_rotation,
                 refresh_ttl: o.refresh_ttl,
                 refresh_absolute: o.refresh_absolute,
+                rotate_refresh_tokens: o.rotate_refresh_tokens,
                 omit_expires_in: o.omit_expires_in,
                 clients: vec![tokenproxy::dev::DevClient::confidential(
                     CLIENT_ID,

@@ -459,13 +459,7 @@ async fn replacing_a_working_family_needs_force() {
 // The binary: loopback listener, and through a running proxy's admin API.
 // ---------------------------------------------------------------------------
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::harness::free_port;
 
 struct Child {
     child: std::process::Child,

@@ -379,6 +379,7 @@ async fn rfc_shaped_profiles_with_their_rotation() {
             true,
         ),
         ("provider = \"zoom\"", true),
+        ("provider = \"xero\"\nscopes = [\"offline_access\"]", true),
     ] {
         run_case(Case {
             rotate,

@@ -87,12 +87,29 @@ pub async fn get_ok(c: &HttpClient, url: &str) -> Got {
 }
 
 /// A port free right now (bind 127.0.0.1:0 and drop).
+/// A port for a listener a test starts later (a child process, a config
+/// written first). Taken below Linux's ephemeral range (32768 and up), from
+/// a counter: a port the kernel hands out, for another test's `bind(:0)` or
+/// an outgoing connection, could otherwise be taken between this check and
+/// the child's bind (`EADDRINUSE` in a loaded CI run).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const LOW: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        1 + rand::random::<u16>() % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..SPAN {
+        let port = LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN)
 }
 
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;

@@ -59,15 +59,8 @@ impl Slot {
         let sent_wall = self.clock.wall();
         let sent_mono = Instant::now();
         let set = self
-            .client
-            .send_proven(req, proven.as_ref(), &build)
+            .exchange(req, proven.as_ref(), &build, ev, sent_wall)
             .await
-            .and_then(|raw| {
-                ev.status = Some(raw.status.as_u16());
-                self.check_skew(&raw.headers, sent_wall);
-                grant::parse_token_response(&raw, sent_wall)
-            })
-            .and_then(|set| grant::check_token_type(set, proven.is_some()))
             .map_err(|e| self.classify(&e, ev))?;
         if let Some(f) = self.unsupported_token_type(&set, ev) {
             return Err(f);
@@ -250,6 +243,24 @@ impl Slot {
     }
 
     /// Maps a grant error to a failure with its hint.
+    /// One token request and its answer: sent (with a DPoP proof and its
+    /// nonce retry when `proven`), the status noted, the clock checked,
+    /// the body parsed and its token type checked.
+    async fn exchange(
+        &self,
+        req: grant::PreparedRequest,
+        proven: Option<&grant::TokenEndpointDpop<'_>>,
+        build: &(dyn Fn() -> Result<grant::PreparedRequest, GrantError> + Sync),
+        ev: &mut RefreshEvent,
+        sent_wall: SystemTime,
+    ) -> Result<TokenSet, GrantError> {
+        let raw = self.client.send_proven(req, proven, build).await?;
+        ev.status = Some(raw.status.as_u16());
+        self.check_skew(&raw.headers, sent_wall);
+        let set = grant::parse_token_response(&raw, sent_wall)?;
+        grant::check_token_type(set, proven.is_some())
+    }
+
     pub(super) fn classify(&self, e: &GrantError, ev: &mut RefreshEvent) -> Failure {
         crate::metrics::metrics().endpoint_failure(&self.name, e.fault_class());
         // IdP text may echo what we sent: never let a secret through.
@@ -437,16 +448,10 @@ impl Slot {
             }
         }
         let answer = match built {
-            Ok(req) => self
-                .client
-                .send_proven(req, proven.as_ref(), &build)
-                .await
-                .and_then(|raw| {
-                    ev.status = Some(raw.status.as_u16());
-                    self.check_skew(&raw.headers, sent_wall);
-                    grant::parse_token_response(&raw, sent_wall)
-                })
-                .and_then(|set| grant::check_token_type(set, proven.is_some())),
+            Ok(req) => {
+                self.exchange(req, proven.as_ref(), &build, ev, sent_wall)
+                    .await
+            }
             Err(e) => Err(e),
         };
         match answer {

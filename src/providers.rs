@@ -14,7 +14,8 @@ pub enum Param {
     /// `{tenant}`: Microsoft's directory (a GUID, a domain, or
     /// `common`/`organizations`/`consumers`).
     Tenant,
-    /// `{domain}`: the host of a tenant-specific IdP (Keycloak's server).
+    /// `{domain}`: the host of a tenant-specific IdP (a Keycloak server, an
+    /// Okta org, an Auth0 tenant).
     Domain,
     /// `{realm}`: a Keycloak realm.
     Realm,
@@ -169,7 +170,7 @@ pub const PROFILES: &[Profile] = &[
         display: "Microsoft Entra ID (identity platform v2.0)",
         params: &[Param::Tenant],
         token_url: Some("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"),
-        authorize_url: None,
+        authorize_url: Some("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize"),
         auth_method: None,
         login_params: &[],
         scope_on_refresh: true,
@@ -185,12 +186,12 @@ pub const PROFILES: &[Profile] = &[
             "Add offline_access to scopes, or no refresh token is issued.",
             "scope is sent again on every refresh (a refresh without it can fail with AADSTS90009 for some scopes).",
             "A refresh token unused for 90 days expires (AADSTS700082).",
-            "authorize_url is not filled: set it to https://login.microsoftonline.com/<tenant>/oauth2/v2.0/authorize for `tokenproxy login`.",
         ],
         docs: &[
             "https://learn.microsoft.com/en-us/answers/questions/1080136/response-from-oauth2-v2-0-token-does-not-include-r",
             "https://learn.microsoft.com/en-us/answers/questions/192699/confusing-error-message-on-failed-refresh-token-re",
             "https://learn.microsoft.com/en-us/answers/questions/1338428/aadsts700082-the-refresh-token-has-expired-due-to",
+            "https://docs.microsoft.com/en-us/azure/active-directory/develop/v2-oauth2-auth-code-flow",
         ],
     },
     Profile {
@@ -198,7 +199,7 @@ pub const PROFILES: &[Profile] = &[
         display: "GitHub App (user access tokens)",
         params: &[],
         token_url: Some("https://github.com/login/oauth/access_token"),
-        authorize_url: None,
+        authorize_url: Some("https://github.com/login/oauth/authorize"),
         auth_method: Some("client_secret_post"),
         login_params: &[],
         scope_on_refresh: false,
@@ -213,16 +214,21 @@ pub const PROFILES: &[Profile] = &[
         notes: &[
             "The GitHub App must use user access tokens that expire (\"User-to-server token expiration\" under Optional features), or no refresh token is issued.",
             "User access tokens live 8 hours, refresh tokens 6 months; a used refresh token and the previous access token stop working at once.",
-            "authorize_url is not filled: set it to GitHub's authorize endpoint for `tokenproxy login`.",
         ],
-        docs: &["https://docs.github.com/en/apps/creating-github-apps/authenticating-with-a-github-app/refreshing-user-access-tokens"],
+        docs: &[
+            "https://docs.github.com/en/apps/creating-github-apps/authenticating-with-a-github-app/refreshing-user-access-tokens",
+            // Read in its zh edition; the authorize URL is the same in every language.
+            "https://docs.github.com/zh/apps/creating-github-apps/authenticating-with-a-github-app/generating-a-user-access-token-for-a-github-app",
+        ],
     },
     Profile {
         name: "okta",
         display: "Okta",
-        params: &[],
-        token_url: None,
-        authorize_url: None,
+        params: &[Param::Domain],
+        // The default custom authorization server: the one API access (and
+        // the issuer in docs/providers.md) uses.
+        token_url: Some("https://{domain}/oauth2/default/v1/token"),
+        authorize_url: Some("https://{domain}/oauth2/default/v1/authorize"),
         auth_method: None,
         login_params: &[],
         scope_on_refresh: false,
@@ -235,19 +241,23 @@ pub const PROFILES: &[Profile] = &[
         offline_scope: Some("offline_access"),
         errors: "RFC 6749 JSON errors; rate limits answer 429 with x-rate-limit-reset (epoch seconds), which tokenproxy honours.",
         notes: &[
-            "Set issuer to your authorization server (discovery fills the endpoints).",
+            "domain is the Okta org's host (dev-123456.okta.com); the endpoints are its default custom authorization server's (/oauth2/default/v1/token and /oauth2/default/v1/authorize).",
+            "For the org authorization server or another custom authorization server, set issuer to that server's issuer instead (discovery fills the endpoints) and leave domain out.",
             "Refresh token rotation and its grace period are app settings: set reuse_grace to the app's grace period, or leave it 0.",
             "Reuse of a rotated refresh token outside the grace period invalidates the most recent refresh token and every access token issued since the user authenticated.",
             "Add offline_access to scopes.",
         ],
-        docs: &["https://developer.okta.com/docs/guides/refresh-tokens/refresh-token-rotation/"],
+        docs: &[
+            "https://developer.okta.com/docs/guides/refresh-tokens/refresh-token-rotation/",
+            "https://developer.okta.com/docs/guides/refresh-tokens/get-refresh-token/",
+        ],
     },
     Profile {
         name: "auth0",
         display: "Auth0",
-        params: &[],
-        token_url: None,
-        authorize_url: None,
+        params: &[Param::Domain],
+        token_url: Some("https://{domain}/oauth/token"),
+        authorize_url: Some("https://{domain}/authorize"),
         auth_method: None,
         login_params: &[],
         scope_on_refresh: false,
@@ -260,13 +270,14 @@ pub const PROFILES: &[Profile] = &[
         offline_scope: Some("offline_access"),
         errors: "RFC 6749 JSON errors; an unknown or rotated-out refresh token is 403 invalid_grant \"Unknown or invalid refresh token.\"",
         notes: &[
-            "Set issuer to https://<your tenant domain>/ (discovery fills the endpoints).",
+            "domain is the tenant's domain (example.eu.auth0.com); or set issuer to https://<that domain>/ instead (discovery fills the endpoints).",
             "Refresh Token Rotation and its Reuse Interval (leeway, default 0) are application settings: set reuse_grace to the application's value, or leave it 0.",
             "Add offline_access to scopes, and audience when calling your own API.",
         ],
         docs: &[
             "https://auth0.com/docs/secure/tokens/refresh-tokens/configure-refresh-token-rotation",
             "https://auth0.com/docs/secure/tokens/refresh-tokens/configure-refresh-token-expiration",
+            "https://auth0.com/docs/secure/tokens/refresh-tokens/get-refresh-tokens",
         ],
     },
     Profile {
@@ -274,7 +285,7 @@ pub const PROFILES: &[Profile] = &[
         display: "Keycloak",
         params: &[Param::Domain, Param::Realm],
         token_url: Some("https://{domain}/realms/{realm}/protocol/openid-connect/token"),
-        authorize_url: None,
+        authorize_url: Some("https://{domain}/realms/{realm}/protocol/openid-connect/auth"),
         auth_method: None,
         login_params: &[],
         scope_on_refresh: false,
@@ -289,11 +300,12 @@ pub const PROFILES: &[Profile] = &[
         notes: &[
             "A refresh token dies with its session: after SSO Session Idle (30 minutes by default) without a refresh, or SSO Session Max; ask for offline_access for an offline session instead.",
             "\"Revoke Refresh Token\" (realm Tokens settings) makes refresh tokens single-use.",
-            "domain is the host (and port) of the Keycloak server; older servers under /auth need token_url set explicitly.",
+            "domain is the host (and port) of the Keycloak server; older servers under /auth need token_url and authorize_url set explicitly.",
         ],
         docs: &[
             "https://docs.redhat.com/zh-cn/documentation/red_hat_build_of_keycloak/26.0/html/server_administration_guide/timeouts",
             "https://www.keycloak.org/docs-api/latest/javadocs/org/keycloak/admin/client/token/TokenService.html",
+            "https://keycloak.org/securing-apps/oidc-layers",
         ],
     },
     Profile {
@@ -357,7 +369,7 @@ pub const PROFILES: &[Profile] = &[
         display: "Slack (token rotation)",
         params: &[],
         token_url: Some("https://slack.com/api/oauth.v2.access"),
-        authorize_url: None,
+        authorize_url: Some("https://slack.com/oauth/v2/authorize"),
         auth_method: None,
         login_params: &[],
         scope_on_refresh: false,
@@ -376,13 +388,15 @@ pub const PROFILES: &[Profile] = &[
         docs: &[
             "https://docs.slack.dev/authentication/using-token-rotation",
             "https://docs.slack.dev/reference/methods/oauth.v2.access",
+            // Slack's own copy of its OAuth v2 guide (api.slack.com's read here cut mid-URL).
+            "https://api.slack-gov.com/authentication/oauth-v2",
         ],
     },
     Profile {
         name: "atlassian",
         display: "Atlassian Cloud (OAuth 2.0 3LO)",
         params: &[],
-        token_url: None,
+        token_url: Some("https://auth.atlassian.com/oauth/token"),
         authorize_url: Some("https://auth.atlassian.com/authorize"),
         auth_method: None,
         login_params: &[("audience", "api.atlassian.com")],
@@ -397,8 +411,8 @@ pub const PROFILES: &[Profile] = &[
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Add offline_access to scopes, or no refresh token is issued.",
-            "Refresh tokens rotate: each use issues a new, limited-life refresh token.",
-            "Set token_url to Atlassian's token endpoint (only the authorization URL and its audience=api.atlassian.com were verified here).",
+            "Refresh tokens rotate: each use issues a new, limited-life refresh token, and the one used is disabled.",
+            "login sends audience=api.atlassian.com with the authorization request.",
         ],
         docs: &[
             "https://developer.atlassian.com/cloud/oauth/getting-started/refresh-tokens",
@@ -426,7 +440,7 @@ pub const PROFILES: &[Profile] = &[
         offline_scope: None,
         errors: "RFC 6749 JSON errors.",
         notes: &[
-            "Set token_url from Xero's developer documentation (its token endpoint could not be checked against Xero's own pages here), and add offline_access to scopes.",
+            "token_url is not filled (Xero's token endpoint could not be read on Xero's own pages here): set it from Xero's OAuth 2.0 documentation, and add offline_access to scopes.",
             "Each refresh returns a new refresh token; the previous one may be retried for 30 minutes (reuse_grace), and an unused one expires after 60 days (tokenproxy refreshes before then with no traffic).",
             "Access tokens live 30 minutes.",
         ],
@@ -440,7 +454,7 @@ pub const PROFILES: &[Profile] = &[
         display: "HubSpot",
         params: &[],
         token_url: Some("https://api.hubapi.com/oauth/v1/token"),
-        authorize_url: None,
+        authorize_url: Some("https://app.hubspot.com/oauth/authorize"),
         auth_method: Some("client_secret_post"),
         login_params: &[],
         scope_on_refresh: false,
@@ -459,6 +473,7 @@ pub const PROFILES: &[Profile] = &[
         docs: &[
             "https://developers.hubspot.com/docs/api-reference/legacy/authentication/oauth-tokens/v1/guide",
             "https://developers.hubspot.com/docs/api-reference/auth-oauth-v3/guide",
+            "https://developers.hubspot.com/docs/apps/legacy-apps/authentication/working-with-oauth",
         ],
     },
     Profile {
@@ -466,7 +481,7 @@ pub const PROFILES: &[Profile] = &[
         display: "Zoom",
         params: &[],
         token_url: Some("https://zoom.us/oauth/token"),
-        authorize_url: None,
+        authorize_url: Some("https://zoom.us/oauth/authorize"),
         auth_method: None,
         login_params: &[],
         scope_on_refresh: false,
@@ -480,11 +495,11 @@ pub const PROFILES: &[Profile] = &[
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Access tokens live one hour. Server-to-Server OAuth apps get no refresh token: use grant = \"client_credentials\" only where Zoom documents it.",
-            "authorize_url is not filled: set it for `tokenproxy login`.",
         ],
         docs: &[
             "https://developers.zoom.us/docs/rooms/oauth/",
             "https://developers.zoom.us/docs/rooms/s2s-oauth/",
+            "https://developer.zoom.us/docs/oauth/",
         ],
     },
     Profile {
@@ -517,7 +532,7 @@ pub const PROFILES: &[Profile] = &[
         display: "Dropbox",
         params: &[],
         token_url: None,
-        authorize_url: None,
+        authorize_url: Some("https://www.dropbox.com/oauth2/authorize"),
         auth_method: None,
         login_params: &[("token_access_type", "offline")],
         scope_on_refresh: false,
@@ -531,7 +546,7 @@ pub const PROFILES: &[Profile] = &[
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Access tokens are short-lived; a refresh token is issued only for token_access_type=offline (login sends it).",
-            "Set token_url and authorize_url from Dropbox's OAuth guide (not verified here).",
+            "token_url is not filled (Dropbox's token endpoint could not be read on Dropbox's own pages here): set it from Dropbox's OAuth guide.",
         ],
         docs: &["https://dropbox.tech/developers/using-oauth-2-0-with-offline-access"],
     },
@@ -540,7 +555,7 @@ pub const PROFILES: &[Profile] = &[
         display: "Box",
         params: &[],
         token_url: Some("https://api.box.com/oauth2/token"),
-        authorize_url: None,
+        authorize_url: Some("https://account.box.com/api/oauth2/authorize"),
         auth_method: None,
         login_params: &[],
         scope_on_refresh: false,
@@ -556,7 +571,10 @@ pub const PROFILES: &[Profile] = &[
             "A refresh token is valid for 60 days and for one use: each refresh returns a new one.",
             "A credential unused for 60 days needs `tokenproxy login` again.",
         ],
-        docs: &["https://developer.box.com/guides/authentication/tokens/refresh"],
+        docs: &[
+            "https://developer.box.com/guides/authentication/tokens/refresh",
+            "https://developer.box.com/reference/get-authorize/",
+        ],
     },
     Profile {
         name: "spotify",
@@ -577,7 +595,7 @@ pub const PROFILES: &[Profile] = &[
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Refresh tokens expire 6 months after the user's authorization; refreshing does not extend that (invalid_grant then: run `tokenproxy login`).",
-            "authorize_url is not filled: set it for `tokenproxy login`.",
+            "authorize_url is not filled (Spotify's authorize endpoint could not be read on Spotify's own pages here): set it from Spotify's authorization guide for `tokenproxy login`.",
         ],
         docs: &["https://developer.spotify.com/blog/2026-06-18-refresh-token-expiration"],
     },
@@ -601,7 +619,7 @@ pub const PROFILES: &[Profile] = &[
         notes: &[
             "Programmatic refresh tokens are issued only to approved Marketing Developer Platform partners.",
             "Access tokens live 60 days; a refresh token lives 365 days from the first authorization and refreshing does not extend it (refresh_token_expires_in counts down).",
-            "Set token_url and authorize_url from LinkedIn's documentation (not verified here).",
+            "token_url and authorize_url are not filled (LinkedIn's endpoints could not be read on its own pages here): set both from LinkedIn's authorization code flow guide.",
         ],
         docs: &["https://learn.microsoft.com/en-us/linkedin/shared/authentication/programmatic-refresh-tokens"],
     },
@@ -769,6 +787,56 @@ mod tests {
     }
 
     #[test]
+    fn authorize_templates_expand_like_the_token_ones() {
+        let value = |p: Param| {
+            Some(match p {
+                Param::Tenant => "contoso.onmicrosoft.com".into(),
+                Param::Domain => "idp.example.com".into(),
+                Param::Realm => "apps".into(),
+            })
+        };
+        for (name, want) in [
+            (
+                "microsoft",
+                "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/authorize",
+            ),
+            (
+                "keycloak",
+                "https://idp.example.com/realms/apps/protocol/openid-connect/auth",
+            ),
+            (
+                "okta",
+                "https://idp.example.com/oauth2/default/v1/authorize",
+            ),
+            ("auth0", "https://idp.example.com/authorize"),
+        ] {
+            let p = find(name).unwrap();
+            assert_eq!(p.expand(p.authorize_url.unwrap(), &value).unwrap(), want);
+        }
+        for (name, want) in [
+            ("okta", "https://idp.example.com/oauth2/default/v1/token"),
+            ("auth0", "https://idp.example.com/oauth/token"),
+        ] {
+            let p = find(name).unwrap();
+            assert_eq!(p.expand(p.token_url.unwrap(), &value).unwrap(), want);
+        }
+        // Every template is left with nothing to fill once its params are given.
+        for p in PROFILES {
+            for url in [p.token_url, p.authorize_url].into_iter().flatten() {
+                let out = p.expand(url, &value).unwrap();
+                assert!(
+                    !out.contains('{') && !out.contains('}'),
+                    "{}: {out}",
+                    p.name
+                );
+            }
+        }
+        // A missing tenant leaves the Microsoft authorize URL unfilled.
+        let ms = find("microsoft").unwrap();
+        assert!(ms.expand(ms.authorize_url.unwrap(), &|_| None).is_none());
+    }
+
+    #[test]
     fn list_and_show_name_what_a_user_needs() {
         let l = list();
         for p in PROFILES {
@@ -779,5 +847,12 @@ mod tests {
         assert!(s.contains("https://github.com/login/oauth/access_token"));
         assert!(s.contains("expiring") || s.contains("expire"));
         assert!(s.contains("docs.github.com"));
+        assert!(s.contains("https://github.com/login/oauth/authorize"));
+        assert!(!s.contains("not filled"), "{s}");
+        // A gap the table could not fill still says so.
+        let s = show(find("linkedin").unwrap());
+        assert!(s.contains("token_url:          (not filled"), "{s}");
+        let s = show(find("okta").unwrap());
+        assert!(s.contains("domain = \"...\""), "{s}");
     }
 }

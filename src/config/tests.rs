@@ -1257,6 +1257,42 @@ fn provider_fills_unset_keys_and_explicit_keys_win() {
         "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
     );
     assert!(ms.scope_on_refresh);
+    assert_eq!(
+        ms.authorize_url.as_ref().unwrap().to_string(),
+        "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/authorize"
+    );
+    // An explicit authorize_url wins over the profile's.
+    let c = ok(&format!(
+        "{base}provider = \"microsoft\"\ntenant = \"common\"\nauthorize_url = \"http://127.0.0.1:9/authorize\"\n"
+    ));
+    assert_eq!(
+        c.credentials["gh"]
+            .authorize_url
+            .as_ref()
+            .unwrap()
+            .to_string(),
+        "http://127.0.0.1:9/authorize"
+    );
+    // Okta and Auth0: templated with the tenant's domain.
+    let c = ok(&format!(
+        "{base}provider = \"okta\"\ndomain = \"dev-123456.okta.com\"\n"
+    ));
+    let okta = &c.credentials["gh"];
+    assert_eq!(
+        okta.token_url.as_ref().unwrap().to_string(),
+        "https://dev-123456.okta.com/oauth2/default/v1/token"
+    );
+    assert_eq!(
+        okta.authorize_url.as_ref().unwrap().to_string(),
+        "https://dev-123456.okta.com/oauth2/default/v1/authorize"
+    );
+    let c = ok(&format!(
+        "{base}provider = \"auth0\"\ndomain = \"example.eu.auth0.com\"\n"
+    ));
+    assert_eq!(
+        c.credentials["gh"].token_url.as_ref().unwrap().to_string(),
+        "https://example.eu.auth0.com/oauth/token"
+    );
     let c = ok(&format!(
         "{base}provider = \"microsoft\"\ntenant = \"common\"\nscope_on_refresh = false\n"
     ));
@@ -1288,15 +1324,31 @@ fn provider_errors_name_the_line() {
     let text = format!("{base}provider = \"microsoft\"\ntenant = \"a/b\"\n");
     err_at(&text, "credentials.ms.tenant", "tenant =");
     // A profile that does not know its endpoint says what to set.
-    let text = format!("{base}provider = \"okta\"\n");
+    let text = format!("{base}provider = \"linkedin\"\n");
     let e = err_at(&text, "credentials.ms.provider", "provider =");
     assert!(e.message.contains("token_url"), "{e}");
+    // Okta's endpoints need the org's domain, or token_url/issuer instead.
+    let text = format!("{base}provider = \"okta\"\n");
+    let e = err_at(&text, "credentials.ms.provider", "provider =");
+    assert!(
+        e.message.contains("domain") && e.message.contains("token_url"),
+        "{e}"
+    );
     assert!(ok(&format!(
         "{base}provider = \"okta\"\nissuer = \"https://dev-1.okta.com/oauth2/default\"\n"
     ))
     .credentials["ms"]
         .token_url
         .is_none());
+    // An explicit token_url needs no domain; the authorize URL then stays unset.
+    let c = ok(&format!(
+        "{base}provider = \"okta\"\ntoken_url = \"https://a.example/t\"\n"
+    ));
+    assert_eq!(
+        c.credentials["ms"].token_url.as_ref().unwrap().to_string(),
+        "https://a.example/t"
+    );
+    assert!(c.credentials["ms"].authorize_url.is_none());
 }
 
 #[test]

@@ -1032,6 +1032,9 @@ fn provider(cx: &mut Ctx<'_>, base: &str, r: &RawCredential) -> Option<Filled> {
         );
         return None;
     };
+    // Only the profile's token_url makes a value required: with token_url or
+    // issuer set, a missing one just leaves the profile's URLs unfilled.
+    let needed = r.token_url.is_none() && r.issuer.is_none();
     for param in [Param::Tenant, Param::Domain, Param::Realm] {
         let raw = match param {
             Param::Tenant => &r.tenant,
@@ -1039,11 +1042,11 @@ fn provider(cx: &mut Ctx<'_>, base: &str, r: &RawCredential) -> Option<Filled> {
             Param::Realm => &r.realm,
         };
         if profile.params.contains(&param) {
-            if raw.is_none() {
+            if raw.is_none() && needed {
                 cx.err(
                     &p("provider"),
                     format!(
-                        "provider \"{}\" needs {} = \"...\" (its URLs are templated with {{{}}})",
+                        "provider \"{}\" needs {} = \"...\" (its URLs are templated with {{{}}}), or token_url (or issuer, for discovery) set yourself",
                         profile.name,
                         param.key(),
                         param.key()

@@ -423,7 +423,7 @@ pub const PROFILES: &[Profile] = &[
         name: "xero",
         display: "Xero",
         params: &[],
-        token_url: None,
+        token_url: Some("https://identity.xero.com/connect/token"),
         authorize_url: Some("https://login.xero.com/identity/connect/authorize"),
         auth_method: None,
         login_params: &[],
@@ -440,13 +440,15 @@ pub const PROFILES: &[Profile] = &[
         offline_scope: None,
         errors: "RFC 6749 JSON errors.",
         notes: &[
-            "token_url is not filled (Xero's token endpoint could not be read on Xero's own pages here): set it from Xero's OAuth 2.0 documentation, and add offline_access to scopes.",
+            "Add offline_access to scopes.",
+            "token_url is the tokenUrl of the OAuth2 security scheme in Xero's official OpenAPI descriptions (XeroAPI/Xero-OpenAPI), beside the authorizationUrl above.",
             "Each refresh returns a new refresh token; the previous one may be retried for 30 minutes (reuse_grace), and an unused one expires after 60 days (tokenproxy refreshes before then with no traffic).",
             "Access tokens live 30 minutes.",
         ],
         docs: &[
             "https://developer.xero.com/faq/oauth2",
             "https://developer.xero.com/documentation/oauth2/pkce-flow",
+            "https://github.com/XeroAPI/Xero-OpenAPI/blob/master/xero-identity.yaml",
         ],
     },
     Profile {
@@ -531,7 +533,7 @@ pub const PROFILES: &[Profile] = &[
         name: "dropbox",
         display: "Dropbox",
         params: &[],
-        token_url: None,
+        token_url: Some("https://api.dropboxapi.com/oauth2/token"),
         authorize_url: Some("https://www.dropbox.com/oauth2/authorize"),
         auth_method: None,
         login_params: &[("token_access_type", "offline")],
@@ -546,9 +548,13 @@ pub const PROFILES: &[Profile] = &[
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Access tokens are short-lived; a refresh token is issued only for token_access_type=offline (login sends it).",
-            "token_url is not filled (Dropbox's token endpoint could not be read on Dropbox's own pages here): set it from Dropbox's OAuth guide.",
+            "token_url is the token endpoint Dropbox's official SDKs call for codes and refresh tokens (dropbox-sdk-js OAuth2TokenUrl, dropbox-sdk-python refresh_access_token).",
         ],
-        docs: &["https://dropbox.tech/developers/using-oauth-2-0-with-offline-access"],
+        docs: &[
+            "https://dropbox.tech/developers/using-oauth-2-0-with-offline-access",
+            "https://github.com/dropbox/dropbox-sdk-js/blob/main/src/utils.js",
+            "https://github.com/dropbox/dropbox-sdk-python/blob/main/dropbox/dropbox_client.py",
+        ],
     },
     Profile {
         name: "box",
@@ -581,7 +587,7 @@ pub const PROFILES: &[Profile] = &[
         display: "Spotify",
         params: &[],
         token_url: Some("https://accounts.spotify.com/api/token"),
-        authorize_url: None,
+        authorize_url: Some("https://accounts.spotify.com/authorize"),
         auth_method: None,
         login_params: &[],
         scope_on_refresh: false,
@@ -595,16 +601,21 @@ pub const PROFILES: &[Profile] = &[
         errors: "RFC 6749 JSON errors.",
         notes: &[
             "Refresh tokens expire 6 months after the user's authorization; refreshing does not extend that (invalid_grant then: run `tokenproxy login`).",
-            "authorize_url is not filled (Spotify's authorize endpoint could not be read on Spotify's own pages here): set it from Spotify's authorization guide for `tokenproxy login`.",
+            "authorize_url is the /authorize endpoint of the authorization code flow, as in Spotify's example app for that guide (spotify/web-api-examples) and its Web API specification (spotify/web-api).",
         ],
-        docs: &["https://developer.spotify.com/blog/2026-06-18-refresh-token-expiration"],
+        docs: &[
+            "https://developer.spotify.com/blog/2026-06-18-refresh-token-expiration",
+            "https://developer.spotify.com/documentation/web-api/tutorials/code-flow",
+            "https://github.com/spotify/web-api-examples/blob/master/authorization/authorization_code/app.js",
+            "https://github.com/spotify/web-api/blob/master/specifications/raml/api.raml",
+        ],
     },
     Profile {
         name: "linkedin",
         display: "LinkedIn",
         params: &[],
-        token_url: None,
-        authorize_url: None,
+        token_url: Some("https://www.linkedin.com/oauth/v2/accessToken"),
+        authorize_url: Some("https://www.linkedin.com/oauth/v2/authorization"),
         auth_method: None,
         login_params: &[],
         scope_on_refresh: false,
@@ -619,9 +630,15 @@ pub const PROFILES: &[Profile] = &[
         notes: &[
             "Programmatic refresh tokens are issued only to approved Marketing Developer Platform partners.",
             "Access tokens live 60 days; a refresh token lives 365 days from the first authorization and refreshing does not extend it (refresh_token_expires_in counts down).",
-            "token_url and authorize_url are not filled (LinkedIn's endpoints could not be read on its own pages here): set both from LinkedIn's authorization code flow guide.",
+            "token_url is the accessToken endpoint of LinkedIn's client credential flow page, which LinkedIn's official API clients also call for authorization codes and refresh tokens; authorize_url is the member authorization URL those clients and LinkedIn's OAuth sample application build.",
         ],
-        docs: &["https://learn.microsoft.com/en-us/linkedin/shared/authentication/programmatic-refresh-tokens"],
+        docs: &[
+            "https://learn.microsoft.com/en-us/linkedin/shared/authentication/programmatic-refresh-tokens",
+            "https://learn.microsoft.com/en-us/linkedin/shared/authentication/client-credentials-flow",
+            "https://learn.microsoft.com/en-us/linkedin/shared/development-resources/api-clients",
+            "https://github.com/linkedin-developers/linkedin-api-python-client/blob/main/linkedin_api/common/constants.py",
+            "https://github.com/linkedin-developers/java-sample-application/blob/main/server/src/main/java/com/linkedin/oauth/util/Constants.java",
+        ],
     },
 ];
 
@@ -849,9 +866,22 @@ mod tests {
         assert!(s.contains("docs.github.com"));
         assert!(s.contains("https://github.com/login/oauth/authorize"));
         assert!(!s.contains("not filled"), "{s}");
-        // A gap the table could not fill still says so.
+        // Filled from LinkedIn's own pages and official clients.
         let s = show(find("linkedin").unwrap());
+        assert!(
+            s.contains("token_url:          https://www.linkedin.com/oauth/v2/accessToken"),
+            "{s}"
+        );
+        assert!(
+            s.contains("authorize_url:      https://www.linkedin.com/oauth/v2/authorization"),
+            "{s}"
+        );
+        assert!(!s.contains("not filled"), "{s}");
+        // A gap the table could not fill still says so (Cognito's endpoints
+        // live on each user pool's own domain).
+        let s = show(find("cognito").unwrap());
         assert!(s.contains("token_url:          (not filled"), "{s}");
+        assert!(s.contains("authorize_url:      (not filled"), "{s}");
         let s = show(find("okta").unwrap());
         assert!(s.contains("domain = \"...\""), "{s}");
     }

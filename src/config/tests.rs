@@ -1324,7 +1324,7 @@ fn provider_errors_name_the_line() {
     let text = format!("{base}provider = \"microsoft\"\ntenant = \"a/b\"\n");
     err_at(&text, "credentials.ms.tenant", "tenant =");
     // A profile that does not know its endpoint says what to set.
-    let text = format!("{base}provider = \"linkedin\"\n");
+    let text = format!("{base}provider = \"cognito\"\n");
     let e = err_at(&text, "credentials.ms.provider", "provider =");
     assert!(e.message.contains("token_url"), "{e}");
     // Okta's endpoints need the org's domain, or token_url/issuer instead.

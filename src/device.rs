@@ -255,6 +255,9 @@ pub(crate) async fn poll(
                     description: e
                         .description
                         .map(|d| grant::scrub(&d, &[auth.device_code.expose().to_owned()])),
+                    error_uri: e
+                        .error_uri
+                        .map(|u| grant::scrub(&u, &[auth.device_code.expose().to_owned()])),
                 })
             }
             // RFC 8628 §3.5: back off on connection failures and the like.

@@ -494,7 +494,10 @@ pub(crate) fn classify(m: &Map<String, Value>) -> Option<(&'static Entry, String
                 || e.contains("code expired")
             {
                 "authorization-code-reused-or-expired"
-            } else if e.contains("invalid_client") || e.contains("client credentials") {
+            } else if e.contains("invalid_client")
+                || e.contains("client credentials")
+                || e.contains("client authentication")
+            {
                 "wrong-client-credentials-or-auth-method"
             } else {
                 "authorization-code-reused-or-expired"
@@ -1118,15 +1121,18 @@ mod tests {
         ] {
             assert!(include_str!("token/hints.rs").contains(sig), "{sig}");
         }
-        // login_failed lines are told apart by the cause login.rs names.
+        // login_failed lines are told apart by the cause the code-exchange
+        // hint names.
         for sig in [
             "redirect_uri mismatch:",
             "PKCE mismatch:",
             "code reused:",
             "code expired:",
             "an expired code",
+            "authorization code expired",
+            "rejected the client authentication",
         ] {
-            assert!(include_str!("login.rs").contains(sig), "{sig}");
+            assert!(include_str!("token/hints.rs").contains(sig), "{sig}");
         }
     }
 

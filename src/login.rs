@@ -8,7 +8,7 @@
 //! (`../shared/seeds/000_*`: the `invalid_grant` causes).
 
 use crate::admin_client::AdminClient;
-use crate::config::{AuthMethod, Config, CredentialConfig, GrantType};
+use crate::config::{Config, CredentialConfig, GrantType};
 use crate::process::{EXIT_FAILURE, EXIT_USAGE};
 use crate::secret::Secret;
 use crate::token::engine::{install_family, InstallError};
@@ -365,6 +365,7 @@ pub(crate) struct Callback {
     pub state: Option<String>,
     pub error: Option<String>,
     pub error_description: Option<String>,
+    pub error_uri: Option<String>,
     pub iss: Option<String>,
 }
 
@@ -386,6 +387,7 @@ pub(crate) fn parse_callback(input: &str) -> Callback {
             "error_description" => {
                 cb.error_description = Some(grant::scrub(&sanitize(&v, 300), &[]))
             }
+            "error_uri" => cb.error_uri = Some(grant::scrub(&sanitize(&v, 200), &[])),
             "iss" => cb.iss = Some(sanitize(&v, 200)),
             _ => {}
         }
@@ -400,8 +402,6 @@ pub(crate) struct Sent {
     pub configured_redirect_uri: Option<String>,
     pub verifier_sent: bool,
     pub code_age: Duration,
-    pub auth_method: AuthMethod,
-    pub client_id: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -426,10 +426,11 @@ pub(crate) enum LoginError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the identity provider refused the authorization: {error}{}", desc(.description))]
+    #[error("the identity provider refused the authorization: {error}{}{}", desc(.description), see(.error_uri))]
     Denied {
         error: String,
         description: Option<String>,
+        error_uri: Option<String>,
     },
     #[error("{}", state_message(*.0))]
     State(StateProblem),
@@ -475,6 +476,13 @@ fn desc(d: &Option<String>) -> String {
     d.as_ref().map(|d| format!(" ({d})")).unwrap_or_default()
 }
 
+/// The provider's `error_uri`, where it explains its error.
+fn see(u: &Option<String>) -> String {
+    u.as_ref()
+        .map(|u| format!(" (see {u})"))
+        .unwrap_or_default()
+}
+
 impl LoginError {
     /// A stable short code for logs and tests.
     pub fn code(&self) -> &'static str {
@@ -502,15 +510,9 @@ impl LoginError {
     /// What to do next, one sentence.
     pub fn fix(&self) -> String {
         match self {
-            LoginError::Denied { error, .. } => match error.as_str() {
-                "access_denied" => "The user (or a policy at the IdP) declined; run the login again and approve the requested access, or ask the IdP admin to grant this client.".into(),
-                "invalid_scope" => "Fix `scopes` to scopes this client may request, then log in again.".into(),
-                "unauthorized_client" | "unsupported_response_type" => "Enable the authorization code grant for this client at the IdP, then log in again.".into(),
-                "invalid_request" => "Check authorize_url, client_id, redirect_uri (registered exactly) and that the IdP supports PKCE S256.".into(),
-                "login_required" | "consent_required" | "interaction_required" => "Sign in at the IdP in this browser and approve the consent screen, then log in again.".into(),
-                "server_error" | "temporarily_unavailable" => "The IdP failed; try again in a minute.".into(),
-                _ => "See the IdP's description above, fix the client or the request, and log in again.".into(),
-            },
+            LoginError::Denied {
+                error, description, ..
+            } => crate::token::hints::for_authorization_error(error, description.as_deref()),
             LoginError::State(_) | LoginError::NoCode | LoginError::WrongIssuer { .. } => {
                 "Start a new login (`tokenproxy login -c FILE NAME` or the admin /login/NAME link) and finish it in the same browser within 10 minutes.".into()
             }
@@ -534,38 +536,9 @@ fn state_message(p: StateProblem) -> &'static str {
     }
 }
 
-/// The likely cause of an `invalid_grant` on the code exchange, most
-/// specific first (RFC 6749 §4.1.3, RFC 7636 §4.6).
-fn code_cause(desc: &str, sent: &Sent) -> Option<&'static str> {
-    let d = desc.to_ascii_lowercase();
-    if d.contains("redirect") {
-        Some("redirect_uri mismatch: the token request must carry exactly the redirect_uri of the authorization request, and it must be registered at the IdP byte for byte (scheme, host, port, path, trailing slash)")
-    } else if d.contains("verifier") || d.contains("pkce") || d.contains("challenge") {
-        Some("PKCE mismatch: the code_verifier does not match the code_challenge; the code was obtained by another login attempt or process than the one exchanging it")
-    } else if d.contains("already")
-        || d.contains("used")
-        || d.contains("reuse")
-        || d.contains("redeemed")
-    {
-        Some("code reused: authorization codes are single-use (and a replay may revoke the tokens issued with it); start a new login")
-    } else if d.contains("expired") {
-        Some("code expired: codes live 1-10 minutes; finish the login promptly")
-    } else if d.contains("client") {
-        Some("code issued to another client: the authorization request and the token request must use the same client_id")
-    } else if sent.code_age > Duration::from_secs(60) {
-        Some("probably an expired code (the callback came late); start a new login and finish it promptly")
-    } else {
-        None
-    }
-}
-
-fn other_method(m: AuthMethod) -> &'static str {
-    match m {
-        AuthMethod::ClientSecretBasic => "client_secret_post",
-        _ => "client_secret_basic",
-    }
-}
-
+/// The provider's answer in its own words (code, description, error_uri:
+/// scrubbed and capped when the error was made), what was sent when the
+/// code itself was refused, and our hint.
 fn explain_exchange(e: &GrantError, sent: &Sent, hint: &str) -> String {
     let what = match (&e.code, e.status) {
         (Some(c), Some(s)) => format!("{s} {c}"),
@@ -573,41 +546,24 @@ fn explain_exchange(e: &GrantError, sent: &Sent, hint: &str) -> String {
         (None, Some(s)) => format!("HTTP {s}"),
         (None, None) => crate::error_chain(e),
     };
-    let d = e.description.as_deref().unwrap_or("");
     let head = format!(
-        "the code exchange failed: {what}{}",
-        if d.is_empty() {
-            String::new()
-        } else {
-            format!(" ({d})")
-        }
+        "the code exchange failed: {what}{}{}",
+        desc(&e.description),
+        see(&e.error_uri)
     );
-    match e.code.as_deref() {
-        Some(c) if grant::OAuthCode::parse(c) == grant::OAuthCode::InvalidGrant => {
-            let configured = sent
-                .configured_redirect_uri
-                .as_deref()
-                .unwrap_or("none (loopback default)");
-            let facts = format!(
-                "Sent: redirect_uri {} (configured: {configured}); a PKCE code_verifier was {}; the code was {}s old.",
-                sent.redirect_uri,
-                if sent.verifier_sent { "sent" } else { "NOT sent" },
-                sent.code_age.as_secs()
-            );
-            let cause = match code_cause(d, sent) {
-                Some(c) => format!("Likely cause: {c}."),
-                None => "Likely causes: the code was already used (single-use), it expired (codes live 1-10 minutes), the redirect_uri differs from the authorization request's or the registered one, the PKCE verifier does not match the challenge, or the code was issued to another client.".into(),
-            };
-            format!("{head}. {facts} {cause} Start a new login.")
-        }
-        Some("invalid_client") => format!(
-            "{head}. The IdP rejected the client authentication: tokenproxy authenticated client_id {:?} with auth_method = \"{}\". Check client_id and client_secret, or try auth_method = \"{}\".",
-            sent.client_id,
-            sent.auth_method.as_str(),
-            other_method(sent.auth_method)
-        ),
-        _ => format!("{head}. {hint}"),
+    if !crate::token::hints::code_refused(e) {
+        return format!("{head}. {hint}");
     }
+    let configured = sent
+        .configured_redirect_uri
+        .as_deref()
+        .unwrap_or("none (loopback default)");
+    format!(
+        "{head}. Sent: redirect_uri {} (configured: {configured}); a PKCE code_verifier was {}; the code was {}s old. {hint}",
+        sent.redirect_uri,
+        if sent.verifier_sent { "sent" } else { "NOT sent" },
+        sent.code_age.as_secs()
+    )
 }
 
 /// Why no refresh_token came back, per IdP: a login that cannot keep
@@ -675,8 +631,19 @@ pub(crate) async fn exchange(
         }
         (Err(e), _) | (_, Err(e)) => Err(e),
     };
-    let set = outcome.map_err(|error| {
-        let hint = crate::token::hints::for_grant_error(cred, &error);
+    let set = outcome.map_err(|mut error| {
+        // IdP text may echo what it was sent: scrubbed before capping, so a
+        // secret cut in half is still found.
+        let mut known = vec![
+            code.expose().to_owned(),
+            pending.verifier.expose().to_owned(),
+        ];
+        known.extend(cred.client_secret.as_ref().map(|s| s.expose().to_owned()));
+        let clean = |t: &str, max: usize| sanitize(&grant::scrub(t, &known), max);
+        error.code = error.code.as_deref().map(|c| clean(c, 64));
+        error.description = error.description.as_deref().map(|d| clean(d, 300));
+        error.error_uri = error.error_uri.as_deref().map(|u| clean(u, 200));
+        let hint = crate::token::hints::for_code_exchange(cred, &error, code_age);
         LoginError::Exchange {
             error,
             sent: Box::new(Sent {
@@ -684,8 +651,6 @@ pub(crate) async fn exchange(
                 configured_redirect_uri: cred.redirect_uri.clone(),
                 verifier_sent: true,
                 code_age,
-                auth_method: cred.auth_method,
-                client_id: cred.client_id.clone(),
             }),
             hint,
         }
@@ -779,6 +744,7 @@ pub(crate) fn validate_callback(
         return Err(LoginError::Denied {
             error: error.clone(),
             description: cb.error_description.clone(),
+            error_uri: cb.error_uri.clone(),
         });
     }
     let (pending, age) = states
@@ -1667,7 +1633,7 @@ mod tests {
         let mut c = crate::token::tests_support::credential(
             "c",
             "https://idp.example/token",
-            AuthMethod::ClientSecretBasic,
+            crate::config::AuthMethod::ClientSecretBasic,
         );
         c.scopes = vec!["openid".into(), "offline_access".into()];
         c.audience = Some("api".into());
@@ -1689,8 +1655,12 @@ mod tests {
         assert_eq!(cb.code.unwrap().expose(), "c1");
         assert_eq!(cb.state.as_deref(), Some("s1"));
         assert_eq!(cb.iss.as_deref(), Some("http://i"));
-        let cb = parse_callback("error=access_denied&error_description=%3Cb%3Ex%3C%2Fb%3E");
+        let cb = parse_callback("error=access_denied&error_description=%3Cb%3Ex%3C%2Fb%3E&error_uri=https%3A%2F%2Fidp.example%2Ferr%23denied");
         assert_eq!(cb.error.as_deref(), Some("access_denied"));
+        assert_eq!(
+            cb.error_uri.as_deref(),
+            Some("https://idp.example/err#denied")
+        );
         assert_eq!(cb.error_description.as_deref(), Some("<b>x</b>"));
         let cb = parse_callback(
             "error=invalid_request&error_description=bad+refresh_token+rt-9fQ2xLmZ81aB7cD3eF5g",

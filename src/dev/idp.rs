@@ -82,15 +82,18 @@ pub struct IdpOptions {
 pub enum Dialect {
     #[default]
     Rfc,
-    /// Errors as HTTP 200, form-encoded, `bad_refresh_token`.
+    /// Errors as HTTP 200, form-encoded, `bad_refresh_token`
+    /// (`bad_verification_code` with an `error_uri` for a refused code).
     Github,
-    /// HTTP 200 `{"ok": false, "error": "invalid_refresh_token"}`; `ok: true`
-    /// on success.
+    /// HTTP 200 `{"ok": false, "error": "invalid_refresh_token"}`
+    /// (`invalid_code` for a refused code); `ok: true` on success.
     Slack,
-    /// 400 `{"status": "BAD_REFRESH_TOKEN", "message": ...}`, no `error`.
+    /// 400 `{"status": "BAD_REFRESH_TOKEN", "message": ...}`, no `error`
+    /// (`BAD_AUTH_CODE` for a refused code).
     Hubspot,
-    /// AADSTS codes in `error_description` and `error_codes`; a refresh
-    /// without `scope` is refused (AADSTS900144).
+    /// AADSTS codes in `error_description` and `error_codes`, with an
+    /// `error_uri` (a refused code: AADSTS70008 expired, AADSTS54005
+    /// redeemed); a refresh without `scope` is refused (AADSTS900144).
     Microsoft,
     /// RFC 6749 errors; `refresh_ttl` is sent as `refresh_expires_in` (the
     /// session's idle timeout: each refresh starts it again).
@@ -1922,24 +1925,77 @@ async fn token_endpoint(shared: Arc<Shared>, req: Request<Incoming>) -> Response
             Err(e) => e.code.into(),
         };
         record.fault = fault.as_ref().map(Fault::name);
+        let code_grant = record.grant_type == "authorization_code";
         st.grants.push(record);
-        result
+        (result, code_grant)
     };
+    let (outcome, code_grant) = outcome;
 
     let dialect = shared.state.lock().opts.dialect;
     match fault {
         Some(Fault::ResetAfterProcessing) => kill_or_500(kill).await,
         Some(Fault::HoldAfterProcessing(hold)) => {
             hold.hold().await;
-            respond_as(dialect, outcome, false)
+            respond_as(dialect, outcome, false, code_grant)
         }
-        Some(Fault::FormEncoded) => respond_as(dialect, outcome, true),
+        Some(Fault::FormEncoded) => respond_as(dialect, outcome, true, code_grant),
         Some(Fault::LoseAnswer(status)) => raw_response(
             status,
             "<html><body><h1>Bad Gateway</h1></body></html>",
             "text/html",
         ),
-        _ => respond_as(dialect, outcome, false),
+        _ => respond_as(dialect, outcome, false, code_grant),
+    }
+}
+
+/// A refused code exchange (`invalid_grant` on `authorization_code`) as
+/// each vendor documents it; `None`: the RFC shape.
+fn code_refused_as(dialect: Dialect, e: &OAuthError) -> Option<Response<DevBody>> {
+    match dialect {
+        // docs.github.com: troubleshooting-oauth-app-access-token-request-errors
+        Dialect::Github => {
+            let mut m = Map::new();
+            m.insert("error".into(), json!("bad_verification_code"));
+            m.insert(
+                "error_description".into(),
+                json!("The code passed is incorrect or expired."),
+            );
+            m.insert(
+                "error_uri".into(),
+                json!("/apps/managing-oauth-apps/troubleshooting-oauth-app-access-token-request-errors/#bad-verification-code"),
+            );
+            let mut resp = form_response(&m);
+            *resp.status_mut() = StatusCode::OK;
+            Some(resp)
+        }
+        // docs.slack.dev: oauth.v2.access
+        Dialect::Slack => Some(json_response(
+            StatusCode::OK,
+            &json!({"ok": false, "error": "invalid_code"}),
+        )),
+        Dialect::Hubspot => Some(json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({"status": "BAD_AUTH_CODE", "message": "missing or unknown auth code", "correlationId": "dev"}),
+        )),
+        Dialect::Microsoft => {
+            let (n, text) = if e.description.contains("expired") {
+                (70008, "The provided authorization code or refresh token has expired due to inactivity. Send a new interactive authorization request for this user and resource.")
+            } else if e.description.contains("already used") {
+                (54005, "OAuth2 Authorization code was already redeemed, please retry with a new valid code or use an existing refresh token.")
+            } else {
+                return None;
+            };
+            Some(json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({
+                    "error": "invalid_grant",
+                    "error_description": format!("AADSTS{n}: {text} Trace ID: 0d1e2f30-dev ({})", e.description),
+                    "error_codes": [n],
+                    "error_uri": format!("https://login.microsoftonline.com/error?code={n}"),
+                }),
+            ))
+        }
+        _ => None,
     }
 }
 
@@ -1948,8 +2004,16 @@ fn respond_as(
     dialect: Dialect,
     outcome: Result<Map<String, Value>, OAuthError>,
     form: bool,
+    code_grant: bool,
 ) -> Response<DevBody> {
     let grant_dead = |e: &OAuthError| e.code == "invalid_grant";
+    if let Err(e) = &outcome {
+        if code_grant && grant_dead(e) {
+            if let Some(resp) = code_refused_as(dialect, e) {
+                return resp;
+            }
+        }
+    }
     match (dialect, outcome, form) {
         (Dialect::Slack, Ok(mut body), _) => {
             body.insert("ok".into(), json!(true));
@@ -2207,7 +2271,8 @@ fn device_verify(shared: &Shared, req: &Request<Incoming>) -> Response<DevBody> 
     }
 }
 
-/// Auto-approving authorization endpoint (RFC 6749 §4.1.1, RFC 7636).
+/// Auto-approving authorization endpoint (RFC 6749 §4.1.1, RFC 7636);
+/// `deny=1` makes the user decline.
 fn authorize(shared: &Shared, req: &Request<Incoming>) -> Response<DevBody> {
     if req.method() != Method::GET {
         return html(StatusCode::METHOD_NOT_ALLOWED, "use GET");
@@ -2264,6 +2329,21 @@ fn authorize(shared: &Shared, req: &Request<Incoming>) -> Response<DevBody> {
     };
     if param(&q, "code_challenge_method") != Some("S256") {
         return redirect_error("invalid_request", "code_challenge_method must be S256");
+    }
+    if param(&q, "deny").is_some() {
+        // The user declines, in the vendor's words (RFC 6749 §4.1.2.1).
+        return match st.opts.dialect {
+            Dialect::Github => redirect(&[
+                ("error", "access_denied"),
+                ("error_description", "The user has denied your application access."),
+                ("error_uri", "https://docs.github.com/apps/managing-oauth-apps/troubleshooting-authorization-request-errors/#access-denied"),
+            ]),
+            Dialect::Microsoft => redirect_error(
+                "access_denied",
+                "AADSTS65004: User declined to consent to access the app.",
+            ),
+            _ => redirect_error("access_denied", "the user declined"),
+        };
     }
     let scope = match check_scope(&client, param(&q, "scope")) {
         Ok(s) => s,

@@ -448,6 +448,9 @@ pub struct GrantError {
     /// A vendor's own code found beside (or instead of) the OAuth one, such
     /// as Microsoft's `AADSTS70008` (docs/providers.md).
     pub vendor_code: Option<String>,
+    /// RFC 6749 §5.2 `error_uri`, as sent (sanitized, capped): GitHub and
+    /// Microsoft point at their explanation of the error.
+    pub error_uri: Option<String>,
     pub message: String,
     /// Shared so that waiters behind a failed attempt get the same error.
     #[source]
@@ -469,6 +472,7 @@ impl GrantError {
             retry_after: None,
             redirect_host: None,
             vendor_code: None,
+            error_uri: None,
             message: message.into(),
             cause: None,
         }
@@ -600,6 +604,7 @@ pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<Token
             ),
             redirect_host: host,
             vendor_code: None,
+            error_uri: None,
         });
     }
     let fields = parse_body(&resp.headers, &resp.body);
@@ -634,6 +639,7 @@ pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<Token
             retry_after,
             redirect_host: None,
             vendor_code: v.vendor_code.map(|c| sanitize(&c, 32)),
+            error_uri: v.error_uri.map(|u| sanitize(&u, 200)),
         });
     }
     if matches!(status.as_u16(), 429 | 503) {
@@ -672,6 +678,7 @@ pub fn parse_token_response(resp: &RawResponse, now: SystemTime) -> Result<Token
             retry_after,
             redirect_host: None,
             vendor_code: None,
+            error_uri: None,
             message: format!(
                 "token endpoint answered {} without an OAuth error",
                 status.as_u16()
@@ -785,6 +792,7 @@ struct VendorError {
     /// Set when a vendor code decides the class; else the OAuth code does.
     class: Option<FailureClass>,
     vendor_code: Option<String>,
+    error_uri: Option<String>,
 }
 
 /// Vendor codes and the class each means. Codes are compared
@@ -806,6 +814,7 @@ const AADSTS_CODES: &[(u64, FailureClass)] = &[
     (50173, FailureClass::InvalidGrant), // grant expired: credentials changed or revoked
     (7000215, FailureClass::Config),     // invalid client secret
     (90002, FailureClass::Config),       // tenant not found
+    (54005, FailureClass::InvalidGrant), // authorization code already redeemed
 ];
 
 fn vendor_class(code: &str) -> Option<FailureClass> {
@@ -872,6 +881,10 @@ fn vendor_error(fields: &Fields, status: StatusCode) -> Option<VendorError> {
         description,
         class,
         vendor_code,
+        error_uri: fields
+            .get_str("error_uri")
+            .filter(|u| !u.trim().is_empty())
+            .map(str::to_owned),
     })
 }
 
@@ -1745,6 +1758,35 @@ mod tests {
         assert_eq!(e.class, FailureClass::InvalidGrant);
         assert_eq!(e.delivery, Delivery::Answered);
         assert_eq!(e.vendor_code.as_deref(), Some("bad_refresh_token"));
+    }
+
+    #[test]
+    fn error_uri_is_kept_from_json_and_form_bodies() {
+        let now = SystemTime::now();
+        let e = parse_token_response(
+            &raw(
+                200,
+                "application/x-www-form-urlencoded",
+                "error=bad_verification_code&error_description=The+code+passed+is+incorrect+or+expired.&error_uri=%2Fapps%2Ftroubleshooting%2F%23bad-verification-code",
+            ),
+            now,
+        )
+        .unwrap_err();
+        assert_eq!(e.class, FailureClass::InvalidGrant);
+        assert_eq!(
+            e.error_uri.as_deref(),
+            Some("/apps/troubleshooting/#bad-verification-code")
+        );
+        let e = parse_token_response(
+            &raw(400, "application/json", r#"{"error":"invalid_grant","error_description":"AADSTS54005: OAuth2 Authorization code was already redeemed.","error_codes":[54005],"error_uri":"https://login.microsoftonline.com/error?code=54005"}"#),
+            now,
+        )
+        .unwrap_err();
+        assert_eq!(e.vendor_code.as_deref(), Some("AADSTS54005"));
+        assert_eq!(
+            e.error_uri.as_deref(),
+            Some("https://login.microsoftonline.com/error?code=54005")
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use super::grant::{Delivery, FailureClass, GrantError};
 use super::reason::Reason;
 use crate::config::{AssertionSource, AuthMethod, CredentialConfig, GrantType};
+use std::time::Duration;
 
 /// What to check when the IdP answers `invalid_client`: names the settings
 /// of the configured method (docs/client-authentication.md).
@@ -148,6 +149,126 @@ fn vendor(cfg: &CredentialConfig, e: &GrantError) -> Option<String> {
     })
 }
 
+/// Vendor codes for "this authorization code is no good" (GitHub, Slack,
+/// HubSpot): the code exchange's `invalid_grant`.
+const CODE_REFUSED: &[&str] = &["bad_verification_code", "invalid_code", "bad_auth_code"];
+
+/// Whether the IdP refused the authorization code itself (expired, used,
+/// another redirect_uri or client), rather than the client or the request.
+pub fn code_refused(e: &GrantError) -> bool {
+    let code = e.code.as_deref().unwrap_or("");
+    e.class == FailureClass::InvalidGrant
+        || CODE_REFUSED.iter().any(|c| c.eq_ignore_ascii_case(code))
+}
+
+/// A failed code exchange (`tokenproxy login`, admin `/callback`): the
+/// likely cause and the fix, in the provider's terms where its code says
+/// more. Not [`for_grant_error`]: that speaks of refresh tokens.
+pub fn for_code_exchange(cfg: &CredentialConfig, e: &GrantError, code_age: Duration) -> String {
+    let who = provider_name(cfg, "The IdP");
+    let code = e.code.as_deref().unwrap_or("");
+    let again = "start a new login and finish it promptly";
+    match e.vendor_code.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        Some("aadsts70008") => return format!(
+            "Microsoft says the authorization code expired (AADSTS70008): codes are short-lived, so the callback must reach tokenproxy within minutes; {again}."
+        ),
+        Some("aadsts54005") => return format!(
+            "Microsoft says the authorization code was already redeemed (AADSTS54005): each code works once (a reloaded callback page or another process spent it); {again}."
+        ),
+        Some("aadsts7000215" | "aadsts90002") => {
+            if let Some(h) = vendor(cfg, e) {
+                return h;
+            }
+        }
+        _ => {}
+    }
+    if CODE_REFUSED.iter().any(|c| c.eq_ignore_ascii_case(code)) {
+        return format!(
+            "{who} rejected the authorization code ({code}): it expired, was already used, or was issued for another redirect_uri or client_id; {again}."
+        );
+    }
+    let desc = e.description.as_deref().unwrap_or("");
+    match e.class {
+        FailureClass::InvalidGrant => match code_cause(desc, code_age) {
+            Some(c) => format!("Likely cause: {c}. Start a new login."),
+            None => "Likely causes: the code was already used (single-use), it expired (codes live 1-10 minutes), the redirect_uri differs from the authorization request's or the registered one, the PKCE verifier does not match the challenge, or the code was issued to another client. Start a new login.".into(),
+        },
+        _ if code == "invalid_client"
+            || code.eq_ignore_ascii_case("incorrect_client_credentials")
+            || code.eq_ignore_ascii_case("invalid_client_id")
+            || code.eq_ignore_ascii_case("bad_client_secret") =>
+        {
+            if cfg.auth_method.uses_secret() && cfg.client_assertion.is_none() {
+                format!(
+                    "{who} rejected the client authentication: tokenproxy authenticated client_id {:?} with auth_method = \"{}\". Check client_id and client_secret, or try auth_method = \"{}\".",
+                    cfg.client_id,
+                    cfg.auth_method.as_str(),
+                    match cfg.auth_method {
+                        AuthMethod::ClientSecretBasic => "client_secret_post",
+                        _ => "client_secret_basic",
+                    }
+                )
+            } else {
+                invalid_client(cfg)
+            }
+        }
+        _ => for_grant_error(cfg, e),
+    }
+}
+
+/// The likely cause of an `invalid_grant` on the code exchange, most
+/// specific first (RFC 6749 §4.1.3, RFC 7636 §4.6).
+fn code_cause(desc: &str, code_age: Duration) -> Option<&'static str> {
+    let d = desc.to_ascii_lowercase();
+    if d.contains("redirect") {
+        Some("redirect_uri mismatch: the token request must carry exactly the redirect_uri of the authorization request, and it must be registered at the IdP byte for byte (scheme, host, port, path, trailing slash)")
+    } else if d.contains("verifier") || d.contains("pkce") || d.contains("challenge") {
+        Some("PKCE mismatch: the code_verifier does not match the code_challenge; the code was obtained by another login attempt or process than the one exchanging it")
+    } else if d.contains("already")
+        || d.contains("used")
+        || d.contains("reuse")
+        || d.contains("redeemed")
+    {
+        Some("code reused: authorization codes are single-use (and a replay may revoke the tokens issued with it); start a new login")
+    } else if d.contains("expired") {
+        Some("code expired: codes live 1-10 minutes; finish the login promptly")
+    } else if d.contains("client") {
+        Some("code issued to another client: the authorization request and the token request must use the same client_id")
+    } else if code_age > Duration::from_secs(60) {
+        Some("probably an expired code (the callback came late); start a new login and finish it promptly")
+    } else {
+        None
+    }
+}
+
+/// The IdP redirected back with `error` (RFC 6749 §4.1.2.1): what to do,
+/// in the provider's terms where its description names a known code.
+pub fn for_authorization_error(error: &str, description: Option<&str>) -> String {
+    let aadsts = description.and_then(|d| {
+        let rest = &d[d.find("AADSTS")? + 6..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        (!digits.is_empty()).then_some(digits)
+    });
+    match aadsts.as_deref() {
+        Some("50011") => return "Microsoft says the redirect URI is not registered for the app (AADSTS50011): add redirect_uri exactly as configured (scheme, host, port, path) under the app registration's Authentication platform, then log in again.".into(),
+        Some("700016") => return "Microsoft does not know this client_id in the tenant (AADSTS700016): check client_id, and set tenant to the directory the app is registered in (or make the app multi-tenant).".into(),
+        Some("90002") => return "Microsoft does not know this tenant (AADSTS90002): set tenant to the directory's ID (a GUID), one of its verified domains, or common, organizations or consumers.".into(),
+        Some("65001") => return "Microsoft says consent is missing (AADSTS65001): the user or an admin must consent to the requested scopes; grant admin consent in the app registration, or log in again and approve.".into(),
+        _ => {}
+    }
+    match error {
+        "access_denied" => "The user (or a policy at the IdP) declined; run the login again and approve the requested access, or ask the IdP admin to grant this client.".into(),
+        "invalid_scope" => "Fix `scopes` to scopes this client may request, then log in again.".into(),
+        "unauthorized_client" | "unsupported_response_type" => "Enable the authorization code grant for this client at the IdP, then log in again.".into(),
+        "invalid_request" => "Check authorize_url, client_id, redirect_uri (registered exactly) and that the IdP supports PKCE S256.".into(),
+        // GitHub redirects to the registered callback with this.
+        "redirect_uri_mismatch" => "The redirect_uri is not the callback URL registered for the app: set redirect_uri to exactly the registered one (or register it), then log in again.".into(),
+        "login_required" | "consent_required" | "interaction_required" => "Sign in at the IdP in this browser and approve the consent screen, then log in again.".into(),
+        "server_error" | "temporarily_unavailable" => "The IdP failed; try again in a minute.".into(),
+        _ => "See the IdP's description above, fix the client or the request, and log in again.".into(),
+    }
+}
+
 fn provider_name(cfg: &CredentialConfig, default: &'static str) -> &'static str {
     cfg.provider.map_or(default, |p| p.display)
 }
@@ -179,5 +300,71 @@ pub fn dead_on_disk(reason: &Reason) -> String {
         Reason::LostRotation => "This token set was marked lost (a refresh answer never arrived); run `tokenproxy login` to start a new family.".into(),
         Reason::Migrated => "This token set was moved out of this store (`tokenproxy store migrate` or `store export`); point this process at the store it went to (or log in again).".into(),
         _ => format!("The IdP rejected this refresh token earlier ({reason}); run `tokenproxy login` or set a new refresh_token seed."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::grant::Delivery;
+
+    fn refused(code: &str, vendor: Option<&str>, class: FailureClass) -> GrantError {
+        let mut e = GrantError::transient(Delivery::Answered, Some(400), "refused");
+        e.class = class;
+        e.code = Some(code.into());
+        e.vendor_code = vendor.map(str::to_owned);
+        e
+    }
+
+    #[test]
+    fn a_code_exchange_hint_speaks_of_the_code_never_of_a_refresh_token() {
+        let mut cfg = crate::token::tests_support::credential(
+            "c",
+            "https://idp.example/token",
+            AuthMethod::ClientSecretBasic,
+        );
+        let age = Duration::from_secs(3);
+        // Microsoft's AADSTS70008 names codes and refresh tokens alike.
+        let e = refused(
+            "invalid_grant",
+            Some("AADSTS70008"),
+            FailureClass::InvalidGrant,
+        );
+        let h = for_code_exchange(&cfg, &e, age);
+        assert!(h.contains("authorization code expired"), "{h}");
+        assert!(!for_grant_error(&cfg, &e).contains("authorization code"));
+        let e = refused(
+            "invalid_grant",
+            Some("AADSTS54005"),
+            FailureClass::InvalidGrant,
+        );
+        assert!(for_code_exchange(&cfg, &e, age).contains("already redeemed"));
+        cfg.provider = crate::providers::find("hubspot");
+        let e = refused("BAD_AUTH_CODE", None, FailureClass::Config);
+        assert!(code_refused(&e));
+        let h = for_code_exchange(&cfg, &e, age);
+        assert!(
+            h.starts_with("HubSpot rejected the authorization code (BAD_AUTH_CODE)"),
+            "{h}"
+        );
+        let e = refused("invalid_client", None, FailureClass::Config);
+        assert!(!code_refused(&e));
+        assert!(
+            for_code_exchange(&cfg, &e, age).contains("try auth_method = \"client_secret_post\"")
+        );
+    }
+
+    #[test]
+    fn an_authorization_error_hint_reads_the_vendor_code_first() {
+        let h = for_authorization_error(
+            "invalid_request",
+            Some("AADSTS50011: The redirect URI does not match."),
+        );
+        assert!(
+            h.contains("AADSTS50011") && h.contains("redirect_uri"),
+            "{h}"
+        );
+        assert!(for_authorization_error("access_denied", None).contains("declined"));
+        assert!(for_authorization_error("redirect_uri_mismatch", None).contains("registered"));
     }
 }

@@ -788,3 +788,224 @@ async fn a_failed_install_names_no_store_path_on_the_page() {
     );
     assert!(body.contains("log"), "{body}");
 }
+
+// ---------------------------------------------------------------------------
+// Providers' own words: a refused authorization or code exchange shows the
+// vendor's code, text and error_uri (scrubbed, capped) beside our hint.
+// ---------------------------------------------------------------------------
+
+/// `snippet` for a credential of `provider` (its profile's hints), still
+/// pointed at the dev IdP (explicit keys win).
+fn provider_snippet(redirect: &str, provider: &str) -> String {
+    snippet(redirect).replace("scopes = [", &format!("{provider}\nscopes = ["))
+}
+
+/// One provider whose code exchange is refused: what its answer says and
+/// what our hint must add.
+struct Refused {
+    dialect: tokenproxy::dev::Dialect,
+    provider: &'static str,
+    /// The vendor's own code, text and error_uri, as shown.
+    vendor: &'static [&'static str],
+    /// Our hint, in that provider's terms.
+    hint: &'static [&'static str],
+}
+
+const REFUSED: &[Refused] = &[
+    Refused {
+        dialect: tokenproxy::dev::Dialect::Github,
+        provider: "provider = \"github\"",
+        vendor: &[
+            "bad_verification_code",
+            "The code passed is incorrect or expired.",
+            "/apps/managing-oauth-apps/troubleshooting-oauth-app-access-token-request-errors/#bad-verification-code",
+        ],
+        hint: &["GitHub App", "rejected the authorization code"],
+    },
+    Refused {
+        dialect: tokenproxy::dev::Dialect::Slack,
+        provider: "provider = \"slack\"",
+        vendor: &["invalid_code"],
+        hint: &["Slack", "rejected the authorization code"],
+    },
+    Refused {
+        dialect: tokenproxy::dev::Dialect::Hubspot,
+        provider: "provider = \"hubspot\"",
+        vendor: &["BAD_AUTH_CODE", "missing or unknown auth code"],
+        hint: &["HubSpot", "rejected the authorization code"],
+    },
+    Refused {
+        dialect: tokenproxy::dev::Dialect::Microsoft,
+        provider: "provider = \"microsoft\"\ntenant = \"common\"",
+        vendor: &[
+            "AADSTS70008",
+            "The provided authorization code or refresh token has expired due to inactivity.",
+            "https://login.microsoftonline.com/error?code=70008",
+        ],
+        hint: &["Microsoft", "authorization code expired"],
+    },
+];
+
+#[tokio::test]
+async fn a_refused_code_exchange_shows_the_providers_words_and_our_hint() {
+    for case in REFUSED {
+        let mut opts = options(None, Duration::from_millis(300));
+        opts.dialect = case.dialect;
+        let mut env = TestEnv::new(opts).await;
+        env.var("LOGIN_SECRET", SECRET);
+        env.start_with(&provider_snippet(REDIRECT, case.provider))
+            .await;
+        let s = start_login(&env, "").await;
+        let cb = authorize(&env, &s.idp_url).await;
+        // The code expires at the IdP: each vendor refuses it its own way.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let (r, body) = callback(&env, &cb, Some(&s.cookie)).await;
+        assert_eq!(r.status(), 502, "{:?}: {body}", case.dialect);
+        assert_page(&r, &body);
+        let text = body.replace("&#39;", "'").replace("&quot;", "\"");
+        for v in case.vendor.iter().chain(case.hint) {
+            assert!(text.contains(v), "{:?}: no {v:?} in {body}", case.dialect);
+        }
+        // A code exchange is not a refresh: no refresh-token advice.
+        assert!(
+            !text.contains("refresh token expired")
+                && !text.contains("check the credential's configuration"),
+            "{:?}: {body}",
+            case.dialect
+        );
+        assert_no_secrets(&env, &body, &cb);
+        // One exchange, refused; nothing stored.
+        let exchanges = env
+            .idp
+            .grants()
+            .into_iter()
+            .filter(|g| g.grant_type == "authorization_code")
+            .count();
+        assert_eq!(exchanges, 1, "{:?}", case.dialect);
+        assert_eq!(env.idp.grant_count("authorization_code"), 0);
+        assert!(!env.store_path().exists() || env.stored("rt").is_null());
+    }
+}
+
+/// An IdP that echoes what it was sent: the code and the client secret
+/// never reach the page, and a long text is capped.
+#[tokio::test]
+async fn a_refused_code_exchange_scrubs_and_caps_the_providers_text() {
+    let mut opts = options(None, Duration::from_secs(60));
+    opts.dialect = tokenproxy::dev::Dialect::Hubspot;
+    let mut env = TestEnv::new(opts).await;
+    env.var("LOGIN_SECRET", SECRET);
+    env.start_with(&provider_snippet(REDIRECT, "provider = \"hubspot\""))
+        .await;
+    let s = start_login(&env, "").await;
+    let cb = authorize(&env, &s.idp_url).await;
+    let code = param(&cb, "code").unwrap();
+    let message = format!(
+        "auth code {code} presented with client_secret={SECRET} is unknown; {}",
+        "details ".repeat(600)
+    );
+    env.idp.push_fault(Fault::Body {
+        status: 400,
+        body: serde_json::json!({"status": "BAD_AUTH_CODE", "message": message}).to_string(),
+        content_type: "application/json",
+    });
+    let (r, body) = callback(&env, &cb, Some(&s.cookie)).await;
+    assert_eq!(r.status(), 502, "{body}");
+    assert!(body.contains("BAD_AUTH_CODE"), "{body}");
+    assert!(body.contains("is unknown"), "{body}");
+    assert!(body.contains("rejected the authorization code"), "{body}");
+    assert!(!body.contains(&code), "code leaked: {body}");
+    assert!(!body.contains(SECRET), "client secret leaked: {body}");
+    assert!(
+        body.matches("details").count() < 100,
+        "the provider's text is not capped: {} bytes",
+        body.len()
+    );
+    assert_no_secrets(&env, &body, &cb);
+}
+
+/// `tokenproxy login` (loopback listener) prints the provider's words and
+/// our hint when the exchange is refused, and exits 1.
+#[tokio::test]
+async fn cli_login_prints_a_refused_exchange_in_the_providers_words() {
+    let port = free_port();
+    let redirect = format!("http://127.0.0.1:{port}/callback");
+    let mut opts = options(None, Duration::from_millis(300));
+    opts.dialect = tokenproxy::dev::Dialect::Microsoft;
+    opts.clients[0].redirect_uris = vec![redirect.clone()];
+    let mut env = TestEnv::new(opts).await;
+    env.var("LOGIN_SECRET", SECRET);
+    env.configure(&provider_snippet(
+        &redirect,
+        "provider = \"microsoft\"\ntenant = \"common\"",
+    ));
+    let mut child = Child::spawn(&env, &["rt"]);
+    let url = child.url();
+    let (r, _) = get_raw(&env, &url).await;
+    assert_eq!(r.status(), 302);
+    let cb = location(&r);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (r, page) = get_raw(&env, &cb).await;
+    assert_eq!(r.status(), 502, "{}", String::from_utf8_lossy(&page));
+    let (code, out, err) = tokio::task::spawn_blocking(move || child.finish())
+        .await
+        .unwrap();
+    assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
+    for v in [
+        "AADSTS70008",
+        "has expired due to inactivity",
+        "https://login.microsoftonline.com/error?code=70008",
+        "Microsoft",
+        "authorization code expired",
+    ] {
+        assert!(err.contains(v), "no {v:?} in {err}");
+    }
+    let all = format!("{out}\n{err}");
+    assert!(!all.contains(&param(&cb, "code").unwrap()), "code leaked");
+    // stdout printed the authorization URL (state included) on purpose.
+    assert!(!err.contains(&param(&cb, "state").unwrap()), "state leaked");
+    assert_no_secrets(&env, &all, "");
+}
+
+/// The user declines at the IdP: `tokenproxy login` prints the provider's
+/// error, description and error_uri, and our hint.
+#[tokio::test]
+async fn cli_login_prints_a_refused_authorization_in_the_providers_words() {
+    let port = free_port();
+    let redirect = format!("http://127.0.0.1:{port}/callback");
+    let mut opts = options(None, Duration::from_secs(60));
+    opts.dialect = tokenproxy::dev::Dialect::Github;
+    opts.clients[0].redirect_uris = vec![redirect.clone()];
+    let mut env = TestEnv::new(opts).await;
+    env.var("LOGIN_SECRET", SECRET);
+    env.configure(&provider_snippet(&redirect, "provider = \"github\""));
+    let mut child = Child::spawn(&env, &["rt"]);
+    let url = child.url();
+    let (r, _) = get_raw(&env, &format!("{url}&deny=1")).await;
+    assert_eq!(r.status(), 302);
+    let cb = location(&r);
+    assert!(cb.contains("error=access_denied"), "{cb}");
+    let (r, page) = get_raw(&env, &cb).await;
+    assert_eq!(r.status(), 400, "{}", String::from_utf8_lossy(&page));
+    let (code, out, err) = tokio::task::spawn_blocking(move || child.finish())
+        .await
+        .unwrap();
+    assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
+    for v in [
+        "access_denied",
+        "The user has denied your application access.",
+        "https://docs.github.com/apps/managing-oauth-apps/troubleshooting-authorization-request-errors/#access-denied",
+        "declined",
+    ] {
+        assert!(err.contains(v), "no {v:?} in {err}");
+    }
+    let page = String::from_utf8_lossy(&page).into_owned();
+    let state = param(&cb, "state").unwrap();
+    assert!(
+        !err.contains(&state) && !page.contains(&state),
+        "state leaked"
+    );
+    let all = format!("{out}\n{err}\n{page}");
+    assert_no_secrets(&env, &all, "");
+    assert_eq!(env.idp.grant_count("authorization_code"), 0);
+}

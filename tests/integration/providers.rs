@@ -613,3 +613,60 @@ async fn instance_url_log_events_name_the_value_and_no_secret() {
     assert_eq!(set["upstream"], stack.echo.url());
     assert_no_secrets(&[child.output()], &stack.secrets());
 }
+
+/// The `token_refresh` line logs the lifetime the token was given and where
+/// it came from: Salesforce sends no `expires_in`, so with
+/// `introspection_url` it is the introspected `exp` (2 s here), never the
+/// profile's or config's `default_lifetime`; without it, that default; an
+/// RFC answer's own `expires_in` otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_refresh_logs_the_lifetime_actually_used() {
+    for source in ["introspection", "default", "response"] {
+        // A stack each: a process killed mid-refresh must not leave the
+        // next one a lost rotation to judge.
+        let stack = Stack::start(StackOpts {
+            omit_expires_in: source != "response",
+            extra_routes: SF_ROUTE.to_owned(),
+            ..StackOpts::default()
+        })
+        .await;
+        stack.idp.set_instance_url(Some(stack.echo.url()));
+        let (extra, expected) = match source {
+            "introspection" => (
+                format!(
+                    "provider = \"salesforce\"\nintrospection_url = \"{}\"",
+                    stack.idp.introspection_url()
+                ),
+                2,
+            ),
+            "default" => (
+                "provider = \"salesforce\"\ndefault_lifetime = \"3s\"".to_owned(),
+                3,
+            ),
+            _ => ("default_lifetime = \"1h\"".to_owned(), 2),
+        };
+        let (path, ports) = child_config(&stack, "sf", &extra);
+        let child = ChildProxy::start(stack.dir.path(), "sf", &path, ports).await;
+        let c = client();
+        let g = get_ok(&c, &child.url("/sf/x")).await;
+        assert_eq!(g.status, 200, "{}", g.text());
+        stack.wait_generation(2, S(10)).await;
+        let logged: Vec<serde_json::Value> = child
+            .log_events()
+            .into_iter()
+            .filter(|e| e["event"] == "token_refresh" && e["outcome"] == "ok")
+            .collect();
+        assert!(!logged.is_empty(), "{}", child.output());
+        for e in &logged {
+            let lifetime = e["expires_in"].as_u64().expect("expires_in");
+            // Introspection's exp counts from the send: a second may be gone.
+            assert!(
+                lifetime == expected || (source == "introspection" && lifetime + 1 == expected),
+                "{source}: logged expires_in {lifetime}, not {expected}: {e}"
+            );
+            assert_eq!(e["expires_in_source"], source, "{e}");
+        }
+        assert_no_secrets(&[child.output()], &stack.secrets());
+        stack.assert_no_reuse();
+    }
+}

@@ -65,11 +65,11 @@ impl Slot {
         if let Some(f) = self.unsupported_token_type(&set, ev) {
             return Err(f);
         }
-        let lifetime = match self.introspected_lifetime(&set, sent_wall).await {
-            Some(l) => l,
+        let (lifetime, source) = match self.introspected_lifetime(&set, sent_wall).await {
+            Some(l) => (l, LifetimeSource::Introspection),
             None => self.lifetime(&set),
         };
-        ev.ok(lifetime, false);
+        ev.ok(lifetime, source, false);
         let bound = self.bound_key(&set, key);
         self.note_rejected_fields(&set);
         let previous = self
@@ -201,8 +201,13 @@ impl Slot {
         }
     }
 
-    pub(super) fn lifetime(&self, set: &TokenSet) -> Duration {
-        set.expires_in.unwrap_or(self.cfg.default_lifetime)
+    /// The access token's lifetime from the response alone, and whence.
+    pub(super) fn lifetime(&self, set: &TokenSet) -> (Duration, LifetimeSource) {
+        match set.expires_in {
+            Some(l) if set.expires_in_sent => (l, LifetimeSource::Response),
+            Some(l) => (l, LifetimeSource::Jwt),
+            None => (self.cfg.default_lifetime, LifetimeSource::Default),
+        }
     }
 
     pub(super) fn check_skew(&self, headers: &http::HeaderMap, sent_wall: SystemTime) {
@@ -456,7 +461,7 @@ impl Slot {
         };
         match answer {
             Ok(set) => {
-                let lifetime = self.lifetime(&set);
+                let (lifetime, source) = self.lifetime(&set);
                 let rotated = set.refresh_token.is_some();
                 let unsupported = self.unsupported_token_type(&set, ev);
                 let mut next = rec.clone();
@@ -492,7 +497,7 @@ impl Slot {
                 ev.set_identity(&next);
                 ev.refresh_token_fp = next.refresh_token.as_ref().map(Secret::fingerprint);
                 if unsupported.is_none() {
-                    ev.ok(lifetime, rotated);
+                    ev.ok(lifetime, source, rotated);
                 }
                 self.warn_refresh_expiry(&next);
                 // Durable before published (write-ahead): a crash after this
@@ -535,6 +540,9 @@ impl Slot {
                 let mut lifetime = lifetime;
                 if let Some(l) = self.introspected_lifetime(&set, sent_wall).await {
                     lifetime = l;
+                    // The log line reports the lifetime in use (emitted
+                    // once this attempt returns).
+                    ev.ok(l, LifetimeSource::Introspection, rotated);
                     next.access_expires_at_ms = Some(store::unix_ms(sent_wall + l));
                     let saved = self.control.lock().unsaved.is_none();
                     if saved {
@@ -992,6 +1000,30 @@ pub(super) fn token_type_injected(cfg: &CredentialConfig, tt: &str) -> bool {
     tt.eq_ignore_ascii_case("bearer") || cfg.token_types.iter().any(|t| t.eq_ignore_ascii_case(tt))
 }
 
+/// Where an access token's lifetime (`expires_in` in the log) came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LifetimeSource {
+    /// The response's `expires_in`.
+    Response,
+    /// The access token's own `exp - iat` (a JWT, decoded, not verified).
+    Jwt,
+    /// RFC 7662 introspection's `exp` (no `expires_in`, `introspection_url` set).
+    Introspection,
+    /// `default_lifetime` (the config's or the profile's).
+    Default,
+}
+
+impl LifetimeSource {
+    fn as_str(self) -> &'static str {
+        match self {
+            LifetimeSource::Response => "response",
+            LifetimeSource::Jwt => "jwt",
+            LifetimeSource::Introspection => "introspection",
+            LifetimeSource::Default => "default",
+        }
+    }
+}
+
 /// The fields of the one `token_refresh` event per attempt.
 pub(super) struct RefreshEvent {
     grant_type: &'static str,
@@ -1002,6 +1034,7 @@ pub(super) struct RefreshEvent {
     attempt: u32,
     duration_ms: u64,
     expires_in: Option<u64>,
+    expires_in_source: Option<LifetimeSource>,
     rotated: Option<bool>,
     family: Option<String>,
     generation: Option<u64>,
@@ -1023,6 +1056,7 @@ impl RefreshEvent {
             attempt,
             duration_ms: 0,
             expires_in: None,
+            expires_in_source: None,
             rotated: None,
             family: None,
             generation: None,
@@ -1036,9 +1070,10 @@ impl RefreshEvent {
         self.generation = Some(rec.generation);
     }
 
-    fn ok(&mut self, lifetime: Duration, rotated: bool) {
+    fn ok(&mut self, lifetime: Duration, source: LifetimeSource, rotated: bool) {
         self.outcome = Outcome::Ok;
         self.expires_in = Some(lifetime.as_secs());
+        self.expires_in_source = Some(source);
         self.rotated = Some(rotated);
     }
 
@@ -1057,6 +1092,7 @@ impl RefreshEvent {
                     attempt = self.attempt,
                     duration_ms = self.duration_ms,
                     expires_in = self.expires_in,
+                    expires_in_source = self.expires_in_source.map(LifetimeSource::as_str),
                     rotated = self.rotated,
                     family = self.family.as_deref(),
                     generation = self.generation,

@@ -471,6 +471,7 @@ pub(crate) fn status_json(s: &SlotStatus) -> serde_json::Value {
         })),
         "refresh_token_fp": s.refresh_token_fp,
         "next_attempt_at": secs_since_epoch(s.next_attempt_at),
+        "token_fields": s.token_fields,
     })
 }
 

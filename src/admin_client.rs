@@ -180,6 +180,14 @@ pub(crate) async fn status_table(config: &Config) -> Result<String, String> {
             s("family"),
             error
         );
+        // Hosts the routes of `{token.NAME}` go to (no secret).
+        if let Some(values) = c["token_fields"].as_object().filter(|m| !m.is_empty()) {
+            let shown: Vec<String> = values
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("?")))
+                .collect();
+            let _ = writeln!(out, "{:<16} token values: {}", "", shown.join(", "));
+        }
     }
     Ok(out)
 }

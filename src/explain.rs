@@ -282,9 +282,9 @@ pub(crate) const ENTRIES: &[Entry] = &[
         title: "Route upstream value missing",
         keys: &["token_field_missing", "token_field_rejected"],
         severity: Severity::Warning,
-        cause: "The route's upstream comes from the token response (`{token.instance_url}`), and no response has sent a valid value yet: the field was absent, or it was not a bare https origin (http only on loopback), so it was not trusted with the traffic.",
+        cause: "The route's upstream comes from the token response (`{token.instance_url}`), and no response has sent a valid value yet: the field was absent, it was not a bare https origin (http only on loopback), or its host is outside the credential's token_field_hosts (by default the profile's: Salesforce's .salesforce.com and .force.com), so it was not trusted with the traffic.",
         did: "Kept the grant and the token; answered 503 on this route until a token response sends a valid value, and logged token_field_rejected for a value that failed its check.",
-        fix: "Check that the provider sends the value (Salesforce: instance_url) and that it is an https origin, then refresh: `curl -X POST ADMIN/credentials/{credential}/refresh` (or `tokenproxy login` again).",
+        fix: "Check that the provider sends the value (Salesforce: instance_url), that it is an https origin and that its host is allowed (set token_field_hosts for a suffix the profile does not list), then refresh: `curl -X POST ADMIN/credentials/{credential}/refresh` (or `tokenproxy login` again).",
     },
     Entry {
         anchor: "access-token-lifetime-unknown",

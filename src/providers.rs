@@ -102,6 +102,10 @@ pub struct Profile {
     pub default_lifetime_secs: Option<u64>,
     /// Token-response values routes may use as `{token.NAME}`.
     pub token_fields: &'static [&'static str],
+    /// The hosts those values may name (`.example.com`: any subdomain;
+    /// a bare name: that host), as the vendor documents them; empty: any
+    /// https origin. `token_field_hosts` in a credential overrides it.
+    pub token_field_hosts: &'static [&'static str],
     /// `None`: the engine's default (idle).
     pub refresh_token_lifetime: Option<RefreshLifetime>,
     /// `token_type` values besides `Bearer` the provider documents for
@@ -151,6 +155,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        token_field_hosts: &[],
         refresh_token_lifetime: None,
         token_types: &[],
         offline_scope: None,
@@ -178,6 +183,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        token_field_hosts: &[],
         refresh_token_lifetime: None,
         token_types: &[],
         offline_scope: Some("offline_access"),
@@ -207,6 +213,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: Some(28_800),
         token_fields: &[],
+        token_field_hosts: &[],
         refresh_token_lifetime: None,
         token_types: &[],
         offline_scope: None,
@@ -236,6 +243,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        token_field_hosts: &[],
         refresh_token_lifetime: None,
         token_types: &[],
         offline_scope: Some("offline_access"),
@@ -265,6 +273,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        token_field_hosts: &[],
         refresh_token_lifetime: None,
         token_types: &[],
         offline_scope: Some("offline_access"),
@@ -293,6 +302,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        token_field_hosts: &[],
         refresh_token_lifetime: Some(RefreshLifetime::Idle),
         token_types: &[],
         offline_scope: None,
@@ -321,6 +331,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        token_field_hosts: &[],
         refresh_token_lifetime: None,
         token_types: &[],
         offline_scope: None,
@@ -348,6 +359,11 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &["instance_url"],
+        // My Domain hosts (MyDomainName.my.salesforce.com), instanced ones
+        // (eu55.salesforce.com) and org hosts on force.com
+        // (MyDomainName--UAT.sandbox.lightning.force.com), per the pages
+        // in `docs`; other suffixes (Government Cloud) were not confirmed.
+        token_field_hosts: &[".salesforce.com", ".force.com"],
         refresh_token_lifetime: None,
         token_types: &[],
         offline_scope: None,
@@ -362,6 +378,9 @@ pub const PROFILES: &[Profile] = &[
             "https://help.salesforce.com/s/articleView?id=sf.remoteaccess_oauth_refresh_token_flow.htm",
             "https://help.salesforce.com/s/articleView?id=xcloud.remoteaccess_oauth_endpoints.htm&language=en_US&type=5",
             "https://developer.salesforce.com/docs/atlas.en-us.api_rest.meta/api_rest/intro_understanding_refresh_token_oauth.htm",
+            "https://help.salesforce.com/apex/HTViewHelpDoc?id=domain_name_overview.htm&language=en_us",
+            "https://help.salesforce.com/s/articleView?id=xcloud.domain_name_setting_login_policy.htm&language=en_US&type=5",
+            "https://help.salesforce.com/apex/HTViewHelpDoc?id=xcloud.security_trusted_urls_external_redirections_orgs.htm",
         ],
     },
     Profile {
@@ -377,6 +396,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        token_field_hosts: &[],
         refresh_token_lifetime: None,
         token_types: &["bot", "user"],
         offline_scope: None,
@@ -405,6 +425,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        token_field_hosts: &[],
         refresh_token_lifetime: None,
         token_types: &[],
         offline_scope: Some("offline_access"),
@@ -434,6 +455,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 1800,
         default_lifetime_secs: None,
         token_fields: &[],
+        token_field_hosts: &[],
         // "Unused refresh tokens expire after 60 days."
         refresh_token_lifetime: Some(RefreshLifetime::Idle),
         token_types: &[],
@@ -464,6 +486,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        token_field_hosts: &[],
         refresh_token_lifetime: None,
         token_types: &[],
         offline_scope: None,
@@ -491,6 +514,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        token_field_hosts: &[],
         refresh_token_lifetime: None,
         token_types: &[],
         offline_scope: None,
@@ -517,6 +541,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        token_field_hosts: &[],
         refresh_token_lifetime: None,
         token_types: &[],
         offline_scope: None,
@@ -542,6 +567,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        token_field_hosts: &[],
         refresh_token_lifetime: None,
         token_types: &[],
         offline_scope: None,
@@ -569,6 +595,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        token_field_hosts: &[],
         refresh_token_lifetime: None,
         token_types: &[],
         offline_scope: None,
@@ -595,6 +622,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        token_field_hosts: &[],
         refresh_token_lifetime: Some(RefreshLifetime::Absolute),
         token_types: &[],
         offline_scope: None,
@@ -623,6 +651,7 @@ pub const PROFILES: &[Profile] = &[
         reuse_grace_secs: 0,
         default_lifetime_secs: None,
         token_fields: &[],
+        token_field_hosts: &[],
         refresh_token_lifetime: Some(RefreshLifetime::Absolute),
         token_types: &[],
         offline_scope: None,
@@ -734,6 +763,13 @@ pub fn show(p: &Profile) -> String {
             .collect();
         let _ = writeln!(s, "  route values:       {}", f.join(", "));
     }
+    if !p.token_field_hosts.is_empty() {
+        let _ = writeln!(
+            s,
+            "  token_field_hosts:  {}",
+            p.token_field_hosts.join(", ")
+        );
+    }
     let _ = writeln!(s, "  errors:             {}", p.errors);
     s.push_str("\nNotes:\n");
     for n in p.notes {
@@ -772,6 +808,18 @@ mod tests {
                 assert!(
                     crate::token_fields::TokenField::parse(f).is_some(),
                     "{}: {f}",
+                    p.name
+                );
+            }
+            // Hosts only for rows with values, each a valid entry.
+            if !p.token_field_hosts.is_empty() {
+                assert!(!p.token_fields.is_empty(), "{}", p.name);
+            }
+            for h in p.token_field_hosts {
+                assert_eq!(
+                    crate::token_fields::host_pattern(h).as_deref(),
+                    Ok(*h),
+                    "{}",
                     p.name
                 );
             }

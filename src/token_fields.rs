@@ -81,6 +81,87 @@ fn origin(value: &str) -> Result<String, &'static str> {
 /// field name. Stored as such in the record.
 pub type Fields = BTreeMap<String, String>;
 
+/// A `token_field_hosts` entry as written, lower-cased: `.example.com`
+/// (any subdomain of example.com) or `api.example.com` (that host only).
+pub fn host_pattern(p: &str) -> Result<String, &'static str> {
+    let p = p.trim().to_ascii_lowercase();
+    if p.starts_with("*.") {
+        return Err("is a wildcard; write \".example.com\" for any subdomain");
+    }
+    let name = p.strip_prefix('.').unwrap_or(&p);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err("is not a host name (no scheme, port, path or wildcard)");
+    }
+    Ok(p)
+}
+
+/// Whether a checked origin's host is allowed by `hosts` (entries from
+/// [`host_pattern`]). Loopback stays allowed, as [`TokenField::check`]
+/// allows it: tests and local IdPs, never a host elsewhere.
+pub fn host_allowed(origin: &str, hosts: &[String]) -> bool {
+    let Some(host) = origin
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|u| u.host().map(str::to_ascii_lowercase))
+    else {
+        return false;
+    };
+    crate::net::is_loopback_host(&host)
+        || hosts.iter().any(|p| match p.strip_prefix('.') {
+            // `.example.com`: a subdomain, so the dot is part of the match
+            // (evilexample.com is not one).
+            Some(_) => host.ends_with(p.as_str()),
+            None => host == *p,
+        })
+}
+
+/// The values `hosts` allows (`None`: any checked origin) and the others,
+/// as (field, host) for the log.
+pub fn allowed(fields: &Fields, hosts: Option<&[String]>) -> (Fields, Vec<(String, String)>) {
+    let Some(hosts) = hosts else {
+        return (fields.clone(), Vec::new());
+    };
+    let mut kept = Fields::new();
+    let mut dropped = Vec::new();
+    for (k, v) in fields {
+        if host_allowed(v, hosts) {
+            kept.insert(k.clone(), v.clone());
+        } else {
+            let host = v
+                .parse::<http::Uri>()
+                .ok()
+                .and_then(|u| u.host().map(str::to_owned));
+            dropped.push((k.clone(), host.unwrap_or_default()));
+        }
+    }
+    (kept, dropped)
+}
+
+/// [`allowed`], logging `token_field_rejected` for each value dropped (a
+/// host is no secret): the grant stands, routes using it answer 503.
+pub fn keep_allowed(credential: &str, hosts: Option<&[String]>, fields: Fields) -> Fields {
+    let (kept, dropped) = allowed(&fields, hosts);
+    for (field, host) in dropped {
+        tracing::error!(
+            event = "token_field_rejected",
+            credential,
+            field = field.as_str(),
+            host = host.as_str(),
+            error = "names a host outside token_field_hosts",
+            hint = "Routes that use this value answer 503 until a token response carries an allowed one; if the host is the provider's, add it to the credential's token_field_hosts.",
+            "Token response value rejected"
+        );
+    }
+    kept
+}
+
 /// The values after a grant: each field the response sent replaces the
 /// previous value (dropped when it failed its check); a field it did not
 /// send keeps the previous value, as a missing `refresh_token` does (RFC
@@ -139,6 +220,55 @@ mod tests {
         assert_eq!(merge(&prev, &sent, &[]), sent);
         let bad = [(TokenField::InstanceUrl, "is plain http off loopback")];
         assert!(merge(&prev, &Fields::new(), &bad).is_empty());
+    }
+
+    #[test]
+    fn host_lists_take_subdomains_or_exact_names_and_loopback() {
+        let hosts: Vec<String> = [".salesforce.com", "api.exact.test"]
+            .iter()
+            .map(|p| host_pattern(p).unwrap())
+            .collect();
+        for ok in [
+            "https://na1.my.salesforce.com",
+            "https://a.b.salesforce.com:8443",
+            "https://api.exact.test",
+            "http://127.0.0.1:4000",
+            "https://localhost",
+        ] {
+            assert!(host_allowed(ok, &hosts), "{ok}");
+        }
+        for bad in [
+            "https://salesforce.com",
+            "https://evilsalesforce.com",
+            "https://salesforce.com.evil.example",
+            "https://x.api.exact.test",
+            "https://exact.test",
+            "not a url",
+        ] {
+            assert!(!host_allowed(bad, &hosts), "{bad}");
+        }
+        assert_eq!(host_pattern(" .Force.COM ").unwrap(), ".force.com");
+        for bad in [
+            "",
+            ".",
+            "*.x.com",
+            "https://x.com",
+            "x.com:443",
+            "x.com/p",
+            "a..b",
+            "-a.com",
+            "x y",
+        ] {
+            assert!(host_pattern(bad).is_err(), "{bad:?} accepted");
+        }
+        let f = Fields::from([("instance_url".into(), "https://eu.evil.example".into())]);
+        let (kept, dropped) = allowed(&f, Some(&hosts));
+        assert!(kept.is_empty());
+        assert_eq!(
+            dropped,
+            [("instance_url".to_owned(), "eu.evil.example".to_owned())]
+        );
+        assert_eq!(allowed(&f, None).0, f);
     }
 
     #[test]

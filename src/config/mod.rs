@@ -288,6 +288,10 @@ pub struct CredentialConfig {
     /// `token_type` values injected besides `Bearer`, lower-cased. Default
     /// the profile's (Slack: `bot`, `user`).
     pub token_types: Vec<String>,
+    /// The hosts `{token.NAME}` values may name (`.example.com`: any
+    /// subdomain; else that host), lower-cased; loopback is always
+    /// allowed. `None`: any https origin. Default the profile's.
+    pub token_field_hosts: Option<Vec<String>>,
     /// The provider profile that filled unset keys (docs/providers.md).
     pub provider: Option<&'static crate::providers::Profile>,
     /// Extra authorization-request parameters from the profile (Google's

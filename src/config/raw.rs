@@ -109,6 +109,7 @@ pub struct RawCredential {
     pub scope_on_refresh: Option<bool>,
     pub refresh_token_lifetime: Option<String>,
     pub token_types: Option<Vec<String>>,
+    pub token_field_hosts: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

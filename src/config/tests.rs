@@ -364,6 +364,50 @@ fn url_rules() {
 }
 
 #[test]
+fn token_field_hosts_default_to_the_profile_and_are_checked() {
+    let sf = "[credentials.sf]\ngrant = \"client_credentials\"\nprovider = \"salesforce\"\nclient_id = \"c\"\nclient_secret = \"s\"\n";
+    let route = "[[routes]]\npath_prefix = \"/sf/\"\ncredential = \"sf\"\nupstream = \"{token.instance_url}/services/data/\"\n";
+    let c = ok(&format!("{sf}{route}"));
+    assert_eq!(
+        c.credentials["sf"].token_field_hosts.as_deref(),
+        Some(&[".salesforce.com".to_owned(), ".force.com".to_owned()][..])
+    );
+    // No profile list, no key: any https origin, as before.
+    assert_eq!(ok(&with("")).credentials["github"].token_field_hosts, None);
+    // The key overrides the profile, lower-cased.
+    let c = ok(&format!(
+        "{sf}token_field_hosts = [\".Example.com\", \"api.exact.test\"]\n{route}"
+    ));
+    assert_eq!(
+        c.credentials["sf"].token_field_hosts.as_deref(),
+        Some(&[".example.com".to_owned(), "api.exact.test".to_owned()][..])
+    );
+    for (value, key, needle) in [
+        (
+            "[\"https://x.example.com\"]",
+            "credentials.sf.token_field_hosts[0]",
+            "is not a host name",
+        ),
+        (
+            "[\".example.com\", \"*.example.com\"]",
+            "credentials.sf.token_field_hosts[1]",
+            "wildcard",
+        ),
+        (
+            "[\"x.example.com:443\"]",
+            "credentials.sf.token_field_hosts[0]",
+            "is not a host name",
+        ),
+        ("[]", "credentials.sf.token_field_hosts", "is empty"),
+    ] {
+        let t = format!("{sf}token_field_hosts = {value}\n{route}");
+        let e = err_at(&t, key, "token_field_hosts");
+        assert!(e.message.contains(needle), "{value}: {e}");
+        assert!(e.message.contains("\".example.com\""), "{value}: {e}");
+    }
+}
+
+#[test]
 fn upstreams_from_token_values() {
     let sf = r#"
 [credentials.sf]

@@ -951,6 +951,33 @@ fn credential(name: &str, r: &RawCredential, cx: &mut Ctx<'_>) -> Option<Credent
             .into_iter()
             .map(|t| t.to_ascii_lowercase())
             .collect(),
+        token_field_hosts: match cx.strings(&p("token_field_hosts"), r.token_field_hosts.as_ref()) {
+            Some(list) if list.is_empty() => {
+                cx.err(
+                    &p("token_field_hosts"),
+                    "is empty; expected hosts such as [\".example.com\", \"api.example.com\"] (remove the key for any https origin)",
+                );
+                None
+            }
+            Some(list) => {
+                let mut out = Vec::with_capacity(list.len());
+                for (i, h) in list.iter().enumerate() {
+                    match crate::token_fields::host_pattern(h) {
+                        Ok(h) => out.push(h),
+                        Err(why) => cx.err(
+                            &format!("{}[{i}]", p("token_field_hosts")),
+                            format!("{h:?} {why}; expected \".example.com\" (any subdomain) or \"api.example.com\" (that host only)"),
+                        ),
+                    }
+                }
+                Some(out)
+            }
+            None => profile
+                .as_ref()
+                .map(|f| f.profile.token_field_hosts)
+                .filter(|h| !h.is_empty())
+                .map(|h| h.iter().map(|h| (*h).to_owned()).collect()),
+        },
         scope_on_refresh: r
             .scope_on_refresh
             .unwrap_or(profile.as_ref().is_some_and(|f| f.profile.scope_on_refresh)),

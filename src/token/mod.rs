@@ -641,6 +641,7 @@ pub(crate) mod tests_support {
             token_types: vec![],
             provider: None,
             login_params: vec![],
+            token_field_hosts: None,
         }
     }
 }

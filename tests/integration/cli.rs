@@ -134,6 +134,15 @@ const CASES: &[Case] = &[
         key: "credentials.github-main.colour",
         at: "colour",
     },
+    Case {
+        what: "a token_field_hosts entry that is a URL, not a host",
+        edits: &[(
+            "client_id = \"cli-client\"\n",
+            "client_id = \"cli-client\"\ntoken_field_hosts = [\".example.com\", \"https://api.example.com\"]\n",
+        )],
+        key: "credentials.github-main.token_field_hosts[1]",
+        at: "token_field_hosts",
+    },
 ];
 
 fn apply(mut text: String, case: &Case) -> String {

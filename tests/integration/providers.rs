@@ -670,3 +670,148 @@ async fn token_refresh_logs_the_lifetime_actually_used() {
         stack.assert_no_reuse();
     }
 }
+
+/// `{token.instance_url}` takes only the hosts Salesforce documents for
+/// orgs (the profile's `token_field_hosts`): another https origin is
+/// rejected like an invalid value (`token_field_rejected`, the grant kept,
+/// the route 503 `token_field_missing`); a Salesforce host is kept and
+/// shown on `/credentials`; loopback (the dev upstream) stays allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_url_outside_the_profiles_hosts_is_rejected() {
+    let stack = Stack::start(StackOpts {
+        omit_expires_in: true,
+        extra_routes: SF_ROUTE.to_owned(),
+        ..StackOpts::default()
+    })
+    .await;
+    stack
+        .idp
+        .set_instance_url(Some("https://org.attacker.example".into()));
+    let (path, ports) = child_config(
+        &stack,
+        "hosts",
+        "provider = \"salesforce\"\ndefault_lifetime = \"2s\"\nmax_backoff = \"1s\"",
+    );
+    let child = ChildProxy::start(stack.dir.path(), "hosts", &path, ports).await;
+    let c = client();
+    let g = get_ok(&c, &child.url("/sf/x")).await;
+    assert_eq!(g.status, 503, "{}", g.text());
+    assert_eq!(g.json()["error"], "credential_unavailable", "{}", g.text());
+    assert_eq!(g.json()["reason"], "token_field_missing", "{}", g.text());
+    // The grant stands: other routes of the credential work.
+    let g = get_ok(&c, &child.url("/api/x")).await;
+    assert_eq!(g.status, 200, "{}", g.text());
+    let events = child.log_events();
+    let rejected = events
+        .iter()
+        .find(|e| e["event"] == "token_field_rejected")
+        .unwrap_or_else(|| panic!("no token_field_rejected:\n{}", child.output()));
+    assert_eq!(rejected["field"], "instance_url");
+    assert_eq!(rejected["level"], "ERROR");
+    assert!(
+        rejected["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("token_field_hosts"),
+        "{rejected}"
+    );
+    assert!(
+        stack.record().unwrap()["token_fields"]["instance_url"].is_null(),
+        "a rejected value was stored"
+    );
+
+    // A host Salesforce documents: kept, stored and shown.
+    stack
+        .idp
+        .set_instance_url(Some("https://acme.my.salesforce.com".into()));
+    let at = stack.generation().unwrap();
+    stack.wait_generation(at + 1, S(10)).await;
+    let rec = stack.record().unwrap();
+    assert_eq!(
+        rec["token_fields"]["instance_url"], "https://acme.my.salesforce.com",
+        "{rec}"
+    );
+    let st = wait_for("the value on /credentials", S(5), || async {
+        let st = credential_status(&c, child.admin).await?;
+        (st["token_fields"]["instance_url"] == "https://acme.my.salesforce.com").then_some(st)
+    })
+    .await;
+    // `tokenproxy status` shows it too (a host, not a secret).
+    let status = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || {
+            run_cli(&[
+                std::ffi::OsStr::new("status"),
+                "-c".as_ref(),
+                path.as_os_str(),
+            ])
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.code, Some(0), "{}", status.text());
+    assert!(
+        status
+            .stdout
+            .contains("token values: instance_url=https://acme.my.salesforce.com"),
+        "{}",
+        status.text()
+    );
+
+    // Loopback (tests, local IdPs) stays allowed.
+    stack.idp.set_instance_url(Some(stack.echo.url()));
+    let at = stack.generation().unwrap();
+    stack.wait_generation(at + 1, S(10)).await;
+    let g = get_ok(&c, &child.url("/sf/x")).await;
+    assert_eq!(g.status, 200, "{}", g.text());
+    assert_eq!(g.json()["path"], "/services/data/x");
+    assert_no_secrets(
+        &[child.output(), st.to_string(), status.text()],
+        &stack.secrets(),
+    );
+    stack.assert_no_reuse();
+}
+
+/// `token_field_hosts` overrides the profile's list: a leading dot takes
+/// any subdomain, a bare name only itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_field_hosts_overrides_the_profiles_list() {
+    let stack = Stack::start(StackOpts {
+        omit_expires_in: true,
+        extra_routes: SF_ROUTE.to_owned(),
+        ..StackOpts::default()
+    })
+    .await;
+    let app = stack
+        .app("provider = \"salesforce\"\ndefault_lifetime = \"2s\"\nmax_backoff = \"1s\"\ntoken_field_hosts = [\".example.net\", \"api.exact.test\"]")
+        .await;
+    let c = client();
+    let admin = app.admin_addr.unwrap();
+    let url = format!("http://{}/sf/x", app.proxy_addr.unwrap());
+    for (value, kept) in [
+        ("https://eu.example.net", true),
+        ("https://acme.my.salesforce.com", false),
+        ("https://api.exact.test:8443", true),
+        ("https://x.api.exact.test", false),
+        ("https://example.net", false),
+        ("https://evilexample.net", false),
+    ] {
+        stack.idp.set_instance_url(Some(value.into()));
+        let at = stack.generation().unwrap_or(0);
+        stack.wait_generation(at + 1, S(10)).await;
+        let rec = stack.record().unwrap();
+        let stored = &rec["token_fields"]["instance_url"];
+        if kept {
+            assert_eq!(stored, value, "{value}: {rec}");
+            let st = credential_status(&c, admin).await.unwrap();
+            assert_eq!(st["token_fields"]["instance_url"], value, "{st}");
+        } else {
+            assert!(stored.is_null(), "{value} was kept: {rec}");
+            let g = get_ok(&c, &url).await;
+            assert_eq!(g.status, 503, "{value}: {}", g.text());
+            assert_eq!(g.json()["reason"], "token_field_missing", "{}", g.text());
+        }
+    }
+    stack.assert_no_reuse();
+    app.shutdown().await;
+}

@@ -169,7 +169,11 @@ pub async fn install_family(
         refresh_expires_at_ms: set
             .refresh_token_expires_in
             .map(|d| store::unix_ms(sent_wall + d)),
-        token_fields: set.fields.clone(),
+        token_fields: crate::token_fields::keep_allowed(
+            &cfg.name,
+            cfg.token_field_hosts.as_deref(),
+            set.fields.clone(),
+        ),
         seeds_seen,
         intent: None,
         dead: None,

@@ -809,6 +809,17 @@ impl Slot {
                     .duration_since(wall)
                     .unwrap_or_default()
             }),
+            token_fields: match (&snap.token, rec) {
+                (Some(t), _) => t.fields.clone(),
+                (None, Some(r)) => {
+                    crate::token_fields::allowed(
+                        &r.token_fields,
+                        self.cfg.token_field_hosts.as_deref(),
+                    )
+                    .0
+                }
+                (None, None) => Default::default(),
+            },
         }
     }
 }
@@ -842,6 +853,9 @@ pub struct SlotStatus {
     pub refresh_expires_in: Option<Duration>,
     /// No token request before this (backoff or a rate limit).
     pub next_attempt_at: Option<SystemTime>,
+    /// The token-response values routes may use (`{token.instance_url}`):
+    /// checked origins, hosts only, no secret.
+    pub token_fields: crate::token_fields::Fields,
 }
 
 impl Slot {

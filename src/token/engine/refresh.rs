@@ -78,11 +78,11 @@ impl Slot {
             .token
             .as_ref()
             .map(|t| t.fields.clone());
-        let fields = crate::token_fields::merge(
+        let fields = self.allowed_fields(crate::token_fields::merge(
             &previous.unwrap_or_default(),
             &set.fields,
             &set.rejected_fields,
-        );
+        ));
         self.publish(Snapshot {
             token: Some(Arc::new(
                 Token::new(
@@ -487,11 +487,11 @@ impl Slot {
                         rec.refresh_expires_at_ms
                     });
                 self.note_rejected_fields(&set);
-                next.token_fields = crate::token_fields::merge(
+                next.token_fields = self.allowed_fields(crate::token_fields::merge(
                     &rec.token_fields,
                     &set.fields,
                     &set.rejected_fields,
-                );
+                ));
                 next.intent = None;
                 next.dead = None;
                 ev.set_identity(&next);
@@ -956,8 +956,18 @@ impl Slot {
                 rec.generation,
             )
             .bound_to(key)
-            .with_fields(rec.token_fields.clone()),
+            // Stored under an earlier config, perhaps: checked again.
+            .with_fields(self.allowed_fields(rec.token_fields.clone())),
         )
+    }
+
+    /// The values this credential's `token_field_hosts` allows; the others
+    /// are logged and dropped (docs/routing.md).
+    pub(super) fn allowed_fields(
+        &self,
+        fields: crate::token_fields::Fields,
+    ) -> crate::token_fields::Fields {
+        crate::token_fields::keep_allowed(&self.name, self.cfg.token_field_hosts.as_deref(), fields)
     }
 
     /// A token-response value that failed its check steers nothing; the

@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -178,7 +178,7 @@ pub async fn serve_with_permits(
     let proxy = shared.load_full();
     let local = listener.local_addr_string();
     let graceful = GracefulShutdown::new();
-    let builder = Arc::new(http_builder(proxy.max_header_bytes, proxy.max_headers));
+    let builders = Arc::new(Builders::new(proxy.max_header_bytes, proxy.max_headers));
 
     while let Some((permit, io, remote_ip)) =
         next_connection(&listener, &permits, &shutdown, &local).await
@@ -187,51 +187,72 @@ pub async fn serve_with_permits(
         // for new connections without touching open ones.
         let tls = shared.load().tls.clone();
         let shared = shared.clone();
-        let builder = builder.clone();
+        let builders = builders.clone();
         let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        let shutdown = shutdown.clone();
+        let task = async move {
             let _permit = permit;
+            let _watcher = watcher;
+            let conn = Conn {
+                builders: &builders,
+                shutdown: &shutdown,
+            };
             match (tls, io) {
                 (None, Accepted::Tcp(s)) => {
-                    serve_proxy_conn(s, remote_ip, false, shared, &builder, watcher).await
+                    serve_proxy_conn(s, remote_ip, false, shared, conn).await
                 }
-                (None, Accepted::Unix(s)) => {
-                    serve_proxy_conn(s, None, false, shared, &builder, watcher).await
-                }
+                (None, Accepted::Unix(s)) => serve_proxy_conn(s, None, false, shared, conn).await,
                 (Some(acceptor), io) => {
-                    let acceptor = acceptor.clone();
-                    let hs = match io {
-                        Accepted::Tcp(s) => {
-                            tokio::time::timeout(
-                                TLS_HANDSHAKE_TIMEOUT,
-                                acceptor.accept(Box::new(s) as Box<dyn Io>),
-                            )
-                            .await
-                        }
-                        Accepted::Unix(s) => {
-                            tokio::time::timeout(
-                                TLS_HANDSHAKE_TIMEOUT,
-                                acceptor.accept(Box::new(s) as Box<dyn Io>),
-                            )
-                            .await
-                        }
+                    let io: Box<dyn Io> = match io {
+                        Accepted::Tcp(s) => Box::new(s),
+                        Accepted::Unix(s) => Box::new(s),
                     };
+                    // Boxed: the handshake's state would otherwise size
+                    // every connection's task, parked ones too.
+                    let hs = Box::pin(tokio::time::timeout(
+                        TLS_HANDSHAKE_TIMEOUT,
+                        acceptor.accept(io),
+                    ))
+                    .await;
                     match hs {
+                        // Boxed: the TLS state would otherwise size the task.
                         Ok(Ok(s)) => {
-                            serve_proxy_conn(s, remote_ip, true, shared, &builder, watcher).await
+                            serve_proxy_conn(Box::new(s), remote_ip, true, shared, conn).await
                         }
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
                 }
             }
-        });
+        };
+        tokio::spawn(task);
     }
     drop(listener);
     tokio::select! {
         _ = graceful.shutdown() => tracing::debug!(listener = local.as_str(), "Listener drained"),
         _ = tokio::time::sleep(proxy.shutdown_grace) => {
             tracing::warn!(listener = local.as_str(), grace_ms = proxy.shutdown_grace.as_millis() as u64, "Shutdown grace elapsed with requests in flight");
+        }
+    }
+}
+
+/// How a connection is served: HTTP/1.1 or HTTP/2 on a new connection,
+/// HTTP/1.1 when a parked one wakes up.
+pub(crate) struct Builders {
+    auto: auto::Builder<TokioExecutor>,
+    h1: hyper::server::conn::http1::Builder,
+}
+
+impl Builders {
+    pub(crate) fn new(max_header_bytes: usize, max_headers: usize) -> Builders {
+        let mut h1 = hyper::server::conn::http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(None)
+            .max_buf_size(max_header_bytes)
+            .max_headers(max_headers);
+        Builders {
+            auto: http_builder(max_header_bytes, max_headers),
+            h1,
         }
     }
 }
@@ -282,7 +303,7 @@ pub(crate) async fn serve_guarded<H, Fut>(
 {
     let local = listener.local_addr_string();
     let permits = Arc::new(Semaphore::new(guards.max_connections.max(1)));
-    let builder = Arc::new(http_builder(guards.max_header_bytes, guards.max_headers));
+    let builders = Arc::new(Builders::new(guards.max_header_bytes, guards.max_headers));
     let graceful = GracefulShutdown::new();
     while let Some((permit, io, remote_ip)) =
         next_connection(&listener, &permits, &shutdown, &local).await
@@ -291,14 +312,20 @@ pub(crate) async fn serve_guarded<H, Fut>(
         let is_local = remote_ip.is_none_or(crate::net::is_loopback_ip);
         let handler = handler.clone();
         let serve = move |req, conflict| handler(req, is_local, conflict);
-        let builder = builder.clone();
+        let builders = builders.clone();
         let watcher = graceful.watcher();
+        let shutdown = shutdown.clone();
         let timeouts = (guards.header_read_timeout, guards.keepalive_timeout);
         tokio::spawn(async move {
             let _permit = permit;
+            let _watcher = watcher;
+            let conn = Conn {
+                builders: &builders,
+                shutdown: &shutdown,
+            };
             match io {
-                Accepted::Tcp(s) => serve_conn(s, &builder, watcher, timeouts, serve).await,
-                Accepted::Unix(s) => serve_conn(s, &builder, watcher, timeouts, serve).await,
+                Accepted::Tcp(s) => serve_conn(s, conn, timeouts, serve).await,
+                Accepted::Unix(s) => serve_conn(s, conn, timeouts, serve).await,
             }
         });
     }
@@ -353,14 +380,20 @@ async fn accept(l: &Listener) -> std::io::Result<(Accepted, Option<IpAddr>)> {
     }
 }
 
+/// What every connection of a listener shares.
+#[derive(Clone, Copy)]
+pub(crate) struct Conn<'a> {
+    builders: &'a Builders,
+    shutdown: &'a CancellationToken,
+}
+
 /// One data-path connection: the proxy as it is at each request.
 async fn serve_proxy_conn<I>(
     io: I,
     remote_ip: Option<IpAddr>,
     tls: bool,
     shared: SharedProxy,
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: Watcher,
+    conn: Conn<'_>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -385,15 +418,25 @@ async fn serve_proxy_conn<I>(
             }
         }
     };
-    serve_conn(io, builder, watcher, timeouts, handler).await
+    serve_conn(io, conn, timeouts, handler).await
 }
+
+/// An HTTP/1.1 connection idle this long between requests is parked: its
+/// hyper session (read and write buffers, the slot for a request's
+/// future: about 30 KiB) is freed, and the socket waits alone for its next
+/// request. Shorter than any client's keep-alive pause worth the memory;
+/// long enough that a busy connection never pays for a new session.
+const PARK_AFTER: Duration = Duration::from_millis(250);
+
+type Session = Pin<Box<dyn std::future::Future<Output = Result<(), BoxError>> + Send>>;
 
 /// Serves one connection under the watchdog: `(header_read, keepalive)`
 /// timeouts, requests counted in flight until their response body ends.
+/// An HTTP/1.1 connection that goes idle is parked (see [`PARK_AFTER`])
+/// and served by a new session when its next request starts.
 async fn serve_conn<I, H, Fut>(
-    io: I,
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: Watcher,
+    mut io: I,
+    conn: Conn<'_>,
     (header_read_timeout, keepalive_timeout): (Duration, Duration),
     handler: H,
 ) where
@@ -402,7 +445,92 @@ async fn serve_conn<I, H, Fut>(
     Fut: std::future::Future<Output = http::Response<ProxyBody>> + Send + 'static,
 {
     let activity = Arc::new(Activity::new());
+    let handler = Arc::new(handler);
+    let mut prefix = bytes::Bytes::new();
+    let mut fresh = true;
+    loop {
+        let slot = Arc::new(std::sync::Mutex::new(None));
+        let io_in = Watched {
+            inner: Parkable {
+                inner: Some(io),
+                prefix,
+                activity: activity.clone(),
+                slot: slot.clone(),
+            },
+            activity: activity.clone(),
+            // A parked connection speaks HTTP/1.1: no preface to look for.
+            heads: HeadScan {
+                started: !fresh,
+                ..HeadScan::default()
+            },
+        };
+        let mut session = new_session(conn, fresh, io_in, &handler, &activity);
+        let parked = loop {
+            tokio::select! {
+                r = session.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %crate::error_chain(&*e), "Connection ended with an error");
+                    }
+                    break activity.parking.load(Ordering::Relaxed);
+                }
+                verdict = watchdog(&activity, header_read_timeout, keepalive_timeout) => match verdict {
+                    Verdict::Close(why) => {
+                        tracing::debug!("Connection closed: {why}");
+                        return;
+                    }
+                    Verdict::Park => {
+                        activity.parking.store(true, Ordering::Relaxed);
+                        activity.park.notify_one();
+                    }
+                },
+            }
+        };
+        drop(session);
+        let back = slot.lock().ok().and_then(|mut s| s.take());
+        let Some(mut back) = back.filter(|_| parked) else {
+            return;
+        };
+        activity.parking.store(false, Ordering::Relaxed);
+        activity.parkable.store(false, Ordering::Relaxed);
+        tracing::trace!("Connection parked");
+        // Parked: nothing held but the socket until the next bytes.
+        let mut first = [0u8; 64];
+        let n = tokio::select! {
+            r = back.read(&mut first) => match r {
+                Ok(n) if n > 0 => n,
+                _ => return,
+            },
+            verdict = watchdog(&activity, header_read_timeout, keepalive_timeout) => {
+                if let Verdict::Close(why) = verdict {
+                    tracing::debug!("Connection closed: {why}");
+                }
+                return;
+            }
+            _ = conn.shutdown.cancelled() => return,
+        };
+        prefix = bytes::Bytes::copy_from_slice(&first[..n]);
+        io = back;
+        fresh = false;
+    }
+}
+
+/// A hyper session on `io`: HTTP/1.1 or HTTP/2 on a fresh connection,
+/// HTTP/1.1 on a parked one. It ends gracefully on shutdown or when the
+/// watchdog parks the connection.
+fn new_session<I, H, Fut>(
+    conn: Conn<'_>,
+    fresh: bool,
+    io: Watched<Parkable<I>>,
+    handler: &Arc<H>,
+    activity: &Arc<Activity>,
+) -> Session
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>, bool) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<ProxyBody>> + Send + 'static,
+{
     let for_service = activity.clone();
+    let handler = handler.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let in_flight = InFlight::start(&for_service, req.version() == Version::HTTP_2);
         let conflict = for_service.framing_conflict.swap(false, Ordering::Relaxed);
@@ -414,20 +542,114 @@ async fn serve_conn<I, H, Fut>(
             }))
         }
     });
-    let io = Watched {
-        inner: io,
-        activity: activity.clone(),
-        heads: HeadScan::default(),
-    };
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    let conn = watcher.watch(conn.into_owned());
-    tokio::select! {
-        r = conn => if let Err(e) = r {
-            tracing::debug!(error = %crate::error_chain(&*e), "Connection ended with an error");
-        },
-        why = watchdog(&activity, header_read_timeout, keepalive_timeout) => {
-            tracing::debug!("Connection closed: {why}");
+    let stop = activity.clone();
+    let shutdown = conn.shutdown.clone();
+    let io = TokioIo::new(io);
+    if fresh {
+        let session = conn
+            .builders
+            .auto
+            .serve_connection_with_upgrades(io, service)
+            .into_owned();
+        Box::pin(async move {
+            let mut session = std::pin::pin!(session);
+            tokio::select! {
+                r = session.as_mut() => return r,
+                _ = stop.park.notified() => {}
+                _ = shutdown.cancelled() => {}
+            }
+            session.as_mut().graceful_shutdown();
+            session.await
+        })
+    } else {
+        let session = conn
+            .builders
+            .h1
+            .serve_connection(io, service)
+            .with_upgrades();
+        Box::pin(async move {
+            let mut session = std::pin::pin!(session);
+            tokio::select! {
+                r = session.as_mut() => return r.map_err(Into::into),
+                _ = stop.park.notified() => {}
+                _ = shutdown.cancelled() => {}
+            }
+            session.as_mut().graceful_shutdown();
+            session.await.map_err(Into::into)
+        })
+    }
+}
+
+/// The socket under a hyper session. When the session ends because the
+/// connection is being parked, it is neither shut down nor closed but
+/// handed back through `slot`.
+struct Parkable<I> {
+    inner: Option<I>,
+    /// Bytes read while parked, served first.
+    prefix: bytes::Bytes,
+    activity: Arc<Activity>,
+    slot: Arc<std::sync::Mutex<Option<I>>>,
+}
+
+impl<I> Parkable<I> {
+    fn io(&mut self) -> std::io::Result<&mut I> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotConnected))
+    }
+}
+
+impl<I> Drop for Parkable<I> {
+    fn drop(&mut self) {
+        if self.activity.parking.load(Ordering::Relaxed) {
+            if let (Some(io), Ok(mut slot)) = (self.inner.take(), self.slot.lock()) {
+                *slot = Some(io);
+            }
         }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Parkable<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(self.io()?).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Parkable<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(self.io()?).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(self.io()?).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.as_ref().is_some_and(|i| i.is_write_vectored())
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(self.io()?).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.activity.parking.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(self.io()?).poll_shutdown(cx)
     }
 }
 
@@ -451,6 +673,14 @@ struct Activity {
     /// The last request head carried both `Content-Length` and
     /// `Transfer-Encoding` (set by [`HeadScan`], taken by the service).
     framing_conflict: AtomicBool,
+    /// The last read ended exactly at the blank line of a head without a
+    /// body, and nothing was read since: hyper holds no unparsed bytes, so
+    /// its session may be dropped once the response is done.
+    parkable: AtomicBool,
+    /// The session is ending to park the connection (its socket is kept).
+    parking: AtomicBool,
+    /// Tells the session to end gracefully for parking.
+    park: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -463,6 +693,9 @@ impl Activity {
             head_started: AtomicU64::new(NO_HEAD),
             h2: AtomicBool::new(false),
             framing_conflict: AtomicBool::new(false),
+            parkable: AtomicBool::new(false),
+            parking: AtomicBool::new(false),
+            park: tokio::sync::Notify::new(),
         }
     }
 
@@ -503,6 +736,9 @@ struct HeadScan {
     candidates: u8,
     /// Names seen in this head.
     seen: u8,
+    /// The last feed ended exactly at the blank line of a head with
+    /// neither name (no body follows).
+    ended_bodiless: bool,
 }
 
 const FRAMING_NAMES: [&[u8]; 2] = [b"content-length", b"transfer-encoding"];
@@ -512,6 +748,7 @@ impl HeadScan {
     /// a head that had both names. Bytes after a head's blank line in the
     /// same read are a body or a pipelined request: left alone.
     fn feed(&mut self, bytes: &[u8]) -> bool {
+        self.ended_bodiless = false;
         if self.off {
             return false;
         }
@@ -547,6 +784,7 @@ impl HeadScan {
                 b'\n' => {
                     if self.line_len == 0 {
                         self.done = true;
+                        self.ended_bodiless = i == bytes.len() && self.seen == 0;
                         return self.seen == 0b11;
                     }
                     self.line_len = 0;
@@ -631,39 +869,66 @@ impl http_body::Body for Tracked {
     }
 }
 
-/// Resolves (with the reason) when the connection must be closed: a request
+/// What the watchdog decided.
+enum Verdict {
+    Close(&'static str),
+    /// Idle for [`PARK_AFTER`] with nothing buffered: free the session.
+    Park,
+}
+
+/// Resolves when the connection must be closed (with the reason): a request
 /// head took longer than `header_read_timeout` from its first byte, a new
 /// connection sent no request within it, or the connection sat idle between
-/// requests for `keepalive_timeout`. One timer per connection, never one
-/// per request: it sleeps to the next deadline, at most half
+/// requests for `keepalive_timeout`; or parked. One timer per connection,
+/// never one per request: it sleeps to the next deadline, at most half
 /// `header_read_timeout` at a time.
-async fn watchdog(a: &Activity, header_read: Duration, keepalive: Duration) -> &'static str {
+async fn watchdog(a: &Activity, header_read: Duration, keepalive: Duration) -> Verdict {
     let head_limit = header_read.as_millis() as u64;
     let idle_limit = keepalive.as_millis() as u64;
+    let park_after = PARK_AFTER.as_millis() as u64;
     let poll = (head_limit / 2).max(1);
     loop {
         let now = a.now_ms();
         let next = if a.in_flight.load(Ordering::Acquire) > 0 {
-            now + poll
+            // Back soon enough to park the connection once it is idle.
+            now + poll.min(park_after)
         } else {
             let head = a.head_started.load(Ordering::Relaxed);
             if head != NO_HEAD && !a.h2.load(Ordering::Relaxed) {
                 if now >= head + head_limit {
-                    return "no complete request head within server.header_read_timeout";
+                    return Verdict::Close(
+                        "no complete request head within server.header_read_timeout",
+                    );
                 }
-                head + head_limit
+                (head + head_limit).min(now + park_after)
             } else {
                 let first = !a.served.load(Ordering::Relaxed);
                 let limit = if first { head_limit } else { idle_limit };
                 let idle = a.idle_since.load(Ordering::Acquire);
                 if now >= idle + limit {
-                    return if first {
+                    return Verdict::Close(if first {
                         "no request within server.header_read_timeout"
                     } else {
                         "idle for server.keepalive_timeout"
-                    };
+                    });
                 }
-                (idle + limit).min(now + poll)
+                let parkable = !first
+                    && head == NO_HEAD
+                    && !a.h2.load(Ordering::Relaxed)
+                    && !a.parking.load(Ordering::Relaxed)
+                    && a.parkable.load(Ordering::Acquire);
+                if parkable && now >= idle + park_after {
+                    return Verdict::Park;
+                }
+                let next = (idle + limit).min(now + poll);
+                if parkable {
+                    next.min(idle + park_after)
+                } else if first {
+                    // The first request may come and go before `poll`.
+                    next.min(now + park_after)
+                } else {
+                    next
+                }
             }
         };
         tokio::time::sleep_until(a.opened + Duration::from_millis(next)).await;
@@ -685,13 +950,17 @@ impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before
-            && self.activity.bytes_read()
-            && self.heads.feed(&buf.filled()[before..])
-        {
-            self.activity
-                .framing_conflict
-                .store(true, Ordering::Relaxed);
+        if buf.filled().len() > before {
+            let mut parkable = false;
+            if self.activity.bytes_read() {
+                if self.heads.feed(&buf.filled()[before..]) {
+                    self.activity
+                        .framing_conflict
+                        .store(true, Ordering::Relaxed);
+                }
+                parkable = self.heads.ended_bodiless;
+            }
+            self.activity.parkable.store(parkable, Ordering::Release);
         }
         r
     }

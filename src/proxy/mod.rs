@@ -227,7 +227,10 @@ impl ConnInfo {
             }
         }
         let host: Arc<str> = value.to_str().ok().and_then(headers::host_of)?.into();
-        *self.last_host.lock() = Some((value.clone(), host.clone()));
+        // A copy: `value` shares the connection's whole read buffer, which
+        // this would keep alive as long as the connection.
+        let owned = HeaderValue::from_bytes(value.as_bytes()).ok()?;
+        *self.last_host.lock() = Some((owned, host.clone()));
         Some(host)
     }
 }

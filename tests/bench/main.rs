@@ -205,13 +205,13 @@ fn targets(f: &Findings) -> String {
         .filter_map(|n| table(n).map(|t| t.stat("tokenproxy", |s| s.rss_kib as f64).2))
         .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
     push(
-        "peak RSS ≤ 12 MiB at 64 conns (small64, body16k)".to_owned(),
-        peak.map(|k| (k <= 12.0 * 1024.0, format!("{:.1} MiB", k / 1024.0))),
+        "peak RSS ≤ 10 MiB at 64 conns (small64, body16k)".to_owned(),
+        peak.map(|k| (k <= 10.0 * 1024.0, format!("{:.1} MiB", k / 1024.0))),
     );
     push(
-        "≤ 40 KiB per idle connection".to_owned(),
+        "≤ 4 KiB per idle connection, settled (idle1000)".to_owned(),
         f.idle
-            .map(|(t, n)| (t <= 40.0, format!("{} KiB (nginx {} KiB)", num(t), num(n)))),
+            .map(|(t, n)| (t <= 4.0, format!("{} KiB (nginx {} KiB)", num(t), num(n)))),
     );
     push(
         "default runtime throughput ≥ nginx 2 workers (default2)".to_owned(),

@@ -22,6 +22,7 @@ mod hostile;
 mod idp_faults;
 mod login;
 mod ops;
+mod parking;
 mod providers;
 mod proxy;
 mod reactive;

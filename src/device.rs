@@ -187,16 +187,38 @@ pub(crate) async fn start(
 fn failed(
     cred: &CredentialConfig,
     what: &'static str,
-    mut error: GrantError,
+    error: GrantError,
     device_code: Option<&crate::secret::Secret>,
 ) -> LoginError {
-    // An IdP may echo what it was sent; the device code stays out of messages.
-    let known: Vec<String> = device_code
-        .map(|d| vec![d.expose().to_owned()])
-        .unwrap_or_default();
-    error.description = error.description.map(|d| grant::scrub(&d, &known));
+    let error = scrubbed(error, cred, device_code);
     let hint = crate::token::hints::for_grant_error(cred, &error);
     LoginError::Device { what, error, hint }
+}
+
+/// The IdP's text with what it may echo of the request (the client secret,
+/// the device code) scrubbed, then capped as the code login caps it
+/// (`login::exchange`): scrubbed first, so a secret cut in half is still
+/// found.
+fn scrubbed(
+    mut error: GrantError,
+    cred: &CredentialConfig,
+    device_code: Option<&crate::secret::Secret>,
+) -> GrantError {
+    let known: Vec<String> = cred
+        .client_secret
+        .iter()
+        .chain(device_code)
+        .map(|s| s.expose().to_owned())
+        .collect();
+    let clean = |t: &str, max: usize| grant::sanitize(&grant::scrub(t, &known), max);
+    error.code = error.code.as_deref().map(|c| clean(c, 64));
+    error.description = error.description.as_deref().map(|d| clean(d, 300));
+    error.error_uri = error.error_uri.as_deref().map(|u| clean(u, 200));
+    // The message names the code as sent.
+    for k in known.iter().filter(|k| k.len() >= 4) {
+        error.message = error.message.replace(k.as_str(), "[redacted]");
+    }
+    error
 }
 
 /// Polls the token endpoint (RFC 8628 §3.4-3.5) every `interval` (5 s when
@@ -243,7 +265,7 @@ pub(crate) async fn poll(
                 )))
             }
             Ok(set) => return Ok((set, sent_wall)),
-            Err(e) => e,
+            Err(e) => scrubbed(e, cred, Some(&auth.device_code)),
         };
         match e.code.as_deref() {
             Some("authorization_pending") => {}
@@ -252,12 +274,8 @@ pub(crate) async fn poll(
             Some("access_denied") => {
                 return Err(LoginError::Denied {
                     error: "access_denied".into(),
-                    description: e
-                        .description
-                        .map(|d| grant::scrub(&d, &[auth.device_code.expose().to_owned()])),
-                    error_uri: e
-                        .error_uri
-                        .map(|u| grant::scrub(&u, &[auth.device_code.expose().to_owned()])),
+                    description: e.description,
+                    error_uri: e.error_uri,
                 })
             }
             // RFC 8628 §3.5: back off on connection failures and the like.

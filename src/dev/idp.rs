@@ -279,6 +279,14 @@ pub enum Fault {
         body: String,
         content_type: &'static str,
     },
+    /// Answer `status` with this OAuth `error`, without processing the
+    /// grant, as an IdP that quotes the request back: its
+    /// `error_description` carries the request as JSON (every form
+    /// parameter, and the Basic credentials' `client_id` and
+    /// `client_secret`) and then a long tail, and its `error_uri` carries
+    /// the form again as a query. Client secrets, codes and device codes
+    /// in it must be scrubbed by whoever shows it.
+    Echo { status: u16, error: &'static str },
 }
 
 impl Fault {
@@ -293,6 +301,7 @@ impl Fault {
             Fault::Redirect(_) => "redirect",
             Fault::FormEncoded => "form_encoded",
             Fault::Body { .. } => "body",
+            Fault::Echo { .. } => "echo",
         }
     }
 }
@@ -474,6 +483,8 @@ struct State {
     revoked_families: HashSet<u64>,
     next_family: u64,
     faults: VecDeque<Fault>,
+    /// Faults for `/device`: only those that answer apply there.
+    device_faults: VecDeque<Fault>,
     grants: Vec<GrantRecord>,
     reuse_count: usize,
     /// Assertion jtis seen, with their exp (kept a minute past it).
@@ -948,6 +959,7 @@ impl State {
             revoked_families: HashSet::new(),
             next_family: 1,
             faults: VecDeque::new(),
+            device_faults: VecDeque::new(),
             grants: Vec::new(),
             reuse_count: 0,
             seen_jti: HashMap::new(),
@@ -1681,6 +1693,15 @@ impl DevIdp {
 
     pub fn clear_faults(&self) {
         self.state().faults.clear();
+        self.state().device_faults.clear();
+    }
+
+    /// Queues a fault for a later `/device` request (FIFO, one per
+    /// request). Only the faults that answer without processing apply
+    /// there ([`Fault::Status`], [`Fault::Body`], [`Fault::Echo`],
+    /// [`Fault::Redirect`]); any other is consumed and ignored.
+    pub fn push_device_fault(&self, f: Fault) {
+        self.state().device_faults.push_back(f);
     }
 
     /// Faults not yet consumed.
@@ -1817,20 +1838,15 @@ async fn read_post(req: Request<Incoming>, mtls: bool) -> Result<Posted, OAuthEr
     })
 }
 
-async fn token_endpoint(shared: Arc<Shared>, req: Request<Incoming>) -> Response<DevBody> {
-    let kill = req.extensions().get::<ConnKill>().cloned();
-    let posted = read_post(req, shared.mtls).await;
-    let issuer = shared.url.read().clone();
-    let fault = shared.state.lock().faults.pop_front();
-
-    // Faults that answer (or hang up) without processing the grant.
-    let canned = match &fault {
-        Some(Fault::Status {
+/// The answer of a fault that answers without processing the request.
+fn canned_answer(fault: &Fault, posted: Option<&Posted>) -> Option<Response<DevBody>> {
+    match fault {
+        Fault::Status {
             status,
             body,
             content_type,
             headers,
-        }) => {
+        } => {
             let mut resp = raw_response(*status, body, content_type);
             for (k, v) in headers {
                 if let (Ok(k), Ok(v)) = (
@@ -1842,20 +1858,62 @@ async fn token_endpoint(shared: Arc<Shared>, req: Request<Incoming>) -> Response
             }
             Some(resp)
         }
-        Some(Fault::Body {
+        Fault::Body {
             status,
             body,
             content_type,
-        }) => Some(raw_response(*status, body, content_type)),
-        Some(Fault::Redirect(location)) => {
+        } => Some(raw_response(*status, body, content_type)),
+        Fault::Redirect(location) => {
             let mut resp = raw_response(302, "", "text/plain");
             if let Ok(v) = HeaderValue::from_str(location) {
                 resp.headers_mut().insert(http::header::LOCATION, v);
             }
             Some(resp)
         }
+        Fault::Echo { status, error } => Some(echo_answer(*status, error, posted)),
         _ => None,
-    };
+    }
+}
+
+/// [`Fault::Echo`]: the request quoted back in the answer.
+fn echo_answer(status: u16, error: &str, posted: Option<&Posted>) -> Response<DevBody> {
+    let mut quoted = Map::new();
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    if let Some(p) = posted {
+        if let Some((id, secret)) = p.authorization.as_deref().and_then(parse_basic) {
+            quoted.insert("client_id".into(), json!(id));
+            quoted.insert("client_secret".into(), json!(secret));
+            query.append_pair("client_secret", &secret);
+        }
+        for (k, v) in &p.form {
+            quoted.insert(k.clone(), json!(v));
+            query.append_pair(k, v);
+        }
+    }
+    json_response(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+        &json!({
+            "error": error,
+            "error_description": format!(
+                "could not process {}; {}",
+                Value::Object(quoted),
+                "details ".repeat(600)
+            ),
+            "error_uri": format!("https://idp.example/errors?{}", query.finish()),
+        }),
+    )
+}
+
+async fn token_endpoint(shared: Arc<Shared>, req: Request<Incoming>) -> Response<DevBody> {
+    let kill = req.extensions().get::<ConnKill>().cloned();
+    let posted = read_post(req, shared.mtls).await;
+    let issuer = shared.url.read().clone();
+    let fault = shared.state.lock().faults.pop_front();
+
+    // Faults that answer (or hang up) without processing the grant.
+    let canned = fault
+        .as_ref()
+        .and_then(|f| canned_answer(f, posted.as_ref().ok()));
     let unprocessed = canned.is_some() || matches!(fault, Some(Fault::ResetBeforeProcessing));
     if unprocessed {
         {
@@ -2161,9 +2219,15 @@ fn describe(st: &State, p: &Posted, issuer: &str) -> GrantRecord {
 }
 
 /// RFC 8628 §3.1-3.2: client authentication as at `/token` (assertion jtis
-/// included), scope checked, a new device code and user code.
+/// included), scope checked, a new device code and user code; a queued
+/// device fault that answers answers instead.
 async fn device_authorization(shared: Arc<Shared>, req: Request<Incoming>) -> Response<DevBody> {
-    let p = match read_post(req, shared.mtls).await {
+    let posted = read_post(req, shared.mtls).await;
+    let fault = shared.state.lock().device_faults.pop_front();
+    if let Some(resp) = fault.and_then(|f| canned_answer(&f, posted.as_ref().ok())) {
+        return resp;
+    }
+    let p = match posted {
         Ok(p) => p,
         Err(e) => return error_response(&e),
     };

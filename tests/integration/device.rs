@@ -570,3 +570,89 @@ credential = "m2m"
         .text();
     assert_no_secrets(&[all], &secrets(&env));
 }
+
+/// What an IdP that quotes its request back makes of a device login: the
+/// provider's words are shown, without the client secret or the device
+/// code, and capped.
+fn assert_scrubbed_echo(env: &TestEnv, shown: &str) {
+    assert!(shown.contains("could not process"), "{shown}");
+    assert!(!shown.contains(SECRET), "client secret leaked: {shown}");
+    for dc in env.idp.device_codes() {
+        assert!(!shown.contains(&dc), "device code leaked: {shown}");
+    }
+    assert!(
+        shown.matches("details").count() < 100,
+        "the provider's text is not capped: {} bytes",
+        shown.len()
+    );
+    assert_no_secrets(&[shown.to_owned()], &secrets(env));
+}
+
+/// The device authorization request, a poll refused and a poll declined,
+/// each answered by an IdP that echoes the client secret (Basic) and the
+/// device code: `login --device` prints the provider's text scrubbed and
+/// capped, as the code login does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_device_login_scrubs_and_caps_the_providers_text() {
+    use tokenproxy::dev::Fault;
+    let mut env = env_with(options(1)).await;
+    env.configure(&snippet(""));
+
+    // The device authorization request itself.
+    env.idp.push_device_fault(Fault::Echo {
+        status: 400,
+        error: "invalid_request",
+    });
+    let login = Login::spawn(&env, &env.config_path(), &["rt"]);
+    let (status, out, err) = finish(login, Duration::from_secs(20)).await;
+    assert_eq!(status, 1, "stdout: {out}\nstderr: {err}");
+    assert!(err.contains("device authorization request failed"), "{err}");
+    assert_scrubbed_echo(&env, &format!("{out}\n{err}"));
+
+    // A poll refused (invalid_request) and a poll declined (access_denied).
+    for error in ["invalid_request", "access_denied"] {
+        let mut login = Login::spawn(&env, &env.config_path(), &["rt"]);
+        login.user_code();
+        env.idp.push_fault(Fault::Echo { status: 400, error });
+        let (status, out, err) = finish(login, Duration::from_secs(20)).await;
+        assert_eq!(status, 1, "{error}: stdout: {out}\nstderr: {err}");
+        assert!(err.contains(error), "{err}");
+        assert_scrubbed_echo(&env, &format!("{out}\n{err}"));
+    }
+    let p = polls(&env.idp);
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert!(env.idp.device_codes().len() == 2);
+}
+
+/// Through the admin API: the failed device login in `/credentials/rt`
+/// and on the status page carries the scrubbed, capped text.
+#[tokio::test]
+async fn a_refused_device_login_through_the_admin_api_is_scrubbed() {
+    use tokenproxy::dev::Fault;
+    let mut env = env_with(options(1)).await;
+    env.start_with(&snippet("")).await;
+    let admin = env.app().admin_addr.unwrap();
+    let started = post_admin(&env.client, admin, "/credentials/rt/device").await;
+    assert_eq!(started.status, 200, "{}", started.text());
+    env.idp.push_fault(Fault::Echo {
+        status: 400,
+        error: "invalid_request",
+    });
+    wait_for(
+        "the device login to fail",
+        Duration::from_secs(10),
+        || async {
+            (rt_status(&env.client, admin).await["device_login"]["state"] == "failed").then_some(())
+        },
+    )
+    .await;
+    let status = rt_status(&env.client, admin).await;
+    assert_scrubbed_echo(&env, &status["device_login"].to_string());
+    let all = get_ok(&env.client, &format!("http://{admin}/credentials"))
+        .await
+        .text();
+    let page = get_ok(&env.client, &format!("http://{admin}/"))
+        .await
+        .text();
+    assert_no_secrets(&[all, page], &secrets(&env));
+}

@@ -644,7 +644,7 @@ pub const PROFILES: &[Profile] = &[
         params: &[],
         token_url: Some("https://www.linkedin.com/oauth/v2/accessToken"),
         authorize_url: Some("https://www.linkedin.com/oauth/v2/authorization"),
-        auth_method: None,
+        auth_method: Some("client_secret_post"),
         login_params: &[],
         scope_on_refresh: false,
         rotation: Rotation::Unverified,
@@ -660,10 +660,12 @@ pub const PROFILES: &[Profile] = &[
             "Programmatic refresh tokens are issued only to approved Marketing Developer Platform partners.",
             "Access tokens live 60 days; a refresh token lives 365 days from the first authorization and refreshing does not extend it (refresh_token_expires_in counts down).",
             "token_url is the accessToken endpoint of LinkedIn's client credential flow page, which LinkedIn's official API clients also call for authorization codes and refresh tokens; authorize_url is the member authorization URL those clients and LinkedIn's OAuth sample application build.",
+            "auth_method is client_secret_post: LinkedIn's client credential flow (as its Talent job-postings basics page spells out) POSTs to accessToken form-encoded with grant_type, client_id and client_secret as parameters in the request body, not in an Authorization header; the same endpoint takes authorization codes and refresh tokens.",
         ],
         docs: &[
             "https://learn.microsoft.com/en-us/linkedin/shared/authentication/programmatic-refresh-tokens",
             "https://learn.microsoft.com/en-us/linkedin/shared/authentication/client-credentials-flow",
+            "https://learn.microsoft.com/en-us/linkedin/talent/job-postings/api/job-posting-module1-basics",
             "https://learn.microsoft.com/en-us/linkedin/shared/development-resources/api-clients",
             "https://github.com/linkedin-developers/linkedin-api-python-client/blob/main/linkedin_api/common/constants.py",
             "https://github.com/linkedin-developers/java-sample-application/blob/main/server/src/main/java/com/linkedin/oauth/util/Constants.java",
@@ -925,6 +927,8 @@ mod tests {
             "{s}"
         );
         assert!(!s.contains("not filled"), "{s}");
+        // Its pages send the client secret in the form body.
+        assert!(s.contains("auth_method:        client_secret_post"), "{s}");
         // A gap the table could not fill still says so (Cognito's endpoints
         // live on each user pool's own domain).
         let s = show(find("cognito").unwrap());

@@ -64,6 +64,9 @@ struct Case {
     refresh_absolute: bool,
     /// false: the refresh token never changes (RFC 6749 §6: the old one is kept).
     rotate: bool,
+    /// The only client authentication the IdP accepts, as the vendor
+    /// documents it (LinkedIn: client_id and client_secret in the body).
+    client_auth: Option<&'static str>,
     /// Okta: the first refresh after the restart is refused 429 with
     /// `x-rate-limit-reset`; the next comes no earlier than that.
     rate_limit: bool,
@@ -86,6 +89,7 @@ const CASE: Case = Case {
     refresh_ttl: None,
     refresh_absolute: false,
     rotate: true,
+    client_auth: None,
     rate_limit: false,
     max_backoff: "1s",
     extra: "",
@@ -119,6 +123,7 @@ async fn run_case(case: Case) {
         refresh_ttl: case.refresh_ttl.map(S),
         refresh_absolute: case.refresh_absolute,
         rotate_refresh_tokens: case.rotate,
+        client_auth_method: case.client_auth,
         ..StackOpts::default()
     })
     .await;
@@ -189,6 +194,16 @@ async fn run_case(case: Case) {
         );
     }
     stack.assert_no_reuse();
+    if let Some(method) = case.client_auth {
+        let grants = stack.idp.grants();
+        assert!(
+            grants
+                .iter()
+                .filter(|g| g.grant_type == "refresh_token")
+                .all(|g| g.client_auth == method && g.outcome == "ok"),
+            "every refresh authenticated with {method}: {grants:?}"
+        );
+    }
     if case.salesforce {
         // No expires_in: the lifetime came from introspection (2 s), not
         // the 1 h default.
@@ -343,10 +358,11 @@ async fn spotify_absolute_refresh_token_lifetime() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn linkedin_absolute_refresh_token_lifetime() {
+async fn linkedin_absolute_refresh_token_lifetime_and_client_secret_post() {
     run_case(Case {
         refresh_ttl: Some(86_400),
         refresh_absolute: true,
+        client_auth: Some("client_secret_post"),
         extra: "provider = \"linkedin\"",
         hint_has: "revoked",
         ..CASE

@@ -54,6 +54,9 @@ pub struct StackOpts {
     pub refresh_absolute: bool,
     /// false: refreshes return no new refresh token (Google, Dropbox).
     pub rotate_refresh_tokens: bool,
+    /// The one client authentication method the IdP accepts (LinkedIn:
+    /// `client_secret_post`); `None`: any.
+    pub client_auth_method: Option<&'static str>,
 }
 
 impl Default for StackOpts {
@@ -69,6 +72,7 @@ impl Default for StackOpts {
             refresh_ttl: None,
             refresh_absolute: false,
             rotate_refresh_tokens: true,
+            client_auth_method: None,
         }
     }
 }
@@ -87,10 +91,10 @@ impl Stack {
                 refresh_absolute: o.refresh_absolute,
                 rotate_refresh_tokens: o.rotate_refresh_tokens,
                 omit_expires_in: o.omit_expires_in,
-                clients: vec![tokenproxy::dev::DevClient::confidential(
-                    CLIENT_ID,
-                    CLIENT_SECRET,
-                )],
+                clients: vec![tokenproxy::dev::DevClient {
+                    auth_method: o.client_auth_method.map(str::to_owned),
+                    ..tokenproxy::dev::DevClient::confidential(CLIENT_ID, CLIENT_SECRET)
+                }],
                 ..IdpOptions::default()
             },
         )

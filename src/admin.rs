@@ -582,9 +582,21 @@ fn status_page(live: &Live) -> AdminResponse {
                 left = left.as_secs(),
             );
         }
+        // The values routes of `{token.NAME}` use (hosts, never a secret),
+        // as `/credentials` and `tokenproxy status` show them.
+        let fields = if s.token_fields.is_empty() {
+            String::new()
+        } else {
+            let shown: Vec<String> = s
+                .token_fields
+                .iter()
+                .map(|(k, v)| format!("<code>{}={}</code>", escape(k), escape(v)))
+                .collect();
+            format!("<div class=hint>token values: {}</div>", shown.join(", "))
+        };
         let _ = write!(
             h,
-            "<tr data-credential=\"{name}\" data-state=\"{state}\"><td>{name}<td>{grant}<td class=state><span class=\"badge {state}\">{state}</span> since {since}{login}<td class=num>{expires}<td class=num>{generation}<td>{last}<td>{error}</tr>",
+            "<tr data-credential=\"{name}\" data-state=\"{state}\"><td>{name}{fields}<td>{grant}<td class=state><span class=\"badge {state}\">{state}</span> since {since}{login}<td class=num>{expires}<td class=num>{generation}<td>{last}<td>{error}</tr>",
             name = escape(&s.credential),
             grant = escape(s.grant_type),
             state = escape(s.state.as_str()),

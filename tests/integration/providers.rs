@@ -788,6 +788,57 @@ async fn instance_url_outside_the_profiles_hosts_is_rejected() {
     stack.assert_no_reuse();
 }
 
+/// The admin status page (`GET /`) shows the token values in use on the
+/// credential's row, as `/credentials` and `tokenproxy status` do; a
+/// credential without any shows none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_the_token_values_in_use() {
+    let stack = Stack::start(StackOpts {
+        omit_expires_in: true,
+        extra_routes: SF_ROUTE.to_owned(),
+        ..StackOpts::default()
+    })
+    .await;
+    stack
+        .idp
+        .set_instance_url(Some("https://eu.example.net:8443".into()));
+    let app = stack
+        .app("provider = \"salesforce\"\ndefault_lifetime = \"2s\"\nmax_backoff = \"1s\"\ntoken_field_hosts = [\".example.net\"]")
+        .await;
+    let c = client();
+    let admin = app.admin_addr.unwrap();
+    let st = wait_for("the value on /credentials", S(10), || async {
+        let st = credential_status(&c, admin).await?;
+        (st["token_fields"]["instance_url"] == "https://eu.example.net:8443").then_some(st)
+    })
+    .await;
+    let page = get_ok(&c, &format!("http://{admin}/")).await;
+    assert_eq!(page.status, 200);
+    let page = page.text();
+    let row = page
+        .split("<tr data-credential=\"user\"")
+        .nth(1)
+        .and_then(|r| r.split("</tr>").next())
+        .unwrap_or_else(|| panic!("no row for user: {page}"));
+    assert!(
+        row.contains("token values: <code>instance_url=https://eu.example.net:8443</code>"),
+        "{row}"
+    );
+    assert_no_secrets(&[page.clone(), st.to_string()], &stack.secrets());
+    app.shutdown().await;
+
+    // Without a value in use, no such line.
+    let plain = Stack::start(StackOpts::default()).await;
+    let app = plain.app("").await;
+    plain.wait_generation(1, S(10)).await;
+    let page = get_ok(&c, &format!("http://{}/", app.admin_addr.unwrap()))
+        .await
+        .text();
+    assert!(page.contains("data-credential=\"user\""), "{page}");
+    assert!(!page.contains("token values"), "{page}");
+    app.shutdown().await;
+}
+
 /// `token_field_hosts` overrides the profile's list: a leading dot takes
 /// any subdomain, a bare name only itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

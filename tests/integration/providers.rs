@@ -460,7 +460,7 @@ async fn instance_url_routes_wait_for_a_valid_value_and_survive_a_restart() {
         .set_instance_url(Some("http://upstream.example.com".into()));
     let at = stack.generation().unwrap();
     stack.wait_generation(at + 1, S(10)).await;
-    let g = get_ok(&c, &url).await;
+    let g = get_until(&c, &url, 503).await;
     assert_eq!(g.status, 503, "{}", g.text());
     assert_eq!(g.json()["reason"], "token_field_missing", "{}", g.text());
 
@@ -468,7 +468,7 @@ async fn instance_url_routes_wait_for_a_valid_value_and_survive_a_restart() {
     stack.idp.set_instance_url(Some(stack.echo.url()));
     let at = stack.generation().unwrap();
     stack.wait_generation(at + 1, S(10)).await;
-    let g = get_ok(&c, &url).await;
+    let g = get_until(&c, &url, 200).await;
     assert_eq!(g.status, 200, "{}", g.text());
     assert_eq!(g.json()["path"], "/services/data/x");
     let rec = stack.record().unwrap();
@@ -483,7 +483,7 @@ async fn instance_url_routes_wait_for_a_valid_value_and_survive_a_restart() {
     assert_eq!(g.status, 200, "{}", g.text());
     let at = stack.generation().unwrap();
     stack.wait_generation(at + 1, S(10)).await;
-    let g = get_ok(&c, &url).await;
+    let g = get_until(&c, &url, 200).await;
     assert_eq!(g.status, 200, "{}", g.text());
     let st = credential_status(&c, app.admin_addr.unwrap())
         .await
@@ -613,7 +613,7 @@ async fn instance_url_log_events_name_the_value_and_no_secret() {
     stack.idp.set_instance_url(Some(stack.echo.url()));
     let at = stack.generation().unwrap();
     stack.wait_generation(at + 1, S(10)).await;
-    let g = get_ok(&c, &child.url("/sf/x")).await;
+    let g = get_until(&c, &child.url("/sf/x"), 200).await;
     assert_eq!(g.status, 200, "{}", g.text());
     let events = child.log_events();
     let rejected = events
@@ -868,12 +868,30 @@ async fn token_field_hosts_overrides_the_profiles_list() {
         stack.wait_generation(at + 1, S(10)).await;
         let rec = stack.record().unwrap();
         let stored = &rec["token_fields"]["instance_url"];
+        // The store is written before the proxy's own copy is swapped:
+        // wait for the status to show this grant's value (or none).
+        let want = if kept {
+            serde_json::json!(value)
+        } else {
+            serde_json::Value::Null
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let st = loop {
+            let st = credential_status(&c, admin).await.unwrap();
+            if st["token_fields"]["instance_url"] == want || std::time::Instant::now() > deadline {
+                break st;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
         if kept {
             assert_eq!(stored, value, "{value}: {rec}");
-            let st = credential_status(&c, admin).await.unwrap();
             assert_eq!(st["token_fields"]["instance_url"], value, "{st}");
         } else {
             assert!(stored.is_null(), "{value} was kept: {rec}");
+            assert!(
+                st["token_fields"]["instance_url"].is_null(),
+                "{value} in use: {st}"
+            );
             let g = get_ok(&c, &url).await;
             assert_eq!(g.status, 503, "{value}: {}", g.text());
             assert_eq!(g.json()["reason"], "token_field_missing", "{}", g.text());
@@ -881,4 +899,17 @@ async fn token_field_hosts_overrides_the_profiles_list() {
     }
     stack.assert_no_reuse();
     app.shutdown().await;
+}
+
+/// GETs `url` until it answers `status` (the proxy swaps in a grant's token
+/// values just after the store is written) or 5 s pass; the last answer.
+async fn get_until(c: &HttpClient, url: &str, status: u16) -> Got {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let g = get_ok(c, url).await;
+        if g.status == status || std::time::Instant::now() > deadline {
+            return g;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

@@ -190,7 +190,10 @@ pub fn for_code_exchange(cfg: &CredentialConfig, e: &GrantError, code_age: Durat
     let desc = e.description.as_deref().unwrap_or("");
     match e.class {
         FailureClass::InvalidGrant => match code_cause(desc, code_age) {
-            Some(c) => format!("Likely cause: {c}. Start a new login."),
+            Some((c, Fix::Again)) => format!("Likely cause: {c}. Start a new login."),
+            Some((c, Fix::Promptly)) => {
+                format!("Likely cause: {c}. Start a new login and finish it promptly.")
+            }
             None => "Likely causes: the code was already used (single-use), it expired (codes live 1-10 minutes), the redirect_uri differs from the authorization request's or the registered one, the PKCE verifier does not match the challenge, or the code was issued to another client. Start a new login.".into(),
         },
         _ if code == "invalid_client"
@@ -216,26 +219,38 @@ pub fn for_code_exchange(cfg: &CredentialConfig, e: &GrantError, code_age: Durat
     }
 }
 
+/// What [`for_code_exchange`] advises after a [`code_cause`]: said once,
+/// there, never in the cause itself.
+enum Fix {
+    /// Start a new login.
+    Again,
+    /// Start a new login and finish it promptly (the code ran out).
+    Promptly,
+}
+
 /// The likely cause of an `invalid_grant` on the code exchange, most
-/// specific first (RFC 6749 §4.1.3, RFC 7636 §4.6).
-fn code_cause(desc: &str, code_age: Duration) -> Option<&'static str> {
+/// specific first (RFC 6749 §4.1.3, RFC 7636 §4.6), and the fix to add.
+fn code_cause(desc: &str, code_age: Duration) -> Option<(&'static str, Fix)> {
     let d = desc.to_ascii_lowercase();
     if d.contains("redirect") {
-        Some("redirect_uri mismatch: the token request must carry exactly the redirect_uri of the authorization request, and it must be registered at the IdP byte for byte (scheme, host, port, path, trailing slash)")
+        Some(("redirect_uri mismatch: the token request must carry exactly the redirect_uri of the authorization request, and it must be registered at the IdP byte for byte (scheme, host, port, path, trailing slash)", Fix::Again))
     } else if d.contains("verifier") || d.contains("pkce") || d.contains("challenge") {
-        Some("PKCE mismatch: the code_verifier does not match the code_challenge; the code was obtained by another login attempt or process than the one exchanging it")
+        Some(("PKCE mismatch: the code_verifier does not match the code_challenge; the code was obtained by another login attempt or process than the one exchanging it", Fix::Again))
     } else if d.contains("already")
         || d.contains("used")
         || d.contains("reuse")
         || d.contains("redeemed")
     {
-        Some("code reused: authorization codes are single-use (and a replay may revoke the tokens issued with it); start a new login")
+        Some(("code reused: authorization codes are single-use (and a replay may revoke the tokens issued with it)", Fix::Again))
     } else if d.contains("expired") {
-        Some("code expired: codes live 1-10 minutes; finish the login promptly")
+        Some(("code expired: codes live 1-10 minutes", Fix::Promptly))
     } else if d.contains("client") {
-        Some("code issued to another client: the authorization request and the token request must use the same client_id")
+        Some(("code issued to another client: the authorization request and the token request must use the same client_id", Fix::Again))
     } else if code_age > Duration::from_secs(60) {
-        Some("probably an expired code (the callback came late); start a new login and finish it promptly")
+        Some((
+            "probably an expired code (the callback came late)",
+            Fix::Promptly,
+        ))
     } else {
         None
     }
@@ -351,6 +366,110 @@ mod tests {
         assert!(!code_refused(&e));
         assert!(
             for_code_exchange(&cfg, &e, age).contains("try auth_method = \"client_secret_post\"")
+        );
+    }
+
+    /// The clauses of a hint (split on ". " and ";"), lowercased and trimmed.
+    fn clauses(h: &str) -> Vec<String> {
+        h.split(". ")
+            .flat_map(|s| s.split(';'))
+            .map(|c| c.trim().trim_end_matches('.').trim().to_ascii_lowercase())
+            .filter(|c| !c.is_empty())
+            .collect()
+    }
+
+    /// A clause said twice, or said again as the start of a longer one
+    /// ("start a new login" then "start a new login and finish it promptly").
+    fn repeated(h: &str) -> Option<(String, String)> {
+        let c = clauses(h);
+        for (i, a) in c.iter().enumerate() {
+            for (j, b) in c.iter().enumerate() {
+                if i != j && (a == b || b.starts_with(&format!("{a} "))) {
+                    return Some((a.clone(), b.clone()));
+                }
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn no_code_exchange_hint_says_the_same_thing_twice() {
+        let mut cfg = crate::token::tests_support::credential(
+            "c",
+            "https://idp.example/token",
+            AuthMethod::ClientSecretBasic,
+        );
+        let grant = |desc: &str| {
+            let mut e = refused("invalid_grant", None, FailureClass::InvalidGrant);
+            e.description = Some(desc.into());
+            e
+        };
+        // Every code-exchange failure this module tells apart.
+        let mut cases = vec![
+            // code_cause, most specific first, then by the code's age.
+            (grant("redirect_uri does not match"), 3),
+            (grant("code_verifier does not match the challenge"), 3),
+            (grant("authorization code already used"), 3),
+            (
+                grant("authorization code already used; its tokens are revoked"),
+                3,
+            ),
+            (grant("code was redeemed before"), 3),
+            (grant("authorization code expired"), 3),
+            (grant("code was issued to another client"), 3),
+            (grant("invalid code"), 120),
+            (grant("invalid code"), 3),
+        ];
+        for vendor in ["AADSTS70008", "AADSTS54005", "AADSTS7000215", "AADSTS90002"] {
+            cases.push((
+                refused("invalid_grant", Some(vendor), FailureClass::InvalidGrant),
+                3,
+            ));
+        }
+        for code in CODE_REFUSED.iter().chain(&["BAD_AUTH_CODE"]) {
+            cases.push((refused(code, None, FailureClass::Config), 3));
+            cases.push((refused(code, None, FailureClass::InvalidGrant), 3));
+        }
+        for code in [
+            "invalid_client",
+            "incorrect_client_credentials",
+            "invalid_client_id",
+            "bad_client_secret",
+            "invalid_scope",
+            "invalid_request",
+        ] {
+            cases.push((refused(code, None, FailureClass::Config), 3));
+        }
+        for provider in [None, Some("github"), Some("hubspot"), Some("microsoft")] {
+            cfg.provider = provider.and_then(crate::providers::find);
+            for (e, age) in &cases {
+                let h = for_code_exchange(&cfg, e, Duration::from_secs(*age));
+                assert!(
+                    repeated(&h).is_none(),
+                    "{provider:?} {:?} {:?} ({age}s): {:?} in {h:?}",
+                    e.code,
+                    e.description,
+                    repeated(&h).unwrap()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_reused_code_hint_says_start_a_new_login_once() {
+        let cfg = crate::token::tests_support::credential(
+            "c",
+            "https://idp.example/token",
+            AuthMethod::ClientSecretBasic,
+        );
+        let mut e = refused("invalid_grant", None, FailureClass::InvalidGrant);
+        e.description = Some("authorization code already used; its tokens are revoked".into());
+        let h = for_code_exchange(&cfg, &e, Duration::ZERO);
+        assert!(h.starts_with("Likely cause: code reused:"), "{h}");
+        assert_eq!(
+            h.to_ascii_lowercase().matches("start a new login").count(),
+            1,
+            "{h}"
         );
     }
 

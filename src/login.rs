@@ -458,18 +458,21 @@ pub(crate) enum LoginError {
     },
 }
 
+/// The provider's answer in its own words (code, description, error_uri:
+/// scrubbed and capped by `device::scrubbed`), as [`explain_exchange`]
+/// shows a refused code exchange, and our hint.
 fn explain_device(what: &str, e: &GrantError, hint: &str) -> String {
-    let desc = e
-        .description
-        .as_deref()
-        .map(|d| format!(" ({d})"))
-        .unwrap_or_default();
     let hint = if hint.is_empty() {
         String::new()
     } else {
         format!(". {hint}")
     };
-    format!("{what} failed: {}{desc}{hint}", crate::error_chain(e))
+    format!(
+        "{what} failed: {}{}{}{hint}",
+        crate::error_chain(e),
+        desc(&e.description),
+        see(&e.error_uri)
+    )
 }
 
 fn desc(d: &Option<String>) -> String {

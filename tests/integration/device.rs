@@ -588,6 +588,15 @@ fn assert_scrubbed_echo(env: &TestEnv, shown: &str) {
     assert_no_secrets(&[shown.to_owned()], &secrets(env));
 }
 
+/// The provider's `error_uri` is shown as the code login shows it
+/// (` (see URI)`), with the client secret it quotes scrubbed.
+fn assert_echoed_error_uri(shown: &str) {
+    assert!(
+        shown.contains(" (see https://idp.example/errors?client_secret=[redacted]&"),
+        "no scrubbed error_uri in {shown}"
+    );
+}
+
 /// The device authorization request, a poll refused and a poll declined,
 /// each answered by an IdP that echoes the client secret (Basic) and the
 /// device code: `login --device` prints the provider's text scrubbed and
@@ -607,6 +616,7 @@ async fn a_refused_device_login_scrubs_and_caps_the_providers_text() {
     let (status, out, err) = finish(login, Duration::from_secs(20)).await;
     assert_eq!(status, 1, "stdout: {out}\nstderr: {err}");
     assert!(err.contains("device authorization request failed"), "{err}");
+    assert_echoed_error_uri(&err);
     assert_scrubbed_echo(&env, &format!("{out}\n{err}"));
 
     // A poll refused (invalid_request) and a poll declined (access_denied).
@@ -617,6 +627,7 @@ async fn a_refused_device_login_scrubs_and_caps_the_providers_text() {
         let (status, out, err) = finish(login, Duration::from_secs(20)).await;
         assert_eq!(status, 1, "{error}: stdout: {out}\nstderr: {err}");
         assert!(err.contains(error), "{err}");
+        assert_echoed_error_uri(&err);
         assert_scrubbed_echo(&env, &format!("{out}\n{err}"));
     }
     let p = polls(&env.idp);

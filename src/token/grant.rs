@@ -1088,12 +1088,50 @@ pub fn response_date(headers: &HeaderMap) -> Option<SystemTime> {
 pub fn scrub(text: &str, known: &[String]) -> String {
     let mut out = text.to_owned();
     for k in known.iter().filter(|k| k.len() >= 4) {
-        out = out.replace(k.as_str(), "[redacted]");
+        for form in encoded_forms(k) {
+            out = out.replace(form.as_str(), "[redacted]");
+        }
     }
     out.split(' ')
         .map(|w| if looks_like_token(w) { "[redacted]" } else { w })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// `secret` as sent and as an IdP may echo it inside a URL or a form:
+/// form-encoded, percent-encoded, each with upper- and lower-case hex.
+fn encoded_forms(secret: &str) -> Vec<String> {
+    let form: String = form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+    let percent = percent_encoding::utf8_percent_encode(secret, percent_encoding::NON_ALPHANUMERIC)
+        .to_string();
+    let mut forms = vec![secret.to_owned()];
+    for f in [form, percent] {
+        let lower = lower_hex(&f);
+        for v in [f, lower] {
+            if !forms.contains(&v) {
+                forms.push(v);
+            }
+        }
+    }
+    forms
+}
+
+/// `%2F` → `%2f`; the rest unchanged.
+fn lower_hex(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut left = 0;
+    for c in s.chars() {
+        if c == '%' {
+            left = 2;
+            out.push(c);
+        } else if left > 0 {
+            left -= 1;
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// 20+ characters of token alphabet with both letters and digits: an
@@ -2168,6 +2206,23 @@ mod tests {
             scrub("The refresh token is invalid", &[]),
             "The refresh token is invalid"
         );
+    }
+
+    #[test]
+    fn scrub_removes_known_secrets_in_their_url_encoded_forms() {
+        // An IdP that echoes the request in an error_uri encodes it.
+        let known = vec!["s3cr+t/Value=Qm38 x".to_owned()];
+        for text in [
+            "see https://idp.example/e?client_secret=s3cr%2Bt%2FValue%3DQm38+x&a=1",
+            "see https://idp.example/e?client_secret=s3cr%2bt%2fValue%3dQm38%20x&a=1",
+            "see https://idp.example/e?client_secret=s3cr%2Bt%2FValue%3DQm38%20x&a=1",
+        ] {
+            let out = scrub(text, &known);
+            assert_eq!(
+                out, "see https://idp.example/e?client_secret=[redacted]&a=1",
+                "{text}"
+            );
+        }
     }
 
     #[test]

@@ -554,9 +554,12 @@ where
         Box::pin(async move {
             let mut session = std::pin::pin!(session);
             tokio::select! {
-                r = session.as_mut() => return r,
+                // Parking first: hyper must not read a new head between
+                // the watchdog's decision and the shutdown.
+                biased;
                 _ = stop.park.notified() => {}
                 _ = shutdown.cancelled() => {}
+                r = session.as_mut() => return r,
             }
             session.as_mut().graceful_shutdown();
             session.await
@@ -570,9 +573,10 @@ where
         Box::pin(async move {
             let mut session = std::pin::pin!(session);
             tokio::select! {
-                r = session.as_mut() => return r.map_err(Into::into),
+                biased;
                 _ = stop.park.notified() => {}
                 _ = shutdown.cancelled() => {}
+                r = session.as_mut() => return r.map_err(Into::into),
             }
             session.as_mut().graceful_shutdown();
             session.await.map_err(Into::into)

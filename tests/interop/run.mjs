@@ -225,6 +225,21 @@ async function admin(base, p) {
   return { status: r.status, body: await r.json().catch(() => undefined) };
 }
 
+// Every refresh_token credential of the proxy rotates in the background
+// (4-second tokens). A kill -9 aimed at one credential must not land while
+// another's rotation is in flight: that one would be a genuine lost rotation
+// (dead, by design), not what the step tests. Waits until none is
+// refreshing; the kill follows within a millisecond or two.
+async function quietForKill(base) {
+  const until = Date.now() + 10000;
+  for (;;) {
+    const all = (await admin(base, '/credentials')).body || [];
+    const busy = all.filter((c) => c.state === 'refreshing').map((c) => c.credential);
+    if (busy.length === 0 || Date.now() > until) return busy;
+    await sleep(5);
+  }
+}
+
 async function proxied(base, p) {
   requests += 1;
   try {
@@ -648,6 +663,8 @@ credential = "machine"
       // Just after a rotation: the new token is durable before it is served.
       await sleep(300);
       const before = await admin(adminBase, `/credentials/${name}`);
+      const busy = await quietForKill(adminBase);
+      check(busy.length === 0, `still refreshing after 10 s: ${busy.join(', ')}`);
       run.kill('SIGKILL');
       await run.exited;
       await startRun(`run-${name}-kill${i + 1}`);
@@ -684,6 +701,8 @@ credential = "machine"
         await load(proxy, '/dpop/', () => dpopRotations() >= base + at, 45000, verifyDpop);
         await sleep(300);
         const before = await admin(adminBase, '/credentials/dpop');
+        const busy = await quietForKill(adminBase);
+        check(busy.length === 0, `still refreshing after 10 s: ${busy.join(', ')}`);
         run.kill('SIGKILL');
         await run.exited;
         await startRun(`run-dpop-kill${i + 1}`);

@@ -551,37 +551,42 @@ where
             .auto
             .serve_connection_with_upgrades(io, service)
             .into_owned();
-        Box::pin(async move {
-            let mut session = std::pin::pin!(session);
-            tokio::select! {
-                // Parking first: hyper must not read a new head between
-                // the watchdog's decision and the shutdown.
-                biased;
-                _ = stop.park.notified() => {}
-                _ = shutdown.cancelled() => {}
-                r = session.as_mut() => return r,
-            }
-            session.as_mut().graceful_shutdown();
-            session.await
-        })
+        until_stopped(session, |s| s.graceful_shutdown(), stop, shutdown)
     } else {
         let session = conn
             .builders
             .h1
             .serve_connection(io, service)
             .with_upgrades();
-        Box::pin(async move {
-            let mut session = std::pin::pin!(session);
-            tokio::select! {
-                biased;
-                _ = stop.park.notified() => {}
-                _ = shutdown.cancelled() => {}
-                r = session.as_mut() => return r.map_err(Into::into),
-            }
-            session.as_mut().graceful_shutdown();
-            session.await.map_err(Into::into)
-        })
+        until_stopped(session, |s| s.graceful_shutdown(), stop, shutdown)
     }
+}
+
+/// Runs `session`, ending it with `graceful` when the watchdog parks the
+/// connection or the listener shuts down.
+fn until_stopped<C, E>(
+    session: C,
+    graceful: fn(Pin<&mut C>),
+    stop: Arc<Activity>,
+    shutdown: CancellationToken,
+) -> Session
+where
+    C: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<BoxError>,
+{
+    Box::pin(async move {
+        let mut session = std::pin::pin!(session);
+        tokio::select! {
+            // Parking first: hyper must not read a new head between the
+            // watchdog's decision and the shutdown.
+            biased;
+            _ = stop.park.notified() => {}
+            _ = shutdown.cancelled() => {}
+            r = session.as_mut() => return r.map_err(Into::into),
+        }
+        graceful(session.as_mut());
+        session.await.map_err(Into::into)
+    })
 }
 
 /// The socket under a hyper session. When the session ends because the

@@ -586,22 +586,17 @@ impl Ctx {
                 rows[i].push((before, after, settled, bad));
             }
         }
-        let per = |i: usize| {
+        // KiB per connection between RSS before and the figure `at` picks.
+        let growth = |i: usize, at: fn(&(u64, u64, u64, usize)) -> u64| {
             crate::common::median_min_max(
                 rows[i]
                     .iter()
-                    .map(|(b, a, _, _)| (*a as f64 - *b as f64) / N as f64)
+                    .map(|r| (at(r) as f64 - r.0 as f64) / N as f64)
                     .collect(),
             )
         };
-        let settled = |i: usize| {
-            crate::common::median_min_max(
-                rows[i]
-                    .iter()
-                    .map(|(b, _, s, _)| (*s as f64 - *b as f64) / N as f64)
-                    .collect(),
-            )
-        };
+        let per = |i: usize| growth(i, |r| r.1);
+        let settled = |i: usize| growth(i, |r| r.2);
         findings.idle = Some((settled(0).0, settled(1).0));
         let mut out = format!(
             "\n### idle1000: {N} idle keep-alive connections, one 2 B request each ({} reps, fresh proxy each, medians [min–max])\n\n",

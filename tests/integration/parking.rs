@@ -148,20 +148,9 @@ async fn a_parked_connection_can_still_upgrade_to_a_websocket() {
 
 #[tokio::test]
 async fn a_parked_tls_connection_serves_whatever_comes_next() {
-    use tokenproxy::dev::tls;
     let up = echo().await;
-    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/src/dev/testdata");
-    let mut cfg = config(vec![route("/api/", &up.url())]);
-    cfg.server.tls_cert = Some(format!("{data}/test-leaf.pem").into());
-    cfg.server.tls_key = Some(format!("{data}/test-leaf.key").into());
-    let p = start_proxy_with(cfg).await;
-    let tls_config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(tls::test_root_store())
-    .with_no_client_auth();
+    let p = start_proxy_with(tls_config(vec![route("/api/", &up.url())])).await;
+    let tls_config = test_tls_client();
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls_config));
     let tcp = TcpStream::connect(p.addr).await.unwrap();
     let mut s = connector

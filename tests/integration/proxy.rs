@@ -452,20 +452,9 @@ async fn shutdown_drains_in_flight_requests() {
 
 #[tokio::test]
 async fn tls_listener_serves_h1_and_h2() {
-    use tokenproxy::dev::tls;
     let up = echo().await;
-    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/src/dev/testdata");
-    let mut cfg = config(vec![route("/api/", &up.url())]);
-    cfg.server.tls_cert = Some(format!("{data}/test-leaf.pem").into());
-    cfg.server.tls_key = Some(format!("{data}/test-leaf.key").into());
-    let p = start_proxy_with(cfg).await;
-    let tls_config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(tls::test_root_store())
-    .with_no_client_auth();
+    let p = start_proxy_with(tls_config(vec![route("/api/", &up.url())])).await;
+    let tls_config = test_tls_client();
     for h2 in [false, true] {
         let b = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls_config.clone())

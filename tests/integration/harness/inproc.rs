@@ -149,3 +149,22 @@ pub fn echoed<'a>(report: &'a serde_json::Value, name: &str) -> Vec<&'a str> {
         .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
         .unwrap_or_default()
 }
+
+/// `config(routes)` with the proxy's listener on TLS: the dev test
+/// certificate for `localhost` (src/dev/testdata).
+pub fn tls_config(routes: Vec<RouteConfig>) -> Config {
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/src/dev/testdata");
+    let mut cfg = config(routes);
+    cfg.server.tls_cert = Some(format!("{data}/test-leaf.pem").into());
+    cfg.server.tls_key = Some(format!("{data}/test-leaf.key").into());
+    cfg
+}
+
+/// A TLS client that trusts the dev test CA.
+pub fn test_tls_client() -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(tokenproxy::dev::tls::test_root_store())
+        .with_no_client_auth()
+}

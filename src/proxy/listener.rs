@@ -8,6 +8,7 @@
 //! nothing else about requests.
 //! [`serve_guarded`] lends the same connection guards to the admin listener.
 
+use super::h1_server::{self, LeanBody, Parsed};
 use super::{BoxError, ConnInfo, Proxy, ProxyBody, ProxyBuildError, ProxyError, SharedProxy};
 use crate::config::ListenAddr;
 use arc_swap::ArcSwap;
@@ -25,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -241,6 +242,8 @@ pub async fn serve_with_permits(
 pub(crate) struct Builders {
     auto: auto::Builder<TokioExecutor>,
     h1: hyper::server::conn::http1::Builder,
+    /// `(max_header_bytes, max_headers)`, for the lean path.
+    head_limits: (usize, usize),
 }
 
 impl Builders {
@@ -253,6 +256,7 @@ impl Builders {
         Builders {
             auto: http_builder(max_header_bytes, max_headers),
             h1,
+            head_limits: (max_header_bytes, max_headers),
         }
     }
 }
@@ -324,8 +328,8 @@ pub(crate) async fn serve_guarded<H, Fut>(
                 shutdown: &shutdown,
             };
             match io {
-                Accepted::Tcp(s) => serve_conn(s, conn, timeouts, serve).await,
-                Accepted::Unix(s) => serve_conn(s, conn, timeouts, serve).await,
+                Accepted::Tcp(s) => serve_conn(s, conn, timeouts, serve, NO_LEAN).await,
+                Accepted::Unix(s) => serve_conn(s, conn, timeouts, serve, NO_LEAN).await,
             }
         });
     }
@@ -402,6 +406,15 @@ async fn serve_proxy_conn<I>(
         let p = shared.load();
         (p.header_read_timeout, p.keepalive_timeout)
     };
+    let lean = {
+        let shared = shared.clone();
+        let info = info.clone();
+        move |req: Request<LeanBody>| {
+            let proxy = shared.load_full();
+            let info = info.clone();
+            async move { proxy.handle(req, &info).await }
+        }
+    };
     let handler = move |req: Request<Incoming>, conflict: bool| {
         let proxy = shared.load_full();
         let info = info.clone();
@@ -418,8 +431,13 @@ async fn serve_proxy_conn<I>(
             }
         }
     };
-    serve_conn(io, conn, timeouts, handler).await
+    serve_conn(io, conn, timeouts, handler, Some(lean)).await
 }
+
+type LeanFn = fn(Request<LeanBody>) -> std::future::Ready<http::Response<ProxyBody>>;
+
+/// The admin listener serves everything through hyper.
+const NO_LEAN: Option<LeanFn> = None;
 
 /// An HTTP/1.1 connection idle this long between requests is parked: its
 /// hyper session (read and write buffers, the slot for a request's
@@ -432,23 +450,76 @@ type Session = Pin<Box<dyn std::future::Future<Output = Result<(), BoxError>> + 
 
 /// Serves one connection under the watchdog: `(header_read, keepalive)`
 /// timeouts, requests counted in flight until their response body ends.
-/// An HTTP/1.1 connection that goes idle is parked (see [`PARK_AFTER`])
-/// and served by a new session when its next request starts.
-async fn serve_conn<I, H, Fut>(
+/// With `lean`, plain HTTP/1.1 requests are served by the lean path
+/// (`h1_server`) until one is declined; hyper serves the connection from
+/// there. An HTTP/1.1 connection that goes idle is parked (see
+/// [`PARK_AFTER`]) and served anew when its next request starts.
+async fn serve_conn<I, H, Fut, L, LFut>(
     mut io: I,
     conn: Conn<'_>,
     (header_read_timeout, keepalive_timeout): (Duration, Duration),
     handler: H,
+    lean: Option<L>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Fn(Request<Incoming>, bool) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = http::Response<ProxyBody>> + Send + 'static,
+    L: Fn(Request<LeanBody>) -> LFut + Send + Sync,
+    LFut: std::future::Future<Output = http::Response<ProxyBody>> + Send,
 {
     let activity = Arc::new(Activity::new());
     let handler = Arc::new(handler);
-    let mut prefix = bytes::Bytes::new();
+    let mut rbuf = bytes::BytesMut::new();
     let mut fresh = true;
     loop {
+        if let Some(lean) = &lean {
+            let end = {
+                let mut session =
+                    std::pin::pin!(serve_lean(&mut io, &mut rbuf, lean, &activity, conn));
+                let mut stopping = false;
+                loop {
+                    tokio::select! {
+                        end = session.as_mut() => break end,
+                        verdict = watchdog(&activity, header_read_timeout, keepalive_timeout) => match verdict {
+                            Verdict::Close(why) => {
+                                tracing::debug!("Connection closed: {why}");
+                                return;
+                            }
+                            Verdict::Park => break LeanEnd::Park,
+                        },
+                        // A request in flight is answered first; the session
+                        // sees the shutdown after it.
+                        _ = conn.shutdown.cancelled(), if !stopping => {
+                            if activity.in_flight.load(Ordering::Acquire) == 0 {
+                                return;
+                            }
+                            stopping = true;
+                        }
+                    }
+                }
+            };
+            match end {
+                LeanEnd::Closed => return,
+                LeanEnd::Declined => fresh = !activity.served.load(Ordering::Relaxed),
+                LeanEnd::Park => {
+                    rbuf = bytes::BytesMut::new();
+                    let Some(first) = parked(
+                        &mut io,
+                        &activity,
+                        conn,
+                        (header_read_timeout, keepalive_timeout),
+                    )
+                    .await
+                    else {
+                        return;
+                    };
+                    rbuf.extend_from_slice(&first);
+                    continue;
+                }
+            }
+        }
+        // Bytes already read (declined, or read while parked) go first.
+        let prefix = std::mem::take(&mut rbuf).freeze();
         let slot = Arc::new(std::sync::Mutex::new(None));
         let io_in = Watched {
             inner: Parkable {
@@ -465,7 +536,7 @@ async fn serve_conn<I, H, Fut>(
             },
         };
         let mut session = new_session(conn, fresh, io_in, &handler, &activity);
-        let parked = loop {
+        let parked_now = loop {
             tokio::select! {
                 r = session.as_mut() => {
                     if let Err(e) = r {
@@ -487,30 +558,137 @@ async fn serve_conn<I, H, Fut>(
         };
         drop(session);
         let back = slot.lock().ok().and_then(|mut s| s.take());
-        let Some(mut back) = back.filter(|_| parked) else {
+        let Some(mut back) = back.filter(|_| parked_now) else {
             return;
         };
         activity.parking.store(false, Ordering::Relaxed);
-        activity.parkable.store(false, Ordering::Relaxed);
-        tracing::trace!("Connection parked");
-        // Parked: nothing held but the socket until the next bytes.
-        let mut first = [0u8; 64];
-        let n = tokio::select! {
-            r = back.read(&mut first) => match r {
-                Ok(n) if n > 0 => n,
-                _ => return,
-            },
-            verdict = watchdog(&activity, header_read_timeout, keepalive_timeout) => {
-                if let Verdict::Close(why) = verdict {
-                    tracing::debug!("Connection closed: {why}");
-                }
-                return;
-            }
-            _ = conn.shutdown.cancelled() => return,
+        let Some(first) = parked(
+            &mut back,
+            &activity,
+            conn,
+            (header_read_timeout, keepalive_timeout),
+        )
+        .await
+        else {
+            return;
         };
-        prefix = bytes::Bytes::copy_from_slice(&first[..n]);
         io = back;
         fresh = false;
+        rbuf.extend_from_slice(&first);
+    }
+}
+
+/// A parked connection: nothing held but the socket until the next bytes,
+/// which are returned (`None`: closed, timed out or shutting down).
+async fn parked<I: AsyncRead + Unpin>(
+    io: &mut I,
+    activity: &Activity,
+    conn: Conn<'_>,
+    (header_read_timeout, keepalive_timeout): (Duration, Duration),
+) -> Option<Vec<u8>> {
+    activity.parkable.store(false, Ordering::Relaxed);
+    tracing::trace!("Connection parked");
+    let mut first = [0u8; 64];
+    let n = tokio::select! {
+        r = io.read(&mut first) => match r {
+            Ok(n) if n > 0 => n,
+            _ => return None,
+        },
+        verdict = watchdog(activity, header_read_timeout, keepalive_timeout) => {
+            if let Verdict::Close(why) = verdict {
+                tracing::debug!("Connection closed: {why}");
+            }
+            return None;
+        }
+        _ = conn.shutdown.cancelled() => return None,
+    };
+    activity.bytes_read();
+    Some(first[..n].to_vec())
+}
+
+/// How the lean path left a connection.
+enum LeanEnd {
+    Closed,
+    /// A request it does not serve starts the read buffer: hyper's turn.
+    Declined,
+    /// Idle: the watchdog parks it.
+    Park,
+}
+
+/// The lean path's first read on a connection, and its read size after.
+const LEAN_READ: usize = 8 * 1024;
+
+/// Serves plain HTTP/1.1 requests from `io` until one is declined, the
+/// connection closes, or (cancelled by the caller) the watchdog acts.
+async fn serve_lean<I, L, LFut>(
+    io: &mut I,
+    rbuf: &mut bytes::BytesMut,
+    lean: &L,
+    activity: &Arc<Activity>,
+    conn: Conn<'_>,
+) -> LeanEnd
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+    L: Fn(Request<LeanBody>) -> LFut,
+    LFut: std::future::Future<Output = http::Response<ProxyBody>>,
+{
+    let (max_head, max_headers) = conn.builders.head_limits;
+    let mut wbuf = Vec::new();
+    loop {
+        if !rbuf.is_empty() {
+            match h1_server::parse(rbuf, max_head, max_headers) {
+                Parsed::Partial => {}
+                Parsed::Decline => return LeanEnd::Declined,
+                Parsed::Request(plan) => {
+                    let bytes = rbuf.split_to(plan.len()).freeze();
+                    let request = match plan.build(bytes) {
+                        Ok(r) => r,
+                        Err(bytes) => {
+                            let mut whole =
+                                bytes::BytesMut::with_capacity(bytes.len() + rbuf.len());
+                            whole.extend_from_slice(&bytes);
+                            whole.extend_from_slice(rbuf);
+                            *rbuf = whole;
+                            return LeanEnd::Declined;
+                        }
+                    };
+                    let in_flight = InFlight::start(activity, false);
+                    let response = lean(request).await;
+                    let keep_alive = h1_server::write_response(io, response, &mut wbuf).await;
+                    drop(in_flight);
+                    match keep_alive {
+                        Ok(true) if !conn.shutdown.is_cancelled() => {}
+                        Ok(_) => {
+                            let _ = io.shutdown().await;
+                            return LeanEnd::Closed;
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %crate::error_chain(&e), "Connection ended with an error");
+                            return LeanEnd::Closed;
+                        }
+                    }
+                    if !rbuf.is_empty() {
+                        activity.bytes_read();
+                    }
+                    continue;
+                }
+            }
+        }
+        // Parkable only while nothing is buffered and nothing is in flight.
+        activity.parkable.store(rbuf.is_empty(), Ordering::Release);
+        rbuf.reserve(LEAN_READ);
+        let n = match io.read_buf(rbuf).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(error = %e, "Connection read failed");
+                return LeanEnd::Closed;
+            }
+        };
+        activity.parkable.store(false, Ordering::Release);
+        if n == 0 {
+            return LeanEnd::Closed;
+        }
+        activity.bytes_read();
     }
 }
 

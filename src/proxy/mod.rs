@@ -20,6 +20,7 @@ mod body;
 pub(crate) mod error;
 mod forward;
 mod h1;
+mod h1_server;
 mod headers;
 mod listener;
 mod router;
@@ -1154,6 +1155,21 @@ pub mod fuzzing {
     pub fn decode_response(wire: &[u8], piece: usize) -> Result<(u16, Vec<u8>, usize), String> {
         super::h1::decode_for_fuzzing(wire, piece)
     }
+
+    /// The lean server path's reading of a request (`None`: not served
+    /// there), under hyper's default head limits.
+    pub fn lean_request(wire: &[u8]) -> Option<super::h1_server::ParsedForFuzzing> {
+        super::h1_server::parse_for_fuzzing(wire, LIMITS.0, LIMITS.1)
+    }
+
+    /// hyper's reading of `wire` (all of it) as its first request, under
+    /// the same limits as [`lean_request`].
+    pub fn hyper_request(wire: &[u8]) -> Option<super::h1_server::ParsedForFuzzing> {
+        super::h1_server::hyper_reading_for_fuzzing(wire, LIMITS.0, LIMITS.1)
+    }
+
+    /// hyper's default header count, and a head limit above its minimum.
+    const LIMITS: (usize, usize) = (16 * 1024, 100);
 
     /// Longest-prefix routing over `prefixes` (no hosts).
     pub fn route(prefixes: &[&str], path: &str) -> Option<usize> {

@@ -480,7 +480,7 @@ async fn serve_conn<I, H, Fut, L, LFut>(
                 loop {
                     tokio::select! {
                         end = session.as_mut() => break end,
-                        verdict = watchdog(&activity, header_read_timeout, keepalive_timeout) => match verdict {
+                        verdict = WokenOnly::new(watchdog(&activity, header_read_timeout, keepalive_timeout)) => match verdict {
                             Verdict::Close(why) => {
                                 tracing::debug!("Connection closed: {why}");
                                 return;
@@ -489,7 +489,8 @@ async fn serve_conn<I, H, Fut, L, LFut>(
                         },
                         // A request in flight is answered first; the session
                         // sees the shutdown after it.
-                        _ = conn.shutdown.cancelled(), if !stopping => {
+                        _ = WokenOnly::new(conn.shutdown.cancelled()), if !stopping => {
+                            activity.stopping.store(true, Ordering::Release);
                             if activity.in_flight.load(Ordering::Acquire) == 0 {
                                 return;
                             }
@@ -657,7 +658,7 @@ where
                     let keep_alive = h1_server::write_response(io, response, &mut wbuf).await;
                     drop(in_flight);
                     match keep_alive {
-                        Ok(true) if !conn.shutdown.is_cancelled() => {}
+                        Ok(true) if !activity.stopping.load(Ordering::Acquire) => {}
                         Ok(_) => {
                             let _ = io.shutdown().await;
                             return LeanEnd::Closed;
@@ -840,6 +841,67 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Parkable<I> {
     }
 }
 
+/// Polls `inner` only once its own waker has fired (and on the first
+/// poll). A connection's select wakes for every read and write; its timers
+/// and the shutdown signal (whose poll takes a lock) need not be polled
+/// each time.
+struct WokenOnly<F> {
+    inner: Pin<Box<F>>,
+    signal: Arc<WakeSignal>,
+    waker: std::task::Waker,
+}
+
+struct WakeSignal {
+    woken: AtomicBool,
+    outer: parking_lot::Mutex<Option<std::task::Waker>>,
+}
+
+impl std::task::Wake for WakeSignal {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        if let Some(w) = &*self.outer.lock() {
+            w.wake_by_ref();
+        }
+    }
+}
+
+impl<F: std::future::Future> WokenOnly<F> {
+    fn new(inner: F) -> WokenOnly<F> {
+        let signal = Arc::new(WakeSignal {
+            woken: AtomicBool::new(true),
+            outer: parking_lot::Mutex::new(None),
+        });
+        WokenOnly {
+            inner: Box::pin(inner),
+            waker: signal.clone().into(),
+            signal,
+        }
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for WokenOnly<F> {
+    type Output = F::Output;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        if !this.signal.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        {
+            // Stored before the inner poll, so no wake-up can be missed.
+            let mut outer = this.signal.outer.lock();
+            if !outer.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *outer = Some(cx.waker().clone());
+            }
+        }
+        this.inner
+            .as_mut()
+            .poll(&mut Context::from_waker(&this.waker))
+    }
+}
+
 const NO_HEAD: u64 = u64::MAX;
 
 /// What the connection watchdog needs, kept by the reads, the service and
@@ -868,6 +930,9 @@ struct Activity {
     parking: AtomicBool,
     /// Tells the session to end gracefully for parking.
     park: tokio::sync::Notify,
+    /// The listener is shutting down: close after the response in flight
+    /// (an atomic, where the token's own check takes a lock).
+    stopping: AtomicBool,
 }
 
 impl Activity {
@@ -883,6 +948,7 @@ impl Activity {
             parkable: AtomicBool::new(false),
             parking: AtomicBool::new(false),
             park: tokio::sync::Notify::new(),
+            stopping: AtomicBool::new(false),
         }
     }
 

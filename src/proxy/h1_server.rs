@@ -5,8 +5,9 @@
 //!
 //! It takes only what it can serve exactly as hyper would: HTTP/1.1, a
 //! method other than `HEAD`, `CONNECT` and `PRI`, an origin-form target, no
-//! `Transfer-Encoding`, `Connection`, `Upgrade`, `Expect` or `TE`, at most
-//! one all-digit `Content-Length` whose body has already arrived. Anything
+//! `Transfer-Encoding`, `Upgrade`, `Expect` or `TE`, at most one all-digit
+//! `Content-Length` whose body has already arrived (`Connection: close` is
+//! honoured as hyper honours it). Anything
 //! else, including every malformed or oversized head, is declined: the
 //! listener hands the bytes read so far to a hyper session, which answers
 //! as before (its `400`, `431`, `414`, chunked bodies, upgrades, HTTP/2).
@@ -52,12 +53,18 @@ pub(crate) struct Plan {
     fields: Vec<(HeaderName, std::ops::Range<usize>)>,
     head_len: usize,
     len: usize,
+    close: bool,
 }
 
 impl Plan {
     /// Bytes the request takes: its head and its body.
     pub(crate) fn len(&self) -> usize {
         self.len
+    }
+
+    /// The client asked to close the connection after this request.
+    pub(crate) fn close(&self) -> bool {
+        self.close
     }
 
     /// The request, from the first [`Plan::len`] bytes [`parse`] saw; the
@@ -112,6 +119,7 @@ pub(crate) fn parse(buf: &[u8], max_head_bytes: usize, max_headers: usize) -> Pa
     };
     let mut fields = Vec::with_capacity(req.headers.len());
     let mut body_len = None;
+    let mut close = false;
     for h in req.headers.iter() {
         let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
             return Parsed::Decline;
@@ -124,6 +132,10 @@ pub(crate) fn parse(buf: &[u8], max_head_bytes: usize, max_headers: usize) -> Pa
                 (None, Some(n)) => body_len = Some(n),
                 _ => return Parsed::Decline,
             }
+        } else if name == CONNECTION {
+            // As hyper reads it: any line with a `close` token closes.
+            close |= std::str::from_utf8(h.value)
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));
         }
         fields.push((name, offset(h.value)));
     }
@@ -140,6 +152,7 @@ pub(crate) fn parse(buf: &[u8], max_head_bytes: usize, max_headers: usize) -> Pa
         fields,
         head_len,
         len,
+        close,
     })
 }
 
@@ -147,7 +160,7 @@ pub(crate) fn parse(buf: &[u8], max_head_bytes: usize, max_headers: usize) -> Pa
 /// protocol switches, interim responses, trailers.
 fn refused_on_the_lean_path(name: &HeaderName) -> bool {
     use http::header::{EXPECT, TE, UPGRADE};
-    [&TRANSFER_ENCODING, &CONNECTION, &UPGRADE, &EXPECT, &TE].contains(&name)
+    [&TRANSFER_ENCODING, &UPGRADE, &EXPECT, &TE].contains(&name)
 }
 
 /// A `Content-Length` value hyper would read the same way: 1 to 18 ASCII
@@ -168,17 +181,28 @@ enum Framing {
 
 /// Writes `resp` to a lean request, framed as hyper frames a response to a
 /// non-`HEAD` HTTP/1.1 request without `TE: trailers` (trailers dropped).
-/// `Ok(true)`: the connection may serve another request. `wbuf` is the
-/// connection's write buffer, empty on return.
+/// `close`: the connection ends after it (the client asked, or shutdown),
+/// which the response says, as hyper's does. `Ok(true)`: the connection may
+/// serve another request. `wbuf` is the connection's write buffer, empty on
+/// return.
 pub(crate) async fn write_response<W>(
     io: &mut W,
     resp: Response<ProxyBody>,
+    close: bool,
     wbuf: &mut Vec<u8>,
 ) -> io::Result<bool>
 where
     W: AsyncWrite + Unpin,
 {
-    let (parts, mut body) = resp.into_parts();
+    let (mut parts, mut body) = resp.into_parts();
+    if close {
+        let values = parts.headers.get_all(CONNECTION);
+        if !values.iter().any(|v| has_token(v, "close")) {
+            parts
+                .headers
+                .append(CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
     let status = parts.status;
     if status.is_informational() {
         // hyper cannot send a 1xx as the response either: an empty 500.
@@ -499,12 +523,12 @@ pub(crate) fn parse_for_fuzzing(
     let Parsed::Request(plan) = parse(wire, max_head_bytes, max_headers) else {
         return None;
     };
-    let len = plan.len();
+    let (len, close) = (plan.len(), plan.close());
     let (parts, body) = plan
         .build(Bytes::copy_from_slice(&wire[..len]))
         .ok()?
         .into_parts();
-    Some(ParsedForFuzzing::new(parts, body_bytes(body), len))
+    Some(ParsedForFuzzing::new(parts, body_bytes(body), len, close))
 }
 
 /// For the fuzz target: what hyper's HTTP/1.1 server, with the same head
@@ -526,32 +550,49 @@ pub(crate) fn hyper_reading_for_fuzzing(
             let body = body.collect().await?.to_bytes().to_vec();
             let mut first = record.lock().unwrap_or_else(|e| e.into_inner());
             if first.is_none() && parts.version == http::Version::HTTP_11 {
-                *first = Some(ParsedForFuzzing::new(parts, body, 0));
+                *first = Some(ParsedForFuzzing::new(parts, body, 0, false));
             }
             Ok::<_, hyper::Error>(Response::new(http_body_util::Empty::<Bytes>::new()))
         }
     });
-    let runtime = tokio::runtime::Builder::new_current_thread().build().ok()?;
-    runtime.block_on(async {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .ok()?;
+    let head = runtime.block_on(async {
         let (mut client, server) = tokio::io::duplex(wire.len() + 64 * 1024);
         let mut builder = hyper::server::conn::http1::Builder::new();
-        // Half-close: the request is served although the writer is done.
         builder
-            .half_close(true)
             .max_buf_size(max_head_bytes)
             .max_headers(max_headers);
         let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(server), service);
+        // The client stays open until the response head is in, so that
+        // hyper's keep-alive decision is the request's alone.
         let talk = async {
             client.write_all(wire).await?;
-            client.shutdown().await?;
-            let mut sink = Vec::new();
-            client.read_to_end(&mut sink).await
+            let mut head = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match client.read(&mut chunk).await? {
+                    0 => break,
+                    n => head.extend_from_slice(&chunk[..n]),
+                }
+            }
+            Ok::<_, io::Error>(head)
         };
-        let _ = tokio::join!(conn, talk);
+        let server = tokio::spawn(conn);
+        let head = tokio::time::timeout(std::time::Duration::from_secs(2), talk).await;
+        server.abort();
+        head.ok().and_then(Result::ok)
     });
+    let close = String::from_utf8_lossy(&head?)
+        .to_ascii_lowercase()
+        .lines()
+        .any(|l| l.starts_with("connection:") && l.contains("close"));
     let first = seen.lock().unwrap_or_else(|e| e.into_inner()).take();
     first.map(|p| ParsedForFuzzing {
         len: wire.len(),
+        close,
         ..p
     })
 }
@@ -576,10 +617,12 @@ pub struct ParsedForFuzzing {
     pub body: Vec<u8>,
     /// Bytes the request took on the wire.
     pub len: usize,
+    /// The connection closes after the response.
+    pub close: bool,
 }
 
 impl ParsedForFuzzing {
-    fn new(parts: http::request::Parts, body: Vec<u8>, len: usize) -> ParsedForFuzzing {
+    fn new(parts: http::request::Parts, body: Vec<u8>, len: usize, close: bool) -> Self {
         ParsedForFuzzing {
             method: parts.method.to_string(),
             target: parts.uri.to_string(),
@@ -590,6 +633,7 @@ impl ParsedForFuzzing {
                 .collect(),
             body,
             len,
+            close,
         }
     }
 }
@@ -624,12 +668,22 @@ mod tests {
             b"PATCH /%7E?q=%20 HTTP/1.1\r\nHost: a\r\nX-Obs: caf\xc3\xa9\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /next HTTP/1.1\r\n\r\n",
             b"OPTIONS /x HTTP/1.1\r\nContent-Length: 000003\r\n\r\nabcdef",
+            b"GET / HTTP/1.1\r\nConnection: keep-alive\r\n\r\n",
+            b"GET / HTTP/1.1\r\nConnection: x-hop, Keep-Alive\r\nX-Hop: 1\r\n\r\n",
         ] {
-            assert!(
-                agreed(wire).is_some(),
+            let read = agreed(wire);
+            assert_eq!(
+                read.map(|p| p.close),
+                Some(false),
                 "{:?}",
                 String::from_utf8_lossy(wire)
             );
+        }
+        for wire in [
+            &b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nConnection: keep-alive\r\nConnection: x, CLOSE \r\n\r\n",
+        ] {
+            assert_eq!(agreed(wire).map(|p| p.close), Some(true));
         }
         let pipelined = agreed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /next HTTP/1.1\r\n\r\n");
         assert_eq!(pipelined.map(|p| p.len), Some(27));
@@ -645,7 +699,6 @@ mod tests {
             b"POST /x HTTP/1.1\r\nContent-Length: 4, 4\r\n\r\nabcd",
             b"POST /x HTTP/1.1\r\nContent-Length: +4\r\n\r\nabcd",
             b"POST /x HTTP/1.1\r\nContent-Length: 4\r\n\r\nab",
-            b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
             b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
             b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\nx",
             b"GET / HTTP/1.1\r\nTE: trailers\r\n\r\n",

@@ -641,6 +641,7 @@ where
                 Parsed::Partial => {}
                 Parsed::Decline => return LeanEnd::Declined,
                 Parsed::Request(plan) => {
+                    let plan_close = plan.close();
                     let bytes = rbuf.split_to(plan.len()).freeze();
                     let request = match plan.build(bytes) {
                         Ok(r) => r,
@@ -655,10 +656,12 @@ where
                     };
                     let in_flight = InFlight::start(activity, false);
                     let response = lean(request).await;
-                    let keep_alive = h1_server::write_response(io, response, &mut wbuf).await;
+                    let close = plan_close || activity.stopping.load(Ordering::Acquire);
+                    let keep_alive =
+                        h1_server::write_response(io, response, close, &mut wbuf).await;
                     drop(in_flight);
                     match keep_alive {
-                        Ok(true) if !activity.stopping.load(Ordering::Acquire) => {}
+                        Ok(true) => {}
                         Ok(_) => {
                             let _ = io.shutdown().await;
                             return LeanEnd::Closed;

@@ -20,6 +20,7 @@ mod grant_safety;
 mod harness;
 mod hostile;
 mod idp_faults;
+mod lean_server;
 mod login;
 mod ops;
 mod parking;

@@ -619,6 +619,36 @@ enum LeanEnd {
 /// The lean path's first read on a connection, and its read size after.
 const LEAN_READ: usize = 8 * 1024;
 
+/// Waits for `response` while watching the client: if it closes the
+/// connection first, the request is dropped (and with it the upstream
+/// exchange), as hyper does. Bytes that arrive meanwhile (a pipelined
+/// request) are kept in `rbuf`, and the watch ends there.
+async fn answer_unless_gone<I, F>(
+    io: &mut I,
+    rbuf: &mut bytes::BytesMut,
+    response: F,
+) -> Option<http::Response<ProxyBody>>
+where
+    I: AsyncRead + Unpin,
+    F: std::future::Future<Output = http::Response<ProxyBody>>,
+{
+    let mut response = std::pin::pin!(response);
+    if !rbuf.is_empty() {
+        return Some(response.await);
+    }
+    // Into the spare room the request left (or 64 bytes): reserving more
+    // now would reallocate, as the request still holds the buffer.
+    tokio::select! {
+        biased;
+        r = response.as_mut() => return Some(r),
+        n = io.read_buf(rbuf) => match n {
+            Ok(n) if n > 0 => {}
+            _ => return None,
+        },
+    }
+    Some(response.await)
+}
+
 /// Serves plain HTTP/1.1 requests from `io` until one is declined, the
 /// connection closes, or (cancelled by the caller) the watchdog acts.
 async fn serve_lean<I, L, LFut>(
@@ -655,7 +685,10 @@ where
                         }
                     };
                     let in_flight = InFlight::start(activity, false);
-                    let response = lean(request).await;
+                    let Some(response) = answer_unless_gone(io, rbuf, lean(request)).await else {
+                        tracing::debug!("Client closed the connection with a request in flight");
+                        return LeanEnd::Closed;
+                    };
                     let close = plan_close || activity.stopping.load(Ordering::Acquire);
                     let keep_alive =
                         h1_server::write_response(io, response, close, &mut wbuf).await;

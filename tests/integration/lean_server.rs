@@ -125,3 +125,40 @@ async fn shutdown_answers_the_request_in_flight_then_closes() {
     assert!(heads[0].starts_with("http/1.1 200"), "{}", heads[0]);
     assert!(heads[0].contains("connection: close"), "{}", heads[0]);
 }
+
+/// A client that goes away while its request is upstream takes the request
+/// with it: the upstream connection is dropped, not left to finish a
+/// response nobody will read (hyper's behaviour, kept by the lean path).
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_its_upstream_request() {
+    // The lean path's request, and one hyper serves (`TE`).
+    for request in [
+        &b"GET /api/slow HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"[..],
+        b"GET /api/slow HTTP/1.1\r\nHost: 127.0.0.1\r\nTE: trailers\r\n\r\n",
+    ] {
+        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", upstream.local_addr().unwrap());
+        let p = start_proxy(vec![route("/api/", &url)]).await;
+        let mut client = TcpStream::connect(p.addr).await.unwrap();
+        client.write_all(request).await.unwrap();
+        let (mut conn, _) = tokio::time::timeout(Duration::from_secs(5), upstream.accept())
+            .await
+            .expect("the request reaches the upstream")
+            .unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "upstream connection closed mid-head");
+            head.extend_from_slice(&buf[..n]);
+        }
+        // The upstream holds its answer; the client gives up.
+        drop(client);
+        let gone = tokio::time::timeout(Duration::from_secs(3), conn.read(&mut buf)).await;
+        assert!(
+            matches!(gone, Ok(Ok(0)) | Ok(Err(_))),
+            "{:?}: the upstream request outlived its client: {gone:?}",
+            String::from_utf8_lossy(request)
+        );
+    }
+}

@@ -133,9 +133,15 @@ pub(crate) fn parse(buf: &[u8], max_head_bytes: usize, max_headers: usize) -> Pa
                 _ => return Parsed::Decline,
             }
         } else if name == CONNECTION {
-            // As hyper reads it: any line with a `close` token closes.
-            close |= std::str::from_utf8(h.value)
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));
+            // As hyper reads it: any line with a `close` token closes, but
+            // only a line of visible ASCII has tokens (`to_str`).
+            close |= h
+                .value
+                .iter()
+                .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+                && h.value
+                    .split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
         }
         fields.push((name, offset(h.value)));
     }
@@ -679,6 +685,10 @@ mod tests {
                 String::from_utf8_lossy(wire)
             );
         }
+        // Found by the fuzz target: hyper reads tokens only from a value
+        // that is all visible ASCII, so this `close` does not count.
+        let obs_text = agreed(b"GET / HTTP/1.1\r\nConnection: close, caf\xc3\xa9\r\n\r\n");
+        assert_eq!(obs_text.map(|p| p.close), Some(false));
         for wire in [
             &b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"[..],
             b"GET / HTTP/1.1\r\nConnection: keep-alive\r\nConnection: x, CLOSE \r\n\r\n",

@@ -474,8 +474,9 @@ async fn serve_conn<I, H, Fut, L, LFut>(
     loop {
         if let Some(lean) = &lean {
             let end = {
-                let mut session =
-                    std::pin::pin!(serve_lean(&mut io, &mut rbuf, lean, &activity, conn));
+                // Boxed: a request's state would otherwise size every
+                // connection's task, parked ones too.
+                let mut session = Box::pin(serve_lean(&mut io, &mut rbuf, lean, &activity, conn));
                 let mut stopping = false;
                 loop {
                     tokio::select! {

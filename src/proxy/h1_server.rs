@@ -185,17 +185,98 @@ enum Framing {
     Chunked,
 }
 
+/// What is ready for the client: bytes copied behind the head, then body
+/// frames kept as they are, in order; flushed with one vectored write, as
+/// hyper queues frames while its body has more ready. Kept by the
+/// connection, so its buffers are reused.
+#[derive(Default)]
+pub(crate) struct WriteBuf {
+    bytes: Vec<u8>,
+    frames: std::collections::VecDeque<Bytes>,
+    queued: usize,
+}
+
+/// Frames queued before a flush, at most: a slow client holds this much of
+/// a response, no more.
+const QUEUE_BYTES: usize = 256 * 1024;
+const QUEUE_FRAMES: usize = 32;
+
+impl WriteBuf {
+    fn push_small(&mut self, b: &[u8]) {
+        if self.frames.is_empty() {
+            self.bytes.extend_from_slice(b);
+        } else {
+            self.frames.push_back(Bytes::copy_from_slice(b));
+        }
+    }
+
+    fn push_data(&mut self, data: Bytes) {
+        self.queued += data.len();
+        if data.len() <= COPY_FRAME_MAX && self.frames.is_empty() {
+            self.bytes.extend_from_slice(&data);
+        } else {
+            self.frames.push_back(data);
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.queued >= QUEUE_BYTES || self.frames.len() >= QUEUE_FRAMES
+    }
+
+    async fn flush<W: AsyncWrite + Unpin>(&mut self, io: &mut W) -> io::Result<()> {
+        let mut written = 0;
+        while written < self.bytes.len() || !self.frames.is_empty() {
+            let n = {
+                let mut slices = [IoSlice::new(&[]); QUEUE_FRAMES + 1];
+                let mut count = 0;
+                if written < self.bytes.len() {
+                    slices[0] = IoSlice::new(&self.bytes[written..]);
+                    count = 1;
+                }
+                for frame in &self.frames {
+                    slices[count] = IoSlice::new(frame);
+                    count += 1;
+                    if count == slices.len() {
+                        break;
+                    }
+                }
+                io.write_vectored(&slices[..count]).await?
+            };
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            let from_bytes = n.min(self.bytes.len() - written);
+            written += from_bytes;
+            let mut n = n - from_bytes;
+            while n > 0 {
+                let Some(front) = self.frames.front_mut() else {
+                    break;
+                };
+                if n < front.len() {
+                    bytes::Buf::advance(front, n);
+                    n = 0;
+                } else {
+                    n -= front.len();
+                    self.frames.pop_front();
+                }
+            }
+        }
+        self.bytes.clear();
+        self.queued = 0;
+        io.flush().await
+    }
+}
+
 /// Writes `resp` to a lean request, framed as hyper frames a response to a
 /// non-`HEAD` HTTP/1.1 request without `TE: trailers` (trailers dropped).
 /// `close`: the connection ends after it (the client asked, or shutdown),
 /// which the response says, as hyper's does. `Ok(true)`: the connection may
-/// serve another request. `wbuf` is the connection's write buffer, empty on
-/// return.
+/// serve another request. `out` is empty on return.
 pub(crate) async fn write_response<W>(
     io: &mut W,
     resp: Response<ProxyBody>,
     close: bool,
-    wbuf: &mut Vec<u8>,
+    out: &mut WriteBuf,
 ) -> io::Result<bool>
 where
     W: AsyncWrite + Unpin,
@@ -216,9 +297,9 @@ where
             StatusCode::INTERNAL_SERVER_ERROR,
             &HeaderMap::new(),
             None,
-            wbuf,
+            &mut out.bytes,
         )?;
-        write_all(io, wbuf, &[]).await?;
+        out.flush(io).await?;
         return Ok(false);
     }
     let length = if body.is_end_stream() {
@@ -226,18 +307,19 @@ where
     } else {
         Some(body.size_hint().exact())
     };
-    let (framing, keep_alive) = encode_head(status, &parts.headers, length, wbuf)?;
+    let (framing, keep_alive) = encode_head(status, &parts.headers, length, &mut out.bytes)?;
     let mut remaining = match framing {
         Framing::Length(0) => {
-            write_all(io, wbuf, &[]).await?;
+            out.flush(io).await?;
             return Ok(keep_alive);
         }
         Framing::Length(n) => Some(n),
         Framing::Chunked => None,
     };
     loop {
-        // Flush what is buffered before waiting on the upstream: a stream
-        // (server-sent events) must not sit behind a slow producer.
+        // Frames the body has ready are queued; before waiting on the
+        // upstream, what is queued goes out (a stream such as server-sent
+        // events must not sit behind a slow producer).
         let frame = match std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
             Poll::Ready(f) => Poll::Ready(Some(f)),
             Poll::Pending => Poll::Ready(None),
@@ -246,7 +328,7 @@ where
         {
             Some(f) => f,
             None => {
-                write_all(io, wbuf, &[]).await?;
+                out.flush(io).await?;
                 std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
             }
         };
@@ -270,24 +352,27 @@ where
                     return Err(io::Error::other("response body longer than its length"));
                 }
                 *left -= n;
-                put_data(io, wbuf, &data).await?;
+                out.push_data(data);
             }
             None => {
-                wbuf.extend_from_slice(format!("{:X}\r\n", data.len()).as_bytes());
-                put_data(io, wbuf, &data).await?;
-                wbuf.extend_from_slice(b"\r\n");
+                out.push_small(format!("{:X}\r\n", data.len()).as_bytes());
+                out.push_data(data);
+                out.push_small(b"\r\n");
             }
+        }
+        if out.is_full() {
+            out.flush(io).await?;
         }
     }
     match remaining {
         Some(0) => {}
         Some(_) => {
-            write_all(io, wbuf, &[]).await?;
+            out.flush(io).await?;
             return Err(io::Error::other("response body shorter than its length"));
         }
-        None => wbuf.extend_from_slice(b"0\r\n\r\n"),
+        None => out.push_small(b"0\r\n\r\n"),
     }
-    write_all(io, wbuf, &[]).await?;
+    out.flush(io).await?;
     Ok(keep_alive)
 }
 
@@ -295,44 +380,6 @@ where
 #[derive(Debug, thiserror::Error)]
 #[error("response body failed: {}", crate::error_chain(&**.0))]
 struct BodyFailed(BoxError);
-
-async fn put_data<W: AsyncWrite + Unpin>(
-    io: &mut W,
-    wbuf: &mut Vec<u8>,
-    data: &[u8],
-) -> io::Result<()> {
-    if data.len() <= COPY_FRAME_MAX {
-        wbuf.extend_from_slice(data);
-        Ok(())
-    } else {
-        write_all(io, wbuf, data).await
-    }
-}
-
-/// Writes `wbuf` then `data`, vectored, and empties `wbuf`.
-async fn write_all<W: AsyncWrite + Unpin>(
-    io: &mut W,
-    wbuf: &mut Vec<u8>,
-    data: &[u8],
-) -> io::Result<()> {
-    let (mut head, mut tail) = (&wbuf[..], data);
-    while !head.is_empty() || !tail.is_empty() {
-        let n = if head.is_empty() {
-            io.write(tail).await?
-        } else {
-            io.write_vectored(&[IoSlice::new(head), IoSlice::new(tail)])
-                .await?
-        };
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        let from_head = n.min(head.len());
-        head = &head[from_head..];
-        tail = &tail[n - from_head..];
-    }
-    wbuf.clear();
-    io.flush().await
-}
 
 /// hyper's server head encoding for a non-`HEAD` HTTP/1.1 request with
 /// keep-alive on. `length`: `None` for a body that is already at its end,

@@ -665,7 +665,7 @@ where
     LFut: std::future::Future<Output = http::Response<ProxyBody>>,
 {
     let (max_head, max_headers) = conn.builders.head_limits;
-    let mut wbuf = Vec::new();
+    let mut out = h1_server::WriteBuf::default();
     loop {
         if !rbuf.is_empty() {
             match h1_server::parse(rbuf, max_head, max_headers) {
@@ -691,8 +691,7 @@ where
                         return LeanEnd::Closed;
                     };
                     let close = plan_close || activity.stopping.load(Ordering::Acquire);
-                    let keep_alive =
-                        h1_server::write_response(io, response, close, &mut wbuf).await;
+                    let keep_alive = h1_server::write_response(io, response, close, &mut out).await;
                     drop(in_flight);
                     match keep_alive {
                         Ok(true) => {}
